@@ -1,0 +1,241 @@
+// pybind11 module `fused_a2a_core`: build info, the buffer manager and the normal-mode ops on raw
+// pointers (torch passes data_ptr() values), with core errors mapped to Python exceptions.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+#include "fused_a2a/buffer.h"
+#include "fused_a2a/errors.h"
+#include "fused_a2a/ops.h"
+
+namespace py = pybind11;
+
+namespace fa2a::bindings {
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// Rows per slot a new buffer is sized for: FUSED_A2A_BUFFER_ROWS, else 4096 on GPUs (one round for
+// the standard 4096-token case) and 256 on CPUs (tests then cover several rounds).
+int64_t default_rows(Platform platform) {
+  if (const char* text = std::getenv("FUSED_A2A_BUFFER_ROWS")) {
+    int64_t rows = std::strtoll(text, nullptr, 10);
+    FA2A_CHECK(rows >= 1, "FUSED_A2A_BUFFER_ROWS must be a positive integer, got '", text, "'");
+    return rows;
+  }
+  return platform == Platform::kCUDA ? 4096 : 256;
+}
+
+size_t recommended_buffer_bytes(int64_t hidden_bytes, int num_ranks, int platform, int64_t rows) {
+  FA2A_CHECK(hidden_bytes >= 1, "hidden_bytes must be >= 1, got ", hidden_bytes);
+  FA2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks,
+             "], got ", num_ranks);
+  if (rows <= 0) rows = default_rows(static_cast<Platform>(platform));
+  auto align16 = [](int64_t b) { return (b + 15) / 16 * 16; };
+  // One row: the values, FP8 scales (at most hidden_bytes / 32), top-k indices and weights for
+  // up to 32 experts, the token index.
+  const int64_t row = align16(hidden_bytes) + align16(hidden_bytes / 32) + 256 + 16;
+  const int64_t slot = (64 + rows * row + 63) / 64 * 64;
+  return static_cast<size_t>(slot) * num_ranks;
+}
+
+#define FA2A_POINTER_FIELD(cls, field, type)                                              \
+  def_property(                                                                           \
+      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); },          \
+      [](cls& a, uintptr_t address) { a.field = reinterpret_cast<type*>(address); })
+
+void bind_args(py::module_& m) {
+  py::class_<DispatchArgs>(m, "DispatchArgs")
+      .def(py::init<>())
+      .FA2A_POINTER_FIELD(DispatchArgs, x, const void)
+      .def_property(
+          "x_dtype", [](const DispatchArgs& a) { return static_cast<int>(a.x_dtype); },
+          [](DispatchArgs& a, int v) { a.x_dtype = static_cast<DType>(v); })
+      .def_readwrite("num_tokens", &DispatchArgs::num_tokens)
+      .def_readwrite("hidden", &DispatchArgs::hidden)
+      .FA2A_POINTER_FIELD(DispatchArgs, x_scales, const float)
+      .FA2A_POINTER_FIELD(DispatchArgs, topk_idx, const void)
+      .def_property(
+          "idx_dtype", [](const DispatchArgs& a) { return static_cast<int>(a.idx_dtype); },
+          [](DispatchArgs& a, int v) { a.idx_dtype = static_cast<DType>(v); })
+      .def_readwrite("num_topk", &DispatchArgs::num_topk)
+      .FA2A_POINTER_FIELD(DispatchArgs, topk_weights, const float)
+      .def_readwrite("num_experts", &DispatchArgs::num_experts)
+      .def_readwrite("capacity", &DispatchArgs::capacity)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_x, void)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_x_scales, float)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_topk_idx, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_topk_weights, float)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_src_counts, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_src_token, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, tokens_per_expert, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, num_recv, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, num_dropped, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, group_max_tokens, int32_t)
+      .def_readwrite("num_sms", &DispatchArgs::num_sms);
+
+  py::class_<CombineArgs>(m, "CombineArgs")
+      .def(py::init<>())
+      .FA2A_POINTER_FIELD(CombineArgs, y, const void)
+      .def_property(
+          "y_dtype", [](const CombineArgs& a) { return static_cast<int>(a.y_dtype); },
+          [](CombineArgs& a, int v) { a.y_dtype = static_cast<DType>(v); })
+      .def_readwrite("num_rows", &CombineArgs::num_rows)
+      .def_readwrite("hidden", &CombineArgs::hidden)
+      .FA2A_POINTER_FIELD(CombineArgs, weights, const float)
+      .def_readwrite("num_topk", &CombineArgs::num_topk)
+      .def_readwrite("weights_owner_only", &CombineArgs::weights_owner_only)
+      .FA2A_POINTER_FIELD(CombineArgs, recv_src_counts, const int32_t)
+      .FA2A_POINTER_FIELD(CombineArgs, recv_src_token, const int32_t)
+      .FA2A_POINTER_FIELD(CombineArgs, group_max_tokens, const int32_t)
+      .FA2A_POINTER_FIELD(CombineArgs, topk_idx, const void)
+      .def_property(
+          "idx_dtype", [](const CombineArgs& a) { return static_cast<int>(a.idx_dtype); },
+          [](CombineArgs& a, int v) { a.idx_dtype = static_cast<DType>(v); })
+      .def_readwrite("num_experts", &CombineArgs::num_experts)
+      .def_readwrite("num_tokens", &CombineArgs::num_tokens)
+      .FA2A_POINTER_FIELD(CombineArgs, out, void)
+      .FA2A_POINTER_FIELD(CombineArgs, out_weights, float)
+      .def_readwrite("num_sms", &CombineArgs::num_sms);
+}
+
+}  // namespace
+
+void register_core(py::module_& m) {
+  static py::exception<Error> timeout_error(m, "TimeoutError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      switch (e.kind()) {
+        case ErrorKind::kValue:
+          PyErr_SetString(PyExc_ValueError, e.what());
+          return;
+        case ErrorKind::kType:
+          PyErr_SetString(PyExc_TypeError, e.what());
+          return;
+        case ErrorKind::kTimeout:
+          timeout_error(e.what());
+          return;
+        case ErrorKind::kNotImplemented:
+          PyErr_SetString(PyExc_NotImplementedError, e.what());
+          return;
+        default:
+          PyErr_SetString(PyExc_RuntimeError, e.what());
+          return;
+      }
+    }
+  });
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["cuda"] = build_has_cuda();
+    info["cuda_arch"] = std::string(build_cuda_arch());
+    info["cuda_version"] = build_cuda_version();
+#ifdef FA2A_HAVE_XLA_FFI
+    info["xla_ffi"] = true;
+#else
+    info["xla_ffi"] = false;
+#endif
+    info["max_ranks"] = kMaxRanks;
+    return info;
+  });
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("timeout_seconds", &timeout_seconds);
+  m.def("recommended_buffer_bytes", &recommended_buffer_bytes, py::arg("hidden_bytes"),
+        py::arg("num_ranks"), py::arg("platform"), py::arg("rows") = 0);
+
+  m.def(
+      "buffer_create",
+      [](int64_t group_id, int rank, int num_ranks, size_t data_bytes, int platform, int device) {
+        auto buffer = buffer_create(group_id, rank, num_ranks, data_bytes,
+                                    static_cast<Platform>(platform), device);
+        return py::bytes(buffer->local_info());
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("num_ranks"), py::arg("data_bytes"),
+      py::arg("platform"), py::arg("device"));
+  m.def(
+      "buffer_connect",
+      [](int64_t group_id, int rank, const std::vector<py::bytes>& infos) {
+        std::vector<std::string> texts(infos.begin(), infos.end());
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        buffer->connect(texts);
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("infos"));
+  m.def(
+      "buffer_seal",
+      [](int64_t group_id, int rank) {
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        buffer->seal();
+      },
+      py::arg("group_id"), py::arg("rank"));
+  m.def("buffer_release", &buffer_release, py::arg("group_id"));
+  m.def("buffer_release_all", &buffer_release_all);
+  m.def("buffer_bytes_held", &buffer_bytes_held);
+  m.def(
+      "buffer_data_bytes",
+      [](int64_t group_id, int rank) -> size_t {
+        auto buffer = buffer_find(group_id, rank);
+        return buffer ? buffer->data_bytes() : 0;
+      },
+      py::arg("group_id"), py::arg("rank"));
+  m.def(
+      "buffer_poisoned",
+      [](int64_t group_id, int rank) -> std::string {
+        auto buffer = buffer_find(group_id, rank);
+        return buffer ? buffer->poisoned() : std::string();
+      },
+      py::arg("group_id"), py::arg("rank"));
+
+  bind_args(m);
+  m.def(
+      "layout",
+      [](int platform, uintptr_t stream, uintptr_t topk_idx, int idx_dtype, int64_t num_tokens,
+         int num_topk, int num_experts, int num_ranks, uintptr_t num_tokens_per_rank,
+         uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank) {
+        layout(static_cast<Platform>(platform), Stream{as_ptr<void>(stream)},
+               as_ptr<const void>(topk_idx), static_cast<DType>(idx_dtype), num_tokens, num_topk,
+               num_experts, num_ranks, as_ptr<int32_t>(num_tokens_per_rank),
+               as_ptr<int32_t>(num_tokens_per_expert), as_ptr<uint8_t>(is_token_in_rank));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  using DispatchFn = void (*)(Buffer&, const DispatchArgs&, Stream);
+  auto bind_dispatch = [&](const char* name, DispatchFn fn) {
+    m.def(
+        name,
+        [fn](int64_t group_id, int rank, uintptr_t stream, const DispatchArgs& args) {
+          auto buffer = buffer_get(group_id, rank);
+          fn(*buffer, args, Stream{as_ptr<void>(stream)});
+        },
+        py::arg("group_id"), py::arg("rank"), py::arg("stream"), py::arg("args"),
+        py::call_guard<py::gil_scoped_release>());
+  };
+  bind_dispatch("dispatch", &dispatch);
+  bind_dispatch("dispatch_notify", &dispatch_notify);
+  bind_dispatch("dispatch_data", &dispatch_data);
+  m.def(
+      "combine",
+      [](int64_t group_id, int rank, uintptr_t stream, const CombineArgs& args) {
+        auto buffer = buffer_get(group_id, rank);
+        combine(*buffer, args, Stream{as_ptr<void>(stream)});
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("stream"), py::arg("args"),
+      py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace fa2a::bindings
+
+PYBIND11_MODULE(fused_a2a_core, m) {
+  m.doc() = "fused_a2a core: MoE expert-parallel dispatch/combine kernels and buffer manager";
+  fa2a::bindings::register_core(m);
+  fa2a::bindings::register_xla_ffi(m);
+}

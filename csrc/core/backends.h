@@ -1,0 +1,24 @@
+// Per-platform implementations of the ops in fused_a2a/ops.h. core/ops.cc validates the arguments
+// once and routes to one of these by the buffer's platform.
+#pragma once
+
+#include "fused_a2a/ops.h"
+
+namespace fa2a::cpu {
+void layout(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
+            int num_experts, int num_ranks, int32_t* num_tokens_per_rank,
+            int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank);
+void dispatch_notify(Buffer& buffer, const DispatchArgs& args);
+void dispatch_data(Buffer& buffer, const DispatchArgs& args);
+void combine(Buffer& buffer, const CombineArgs& args);
+}  // namespace fa2a::cpu
+
+namespace fa2a::cuda {
+void layout(Stream stream, const void* topk_idx, DType idx_dtype, int64_t num_tokens,
+            int num_topk, int num_experts, int num_ranks, int32_t* num_tokens_per_rank,
+            int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank);
+void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream);
+void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream);
+void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
+void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
+}  // namespace fa2a::cuda
