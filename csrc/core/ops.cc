@@ -51,7 +51,7 @@ void check_rows(const char* name, DType dtype, int64_t hidden, bool with_scales)
              " bytes) must be a multiple of 16");
 }
 
-void check_dispatch(Buffer& buffer, const DispatchArgs& a) {
+void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
   check_rows("x", a.x_dtype, a.hidden, a.x_scales != nullptr);
   check_routing(buffer.platform(), a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk,
                 a.num_experts, buffer.num_ranks());
@@ -60,7 +60,7 @@ void check_dispatch(Buffer& buffer, const DispatchArgs& a) {
   FA2A_CHECK(a.capacity == 0 || a.recv_x != nullptr, "recv_x output is missing");
   FA2A_CHECK(!a.recv_topk_weights || a.topk_weights, "recv_topk_weights needs topk_weights");
   FA2A_CHECK(!a.x_scales || a.capacity == 0 || a.recv_x_scales, "recv_x_scales output is missing");
-  FA2A_CHECK(a.recv_src_counts && a.recv_src_token && a.group_max_tokens,
+  FA2A_CHECK(a.recv_src_counts && a.group_max_tokens && (a.recv_src_token || !moves_rows),
              "the dispatch handle outputs are missing");
   FA2A_CHECK(a.num_sms >= 0 && a.num_sms % 2 == 0, "num_sms must be even and >= 0, got ",
              a.num_sms);
@@ -85,7 +85,7 @@ void layout(Platform platform, Stream stream, const void* topk_idx, DType idx_dt
 }
 
 void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
-  check_dispatch(buffer, args);
+  check_dispatch(buffer, args, true);
   FA2A_CHECK(args.tokens_per_expert && args.num_recv, "dispatch outputs are missing");
   if (buffer.platform() == Platform::kCPU) {
     cpu::dispatch_notify(buffer, args);
@@ -96,7 +96,7 @@ void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 }
 
 void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream) {
-  check_dispatch(buffer, args);
+  check_dispatch(buffer, args, false);
   FA2A_CHECK(args.tokens_per_expert && args.num_recv, "dispatch outputs are missing");
   if (buffer.platform() == Platform::kCPU) {
     cpu::dispatch_notify(buffer, args);
@@ -106,7 +106,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 }
 
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream) {
-  check_dispatch(buffer, args);
+  check_dispatch(buffer, args, true);
   if (buffer.platform() == Platform::kCPU) {
     cpu::dispatch_data(buffer, args);
   } else {

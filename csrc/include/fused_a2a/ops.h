@@ -4,6 +4,9 @@
 // for kCUDA and ignored for kCPU. Notation: G ranks, this rank r, N tokens here, H hidden, K top-k,
 // E experts, L = E / G local experts, C = capacity (rows of the receive-side outputs).
 //
+// Optional inputs are "absent" when their pointer is null; with N = 0 a present input must still
+// pass a non-null pointer (never dereferenced), since presence must agree across ranks.
+//
 // Every op is collective over the buffer's group: all ranks call the same ops in the same order.
 // A peer that does not arrive within timeout_seconds() makes the op throw ErrorKind::kTimeout
 // naming the op, the phase and the missing ranks.

@@ -333,7 +333,7 @@ void combine(Buffer& buffer, const CombineArgs& a) {
         void* out_row = static_cast<uint8_t*>(a.out) + t * y_row;
         const float* row_acc = acc.data() + (t - t0) * H;
         for (int64_t h = 0; h < H; ++h) store_from_f32(out_row, h, a.y_dtype, row_acc[h]);
-        if (a.out_weights) {
+        if (a.weights && a.out_weights) {
           std::memcpy(a.out_weights + t * K, acc_weights.data() + (t - t0) * K, K * sizeof(float));
         }
       }

@@ -1,0 +1,250 @@
+"""torch.library custom ops over the core (``torch.ops.fused_a2a.*``), with fake kernels.
+
+Each op looks its buffer up in the core's registry by (group_id, rank), passes ``data_ptr()``s and
+the current CUDA stream, and allocates its outputs. Shapes that depend on routing (the dynamic
+dispatch) use an unbacked size in the fake kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fused_a2a_core as core
+from fused_a2a._common import (
+    DTYPE_BF16,
+    DTYPE_E4M3,
+    DTYPE_F16,
+    DTYPE_F32,
+    DTYPE_I32,
+    DTYPE_I64,
+)
+
+_DTYPE_CODES = {
+    torch.float32: DTYPE_F32,
+    torch.float16: DTYPE_F16,
+    torch.bfloat16: DTYPE_BF16,
+    torch.int32: DTYPE_I32,
+    torch.int64: DTYPE_I64,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPE_CODES[torch.float8_e4m3fn] = DTYPE_E4M3
+
+
+def dtype_code(tensor: torch.Tensor, name: str) -> int:
+    try:
+        return _DTYPE_CODES[tensor.dtype]
+    except KeyError:
+        raise TypeError(f"{name} has unsupported dtype {tensor.dtype}") from None
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+_placeholders: dict = {}
+
+
+def _ptr(tensor: torch.Tensor | None) -> int:
+    """data_ptr(), with a non-null placeholder for a present but empty tensor: the core reads
+    presence from the pointer, and presence must agree across ranks (ops.h)."""
+    if tensor is None:
+        return 0
+    if tensor.numel() == 0:
+        key = (tensor.device.type, tensor.device.index)
+        if key not in _placeholders:
+            _placeholders[key] = torch.zeros(16, dtype=torch.uint8, device=tensor.device)
+        return _placeholders[key].data_ptr()
+    return tensor.data_ptr()
+
+
+def _out(tensor: torch.Tensor) -> int:
+    """Output pointer: null when there is nothing to write."""
+    return tensor.data_ptr() if tensor.numel() > 0 else 0
+
+
+def _i32(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+@torch.library.custom_op("fused_a2a::dispatch", mutates_args=())
+def dispatch(
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    num_experts: int,
+    group_id: int,
+    rank: int,
+    num_ranks: int,
+    capacity: int,
+    num_sms: int,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor,
+]:
+    """Returns (recv_x, recv_x_scales, recv_topk_idx [int32], recv_topk_weights, recv_src_counts,
+    recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens]).
+    capacity < 0: exactly the received rows (host sync); else a static row count."""
+    device = x.device
+    num_tokens, hidden = x.shape
+    num_topk = topk_idx.shape[1]
+    num_local = num_experts // num_ranks
+    args = core.DispatchArgs()
+    args.x, args.x_dtype, args.num_tokens, args.hidden = _ptr(x), dtype_code(x, "x"), *x.shape
+    args.x_scales = _ptr(x_scales)
+    args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
+    args.num_topk, args.num_experts, args.num_sms = num_topk, num_experts, num_sms
+    args.topk_weights = _ptr(topk_weights)
+    recv_src_counts = _i32(num_ranks, device)
+    tokens_per_expert = _i32(num_local, device)
+    stats = _i32(3, device)
+    args.recv_src_counts, args.tokens_per_expert = _ptr(recv_src_counts), _ptr(tokens_per_expert)
+    args.num_recv = stats.data_ptr()
+    args.num_dropped = stats.data_ptr() + 4
+    args.group_max_tokens = stats.data_ptr() + 8
+    stream = _stream(device)
+    dynamic = capacity < 0
+    if dynamic:
+        core.dispatch_notify(group_id, rank, stream, args)
+        capacity = int(stats[0].item())
+    recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
+    scale_cols = hidden // 128 if x_scales is not None else 0
+    recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
+    recv_topk_idx = torch.empty((capacity, num_topk), dtype=torch.int32, device=device)
+    weight_cols = num_topk if topk_weights is not None else 0
+    recv_topk_weights = torch.empty((capacity, weight_cols), dtype=torch.float32, device=device)
+    # One spare element so that the pointer is valid even with capacity 0.
+    recv_src_token = torch.empty(capacity + 1, dtype=torch.int32, device=device)
+    args.capacity = capacity
+    args.recv_x, args.recv_x_scales = _out(recv_x), _out(recv_x_scales)
+    args.recv_topk_idx, args.recv_topk_weights = _out(recv_topk_idx), _out(recv_topk_weights)
+    args.recv_src_token = recv_src_token.data_ptr()
+    (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
+    return (
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_counts,
+        recv_src_token[:capacity].clone(), tokens_per_expert, stats,
+    )
+
+
+@dispatch.register_fake
+def _(x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks, capacity,
+      num_sms):
+    if capacity < 0:
+        capacity = torch.library.get_ctx().new_dynamic_size()
+    hidden, num_topk = x.shape[1], topk_idx.shape[1]
+    scale_cols = hidden // 128 if x_scales is not None else 0
+    weight_cols = num_topk if topk_weights is not None else 0
+    new = x.new_empty
+    return (
+        new((capacity, hidden)),
+        new((capacity, scale_cols), dtype=torch.float32),
+        new((capacity, num_topk), dtype=torch.int32),
+        new((capacity, weight_cols), dtype=torch.float32),
+        new((num_ranks,), dtype=torch.int32),
+        new((capacity,), dtype=torch.int32),
+        new((num_experts // num_ranks,), dtype=torch.int32),
+        new((3,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("fused_a2a::cached_dispatch", mutates_args=())
+def cached_dispatch(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    recv_src_counts: torch.Tensor,
+    recv_src_token: torch.Tensor,
+    stats: torch.Tensor,
+    num_experts: int,
+    group_id: int,
+    rank: int,
+    num_sms: int,
+) -> torch.Tensor:
+    """Combine's backward: x [N,H] sent where the handle's dispatch sent it; [C,H] out."""
+    capacity = recv_src_token.shape[0]
+    args = core.DispatchArgs()
+    args.x, args.x_dtype, args.num_tokens, args.hidden = _ptr(x), dtype_code(x, "x"), *x.shape
+    args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
+    args.num_topk, args.num_experts, args.num_sms = topk_idx.shape[1], num_experts, num_sms
+    recv_x = torch.empty((capacity, x.shape[1]), dtype=x.dtype, device=x.device)
+    counts = recv_src_counts.clone()  # clipped in place by the core; the handle stays as it is
+    token_scratch = torch.empty(capacity + 1, dtype=torch.int32, device=x.device)
+    group_max = stats[2:3].clone()
+    args.capacity, args.recv_x = capacity, _out(recv_x)
+    args.recv_src_counts, args.recv_src_token = counts.data_ptr(), token_scratch.data_ptr()
+    args.group_max_tokens = group_max.data_ptr()
+    core.dispatch_data(group_id, rank, _stream(x.device), args)
+    return recv_x
+
+
+@cached_dispatch.register_fake
+def _(x, topk_idx, recv_src_counts, recv_src_token, stats, num_experts, group_id, rank, num_sms):
+    return x.new_empty((recv_src_token.shape[0], x.shape[1]))
+
+
+@torch.library.custom_op("fused_a2a::combine", mutates_args=())
+def combine(
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    topk_idx: torch.Tensor,
+    recv_src_counts: torch.Tensor,
+    recv_src_token: torch.Tensor,
+    stats: torch.Tensor,
+    num_experts: int,
+    num_tokens: int,
+    weights_owner_only: bool,
+    group_id: int,
+    rank: int,
+    num_sms: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [N,H] y.dtype, out_weights [N,K] f32, or [N,0] without weights)."""
+    num_topk = topk_idx.shape[1]
+    out = torch.empty((num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
+    weight_cols = num_topk if weights is not None else 0
+    out_weights = torch.empty((num_tokens, weight_cols), dtype=torch.float32, device=y.device)
+    args = core.CombineArgs()
+    args.y, args.y_dtype, args.num_rows, args.hidden = _ptr(y), dtype_code(y, "x"), *y.shape
+    args.weights, args.num_topk = _ptr(weights), num_topk
+    args.weights_owner_only = weights_owner_only
+    args.recv_src_counts, args.recv_src_token = _ptr(recv_src_counts), _ptr(recv_src_token)
+    args.group_max_tokens = stats.data_ptr() + 8
+    args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
+    args.num_experts, args.num_tokens, args.num_sms = num_experts, num_tokens, num_sms
+    args.out, args.out_weights = _out(out), _out(out_weights)
+    core.combine(group_id, rank, _stream(y.device), args)
+    return out, out_weights
+
+
+@combine.register_fake
+def _(y, weights, topk_idx, recv_src_counts, recv_src_token, stats, num_experts, num_tokens,
+      weights_owner_only, group_id, rank, num_sms):
+    weight_cols = topk_idx.shape[1] if weights is not None else 0
+    return (
+        y.new_empty((num_tokens, y.shape[1])),
+        y.new_empty((num_tokens, weight_cols), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fused_a2a::layout", mutates_args=())
+def layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(num_tokens_per_rank [G] i32, num_tokens_per_expert [E] i32, is_token_in_rank [N,G] bool)."""
+    device = topk_idx.device
+    per_rank = _i32(num_ranks, device)
+    per_expert = _i32(num_experts, device)
+    in_rank = torch.empty((topk_idx.shape[0], num_ranks), dtype=torch.bool, device=device)
+    platform = 1 if device.type == "cuda" else 0
+    core.layout(platform, _stream(device), _ptr(topk_idx), dtype_code(topk_idx, "topk_idx"),
+                topk_idx.shape[0], topk_idx.shape[1], num_experts, num_ranks, _out(per_rank),
+                _out(per_expert), _out(in_rank))
+    return per_rank, per_expert, in_rank
+
+
+@layout.register_fake
+def _(topk_idx, num_experts, num_ranks):
+    new = topk_idx.new_empty
+    return (
+        new((num_ranks,), dtype=torch.int32),
+        new((num_experts,), dtype=torch.int32),
+        new((topk_idx.shape[0], num_ranks), dtype=torch.bool),
+    )
