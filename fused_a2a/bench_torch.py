@@ -26,7 +26,7 @@ def _timer(device):
                 fn()
                 end[i].record()
             torch.cuda.synchronize()
-            return [s.elapsed_time(e) * 1e3 for s, e in zip(start, end)]
+            return [s.elapsed_time(e) * 1e3 for s, e in zip(start, end, strict=True)]
 
         return run
 
@@ -51,8 +51,10 @@ def rank_main(rank: int, world: int, port: int, case: dict, queue) -> None:
         if use_cuda:
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank, world_size=world,
+            "nccl" if use_cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
         )
         queue.put((rank, _run_case(rank, world, case)))
         dist.barrier()

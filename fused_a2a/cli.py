@@ -80,8 +80,10 @@ def summarize(case: dict, ranks: list[dict]) -> dict:
     recv_bytes = sum(r["recv_bytes"] for r in ranks) / len(ranks)
     remote_bytes = sum(r["remote_bytes"] for r in ranks) / len(ranks)
     return {
-        **{k: case[k] for k in ("frontend", "mode", "device", "tokens", "hidden", "topk",
-                                "experts", "dtype")},
+        **{
+            k: case[k]
+            for k in ("frontend", "mode", "device", "tokens", "hidden", "topk", "experts", "dtype")
+        },
         "ranks": len(ranks),
         "verified": all(r["verified"] for r in ranks),
         "dispatch_us": dispatch_us,
@@ -94,15 +96,19 @@ def summarize(case: dict, ranks: list[dict]) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    header = (f"{'frontend':8} {'mode':7} {'dev':4} {'G':>2} {'N':>6} {'H':>6} {'dtype':5} "
-              f"{'disp us':>9} {'comb us':>9} {'disp GB/s':>9} {'comb GB/s':>9} verified")
+    header = (
+        f"{'frontend':8} {'mode':7} {'dev':4} {'G':>2} {'N':>6} {'H':>6} {'dtype':5} "
+        f"{'disp us':>9} {'comb us':>9} {'disp GB/s':>9} {'comb GB/s':>9} verified"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['frontend']:8} {r['mode']:7} {r['device']:4} {r['ranks']:>2} {r['tokens']:>6} "
-              f"{r['hidden']:>6} {r['dtype']:5} {r['dispatch_us']:>9.1f} {r['combine_us']:>9.1f} "
-              f"{r['dispatch_gbps']:>9.2f} {r['combine_gbps']:>9.2f} "
-              f"{'yes' if r['verified'] else 'NO'}")
+        print(
+            f"{r['frontend']:8} {r['mode']:7} {r['device']:4} {r['ranks']:>2} {r['tokens']:>6} "
+            f"{r['hidden']:>6} {r['dtype']:5} {r['dispatch_us']:>9.1f} {r['combine_us']:>9.1f} "
+            f"{r['dispatch_gbps']:>9.2f} {r['combine_gbps']:>9.2f} "
+            f"{'yes' if r['verified'] else 'NO'}"
+        )
 
 
 def cmd_bench(args) -> int:
@@ -115,9 +121,19 @@ def cmd_bench(args) -> int:
     rows = []
     total = len(tokens)
     for i, n in enumerate(tokens):
-        case = {"frontend": "torch", "mode": "normal", "device": device, "tokens": n,
-                "hidden": hidden, "topk": args.topk, "experts": experts, "dtype": args.dtype,
-                "seed": args.seed, "warmup": args.warmup, "iters": args.iters}
+        case = {
+            "frontend": "torch",
+            "mode": "normal",
+            "device": device,
+            "tokens": n,
+            "hidden": hidden,
+            "topk": args.topk,
+            "experts": experts,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "warmup": args.warmup,
+            "iters": args.iters,
+        }
         bar = "#" * (i * 20 // total) + "." * (20 - i * 20 // total)
         print(f"[{bar}] {i}/{total} torch normal N={n} on {world} {device} ranks", flush=True)
         rows.append(summarize(case, run_torch_case(case, world, args.timeout)))
@@ -126,8 +142,11 @@ def cmd_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench.json")
     with open(path, "w") as f:
-        json.dump({"build": build_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "results": rows}, f, indent=2)
+        json.dump(
+            {"build": build_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows},
+            f,
+            indent=2,
+        )
     print(f"wrote {path}")
     return 0 if all(r["verified"] for r in rows) else 1
 
@@ -135,8 +154,19 @@ def cmd_bench(args) -> int:
 def cmd_check(args) -> int:
     info = build_info()
     print("build:", json.dumps(info))
-    case = {"frontend": "torch", "mode": "normal", "device": "cpu", "tokens": 32, "hidden": 128,
-            "topk": 4, "experts": 8, "dtype": "bf16", "seed": 1, "warmup": 0, "iters": 1}
+    case = {
+        "frontend": "torch",
+        "mode": "normal",
+        "device": "cpu",
+        "tokens": 32,
+        "hidden": 128,
+        "topk": 4,
+        "experts": 8,
+        "dtype": "bf16",
+        "seed": 1,
+        "warmup": 0,
+        "iters": 1,
+    }
     ok = all(r["verified"] for r in run_torch_case(case, 2, 120))
     print(f"cpu round trip (torch, 2 ranks): {'ok' if ok else 'MISMATCH'}")
     return 0 if ok else 1

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_inputs(rank: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
-                seed: int = 0):
+def make_inputs(
+    rank: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int, seed: int = 0
+):
     """DeepSeek-V3-style routing: each token's top-k of uniform random scores.
     Returns (x f32 [N,H], topk_idx int64 [N,K], topk_weights f32 [N,K])."""
     rng = np.random.default_rng([seed, rank])
@@ -34,8 +35,9 @@ def expected_receive(rank: int, num_ranks: int, inputs: list, num_experts: int):
     return (np.stack(rows) if rows else np.zeros((0, hidden), np.float32)), sources
 
 
-def expected_identity_combine(rank: int, num_ranks: int, x_rounded: np.ndarray,
-                              topk_idx: np.ndarray, num_experts: int) -> np.ndarray:
+def expected_identity_combine(
+    rank: int, num_ranks: int, x_rounded: np.ndarray, topk_idx: np.ndarray, num_experts: int
+) -> np.ndarray:
     """combine(dispatch(x)) in f32 (before the final rounding): x times the number of ranks that
     received each token, accumulated one rank at a time from zero."""
     local = num_experts // num_ranks

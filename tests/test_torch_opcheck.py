@@ -36,8 +36,20 @@ def _opcheck_all(rank, world):
     recv_x, _, recv_idx, recv_w, counts, src_token, _, stats = out
     torch.library.opcheck(
         ops.combine.default,
-        (recv_x, recv_w, topk_idx, counts, src_token, stats, num_experts, num_tokens, True, gid,
-         r, 24),
+        (
+            recv_x,
+            recv_w,
+            topk_idx,
+            counts,
+            src_token,
+            stats,
+            num_experts,
+            num_tokens,
+            True,
+            gid,
+            r,
+            24,
+        ),
     )
     checked.append("combine")
     torch.library.opcheck(
@@ -52,4 +64,11 @@ def _opcheck_all(rank, world):
 
 def test_opcheck_custom_ops():
     (checked,) = run_ranks(_opcheck_all, 1, timeout=180)
-    assert checked == ["dispatch[C=6]", "dispatch[C=3]", "dispatch[C=-1]", "combine", "cached_dispatch", "layout"]
+    assert checked == [
+        "dispatch[C=6]",
+        "dispatch[C=3]",
+        "dispatch[C=-1]",
+        "combine",
+        "cached_dispatch",
+        "layout",
+    ]

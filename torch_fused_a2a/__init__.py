@@ -1,6 +1,6 @@
 """torch_fused_a2a: a drop-in for Megatron / NeMo AutoModel ``fused_a2a`` on fused_a2a kernels.
 
-    from torch_fused_a2a import fused_dispatch, fused_combine          # normal (DeepEP) mode
+from torch_fused_a2a import fused_dispatch, fused_combine          # normal (DeepEP) mode
 """
 
 from torch_fused_a2a import _ops  # noqa: F401  (registers torch.ops.fused_a2a.*)

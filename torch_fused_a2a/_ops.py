@@ -79,8 +79,14 @@ def dispatch(
     capacity: int,
     num_sms: int,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     """Returns (recv_x, recv_x_scales, recv_topk_idx [int32], recv_topk_weights, recv_src_counts,
     recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens]).
@@ -121,14 +127,21 @@ def dispatch(
     args.recv_src_token = recv_src_token.data_ptr()
     (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
     return (
-        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_counts,
-        recv_src_token[:capacity].clone(), tokens_per_expert, stats,
+        recv_x,
+        recv_x_scales,
+        recv_topk_idx,
+        recv_topk_weights,
+        recv_src_counts,
+        recv_src_token[:capacity].clone(),
+        tokens_per_expert,
+        stats,
     )
 
 
 @dispatch.register_fake
-def _(x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks, capacity,
-      num_sms):
+def _(
+    x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks, capacity, num_sms
+):
     if capacity < 0:
         capacity = torch.library.get_ctx().new_dynamic_size()
     hidden, num_topk = x.shape[1], topk_idx.shape[1]
@@ -215,8 +228,20 @@ def combine(
 
 
 @combine.register_fake
-def _(y, weights, topk_idx, recv_src_counts, recv_src_token, stats, num_experts, num_tokens,
-      weights_owner_only, group_id, rank, num_sms):
+def _(
+    y,
+    weights,
+    topk_idx,
+    recv_src_counts,
+    recv_src_token,
+    stats,
+    num_experts,
+    num_tokens,
+    weights_owner_only,
+    group_id,
+    rank,
+    num_sms,
+):
     weight_cols = topk_idx.shape[1] if weights is not None else 0
     return (
         y.new_empty((num_tokens, y.shape[1])),
@@ -234,9 +259,19 @@ def layout(
     per_expert = _i32(num_experts, device)
     in_rank = torch.empty((topk_idx.shape[0], num_ranks), dtype=torch.bool, device=device)
     platform = 1 if device.type == "cuda" else 0
-    core.layout(platform, _stream(device), _ptr(topk_idx), dtype_code(topk_idx, "topk_idx"),
-                topk_idx.shape[0], topk_idx.shape[1], num_experts, num_ranks, _out(per_rank),
-                _out(per_expert), _out(in_rank))
+    core.layout(
+        platform,
+        _stream(device),
+        _ptr(topk_idx),
+        dtype_code(topk_idx, "topk_idx"),
+        topk_idx.shape[0],
+        topk_idx.shape[1],
+        num_experts,
+        num_ranks,
+        _out(per_rank),
+        _out(per_expert),
+        _out(in_rank),
+    )
     return per_rank, per_expert, in_rank
 
 

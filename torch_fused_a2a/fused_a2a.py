@@ -12,11 +12,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from torch_fused_a2a import _ops
-from torch_fused_a2a._buffer import Buffer, create_buffer, default_device
-from fused_a2a._common import PLATFORM_CUDA
-
 import fused_a2a_core as core
+from fused_a2a._common import PLATFORM_CUDA
+from torch_fused_a2a._buffer import Buffer, create_buffer, default_device
 
 _buffer: Buffer | None = None
 _num_sms: int = 24
@@ -56,8 +54,12 @@ def get_buffer(group, hidden_bytes: int, device: torch.device | None = None) -> 
         or current.num_nvl_bytes < needed
         or current.poisoned()
     ):
-        size = max(needed, current.num_nvl_bytes if current is not None and
-                   current.group is group and current.device == device else 0)
+        size = max(
+            needed,
+            current.num_nvl_bytes
+            if current is not None and current.group is group and current.device == device
+            else 0,
+        )
         _buffer = create_buffer(group, size, device)
         if current is not None:
             current.release()
@@ -68,9 +70,13 @@ def set_deepep_num_sms(num_sms: int) -> None:
     """SMs the communication kernels may use (even; at most the device's SM count)."""
     global _num_sms
     if not isinstance(num_sms, int) or num_sms <= 0 or num_sms % 2 != 0:
-        raise ValueError(f"set_deepep_num_sms: num_sms must be a positive even integer, got {num_sms!r}")
+        raise ValueError(
+            f"set_deepep_num_sms: num_sms must be a positive even integer, got {num_sms!r}"
+        )
     if torch.cuda.is_available():
-        sm_count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        sm_count = torch.cuda.get_device_properties(
+            torch.cuda.current_device()
+        ).multi_processor_count
         if num_sms > sm_count:
             raise ValueError(
                 f"set_deepep_num_sms: num_sms={num_sms} exceeds the device's {sm_count} SMs"
@@ -162,8 +168,16 @@ def _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group) ->
 def _dispatch(x, topk_idx, topk_weights, num_experts, group, capacity=-1):
     buffer = get_buffer(group, get_hidden_bytes(x), x.device)
     out = torch.ops.fused_a2a.dispatch(
-        x, None, topk_idx, topk_weights, num_experts, buffer.group_id, buffer.rank,
-        buffer.num_ranks, capacity, _num_sms,
+        x,
+        None,
+        topk_idx,
+        topk_weights,
+        num_experts,
+        buffer.group_id,
+        buffer.rank,
+        buffer.num_ranks,
+        capacity,
+        _num_sms,
     )
     recv_x, _, recv_idx, recv_w, counts, src_token, per_expert, stats = out
     handle = DispatchHandle(topk_idx, counts, src_token, stats, num_experts, x.shape[0])
@@ -173,16 +187,33 @@ def _dispatch(x, topk_idx, topk_weights, num_experts, group, capacity=-1):
 def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):
     buffer = get_buffer(group, get_hidden_bytes(y), y.device)
     return torch.ops.fused_a2a.combine(
-        y, weights, handle.topk_idx, handle.recv_src_counts, handle.recv_src_token, handle.stats,
-        handle.num_experts, handle.num_tokens, owner_only, buffer.group_id, buffer.rank, _num_sms,
+        y,
+        weights,
+        handle.topk_idx,
+        handle.recv_src_counts,
+        handle.recv_src_token,
+        handle.stats,
+        handle.num_experts,
+        handle.num_tokens,
+        owner_only,
+        buffer.group_id,
+        buffer.rank,
+        _num_sms,
     )
 
 
 def _cached_dispatch(x, handle: DispatchHandle, group):
     buffer = get_buffer(group, get_hidden_bytes(x), x.device)
     return torch.ops.fused_a2a.cached_dispatch(
-        x, handle.topk_idx, handle.recv_src_counts, handle.recv_src_token, handle.stats,
-        handle.num_experts, buffer.group_id, buffer.rank, _num_sms,
+        x,
+        handle.topk_idx,
+        handle.recv_src_counts,
+        handle.recv_src_token,
+        handle.stats,
+        handle.num_experts,
+        buffer.group_id,
+        buffer.rank,
+        _num_sms,
     )
 
 
@@ -190,8 +221,16 @@ class FusedDispatch(torch.autograd.Function):
     """Dispatch tokens to the ranks that hold their experts (DeepEP normal mode)."""
 
     @staticmethod
-    def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False,
-                allocate_on_comm_stream=False):
+    def forward(
+        ctx,
+        x,
+        token_indices,
+        token_probs,
+        num_experts,
+        group,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
         _check_flags(async_finish, allocate_on_comm_stream)
         _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group)
         with _comm_stream(x.device, async_finish) as stream:
@@ -206,17 +245,22 @@ class FusedDispatch(torch.autograd.Function):
         return recv_x, recv_idx, recv_probs, tokens_per_expert, handle
 
     @staticmethod
-    def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert,
-                 grad_handle):
+    def backward(
+        ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle
+    ):
         handle = ctx.handle
         if grad_token_probs is None:
             grad_token_probs = torch.zeros(
-                (grad_output.shape[0], handle.topk_idx.shape[1]), dtype=torch.float32,
+                (grad_output.shape[0], handle.topk_idx.shape[1]),
+                dtype=torch.float32,
                 device=grad_output.device,
             )
         with _comm_stream(grad_output.device, ctx.async_finish) as stream:
             grad_x, grad_probs = _combine(
-                grad_output.contiguous(), handle, ctx.group, grad_token_probs.float().contiguous(),
+                grad_output.contiguous(),
+                handle,
+                ctx.group,
+                grad_token_probs.float().contiguous(),
                 owner_only=True,
             )
             _record((grad_x, grad_probs), stream)
@@ -246,11 +290,23 @@ class FusedCombine(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
-                   allocate_on_comm_stream=False):
+def fused_dispatch(
+    x,
+    token_indices,
+    token_probs,
+    num_experts,
+    group,
+    async_finish=False,
+    allocate_on_comm_stream=False,
+):
     """Megatron's helper: FusedDispatch on a contiguous x."""
     return FusedDispatch.apply(
-        x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+        x.contiguous(),
+        token_indices,
+        token_probs,
+        num_experts,
+        group,
+        async_finish,
         allocate_on_comm_stream,
     )
 

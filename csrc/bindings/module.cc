@@ -46,9 +46,9 @@ size_t recommended_buffer_bytes(int64_t hidden_bytes, int num_ranks, int platfor
   return static_cast<size_t>(slot) * num_ranks;
 }
 
-#define FA2A_POINTER_FIELD(cls, field, type)                                              \
-  def_property(                                                                           \
-      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); },          \
+#define FA2A_POINTER_FIELD(cls, field, type)                                     \
+  def_property(                                                                  \
+      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); }, \
       [](cls& a, uintptr_t address) { a.field = reinterpret_cast<type*>(address); })
 
 void bind_args(py::module_& m) {

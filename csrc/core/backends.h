@@ -14,8 +14,8 @@ void combine(Buffer& buffer, const CombineArgs& args);
 }  // namespace fa2a::cpu
 
 namespace fa2a::cuda {
-void layout(Stream stream, const void* topk_idx, DType idx_dtype, int64_t num_tokens,
-            int num_topk, int num_experts, int num_ranks, int32_t* num_tokens_per_rank,
+void layout(Stream stream, const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
+            int num_experts, int num_ranks, int32_t* num_tokens_per_rank,
             int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank);
 void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream);

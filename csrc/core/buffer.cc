@@ -51,9 +51,8 @@ void Buffer::connect(const std::vector<std::string>& infos) {
 void Buffer::seal() { transport_->seal(); }
 
 uint8_t* Buffer::base(int rank) const {
-  FA2A_CHECK_RUNTIME(rank >= 0 && rank < num_ranks_ && bases_[rank] != nullptr,
-                     "buffer of group ", group_id_, " has no mapping for rank ", rank,
-                     " (not connected?)");
+  FA2A_CHECK_RUNTIME(rank >= 0 && rank < num_ranks_ && bases_[rank] != nullptr, "buffer of group ",
+                     group_id_, " has no mapping for rank ", rank, " (not connected?)");
   return static_cast<uint8_t*>(bases_[rank]);
 }
 

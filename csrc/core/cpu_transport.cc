@@ -72,8 +72,8 @@ class CpuTransport : public Transport {
     close(fd);
     if (base == MAP_FAILED) {
       shm_unlink(name_.c_str());
-      FA2A_FAIL(ErrorKind::kRuntime, "mmap of ", bytes, " bytes of shared memory failed: ",
-                std::strerror(errno));
+      FA2A_FAIL(ErrorKind::kRuntime, "mmap of ", bytes,
+                " bytes of shared memory failed: ", std::strerror(errno));
     }
     linked_ = true;
     own_ = {base, bytes, true};
@@ -100,12 +100,12 @@ class CpuTransport : public Transport {
                        own_.bytes, ": all ranks must create the buffer with the same size");
     if (pid == getpid()) return reinterpret_cast<void*>(pointer);
     int fd = shm_open(name.c_str(), O_RDWR, 0600);
-    FA2A_CHECK_RUNTIME(fd >= 0, "shm_open of peer segment ", name, " failed: ",
-                       std::strerror(errno));
+    FA2A_CHECK_RUNTIME(fd >= 0, "shm_open of peer segment ", name,
+                       " failed: ", std::strerror(errno));
     void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
-    FA2A_CHECK_RUNTIME(base != MAP_FAILED, "mmap of peer segment ", name, " failed: ",
-                       std::strerror(errno));
+    FA2A_CHECK_RUNTIME(base != MAP_FAILED, "mmap of peer segment ", name,
+                       " failed: ", std::strerror(errno));
     peers_.push_back({base, bytes, false});
     return base;
   }

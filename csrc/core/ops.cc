@@ -9,15 +9,14 @@ namespace {
 
 // topk_idx values must be -1 or in [0, E). Scanned on the host for CPU buffers; the CUDA
 // frontends check on the device where they can afford it.
-void check_topk_values(Platform platform, const void* topk_idx, DType idx_dtype,
-                       int64_t num_tokens, int num_topk, int num_experts) {
+void check_topk_values(Platform platform, const void* topk_idx, DType idx_dtype, int64_t num_tokens,
+                       int num_topk, int num_experts) {
   if (platform != Platform::kCPU) return;
   for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
     int64_t value = idx_dtype == DType::kI64 ? static_cast<const int64_t*>(topk_idx)[i]
                                              : static_cast<const int32_t*>(topk_idx)[i];
-    FA2A_CHECK(value >= -1 && value < num_experts, "topk_idx[", i / num_topk, ", ",
-               i % num_topk, "] = ", value, " is out of range: expected -1 or a value in [0, ",
-               num_experts, ")");
+    FA2A_CHECK(value >= -1 && value < num_experts, "topk_idx[", i / num_topk, ", ", i % num_topk,
+               "] = ", value, " is out of range: expected -1 or a value in [0, ", num_experts, ")");
   }
 }
 
@@ -53,8 +52,8 @@ void check_rows(const char* name, DType dtype, int64_t hidden, bool with_scales)
 
 void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
   check_rows("x", a.x_dtype, a.hidden, a.x_scales != nullptr);
-  check_routing(buffer.platform(), a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk,
-                a.num_experts, buffer.num_ranks());
+  check_routing(buffer.platform(), a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk, a.num_experts,
+                buffer.num_ranks());
   FA2A_CHECK(a.num_tokens == 0 || a.x != nullptr, "x is missing");
   FA2A_CHECK(a.capacity >= 0, "capacity (max_recv_tokens) must be >= 0, got ", a.capacity);
   FA2A_CHECK(a.capacity == 0 || a.recv_x != nullptr, "recv_x output is missing");
@@ -116,16 +115,18 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 
 void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   check_rows("y", a.y_dtype, a.hidden, false);
-  FA2A_CHECK(a.num_rows >= 0 && a.num_tokens >= 0, "combine needs num_rows >= 0 and "
-             "num_tokens >= 0, got ", a.num_rows, " and ", a.num_tokens);
+  FA2A_CHECK(a.num_rows >= 0 && a.num_tokens >= 0,
+             "combine needs num_rows >= 0 and "
+             "num_tokens >= 0, got ",
+             a.num_rows, " and ", a.num_tokens);
   FA2A_CHECK(a.recv_src_counts && a.recv_src_token && a.group_max_tokens,
              "combine needs the dispatch handle");
   FA2A_CHECK(!a.weights || a.num_topk >= 1, "combine weights need num_topk >= 1");
   FA2A_CHECK(!a.weights_owner_only || (a.topk_idx && is_index_dtype(a.idx_dtype)),
              "owner-only weights need the handle's topk_idx");
-  FA2A_CHECK(a.num_experts % buffer.num_ranks() == 0 && a.num_experts >= 1,
-             "num_experts (", a.num_experts, ") must be a positive multiple of the group size (",
-             buffer.num_ranks(), ")");
+  FA2A_CHECK(a.num_experts % buffer.num_ranks() == 0 && a.num_experts >= 1, "num_experts (",
+             a.num_experts, ") must be a positive multiple of the group size (", buffer.num_ranks(),
+             ")");
   FA2A_CHECK(a.num_tokens == 0 || a.out != nullptr, "combine output is missing");
   FA2A_CHECK(a.num_sms >= 0 && a.num_sms % 2 == 0, "num_sms must be even and >= 0, got ",
              a.num_sms);

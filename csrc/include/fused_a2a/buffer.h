@@ -31,11 +31,11 @@ namespace fa2a {
 class Transport {
  public:
   virtual ~Transport() = default;
-  virtual void* allocate(size_t bytes) = 0;           // this rank's region, zero-filled
-  virtual std::string export_info() = 0;              // what a peer needs to map it
+  virtual void* allocate(size_t bytes) = 0;                // this rank's region, zero-filled
+  virtual std::string export_info() = 0;                   // what a peer needs to map it
   virtual void* import_peer(const std::string& info) = 0;  // a peer's region, usable here
-  virtual void seal() = 0;                            // all peers have imported: drop names
-  virtual void release() = 0;                         // unmap peers, free own region
+  virtual void seal() = 0;                                 // all peers have imported: drop names
+  virtual void release() = 0;                              // unmap peers, free own region
 };
 
 std::unique_ptr<Transport> make_cpu_transport(int64_t group_id, int rank, int device);
@@ -53,7 +53,7 @@ class Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 
-  std::string local_info();                            // for the frontend's all-gather
+  std::string local_info();                             // for the frontend's all-gather
   void connect(const std::vector<std::string>& infos);  // infos[r] = rank r's local_info()
   void seal();
 
@@ -70,7 +70,9 @@ class Buffer {
   uint8_t* control(int rank) const { return base(rank); }
   uint8_t* data(int rank) const { return base(rank) + kControlBytes; }
   // Device-visible table of the bases (CUDA: a device array of num_ranks pointers; CPU: host).
-  void* const* peer_table() const { return peer_table_device_ ? peer_table_device_ : bases_.data(); }
+  void* const* peer_table() const {
+    return peer_table_device_ ? peer_table_device_ : bases_.data();
+  }
   void set_device_peer_table(void** table) { peer_table_device_ = table; }
 
   // Ops on one buffer run one at a time; the round counter orders them across ranks.
@@ -104,8 +106,8 @@ class Buffer {
 // every rank of the group (torch: derived from the ProcessGroup; JAX: from the mesh axis).
 std::shared_ptr<Buffer> buffer_create(int64_t group_id, int rank, int num_ranks, size_t data_bytes,
                                       Platform platform, int device);
-std::shared_ptr<Buffer> buffer_get(int64_t group_id, int rank);           // throws if absent
-std::shared_ptr<Buffer> buffer_find(int64_t group_id, int rank);          // null if absent
+std::shared_ptr<Buffer> buffer_get(int64_t group_id, int rank);              // throws if absent
+std::shared_ptr<Buffer> buffer_find(int64_t group_id, int rank);             // null if absent
 std::shared_ptr<Buffer> buffer_get_by_device(int64_t group_id, int device);  // CUDA handlers
 void buffer_release(int64_t group_id);  // every local rank of the group
 void buffer_release_all();

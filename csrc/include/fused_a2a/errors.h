@@ -9,7 +9,13 @@
 
 namespace fa2a {
 
-enum class ErrorKind : int { kValue = 0, kType = 1, kRuntime = 2, kTimeout = 3, kNotImplemented = 4 };
+enum class ErrorKind : int {
+  kValue = 0,
+  kType = 1,
+  kRuntime = 2,
+  kTimeout = 3,
+  kNotImplemented = 4
+};
 
 class Error : public std::runtime_error {
  public:
@@ -31,11 +37,12 @@ std::string str_cat(Args&&... args) {
 
 // FA2A_CHECK(cond, kind, "message parts", value, ...): throws fa2a::Error(kind) with the parts
 // concatenated. Messages name the argument and the offending value.
-#define FA2A_CHECK_KIND(cond, kind, ...)                                   \
-  do {                                                                     \
+#define FA2A_CHECK_KIND(cond, kind, ...)                                    \
+  do {                                                                      \
     if (!(cond)) throw ::fa2a::Error((kind), ::fa2a::str_cat(__VA_ARGS__)); \
   } while (0)
 #define FA2A_CHECK(cond, ...) FA2A_CHECK_KIND(cond, ::fa2a::ErrorKind::kValue, __VA_ARGS__)
 #define FA2A_CHECK_TYPE(cond, ...) FA2A_CHECK_KIND(cond, ::fa2a::ErrorKind::kType, __VA_ARGS__)
-#define FA2A_CHECK_RUNTIME(cond, ...) FA2A_CHECK_KIND(cond, ::fa2a::ErrorKind::kRuntime, __VA_ARGS__)
+#define FA2A_CHECK_RUNTIME(cond, ...) \
+  FA2A_CHECK_KIND(cond, ::fa2a::ErrorKind::kRuntime, __VA_ARGS__)
 #define FA2A_FAIL(kind, ...) throw ::fa2a::Error((kind), ::fa2a::str_cat(__VA_ARGS__))

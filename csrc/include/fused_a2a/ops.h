@@ -37,8 +37,8 @@ struct DispatchArgs {
   // Inputs of this rank.
   const void* x = nullptr;  // [N,H] x_dtype (f32, f16, bf16; e4m3 with x_scales)
   DType x_dtype = DType::kBF16;
-  int64_t num_tokens = 0;   // N (may differ between ranks)
-  int64_t hidden = 0;       // H (equal on all ranks)
+  int64_t num_tokens = 0;           // N (may differ between ranks)
+  int64_t hidden = 0;               // H (equal on all ranks)
   const float* x_scales = nullptr;  // [N, H/128] f32 for e4m3 rows, else null
   const void* topk_idx = nullptr;   // [N,K] idx_dtype, -1 = none, else in [0, E)
   DType idx_dtype = DType::kI64;
@@ -47,17 +47,17 @@ struct DispatchArgs {
   int num_experts = 0;                  // E (multiple of G)
 
   // Outputs of this rank (receive side). Rows >= num_recv are zeros; their indices -1, weights 0.
-  int64_t capacity = 0;                 // C
-  void* recv_x = nullptr;               // [C,H] x_dtype
-  float* recv_x_scales = nullptr;       // [C,H/128] when x_scales
-  int32_t* recv_topk_idx = nullptr;     // [C,K] expert - r*L where owned, else -1; null: not wanted
-  float* recv_topk_weights = nullptr;   // [C,K]; null: not wanted (needs topk_weights)
+  int64_t capacity = 0;                // C
+  void* recv_x = nullptr;              // [C,H] x_dtype
+  float* recv_x_scales = nullptr;      // [C,H/128] when x_scales
+  int32_t* recv_topk_idx = nullptr;    // [C,K] expert - r*L where owned, else -1; null: not wanted
+  float* recv_topk_weights = nullptr;  // [C,K]; null: not wanted (needs topk_weights)
 
   // Handle (receive side), written by dispatch / dispatch_notify, read by combine and by a cached
   // dispatch. recv_src_counts [G] i32: rows from each source (after the notify: true counts; after
   // the data phase: kept counts). recv_src_token [C] i32: source token index of each row, -1 past
-  // the end. tokens_per_expert [L] i32 (kept pairs). num_recv, num_dropped, group_max_tokens: [1] i32
-  // (group_max_tokens = max N over the group).
+  // the end. tokens_per_expert [L] i32 (kept pairs). num_recv, num_dropped, group_max_tokens: [1]
+  // i32 (group_max_tokens = max N over the group).
   int32_t* recv_src_counts = nullptr;
   int32_t* recv_src_token = nullptr;
   int32_t* tokens_per_expert = nullptr;
@@ -84,7 +84,7 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
 struct CombineArgs {
   const void* y = nullptr;  // [C,H] y_dtype (f32, f16, bf16)
   DType y_dtype = DType::kBF16;
-  int64_t num_rows = 0;     // C (rows of y; only the first num_recv are read)
+  int64_t num_rows = 0;  // C (rows of y; only the first num_recv are read)
   int64_t hidden = 0;
   const float* weights = nullptr;  // [C,K] f32 carried back slot by slot; null: none
   int num_topk = 0;
@@ -101,9 +101,9 @@ struct CombineArgs {
   DType idx_dtype = DType::kI64;
   int num_experts = 0;
 
-  int64_t num_tokens = 0;         // N of this rank (rows of out)
-  void* out = nullptr;            // [N,H] y_dtype
-  float* out_weights = nullptr;   // [N,K] when weights
+  int64_t num_tokens = 0;        // N of this rank (rows of out)
+  void* out = nullptr;           // [N,H] y_dtype
+  float* out_weights = nullptr;  // [N,K] when weights
 
   int num_sms = 0;  // CUDA: SMs the communication kernels may use (0: the default, 24)
 };

@@ -11,7 +11,6 @@
 namespace fa2a::cpu {
 namespace {
 
-
 uint64_t load_acquire(const uint64_t* flag) { return __atomic_load_n(flag, __ATOMIC_ACQUIRE); }
 void store_release(uint64_t* flag, uint64_t value) {
   __atomic_store_n(flag, value, __ATOMIC_RELEASE);
@@ -163,9 +162,7 @@ const MessageHeader& Exchange::header(int src) const {
   return *reinterpret_cast<const MessageHeader*>(slot(rank_, src));
 }
 
-const uint8_t* Exchange::payload(int src) const {
-  return slot(rank_, src) + sizeof(MessageHeader);
-}
+const uint8_t* Exchange::payload(int src) const { return slot(rank_, src) + sizeof(MessageHeader); }
 
 void Exchange::finish_round() {
   for (int src = 0; src < num_ranks_; ++src) {

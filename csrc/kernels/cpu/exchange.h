@@ -32,8 +32,8 @@ struct alignas(64) MessageHeader {
   uint32_t op;
   uint32_t sender;
   uint64_t round;
-  int64_t count;    // rows (data) or entries (notify) in the payload
-  int64_t aux[5];   // op-specific (shapes checked for agreement)
+  int64_t count;   // rows (data) or entries (notify) in the payload
+  int64_t aux[5];  // op-specific (shapes checked for agreement)
 };
 static_assert(sizeof(MessageHeader) == 64, "header is one cache line");
 

@@ -54,8 +54,9 @@ void check_agreement(const Exchange& ex, const char* op, const char* const names
   for (int src = 0; src < ex.num_ranks(); ++src) {
     const int64_t* theirs = ex.header(src).aux;
     for (int i = first; i < last; ++i) {
-      FA2A_CHECK(theirs[i] == mine[i], "fused_a2a ", op, ": ", names[i], " differs between ranks: ",
-                 "rank ", src, " has ", theirs[i], ", rank ", ex.rank(), " has ", mine[i]);
+      FA2A_CHECK(theirs[i] == mine[i], "fused_a2a ", op, ": ", names[i],
+                 " differs between ranks: ", "rank ", src, " has ", theirs[i], ", rank ", ex.rank(),
+                 " has ", mine[i]);
     }
   }
 }
@@ -63,7 +64,8 @@ void check_agreement(const Exchange& ex, const char* op, const char* const names
 int64_t rows_per_round(const Exchange& ex, size_t stride, const char* op) {
   int64_t rows = static_cast<int64_t>(ex.payload_bytes() / stride);
   FA2A_CHECK(rows >= 1, "fused_a2a ", op, ": the buffer slot (", ex.payload_bytes(),
-             " bytes) cannot hold one row of ", stride, " bytes; create the buffer with more bytes");
+             " bytes) cannot hold one row of ", stride,
+             " bytes; create the buffer with more bytes");
   return rows;
 }
 
@@ -91,8 +93,10 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
   Exchange ex(buffer, "dispatch");
   const int num_ranks = ex.num_ranks();
   const int num_local = a.num_experts / num_ranks;
-  FA2A_CHECK(ex.payload_bytes() >= num_local * sizeof(int32_t), "fused_a2a dispatch: the buffer "
-             "is too small for the counts of ", num_local, " local experts");
+  FA2A_CHECK(ex.payload_bytes() >= num_local * sizeof(int32_t),
+             "fused_a2a dispatch: the buffer "
+             "is too small for the counts of ",
+             num_local, " local experts");
   auto in_rank =
       token_destinations(a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk, num_local, num_ranks);
   std::vector<int64_t> tokens_to(num_ranks, 0);
@@ -105,8 +109,8 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
     }
   }
   int64_t aux[5];
-  const int64_t flags = static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) |
-                        (a.topk_weights ? 512 : 0);
+  const int64_t flags =
+      static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.topk_weights ? 512 : 0);
   shape_aux(aux, a.num_tokens, a.hidden, a.num_topk, a.num_experts, flags);
   for (int dst = 0; dst < num_ranks; ++dst) {
     std::memcpy(ex.send_payload(dst, "notify"), expert_counts.data() + dst * num_local,
@@ -125,7 +129,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
     for (int j = 0; j < num_local; ++j) a.tokens_per_expert[j] += counts[j];
   }
   static const char* const names[5] = {"N", "hidden size", "num_topk", "num_experts",
-                                        "dtype (or weights / FP8 scales presence)"};
+                                       "dtype (or weights / FP8 scales presence)"};
   // Every rank sees every header, so every rank reaches the same verdict: finish the round first
   // so that the buffer stays usable after the error.
   std::string disagreement;
@@ -151,14 +155,13 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
   const int64_t rounds = (*a.group_max_tokens + T - 1) / T;
   const size_t x_row = a.hidden * dtype_size(a.x_dtype);
   const size_t scale_row = a.x_scales ? a.hidden / kFp8BlockSize * sizeof(float) : 0;
-  auto in_rank =
-      token_destinations(a.topk_idx, a.idx_dtype, a.num_tokens, K, num_local, num_ranks);
+  auto in_rank = token_destinations(a.topk_idx, a.idx_dtype, a.num_tokens, K, num_local, num_ranks);
 
   std::vector<int64_t> offset(num_ranks + 1, 0), received(num_ranks, 0);
   for (int s = 0; s < num_ranks; ++s) offset[s + 1] = offset[s] + a.recv_src_counts[s];
   int64_t aux[5];
-  const int64_t flags = static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) |
-                        (a.topk_weights ? 512 : 0);
+  const int64_t flags =
+      static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.topk_weights ? 512 : 0);
   shape_aux(aux, a.hidden, K, a.num_experts, flags, T);
   int64_t dropped = 0;
   std::string disagreement;
@@ -212,7 +215,8 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
         const uint8_t* p = in + j * row.stride;
         std::memcpy(static_cast<uint8_t*>(a.recv_x) + position * x_row, p, x_row);
         p += row.x_bytes;
-        if (a.recv_x_scales) std::memcpy(a.recv_x_scales + position * (scale_row / 4), p, scale_row);
+        if (a.recv_x_scales)
+          std::memcpy(a.recv_x_scales + position * (scale_row / 4), p, scale_row);
         p += row.scale_bytes;
         if (a.recv_topk_idx) std::memcpy(a.recv_topk_idx + position * K, p, K * sizeof(int32_t));
         if (a.recv_topk_weights) {
@@ -240,8 +244,10 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
   // Rows past the kept ones: zeros, index -1, weight 0.
   const int64_t tail = a.capacity - kept_total;
   std::memset(static_cast<uint8_t*>(a.recv_x) + kept_total * x_row, 0, tail * x_row);
-  if (a.recv_x_scales) std::memset(a.recv_x_scales + kept_total * (scale_row / 4), 0, tail * scale_row);
-  if (a.recv_topk_idx) std::fill(a.recv_topk_idx + kept_total * K, a.recv_topk_idx + a.capacity * K, -1);
+  if (a.recv_x_scales)
+    std::memset(a.recv_x_scales + kept_total * (scale_row / 4), 0, tail * scale_row);
+  if (a.recv_topk_idx)
+    std::fill(a.recv_topk_idx + kept_total * K, a.recv_topk_idx + a.capacity * K, -1);
   if (a.recv_topk_weights) {
     std::fill(a.recv_topk_weights + kept_total * K, a.recv_topk_weights + a.capacity * K, 0.0f);
   }
@@ -273,7 +279,8 @@ void combine(Buffer& buffer, const CombineArgs& a) {
              " rows were received but y has only ", a.num_rows, " rows");
   std::vector<float> acc(static_cast<size_t>(T) * H), acc_weights(static_cast<size_t>(T) * K);
   int64_t aux[5];
-  shape_aux(aux, H, static_cast<int64_t>(a.y_dtype), K, a.weights ? 1 + a.weights_owner_only : 0, T);
+  shape_aux(aux, H, static_cast<int64_t>(a.y_dtype), K, a.weights ? 1 + a.weights_owner_only : 0,
+            T);
   static const char* const names[5] = {"hidden size", "dtype", "num_topk", "weights presence",
                                        "round size"};
   std::string disagreement;
