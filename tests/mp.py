@@ -153,7 +153,7 @@ def run_ranks(fn, world_size, *args, timeout=120, env=None, expect_errors=False)
                 target=_worker,
                 args=(rank, world_size, port, payload, child_env, timeout, writer),
                 name=f"rank{rank}",
-                daemon=True,
+                daemon=False,  # fn may start processes of its own; cleanup is ours (finally)
             )
             p.start()
             writer.close()  # the parent keeps only the read end, so a dead child reads as EOF

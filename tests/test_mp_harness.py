@@ -72,5 +72,5 @@ def test_expected_errors_are_returned():
 def test_hang_is_caught_within_timeout():
     start = time.monotonic()
     with pytest.raises(AssertionError, match=r"ranks \[1\] of 2 did not finish"):
-        run_ranks(_hang_on_rank1, 2, timeout=10)
-    assert time.monotonic() - start < 16
+        run_ranks(_hang_on_rank1, 2, timeout=8)
+    assert time.monotonic() - start < 14
