@@ -1,0 +1,299 @@
+"""Normal-mode benchmark on the GPUs of one host (torch frontend, one process per GPU, NCCL).
+
+    python benchmarks/bench_normal.py --world 4 --out results.json [--cases standard,decode,...]
+
+Per case (BENCHMARKS.md): N tokens per rank, H, top-K of E experts routed from uniform random
+scores, bf16 rows, f32 weights. Times the static dispatch (count exchange + rows, one collective
+call), the cached dispatch (rows only, as DeepEP's tuned figure), the dynamic dispatch (count
+exchange, host sync, rows), combine, and NCCL all_to_all_single of the same rows, in the same
+processes. Each op: CUDA events around every call, median of `iters` calls after warm-up, and the
+same ops replayed from a CUDA graph (per-op time = replay time / ops per graph); the slowest rank
+counts. Metrics: DeepEP's (bytes of recv_x incl. own tokens / time), wire (remote rows' bytes /
+time), SMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CASES = {  # name: dict(n, h, k, e, sms, env knobs)
+    "standard": dict(n=4096, h=7168, k=8, e=256, sms=24),
+    "standard_sms12": dict(n=4096, h=7168, k=8, e=256, sms=12),
+    "standard_sms16": dict(n=4096, h=7168, k=8, e=256, sms=16),
+    "standard_sms32": dict(n=4096, h=7168, k=8, e=256, sms=32),
+    "standard_simt": dict(n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_COPY": "simt"}),
+    "decode": dict(n=128, h=7168, k=8, e=256, sms=24),
+    "decode_chunk2": dict(
+        n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "2"}
+    ),
+}
+for _n in (128, 512, 1024, 2048, 4096, 8192):
+    CASES[f"sweep_n{_n}"] = dict(n=_n, h=7168, k=8, e=256, sms=24)
+for _sw, _rw, _kb, _cr in (
+    (2, 14, 0, 8),
+    (6, 10, 0, 8),
+    (4, 12, 7, 8),
+    (4, 12, 0, 16),
+    (8, 8, 7, 8),
+):
+    CASES[f"tune_s{_sw}_r{_rw}_kb{_kb}_cr{_cr}"] = dict(
+        n=4096,
+        h=7168,
+        k=8,
+        e=256,
+        sms=24,
+        env={
+            "FUSED_A2A_CUDA_SEND_WARPS": str(_sw),
+            "FUSED_A2A_CUDA_RECV_WARPS": str(_rw),
+            "FUSED_A2A_CUDA_STAGE_KB": str(_kb),
+            "FUSED_A2A_CUDA_CHUNK_ROWS": str(_cr),
+        },
+    )
+KNOBS = (
+    "FUSED_A2A_CUDA_COPY",
+    "FUSED_A2A_CUDA_SEND_WARPS",
+    "FUSED_A2A_CUDA_RECV_WARPS",
+    "FUSED_A2A_CUDA_STAGE_KB",
+    "FUSED_A2A_CUDA_CHUNK_ROWS",
+)
+
+
+def _events_median(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    evs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(iters)
+    ]
+    for start, stop in evs:
+        start.record()
+        fn()
+        stop.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in evs)
+
+
+def _graph_time(fn, reps, replays):
+    """Per-op time of `reps` back-to-back calls captured in one CUDA graph (median replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / reps)
+        dist.barrier()
+    del graph
+    return statistics.median(times)
+
+
+def _routing(n, e, k, rank, device):
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)
+    scores = torch.rand(n, e, device=device, generator=gen)
+    idx = torch.topk(scores, k, dim=1).indices.to(torch.int64)
+    w = torch.rand(n, k, device=device, generator=gen)
+    return idx, w
+
+
+def _run_case(name, cfg, rank, world, iters, warmup, graphs):
+    import torch_fused_a2a as tfa
+
+    for key in KNOBS:
+        os.environ.pop(key, None)
+    os.environ.update(cfg.get("env", {}))
+    device = torch.device("cuda", rank)
+    n, h, k, e, sms = cfg["n"], cfg["h"], cfg["k"], cfg["e"], cfg["sms"]
+    group = dist.group.WORLD
+    idx, w = _routing(n, e, k, rank, device)
+    x = torch.randn(n, h, device=device).to(torch.bfloat16)
+    buf = tfa.get_buffer(group, tfa.get_hidden_bytes(x), device)
+    ops = torch.ops.fused_a2a
+    gid, grank = buf.group_id, buf.rank
+
+    # The handle (and exact capacity) from one dynamic dispatch.
+    rx, _, ridx, rw, counts, src, tpe, stats = ops.dispatch(
+        x, None, idx, w, e, gid, grank, world, -1, sms
+    )
+    cap = rx.shape[0]
+    own = int(counts[rank].item())
+    y = rx.clone()
+
+    def static_dispatch():
+        ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms)
+
+    def cached_dispatch():
+        ops.cached_dispatch(x, idx, counts, src, stats, e, gid, grank, sms)
+
+    def dynamic_dispatch():
+        ops.dispatch(x, None, idx, w, e, gid, grank, world, -1, sms)
+
+    def combine():
+        ops.combine(y, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
+
+    # NCCL all_to_all_single of the same rows (grouped by destination, splits known).
+    owners = torch.where(idx >= 0, idx // (e // world), -1)
+    in_rank = torch.stack([(owners == d).any(1) for d in range(world)], 1)
+    send_idx = torch.cat([torch.nonzero(in_rank[:, d]).flatten() for d in range(world)])
+    send = x.index_select(0, send_idx)
+    in_splits = in_rank.sum(0).to(torch.int64)
+    out_splits = torch.empty_like(in_splits)
+    dist.all_to_all_single(out_splits, in_splits)
+    recv = torch.empty(int(out_splits.sum()), h, dtype=x.dtype, device=device)
+    in_l, out_l = in_splits.tolist(), out_splits.tolist()
+
+    def nccl_a2a():
+        dist.all_to_all_single(recv, send, out_l, in_l)
+
+    res = dict(
+        case=name,
+        n=n,
+        h=h,
+        k=k,
+        e=e,
+        sms=sms,
+        env=cfg.get("env", {}),
+        num_recv=cap,
+        own_rows=own,
+        row_bytes=h * 2,
+    )
+    timed = dict(
+        static_dispatch=static_dispatch,
+        cached_dispatch=cached_dispatch,
+        combine=combine,
+        dynamic_dispatch=dynamic_dispatch,
+        nccl_a2a=nccl_a2a,
+    )
+    for key, fn in timed.items():
+        res[f"{key}_us"] = _events_median(fn, iters, warmup)
+    if graphs:
+        for key in ("static_dispatch", "cached_dispatch", "combine"):
+            res[f"{key}_graph_us"] = _graph_time(timed[key], 10, 5)
+    # correctness spot check: combine(dispatch(x)) == count * x, exactly
+    rx2 = ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms)[0]
+    out, _ = ops.combine(rx2, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
+    cnt = in_rank.sum(1).float()
+    expect = ((x.float() * cnt[:, None]) + 0.0).to(torch.bfloat16)
+    res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
+    return res
+
+
+def _summarize(per_rank):
+    first = per_rank[0]
+    out = {k: first[k] for k in ("case", "n", "h", "k", "e", "sms", "env")}
+    out["exact_all_ranks"] = all(r["exact"] for r in per_rank)
+    recv_b = [r["num_recv"] * r["row_bytes"] for r in per_rank]
+    wire_b = [(r["num_recv"] - r["own_rows"]) * r["row_bytes"] for r in per_rank]
+    out["recv_bytes_per_rank_mean"] = statistics.mean(recv_b)
+    out["wire_bytes_per_rank_mean"] = statistics.mean(wire_b)
+    for key in [k for k in first if k.endswith("_us")]:
+        t = max(r[key] for r in per_rank)  # slowest rank
+        name = key[: -len("_us")]
+        out[f"{name}_us"] = round(t, 2)
+        out[f"{name}_deepep_GBps"] = round(statistics.mean(recv_b) / t / 1e3, 1)
+        out[f"{name}_wire_GBps"] = round(statistics.mean(wire_b) / t / 1e3, 1)
+    return out
+
+
+def _worker(rank, world, port, args, queue):
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        device_id=torch.device("cuda", rank),
+    )
+    results = []
+    for name in args.cases.split(","):
+        try:
+            res = _run_case(name, CASES[name], rank, world, args.iters, args.warmup, args.graphs)
+        except Exception as exc:  # noqa: BLE001
+            res = dict(case=name, error=f"{type(exc).__name__}: {exc}")
+        gathered = [None] * world
+        dist.all_gather_object(gathered, res)
+        if rank == 0:
+            if any("error" in g for g in gathered):
+                summary = dict(case=name, errors=[g.get("error") for g in gathered])
+            else:
+                summary = _summarize(gathered)
+            results.append(summary)
+            print(json.dumps(summary), flush=True)
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--cases", default="standard,standard_sms12,decode")
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--graphs", type=int, default=1)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    for var, val in (
+        ("NCCL_NVLS_ENABLE", "0"),
+        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+        ("NVSHMEM_DISABLE_NVLS", "1"),
+    ):
+        os.environ[var] = val
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start = time.time()
+    procs = [
+        ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
+        for r in range(args.world)
+    ]
+    for p in procs:
+        p.start()
+    results = queue.get(timeout=3000)
+    for p in procs:
+        p.join(120)
+    meta = dict(
+        world=args.world,
+        device=torch.cuda.get_device_name(0),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        seconds=round(time.time() - start, 1),
+        commit=os.environ.get("FA2A_COMMIT", ""),
+    )
+    doc = dict(meta=meta, results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0 if all("errors" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

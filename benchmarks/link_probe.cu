@@ -1,0 +1,170 @@
+// Link-ceiling probe: every GPU of this process pushes `bytes` to each of its peers at once (bulk
+// async copies global -> shared -> peer global, or plain 16-byte stores), with a given number of
+// SMs. Prints one JSON line per configuration: per-GPU egress GB/s (median of reps) and the
+// slowest GPU. Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a
+//   -I csrc/include -I csrc/kernels/cuda benchmarks/link_probe.cu -o link_probe
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+
+using namespace fa2a::cuda;
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+struct Args {
+  const uint8_t* src;
+  uint8_t* dst[8];  // peer destinations
+  int npeers;
+  size_t bytes;  // per peer
+  size_t chunk;
+  int warps;
+  int stages;
+  uint32_t stage_bytes;
+  bool tma;
+};
+
+__global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nw = gridDim.x * a.warps, gw = blockIdx.x * a.warps + warp;
+  const size_t per_warp = static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 128;
+  uint8_t* base = smem + per_warp * warp;
+  TmaPipe pipe;
+  if (a.tma && lane == 0) {
+    const size_t data = static_cast<size_t>(a.stages) * a.stage_bytes;
+    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
+              reinterpret_cast<uint8_t**>(base + data + 8 * a.stages),
+              reinterpret_cast<uint32_t*>(base + data + 16 * a.stages), a.stage_bytes, a.stages);
+  }
+  __syncwarp();
+  const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;
+  const size_t items = chunks * a.npeers;
+  for (size_t i = gw; i < items; i += nw) {
+    const int p = static_cast<int>(i % a.npeers);
+    const size_t off = (i / a.npeers) * a.chunk;
+    const size_t n = a.chunk < a.bytes - off ? a.chunk : a.bytes - off;
+    if (a.tma) {
+      if (lane == 0) pipe.push_span(a.dst[p] + off, a.src + off, n);
+    } else {
+      warp_copy_ro(a.dst[p] + off, a.src + off, n, lane);
+    }
+  }
+  if (a.tma && lane == 0) pipe.drain();
+}
+
+int main(int argc, char** argv) {
+  size_t bytes = 256ull << 20;
+  std::vector<int> sms_list = {24, 12, 132};
+  int reps = 10;
+  if (argc > 1) bytes = std::strtoull(argv[1], nullptr, 10);
+  int ngpu = 0;
+  CHECK(cudaGetDeviceCount(&ngpu));
+  if (argc > 2) ngpu = std::min(ngpu, std::atoi(argv[2]));
+  if (ngpu < 2) {
+    std::printf("{\"error\": \"needs 2 GPUs\"}\n");
+    return 0;
+  }
+  std::vector<uint8_t*> src(ngpu), dst(ngpu);
+  const int npeers = ngpu - 1;
+  for (int g = 0; g < ngpu; ++g) {
+    CHECK(cudaSetDevice(g));
+    for (int p = 0; p < ngpu; ++p) {
+      if (p == g) continue;
+      cudaError_t e = cudaDeviceEnablePeerAccess(p, 0);
+      if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) CHECK(e);
+      (void)cudaGetLastError();
+    }
+    CHECK(cudaMalloc(&src[g], bytes));
+    CHECK(cudaMemset(src[g], 1, bytes));
+    CHECK(cudaMalloc(&dst[g], bytes * npeers));
+  }
+  int sm_count = 0;
+  CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, 0));
+  struct Mode {
+    bool tma;
+    int warps;
+    int stages;
+    uint32_t stage;
+    size_t chunk;
+  };
+  const Mode modes[] = {{true, 4, 3, 16384, 65536},
+                        {true, 2, 6, 16384, 65536},
+                        {true, 1, 12, 16384, 262144},
+                        {false, 8, 0, 0, 65536}};
+  for (int sms : sms_list) {
+    sms = std::min(sms, sm_count);
+    for (const Mode& m : modes) {
+      const size_t smem = m.tma ? m.warps * (m.stages * (m.stage + 20) + 128) : 0;
+      std::vector<double> per_gpu(ngpu, 0.0);
+      std::vector<std::vector<float>> ms(ngpu);
+      for (int rep = 0; rep < reps + 2; ++rep) {
+        std::vector<cudaEvent_t> start(ngpu), stop(ngpu);
+        for (int g = 0; g < ngpu; ++g) {
+          CHECK(cudaSetDevice(g));
+          CHECK(cudaDeviceSynchronize());
+        }
+        for (int g = 0; g < ngpu; ++g) {
+          CHECK(cudaSetDevice(g));
+          CHECK(cudaFuncSetAttribute(push_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(smem)));
+          Args a{};
+          a.src = src[g];
+          int k = 0;
+          for (int p = 0; p < ngpu; ++p)
+            if (p != g) a.dst[k++] = dst[p] + static_cast<size_t>((g < p ? g : g - 1)) * bytes;
+          a.npeers = npeers;
+          a.bytes = bytes;
+          a.chunk = m.chunk;
+          a.warps = m.warps;
+          a.stages = m.stages;
+          a.stage_bytes = m.stage;
+          a.tma = m.tma;
+          CHECK(cudaEventCreate(&start[g]));
+          CHECK(cudaEventCreate(&stop[g]));
+          CHECK(cudaEventRecord(start[g]));
+          push_kernel<<<sms, 32 * m.warps, smem>>>(a);
+          CHECK(cudaGetLastError());
+          CHECK(cudaEventRecord(stop[g]));
+        }
+        for (int g = 0; g < ngpu; ++g) {
+          CHECK(cudaSetDevice(g));
+          CHECK(cudaEventSynchronize(stop[g]));
+          float t = 0;
+          CHECK(cudaEventElapsedTime(&t, start[g], stop[g]));
+          if (rep >= 2) ms[g].push_back(t);
+          cudaEventDestroy(start[g]);
+          cudaEventDestroy(stop[g]);
+        }
+      }
+      double slowest = 1e30;
+      std::string list;
+      for (int g = 0; g < ngpu; ++g) {
+        std::sort(ms[g].begin(), ms[g].end());
+        const double t = ms[g][ms[g].size() / 2] * 1e-3;
+        per_gpu[g] = static_cast<double>(bytes) * npeers / t / 1e9;
+        slowest = std::min(slowest, per_gpu[g]);
+        list += (g ? ", " : "") + std::to_string(per_gpu[g]);
+      }
+      std::printf(
+          "{\"gpus\": %d, \"sms\": %d, \"mode\": \"%s\", \"warps\": %d, \"stages\": %d, "
+          "\"bytes_per_peer\": %zu, \"egress_GBps_per_gpu\": [%s], \"slowest_GBps\": %.1f}\n",
+          ngpu, sms, m.tma ? "bulk" : "simt16", m.warps, m.stages, bytes, list.c_str(), slowest);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,525 @@
+// Normal-mode combine on CUDA.
+//
+// Every rank rho holds rows y[P] for tokens of other ranks (its dispatch handle says which).
+// It pushes the rows of source rank s, in order, into region rho of s's data region (bulk async
+// copies, one flag per chunk of CR rows). Rank s reduces its own tokens: out[t] = sum over rho
+// ascending of the row of t on rho (its own rows straight from y), fp32 from +0.0f, one rounding.
+// Rounds are windows of W of s's tokens (W = rows per region), so every contribution to a token
+// arrives in the same round and the sum order never depends on the chunking.
+// Handshake: at the start each rank tells each peer "I am in this combine; I kept b of your
+// rows" (the peer needs b to tell a dropped row from a missing one); later rounds re-release the
+// same slot with a higher epoch once the rank has reduced the previous window.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "fused_a2a/errors.h"
+#include "kernels.h"
+#include "state.h"
+
+namespace fa2a::cuda {
+
+namespace {
+
+struct CombineParams {
+  int rank, num_ranks, lpr, num_topk, num_experts, num_tokens;
+  bool idx64, tma, owner_only;
+  size_t row_bytes;
+  const uint8_t* y;
+  const float* weights;
+  const int* recv_src_counts;
+  const int* recv_src_token;
+  const int* group_max;
+  const void* topk_idx;
+  uint8_t* out;
+  float* out_w;
+  const int* cum;
+  uint8_t* const* peers;
+  HostError* host_error;
+  unsigned long long timeout_ns;
+  long long window;  // W: tokens per round = rows per region
+  int chunk;         // CR
+  int flags_per_region;
+  int kw;  // weight words per row: K with weights, else 0
+  int send_warps, recv_warps, stages;
+  uint32_t stage_bytes;
+};
+
+struct Shared {
+  int kept[kMaxRanks], off[kMaxRanks], kept_from[kMaxRanks];
+  long long nrounds;
+  int fail, last;
+  unsigned long long seq;
+};
+
+__host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
+
+struct SmemLayout {
+  size_t ready, srcs, pipes, per_warp, total;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int send_warps, int recv_warps, bool tma,
+                                                  int stages, uint32_t stage_bytes) {
+  SmemLayout l;
+  l.ready = 0;
+  l.srcs = align128(sizeof(int) * kMaxRanks * send_warps);
+  // Per receiver warp: kMaxRanks row pointers + kMaxRanks weight pointers.
+  l.pipes = l.srcs + align128(sizeof(void*) * 2 * kMaxRanks * recv_warps);
+  l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
+  l.total = l.pipes + l.per_warp * send_warps;
+  return l;
+}
+
+__device__ __forceinline__ int region_of(int rho, int owner) { return rho < owner ? rho : rho - 1; }
+
+__device__ __forceinline__ int lower_bound(const int* a, int n, long long v) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (__ldg(a + mid) < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+__device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
+                            const WaitCtx& ctx, int warp, int lane) {
+  const int G = p.num_ranks, r = p.rank;
+  const long long W = p.window;
+  const int CR = p.chunk, K = p.num_topk;
+  const size_t rb = p.row_bytes;
+  const int nsw = gridDim.x * p.send_warps;
+  const int gw = blockIdx.x * p.send_warps + warp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  for (int d = lane; d < G; d += 32) ready_round[d] = 0;
+  TmaPipe pipe;
+  if (p.tma && lane == 0) {
+    uint8_t* base = smem + L.pipes + L.per_warp * warp;
+    const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
+    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
+              reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
+              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages);
+  }
+  __syncwarp();
+  long long it = 0;
+  bool ok = true;
+  for (long long k = 0; k < sh.nrounds && ok; ++k) {
+    for (int di = 0; di < G - 1 && ok; ++di) {
+      const int d = (r + 1 + di) % G;
+      const int* toks = p.recv_src_token + sh.off[d];
+      const int jlo = lower_bound(toks, sh.kept[d], k * W);
+      const int jhi = lower_bound(toks, sh.kept[d], (k + 1) * W);
+      if (jlo >= jhi) continue;
+      const int reg = region_of(r, d);
+      uint8_t* dbase = p.peers[d] + kControlBytes;
+      uint8_t* ddata = dbase + static_cast<size_t>(reg) * W * rb;
+      float* dw = reinterpret_cast<float*>(dbase + static_cast<size_t>(G - 1) * W * rb) +
+                  static_cast<size_t>(reg) * W * p.kw;
+      for (int c = 0; jlo + c * CR < jhi; ++c) {
+        if (it++ % nsw != gw) continue;
+        if (k > ready_round[d]) {
+          if (p.tma && lane == 0) pipe.drain();
+          MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
+          ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
+                              lane);
+          if (!ok) break;
+          if (lane == 0) ready_round[d] = static_cast<int>(k);
+          __syncwarp();
+        }
+        const int j0 = jlo + c * CR;
+        const int n = min(CR, jhi - j0);
+        const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
+        const size_t slot0 = static_cast<size_t>(c) * CR;
+        if (p.tma) {
+          if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
+        } else {
+          warp_copy_ro(ddata + slot0 * rb, p.y + row0 * rb, n * rb, lane);
+        }
+        if (p.kw) {
+          for (int i = lane; i < n * K; i += 32)
+            dw[slot0 * K + i] = __ldg(p.weights + row0 * K + i);
+        }
+        unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
+        const unsigned long long v = epoch_of(seq, static_cast<int>(k));
+        if (p.tma) {
+          __threadfence_system();
+          __syncwarp();
+          if (lane == 0) pipe.end_chunk(flag, v);
+          __syncwarp();
+        } else {
+          warp_release_flag(flag, v, lane);
+        }
+      }
+    }
+  }
+  if (p.tma && lane == 0) pipe.drain();
+  __syncwarp();
+}
+
+template <typename T>
+struct Vec;  // 16 bytes of T <-> fp32
+template <>
+struct Vec<float> {
+  static constexpr int kN = 4;
+  __device__ static void add(float* acc, int4 v) {
+    acc[0] = acc[0] + __int_as_float(v.x);
+    acc[1] = acc[1] + __int_as_float(v.y);
+    acc[2] = acc[2] + __int_as_float(v.z);
+    acc[3] = acc[3] + __int_as_float(v.w);
+  }
+  __device__ static int4 pack(const float* a) {
+    return make_int4(__float_as_int(a[0]), __float_as_int(a[1]), __float_as_int(a[2]),
+                     __float_as_int(a[3]));
+  }
+};
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  __device__ static void add2(float* acc, int w) {
+    acc[0] = acc[0] + __uint_as_float(static_cast<unsigned>(w) << 16);
+    acc[1] = acc[1] + __uint_as_float(static_cast<unsigned>(w) & 0xffff0000u);
+  }
+  __device__ static void add(float* acc, int4 v) {
+    add2(acc, v.x);
+    add2(acc + 2, v.y);
+    add2(acc + 4, v.z);
+    add2(acc + 6, v.w);
+  }
+  __device__ static int pk(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<int*>(&h);
+  }
+  __device__ static int4 pack(const float* a) {
+    return make_int4(pk(a[0], a[1]), pk(a[2], a[3]), pk(a[4], a[5]), pk(a[6], a[7]));
+  }
+};
+template <>
+struct Vec<__half> {
+  static constexpr int kN = 8;
+  __device__ static void add2(float* acc, int w) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    acc[0] = acc[0] + f.x;
+    acc[1] = acc[1] + f.y;
+  }
+  __device__ static void add(float* acc, int4 v) {
+    add2(acc, v.x);
+    add2(acc + 2, v.y);
+    add2(acc + 4, v.z);
+    add2(acc + 6, v.w);
+  }
+  __device__ static int pk(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<int*>(&h);
+  }
+  __device__ static int4 pack(const float* a) {
+    return make_int4(pk(a[0], a[1]), pk(a[2], a[3]), pk(a[4], a[5]), pk(a[6], a[7]));
+  }
+};
+
+// out[t] = sum over the ns sources (ascending rank) of their rows, fp32, one rounding.
+template <typename T>
+__device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* srcs, int ns,
+                                           size_t row_bytes, int lane) {
+  constexpr int U = 4;
+  constexpr int E = Vec<T>::kN;
+  const int nvec = static_cast<int>(row_bytes / 16);
+  int4* o = reinterpret_cast<int4*>(out);
+  for (int v0 = lane; v0 < nvec; v0 += 32 * U) {
+    float acc[U][E];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[u][e] = 0.0f;
+    for (int i = 0; i < ns; ++i) {
+      const int4* s = reinterpret_cast<const int4*>(srcs[i]);
+      int4 raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v0 + u * 32 < nvec) raw[u] = __ldcg(s + v0 + u * 32);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v0 + u * 32 < nvec) Vec<T>::add(acc[u], raw[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (v0 + u * 32 < nvec) o[v0 + u * 32] = Vec<T>::pack(acc[u]);
+  }
+}
+
+template <typename T>
+__device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
+                             const WaitCtx& ctx, int rwarp, int lane) {
+  const int G = p.num_ranks, r = p.rank, N = p.num_tokens, K = p.num_topk;
+  const long long W = p.window;
+  const int CR = p.chunk;
+  const size_t rb = p.row_bytes;
+  const int nrw = gridDim.x * p.recv_warps;
+  const int gr = blockIdx.x * p.recv_warps + rwarp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  uint8_t* ctrl = p.peers[r];
+  uint8_t* data = ctrl + kControlBytes;
+  const float* wbase = reinterpret_cast<const float*>(data + static_cast<size_t>(G - 1) * W * rb);
+  const uint8_t** srcs =
+      reinterpret_cast<const uint8_t**>(smem + L.srcs) + static_cast<size_t>(rwarp) * 2 * kMaxRanks;
+  const float** wsrc = reinterpret_cast<const float**>(srcs + kMaxRanks);
+  bool ok = true;
+  for (long long k = 0; k < sh.nrounds && ok; ++k) {
+    const unsigned long long e = epoch_of(seq, static_cast<int>(k));
+    const long long t0 = k * W, t1 = min((k + 1) * W, static_cast<long long>(N));
+    int last0 = -1, last1 = -1;  // newest chunk known complete, sources lane and lane + 32
+    for (long long t = t0 + gr; t < t1 && ok; t += nrw) {
+      // Lane rho (and rho + 32) finds its source row, waiting for its chunk if remote.
+      int good = 1;
+      unsigned valid_bits[2] = {0u, 0u};
+      const uint8_t* my_src[2] = {nullptr, nullptr};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rho = lane + 32 * h;
+        bool valid = false;
+        const float* ws = nullptr;
+        if (rho < G) {
+          const int* c = p.cum + static_cast<size_t>(rho) * (N + 1);
+          const int j = c[t];
+          valid = c[t + 1] > j && j < sh.kept_from[rho];
+          if (valid && rho == r) {
+            my_src[h] = p.y + (static_cast<size_t>(sh.off[r]) + j) * rb;
+            ws = p.weights ? p.weights + (static_cast<size_t>(sh.off[r]) + j) * K : nullptr;
+          } else if (valid) {
+            const int slot = j - c[t0];
+            const size_t row = static_cast<size_t>(region_of(rho, r)) * W + slot;
+            my_src[h] = data + row * rb;
+            ws = p.kw ? wbase + row * K : nullptr;
+            const int chunk = slot / CR;
+            int& last = h == 0 ? last0 : last1;
+            if (chunk > last) {
+              unsigned long long* f =
+                  chunk_flag(ctrl, region_of(rho, r) * p.flags_per_region + chunk);
+              if (wait_flag(f, e, ctx, kPhaseData, rho)) {
+                (void)ld_acquire_sys(f);
+                last = chunk;
+              } else {
+                good = 0;
+              }
+            }
+          }
+          wsrc[rho] = ws;
+        }
+        valid_bits[h] = __ballot_sync(0xffffffffu, valid);
+      }
+      if (!__all_sync(0xffffffffu, good)) {
+        ok = false;
+        break;
+      }
+      // Compact the valid sources in ascending rank order.
+      const unsigned below = (1u << lane) - 1u;
+      const int nlo = __popc(valid_bits[0]);
+      const int ns = nlo + __popc(valid_bits[1]);
+      if ((valid_bits[0] >> lane) & 1u) srcs[__popc(valid_bits[0] & below)] = my_src[0];
+      if ((valid_bits[1] >> lane) & 1u) srcs[nlo + __popc(valid_bits[1] & below)] = my_src[1];
+      __syncwarp();
+      if (p.out_w) {
+        for (int kk = lane; kk < K; kk += 32) {
+          float v = 0.0f;
+          if (p.owner_only) {
+            const long long ex = load_idx(p.topk_idx, p.idx64, t * K + kk);
+            const int o = (ex >= 0 && ex < p.num_experts) ? static_cast<int>(ex / p.lpr) : -1;
+            const bool have = o >= 0 && ((valid_bits[o >> 5] >> (o & 31)) & 1u);
+            if (have && wsrc[o]) v = __ldcg(wsrc[o] + kk);
+          } else {
+            for (int rho = 0; rho < G; ++rho) {
+              const bool have = (valid_bits[rho >> 5] >> (rho & 31)) & 1u;
+              if (have && wsrc[rho]) v = v + __ldcg(wsrc[rho] + kk);
+            }
+          }
+          p.out_w[t * K + kk] = v;
+        }
+      }
+      reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
+      __syncwarp();
+    }
+    if (ok && k + 1 < sh.nrounds) {
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();
+        const unsigned int done = atomicAdd(&local_state(ctrl)->round_done, 1u);
+        if (done == static_cast<unsigned int>((k + 1) * nrw - 1)) {
+          __threadfence_system();
+          for (int s = 0; s < G; ++s)
+            if (s != r)
+              st_release_sys(&msg_slot(p.peers[s], kMsgCombine, parity, r)->epoch,
+                             epoch_of(seq, static_cast<int>(k + 1)));
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ Shared sh;
+  const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  uint8_t* ctrl = p.peers[r];
+  LocalState* ls = local_state(ctrl);
+  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, kOpCombine, r};
+  const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
+  if (tid == 0) {
+    sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
+    sh.fail = aborted(ctx) ? 1 : 0;
+    sh.last = 0;
+    int before = 0;
+    for (int s = 0; s < G; ++s) {
+      sh.kept[s] = p.recv_src_counts[s];
+      sh.off[s] = before;
+      before += sh.kept[s];
+    }
+    const long long gmax =
+        max(static_cast<long long>(p.group_max ? *p.group_max : N), static_cast<long long>(N));
+    sh.nrounds = (gmax + p.window - 1) / p.window;
+  }
+  __syncthreads();
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  const unsigned long long e0 = epoch_of(seq, 0);
+  if (!sh.fail) {
+    if (blockIdx.x == 0) {
+      for (int s = tid; s < G; s += blockDim.x) {
+        if (s == r) continue;
+        MsgSlot* m = msg_slot(p.peers[s], kMsgCombine, parity, r);
+        m->a = sh.kept[s];
+        __threadfence_system();
+        st_release_sys(&m->epoch, e0);
+      }
+    }
+    for (int rho = tid; rho < G; rho += blockDim.x) {
+      const int routed = p.cum[static_cast<size_t>(rho) * (N + 1) + N];
+      if (rho == r) {
+        sh.kept_from[rho] = min(sh.kept[r], routed);
+        continue;
+      }
+      MsgSlot* m = msg_slot(ctrl, kMsgCombine, parity, rho);
+      if (!wait_flag(&m->epoch, e0, ctx, kPhaseReady, rho)) {
+        sh.fail = 1;
+        continue;
+      }
+      sh.kept_from[rho] = min(ld_volatile_int(&m->a), routed);
+    }
+    __syncthreads();
+    if (!sh.fail) {
+      if (warp < p.send_warps) {
+        sender_role(p, sh, smem, L, ctx, warp, lane);
+      } else {
+        reducer_role<T>(p, sh, smem, L, ctx, warp - p.send_warps, lane);
+      }
+    }
+  }
+  __syncthreads();
+  __threadfence();
+  if (tid == 0) sh.last = atomicAdd(&ls->blocks_done, 1u) == gridDim.x - 1 ? 1 : 0;
+  __syncthreads();
+  if (sh.last && tid == 0) {
+    __threadfence();
+    ls->round_done = 0;
+    ls->blocks_done = 0;
+    __threadfence();
+    *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
+  }
+}
+
+}  // namespace
+
+void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  std::lock_guard<std::mutex> lock(buffer.op_mutex());
+  DeviceGuard guard(buffer.device());
+  const int G = buffer.num_ranks();
+  FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported (1..", kMaxRanks, ")");
+  FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
+             " must be a positive multiple of the group size ", G);
+  FA2A_CHECK_TYPE(a.y_dtype == DType::kF32 || a.y_dtype == DType::kF16 || a.y_dtype == DType::kBF16,
+                  "combine: y must be f32, f16 or bf16, got ", dtype_name(a.y_dtype));
+  CudaState& st = cuda_state(buffer);
+  check_no_error(st, buffer);
+  const size_t rb = static_cast<size_t>(a.hidden) * dtype_size(a.y_dtype);
+  FA2A_CHECK(rb % 16 == 0, "hidden * element size = ", rb, " bytes must be a multiple of 16");
+  check_aligned(a.y, "y");
+  check_aligned(a.out, "out");
+  const Scratch& scratch =
+      ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
+  launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
+                    a.num_topk, a.num_experts, G, scratch, false, s);
+  CombineParams p{};
+  p.rank = buffer.rank();
+  p.num_ranks = G;
+  p.lpr = a.num_experts / G;
+  p.num_topk = a.num_topk;
+  p.num_experts = a.num_experts;
+  p.num_tokens = static_cast<int>(a.num_tokens);
+  p.idx64 = a.idx_dtype == DType::kI64;
+  p.owner_only = a.weights_owner_only;
+  p.row_bytes = rb;
+  p.y = static_cast<const uint8_t*>(a.y);
+  p.weights = a.weights;
+  p.recv_src_counts = a.recv_src_counts;
+  p.recv_src_token = a.recv_src_token;
+  p.group_max = a.group_max_tokens;
+  p.topk_idx = a.topk_idx;
+  p.out = static_cast<uint8_t*>(a.out);
+  p.out_w = a.weights ? a.out_weights : nullptr;
+  p.cum = scratch.cum;
+  p.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
+  p.host_error = st.host_error;
+  p.timeout_ns = timeout_ns();
+  p.kw = a.weights ? a.num_topk : 0;
+  const size_t slot_bytes = rb + 4 * static_cast<size_t>(p.kw);
+  long long W = G > 1 ? static_cast<long long>(buffer.data_bytes() / ((G - 1) * slot_bytes))
+                      : std::max<long long>(a.num_tokens, 1);
+  FA2A_CHECK(W >= 1, "the communication buffer (", buffer.data_bytes(),
+             " data bytes) cannot hold one row of ", slot_bytes,
+             " bytes per peer: create a "
+             "larger one");
+  p.window = W;
+  LaunchConfig cfg =
+      launch_config(st, a.num_sms, rb, 0, sizeof(int) * kMaxRanks, 2 * sizeof(void*) * kMaxRanks);
+  p.flags_per_region = kNumFlags / std::max(G - 1, 1);
+  const int cr = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;
+  const long long min_cr = (W + p.flags_per_region - 1) / p.flags_per_region;
+  p.chunk = static_cast<int>(std::max<long long>(cr, min_cr));
+  p.send_warps = cfg.send_warps;
+  p.recv_warps = cfg.recv_warps;
+  p.tma = cfg.tma;
+  p.stages = cfg.stages;
+  p.stage_bytes = cfg.stage_bytes;
+  const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
+  FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
+  const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));
+  auto launch = [&](auto kernel) {
+    FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(L.total)),
+                    "combine shared memory");
+    kernel<<<grid, block, L.total, s>>>(p);
+  };
+  switch (a.y_dtype) {
+    case DType::kBF16:
+      launch(combine_kernel<__nv_bfloat16>);
+      break;
+    case DType::kF16:
+      launch(combine_kernel<__half>);
+      break;
+    default:
+      launch(combine_kernel<float>);
+      break;
+  }
+  check_launch("combine");
+}
+
+}  // namespace fa2a::cuda

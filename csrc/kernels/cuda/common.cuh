@@ -1,0 +1,407 @@
+// Device-side building blocks of the CUDA backend: system-scope flags, bounded waits with a
+// timeout report, the layout of the control region, and the bulk-copy (TMA) pipeline that moves
+// rows into peer memory.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fused_a2a/config.h"
+
+namespace fa2a::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Control region (kControlBytes = 64 KiB at the start of every rank's buffer), CUDA backend.
+// Local words are touched only by this rank; slots are written by peers (indexed by the writer).
+// Slots used by consecutive ops alternate by the parity of the op sequence number, so a late
+// reader of op m never sees op m+1's payload (see NOTES in dispatch.cu).
+struct LocalState {
+  unsigned long long seq;         // ops completed on this buffer (same on every rank)
+  unsigned int blocks_done;       // last-block detection at kernel end
+  unsigned int round_done;        // receiver warps done, counted over rounds
+  unsigned int abort;             // set on a timeout: later waits and kernels bail out
+  unsigned int error_phase;       // first timeout: phase code
+  unsigned long long error_mask;  // ranks waited for when timing out
+};
+
+struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
+  unsigned long long flag;
+  int count;     // tokens of s routed to r
+  int n_tokens;  // N of s
+};
+
+struct MsgSlot {  // X -> Y: "X is in op m (round k)" plus two payload words
+  unsigned long long epoch;
+  int a;
+  int b;
+};
+
+constexpr size_t kLocalOffset = 0;
+constexpr size_t kNotifyOffset = 256;                                              // [2][kMaxRanks]
+constexpr size_t kMsgOffset = kNotifyOffset + 2 * kMaxRanks * sizeof(NotifySlot);  // [2][2][64]
+constexpr size_t kExpertOffset = 8192;   // [2][kMaxExperts]
+constexpr int kMaxExpertsNotify = 2048;  // E limit of the count exchange (G * L ints per parity)
+constexpr size_t kFlagOffset = 32768;
+constexpr int kNumFlags = 4096;  // u64 chunk flags
+static_assert(kMsgOffset + 4 * kMaxRanks * sizeof(MsgSlot) <= kExpertOffset, "control layout");
+static_assert(kExpertOffset + 2 * kMaxExpertsNotify * sizeof(int) <= kFlagOffset, "control");
+static_assert(kFlagOffset + kNumFlags * 8 <= 65536, "control layout");
+
+enum MsgKind { kMsgDispatch = 0, kMsgCombine = 1 };
+
+__host__ __device__ inline LocalState* local_state(uint8_t* ctrl) {
+  return reinterpret_cast<LocalState*>(ctrl + kLocalOffset);
+}
+__host__ __device__ inline NotifySlot* notify_slot(uint8_t* ctrl, int parity, int src) {
+  return reinterpret_cast<NotifySlot*>(ctrl + kNotifyOffset) + parity * kMaxRanks + src;
+}
+__host__ __device__ inline int* notify_experts(uint8_t* ctrl, int parity) {
+  return reinterpret_cast<int*>(ctrl + kExpertOffset) + parity * kMaxExpertsNotify;
+}
+__host__ __device__ inline MsgSlot* msg_slot(uint8_t* ctrl, int kind, int parity, int src) {
+  return reinterpret_cast<MsgSlot*>(ctrl + kMsgOffset) + (kind * 2 + parity) * kMaxRanks + src;
+}
+__host__ __device__ inline unsigned long long* chunk_flag(uint8_t* ctrl, int index) {
+  return reinterpret_cast<unsigned long long*>(ctrl + kFlagOffset) + index;
+}
+
+// Epoch of (op sequence number, round): strictly increasing over a buffer's life, so flags only
+// ever grow and waits compare with >=.
+__host__ __device__ inline unsigned long long epoch_of(unsigned long long seq, int round) {
+  return ((seq + 1ull) << 32) | static_cast<unsigned int>(round);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error reporting: the first timeout is written to host-mapped memory that the host reads.
+struct HostError {
+  volatile int code;  // 0: none; 1: timeout
+  volatile int op;
+  volatile int phase;
+  volatile int rank;
+  volatile unsigned long long missing;  // bit i: rank i did not arrive
+  volatile double seconds;
+};
+
+enum OpCode { kOpDispatch = 1, kOpNotify = 2, kOpDispatchData = 3, kOpCombine = 4 };
+enum PhaseCode {
+  kPhaseNotify = 1,  // waiting for a peer's token counts
+  kPhaseReady = 2,   // waiting for a peer to start the op (free buffer, offsets)
+  kPhaseData = 3,    // waiting for a peer's rows
+  kPhaseRound = 4,   // waiting for a peer to drain the previous round
+};
+
+struct WaitCtx {
+  LocalState* local;
+  HostError* host_error;
+  unsigned long long timeout_ns;
+  int op;
+  int rank;
+};
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_volatile_int(const int* p) {
+  return *reinterpret_cast<const volatile int*>(p);
+}
+
+__device__ __forceinline__ bool aborted(const WaitCtx& ctx) {
+  return *reinterpret_cast<volatile unsigned int*>(&ctx.local->abort) != 0;
+}
+
+__device__ inline void report_timeout(const WaitCtx& ctx, int phase, int peer) {
+  atomicOr(&ctx.local->error_mask, 1ull << (peer & 63));
+  unsigned int prev = atomicCAS(&ctx.local->abort, 0u, 1u);
+  if (prev == 0u) {
+    ctx.local->error_phase = phase;
+    ctx.host_error->op = ctx.op;
+    ctx.host_error->phase = phase;
+    ctx.host_error->rank = ctx.rank;
+    ctx.host_error->seconds = static_cast<double>(ctx.timeout_ns) * 1e-9;
+  }
+  __threadfence();
+  ctx.host_error->missing = ctx.local->error_mask;
+  __threadfence_system();
+  ctx.host_error->code = 1;
+  __threadfence_system();
+}
+
+// Spin until *flag >= target. Returns false on a timeout (reported) or an abort elsewhere.
+__device__ inline bool wait_flag(const unsigned long long* flag, unsigned long long target,
+                                 const WaitCtx& ctx, int phase, int peer) {
+  if (ld_acquire_sys(flag) >= target) return true;
+  unsigned long long start = globaltimer();
+  for (unsigned int it = 1;; ++it) {
+    if (ld_acquire_sys(flag) >= target) return true;
+    if (it > 64) __nanosleep(64);
+    if ((it & 255u) == 0u) {
+      if (aborted(ctx)) return false;
+      if (globaltimer() - start > ctx.timeout_ns) {
+        report_timeout(ctx, phase, peer);
+        return false;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies. Rows are 16-byte multiples at 16-byte aligned addresses (checked on the host).
+__device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
+
+// Whole warp copies `bytes` (multiple of 16): coherent loads (data written by peers), plain
+// stores. Eight 16-byte loads in flight per lane.
+__device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  const size_t n = bytes / 16;
+  size_t i = lane;
+  constexpr int U = 8;
+  for (; i + (U - 1) * 32 < n; i += U * 32) {
+    int4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = ld_cg(s + i + u * 32);
+#pragma unroll
+    for (int u = 0; u < U; ++u) d[i + u * 32] = v[u];
+  }
+  for (; i < n; i += 32) d[i] = ld_cg(s + i);
+}
+
+// Same for sources that do not change during the kernel (inputs): read-only path.
+__device__ inline void warp_copy_ro(void* dst, const void* src, size_t bytes, int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  const size_t n = bytes / 16;
+  size_t i = lane;
+  constexpr int U = 8;
+  for (; i + (U - 1) * 32 < n; i += U * 32) {
+    int4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = __ldg(s + i + u * 32);
+#pragma unroll
+    for (int u = 0; u < U; ++u) d[i + u * 32] = v[u];
+  }
+  for (; i < n; i += 32) d[i] = __ldg(s + i);
+}
+
+__device__ inline void warp_zero(void* dst, size_t bytes, int lane) {
+  int4* d = reinterpret_cast<int4*>(dst);
+  const size_t n = bytes / 16;
+  for (size_t i = lane; i < n; i += 32) d[i] = make_int4(0, 0, 0, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hopper bulk async copies (cp.async.bulk): global -> shared (completes on an mbarrier), then
+// shared -> global (local or a peer's memory), tracked by bulk groups.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  }
+}
+
+__device__ __forceinline__ void bulk_load(void* smem_dst, const void* gsrc, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_u32(smem_dst)),
+      "l"(gsrc), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_store(void* gdst, const void* smem_src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gdst),
+               "r"(smem_u32(smem_src)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
+constexpr int kMaxStages = 16;
+constexpr int kMaxThreads = 512;  // threads of a communication block (send + receive warps)
+constexpr uint32_t kFlagLag = 4;  // store groups issued after a chunk before its flag is released
+
+// One warp's ring of S shared-memory stages; only lane 0 calls its methods. Piece n is loaded
+// into stage n % S; its store is issued when piece n + S - 2 is pushed, so S - 2 loads and up to
+// two stores are in flight. Requires S >= 3.
+// A finished chunk's flag is released kFlagLag store groups later (once those groups' writes
+// are complete), so the pipeline never drains between chunks; drain() releases it at once.
+struct TmaPipe {
+  uint8_t* smem;   // S * stage_bytes
+  uint64_t* bars;  // S mbarriers
+  uint8_t** dsts;  // S destinations (shared memory)
+  uint32_t* lens;  // S lengths (shared memory)
+  uint32_t stage_bytes;
+  uint32_t stages;
+  uint32_t n;                     // pieces pushed
+  uint32_t stored;                // pieces whose store was issued
+  unsigned long long* pend_flag;  // chunk flag waiting for its writes to complete
+  unsigned long long pend_value;
+  uint32_t pend_mark;  // pieces of that chunk: [0, pend_mark)
+
+  __device__ void init(uint8_t* s, uint64_t* b, uint8_t** d, uint32_t* l, uint32_t sb, uint32_t S) {
+    smem = s;
+    bars = b;
+    dsts = d;
+    lens = l;
+    stage_bytes = sb;
+    stages = S;
+    n = 0;
+    stored = 0;
+    pend_flag = nullptr;
+    pend_value = 0;
+    pend_mark = 0;
+    for (uint32_t i = 0; i < S; ++i) mbar_init(&bars[i], 1);
+    fence_mbar_init();
+  }
+
+  __device__ __forceinline__ void release_pending() {
+    fence_proxy_async();
+    __threadfence_system();
+    st_release_sys(pend_flag, pend_value);
+    pend_flag = nullptr;
+  }
+
+  __device__ __forceinline__ void store_one() {
+    const uint32_t m = stored;
+    const uint32_t s = m % stages;
+    mbar_wait(&bars[s], (m / stages) & 1u);
+    bulk_store(dsts[s], smem + static_cast<size_t>(s) * stage_bytes, lens[s]);
+    bulk_commit();
+    ++stored;
+    if (pend_flag && stored >= pend_mark + kFlagLag) {
+      bulk_wait<kFlagLag>();  // every group but the newest kFlagLag is complete
+      release_pending();
+    }
+  }
+
+  __device__ __forceinline__ void push(void* dst, const void* src, uint32_t bytes) {
+    const uint32_t s = n % stages;
+    if (n >= stages) {
+      // Stage s held piece n - S, stored at push(n - 2) (or earlier): at most one newer store
+      // group may still be reading shared memory.
+      while (stored + stages <= n) store_one();
+      bulk_wait_read<1>();
+    }
+    dsts[s] = reinterpret_cast<uint8_t*>(dst);
+    lens[s] = bytes;
+    mbar_expect_tx(&bars[s], bytes);
+    bulk_load(smem + static_cast<size_t>(s) * stage_bytes, src, bytes, &bars[s]);
+    ++n;
+    while (stored + (stages - 2) < n) store_one();
+  }
+
+  // Pushes a contiguous span as pieces of at most stage_bytes.
+  __device__ __forceinline__ void push_span(void* dst, const void* src, size_t bytes) {
+    uint8_t* d = reinterpret_cast<uint8_t*>(dst);
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+    while (bytes > 0) {
+      const uint32_t piece = bytes > stage_bytes ? stage_bytes : static_cast<uint32_t>(bytes);
+      push(d, s, piece);
+      d += piece;
+      s += piece;
+      bytes -= piece;
+    }
+  }
+
+  // Issue every pending store, wait for all writes, release a pending flag.
+  __device__ __forceinline__ void drain() {
+    while (stored < n) store_one();
+    bulk_wait<0>();
+    if (pend_flag) release_pending();
+  }
+
+  // The pieces pushed so far complete a chunk: release `flag` = value once they are written.
+  // The caller has made the warp's other stores visible first (fence + __syncwarp).
+  __device__ __forceinline__ void end_chunk(unsigned long long* flag, unsigned long long value) {
+    if (pend_flag) drain();
+    pend_flag = flag;
+    pend_value = value;
+    pend_mark = n;
+  }
+};
+
+// Publish a chunk copied by the whole warp with plain stores: every lane's stores become visible
+// system-wide before the flag.
+__device__ __forceinline__ void warp_release_flag(unsigned long long* flag, unsigned long long v,
+                                                  int lane) {
+  __threadfence_system();
+  __syncwarp();
+  if (lane == 0) st_release_sys(flag, v);
+  __syncwarp();
+}
+
+// Warp-wide bounded wait: lane 0 spins, then every lane acquires the flag itself so that its
+// own later accesses are ordered after the peer's release.
+__device__ inline bool warp_wait_flag(const unsigned long long* flag, unsigned long long target,
+                                      const WaitCtx& ctx, int phase, int peer, int lane) {
+  int ok = 1;
+  if (lane == 0) ok = wait_flag(flag, target, ctx, phase, peer) ? 1 : 0;
+  ok = __shfl_sync(0xffffffffu, ok, 0);
+  if (ok) {
+    (void)ld_acquire_sys(flag);
+    fence_proxy_async();
+  }
+  return ok != 0;
+}
+
+// Index loads (int32 or int64 topk_idx).
+__device__ __forceinline__ long long load_idx(const void* p, bool idx64, long long i) {
+  return idx64 ? __ldg(reinterpret_cast<const long long*>(p) + i)
+               : static_cast<long long>(__ldg(reinterpret_cast<const int*>(p) + i));
+}
+
+}  // namespace fa2a::cuda

@@ -1,0 +1,541 @@
+// Normal-mode dispatch on CUDA: the count exchange (dispatch_notify) and the data kernel that
+// serves the static dispatch (count exchange in the kernel), dispatch_data and cached dispatch.
+//
+// Protocol (see benchmarks/NOTES.md for the reasoning and the numbers):
+// - Receive order is fixed by the counts: rows from source s land at P = poff[s] + j on the
+//   receiver (j = rank of the token among s's tokens routed there); rows past the capacity are
+//   dropped from the end of that order.
+// - A receiver's data region is a window of R row slots (+ R metadata records). Remote rows are
+//   numbered Q = P minus this rank's own rows; window k holds Q in [kR, (k+1)R). Own rows go
+//   straight to recv_x. Senders push rows (bulk async copies, shared -> peer global) into the
+//   receiver's window and release one flag per chunk of CR rows; receiver warps copy each chunk
+//   to recv_x as soon as its flag is up, so the local copy overlaps the transfer.
+// - Handshakes, all in peer memory with system-scope release/acquire, every wait bounded:
+//   notify (sender -> receiver: counts), ready (receiver -> sender: "I am in this op, your rows
+//   go to Q offset a, keep b rows"; later rounds re-release the same slot with a higher epoch once
+//   the receiver drained the window), chunk flags (sender -> receiver).
+// - Epochs derive from a per-buffer op counter in device memory, bumped by the last block of each
+//   op, so the kernels are CUDA-graph capturable. Payload slots alternate by the op parity.
+#include <algorithm>
+#include <mutex>
+
+#include "fused_a2a/errors.h"
+#include "kernels.h"
+#include "state.h"
+
+namespace fa2a::cuda {
+
+namespace {
+
+struct DispatchParams {
+  int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
+  bool static_mode, idx64, tma;
+  size_t row_bytes;
+  int nsc, meta_words;
+  const uint8_t* x;
+  const float* x_scales;
+  const void* topk_idx;
+  const float* topk_w;
+  long long capacity;
+  uint8_t* recv_x;
+  float* recv_scales;
+  int* recv_idx;
+  float* recv_w;
+  int* recv_src_counts;
+  int* recv_src_token;
+  int* tokens_per_expert;
+  int* num_recv;
+  int* num_dropped;
+  int* group_max;
+  const int* cum;
+  const int* send_list;
+  int* hist;
+  uint8_t* const* peers;
+  HostError* host_error;
+  unsigned long long timeout_ns;
+  long long window;  // R
+  int chunk;         // CR
+  int send_warps, recv_warps, stages;
+  uint32_t stage_bytes;
+};
+
+struct SmemLayout {
+  size_t hist, ready, pipes, per_warp, total;
+};
+
+__host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
+
+__host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool tma, int stages,
+                                                  uint32_t stage_bytes) {
+  SmemLayout l;
+  l.hist = 0;
+  l.ready = align128(sizeof(int) * lpr);
+  l.pipes = l.ready + align128(sizeof(int) * kMaxRanks * send_warps);
+  l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
+  l.total = l.pipes + l.per_warp * send_warps;
+  return l;
+}
+
+__device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
+  return (e >= 0 && e < num_experts) ? static_cast<int>(e / lpr) : -1;
+}
+
+// Metadata word w of token t as sent to rank d: [src token][K local idx][K weights][scales].
+__device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, int d, int w) {
+  const int K = p.num_topk;
+  if (w == 0) return static_cast<uint32_t>(t);
+  if (w <= 2 * K) {
+    const int k = (w - 1) % K;
+    const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(t) * K + k);
+    const bool mine = owner_of(e, p.num_experts, p.lpr) == d;
+    if (w <= K)
+      return static_cast<uint32_t>(mine ? static_cast<int>(e - d * (long long)p.lpr) : -1);
+    const float wt = (mine && p.topk_w) ? __ldg(p.topk_w + static_cast<size_t>(t) * K + k) : 0.f;
+    return __float_as_uint(wt);
+  }
+  return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
+}
+
+// Writes metadata word w of received row P into the outputs.
+__device__ __forceinline__ void scatter_meta(const DispatchParams& p, long long P, int w,
+                                             uint32_t v, int* s_hist) {
+  const int K = p.num_topk;
+  if (w == 0) {
+    if (p.recv_src_token) p.recv_src_token[P] = static_cast<int>(v);
+  } else if (w <= K) {
+    if (p.recv_idx) p.recv_idx[P * K + (w - 1)] = static_cast<int>(v);
+    const int j = static_cast<int>(v);
+    if (j >= 0 && j < p.lpr) atomicAdd(&s_hist[j], 1);
+  } else if (w <= 2 * K) {
+    if (p.recv_w) p.recv_w[P * K + (w - 1 - K)] = __uint_as_float(v);
+  } else {
+    p.recv_scales[P * p.nsc + (w - 1 - 2 * K)] = __uint_as_float(v);
+  }
+}
+
+__device__ inline void zero_row(const DispatchParams& p, long long P, int lane) {
+  if (p.recv_x) warp_zero(p.recv_x + P * p.row_bytes, p.row_bytes, lane);
+  const int K = p.num_topk;
+  for (int k = lane; k < K; k += 32) {
+    if (p.recv_idx) p.recv_idx[P * K + k] = -1;
+    if (p.recv_w) p.recv_w[P * K + k] = 0.f;
+  }
+  for (int i = lane; i < p.nsc; i += 32) p.recv_scales[P * p.nsc + i] = 0.f;
+  if (lane == 0 && p.recv_src_token) p.recv_src_token[P] = -1;
+}
+
+struct Segment {            // rows [lo, hi) of one (src, dst) stream in window k
+  long long lo, hi, start;  // start: slot of row lo in the window
+  int base;                 // chunk-flag index of the first chunk
+};
+
+__device__ __forceinline__ Segment segment(long long qoff, long long kept, long long k, long long R,
+                                           int CR, int src) {
+  Segment s;
+  s.lo = max(k * R - qoff, 0ll);
+  s.hi = min((k + 1) * R - qoff, kept);
+  s.start = qoff + s.lo - k * R;
+  s.base = static_cast<int>(s.start / CR) + src;
+  return s;
+}
+
+struct Shared {
+  int true_cnt[kMaxRanks], kept[kMaxRanks], poff[kMaxRanks], qoff[kMaxRanks];
+  int dkept[kMaxRanks], dqoff[kMaxRanks], ntok[kMaxRanks];
+  long long total;
+  int kept_total, fail, last;
+  unsigned long long seq;
+};
+
+__device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
+                            const WaitCtx& ctx, int warp, int lane, int* s_hist) {
+  const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
+  const long long R = p.window;
+  const int CR = p.chunk;
+  const int nsw = gridDim.x * p.send_warps;
+  const int gw = blockIdx.x * p.send_warps + warp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  for (int d = lane; d < G; d += 32) ready_round[d] = 0;
+  TmaPipe pipe;
+  if (p.tma && lane == 0) {
+    uint8_t* base = smem + L.pipes + L.per_warp * warp;
+    const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
+    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
+              reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
+              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages);
+  }
+  __syncwarp();
+  long long nrounds = 1;
+  for (int d = 0; d < G; ++d)
+    if (d != r && sh.dkept[d] > 0) nrounds = max(nrounds, (sh.dqoff[d] + sh.dkept[d] + R - 1) / R);
+  const int M = p.meta_words;
+  const size_t rb = p.row_bytes;
+  long long it = 0;
+  bool ok = true;
+  for (long long k = 0; k < nrounds && ok; ++k) {
+    for (int di = 0; di < G && ok; ++di) {
+      const int d = (r + 1 + di) % G;
+      if (d == r) {
+        if (k != 0) continue;
+        const long long kd = sh.dkept[r];
+        for (long long j0 = 0; j0 < kd; j0 += CR) {
+          if (it++ % nsw != gw) continue;
+          const int n = static_cast<int>(min(static_cast<long long>(CR), kd - j0));
+          for (int i = 0; i < n; ++i) {
+            const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
+            const long long P = sh.poff[r] + j0 + i;
+            if (p.tma) {
+              if (lane == 0) pipe.push_span(p.recv_x + P * rb, p.x + t * rb, rb);
+            } else {
+              warp_copy_ro(p.recv_x + P * rb, p.x + t * rb, rb, lane);
+            }
+            for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
+          }
+        }
+        continue;
+      }
+      const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, CR, r);
+      if (sg.lo >= sg.hi) continue;
+      uint8_t* dbase = p.peers[d] + kControlBytes;
+      uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb);
+      for (int c = 0; sg.lo + static_cast<long long>(c) * CR < sg.hi; ++c) {
+        if (it++ % nsw != gw) continue;
+        if (k > ready_round[d]) {
+          if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
+          MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
+          ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
+                              lane);
+          if (!ok) break;
+          if (lane == 0) ready_round[d] = static_cast<int>(k);
+          __syncwarp();
+        }
+        const long long j0 = sg.lo + static_cast<long long>(c) * CR;
+        const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
+        const long long slot0 = sg.start + static_cast<long long>(c) * CR;
+        for (int i = 0; i < n; ++i) {
+          const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
+          uint8_t* dst = dbase + (slot0 + i) * rb;
+          if (p.tma) {
+            if (lane == 0) pipe.push_span(dst, p.x + t * rb, rb);
+          } else {
+            warp_copy_ro(dst, p.x + t * rb, rb, lane);
+          }
+          uint32_t* mrow = dmeta + (slot0 + i) * M;
+          for (int w = lane; w < M; w += 32) mrow[w] = meta_word(p, t, d, w);
+        }
+        unsigned long long* flag = chunk_flag(p.peers[d], sg.base + c);
+        const unsigned long long v = epoch_of(seq, static_cast<int>(k));
+        if (p.tma) {
+          __threadfence_system();
+          __syncwarp();
+          if (lane == 0) pipe.end_chunk(flag, v);
+          __syncwarp();
+        } else {
+          warp_release_flag(flag, v, lane);
+        }
+      }
+    }
+  }
+  if (p.tma && lane == 0) pipe.drain();
+  __syncwarp();
+}
+
+__device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
+                              int lane, int* s_hist) {
+  const int G = p.num_ranks, r = p.rank;
+  const long long R = p.window;
+  const int CR = p.chunk, M = p.meta_words;
+  const size_t rb = p.row_bytes;
+  const int nrw = gridDim.x * p.recv_warps;
+  const int gr = blockIdx.x * p.recv_warps + rwarp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  uint8_t* ctrl = p.peers[r];
+  for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
+  const long long remote = sh.kept_total - sh.kept[r];
+  const long long nrounds = (remote + R - 1) / R;
+  long long it = 0;
+  bool ok = true;
+  for (long long k = 0; k < nrounds && ok; ++k) {
+    const unsigned long long e = epoch_of(seq, static_cast<int>(k));
+    for (int s = 0; s < G && ok; ++s) {
+      if (s == r) continue;
+      const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
+      for (int c = 0; sg.lo + static_cast<long long>(c) * CR < sg.hi; ++c) {
+        if (it++ % nrw != gr) continue;
+        ok = warp_wait_flag(chunk_flag(ctrl, sg.base + c), e, ctx, kPhaseData, s, lane);
+        if (!ok) break;
+        const long long j0 = sg.lo + static_cast<long long>(c) * CR;
+        const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
+        const long long slot0 = sg.start + static_cast<long long>(c) * CR;
+        const long long P = sh.poff[s] + j0;
+        const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
+        warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
+        const uint32_t* ms =
+            reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
+        for (int i = lane; i < n * M; i += 32) {
+          const int row = i / M;
+          scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
+        }
+      }
+    }
+    if (ok && k + 1 < nrounds) {
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();
+        const unsigned int done = atomicAdd(&local_state(ctrl)->round_done, 1u);
+        if (done == static_cast<unsigned int>((k + 1) * nrw - 1)) {
+          __threadfence_system();
+          for (int s = 0; s < G; ++s)
+            if (s != r)
+              st_release_sys(&msg_slot(p.peers[s], kMsgDispatch, parity, r)->epoch,
+                             epoch_of(seq, static_cast<int>(k + 1)));
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ Shared sh;
+  const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  uint8_t* ctrl = p.peers[r];
+  LocalState* ls = local_state(ctrl);
+  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, p.op, r};
+  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes);
+  int* s_hist = reinterpret_cast<int*>(smem + L.hist);
+  for (int j = tid; j < p.lpr; j += blockDim.x) s_hist[j] = 0;
+  if (tid == 0) {
+    sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
+    sh.fail = aborted(ctx) ? 1 : 0;
+    sh.last = 0;
+  }
+  __syncthreads();
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  const unsigned long long e0 = epoch_of(seq, 0);
+  if (!sh.fail) {
+    // 1. True counts per source: exchanged here (static) or from the notify / the handle.
+    if (p.static_mode) {
+      if (blockIdx.x == 0) {
+        for (int d = tid; d < G; d += blockDim.x) {
+          NotifySlot* slot = notify_slot(p.peers[d], parity, r);
+          slot->count = p.cum[static_cast<size_t>(d) * (N + 1) + N];
+          slot->n_tokens = N;
+          __threadfence_system();
+          st_release_sys(&slot->flag, e0);
+        }
+      }
+      for (int s = tid; s < G; s += blockDim.x) {
+        NotifySlot* slot = notify_slot(ctrl, parity, s);
+        if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) sh.fail = 1;
+        sh.true_cnt[s] = ld_volatile_int(&slot->count);
+        sh.ntok[s] = ld_volatile_int(&slot->n_tokens);
+      }
+    } else {
+      for (int s = tid; s < G; s += blockDim.x) sh.true_cnt[s] = p.recv_src_counts[s];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      long long before = 0;
+      for (int s = 0; s < G; ++s) {
+        const long long poff = min(before, p.capacity);
+        sh.poff[s] = static_cast<int>(poff);
+        sh.kept[s] =
+            static_cast<int>(min(static_cast<long long>(sh.true_cnt[s]), p.capacity - poff));
+        before += sh.true_cnt[s];
+      }
+      sh.total = before;
+      sh.kept_total = static_cast<int>(min(before, p.capacity));
+      for (int s = 0; s < G; ++s) sh.qoff[s] = sh.poff[s] - (s > r ? sh.kept[r] : 0);
+    }
+    __syncthreads();
+    // 2. Ready: tell every source where its rows go; learn where ours go.
+    if (!sh.fail) {
+      if (blockIdx.x == 0) {
+        for (int s = tid; s < G; s += blockDim.x) {
+          if (s == r) continue;
+          MsgSlot* m = msg_slot(p.peers[s], kMsgDispatch, parity, r);
+          m->a = sh.qoff[s];
+          m->b = sh.kept[s];
+          __threadfence_system();
+          st_release_sys(&m->epoch, e0);
+        }
+      }
+      for (int d = tid; d < G; d += blockDim.x) {
+        const int sent = p.cum[static_cast<size_t>(d) * (N + 1) + N];
+        if (d == r) {
+          sh.dqoff[d] = sh.poff[r];
+          sh.dkept[d] = min(sh.kept[r], sent);
+          continue;
+        }
+        MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);
+        if (!wait_flag(&m->epoch, e0, ctx, kPhaseReady, d)) {
+          sh.fail = 1;
+          continue;
+        }
+        sh.dqoff[d] = ld_volatile_int(&m->a);
+        sh.dkept[d] = min(ld_volatile_int(&m->b), sent);
+      }
+    }
+    __syncthreads();
+    // 3. Move the rows.
+    if (!sh.fail) {
+      if (warp < p.send_warps) {
+        sender_role(p, sh, smem, L, ctx, warp, lane, s_hist);
+      } else {
+        receiver_role(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+      }
+    }
+  }
+  // 4. Epilogue: the last block publishes the handle and bumps the op counter.
+  __syncthreads();
+  for (int j = tid; j < p.lpr; j += blockDim.x)
+    if (s_hist[j]) atomicAdd(&p.hist[j], s_hist[j]);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sh.last = atomicAdd(&ls->blocks_done, 1u) == gridDim.x - 1 ? 1 : 0;
+  __syncthreads();
+  if (!sh.last) return;
+  __threadfence();
+  const bool good = !sh.fail && !aborted(ctx);
+  for (int j = tid; j < p.lpr; j += blockDim.x) {
+    const int v = atomicExch(&p.hist[j], 0);
+    if (good && p.tokens_per_expert) p.tokens_per_expert[j] = v;
+  }
+  if (good) {
+    if (p.recv_src_counts)
+      for (int s = tid; s < G; s += blockDim.x) p.recv_src_counts[s] = sh.kept[s];
+    if (tid == 0) {
+      if (p.num_recv) *p.num_recv = sh.kept_total;  // as the CPU backend: the kept rows
+      if (p.num_dropped) *p.num_dropped = static_cast<int>(sh.total - sh.kept_total);
+      if (p.static_mode && p.group_max) {
+        int m = 0;
+        for (int s = 0; s < G; ++s) m = max(m, sh.ntok[s]);
+        *p.group_max = m;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    ls->round_done = 0;
+    ls->blocks_done = 0;
+    __threadfence();
+    *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
+  }
+}
+
+struct Prepared {
+  CudaState* st;
+  const Scratch* scratch;
+  int lpr, nsc;
+  size_t row_bytes;
+};
+
+Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list) {
+  const int G = buffer.num_ranks();
+  FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported (1..", kMaxRanks, ")");
+  FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
+             " must be a positive multiple of the group size ", G);
+  FA2A_CHECK(a.num_tokens >= 0 && a.num_tokens < (1ll << 30), "num_tokens=", a.num_tokens,
+             " out of range");
+  Prepared pr;
+  pr.st = &cuda_state(buffer);
+  check_no_error(*pr.st, buffer);
+  pr.lpr = a.num_experts / G;
+  const bool fp8 = a.x_scales != nullptr;
+  pr.nsc = fp8 ? static_cast<int>(a.hidden / kFp8BlockSize) : 0;
+  pr.row_bytes = static_cast<size_t>(a.hidden) * (fp8 ? 1 : dtype_size(a.x_dtype));
+  FA2A_CHECK(pr.row_bytes % 16 == 0, "hidden * element size = ", pr.row_bytes,
+             " bytes must be a multiple of 16");
+  check_aligned(a.x, "x");
+  check_aligned(a.recv_x, "recv_x");
+  pr.scratch =
+      &ensure_scratch(*pr.st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, stream);
+  launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
+                    a.num_topk, a.num_experts, G, *pr.scratch, want_list, stream);
+  return pr;
+}
+
+void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, bool static_mode) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  std::lock_guard<std::mutex> lock(buffer.op_mutex());
+  DeviceGuard guard(buffer.device());
+  const Prepared pr = prepare(buffer, a, s, true);
+  const int G = buffer.num_ranks();
+  DispatchParams p{};
+  p.rank = buffer.rank();
+  p.num_ranks = G;
+  p.lpr = pr.lpr;
+  p.num_topk = a.num_topk;
+  p.num_experts = a.num_experts;
+  p.num_tokens = static_cast<int>(a.num_tokens);
+  p.op = op;
+  p.static_mode = static_mode;
+  p.idx64 = a.idx_dtype == DType::kI64;
+  p.row_bytes = pr.row_bytes;
+  p.nsc = pr.nsc;
+  p.meta_words = 1 + 2 * a.num_topk + pr.nsc;
+  p.x = static_cast<const uint8_t*>(a.x);
+  p.x_scales = a.x_scales;
+  p.topk_idx = a.topk_idx;
+  p.topk_w = a.topk_weights;
+  p.capacity = a.capacity;
+  p.recv_x = static_cast<uint8_t*>(a.recv_x);
+  p.recv_scales = a.recv_x_scales;
+  p.recv_idx = a.recv_topk_idx;
+  p.recv_w = a.recv_topk_weights;
+  p.recv_src_counts = a.recv_src_counts;
+  p.recv_src_token = a.recv_src_token;
+  p.tokens_per_expert = a.tokens_per_expert;
+  p.num_recv = a.num_recv;
+  p.num_dropped = a.num_dropped;
+  p.group_max = a.group_max_tokens;
+  p.cum = pr.scratch->cum;
+  p.send_list = pr.scratch->send_list;
+  p.hist = pr.scratch->hist;
+  p.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
+  p.host_error = pr.st->host_error;
+  p.timeout_ns = timeout_ns();
+  const size_t slot_bytes = pr.row_bytes + 4 * static_cast<size_t>(p.meta_words);
+  const long long R = static_cast<long long>(buffer.data_bytes() / slot_bytes);
+  FA2A_CHECK(G == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
+             " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
+  p.window = std::max(R, 1ll);
+  LaunchConfig cfg = launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
+                                   sizeof(int) * kMaxRanks, 0);
+  int cr = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;
+  const long long min_cr = (p.window + (kNumFlags - kMaxRanks) - 1) / (kNumFlags - kMaxRanks);
+  p.chunk = static_cast<int>(std::max<long long>(cr, min_cr));
+  p.send_warps = cfg.send_warps;
+  p.recv_warps = cfg.recv_warps;
+  p.tma = cfg.tma;
+  p.stages = cfg.stages;
+  p.stage_bytes = cfg.stage_bytes;
+  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes);
+  FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
+             " bytes of shared memory (local experts ", p.lpr, "), the device has ",
+             pr.st->smem_optin);
+  FA2A_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(L.total)),
+                  "dispatch shared memory");
+  dispatch_kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
+  check_launch("dispatch");
+}
+
+}  // namespace
+
+void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
+  run_dispatch(buffer, args, stream, kOpDispatch, true);
+}
+
+void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream) {
+  run_dispatch(buffer, args, stream, kOpDispatchData, false);
+}
+
+}  // namespace fa2a::cuda

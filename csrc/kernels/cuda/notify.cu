@@ -1,0 +1,108 @@
+// dispatch_notify on CUDA (the dynamic path's phase 1): one block exchanges the token counts and
+// per-expert counts with every peer, writes the true recv_src_counts, tokens_per_expert, num_recv
+// and group_max_tokens, and the host waits for it (the caller sizes the outputs from num_recv).
+#include <algorithm>
+#include <mutex>
+
+#include "fused_a2a/errors.h"
+#include "kernels.h"
+#include "state.h"
+
+namespace fa2a::cuda {
+
+namespace {
+
+// dispatch_notify: one block exchanges the counts and per-expert counts and writes the true
+// recv_src_counts, tokens_per_expert, num_recv, group_max_tokens.
+__global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, int lpr, int N,
+                              const int* cum, const int* ecount, int* recv_src_counts,
+                              int* tokens_per_expert, int* num_recv, int* num_dropped,
+                              int* group_max, HostError* host_error,
+                              unsigned long long timeout_ns) {
+  __shared__ int s_cnt[kMaxRanks], s_ntok[kMaxRanks];
+  __shared__ unsigned long long s_seq;
+  __shared__ int s_fail;
+  const int G = num_ranks, r = rank, tid = threadIdx.x;
+  uint8_t* ctrl = peers[r];
+  LocalState* ls = local_state(ctrl);
+  const WaitCtx ctx{ls, host_error, timeout_ns, kOpNotify, r};
+  if (tid == 0) {
+    s_seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
+    s_fail = aborted(ctx) ? 1 : 0;
+  }
+  __syncthreads();
+  if (s_fail) return;
+  const int parity = static_cast<int>(s_seq & 1ull);
+  const unsigned long long e0 = epoch_of(s_seq, 0);
+  for (int i = tid; i < G * lpr; i += blockDim.x) {
+    const int d = i / lpr, j = i - d * lpr;
+    notify_experts(peers[d], parity)[r * lpr + j] = ecount[d * lpr + j];
+  }
+  for (int d = tid; d < G; d += blockDim.x) {
+    NotifySlot* slot = notify_slot(peers[d], parity, r);
+    slot->count = cum[static_cast<size_t>(d) * (N + 1) + N];
+    slot->n_tokens = N;
+  }
+  __threadfence_system();
+  __syncthreads();
+  for (int d = tid; d < G; d += blockDim.x)
+    st_release_sys(&notify_slot(peers[d], parity, r)->flag, e0);
+  for (int s = tid; s < G; s += blockDim.x) {
+    NotifySlot* slot = notify_slot(ctrl, parity, s);
+    if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) s_fail = 1;
+    s_cnt[s] = ld_volatile_int(&slot->count);
+    s_ntok[s] = ld_volatile_int(&slot->n_tokens);
+  }
+  __syncthreads();
+  if (s_fail) return;
+  const int* experts = notify_experts(ctrl, parity);
+  for (int j = tid; j < lpr; j += blockDim.x) {
+    int v = 0;
+    for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * lpr + j]);
+    tokens_per_expert[j] = v;
+  }
+  for (int s = tid; s < G; s += blockDim.x) recv_src_counts[s] = s_cnt[s];
+  if (tid == 0) {
+    long long total = 0;
+    int m = 0;
+    for (int s = 0; s < G; ++s) {
+      total += s_cnt[s];
+      m = max(m, s_ntok[s]);
+    }
+    if (num_recv) *num_recv = static_cast<int>(total);
+    if (num_dropped) *num_dropped = 0;
+    if (group_max) *group_max = m;
+  }
+  __syncthreads();
+  if (tid == 0) *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = s_seq + 1;
+}
+
+}  // namespace
+
+void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  std::lock_guard<std::mutex> lock(buffer.op_mutex());
+  DeviceGuard guard(buffer.device());
+  const int G = buffer.num_ranks();
+  FA2A_CHECK(a.num_experts <= kMaxExpertsNotify, "num_experts=", a.num_experts,
+             " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
+  FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported");
+  FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
+             " must be a positive multiple of the group size ", G);
+  CudaState& st = cuda_state(buffer);
+  check_no_error(st, buffer);
+  const int lpr = a.num_experts / G;
+  const Scratch& scratch =
+      ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
+  launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
+                    a.num_topk, a.num_experts, G, scratch, false, s);
+  notify_kernel<<<1, 256, 0, s>>>(reinterpret_cast<uint8_t* const*>(buffer.peer_table()),
+                                  buffer.rank(), G, lpr, static_cast<int>(a.num_tokens),
+                                  scratch.cum, scratch.ecount, a.recv_src_counts,
+                                  a.tokens_per_expert, a.num_recv, a.num_dropped,
+                                  a.group_max_tokens, st.host_error, timeout_ns());
+  check_launch("dispatch_notify");
+  sync_and_check(st, buffer, s, "dispatch_notify");
+}
+
+}  // namespace fa2a::cuda

@@ -1,0 +1,251 @@
+// Per-buffer CUDA state, launch configuration and error reporting of the CUDA backend.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "state.h"
+
+namespace fa2a::cuda {
+
+DeviceGuard::DeviceGuard(int device) : device_(device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  if (previous_ != device_) FA2A_CUDA_CHECK(cudaSetDevice(device_), "cudaSetDevice");
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0 && previous_ != device_) (void)cudaSetDevice(previous_);
+}
+
+CudaState::~CudaState() {
+  int previous = -1;
+  (void)cudaGetDevice(&previous);
+  (void)cudaSetDevice(device);
+  if (host_error) (void)cudaFreeHost(host_error);
+  if (peer_table) (void)cudaFree(peer_table);
+  if (scratch_mem) (void)cudaFree(scratch_mem);
+  for (void* p : retired) (void)cudaFree(p);
+  (void)cudaGetLastError();
+  if (previous >= 0) (void)cudaSetDevice(previous);
+}
+
+namespace {
+std::mutex g_state_mutex;
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return (end && *end == '\0') ? static_cast<int>(x) : fallback;
+}
+
+const char* op_name(int op) {
+  switch (op) {
+    case kOpDispatch:
+      return "dispatch";
+    case kOpNotify:
+      return "dispatch_notify";
+    case kOpDispatchData:
+      return "dispatch_data";
+    case kOpCombine:
+      return "combine";
+    default:
+      return "unknown op";
+  }
+}
+
+const char* phase_name(int phase) {
+  switch (phase) {
+    case kPhaseNotify:
+      return "count exchange (waiting for the peers' token counts)";
+    case kPhaseReady:
+      return "start (waiting for the peers to enter the op)";
+    case kPhaseData:
+      return "data (waiting for the peers' rows)";
+    case kPhaseRound:
+      return "round (waiting for the peers to drain their buffer)";
+    default:
+      return "unknown phase";
+  }
+}
+
+std::string error_text(const HostError* e) {
+  if (!e || e->code == 0) return "";
+  std::string ranks;
+  unsigned long long m = e->missing;
+  for (int i = 0; i < 64; ++i) {
+    if (m & (1ull << i)) ranks += (ranks.empty() ? "" : ", ") + std::to_string(i);
+  }
+  return str_cat("fused_a2a: ", op_name(e->op), " timed out after ", e->seconds, " s on rank ",
+                 e->rank, ", phase ", phase_name(e->phase), "; rank(s) [", ranks,
+                 "] did not arrive. This buffer is unusable now: release it and create a new one "
+                 "(FUSED_A2A_TIMEOUT_S sets the bound).");
+}
+}  // namespace
+
+CudaState& cuda_state(Buffer& buffer) {
+  std::lock_guard<std::mutex> lock(g_state_mutex);
+  auto& slot = buffer.backend_state();
+  if (slot) return *static_cast<CudaState*>(slot.get());
+  FA2A_CHECK_RUNTIME(buffer.connected(), "fused_a2a CUDA: buffer of group ", buffer.group_id(),
+                     " rank ", buffer.rank(), " is not connected");
+  auto st = std::make_shared<CudaState>();
+  st->device = buffer.device();
+  st->num_ranks = buffer.num_ranks();
+  int v = 0;
+  FA2A_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, st->device),
+                  "SM count");
+  st->sm_count = v;
+  FA2A_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, st->device),
+                  "shared memory limit");
+  st->smem_optin = static_cast<size_t>(v);
+  void* host = nullptr;
+  FA2A_CUDA_CHECK(
+      cudaHostAlloc(&host, sizeof(HostError), cudaHostAllocMapped | cudaHostAllocPortable),
+      "cudaHostAlloc (error word)");
+  std::memset(host, 0, sizeof(HostError));
+  st->host_error = static_cast<HostError*>(host);
+  const int g = buffer.num_ranks();
+  std::vector<void*> bases(g);
+  for (int r = 0; r < g; ++r) bases[r] = buffer.base(r);
+  FA2A_CUDA_CHECK(cudaMalloc(&st->peer_table, sizeof(void*) * g), "cudaMalloc (peer table)");
+  FA2A_CUDA_CHECK(
+      cudaMemcpy(st->peer_table, bases.data(), sizeof(void*) * g, cudaMemcpyHostToDevice),
+      "peer table upload");
+  buffer.set_device_peer_table(st->peer_table);
+  slot = st;
+  return *st;
+}
+
+void check_no_error(CudaState& st, Buffer& buffer) {
+  if (st.host_error->code != 0) {
+    const std::string text = error_text(st.host_error);
+    if (buffer.poisoned().empty()) buffer.poison(text);
+    FA2A_FAIL(ErrorKind::kTimeout, text);
+  }
+  FA2A_CHECK_RUNTIME(buffer.poisoned().empty(),
+                     "fused_a2a: the buffer is unusable after an earlier failure (",
+                     buffer.poisoned(), ")");
+}
+
+void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const char* op) {
+  cudaError_t err = cudaStreamSynchronize(stream);
+  if (st.host_error->code != 0) {
+    (void)cudaGetLastError();
+    check_no_error(st, buffer);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    FA2A_FAIL(ErrorKind::kRuntime, "fused_a2a CUDA: ", op, " on rank ", buffer.rank(), ": ",
+              cudaGetErrorString(err));
+  }
+}
+
+std::string pending_error(Buffer& buffer) {
+  auto& slot = buffer.backend_state();
+  if (!slot) return "";
+  return error_text(static_cast<CudaState*>(slot.get())->host_error);
+}
+
+const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
+                              cudaStream_t stream) {
+  const int lpr = num_experts / std::max(num_ranks, 1);
+  if (num_tokens <= st.cap_tokens && num_experts <= st.cap_experts && st.scratch_mem &&
+      lpr <= st.cap_experts)
+    return st.scratch;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  FA2A_CHECK_RUNTIME(capture == cudaStreamCaptureStatusNone,
+                     "fused_a2a CUDA: the op needs more scratch memory (", num_tokens, " tokens, ",
+                     num_experts,
+                     " experts) than earlier calls, which cannot be allocated while a CUDA graph "
+                     "is being captured: run the op once with these sizes before capturing");
+  const int64_t n = std::max<int64_t>(num_tokens, std::max<int64_t>(st.cap_tokens, 1024));
+  const int e = std::max(num_experts, std::max(st.cap_experts, 256));
+  const size_t g = static_cast<size_t>(num_ranks);
+  auto align = [](size_t b) { return (b + 255) & ~size_t(255); };
+  const size_t cum_b = align(g * static_cast<size_t>(n + 1) * 4);
+  const size_t list_b = align(g * static_cast<size_t>(n) * 4);
+  const size_t ecount_b = align(static_cast<size_t>(e) * 4);
+  const size_t hist_b = align(static_cast<size_t>(e) * 4);
+  const size_t total = cum_b + list_b + ecount_b + hist_b;
+  void* mem = nullptr;
+  FA2A_CUDA_CHECK(cudaMalloc(&mem, total), "cudaMalloc (routing scratch)");
+  FA2A_CUDA_CHECK(cudaMemset(mem, 0, total), "cudaMemset (routing scratch)");
+  if (st.scratch_mem) st.retired.push_back(st.scratch_mem);
+  st.scratch_mem = mem;
+  st.scratch_bytes = total;
+  st.cap_tokens = n;
+  st.cap_experts = e;
+  auto* base = static_cast<uint8_t*>(mem);
+  st.scratch.cum = reinterpret_cast<int*>(base);
+  st.scratch.send_list = reinterpret_cast<int*>(base + cum_b);
+  st.scratch.ecount = reinterpret_cast<int*>(base + cum_b + list_b);
+  st.scratch.hist = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b);
+  return st.scratch;
+}
+
+LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
+                           size_t per_send_warp, size_t per_recv_warp) {
+  LaunchConfig c;
+  int sms = num_sms > 0 ? num_sms : 24;
+  sms = env_int("FUSED_A2A_CUDA_BLOCKS", sms);
+  c.blocks = std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
+  c.send_warps =
+      std::max(1, std::min(kMaxThreads / 32 - 1, env_int("FUSED_A2A_CUDA_SEND_WARPS", 4)));
+  c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", 12));
+  c.recv_warps = std::min(c.recv_warps, kMaxThreads / 32 - c.send_warps);
+  const char* copy = std::getenv("FUSED_A2A_CUDA_COPY");
+  c.tma = !(copy && std::strcmp(copy, "simt") == 0);
+  c.chunk_rows = std::max(0, env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0));
+  const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
+                       per_recv_warp * c.recv_warps + 128 * c.send_warps;
+  const size_t reserve = 8192;  // static shared memory of the kernels, and slack
+  const size_t budget = st.smem_optin > extra + reserve ? st.smem_optin - extra - reserve : 0;
+  size_t stage = static_cast<size_t>(env_int("FUSED_A2A_CUDA_STAGE_KB", 0)) * 1024;
+  if (stage == 0) stage = std::min<size_t>((row_bytes + 15) & ~size_t(15), 16384);
+  stage = std::max<size_t>(16, stage & ~size_t(15));
+  const size_t per_stage = stage + 20;
+  int stages = static_cast<int>(budget / (per_stage * c.send_warps));
+  stages = std::min(stages, env_int("FUSED_A2A_CUDA_STAGES", kMaxStages));
+  if (c.tma && stages < 3) {
+    // Smaller stages so that every sender warp gets three.
+    const size_t fit = budget / (3 * c.send_warps);
+    stage = fit > 36 ? (fit - 20) & ~size_t(15) : 0;
+    stages = 3;
+    if (stage < 256) c.tma = false;
+  }
+  c.stages = std::max(3, std::min(stages, kMaxStages));
+  c.stage_bytes = static_cast<uint32_t>(stage);
+  return c;
+}
+
+unsigned long long timeout_ns() {
+  double s = timeout_seconds();
+  if (!(s > 0)) s = 100.0;
+  return static_cast<unsigned long long>(s * 1e9);
+}
+
+void check_launch(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    FA2A_FAIL(ErrorKind::kRuntime, "fused_a2a CUDA: launching ", what, ": ",
+              cudaGetErrorString(err));
+}
+
+void check_aligned(const void* p, const char* name) {
+  FA2A_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, name,
+             " must be 16-byte aligned for the CUDA backend, got address ", p);
+}
+
+int device_sm_count(int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+}  // namespace fa2a::cuda

@@ -1,0 +1,104 @@
+// Host side of the CUDA backend: per-buffer state (host-mapped error word, device peer table,
+// routing scratch), launch configuration and error checks shared by the ops.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+#include "fused_a2a/buffer.h"
+#include "fused_a2a/errors.h"
+#include "fused_a2a/ops.h"
+
+namespace fa2a::cuda {
+
+#define FA2A_CUDA_CHECK(expr, what)                                          \
+  do {                                                                       \
+    cudaError_t err_ = (expr);                                               \
+    if (err_ != cudaSuccess) {                                               \
+      (void)cudaGetLastError();                                              \
+      FA2A_FAIL(::fa2a::ErrorKind::kRuntime, "fused_a2a CUDA: ", what, ": ", \
+                cudaGetErrorString(err_));                                   \
+    }                                                                        \
+  } while (0)
+
+// Makes `device` current for the scope (JAX calls ops from threads that may have another one).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+  int device_;
+};
+
+// Routing scratch written by the route-scan kernel and read by dispatch / combine:
+//   cum [G][N+1]: tokens before t routed to rank d; cum[d][N] = tokens routed to d
+//   send_list [G][N]: the tokens routed to d, ascending
+//   ecount [E]: (token, slot) pairs of this rank per expert
+//   hist [Lcap]: per-local-expert counts accumulated by the blocks of one kernel (kept at 0)
+struct Scratch {
+  int* cum = nullptr;
+  int* send_list = nullptr;
+  int* ecount = nullptr;
+  int* hist = nullptr;
+};
+
+struct CudaState {
+  int device = 0;
+  int num_ranks = 0;
+  int sm_count = 0;
+  size_t smem_optin = 0;
+  HostError* host_error = nullptr;  // host-mapped, device-visible at the same address (UVA)
+  void** peer_table = nullptr;      // device array of the G bases
+  void* scratch_mem = nullptr;
+  size_t scratch_bytes = 0;
+  int64_t cap_tokens = -1;
+  int cap_experts = -1;
+  Scratch scratch;
+  std::vector<void*> retired;  // outgrown scratch, kept alive for captured graphs
+  ~CudaState();
+};
+
+CudaState& cuda_state(Buffer& buffer);
+
+// Throws ErrorKind::kTimeout if an earlier op on this buffer timed out (or kRuntime for a fault
+// of an earlier kernel seen now).
+void check_no_error(CudaState& st, Buffer& buffer);
+// Synchronise the stream, then report a timeout of the op just run.
+void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const char* op);
+
+// Scratch for N tokens, E experts (grows; never while the stream is being captured).
+const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
+                              cudaStream_t stream);
+
+// Launch shape of the communication kernels.
+struct LaunchConfig {
+  int blocks = 24;
+  int send_warps = 4;
+  int recv_warps = 12;
+  int stages = 3;
+  uint32_t stage_bytes = 0;
+  bool tma = true;
+  int chunk_rows = 0;  // 0: automatic
+};
+// Shared memory besides the copy stages: fixed bytes, and bytes per sender / receiver warp.
+LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
+                           size_t per_send_warp, size_t per_recv_warp);
+
+unsigned long long timeout_ns();
+void check_launch(const char* what);
+void check_aligned(const void* p, const char* name);
+
+// Extra entry points for the bindings (not part of ops.h): the text of a pending timeout on this
+// buffer ("" if none), and the device's SM count.
+std::string pending_error(Buffer& buffer);
+int device_sm_count(int device);
+
+}  // namespace fa2a::cuda

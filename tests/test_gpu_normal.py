@@ -1,0 +1,511 @@
+"""Normal mode on CUDA GPUs (SEMANTICS.md section 1), bit for bit.
+
+- torch, one process per GPU (tests/mp.py, gloo bootstrap): the CPU suite's cases
+  (tests/test_torch_normal.py) with CUDA tensors, against the NumPy reference and against the CPU
+  backend run on the same inputs in the same processes; forward and backward.
+- JAX, one process driving every GPU: the CPU suite of tests/jax_cases.py on GPU devices, also
+  with one-row buffers (every op takes many rounds).
+- torch on GPU vs JAX on GPU on the same inputs, bitwise.
+- Larger rows over many rounds and capacity drops (static sizes), 1,000 iterations of fresh random
+  routing (no drift; GPU memory before/after reported), a CUDA graph capture of the static path,
+  and a timeout that names the op and the missing rank.
+
+Skipped unless at least two CUDA GPUs are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import reference as R
+from conftest import gpu_count
+from mp import run_ranks
+from reference import assert_bitwise_equal
+
+pytestmark = pytest.mark.gpu
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+GPU_ENV = {"FUSED_A2A_TIMEOUT_S": "60", "NCCL_NVLS_ENABLE": "0"}
+
+
+def _need(n: int):
+    if gpu_count() < max(n, 2):
+        pytest.skip(f"needs {max(n, 2)} CUDA GPUs, {gpu_count()} visible")
+
+
+_RUNS: dict = {}
+
+
+def _once(key, fn):
+    if key not in _RUNS:
+        try:
+            _RUNS[key] = (True, fn())
+        except BaseException as exc:  # noqa: BLE001
+            _RUNS[key] = (False, exc)
+    ok, value = _RUNS[key]
+    if not ok:
+        raise AssertionError(f"the {key} run failed:\n{value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- torch: CPU suite
+
+
+def _rank_suite(rank, world, cases):
+    import test_torch_normal as T
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
+    tfa = T._api()
+    host_from_numpy = T.from_numpy
+    groups, results = {}, {}
+    for case in cases:
+        size = case.group_size or world
+        if size not in groups:
+            subgroups = [dist.new_group(list(range(i, i + size))) for i in range(0, world, size)]
+            groups[size] = dist.group.WORLD if size == world else subgroups[rank // size]
+        group, gi = groups[size], rank // size
+        out = {}
+        for where in ("cuda", "cpu"):
+            T.from_numpy = (
+                (lambda a: host_from_numpy(a).cuda()) if where == "cuda" else host_from_numpy
+            )
+            try:
+                out[where] = T._run_case(tfa, group, dist.get_rank(group), gi, case)
+            except Exception:
+                import traceback
+
+                out[where] = {"error": traceback.format_exc()}
+            finally:
+                T.from_numpy = host_from_numpy
+        results[case.name] = out
+    return results
+
+
+def _suite(world):
+    import test_torch_normal as T
+
+    return _once(
+        ("suite", world),
+        lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=GPU_ENV),
+    )
+
+
+def _suite_cases():
+    import test_torch_normal as T
+
+    return [(w, c) for w in (2, 3, 4) for c in T.WORLD_CASES[w]]
+
+
+@pytest.mark.parametrize("world,case", _suite_cases(), ids=lambda v: getattr(v, "name", str(v)))
+def test_torch_gpu_matches_reference_and_cpu(world, case):
+    import test_torch_normal as T
+
+    _need(world)
+    per_rank = [_suite(world)[r][case.name] for r in range(world)]
+    for r, res in enumerate(per_rank):
+        for where in ("cuda", "cpu"):
+            assert "error" not in res[where], f"rank {r} {where}:\n{res[where].get('error')}"
+    gpu = [p["cuda"] for p in per_rank]
+    for gi, ranks in T._groups(world, case):
+        inp, disp = T._reference(case, gi)
+        ys = [gpu[r]["y"] for r in ranks]
+        outs, _ = R.combine(ys, disp, case.ns)
+        dys = R.combine_backward(inp["gouts"], disp)
+        dxs, dws = R.dispatch_backward(
+            [gpu[r]["d_recv_x"] for r in ranks],
+            [gpu[r]["d_recv_w"] for r in ranks],
+            disp,
+            inp["idxs"],
+        )
+        for j, r in enumerate(ranks):
+            got, tag = gpu[r], f"rank {r} (GPU)"
+            assert_bitwise_equal(got["recv_x"], disp[j]["recv_x"], f"{tag} recv_x")
+            assert_bitwise_equal(
+                got["recv_idx"].astype(np.int64),
+                disp[j]["recv_topk_idx"].astype(np.int64),
+                f"{tag} recv idx",
+            )
+            assert_bitwise_equal(got["recv_w"], disp[j]["recv_topk_weights"], f"{tag} recv_w")
+            assert got["tpe_meta"] == ("torch.int64", "cpu"), f"{tag} tokens_per_expert"
+            assert_bitwise_equal(got["tpe"], disp[j]["tokens_per_expert"], f"{tag} tpe")
+            assert_bitwise_equal(got["out"], outs[j], f"{tag} combined_x")
+            assert_bitwise_equal(got["dy"], dys[j], f"{tag} combine backward")
+            assert_bitwise_equal(got["dx"], dxs[j], f"{tag} x.grad")
+            assert_bitwise_equal(got["dw"], dws[j], f"{tag} token_probs.grad")
+            cpu = per_rank[r]["cpu"]
+            for key, value in got.items():
+                if isinstance(value, np.ndarray):
+                    assert_bitwise_equal(value, cpu[key], f"{tag} {key} vs CPU backend")
+
+
+# ----------------------------------------------------------------------------- JAX on GPUs
+
+
+def _jax_env(extra=None):
+    env = dict(os.environ)
+    env.update(GPU_ENV)
+    env.update(
+        JAX_PLATFORMS="cuda",
+        XLA_PYTHON_CLIENT_PREALLOCATE="false",
+        PYTHONPATH=os.pathsep.join(
+            p for p in (env.get("PYTHONPATH", ""), REPO_ROOT, TESTS_DIR) if p
+        ),
+    )
+    env.pop("XLA_FLAGS", None)
+    env.update(extra or {})
+    return env
+
+
+def _jax_suite(g, rows=None):
+    def run():
+        extra = {"FUSED_A2A_BUFFER_ROWS": str(rows)} if rows else {}
+        proc = subprocess.run(
+            [sys.executable, os.path.join(TESTS_DIR, "jax_cases.py"), "normal", str(g)],
+            env=_jax_env(extra),
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=TESTS_DIR,
+        )
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith("RESULTS "):
+                return json.loads(line[len("RESULTS ") :])
+        raise AssertionError(
+            f"JAX GPU suite exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
+
+    return _once(("jax", g, rows), run)
+
+
+@pytest.mark.parametrize("g", [2, 4])
+@pytest.mark.parametrize("rows", [None, 1], ids=["default-buffer", "one-row-buffer"])
+def test_jax_gpu_suite(g, rows):
+    _need(g)
+    results = _jax_suite(g, rows)
+    bad = {k: v for k, v in results.items() if v != "ok"}
+    assert results and not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())
+
+
+# ----------------------------------------------------------------------------- torch vs JAX
+
+_JAX_WORKER = r"""
+import sys, numpy as np, ml_dtypes, jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+import jax_fused_a2a as fa
+from jax_cases import to_global, split
+d = np.load(sys.argv[1])
+g, e = int(d["g"]), int(d["e"])
+mesh = Mesh(np.array(jax.devices()[:g]), ("ep",))
+def body(x, idx, w):
+    r = fa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
+    y = (r.recv_x.astype(jnp.float32) * 1.5).astype(x.dtype)
+    out = fa.combine(y, r.handle, axis_name="ep")
+    return r.recv_x, r.recv_topk_idx, r.recv_topk_weights, r.num_recv_tokens[None], out
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 5))
+outs = f(to_global(mesh, d["x"].view(ml_dtypes.bfloat16)), to_global(mesh, d["idx"]),
+         to_global(mesh, d["w"]))
+names = ("recv_x", "recv_idx", "recv_w", "num_recv", "out")
+res = {n: np.stack(split(o, g)) for n, o in zip(names, outs)}
+res = {n: (a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a) for n, a in res.items()}
+np.savez(sys.argv[2], **res)
+"""
+
+
+def _tj_inputs(g, n=96, h=2048, k=4, e=32, seed=7):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((g * n, h), dtype=np.float32).astype(R.BF16)
+    idx = np.stack([rng.permutation(e)[:k] for _ in range(g * n)]).astype(np.int32)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    w = rng.random((g * n, k)).astype(np.float32)
+    return dict(g=g, e=e, n=n, x=x.view(np.uint16), idx=idx, w=w)
+
+
+def _rank_tj(rank, world, inp):
+    import torch
+    from torch_utils import from_numpy, to_numpy
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    n = inp["n"]
+    sl = slice(rank * n, (rank + 1) * n)
+    x = from_numpy(inp["x"][sl].view(R.BF16)).cuda()
+    idx = from_numpy(inp["idx"][sl].astype(np.int64)).cuda()
+    w = from_numpy(inp["w"][sl]).cuda()
+    import torch.distributed as dist
+
+    recv_x, recv_idx, recv_w, _, handle = tfa.fused_dispatch(x, idx, w, inp["e"], dist.group.WORLD)
+    y = (recv_x.float() * 1.5).to(recv_x.dtype)
+    out, _ = tfa.fused_combine(y, dist.group.WORLD, handle)
+    return dict(
+        recv_x=to_numpy(recv_x),
+        recv_idx=to_numpy(recv_idx),
+        recv_w=to_numpy(recv_w),
+        out=to_numpy(out),
+    )
+
+
+def test_torch_vs_jax_bitwise(tmp_path):
+    g = min(4, gpu_count())
+    _need(2)
+    inp = _tj_inputs(g)
+    np.savez(tmp_path / "in.npz", **inp)
+    proc = subprocess.run(
+        [sys.executable, "-c", _JAX_WORKER, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        env=_jax_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=TESTS_DIR,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    jx = np.load(tmp_path / "out.npz")
+    th = run_ranks(_rank_tj, g, inp, timeout=300, env=GPU_ENV)
+    for r in range(g):
+        m = int(jx["num_recv"][r].reshape(-1)[0])
+        assert m == th[r]["recv_x"].shape[0], f"rank {r}: JAX num_recv {m}"
+        assert_bitwise_equal(
+            th[r]["recv_x"].view(np.uint16), jx["recv_x"][r][:m], f"rank {r} recv_x torch vs JAX"
+        )
+        assert_bitwise_equal(
+            th[r]["recv_idx"].astype(np.int32),
+            jx["recv_idx"][r][:m].astype(np.int32),
+            f"rank {r} recv idx torch vs JAX",
+        )
+        assert_bitwise_equal(th[r]["recv_w"], jx["recv_w"][r][:m], f"rank {r} recv_w torch vs JAX")
+        assert_bitwise_equal(
+            th[r]["out"].view(np.uint16), jx["out"][r], f"rank {r} combine torch vs JAX"
+        )
+
+
+# ----------------------------------------------------------------------------- torch: big rows
+
+
+def _rank_static(rank, world, cases):
+    """Static sizes through the custom ops: capacity drops, several rounds (small buffers)."""
+    import torch
+    from torch_utils import to_numpy
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    out = {}
+    for name, (ns, h, k, e, cap, seed) in cases.items():
+        rng = np.random.default_rng([seed, rank])
+        n = ns[rank]
+        x = torch.randn(n, h, device="cuda").to(torch.bfloat16)
+        idx = (
+            torch.stack([torch.randperm(e)[:k] for _ in range(n)]).cuda()
+            if n
+            else torch.empty(0, k, dtype=torch.int64, device="cuda")
+        )
+        idx[torch.from_numpy(rng.random((n, k)) < 0.1).cuda()] = -1
+        w = torch.rand(n, k, device="cuda")
+        import torch.distributed as dist
+
+        buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+        ops = torch.ops.fused_a2a
+        rx, _, ridx, rw, counts, src, tpe, stats = ops.dispatch(
+            x, None, idx, w, e, buf.group_id, buf.rank, buf.num_ranks, cap, 0
+        )
+        y = (rx.float() * 0.5).to(rx.dtype)
+        o, ow = ops.combine(
+            y, w.new_ones(cap, k), idx, counts, src, stats, e, n, False, buf.group_id, buf.rank, 0
+        )
+        out[name] = dict(
+            x=to_numpy(x),
+            idx=to_numpy(idx),
+            w=to_numpy(w),
+            rx=to_numpy(rx),
+            ridx=to_numpy(ridx),
+            rw=to_numpy(rw),
+            tpe=to_numpy(tpe),
+            stats=to_numpy(stats),
+            out=to_numpy(o),
+            ow=to_numpy(ow),
+        )
+    return out
+
+
+STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
+    "h7168_k8_exact": ((300, 257, 1, 300), 7168, 8, 64, 1200, 1),
+    "h7168_k8_drop": ((300, 257, 1, 300), 7168, 8, 64, 350, 2),
+    "h4096_k2_empty_rank": ((200, 0, 120, 64), 4096, 2, 32, 500, 3),
+}
+
+
+@pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
+def test_static_big_rows(rows):
+    g = 4 if gpu_count() >= 4 else 2
+    _need(g)
+    cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
+    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
+    res = run_ranks(_rank_static, g, cases, timeout=600, env=env)
+    for name, (_, _h, k, e, cap, _) in cases.items():
+        per = [res[r][name] for r in range(g)]
+        xs = [p["x"] for p in per]
+        disp = R.dispatch(xs, [p["idx"] for p in per], [p["w"] for p in per], e, capacity=cap)
+        ys = [(d["recv_x"].astype(np.float32) * np.float32(0.5)).astype(R.BF16) for d in disp]
+        outs, ows = R.combine(
+            ys, disp, [x.shape[0] for x in xs], [np.ones((cap, k), np.float32)] * g
+        )
+        for r in range(g):
+            tag = f"{name} rank {r} rows={rows}"
+            assert_bitwise_equal(per[r]["rx"], disp[r]["recv_x"], f"{tag} recv_x")
+            assert_bitwise_equal(
+                per[r]["ridx"], disp[r]["recv_topk_idx"].astype(np.int32), f"{tag} idx"
+            )
+            assert_bitwise_equal(per[r]["rw"], disp[r]["recv_topk_weights"], f"{tag} w")
+            assert_bitwise_equal(
+                per[r]["tpe"], disp[r]["tokens_per_expert"].astype(np.int32), f"{tag} tpe"
+            )
+            assert list(per[r]["stats"][:2]) == [disp[r]["num_kept"], disp[r]["num_dropped"]], tag
+            assert_bitwise_equal(per[r]["out"], outs[r], f"{tag} out")
+            assert_bitwise_equal(per[r]["ow"], ows[r], f"{tag} out weights")
+        if name.endswith("drop"):
+            assert sum(d["num_dropped"] for d in disp) > 0
+
+
+# ----------------------------------------------------------------------------- stress, graphs
+
+
+def _rank_stress(rank, world, iters, h):
+    import torch
+    import torch.distributed as dist
+
+    import fused_a2a_core as core
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    group = dist.group.WORLD
+    gen = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    e, k = 64, 8
+    bad, mem = [], {}
+    for it in range(iters):
+        if it == 10:
+            torch.cuda.synchronize()
+            mem["before"] = torch.cuda.memory_allocated()
+            mem["bytes_held_before"] = core.buffer_bytes_held()
+        n = int(torch.randint(0, 257, (1,), generator=gen, device="cuda").item())
+        x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+        idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), dim=1)[:, :k]
+        idx[torch.rand(n, k, device="cuda", generator=gen) < 0.3] = -1
+        w = torch.rand(n, k, device="cuda", generator=gen)
+        rx, ridx, rw, tpe, handle = tfa.fused_dispatch(x, idx, w, e, group)
+        out, _ = tfa.fused_combine(rx, group, handle)
+        owners = torch.where(idx >= 0, idx // (e // world), -1)
+        cnt = torch.stack([(owners == g).any(1) for g in range(world)], 1).sum(1)
+        expect = ((x.float() * cnt[:, None].float()) + 0.0).to(torch.bfloat16)
+        ok = torch.equal(out.view(torch.int16), expect.view(torch.int16))
+        ok = ok and int(tpe.sum()) == int((ridx >= 0).sum())
+        if not ok:
+            bad.append(it)
+    torch.cuda.synchronize()
+    mem["after"] = torch.cuda.memory_allocated()
+    mem["bytes_held_after"] = core.buffer_bytes_held()
+    return dict(bad=bad[:20], nbad=len(bad), mem=mem)
+
+
+def test_stress_1000_random_routings():
+    g = 4 if gpu_count() >= 4 else 2
+    _need(g)
+    res = run_ranks(_rank_stress, g, 1000, 1024, timeout=900, env=GPU_ENV)
+    report = {r: res[r]["mem"] for r in range(g)}
+    print("GPU memory before/after 1000 iterations:", json.dumps(report))
+    for r in range(g):
+        assert res[r]["nbad"] == 0, (
+            f"rank {r}: {res[r]['nbad']} bad iterations, first {res[r]['bad']}"
+        )
+        m = res[r]["mem"]
+        assert m["bytes_held_after"] == m["bytes_held_before"], m
+        assert m["after"] <= m["before"] + (16 << 20), f"rank {r} GPU memory grew: {m}"
+
+
+def _rank_graph(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    n, h, k, e = 128, 1024, 4, 32
+    gen = torch.Generator(device="cuda").manual_seed(99 + rank)
+    x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+    idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), dim=1)[:, :k]
+    w = torch.rand(n, k, device="cuda", generator=gen)
+    buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+    ops, cap = torch.ops.fused_a2a, world * n
+
+    def step():
+        rx, _, _, _, counts, src, _, stats = ops.dispatch(
+            x, None, idx, w, e, buf.group_id, buf.rank, buf.num_ranks, cap, 0
+        )
+        y = (rx.float() * 2.0).to(rx.dtype)
+        out, _ = ops.combine(
+            y, None, idx, counts, src, stats, e, n, False, buf.group_id, buf.rank, 0
+        )
+        return rx, out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_rx, g_out = step()
+    mismatches = 0
+    for _ in range(5):
+        x.copy_(torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16))
+        graph.replay()
+        e_rx, e_out = step()
+        torch.cuda.synchronize()
+        mismatches += int(not torch.equal(g_rx.view(torch.int16), e_rx.view(torch.int16)))
+        mismatches += int(not torch.equal(g_out.view(torch.int16), e_out.view(torch.int16)))
+    return mismatches
+
+
+def test_cuda_graph_static_path():
+    g = min(4, gpu_count())
+    _need(2)
+    res = run_ranks(_rank_graph, g, timeout=300, env=GPU_ENV)
+    assert res == [0] * g, res
+
+
+def _rank_timeout(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    x = torch.randn(8, 256, device="cuda").to(torch.bfloat16)
+    idx = torch.randint(0, 8, (8, 2), device="cuda")
+    tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+    if rank == 1:
+        time.sleep(12)  # never calls the op
+        return None
+    start = time.monotonic()
+    try:
+        tfa.fused_dispatch(x, idx, torch.rand(8, 2, device="cuda"), 8, dist.group.WORLD)
+    except Exception as exc:  # noqa: BLE001
+        return (type(exc).__name__, str(exc), time.monotonic() - start)
+    return ("none", "no error", time.monotonic() - start)
+
+
+def test_timeout_names_op_and_rank():
+    _need(2)
+    res = run_ranks(_rank_timeout, 2, timeout=120, env=dict(GPU_ENV, FUSED_A2A_TIMEOUT_S="3"))
+    name, msg, took = res[0]
+    assert "dispatch" in msg and "[1]" in msg, (name, msg)
+    assert took < 30, took
