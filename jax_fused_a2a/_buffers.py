@@ -51,6 +51,7 @@ class _Group:
     base: int
     data_bytes: int
     num_subgroups: int
+    num_ranks: int
     local: list  # [(buffer group id, rank)] created in this process
 
 
@@ -69,6 +70,11 @@ def _row_bytes(hidden_bytes: int, num_topk: int) -> int:
     # One row as the core moves it: the hidden values plus per-row metadata (index, weights,
     # counters). Generous on purpose: only used to decide whether a buffer must grow.
     return hidden_bytes + 8 * num_topk + 64
+
+
+def _payload_bytes(data_bytes: int, num_ranks: int) -> int:
+    # The data region holds one slot per peer (64-byte aligned), each with a 64-byte header.
+    return ((data_bytes // num_ranks) & ~63) - 64
 
 
 def _device_ordinal(device, platform: str) -> int:
@@ -98,29 +104,34 @@ def ensure_group(mesh, axis_name: str, platform: str, hidden_bytes: int, num_top
     row = _row_bytes(hidden_bytes, num_topk)
     with _lock:
         group = _groups.get(key)
-        if group is not None and row <= group.data_bytes and _alive(core, group):
+        fits = group is not None and row <= _payload_bytes(group.data_bytes, num_ranks)
+        if fits and _alive(core, group):
             return group.base
         want = int(
             core.recommended_buffer_bytes(int(hidden_bytes), num_ranks, PLATFORM_IDS[platform])
         )
-        want = max(want, row)
-        if group is not None:
-            want = max(want, 2 * group.data_bytes)
+        if group is not None:  # never shrink; grow at least 2x when a row does not fit
+            want = max(want, group.data_bytes if fits else 2 * group.data_bytes)
+        while _payload_bytes(want, num_ranks) < row:
+            want *= 2
         generation = _generations.get(key, 0)
         _generations[key] = generation + 1
         base = _group_base(key, generation)
         local = _bootstrap(core, base, groups, platform, want)
-        _groups[key] = _Group(key, generation, base, want, num_sub, local)
+        _groups[key] = _Group(key, generation, base, want, num_sub, num_ranks, local)
         return base
 
 
 def _alive(core, group: _Group) -> bool:
-    """False when the buffers were released behind our back, or an error left one unusable."""
-    poisoned = getattr(core, "buffer_poisoned", lambda gid, rank: "")
-    return all(
-        core.buffer_data_bytes(gid, rank) > 0 and not poisoned(gid, rank)
-        for gid, rank in group.local
-    )
+    """False when the buffers were released behind our back, or (groups held entirely by this
+    process) an error left one unusable. Across processes that decision must be collective: there
+    the user calls reset() on every process."""
+    if any(core.buffer_data_bytes(gid, rank) <= 0 for gid, rank in group.local):
+        return False
+    poisoned = getattr(core, "buffer_poisoned", None)
+    if poisoned is None or len(group.local) < group.num_subgroups * group.num_ranks:
+        return True
+    return not any(poisoned(gid, rank) for gid, rank in group.local)
 
 
 def _bootstrap(core, base: int, groups: np.ndarray, platform: str, data_bytes: int) -> list:

@@ -120,6 +120,37 @@ def case_remat():
         eq(a, b, name)
 
 
+def case_shard_map_variants():
+    """check_vma=False works; a partially manual shard_map (another mesh axis left automatic) is
+    refused with a clear NotImplementedError."""
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import jax_fused_a2a as fa
+
+    xs, idxs, ws, x, idx, w = _inputs(4, n=8, dtype="f32")
+
+    def body(a, b, c):
+        d = fa.dispatch(a, b, c, num_experts=8, axis_name="ep")
+        return fa.combine(d.recv_x, d.handle, axis_name="ep")
+
+    mesh = _setup(4)
+    f = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep"), check_vma=False)
+    )
+    out = split(f(x, idx, w), 4)
+    res = ref.dispatch(xs, idxs, ws, 8, capacity=32)
+    ref_out, _ = ref.combine([r["recv_x"] for r in res], res, [8] * 4)
+    for r in range(4):
+        eq(out[r], ref_out[r], f"check_vma=False out[{r}]")
+
+    mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "ep"))
+    with jax.set_mesh(mesh2):
+        g = jax.shard_map(body, in_specs=(P("ep"),) * 3, out_specs=P("ep"), axis_names={"ep"})
+        _expect(lambda: jax.jit(g).trace(x, idx, w), NotImplementedError, ["'dp'", "axis_names"])
+
+
 def _expect(fn, exc, fragments):
     try:
         fn()
@@ -479,6 +510,7 @@ SUITE_MISC = dict(
     handle_across_jit=case_handle_across_jit,
     layout=case_layout,
     remat=case_remat,
+    shard_map_variants=case_shard_map_variants,
 )
 
 
