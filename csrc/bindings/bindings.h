@@ -8,4 +8,6 @@ namespace fa2a::bindings {
 void register_core(pybind11::module_& m);
 // xla_ffi.cc: `ffi_targets()` -> {name: capsule} for every XLA FFI handler (one table).
 void register_xla_ffi(pybind11::module_& m);
+// module_hybrid.cc: HybridEP args structs and ops (dispatch with permute, combine with unpermute).
+void register_hybrid(pybind11::module_& m);
 }  // namespace fa2a::bindings

@@ -46,14 +46,14 @@ struct HybridDispatchArgs {
   // Inputs of this rank.
   const void* x = nullptr;  // [N,H] x_dtype: f32, f16, bf16; or e4m3 with x_scales
   DType x_dtype = DType::kBF16;
-  int64_t num_tokens = 0;              // N (must be equal on every rank)
-  int64_t hidden = 0;                  // H
-  const float* x_scales = nullptr;     // [N, H/128] f32 for e4m3 x (passed through), else null
+  int64_t num_tokens = 0;                // N (must be equal on every rank)
+  int64_t hidden = 0;                    // H
+  const float* x_scales = nullptr;       // [N, H/128] f32 for e4m3 x (passed through), else null
   const uint8_t* routing_map = nullptr;  // [N,E] bool (one byte; nonzero = routed)
-  const float* probs = nullptr;        // [N,E] f32; null: probs not carried
-  int num_experts = 0;                 // E = G * L
-  int num_local_experts = 0;           // L
-  int64_t pad_multiple = 0;            // p >= 0 (0: no padding)
+  const float* probs = nullptr;          // [N,E] f32; null: probs not carried
+  int num_experts = 0;                   // E = G * L
+  int num_local_experts = 0;             // L
+  int64_t pad_multiple = 0;              // p >= 0 (0: no padding)
   // Quantise f32/f16/bf16 rows to e4m3 per 1x128 block on the send side (H % 128 == 0):
   //   amax = max(max |x_block|, 1e-4f); scale = amax / 448.0f; q = e4m3_rne(x / scale)
   // (all f32, as tests/reference.py fp8_quantize). permuted_x is then e4m3 and permuted_scales
@@ -62,10 +62,10 @@ struct HybridDispatchArgs {
 
   // Outputs of this rank (receive side), P rows. Padding rows and rows past the padded total are
   // zeros (scales and probs included).
-  int64_t num_rows = 0;            // P
-  void* permuted_x = nullptr;      // [P,H] x_dtype, or e4m3 with quantize_fp8
-  float* permuted_probs = nullptr;   // [P] probs[g, r*L + j] of each row; needs probs
-  float* permuted_scales = nullptr;  // [P, H/128] f32 with quantize_fp8 or e4m3 x, else null
+  int64_t num_rows = 0;                  // P
+  void* permuted_x = nullptr;            // [P,H] x_dtype, or e4m3 with quantize_fp8
+  float* permuted_probs = nullptr;       // [P] probs[g, r*L + j] of each row; needs probs
+  float* permuted_scales = nullptr;      // [P, H/128] f32 with quantize_fp8 or e4m3 x, else null
   int32_t* tokens_per_expert = nullptr;  // [L] padded counts, clipped greedily in expert order
                                          // so that they sum to at most P
 
@@ -109,10 +109,10 @@ struct HybridCombineArgs {
   int num_local_experts = 0;                   // L
   int64_t pad_multiple = 0;                    // p of the dispatch
 
-  int64_t num_tokens = 0;        // N (rows of out; must equal meta[kHybridMetaNumTokens])
-  void* out = nullptr;           // [N,H] y_dtype
-  float* out_probs = nullptr;    // [N,E] f32 when probs: the prob of row(t, j) on rank rho at
-                                 // column rho*L + j, 0 where (t, e) was not routed or dropped
+  int64_t num_tokens = 0;      // N (rows of out; must equal meta[kHybridMetaNumTokens])
+  void* out = nullptr;         // [N,H] y_dtype
+  float* out_probs = nullptr;  // [N,E] f32 when probs: the prob of row(t, j) on rank rho at
+                               // column rho*L + j, 0 where (t, e) was not routed or dropped
 
   int num_sms = 0;  // CUDA: SMs the communication kernels may use (0: the default, 24)
 };

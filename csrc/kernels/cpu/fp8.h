@@ -1,5 +1,6 @@
 // Exact FP8 (float8_e4m3fn) conversions and the project's 1x128 block quantisation, bit for bit
-// as tests/reference.py (ml_dtypes round to nearest even; no infinity: overflow and inf become NaN).
+// as tests/reference.py (ml_dtypes round to nearest even; no infinity: overflow and inf become
+// NaN).
 #pragma once
 
 #include <cmath>
