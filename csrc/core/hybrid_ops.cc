@@ -164,7 +164,7 @@ size_t hybrid_buffer_bytes(int64_t hidden, int64_t bytes_per_value, int num_loca
   const size_t payload =
       std::max({static_cast<size_t>(rows) * dispatch_row, static_cast<size_t>(rows) * combine_row,
                 4 * static_cast<size_t>(num_local_experts) * combine_row});
-  const size_t slot = (64 + payload + 63) / 64 * 64;
+  const size_t slot = (256 + payload + 63) / 64 * 64;  // + the message header (<= 256 bytes)
   return slot * static_cast<size_t>(num_ranks);
 }
 
