@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nw = gridDim.x * a.warps, gw = blockIdx.x * a.warps + warp;
-  const size_t per_warp = static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 128;
+  const size_t per_warp = (static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 255) & ~size_t(127);
   uint8_t* base = smem + per_warp * warp;
   TmaPipe pipe;
   if (a.tma && lane == 0) {
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
     for (const Mode& m : modes) {
-      const size_t smem = m.tma ? m.warps * (m.stages * (m.stage + 20) + 128) : 0;
+      const size_t smem = m.tma ? m.warps * ((m.stages * (m.stage + 20) + 255) & ~size_t(127)) : 0;
       std::vector<double> per_gpu(ngpu, 0.0);
       std::vector<std::vector<float>> ms(ngpu);
       for (int rep = 0; rep < reps + 2; ++rep) {

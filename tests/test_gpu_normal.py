@@ -31,7 +31,7 @@ from reference import assert_bitwise_equal
 pytestmark = pytest.mark.gpu
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-GPU_ENV = {"FUSED_A2A_TIMEOUT_S": "60", "NCCL_NVLS_ENABLE": "0"}
+GPU_ENV = {"FUSED_A2A_TIMEOUT_S": "60", "NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHANDLER": "1"}
 
 
 def _need(n: int):
