@@ -40,12 +40,32 @@ summary "gpu_check: $(date -u +%FT%TZ) commit $FA2A_COMMIT, $NGPU GPU(s): $(nvid
 
 if has build; then
   t0=$(date +%s)
+  {
+    echo "CXX=$(command -v g++) $(g++ --version | head -1)"
+    ls -la /usr/bin/g++* 2>/dev/null
+    echo "libstdc++ used by g++: $(g++ -print-file-name=libstdc++.so)"
+    head -c 300 "$(g++ -print-file-name=libstdc++.so)" 2>/dev/null | strings | head -5
+  } >"$OUT/build.log" 2>&1
+  # The image's g++ (/opt/gcc) links part of libstdc++ statically next to the system's shared
+  # one; ostream formatting of numbers then crashed inside our module. Link all of libstdc++
+  # statically with its symbols hidden (FA2A_STATIC_LIBSTDCXX=0 turns this off).
+  if [[ "${FA2A_STATIC_LIBSTDCXX:-1}" == 1 ]]; then
+    export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_MODULE_LINKER_FLAGS=-static-libstdc++\ -static-libgcc\ -Wl,--exclude-libs,ALL"
+  fi
   CMAKE_BUILD_PARALLEL_LEVEL=$NPROC timeout "${STEP_TIMEOUT_BUILD:-420}" \
-    $PY -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1
+    $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$OUT/build.log" 2>&1
   rc=$?
-  summary "build: rc=$rc in $(( $(date +%s) - t0 )) s"
-  $PY -c 'import fused_a2a_core as c; print(c.build_info(), c.cuda_device_count())' 2>&1 | tee -a "$OUT/summary.txt"
+  summary "build: rc=$rc in $(( $(date +%s) - t0 )) s (CMAKE_ARGS=${CMAKE_ARGS:-})"
   [[ $rc -ne 0 ]] && { tail -40 "$OUT/build.log"; exit 1; }
+  so=$($PY -c 'import fused_a2a_core as c; print(c.__file__)')
+  { readelf -d "$so" | grep NEEDED; echo "defined std:: symbols: $(nm -D --defined-only "$so" | grep -c _ZNS)"; } >>"$OUT/build.log" 2>&1
+  # An error message with a number goes through std::ostringstream: must raise, not crash.
+  $PY -c 'import torch, fused_a2a_core as c
+try:
+    c.recommended_buffer_bytes(-1, 2, 1)
+except Exception as e:
+    print("error path ok:", type(e).__name__, e)
+print(c.build_info(), c.cuda_device_count())' 2>&1 | tee -a "$OUT/summary.txt"
 fi
 
 if has probe; then

@@ -8,7 +8,6 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -113,16 +112,19 @@ class CudaTransport : public Transport {
     }
     const uint64_t nonce = process_nonce();
     const uint64_t ptr = reinterpret_cast<uintptr_t>(own_);
-    std::ostringstream out;
-    out << "cuda1:" << to_hex(&nonce, sizeof(nonce)) << ":" << device_ << ":"
-        << to_hex(&ptr, sizeof(ptr)) << ":" << to_hex(&handle, sizeof(handle));
-    return out.str();
+    // No iostreams here: std::to_string and concatenation only.
+    return "cuda1:" + to_hex(&nonce, sizeof(nonce)) + ":" + std::to_string(device_) + ":" +
+           to_hex(&ptr, sizeof(ptr)) + ":" + to_hex(&handle, sizeof(handle));
   }
 
   void* import_peer(const std::string& info) override {
     std::vector<std::string> parts;
-    std::stringstream in(info);
-    for (std::string part; std::getline(in, part, ':');) parts.push_back(part);
+    for (size_t start = 0;;) {
+      const size_t colon = info.find(':', start);
+      parts.push_back(info.substr(start, colon == std::string::npos ? colon : colon - start));
+      if (colon == std::string::npos) break;
+      start = colon + 1;
+    }
     FA2A_CHECK_RUNTIME(parts.size() == 5 && parts[0] == "cuda1",
                        "fused_a2a CUDA transport: a peer's info is not from the CUDA transport "
                        "(do all ranks use GPU buffers?)");

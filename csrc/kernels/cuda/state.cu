@@ -1,5 +1,6 @@
 // Per-buffer CUDA state, launch configuration and error reporting of the CUDA backend.
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -77,10 +78,13 @@ std::string error_text(const HostError* e) {
   for (int i = 0; i < 64; ++i) {
     if (m & (1ull << i)) ranks += (ranks.empty() ? "" : ", ") + std::to_string(i);
   }
-  return str_cat("fused_a2a: ", op_name(e->op), " timed out after ", e->seconds, " s on rank ",
-                 e->rank, ", phase ", phase_name(e->phase), "; rank(s) [", ranks,
-                 "] did not arrive. This buffer is unusable now: release it and create a new one "
-                 "(FUSED_A2A_TIMEOUT_S sets the bound).");
+  char secs[32];
+  std::snprintf(secs, sizeof(secs), "%g", static_cast<double>(e->seconds));
+  // No iostreams on this path (see benchmarks/NOTES.md, "libstdc++ in GPU builds").
+  return std::string("fused_a2a: ") + op_name(e->op) + " timed out after " + secs + " s on rank " +
+         std::to_string(e->rank) + ", phase " + phase_name(e->phase) + "; rank(s) [" + ranks +
+         "] did not arrive. This buffer is unusable now: release it and create a new one "
+         "(FUSED_A2A_TIMEOUT_S sets the bound).";
 }
 }  // namespace
 
