@@ -79,7 +79,8 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(DispatchArgs, num_recv, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, num_dropped, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, group_max_tokens, int32_t)
-      .def_readwrite("num_sms", &DispatchArgs::num_sms);
+      .def_readwrite("num_sms", &DispatchArgs::num_sms)
+      .def_readwrite("call_tag", &DispatchArgs::call_tag);
 
   py::class_<CombineArgs>(m, "CombineArgs")
       .def(py::init<>())
@@ -103,7 +104,8 @@ void bind_args(py::module_& m) {
       .def_readwrite("num_tokens", &CombineArgs::num_tokens)
       .FA2A_POINTER_FIELD(CombineArgs, out, void)
       .FA2A_POINTER_FIELD(CombineArgs, out_weights, float)
-      .def_readwrite("num_sms", &CombineArgs::num_sms);
+      .def_readwrite("num_sms", &CombineArgs::num_sms)
+      .def_readwrite("call_tag", &CombineArgs::call_tag);
 }
 
 }  // namespace
@@ -122,7 +124,7 @@ void register_core(py::module_& m) {
           PyErr_SetString(PyExc_TypeError, e.what());
           return;
         case ErrorKind::kTimeout:
-          timeout_error(e.what());
+          py::set_error(timeout_error, e.what());
           return;
         case ErrorKind::kNotImplemented:
           PyErr_SetString(PyExc_NotImplementedError, e.what());

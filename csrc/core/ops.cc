@@ -7,21 +7,10 @@
 namespace fa2a {
 namespace {
 
-// topk_idx values must be -1 or in [0, E). Scanned on the host for CPU buffers; the CUDA
-// frontends check on the device where they can afford it.
-void check_topk_values(Platform platform, const void* topk_idx, DType idx_dtype, int64_t num_tokens,
-                       int num_topk, int num_experts) {
-  if (platform != Platform::kCPU) return;
-  for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
-    int64_t value = idx_dtype == DType::kI64 ? static_cast<const int64_t*>(topk_idx)[i]
-                                             : static_cast<const int32_t*>(topk_idx)[i];
-    FA2A_CHECK(value >= -1 && value < num_experts, "topk_idx[", i / num_topk, ", ", i % num_topk,
-               "] = ", value, " is out of range: expected -1 or a value in [0, ", num_experts, ")");
-  }
-}
-
+// scan_values: check topk_idx values here (CPU layout); dispatch checks them inside its notify
+// round instead, so that every rank learns that one rank's input was bad (no rank is left waiting).
 void check_routing(Platform platform, const void* topk_idx, DType idx_dtype, int64_t num_tokens,
-                   int num_topk, int num_experts, int num_ranks) {
+                   int num_topk, int num_experts, int num_ranks, bool scan_values) {
   FA2A_CHECK(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
   FA2A_CHECK(num_topk >= 1, "topk_idx must have at least one column (num_topk), got ", num_topk);
   FA2A_CHECK_TYPE(is_index_dtype(idx_dtype), "topk_idx must be int32 or int64, got ",
@@ -30,7 +19,9 @@ void check_routing(Platform platform, const void* topk_idx, DType idx_dtype, int
   FA2A_CHECK(num_experts % num_ranks == 0, "num_experts (", num_experts,
              ") must be a multiple of the group size (", num_ranks, ")");
   FA2A_CHECK(num_tokens == 0 || topk_idx != nullptr, "topk_idx is missing");
-  check_topk_values(platform, topk_idx, idx_dtype, num_tokens, num_topk, num_experts);
+  if (scan_values && platform == Platform::kCPU) {
+    check_topk_values(topk_idx, idx_dtype, num_tokens, num_topk, num_experts);
+  }
 }
 
 void check_rows(const char* name, DType dtype, int64_t hidden, bool with_scales) {
@@ -53,7 +44,7 @@ void check_rows(const char* name, DType dtype, int64_t hidden, bool with_scales)
 void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
   check_rows("x", a.x_dtype, a.hidden, a.x_scales != nullptr);
   check_routing(buffer.platform(), a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk, a.num_experts,
-                buffer.num_ranks());
+                buffer.num_ranks(), false);
   FA2A_CHECK(a.num_tokens == 0 || a.x != nullptr, "x is missing");
   FA2A_CHECK(a.capacity >= 0, "capacity (max_recv_tokens) must be >= 0, got ", a.capacity);
   FA2A_CHECK(a.capacity == 0 || a.recv_x != nullptr, "recv_x output is missing");
@@ -67,13 +58,23 @@ void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
 
 }  // namespace
 
+void check_topk_values(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
+                       int num_experts) {
+  for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
+    int64_t value = idx_dtype == DType::kI64 ? static_cast<const int64_t*>(topk_idx)[i]
+                                             : static_cast<const int32_t*>(topk_idx)[i];
+    FA2A_CHECK(value >= -1 && value < num_experts, "topk_idx[", i / num_topk, ", ", i % num_topk,
+               "] = ", value, " is out of range: expected -1 or a value in [0, ", num_experts, ")");
+  }
+}
+
 void layout(Platform platform, Stream stream, const void* topk_idx, DType idx_dtype,
             int64_t num_tokens, int num_topk, int num_experts, int num_ranks,
             int32_t* num_tokens_per_rank, int32_t* num_tokens_per_expert,
             uint8_t* is_token_in_rank) {
   FA2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks,
              "], got ", num_ranks);
-  check_routing(platform, topk_idx, idx_dtype, num_tokens, num_topk, num_experts, num_ranks);
+  check_routing(platform, topk_idx, idx_dtype, num_tokens, num_topk, num_experts, num_ranks, true);
   if (platform == Platform::kCPU) {
     cpu::layout(topk_idx, idx_dtype, num_tokens, num_topk, num_experts, num_ranks,
                 num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank);

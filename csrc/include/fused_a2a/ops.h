@@ -65,7 +65,8 @@ struct DispatchArgs {
   int32_t* num_dropped = nullptr;
   int32_t* group_max_tokens = nullptr;
 
-  int num_sms = 0;  // CUDA: SMs the communication kernels may use (0: the default, 24)
+  int num_sms = 0;        // CUDA: SMs the communication kernels may use (0: the default, 24)
+  uint64_t call_tag = 0;  // the frontend's id of the call site (0: none); ranks must agree
 };
 
 // Static shapes (JAX; torch with a worst-case size): notify + data in one collective call.
@@ -105,8 +106,14 @@ struct CombineArgs {
   void* out = nullptr;           // [N,H] y_dtype
   float* out_weights = nullptr;  // [N,K] when weights
 
-  int num_sms = 0;  // CUDA: SMs the communication kernels may use (0: the default, 24)
+  int num_sms = 0;        // CUDA: SMs the communication kernels may use (0: the default, 24)
+  uint64_t call_tag = 0;  // the frontend's id of the call site (0: none); ranks must agree
 };
+
+// Throws ErrorKind::kValue naming the first entry of topk_idx [N,K] (host memory) that is neither
+// -1 nor in [0, E).
+void check_topk_values(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
+                       int num_experts);
 
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 

@@ -75,14 +75,15 @@ const char* op_tag_name(OpTag tag) {
   return "unknown op";
 }
 
-Exchange::Exchange(Buffer& buffer, const char* op_name)
+Exchange::Exchange(Buffer& buffer, const char* op_name, uint64_t call_tag)
     : buffer_(buffer),
       lock_(buffer.op_mutex()),
       op_name_(op_name),
       rank_(buffer.rank()),
       num_ranks_(buffer.num_ranks()),
       slot_bytes_((buffer.data_bytes() / buffer.num_ranks()) & ~size_t{63}),
-      round_(buffer.round_counter()) {
+      round_(buffer.round_counter()),
+      call_tag_(call_tag) {
   FA2A_CHECK_RUNTIME(buffer.poisoned().empty(), "fused_a2a ", op_name,
                      ": the buffer is unusable after an earlier failure (", buffer.poisoned(),
                      "); reset the buffer (torch: it is re-created by get_buffer after "
@@ -124,12 +125,14 @@ uint8_t* Exchange::send_payload(int dst, const char* phase) {
   return slot(dst, rank_) + sizeof(MessageHeader);
 }
 
-void Exchange::publish(int dst, OpTag tag, int64_t count, const int64_t aux[5]) {
+void Exchange::publish(int dst, OpTag tag, int64_t count, const int64_t aux[5], int64_t status) {
   auto* header = reinterpret_cast<MessageHeader*>(slot(dst, rank_));
   header->op = static_cast<uint32_t>(tag);
   header->sender = static_cast<uint32_t>(rank_);
   header->round = round_;
   header->count = count;
+  header->status = status;
+  header->call_tag = call_tag_;
   for (int i = 0; i < 5; ++i) header->aux[i] = aux ? aux[i] : 0;
   store_release(&ready_flags(dst)[rank_], round_ + 1);
 }
@@ -147,11 +150,13 @@ void Exchange::wait_all_messages(OpTag tag, const char* phase) {
   }
   for (int src = 0; src < num_ranks_; ++src) {
     const MessageHeader& h = header(src);
-    if (h.op != static_cast<uint32_t>(tag) || h.round != round_) {
+    if (h.op != static_cast<uint32_t>(tag) || h.round != round_ || h.call_tag != call_tag_) {
       std::ostringstream why;
       why << "fused_a2a " << op_name_ << ": op mismatch on rank " << rank_ << ": rank " << src
           << " called " << op_tag_name(static_cast<OpTag>(h.op)) << " while this rank called "
-          << op_tag_name(tag) << " (all ranks must call the same ops in the same order)";
+          << op_tag_name(tag);
+      if (h.op == static_cast<uint32_t>(tag)) why << " from a different call site";
+      why << " (all ranks must call the same ops in the same order)";
       buffer_.poison(why.str());
       throw Error(ErrorKind::kRuntime, why.str());
     }

@@ -32,15 +32,19 @@ struct alignas(64) MessageHeader {
   uint32_t op;
   uint32_t sender;
   uint64_t round;
-  int64_t count;   // rows (data) or entries (notify) in the payload
-  int64_t aux[5];  // op-specific (shapes checked for agreement)
+  int64_t count;      // rows (data) or entries (notify) in the payload
+  int64_t status;     // 0, or non-zero: the sender rejected its input (it raises the details)
+  uint64_t call_tag;  // the frontend's id of the call site; ranks must agree
+  int64_t aux[5];     // op-specific (shapes checked for agreement)
 };
-static_assert(sizeof(MessageHeader) == 64, "header is one cache line");
+static_assert(sizeof(MessageHeader) == 128, "header is two cache lines");
 
 class Exchange {
  public:
   // Takes the buffer's op lock for the lifetime of the object; fails if the buffer is poisoned.
-  Exchange(Buffer& buffer, const char* op_name);
+  // call_tag: the frontend's id of the call site (0: none); a message with another tag is an
+  // op mismatch, so two different calls can never be paired even when their shapes agree.
+  Exchange(Buffer& buffer, const char* op_name, uint64_t call_tag = 0);
   ~Exchange();
   Exchange(const Exchange&) = delete;
   Exchange& operator=(const Exchange&) = delete;
@@ -52,7 +56,7 @@ class Exchange {
   // Sending side of the current round: the payload area of this rank's slot in dst's buffer
   // (waits until dst consumed the previous round), then publish it.
   uint8_t* send_payload(int dst, const char* phase);
-  void publish(int dst, OpTag tag, int64_t count, const int64_t aux[5]);
+  void publish(int dst, OpTag tag, int64_t count, const int64_t aux[5], int64_t status = 0);
   // Receiving side: waits for every sender's message of this round and checks its op tag.
   void wait_all_messages(OpTag tag, const char* phase);
   const MessageHeader& header(int src) const;
@@ -73,6 +77,7 @@ class Exchange {
   int num_ranks_;
   size_t slot_bytes_;
   uint64_t round_;
+  uint64_t call_tag_;
 };
 
 }  // namespace fa2a::cpu

@@ -7,6 +7,7 @@
 // arrive in the same round and are summed in ascending rank order.
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "convert.h"
@@ -90,18 +91,27 @@ void layout(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_t
 }
 
 void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
-  Exchange ex(buffer, "dispatch");
+  Exchange ex(buffer, "dispatch", a.call_tag);
   const int num_ranks = ex.num_ranks();
   const int num_local = a.num_experts / num_ranks;
   FA2A_CHECK(ex.payload_bytes() >= num_local * sizeof(int32_t),
              "fused_a2a dispatch: the buffer "
              "is too small for the counts of ",
              num_local, " local experts");
+  // A bad topk_idx on this rank is reported to every rank through the notify round, so that no
+  // peer is left waiting; this rank raises the details after the round.
+  std::string rejected;
+  try {
+    check_topk_values(a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk, a.num_experts);
+  } catch (const Error& e) {
+    rejected = e.what();
+  }
+  const int64_t valid_tokens = rejected.empty() ? a.num_tokens : 0;
   auto in_rank =
-      token_destinations(a.topk_idx, a.idx_dtype, a.num_tokens, a.num_topk, num_local, num_ranks);
+      token_destinations(a.topk_idx, a.idx_dtype, valid_tokens, a.num_topk, num_local, num_ranks);
   std::vector<int64_t> tokens_to(num_ranks, 0);
   std::vector<int32_t> expert_counts(a.num_experts, 0);
-  for (int64_t t = 0; t < a.num_tokens; ++t) {
+  for (int64_t t = 0; t < valid_tokens; ++t) {
     for (int r = 0; r < num_ranks; ++r) tokens_to[r] += in_rank[t * num_ranks + r];
     for (int k = 0; k < a.num_topk; ++k) {
       int64_t expert = load_index(a.topk_idx, t * a.num_topk + k, a.idx_dtype);
@@ -115,7 +125,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
   for (int dst = 0; dst < num_ranks; ++dst) {
     std::memcpy(ex.send_payload(dst, "notify"), expert_counts.data() + dst * num_local,
                 num_local * sizeof(int32_t));
-    ex.publish(dst, OpTag::kDispatchNotify, tokens_to[dst], aux);
+    ex.publish(dst, OpTag::kDispatchNotify, tokens_to[dst], aux, rejected.empty() ? 0 : 1);
   }
   ex.wait_all_messages(OpTag::kDispatchNotify, "notify");
   int64_t total = 0, group_max = 0;
@@ -138,14 +148,26 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
   } catch (const Error& e) {
     disagreement = e.what();
   }
+  std::vector<int> rejecting;
+  for (int src = 0; src < num_ranks; ++src) {
+    if (ex.header(src).status != 0) rejecting.push_back(src);
+  }
   ex.finish_round();
+  FA2A_CHECK(rejected.empty(), rejected);
+  if (!rejecting.empty()) {
+    std::string ranks;
+    for (int r : rejecting) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+    FA2A_FAIL(ErrorKind::kValue, "fused_a2a dispatch: rank(s) [", ranks,
+              "] rejected their input: topk_idx out of range (see the error raised there); no "
+              "data was moved");
+  }
   FA2A_CHECK(disagreement.empty(), disagreement);
   *a.num_recv = static_cast<int32_t>(total);
   *a.group_max_tokens = static_cast<int32_t>(group_max);
 }
 
 void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
-  Exchange ex(buffer, "dispatch");
+  Exchange ex(buffer, "dispatch", a.call_tag);
   const int num_ranks = ex.num_ranks();
   const int num_local = a.num_experts / num_ranks;
   const int K = a.num_topk;
@@ -257,7 +279,7 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
 }
 
 void combine(Buffer& buffer, const CombineArgs& a) {
-  Exchange ex(buffer, "combine");
+  Exchange ex(buffer, "combine", a.call_tag);
   const int num_ranks = ex.num_ranks();
   const int num_local = a.num_experts / num_ranks;
   const int K = a.num_topk;
