@@ -1,0 +1,22 @@
+"""Inputs shared by the torch and JAX halves of tests/test_parity.py (NumPy only)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}
+
+
+def make(rank: int, n: int, h: int, k: int, e: int, dtype_name: str, seed: int) -> dict:
+    """x [N,H] (dtype), topk_idx [N,K] int32 with -1 slots, topk_weights [N,K] f32, and the
+    upstream gradient grad_out [N,H] f32 of the loss sum(out * grad_out) + sum(recv_weights^2)."""
+    rng = np.random.default_rng([seed, rank])
+    idx = np.stack([rng.permutation(e)[:k] for _ in range(n)]).astype(np.int32)
+    idx[rng.random(idx.shape) < 0.25] = -1
+    return {
+        "x": rng.standard_normal((n, h)).astype(np.float32).astype(DTYPES[dtype_name]),
+        "topk_idx": idx,
+        "topk_weights": rng.random((n, k)).astype(np.float32),
+        "grad_out": rng.standard_normal((n, h)).astype(np.float32),
+    }
