@@ -141,10 +141,17 @@ def test_torch_gpu_matches_reference_and_cpu(world, case):
             assert_bitwise_equal(got["dy"], dys[j], f"{tag} combine backward")
             assert_bitwise_equal(got["dx"], dxs[j], f"{tag} x.grad")
             assert_bitwise_equal(got["dw"], dws[j], f"{tag} token_probs.grad")
+            # The CPU backend on the same inputs. Values computed by torch itself between the
+            # ops (y, and the gradients of the local op) may differ between devices in rounding,
+            # so an op's output is compared only where its inputs agree.
             cpu = per_rank[r]["cpu"]
-            for key, value in got.items():
-                if isinstance(value, np.ndarray):
-                    assert_bitwise_equal(value, cpu[key], f"{tag} {key} vs CPU backend")
+            for key in ("recv_x", "recv_idx", "recv_w", "tpe"):
+                assert_bitwise_equal(got[key], cpu[key], f"{tag} {key} vs CPU backend")
+            for out_key, in_key in (("out", "y"), ("dy", None), ("dx", "d_recv_x")):
+                if in_key is None or np.array_equal(
+                    got[in_key].view(np.uint8), cpu[in_key].view(np.uint8)
+                ):
+                    assert_bitwise_equal(got[out_key], cpu[out_key], f"{tag} {out_key} vs CPU")
 
 
 # ----------------------------------------------------------------------------- JAX on GPUs
@@ -398,6 +405,7 @@ def _rank_stress(rank, world, iters, h):
         n = int(torch.randint(0, 257, (1,), generator=gen, device="cuda").item())
         x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
         idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), dim=1)[:, :k]
+        idx = idx.contiguous()
         idx[torch.rand(n, k, device="cuda", generator=gen) < 0.3] = -1
         w = torch.rand(n, k, device="cuda", generator=gen)
         rx, ridx, rw, tpe, handle = tfa.fused_dispatch(x, idx, w, e, group)
@@ -440,7 +448,7 @@ def _rank_graph(rank, world):
     n, h, k, e = 128, 1024, 4, 32
     gen = torch.Generator(device="cuda").manual_seed(99 + rank)
     x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
-    idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), dim=1)[:, :k]
+    idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), dim=1)[:, :k].contiguous()
     w = torch.rand(n, k, device="cuda", generator=gen)
     buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
     ops, cap = torch.ops.fused_a2a, world * n

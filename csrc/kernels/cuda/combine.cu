@@ -40,7 +40,7 @@ struct CombineParams {
   HostError* host_error;
   unsigned long long timeout_ns;
   long long window;  // W: tokens per round = rows per region
-  int chunk;         // CR
+  int chunk;         // largest chunk rows (the kernel picks CR per owner rank)
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
@@ -48,7 +48,8 @@ struct CombineParams {
 };
 
 struct Shared {
-  int kept[kMaxRanks], off[kMaxRanks], kept_from[kMaxRanks];
+  int kept[kMaxRanks], off[kMaxRanks], kept_from[kMaxRanks], dcr[kMaxRanks];
+  int cr_own;  // chunk rows of the regions in this rank's buffer (chosen here, sent to peers)
   long long nrounds;
   int fail, last;
   unsigned long long seq;
@@ -64,7 +65,7 @@ __host__ __device__ inline SmemLayout smem_layout(int send_warps, int recv_warps
                                                   int stages, uint32_t stage_bytes) {
   SmemLayout l;
   l.ready = 0;
-  l.srcs = align128(sizeof(int) * kMaxRanks * send_warps);
+  l.srcs = align128(sizeof(int) * 3 * kMaxRanks * send_warps);  // ready round, jlo, jhi
   // Per receiver warp: kMaxRanks row pointers + kMaxRanks weight pointers.
   l.pipes = l.srcs + align128(sizeof(void*) * 2 * kMaxRanks * recv_warps);
   l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
@@ -90,7 +91,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
                             const WaitCtx& ctx, int warp, int lane) {
   const int G = p.num_ranks, r = p.rank;
   const long long W = p.window;
-  const int CR = p.chunk, K = p.num_topk;
+  const int K = p.num_topk;
   const size_t rb = p.row_bytes;
   const int nsw = gridDim.x * p.send_warps;
   const int gw = blockIdx.x * p.send_warps + warp;
@@ -107,22 +108,26 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
               reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages);
   }
   __syncwarp();
+  int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
+  int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
   long long it = 0;
   bool ok = true;
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
-    for (int di = 0; di < G - 1 && ok; ++di) {
-      const int d = (r + 1 + di) % G;
+    // Rows of each destination's tokens in its window k: [jlo, jhi) of that source's segment.
+    for (int d = lane; d < G; d += 32) {
       const int* toks = p.recv_src_token + sh.off[d];
-      const int jlo = lower_bound(toks, sh.kept[d], k * W);
-      const int jhi = lower_bound(toks, sh.kept[d], (k + 1) * W);
-      if (jlo >= jhi) continue;
-      const int reg = region_of(r, d);
-      uint8_t* dbase = p.peers[d] + kControlBytes;
-      uint8_t* ddata = dbase + static_cast<size_t>(reg) * W * rb;
-      float* dw = reinterpret_cast<float*>(dbase + static_cast<size_t>(G - 1) * W * rb) +
-                  static_cast<size_t>(reg) * W * p.kw;
-      for (int c = 0; jlo + c * CR < jhi; ++c) {
-        if (it++ % nsw != gw) continue;
+      jlo[d] = d == r ? 0 : lower_bound(toks, sh.kept[d], k * W);
+      jhi[d] = d == r ? 0 : lower_bound(toks, sh.kept[d], (k + 1) * W);
+    }
+    __syncwarp();
+    int maxc = 0;
+    for (int d = 0; d < G; ++d) maxc = max(maxc, (jhi[d] - jlo[d] + sh.dcr[d] - 1) / sh.dcr[d]);
+    for (int c = 0; c < maxc && ok; ++c) {
+      for (int di = 0; di < G - 1 && ok; ++di) {
+        const int d = (r + 1 + di) % G;
+        const int cr = sh.dcr[d];
+        const int j0 = jlo[d] + c * cr;
+        if (j0 >= jhi[d] || it++ % nsw != gw) continue;
         if (k > ready_round[d]) {
           if (p.tma && lane == 0) pipe.drain();
           MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
@@ -132,10 +137,14 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
           if (lane == 0) ready_round[d] = static_cast<int>(k);
           __syncwarp();
         }
-        const int j0 = jlo + c * CR;
-        const int n = min(CR, jhi - j0);
+        const int reg = region_of(r, d);
+        uint8_t* dbase = p.peers[d] + kControlBytes;
+        uint8_t* ddata = dbase + static_cast<size_t>(reg) * W * rb;
+        float* dw = reinterpret_cast<float*>(dbase + static_cast<size_t>(G - 1) * W * rb) +
+                    static_cast<size_t>(reg) * W * p.kw;
+        const int n = min(cr, jhi[d] - j0);
         const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
-        const size_t slot0 = static_cast<size_t>(c) * CR;
+        const size_t slot0 = static_cast<size_t>(c) * cr;
         if (p.tma) {
           if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
         } else {
@@ -157,6 +166,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
         }
       }
     }
+    __syncwarp();
   }
   if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
@@ -257,7 +267,7 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
                              const WaitCtx& ctx, int rwarp, int lane) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens, K = p.num_topk;
   const long long W = p.window;
-  const int CR = p.chunk;
+  const int CR = sh.cr_own;
   const size_t rb = p.row_bytes;
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
@@ -346,18 +356,21 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
     }
     if (ok && k + 1 < sh.nrounds) {
       __syncwarp();
+      int good = 1;
       if (lane == 0) {
-        __threadfence();
-        const unsigned int done = atomicAdd(&local_state(ctrl)->round_done, 1u);
-        if (done == static_cast<unsigned int>((k + 1) * nrw - 1)) {
-          __threadfence_system();
-          for (int s = 0; s < G; ++s)
-            if (s != r)
-              st_release_sys(&msg_slot(p.peers[s], kMsgCombine, parity, r)->epoch,
-                             epoch_of(seq, static_cast<int>(k + 1)));
-        }
+        good = round_barrier(
+                   &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
+                   [&] {
+                     __threadfence_system();
+                     for (int s = 0; s < G; ++s)
+                       if (s != r)
+                         st_release_sys(&msg_slot(p.peers[s], kMsgCombine, parity, r)->epoch,
+                                        epoch_of(seq, static_cast<int>(k + 1)));
+                   })
+                   ? 1
+                   : 0;
       }
-      __syncwarp();
+      ok = __shfl_sync(0xffffffffu, good, 0) != 0;
     }
   }
 }
@@ -385,6 +398,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     const long long gmax =
         max(static_cast<long long>(p.group_max ? *p.group_max : N), static_cast<long long>(N));
     sh.nrounds = (gmax + p.window - 1) / p.window;
+    // Chunk rows of our regions: about two chunks per sender warp toward us, at most p.chunk.
+    const long long rows = static_cast<long long>(N) * max(G - 1, 1);
+    const long long warps2 = 2ll * gridDim.x * p.send_warps;
+    long long cr = min(static_cast<long long>(p.chunk), max(1ll, (rows + warps2 - 1) / warps2));
+    const long long used = min(static_cast<long long>(N), p.window);
+    cr = max(cr, (used + p.flags_per_region - 1) / p.flags_per_region);
+    sh.cr_own = static_cast<int>(max(cr, 1ll));
   }
   __syncthreads();
   const unsigned long long seq = sh.seq;
@@ -396,6 +416,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
         if (s == r) continue;
         MsgSlot* m = msg_slot(p.peers[s], kMsgCombine, parity, r);
         m->a = sh.kept[s];
+        m->b = sh.cr_own;
         __threadfence_system();
         st_release_sys(&m->epoch, e0);
       }
@@ -404,6 +425,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
       const int routed = p.cum[static_cast<size_t>(rho) * (N + 1) + N];
       if (rho == r) {
         sh.kept_from[rho] = min(sh.kept[r], routed);
+        sh.dcr[rho] = sh.cr_own;
         continue;
       }
       MsgSlot* m = msg_slot(ctrl, kMsgCombine, parity, rho);
@@ -412,6 +434,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
         continue;
       }
       sh.kept_from[rho] = min(ld_volatile_int(&m->a), routed);
+      sh.dcr[rho] = max(ld_volatile_int(&m->b), 1);
     }
     __syncthreads();
     if (!sh.fail) {
@@ -488,12 +511,10 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
              " bytes per peer: create a "
              "larger one");
   p.window = W;
-  LaunchConfig cfg =
-      launch_config(st, a.num_sms, rb, 0, sizeof(int) * kMaxRanks, 2 * sizeof(void*) * kMaxRanks);
+  LaunchConfig cfg = launch_config(st, a.num_sms, rb, 0, 3 * sizeof(int) * kMaxRanks,
+                                   2 * sizeof(void*) * kMaxRanks);
   p.flags_per_region = kNumFlags / std::max(G - 1, 1);
-  const int cr = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;
-  const long long min_cr = (W + p.flags_per_region - 1) / p.flags_per_region;
-  p.chunk = static_cast<int>(std::max<long long>(cr, min_cr));
+  p.chunk = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;  // the largest chunk (rows)
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

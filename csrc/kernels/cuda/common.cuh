@@ -31,16 +31,18 @@ struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
   int n_tokens;  // N of s
 };
 
-struct MsgSlot {  // X -> Y: "X is in op m (round k)" plus two payload words
+struct MsgSlot {  // X -> Y: "X is in op m (round k)" plus three payload words
   unsigned long long epoch;
   int a;
   int b;
+  int c;
+  int pad;
 };
 
 constexpr size_t kLocalOffset = 0;
 constexpr size_t kNotifyOffset = 256;                                              // [2][kMaxRanks]
 constexpr size_t kMsgOffset = kNotifyOffset + 2 * kMaxRanks * sizeof(NotifySlot);  // [2][2][64]
-constexpr size_t kExpertOffset = 8192;   // [2][kMaxExperts]
+constexpr size_t kExpertOffset = 12288;  // [2][kMaxExpertsNotify]
 constexpr int kMaxExpertsNotify = 2048;  // E limit of the count exchange (G * L ints per parity)
 constexpr size_t kFlagOffset = 32768;
 constexpr int kNumFlags = 4096;  // u64 chunk flags
@@ -382,6 +384,31 @@ __device__ __forceinline__ void warp_release_flag(unsigned long long* flag, unsi
   __syncwarp();
   if (lane == 0) st_release_sys(flag, v);
   __syncwarp();
+}
+
+// Receiver warps of all blocks finished round k (each adds 1 to *counter per round): the warp
+// that completes the count runs `last`; then every warp waits until the count is complete, so
+// that no warp counts round k + 1 before round k is complete everywhere. Lane 0 only.
+template <typename F>
+__device__ inline bool round_barrier(unsigned int* counter, unsigned int total, const WaitCtx& ctx,
+                                     F last) {
+  __threadfence();
+  const unsigned int done = atomicAdd(counter, 1u) + 1u;
+  if (done == total) last();
+  unsigned long long start = 0;
+  for (unsigned int it = 0; *reinterpret_cast<volatile unsigned int*>(counter) < total; ++it) {
+    if (it > 64) __nanosleep(128);
+    if ((it & 255u) == 255u) {
+      if (aborted(ctx)) return false;
+      if (start == 0) start = globaltimer();
+      if (globaltimer() - start > ctx.timeout_ns) {
+        report_timeout(ctx, kPhaseRound, ctx.rank);
+        return false;
+      }
+    }
+  }
+  __threadfence();
+  return true;
 }
 
 // Warp-wide bounded wait: lane 0 spins, then every lane acquires the flag itself so that its

@@ -54,7 +54,7 @@ struct DispatchParams {
   HostError* host_error;
   unsigned long long timeout_ns;
   long long window;  // R
-  int chunk;         // CR
+  int chunk;         // largest chunk rows (the kernel picks CR per receiver)
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
 };
@@ -141,17 +141,24 @@ __device__ __forceinline__ Segment segment(long long qoff, long long kept, long 
 
 struct Shared {
   int true_cnt[kMaxRanks], kept[kMaxRanks], poff[kMaxRanks], qoff[kMaxRanks];
-  int dkept[kMaxRanks], dqoff[kMaxRanks], ntok[kMaxRanks];
+  int dkept[kMaxRanks], dqoff[kMaxRanks], dcr[kMaxRanks], ntok[kMaxRanks];
+  int cr_recv;  // chunk rows of this rank's window (chosen here, sent to the sources)
   long long total;
   int kept_total, fail, last;
   unsigned long long seq;
 };
 
+__device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
+  return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
+}
+
+// Items are (round, chunk c, destination) with the destination innermost, dealt round-robin to
+// the sender warps of the grid: at any time the warps write to every peer (all links busy) and
+// chunk c of every source reaches a receiver at about the same time.
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const long long R = p.window;
-  const int CR = p.chunk;
   const int nsw = gridDim.x * p.send_warps;
   const int gw = blockIdx.x * p.send_warps + warp;
   const unsigned long long seq = sh.seq;
@@ -172,17 +179,22 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     if (d != r && sh.dkept[d] > 0) nrounds = max(nrounds, (sh.dqoff[d] + sh.dkept[d] + R - 1) / R);
   const int M = p.meta_words;
   const size_t rb = p.row_bytes;
+  const int self_cr = sh.cr_recv;
   long long it = 0;
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
-    for (int di = 0; di < G && ok; ++di) {
-      const int d = (r + 1 + di) % G;
-      if (d == r) {
-        if (k != 0) continue;
-        const long long kd = sh.dkept[r];
-        for (long long j0 = 0; j0 < kd; j0 += CR) {
-          if (it++ % nsw != gw) continue;
-          const int n = static_cast<int>(min(static_cast<long long>(CR), kd - j0));
+    long long maxc = k == 0 ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
+    for (int d = 0; d < G; ++d)
+      if (d != r)
+        maxc =
+            max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
+    for (long long c = 0; c < maxc && ok; ++c) {
+      for (int di = 0; di < G && ok; ++di) {
+        const int d = (r + 1 + di) % G;
+        if (d == r) {  // own rows: straight to recv_x, round 0 only
+          const long long j0 = c * self_cr;
+          if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) continue;
+          const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
           for (int i = 0; i < n; ++i) {
             const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
             const long long P = sh.poff[r] + j0 + i;
@@ -193,15 +205,12 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
             }
             for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
           }
+          continue;
         }
-        continue;
-      }
-      const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, CR, r);
-      if (sg.lo >= sg.hi) continue;
-      uint8_t* dbase = p.peers[d] + kControlBytes;
-      uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb);
-      for (int c = 0; sg.lo + static_cast<long long>(c) * CR < sg.hi; ++c) {
-        if (it++ % nsw != gw) continue;
+        const int cr = sh.dcr[d];
+        const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
+        const long long j0 = sg.lo + c * cr;
+        if (j0 >= sg.hi || it++ % nsw != gw) continue;
         if (k > ready_round[d]) {
           if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
           MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
@@ -211,9 +220,10 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
           if (lane == 0) ready_round[d] = static_cast<int>(k);
           __syncwarp();
         }
-        const long long j0 = sg.lo + static_cast<long long>(c) * CR;
-        const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
-        const long long slot0 = sg.start + static_cast<long long>(c) * CR;
+        const int n = static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0));
+        const long long slot0 = sg.start + c * cr;
+        uint8_t* dbase = p.peers[d] + kControlBytes;
+        uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb);
         for (int i = 0; i < n; ++i) {
           const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
           uint8_t* dst = dbase + (slot0 + i) * rb;
@@ -225,7 +235,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
           uint32_t* mrow = dmeta + (slot0 + i) * M;
           for (int w = lane; w < M; w += 32) mrow[w] = meta_word(p, t, d, w);
         }
-        unsigned long long* flag = chunk_flag(p.peers[d], sg.base + c);
+        unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
         const unsigned long long v = epoch_of(seq, static_cast<int>(k));
         if (p.tma) {
           __threadfence_system();
@@ -246,7 +256,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
   const long long R = p.window;
-  const int CR = p.chunk, M = p.meta_words;
+  const int CR = sh.cr_recv, M = p.meta_words;
   const size_t rb = p.row_bytes;
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
@@ -260,16 +270,20 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
-    for (int s = 0; s < G && ok; ++s) {
-      if (s == r) continue;
-      const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
-      for (int c = 0; sg.lo + static_cast<long long>(c) * CR < sg.hi; ++c) {
-        if (it++ % nrw != gr) continue;
-        ok = warp_wait_flag(chunk_flag(ctrl, sg.base + c), e, ctx, kPhaseData, s, lane);
+    long long maxc = 0;
+    for (int s = 0; s < G; ++s)
+      if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
+    for (long long c = 0; c < maxc && ok; ++c) {
+      for (int s = 0; s < G && ok; ++s) {
+        if (s == r) continue;
+        const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
+        const long long j0 = sg.lo + c * CR;
+        if (j0 >= sg.hi || it++ % nrw != gr) continue;
+        ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
+                            lane);
         if (!ok) break;
-        const long long j0 = sg.lo + static_cast<long long>(c) * CR;
         const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
-        const long long slot0 = sg.start + static_cast<long long>(c) * CR;
+        const long long slot0 = sg.start + c * CR;
         const long long P = sh.poff[s] + j0;
         const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
         warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
@@ -283,18 +297,21 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     }
     if (ok && k + 1 < nrounds) {
       __syncwarp();
+      int good = 1;
       if (lane == 0) {
-        __threadfence();
-        const unsigned int done = atomicAdd(&local_state(ctrl)->round_done, 1u);
-        if (done == static_cast<unsigned int>((k + 1) * nrw - 1)) {
-          __threadfence_system();
-          for (int s = 0; s < G; ++s)
-            if (s != r)
-              st_release_sys(&msg_slot(p.peers[s], kMsgDispatch, parity, r)->epoch,
-                             epoch_of(seq, static_cast<int>(k + 1)));
-        }
+        good = round_barrier(
+                   &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
+                   [&] {
+                     __threadfence_system();
+                     for (int s = 0; s < G; ++s)
+                       if (s != r)
+                         st_release_sys(&msg_slot(p.peers[s], kMsgDispatch, parity, r)->epoch,
+                                        epoch_of(seq, static_cast<int>(k + 1)));
+                   })
+                   ? 1
+                   : 0;
       }
-      __syncwarp();
+      ok = __shfl_sync(0xffffffffu, good, 0) != 0;
     }
   }
 }
@@ -353,6 +370,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       sh.total = before;
       sh.kept_total = static_cast<int>(min(before, p.capacity));
       for (int s = 0; s < G; ++s) sh.qoff[s] = sh.poff[s] - (s > r ? sh.kept[r] : 0);
+      // Chunk rows: about two chunks per sender warp, at most p.chunk, and few enough chunks
+      // for the flags of one window.
+      const long long remote = sh.kept_total - sh.kept[r];
+      const long long warps2 = 2ll * gridDim.x * p.send_warps;
+      long long cr = min(static_cast<long long>(p.chunk), max(1ll, (remote + warps2 - 1) / warps2));
+      const long long used = min(remote, p.window);
+      cr = max(cr, (used + (kNumFlags - kMaxRanks) - 1) / (kNumFlags - kMaxRanks));
+      sh.cr_recv = static_cast<int>(max(cr, 1ll));
     }
     __syncthreads();
     // 2. Ready: tell every source where its rows go; learn where ours go.
@@ -363,6 +388,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           MsgSlot* m = msg_slot(p.peers[s], kMsgDispatch, parity, r);
           m->a = sh.qoff[s];
           m->b = sh.kept[s];
+          m->c = sh.cr_recv;
           __threadfence_system();
           st_release_sys(&m->epoch, e0);
         }
@@ -372,6 +398,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         if (d == r) {
           sh.dqoff[d] = sh.poff[r];
           sh.dkept[d] = min(sh.kept[r], sent);
+          sh.dcr[d] = sh.cr_recv;
           continue;
         }
         MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);
@@ -381,6 +408,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         }
         sh.dqoff[d] = ld_volatile_int(&m->a);
         sh.dkept[d] = min(ld_volatile_int(&m->b), sent);
+        sh.dcr[d] = max(ld_volatile_int(&m->c), 1);
       }
     }
     __syncthreads();
@@ -509,9 +537,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.window = std::max(R, 1ll);
   LaunchConfig cfg = launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
                                    sizeof(int) * kMaxRanks, 0);
-  int cr = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;
-  const long long min_cr = (p.window + (kNumFlags - kMaxRanks) - 1) / (kNumFlags - kMaxRanks);
-  p.chunk = static_cast<int>(std::max<long long>(cr, min_cr));
+  p.chunk = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;  // the largest chunk (rows)
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;
