@@ -92,6 +92,13 @@ WORLD_CASES = {
         # two EP groups {0,1} and {2,3}: group rank != global rank, a new buffer per group
         Case("g4_subgroups_bf16_k2_e8_h16", (3, 5), 2, 8, 16, "bf16", 26, group_size=2),
     ),
+    # EP 8 on CPU processes (issue 9 runs the same on 8 GPUs when such a machine is lent)
+    8: (
+        Case("g8_bf16_k8_e64_h16", (5, 0, 3, 9, 1, 4, 6, 2), 8, 64, 16, "bf16", 31),
+        Case("g8_fp32_k2_e16_h1024", (2, 3, 0, 1, 4, 2, 2, 5), 2, 16, 1024, "fp32", 32),
+        # two EP 4 groups {0..3} and {4..7}
+        Case("g8_subgroups_fp16_k2_e8_h16", (3, 5, 0, 2), 2, 8, 16, "fp16", 33, group_size=4),
+    ),
 }
 ALL_CASES = [(world, case) for world, cases in WORLD_CASES.items() for case in cases]
 CASE_IDS = [case.name for _, case in ALL_CASES]
