@@ -37,6 +37,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
         n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "2"}
     ),
 }
+for _name in ("standard", "standard_sms12", "decode"):
+    CASES[_name + "_dst"] = dict(CASES[_name], env={"FUSED_A2A_CUDA_ORDER": "dst"})
 for _n in (128, 512, 1024, 2048, 4096, 8192):
     CASES[f"sweep_n{_n}"] = dict(n=_n, h=7168, k=8, e=256, sms=24)
 for _sw, _rw, _kb, _cr in (
@@ -60,6 +62,7 @@ for _sw, _rw, _kb, _cr in (
         },
     )
 KNOBS = (
+    "FUSED_A2A_CUDA_ORDER",
     "FUSED_A2A_CUDA_COPY",
     "FUSED_A2A_CUDA_SEND_WARPS",
     "FUSED_A2A_CUDA_RECV_WARPS",

@@ -224,6 +224,10 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async;" ::: "memory");
 }
 
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
                "r"(bytes)
@@ -290,6 +294,7 @@ struct TmaPipe {
   uint32_t stages;
   uint32_t n;                     // pieces pushed
   uint32_t stored;                // pieces whose store was issued
+  uint32_t phase;                 // bit s: parity of the next completion of stage s's mbarrier
   unsigned long long* pend_flag;  // chunk flag waiting for its writes to complete
   unsigned long long pend_value;
   uint32_t pend_mark;  // pieces of that chunk: [0, pend_mark)
@@ -303,6 +308,7 @@ struct TmaPipe {
     stages = S;
     n = 0;
     stored = 0;
+    phase = 0;
     pend_flag = nullptr;
     pend_value = 0;
     pend_mark = 0;
@@ -320,7 +326,8 @@ struct TmaPipe {
   __device__ __forceinline__ void store_one() {
     const uint32_t m = stored;
     const uint32_t s = m % stages;
-    mbar_wait(&bars[s], (m / stages) & 1u);
+    mbar_wait(&bars[s], (phase >> s) & 1u);
+    phase ^= 1u << s;
     bulk_store(dsts[s], smem + static_cast<size_t>(s) * stage_bytes, lens[s]);
     bulk_commit();
     ++stored;
@@ -356,6 +363,20 @@ struct TmaPipe {
       d += piece;
       s += piece;
       bytes -= piece;
+    }
+  }
+
+  // Store `bytes` (multiple of 16) that the warp staged in shared memory (after a
+  // fence.proxy.async.shared::cta and __syncwarp). Counts as a piece without a stage.
+  __device__ __forceinline__ void store_staged(void* dst, const void* smem_src, uint32_t bytes) {
+    while (stored < n) store_one();
+    bulk_store(dst, smem_src, bytes);
+    bulk_commit();
+    ++n;
+    ++stored;
+    if (pend_flag && stored >= pend_mark + kFlagLag) {
+      bulk_wait<kFlagLag>();
+      release_pending();
     }
   }
 

@@ -31,7 +31,8 @@ struct DispatchParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
   bool static_mode, idx64, tma;
   size_t row_bytes;
-  int nsc, meta_words;
+  int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
+  bool dst_major;
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -55,22 +56,25 @@ struct DispatchParams {
   unsigned long long timeout_ns;
   long long window;  // R
   int chunk;         // largest chunk rows (the kernel picks CR per receiver)
+  int staging_rows;  // rows of a metadata staging buffer (>= any receiver's CR)
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
 };
 
 struct SmemLayout {
-  size_t hist, ready, pipes, per_warp, total;
+  size_t hist, ready, meta, meta_per_warp, pipes, per_warp, total;
 };
 
 __host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
 
 __host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool tma, int stages,
-                                                  uint32_t stage_bytes) {
+                                                  uint32_t stage_bytes, int chunk, int meta_words) {
   SmemLayout l;
   l.hist = 0;
   l.ready = align128(sizeof(int) * lpr);
-  l.pipes = l.ready + align128(sizeof(int) * kMaxRanks * send_warps);
+  l.meta = l.ready + align128(sizeof(int) * kMaxRanks * send_warps);
+  l.meta_per_warp = 2 * ((sizeof(int) * chunk * meta_words + 15) & ~size_t(15));
+  l.pipes = l.meta + align128(l.meta_per_warp * send_warps);
   l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
   l.total = l.pipes + l.per_warp * send_warps;
   return l;
@@ -84,6 +88,7 @@ __device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
 __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, int d, int w) {
   const int K = p.num_topk;
   if (w == 0) return static_cast<uint32_t>(t);
+  if (w >= p.meta_real) return 0u;
   if (w <= 2 * K) {
     const int k = (w - 1) % K;
     const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(t) * K + k);
@@ -100,6 +105,7 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
 __device__ __forceinline__ void scatter_meta(const DispatchParams& p, long long P, int w,
                                              uint32_t v, int* s_hist) {
   const int K = p.num_topk;
+  if (w >= p.meta_real) return;
   if (w == 0) {
     if (p.recv_src_token) p.recv_src_token[P] = static_cast<int>(v);
   } else if (w <= K) {
@@ -152,9 +158,12 @@ __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
   return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
 }
 
-// Items are (round, chunk c, destination) with the destination innermost, dealt round-robin to
-// the sender warps of the grid: at any time the warps write to every peer (all links busy) and
-// chunk c of every source reaches a receiver at about the same time.
+// Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
+// Interleaved order (default): the destination innermost, so the warps write to every peer at
+// once and chunk c of every source reaches a receiver at about the same time. Destination-major
+// order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
+// Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
+// and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
@@ -164,6 +173,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const unsigned long long seq = sh.seq;
   const int parity = static_cast<int>(seq & 1ull);
   int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  uint32_t* staging = reinterpret_cast<uint32_t*>(smem + L.meta + L.meta_per_warp * warp);
+  const size_t staging_words = L.meta_per_warp / 8;  // two buffers
   for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
   if (p.tma && lane == 0) {
@@ -181,71 +192,85 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const size_t rb = p.row_bytes;
   const int self_cr = sh.cr_recv;
   long long it = 0;
+  int chunks_done = 0;
   bool ok = true;
+  // One item: chunk c of destination d in round k (if it exists and is this warp's).
+  auto item = [&](long long k, int d, long long c) {
+    if (d == r) {  // own rows: straight to recv_x, round 0 only
+      const long long j0 = c * self_cr;
+      if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) return;
+      const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
+      for (int i = 0; i < n; ++i) {
+        const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
+        const long long P = sh.poff[r] + j0 + i;
+        if (p.tma) {
+          if (lane == 0) pipe.push_span(p.recv_x + P * rb, p.x + t * rb, rb);
+        } else {
+          warp_copy_ro(p.recv_x + P * rb, p.x + t * rb, rb, lane);
+        }
+        for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
+      }
+      return;
+    }
+    const int cr = sh.dcr[d];
+    const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
+    const long long j0 = sg.lo + c * cr;
+    if (j0 >= sg.hi || it++ % nsw != gw) return;
+    if (k > ready_round[d]) {
+      if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
+      MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
+      ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d, lane);
+      if (!ok) return;
+      if (lane == 0) ready_round[d] = static_cast<int>(k);
+      __syncwarp();
+    }
+    const int n = static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0));
+    const long long slot0 = sg.start + c * cr;
+    uint8_t* dbase = p.peers[d] + kControlBytes;
+    uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
+    uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
+    if (p.tma) {
+      if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
+      __syncwarp();
+    }
+    for (int i = 0; i < n; ++i) {
+      const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
+      uint8_t* dst = dbase + (slot0 + i) * rb;
+      if (p.tma) {
+        if (lane == 0) pipe.push_span(dst, p.x + t * rb, rb);
+        for (int w = lane; w < M; w += 32) stage_meta[i * M + w] = meta_word(p, t, d, w);
+      } else {
+        warp_copy_ro(dst, p.x + t * rb, rb, lane);
+        for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
+      }
+    }
+    unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
+    const unsigned long long v = epoch_of(seq, static_cast<int>(k));
+    if (p.tma) {
+      fence_proxy_async_smem();
+      __syncwarp();
+      if (lane == 0) {
+        pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
+        pipe.end_chunk(flag, v);
+      }
+      __syncwarp();
+      ++chunks_done;
+    } else {
+      warp_release_flag(flag, v, lane);
+    }
+  };
   for (long long k = 0; k < nrounds && ok; ++k) {
     long long maxc = k == 0 ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
       if (d != r)
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
-    for (long long c = 0; c < maxc && ok; ++c) {
-      for (int di = 0; di < G && ok; ++di) {
-        const int d = (r + 1 + di) % G;
-        if (d == r) {  // own rows: straight to recv_x, round 0 only
-          const long long j0 = c * self_cr;
-          if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) continue;
-          const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
-          for (int i = 0; i < n; ++i) {
-            const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
-            const long long P = sh.poff[r] + j0 + i;
-            if (p.tma) {
-              if (lane == 0) pipe.push_span(p.recv_x + P * rb, p.x + t * rb, rb);
-            } else {
-              warp_copy_ro(p.recv_x + P * rb, p.x + t * rb, rb, lane);
-            }
-            for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
-          }
-          continue;
-        }
-        const int cr = sh.dcr[d];
-        const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
-        const long long j0 = sg.lo + c * cr;
-        if (j0 >= sg.hi || it++ % nsw != gw) continue;
-        if (k > ready_round[d]) {
-          if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
-          MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
-          ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
-                              lane);
-          if (!ok) break;
-          if (lane == 0) ready_round[d] = static_cast<int>(k);
-          __syncwarp();
-        }
-        const int n = static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0));
-        const long long slot0 = sg.start + c * cr;
-        uint8_t* dbase = p.peers[d] + kControlBytes;
-        uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb);
-        for (int i = 0; i < n; ++i) {
-          const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
-          uint8_t* dst = dbase + (slot0 + i) * rb;
-          if (p.tma) {
-            if (lane == 0) pipe.push_span(dst, p.x + t * rb, rb);
-          } else {
-            warp_copy_ro(dst, p.x + t * rb, rb, lane);
-          }
-          uint32_t* mrow = dmeta + (slot0 + i) * M;
-          for (int w = lane; w < M; w += 32) mrow[w] = meta_word(p, t, d, w);
-        }
-        unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
-        const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-        if (p.tma) {
-          __threadfence_system();
-          __syncwarp();
-          if (lane == 0) pipe.end_chunk(flag, v);
-          __syncwarp();
-        } else {
-          warp_release_flag(flag, v, lane);
-        }
-      }
+    if (p.dst_major) {
+      for (int di = 0; di < G && ok; ++di)
+        for (long long c = 0; c < maxc && ok; ++c) item(k, (r + 1 + di) % G, c);
+    } else {
+      for (long long c = 0; c < maxc && ok; ++c)
+        for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c);
     }
   }
   if (p.tma && lane == 0) pipe.drain();
@@ -273,27 +298,32 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     long long maxc = 0;
     for (int s = 0; s < G; ++s)
       if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
-    for (long long c = 0; c < maxc && ok; ++c) {
-      for (int s = 0; s < G && ok; ++s) {
-        if (s == r) continue;
-        const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
-        const long long j0 = sg.lo + c * CR;
-        if (j0 >= sg.hi || it++ % nrw != gr) continue;
-        ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
-                            lane);
-        if (!ok) break;
-        const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
-        const long long slot0 = sg.start + c * CR;
-        const long long P = sh.poff[s] + j0;
-        const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-        warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
-        const uint32_t* ms =
-            reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
-        for (int i = lane; i < n * M; i += 32) {
-          const int row = i / M;
-          scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
-        }
+    auto item = [&](int s, long long c) {
+      if (s == r) return;
+      const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
+      const long long j0 = sg.lo + c * CR;
+      if (j0 >= sg.hi || it++ % nrw != gr) return;
+      ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
+                          lane);
+      if (!ok) return;
+      const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
+      const long long slot0 = sg.start + c * CR;
+      const long long P = sh.poff[s] + j0;
+      const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
+      warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
+      const uint32_t* ms =
+          reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
+      for (int i = lane; i < n * M; i += 32) {
+        const int row = i / M;
+        scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
       }
+    };
+    if (p.dst_major) {
+      for (int s = 0; s < G && ok; ++s)
+        for (long long c = 0; c < maxc && ok; ++c) item(s, c);
+    } else {
+      for (long long c = 0; c < maxc && ok; ++c)
+        for (int s = 0; s < G && ok; ++s) item(s, c);
     }
     if (ok && k + 1 < nrounds) {
       __syncwarp();
@@ -324,7 +354,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   uint8_t* ctrl = p.peers[r];
   LocalState* ls = local_state(ctrl);
   const WaitCtx ctx{ls, p.host_error, p.timeout_ns, p.op, r};
-  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes);
+  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
+                                   p.staging_rows, p.meta_words);
   int* s_hist = reinterpret_cast<int*>(smem + L.hist);
   for (int j = tid; j < p.lpr; j += blockDim.x) s_hist[j] = 0;
   if (tid == 0) {
@@ -508,7 +539,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.idx64 = a.idx_dtype == DType::kI64;
   p.row_bytes = pr.row_bytes;
   p.nsc = pr.nsc;
-  p.meta_words = 1 + 2 * a.num_topk + pr.nsc;
+  p.meta_real = 1 + 2 * a.num_topk + pr.nsc;
+  p.meta_words = (p.meta_real + 3) & ~3;
   p.x = static_cast<const uint8_t*>(a.x);
   p.x_scales = a.x_scales;
   p.topk_idx = a.topk_idx;
@@ -535,15 +567,21 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(G == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
              " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
   p.window = std::max(R, 1ll);
-  LaunchConfig cfg = launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
-                                   sizeof(int) * kMaxRanks, 0);
-  p.chunk = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;  // the largest chunk (rows)
+  const int max_chunk = std::max(1, std::min(64, chunk_rows_env()));
+  const long long flag_rows = (p.window + kNumFlags - kMaxRanks - 1) / (kNumFlags - kMaxRanks);
+  p.staging_rows = static_cast<int>(std::max<long long>(max_chunk, flag_rows));
+  LaunchConfig cfg =
+      launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
+                    sizeof(int) * kMaxRanks + 2 * (4 * p.staging_rows * p.meta_words + 16), 0);
+  p.chunk = max_chunk;  // the largest chunk (rows)
+  p.dst_major = order_dst_major();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
-  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes);
+  const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
+                                   p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);

@@ -243,6 +243,16 @@ void check_aligned(const void* p, const char* name) {
              " must be 16-byte aligned for the CUDA backend, got address ", p);
 }
 
+int chunk_rows_env() {
+  const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
+  return v > 0 ? v : 8;
+}
+
+bool order_dst_major() {
+  const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
+  return v && std::strcmp(v, "dst") == 0;
+}
+
 int device_sm_count(int device) {
   int v = 0;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
