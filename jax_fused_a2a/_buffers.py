@@ -94,8 +94,17 @@ def groups_of(mesh, axis_name: str) -> np.ndarray:
     return devices.reshape(-1, devices.shape[-1])
 
 
-def ensure_group(mesh, axis_name: str, platform: str, hidden_bytes: int, num_topk: int) -> int:
-    """The base group id for `axis_name` of `mesh`, bootstrapping or growing its buffers."""
+def _slot_bytes(data_bytes: int, num_ranks: int) -> int:
+    return (data_bytes // num_ranks) & ~63
+
+
+def ensure_group(
+    mesh, axis_name: str, platform: str, hidden_bytes: int, num_topk: int, min_slot_bytes: int = 0
+) -> int:
+    """The base group id for `axis_name` of `mesh`, bootstrapping or growing its buffers.
+
+    Normal mode sizes by one row (`hidden_bytes`, `num_topk`); HybridEP ops also pass
+    `min_slot_bytes`, the per-peer slot the core needs for one round of each of their ops."""
     core = core_module()
     groups = groups_of(mesh, axis_name)
     num_sub, num_ranks = groups.shape
@@ -104,7 +113,11 @@ def ensure_group(mesh, axis_name: str, platform: str, hidden_bytes: int, num_top
     row = _row_bytes(hidden_bytes, num_topk)
     with _lock:
         group = _groups.get(key)
-        fits = group is not None and row <= _payload_bytes(group.data_bytes, num_ranks)
+        fits = (
+            group is not None
+            and row <= _payload_bytes(group.data_bytes, num_ranks)
+            and min_slot_bytes <= _slot_bytes(group.data_bytes, num_ranks)
+        )
         if fits and _alive(core, group):
             return group.base
         want = int(
@@ -112,7 +125,9 @@ def ensure_group(mesh, axis_name: str, platform: str, hidden_bytes: int, num_top
         )
         if group is not None:  # never shrink; grow at least 2x when a row does not fit
             want = max(want, group.data_bytes if fits else 2 * group.data_bytes)
-        while _payload_bytes(want, num_ranks) < row:
+        while (
+            _payload_bytes(want, num_ranks) < row or _slot_bytes(want, num_ranks) < min_slot_bytes
+        ):
             want *= 2
         generation = _generations.get(key, 0)
         _generations[key] = generation + 1

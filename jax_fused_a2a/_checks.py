@@ -252,3 +252,140 @@ def rank_and_sub(axis_name: str, like):
     rank = _pvary(rank, target - vma_of(rank))
     sub = _pvary(sub, target - vma_of(sub))
     return rank, sub
+
+
+# ---------------------------------------------------------------------------------------------
+# HybridEP mode
+
+_E4M3 = np.dtype(jnp.float8_e4m3fn)
+FP8_BLOCK = 128
+
+
+def _check_bool_flag(value, name: str, op: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"fused_a2a.{op}: {name} must be a Python bool, got {value!r}")
+    return bool(value)
+
+
+def _check_f32(a, name: str, op: str, shape: tuple, what: str):
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"fused_a2a.{op}: {name} must be an array, got {type(a).__name__}")
+    if _dtype(a) != np.float32:
+        raise TypeError(f"fused_a2a.{op}: {name} must be float32, got {_dtype(a)}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(
+            f"fused_a2a.{op}: {name} must have shape {what} = {tuple(shape)}, got {tuple(a.shape)}"
+        )
+
+
+def check_hybrid_dispatch(
+    x, routing_map, probs, scaling_factor, g, num_local_experts, num_permuted_tokens,
+    pad_multiple, fp8, check,
+):  # fmt: skip
+    """-> (num_local_experts, num_permuted_tokens, pad_multiple (0: none), fp8, check)."""
+    op = "hybrid_dispatch"
+    el = _check_static_int(num_local_experts, "num_local_experts", op, 1)
+    if num_permuted_tokens is None:
+        raise TypeError(
+            f"fused_a2a.{op}: num_permuted_tokens is required: a static Python int P, the rows "
+            "of the permuted outputs (JAX needs static shapes); rows past the P this rank "
+            "receives are zeros, rows that do not fit are dropped and reported in `overflow` "
+            "(max_permuted_tokens() gives a size that never overflows)"
+        )
+    rows = _check_static_int(num_permuted_tokens, "num_permuted_tokens", op, 0)
+    pad = 0 if pad_multiple is None else _check_static_int(pad_multiple, "pad_multiple", op, 0)
+    fp8 = _check_bool_flag(fp8, "fp8", op)
+    check = _check_bool_flag(check, "check", op)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"fused_a2a.{op}: x must be an array, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"fused_a2a.{op}: x must be 2-D [N, H], got shape {tuple(x.shape)}")
+    n, h = (int(d) for d in x.shape)
+    if _dtype(x) == _E4M3:
+        if fp8:
+            raise ValueError(
+                f"fused_a2a.{op}: x is already float8_e4m3fn; fp8=True quantises bfloat16, "
+                "float16 or float32 rows (pass e4m3 rows with their scaling_factor, fp8=False)"
+            )
+        if scaling_factor is None:
+            raise ValueError(
+                f"fused_a2a.{op}: x of dtype float8_e4m3fn needs scaling_factor [N, H/128] "
+                "float32 (its per 1x128 block scales)"
+            )
+        if h % FP8_BLOCK:
+            raise ValueError(
+                f"fused_a2a.{op}: FP8 rows need H % {FP8_BLOCK} == 0, got x shape {(n, h)}"
+            )
+        _check_f32(scaling_factor, "scaling_factor", op, (n, h // FP8_BLOCK), "[N, H/128]")
+    else:
+        _check_rows(x, "x", op)
+        if scaling_factor is not None:
+            raise ValueError(
+                f"fused_a2a.{op}: scaling_factor is only for float8_e4m3fn x, x is {_dtype(x)}"
+            )
+        if fp8 and h % FP8_BLOCK:
+            raise ValueError(
+                f"fused_a2a.{op}: fp8=True needs the hidden size H % {FP8_BLOCK} == 0 "
+                f"(1x{FP8_BLOCK} quantisation blocks), got H={h}"
+            )
+    e = g * el
+    if not hasattr(routing_map, "shape") or not hasattr(routing_map, "dtype"):
+        raise TypeError(
+            f"fused_a2a.{op}: routing_map must be an array, got {type(routing_map).__name__}"
+        )
+    if _dtype(routing_map) != np.bool_:
+        raise TypeError(f"fused_a2a.{op}: routing_map must be bool, got {_dtype(routing_map)}")
+    if tuple(routing_map.shape) != (n, e):
+        raise ValueError(
+            f"fused_a2a.{op}: routing_map must have shape [N, E] = {(n, e)} (E = G={g} x "
+            f"num_local_experts={el}), got {tuple(routing_map.shape)}"
+        )
+    if probs is not None:
+        _check_f32(probs, "probs", op, (n, e), "[N, E]")
+    if g * n > np.iinfo(np.int32).max:
+        raise ValueError(f"fused_a2a.{op}: G * N = {g * n} tokens do not fit int32 token ids")
+    return el, rows, pad, fp8, check
+
+
+def check_hybrid_combine(y, handle, probs, g: int, handle_type):
+    op = "hybrid_combine"
+    if not isinstance(handle, handle_type):
+        raise TypeError(
+            f"fused_a2a.{op}: handle must be the HybridHandle returned by hybrid_dispatch, got "
+            f"{type(handle).__name__}"
+        )
+    for name in handle_type.DATA_FIELDS:
+        value = getattr(handle, name)
+        if not hasattr(value, "dtype"):
+            raise TypeError(
+                f"fused_a2a.{op}: handle.{name} must be an array, got {type(value).__name__}"
+            )
+        want = np.bool_ if name == "routing_map" else np.int32
+        if _dtype(value) != want:
+            raise TypeError(
+                f"fused_a2a.{op}: handle.{name} must be {np.dtype(want)}, got {_dtype(value)}"
+            )
+    _check_rows(y, "y", op)
+    el = int(handle.tokens_per_expert.shape[0]) if handle.tokens_per_expert.ndim == 1 else -1
+    if el < 1 or tuple(handle.src_expert_counts.shape) != (g * el,):
+        raise ValueError(
+            f"fused_a2a.{op}: handle.src_expert_counts must have shape (G*L,) = ({g * el},) for "
+            f"an EP group of {g} ranks and L={el}, got {tuple(handle.src_expert_counts.shape)}; "
+            "was the handle made over another axis?"
+        )
+    if handle.routing_map.ndim != 2 or handle.routing_map.shape[1] != g * el:
+        raise ValueError(
+            f"fused_a2a.{op}: handle.routing_map must be [N, {g * el}], got "
+            f"{tuple(handle.routing_map.shape)}"
+        )
+    if tuple(handle.meta.shape) != (4,):
+        raise ValueError(f"fused_a2a.{op}: handle.meta must have shape (4,)")
+    p = int(handle.row_token.shape[0]) if handle.row_token.ndim == 1 else -1
+    if int(y.shape[0]) != p:
+        raise ValueError(
+            f"fused_a2a.{op}: y must have the dispatch's P={p} rows (num_permuted_tokens), got "
+            f"shape {tuple(y.shape)}"
+        )
+    if probs is not None:
+        _check_f32(probs, "probs", op, (p,), "[P]")
+    return el

@@ -68,6 +68,9 @@ _OP_NAMES = {
     "fa2a_cached_dispatch": "combine's backward (cached dispatch)",
     "fa2a_combine": "combine",
     "fa2a_combine_weighted": "dispatch's backward (weighted combine)",
+    "fa2a_hybrid_dispatch": "hybrid_dispatch",
+    "fa2a_hybrid_cached_dispatch": "hybrid_combine's backward (cached hybrid dispatch)",
+    "fa2a_hybrid_combine": "hybrid_combine",
 }
 
 _registered: set[str] = set()
@@ -145,9 +148,9 @@ def _lowering(ctx, *operands, target, result_avals, attrs, aliases, group):
     ensure_registered(platform)
     kwargs: dict[str, Any] = {k: np.int64(v) for k, v in attrs}
     if group is not None:
-        axis_name, hidden_bytes, num_topk = group
+        axis_name, hidden_bytes, num_topk, *min_slot = group
         mesh = _mesh_of(ctx, axis_name)
-        base = _buffers.ensure_group(mesh, axis_name, platform, hidden_bytes, num_topk)
+        base = _buffers.ensure_group(mesh, axis_name, platform, hidden_bytes, num_topk, *min_slot)
         kwargs["group_id"] = np.int64(base)
     extra = {"operand_output_aliases": dict(aliases)} if aliases else {}
     rule = jax.ffi.ffi_lowering(target, **extra)
@@ -158,7 +161,8 @@ mlir.register_lowering(fa2a_call_p, _lowering)
 
 
 def call(target: str, operands, result_avals, *, attrs=(), aliases=(), group=None):
-    """Bind the primitive. `group`: (axis_name, hidden_bytes, num_topk) for collective targets."""
+    """Bind the primitive. `group`: (axis_name, hidden_bytes, num_topk[, min_slot_bytes]) for
+    collective targets (see `_buffers.ensure_group`)."""
     return fa2a_call_p.bind(
         *operands,
         target=target,

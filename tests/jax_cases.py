@@ -219,9 +219,11 @@ def main():
     if suite == "normal":
         results = suite_normal(int(sys.argv[2]))
     else:
+        import jax_cases_hybrid
         import jax_cases_misc
 
-        results = jax_cases_misc.SUITES[suite](*sys.argv[2:])
+        suites = {**jax_cases_misc.SUITES, **jax_cases_hybrid.SUITES}
+        results = suites[suite](*sys.argv[2:])
     print("RESULTS " + json.dumps(results), flush=True)
 
 

@@ -20,3 +20,21 @@ def make(rank: int, n: int, h: int, k: int, e: int, dtype_name: str, seed: int) 
         "topk_weights": rng.random((n, k)).astype(np.float32),
         "grad_out": rng.standard_normal((n, h)).astype(np.float32),
     }
+
+
+def make_hybrid(rank: int, n: int, h: int, e: int, p: int, dtype_name: str, seed: int) -> dict:
+    """HybridEP inputs of one rank: x [N,H] (dtype), routing_map [N,E] bool (2 experts per token,
+    some tokens routed nowhere), probs [N,E] f32, and the upstream gradients of the loss
+    sum(out * grad_out) + sum(dispatched_probs * grad_probs): grad_out [N,H] f32, grad_probs [P]."""
+    rng = np.random.default_rng([seed, rank, 1])
+    rm = np.zeros((n, e), bool)
+    for t in range(n):
+        if rng.random() >= 0.15:
+            rm[t, rng.permutation(e)[:2]] = True
+    return {
+        "x": rng.standard_normal((n, h)).astype(np.float32).astype(DTYPES[dtype_name]),
+        "routing_map": rm,
+        "probs": rng.uniform(0.01, 1.0, (n, e)).astype(np.float32),
+        "grad_out": rng.standard_normal((n, h)).astype(np.float32),
+        "grad_probs": rng.standard_normal(p).astype(np.float32),
+    }

@@ -1,4 +1,5 @@
-// XLA FFI handlers of the JAX frontend (normal mode), one registration table.
+// XLA FFI handlers of the JAX frontend (normal mode) and the one registration table of every
+// target (the HybridEP handlers live in xla_ffi_hybrid.cc).
 //
 // Every target exists for the "cpu" platform and, when the CUDA backend is compiled in, for
 // "CUDA" under the same name. Python gets {name: PyCapsule} per platform from `ffi_targets()` and
@@ -18,7 +19,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -34,107 +34,12 @@ namespace py = pybind11;
 
 #if defined(FA2A_HAVE_XLA_FFI) && FA2A_HAVE_XLA_FFI
 
-#include "xla/ffi/api/ffi.h"
-
-#if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
-#include <cuda_runtime_api.h>
-#endif
-
-namespace ffi = xla::ffi;
+#include "xla_ffi_common.h"
 
 namespace fa2a::bindings {
 namespace {
 
-using Buf = ffi::AnyBuffer;
-using Ret = ffi::Result<ffi::AnyBuffer>;
-
-// ---------------------------------------------------------------------------------------------
-// Errors and argument helpers
-
-// "fused_a2a <op>: <message>", unless the core's message already names the op.
-std::string with_op(const char* op, const char* message) {
-  const std::string text(message);
-  if (text.rfind("fused_a2a", 0) == 0) return text;
-  return str_cat("fused_a2a ", op, ": ", text);
-}
-
-ffi::Error to_ffi_error(const char* op, const fa2a::Error& e) {
-  ffi::ErrorCode code = ffi::ErrorCode::kInternal;
-  switch (e.kind()) {
-    case ErrorKind::kValue:
-    case ErrorKind::kType:
-      code = ffi::ErrorCode::kInvalidArgument;
-      break;
-    case ErrorKind::kRuntime:
-      code = ffi::ErrorCode::kInternal;
-      break;
-    case ErrorKind::kTimeout:
-      code = ffi::ErrorCode::kDeadlineExceeded;
-      break;
-    case ErrorKind::kNotImplemented:
-      code = ffi::ErrorCode::kUnimplemented;
-      break;
-  }
-  return ffi::Error(code, with_op(op, e.what()));
-}
-
-// Runs `body` and turns any exception into an ffi::Error naming the op.
-template <typename Body>
-ffi::Error guarded(const char* op, Body&& body) {
-  try {
-    body();
-    return ffi::Error::Success();
-  } catch (const fa2a::Error& e) {
-    return to_ffi_error(op, e);
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, with_op(op, e.what()));
-  } catch (...) {
-    return ffi::Error(ffi::ErrorCode::kInternal, str_cat("fused_a2a ", op, ": unknown error"));
-  }
-}
-
-DType to_dtype(ffi::DataType t, const char* arg) {
-  switch (t) {
-    case ffi::DataType::F32:
-      return DType::kF32;
-    case ffi::DataType::F16:
-      return DType::kF16;
-    case ffi::DataType::BF16:
-      return DType::kBF16;
-    case ffi::DataType::F8E4M3FN:
-      return DType::kE4M3;
-    case ffi::DataType::S32:
-      return DType::kI32;
-    case ffi::DataType::S64:
-      return DType::kI64;
-    case ffi::DataType::PRED:
-      return DType::kBool;
-    default:
-      FA2A_FAIL(ErrorKind::kType, "argument '", arg, "' has an unsupported XLA dtype (code ",
-                static_cast<int>(t), ")");
-  }
-}
-
-void expect_dtype(const Buf& b, ffi::DataType t, const char* arg) {
-  FA2A_CHECK_TYPE(b.element_type() == t, "argument '", arg, "' must have XLA dtype code ",
-                  static_cast<int>(t), ", got ", static_cast<int>(b.element_type()));
-}
-
-int64_t dim(const Buf& b, size_t rank, size_t i, const char* arg) {
-  auto d = b.dimensions();
-  FA2A_CHECK(d.size() == rank, "argument '", arg, "' must have rank ", rank, ", got ", d.size());
-  return d[i];
-}
-
-// Where a handler runs: platform, stream (CUDA) and device ordinal.
-struct Where {
-  Platform platform = Platform::kCPU;
-  void* stream = nullptr;
-  int32_t ordinal = -1;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Buffer resolution
+using namespace xffi;  // NOLINT(build/namespaces)
 
 std::mutex g_bind_mutex;
 std::map<std::pair<int64_t, int32_t>, int64_t> g_device_group;  // (group_id, ordinal) -> buffer id
@@ -145,7 +50,10 @@ int32_t read_scalar_i32(const Buf& b, const char* arg) {
   return *static_cast<const int32_t*>(b.untyped_data());
 }
 
-std::shared_ptr<Buffer> resolve(const Where& w, int64_t group_id, const Buf& rank, const Buf& sub) {
+}  // namespace
+
+std::shared_ptr<Buffer> xffi::resolve(const Where& w, int64_t group_id, const Buf& rank,
+                                      const Buf& sub) {
   if (w.platform == Platform::kCPU) {
     const int32_t r = read_scalar_i32(rank, "rank");
     const int32_t s = read_scalar_i32(sub, "sub");
@@ -160,7 +68,7 @@ std::shared_ptr<Buffer> resolve(const Where& w, int64_t group_id, const Buf& ran
   return buffer_get_by_device(id, w.ordinal);
 }
 
-Stream stream_of(const Where& w) { return Stream{w.stream}; }
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Implementations (platform independent)
@@ -181,11 +89,6 @@ ffi::Error layout_impl(const Where& w, Buf topk_idx, Ret per_rank, Ret per_exper
            static_cast<int32_t*>(per_expert->untyped_data()),
            static_cast<uint8_t*>(in_rank->untyped_data()));
   });
-}
-
-int32_t* i32(Ret& r, const char* name) {
-  expect_dtype(*r, ffi::DataType::S32, name);
-  return static_cast<int32_t*>(r->untyped_data());
 }
 
 ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf topk_idx, Buf topk_weights,
@@ -364,12 +267,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_combine_weighted_cpu, combine_w_cpu,
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
 namespace {
 
-#define FA2A_CUDA_CTX(B) B.Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()
-
-Where cuda_where(cudaStream_t s, int32_t ordinal) {
-  return Where{Platform::kCUDA, static_cast<void*>(s), ordinal};
-}
-
 ffi::Error layout_cuda(cudaStream_t s, int32_t dev, Buf idx, Ret a, Ret b, Ret c, int64_t e,
                        int64_t g) {
   return layout_impl(cuda_where(s, dev), idx, a, b, c, e, g);
@@ -429,12 +326,18 @@ const Target kTargets[] = {
     {"fa2a_cached_dispatch", "cpu", fa2a_cached_dispatch_cpu},
     {"fa2a_combine", "cpu", fa2a_combine_cpu},
     {"fa2a_combine_weighted", "cpu", fa2a_combine_weighted_cpu},
+    {"fa2a_hybrid_dispatch", "cpu", fa2a_hybrid_dispatch_cpu},
+    {"fa2a_hybrid_cached_dispatch", "cpu", fa2a_hybrid_cached_dispatch_cpu},
+    {"fa2a_hybrid_combine", "cpu", fa2a_hybrid_combine_cpu},
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
     {"fa2a_layout", "CUDA", fa2a_layout_cuda},
     {"fa2a_dispatch", "CUDA", fa2a_dispatch_cuda},
     {"fa2a_cached_dispatch", "CUDA", fa2a_cached_dispatch_cuda},
     {"fa2a_combine", "CUDA", fa2a_combine_cuda},
     {"fa2a_combine_weighted", "CUDA", fa2a_combine_weighted_cuda},
+    {"fa2a_hybrid_dispatch", "CUDA", fa2a_hybrid_dispatch_cuda},
+    {"fa2a_hybrid_cached_dispatch", "CUDA", fa2a_hybrid_cached_dispatch_cuda},
+    {"fa2a_hybrid_combine", "CUDA", fa2a_hybrid_combine_cuda},
 #endif
 };
 
