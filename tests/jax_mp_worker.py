@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jax_cases import _run, run_normal_case  # noqa: E402
+from jax_cases_hybrid import hybrid_cases, run_hybrid_case  # noqa: E402
 from jax_cases_misc import _multi_axis_step  # noqa: E402
 
 
@@ -48,6 +49,9 @@ def main():
             results[f"{name}-{dt}-{routing}"] = _run(
                 run_normal_case, mesh, dict(dtype=dt, routing=routing, seed=seed)
             )
+        for case_name, case in hybrid_cases(g).items():  # HybridEP across the processes
+            if any(k in case_name for k in ("pad16-overflow", "f16-l3", "fp8-quant-l2")):
+                results[f"{name}-hybrid-{case_name}"] = _run(run_hybrid_case, mesh, case)
     # (dp, ep) with every EP group spanning the processes, and with groups inside one process
     grid = np.array(devs).reshape(nproc, g // nproc)
     results["dp-ep-groups-span-processes"] = _run(_multi_axis_step, grid.T.copy())
