@@ -5,7 +5,7 @@
 #   STEPS=build,probe,bench BENCH_CASES=standard bash tools/gpu_check.sh
 #
 # Steps (STEPS, comma-separated; default all): build, probe, test, bench.
-# Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py), PYTEST_K (a -k expression),
+# FA2A_COMMIT: the commit to record (the device copy has no .git). Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py), PYTEST_K (a -k expression),
 # BENCH_CASES (EP = all GPUs),
 # BENCH_CASES_EP2 (EP 2 on GPUs 0,1; empty: skipped), STEP_TIMEOUT_* (seconds per step).
 # Files written (at most 8, the device tool's limit): env.txt build.log probe.jsonl tests.log
@@ -23,7 +23,7 @@ NPROC=$(nproc)
 NGPU=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-export FA2A_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export FA2A_COMMIT=${FA2A_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
