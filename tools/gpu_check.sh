@@ -5,9 +5,9 @@
 #   STEPS=build,probe,bench BENCH_CASES=standard bash tools/gpu_check.sh
 #
 # Steps (STEPS, comma-separated; default all): build, probe, test, bench.
-# FA2A_COMMIT: the commit to record (the device copy has no .git). Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py), PYTEST_K (a -k expression),
-# BENCH_CASES (EP = all GPUs),
-# BENCH_CASES_EP2 (EP 2 on GPUs 0,1; empty: skipped), STEP_TIMEOUT_* (seconds per step).
+# FA2A_COMMIT: the commit to record (the device copy has no .git).
+# Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py), PYTEST_K (a -k expression),
+# BENCH_CASES (EP = all GPUs), BENCH_CASES_EP2 (EP 2 on GPUs 0,1; empty: skipped), STEP_TIMEOUT_* (seconds per step).
 # Files written (at most 8, the device tool's limit): env.txt build.log probe.jsonl tests.log
 # bench.json bench_ep2.json summary.txt
 set -uo pipefail
