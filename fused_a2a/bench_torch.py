@@ -1,122 +1,366 @@
-"""The torch side of ``fused-a2a bench``: one process per rank (gloo on CPU, NCCL on GPUs)."""
+"""The torch side of ``fused-a2a bench`` / ``check``: one process per rank (gloo on CPU, NCCL on
+GPUs). Every rank runs every unit (an implementation at one N) in the same order, checks its own
+outputs bit for bit against ``fused_a2a.routing.Expected`` and times each op.
+
+Units: fused_a2a normal mode (torch_fused_a2a.fused_dispatch / fused_combine), fused_a2a HybridEP
+(hybrid_ep_dispatch / hybrid_ep_combine), and the peers torch.distributed.all_to_all_single of
+the same rows (splits known, no permute: the rows-only lower bound) and DeepEP (CUDA, when
+``import deep_ep`` works). Ops: dispatch, combine (forward) and their backward passes.
+"""
 
 from __future__ import annotations
 
 import os
 import statistics
 import time
+import traceback
 
 import numpy as np
 
-from fused_a2a.routing import expected_identity_combine, expected_receive, make_inputs
+from fused_a2a.routing import Expected, same_bits
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+UNITS = ("fused_normal", "fused_hybrid", "a2a", "deep_ep")
 
 
-def _timer(device):
+def _torch_dtype(name):
     import torch
 
-    if device.type == "cuda":
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
-        def run(fn, iters):
-            start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            for i in range(iters):
-                start[i].record()
-                fn()
-                end[i].record()
+
+def to_torch(a: np.ndarray, device):
+    """A torch tensor with the same bits as `a` (bf16 through an int16 view)."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.itemsize == 2 and a.dtype.kind == "V":  # ml_dtypes.bfloat16
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(a.copy()).to(device)
+
+
+def to_numpy(t, like: np.dtype | None = None) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        from fused_a2a.routing import DTYPES
+
+        return t.view(torch.int16).numpy().view(DTYPES["bf16"])
+    return t.numpy()
+
+
+class Timer:
+    """Median time per call in microseconds: CUDA events around every call on GPU (after a
+    synchronize and a barrier), perf_counter on CPU."""
+
+    def __init__(self, device, iters: int, warmup: int):
+        self.device, self.iters, self.warmup = device, iters, warmup
+
+    def __call__(self, fn) -> float:
+        import torch
+        import torch.distributed as dist
+
+        if self.iters <= 0:  # check: correctness only
+            return 0.0
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-            return [s.elapsed_time(e) * 1e3 for s, e in zip(start, end, strict=True)]
-
-        return run
-
-    def run(fn, iters):
+            dist.barrier()
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(self.iters)
+            ]
+            for start, stop in events:
+                start.record()
+                fn()
+                stop.record()
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+        dist.barrier()
         times = []
-        for _ in range(iters):
+        for _ in range(self.iters):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
-        return times
-
-    return run
+        return statistics.median(times)
 
 
-def rank_main(rank: int, world: int, port: int, case: dict, queue) -> None:
-    """Runs one case on one rank and puts (rank, result dict) on the queue."""
+class Ctx:
+    def __init__(self, rank, world, spec, device):
+        import torch.distributed as dist
+
+        self.rank, self.world, self.spec, self.device = rank, world, spec, device
+        self.group = dist.group.WORLD
+        self.timer = Timer(device, spec["iters"], spec["warmup"])
+        self.dtype = _torch_dtype(spec["dtype"])
+
+
+def _eq(t, want) -> bool:
+    return same_bits(to_numpy(t), np.asarray(want))
+
+
+def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
+    import torch
+
+    import torch_fused_a2a as tfa
+
+    r, e, grp = ctx.rank, exp.e, ctx.group
+    x_np, idx_np, w_np = exp.inputs[r]
+    x, idx, w = (to_torch(a, ctx.device) for a in (x_np, idx_np, w_np))
+    want_x, want_idx, want_w, want_tpe = exp.dispatch(r)
+    want_out = exp.identity_combine(r)
+
+    recv_x, recv_idx, recv_w, tpe, handle = tfa.fused_dispatch(x, idx, w, e, grp)
+    ok_d = (
+        _eq(recv_x, want_x)
+        and np.array_equal(to_numpy(recv_idx), want_idx)
+        and _eq(recv_w, want_w)
+        and np.array_equal(tpe.numpy(), want_tpe)
+    )
+    out, _ = tfa.fused_combine(recv_x, grp, handle)
+    ok_c = _eq(out, want_out)
+    # Backward: d(dispatch) fed the received rows and weights gives the identity combine and the
+    # (owned) weights; d(combine) fed x gives the received rows.
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    rx, _, rw, _, _ = tfa.fused_dispatch(xg, idx, wg, e, grp)
+    grads = (recv_x.detach(), recv_w.detach())
+
+    def dispatch_bwd():
+        return torch.autograd.grad((rx, rw), (xg, wg), grads, retain_graph=True)
+
+    gx, gw = dispatch_bwd()
+    ok_db = _eq(gx, want_out) and _eq(gw, exp.weights_grad(r))
+    y = recv_x.detach().clone().requires_grad_(True)
+    out2, _ = tfa.fused_combine(y, grp, handle)
+
+    def combine_bwd():
+        return torch.autograd.grad(out2, y, x, retain_graph=True)
+
+    ok_cb = _eq(combine_bwd()[0], want_x)
+    t = ctx.timer
+    return {
+        "dispatch": (t(lambda: tfa.fused_dispatch(x, idx, w, e, grp)), ok_d),
+        "combine": (t(lambda: tfa.fused_combine(recv_x, grp, handle)), ok_c),
+        "dispatch_bwd": (t(dispatch_bwd), ok_db),
+        "combine_bwd": (t(combine_bwd), ok_cb),
+        "sms": tfa._num_sms if ctx.device.type == "cuda" else None,
+    }
+
+
+def _fused_hybrid(ctx: Ctx, exp: Expected) -> dict:
+    import torch
+
+    import torch_fused_a2a as tfa
+
+    r, grp, lpr = ctx.rank, ctx.group, exp.lpr
+    x = to_torch(exp.inputs[r][0], ctx.device)
+    rm_np, probs_np = exp.routing(r)
+    rm, probs = to_torch(rm_np, ctx.device), to_torch(probs_np, ctx.device)
+    want_h, want_p, want_tpe = exp.hybrid_dispatch(r)
+    want_out = exp.hybrid_identity_combine(r)
+
+    hidden, dprobs, _, tpe, handle = tfa.hybrid_ep_dispatch(x, rm, probs, grp, lpr)
+    ok_d = (
+        _eq(hidden, want_h) and _eq(dprobs, want_p) and np.array_equal(tpe.cpu().numpy(), want_tpe)
+    )
+    ok_c = _eq(tfa.hybrid_ep_combine(hidden, handle), want_out)
+    xg, pg = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    hh, hp, _, _, _ = tfa.hybrid_ep_dispatch(xg, rm, pg, grp, lpr)
+    grads = (hidden.detach(), dprobs.detach())
+
+    def dispatch_bwd():
+        return torch.autograd.grad((hh, hp), (xg, pg), grads, retain_graph=True)
+
+    gx, gp = dispatch_bwd()
+    ok_db = _eq(gx, want_out) and _eq(gp, exp.hybrid_probs_grad(r))
+    y = hidden.detach().clone().requires_grad_(True)
+    out2 = tfa.hybrid_ep_combine(y, handle)
+
+    def combine_bwd():
+        return torch.autograd.grad(out2, y, x, retain_graph=True)
+
+    ok_cb = _eq(combine_bwd()[0], want_h)
+    t = ctx.timer
+    return {
+        "dispatch": (t(lambda: tfa.hybrid_ep_dispatch(x, rm, probs, grp, lpr)), ok_d),
+        "combine": (t(lambda: tfa.hybrid_ep_combine(hidden, handle)), ok_c),
+        "dispatch_bwd": (t(dispatch_bwd), ok_db),
+        "combine_bwd": (t(combine_bwd), ok_cb),
+        "sms": 24 if ctx.device.type == "cuda" else None,
+    }
+
+
+def _a2a(ctx: Ctx, exp: Expected) -> dict:
+    """all_to_all_single of the rows each rank must receive (splits known, rows pre-gathered:
+    no count exchange, no permute), and the reverse exchange (the combine direction, no sum)."""
     import torch
     import torch.distributed as dist
 
+    r = ctx.rank
+    send = to_torch(exp.send_rows(r), ctx.device)
+    in_splits = [int(c) for c in exp.counts[r]]
+    out_splits = [int(c) for c in exp.counts[:, r]]
+    out = torch.empty((sum(out_splits), exp.h), dtype=send.dtype, device=ctx.device)
+    back = torch.empty_like(send)
+
+    def fwd():
+        dist.all_to_all_single(out, send, out_splits, in_splits, group=ctx.group)
+
+    def rev():
+        dist.all_to_all_single(back, out, in_splits, out_splits, group=ctx.group)
+
+    fwd()
+    ok_f = _eq(out, exp.dispatch(r)[0])
+    rev()
+    ok_r = _eq(back, exp.send_rows(r))
+    return {"dispatch": (ctx.timer(fwd), ok_f), "combine": (ctx.timer(rev), ok_r), "sms": None}
+
+
+def _deep_ep(ctx: Ctx, exp: Expected) -> dict:
+    """DeepEP intranode normal mode (its own layout precomputed, as its test times it)."""
+    import deep_ep
+
+    r, world, e = ctx.rank, ctx.world, exp.e
+    buffer_cls = deep_ep.Buffer
+    sms = 24
+    buffer_cls.set_num_sms(sms)
+    hidden_bytes = exp.h * max(exp.dtype.itemsize, 2)
+    nvl = max(
+        cfg.get_nvl_buffer_size_hint(hidden_bytes, world)
+        for cfg in (buffer_cls.get_dispatch_config(world), buffer_cls.get_combine_config(world))
+    )
+    if getattr(ctx, "deep_ep_buffer", None) is None or ctx.deep_ep_buffer.num_nvl_bytes < nvl:
+        ctx.deep_ep_buffer = buffer_cls(ctx.group, nvl, 0)
+    buf = ctx.deep_ep_buffer
+    x_np, idx_np, w_np = exp.inputs[r]
+    x, idx, w = (to_torch(a, ctx.device) for a in (x_np, idx_np, w_np))
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+
+    def dispatch():
+        return buf.dispatch(
+            x,
+            topk_idx=idx,
+            topk_weights=w,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+        )
+
+    recv_x, _, _, _, handle, _ = dispatch()
+    got, want = to_numpy(recv_x), exp.dispatch(r)[0]
+    ok_d = same_bits(got, want) or _same_rows(got, want)
+    combined = buf.combine(recv_x, handle)[0]
+    ok_c = _eq(combined, exp.identity_combine(r))
+    return {
+        "dispatch": (ctx.timer(dispatch), ok_d),
+        "combine": (ctx.timer(lambda: buf.combine(recv_x, handle)), ok_c),
+        "sms": sms,
+    }
+
+
+def _same_rows(got: np.ndarray, want: np.ndarray) -> bool:
+    """The same rows in some order (bitwise, as a multiset)."""
+    if got.shape != want.shape:
+        return False
+    g = np.ascontiguousarray(got).view(np.uint8).reshape(got.shape[0], -1)
+    w = np.ascontiguousarray(want).view(np.uint8).reshape(want.shape[0], -1)
+    return np.array_equal(g[np.lexsort(g.T[::-1])], w[np.lexsort(w.T[::-1])])
+
+
+_UNIT_FNS = {
+    "fused_normal": _fused_normal,
+    "fused_hybrid": _fused_hybrid,
+    "a2a": _a2a,
+    "deep_ep": _deep_ep,
+}
+UNIT_INFO = {  # unit: (implementation name, mode, is a peer)
+    "fused_normal": ("fused_a2a", "normal", False),
+    "fused_hybrid": ("fused_a2a", "hybrid", False),
+    "a2a": ("all_to_all_single", "rows", True),
+    "deep_ep": ("DeepEP", "normal", True),
+}
+
+
+def _unsupported(err: BaseException) -> bool:
+    return isinstance(err, (NotImplementedError, ImportError))
+
+
+def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
+    """Every unit of the spec on this rank; ranks agree on failures after each unit."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
+    ctx = Ctx(rank, world, spec, device)
+    results, skipped = [], {}
+    for n in spec["tokens"]:
+        exp = Expected.build(
+            world, n, spec["hidden"], spec["topk"], spec["experts"], spec["seed"], spec["dtype"]
+        )
+        for unit in spec["units"]:
+            label = f"torch {UNIT_INFO[unit][0]} {UNIT_INFO[unit][1]} N={n}"
+            if unit in skipped:
+                progress(label + " (skipped)")
+                continue
+            res: dict = {"unit": unit, "tokens": n}
+            try:
+                res["ops"] = _UNIT_FNS[unit](ctx, exp)
+            except BaseException as err:  # noqa: BLE001 - reported, every rank learns of it
+                kind = "unsupported" if _unsupported(err) else "error"
+                res[kind] = f"{type(err).__name__}: {err}".strip()[:2000]
+                if kind == "error":
+                    res["traceback"] = traceback.format_exc()[-4000:]
+            statuses: list = [None] * world
+            dist.all_gather_object(statuses, {k: res.get(k) for k in ("unsupported", "error")})
+            failed = [(i, s) for i, s in enumerate(statuses) if s["unsupported"] or s["error"]]
+            if failed:
+                res.pop("ops", None)
+                first_rank, first = failed[0]
+                reason = f"rank {first_rank}: {first['error'] or first['unsupported']}"
+                if all(s["error"] is None for s in statuses):
+                    res["unsupported"] = reason
+                else:
+                    res["error"] = res.get("error") or reason
+                skipped[unit] = reason
+            if "ops" in res:
+                res["recv_bytes"] = exp.recv_rows(rank) * exp.row_bytes()
+                res["remote_bytes"] = (exp.recv_rows(rank) - exp.own_rows(rank)) * exp.row_bytes()
+            results.append(res)
+            progress(label)
+        del exp
+    return results
+
+
+def rank_main(rank: int, world: int, port: int, spec: dict, queue) -> None:
+    """Process entry point: puts ("progress", text) (rank 0) and ("result", rank, results) or
+    ("fatal", rank, text) on the queue."""
+    if spec["device"] != "cuda":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        use_cuda = case["device"] == "cuda"
-        if use_cuda:
+        import torch
+        import torch.distributed as dist
+
+        if spec["device"] == "cuda":
             torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
+            "nccl" if spec["device"] == "cuda" else "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
+            **({"device_id": torch.device("cuda", rank)} if spec["device"] == "cuda" else {}),
         )
-        queue.put((rank, _run_case(rank, world, case)))
+
+        def progress(text):
+            if rank == 0:
+                queue.put(("progress", text))
+
+        results = run_units(rank, world, spec, progress)
+        queue.put(("result", rank, results))
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException as error:  # reported to the parent, which prints it
-        queue.put((rank, {"error": f"{type(error).__name__}: {error}"}))
-
-
-def _run_case(rank: int, world: int, case: dict) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from torch_fused_a2a import fused_combine, fused_dispatch
-
-    device = torch.device("cuda", rank) if case["device"] == "cuda" else torch.device("cpu")
-    dtype = getattr(torch, DTYPES[case["dtype"]])
-    n, h, k, e = case["tokens"], case["hidden"], case["topk"], case["experts"]
-    inputs = [make_inputs(r, n, h, k, e, case["seed"]) for r in range(world)]
-    x_np, idx_np, w_np = inputs[rank]
-    x = torch.from_numpy(x_np).to(dtype).to(device)
-    idx = torch.from_numpy(idx_np).to(device)
-    w = torch.from_numpy(w_np).to(device)
-    group = dist.group.WORLD
-
-    state = {}
-
-    def do_dispatch():
-        state["d"] = fused_dispatch(x, idx, w, e, group)
-
-    def do_combine():
-        state["c"] = fused_combine(state["d"][0], group, state["d"][4])
-
-    timer = _timer(device)
-    do_dispatch()
-    do_combine()
-    # Check: received rows and order, and combine of the identity expert.
-    rounded = [torch.from_numpy(xs).to(dtype).float().numpy() for xs, _, _ in inputs]
-    rounded_inputs = [(rounded[r], inputs[r][1], inputs[r][2]) for r in range(world)]
-    want_rows, _ = expected_receive(rank, world, rounded_inputs, e)
-    got_rows = state["d"][0].float().cpu().numpy()
-    acc = expected_identity_combine(rank, world, rounded[rank], idx_np, e)
-    want_out = torch.from_numpy(acc).to(dtype).float().numpy()
-    got_out = state["c"][0].float().cpu().numpy()
-    verified = bool(
-        got_rows.shape == want_rows.shape
-        and np.array_equal(got_rows.view(np.uint32), want_rows.view(np.uint32))
-        and np.array_equal(got_out.view(np.uint32), want_out.view(np.uint32))
-    )
-    for _ in range(case["warmup"]):
-        do_dispatch()
-        do_combine()
-    dist.barrier()
-    dispatch_us = timer(do_dispatch, case["iters"])
-    dist.barrier()
-    combine_us = timer(do_combine, case["iters"])
-    recv_rows = got_rows.shape[0]
-    own_rows = int(((idx_np >= 0) & (idx_np // (e // world) == rank)).any(axis=1).sum())
-    return {
-        "verified": verified,
-        "dispatch_us": statistics.median(dispatch_us),
-        "combine_us": statistics.median(combine_us),
-        "recv_bytes": recv_rows * h * x.element_size(),
-        "remote_bytes": (recv_rows - own_rows) * h * x.element_size(),
-        "pid": os.getpid(),
-    }
+    except BaseException as err:  # noqa: BLE001 - the parent prints it
+        queue.put(("fatal", rank, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
