@@ -168,13 +168,6 @@ def test_deepep_flow(dense):
     _check(run_ranks(_rank, G, "deepep", None, inp, timeout=180), want)
 
 
-@pytest.mark.xfail(
-    reason="AutoModel's HybridEP manager passes num_permuted_tokens=tokens_per_expert.sum() (a "
-    "0-d tensor) to hybrid_ep_combine; torch_fused_a2a.HybridEPCombine accepts only None or an "
-    "int (ValueError). Until it accepts an integer tensor, the int variants below cover the flow.",
-    raises=AssertionError,
-    strict=False,
-)
 def test_hybridep_flow_as_upstream(dense):
     inp, want = dense
     _check(run_ranks(_rank, G, "hybrid", None, inp, False, timeout=180), want)

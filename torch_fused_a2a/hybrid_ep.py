@@ -104,6 +104,14 @@ class HybridEPHandle(NamedTuple):
 # ------------------------------------------------------------------------------- checks
 
 
+def _as_count(value):
+    """Upstream callers pass counts such as ``tokens_per_expert.sum()``: a one-element integer
+    tensor becomes an int (a host read, as upstream does); anything else is left for the checks."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value.item())
+    return value
+
+
 def _check_int(value, name: str, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -439,6 +447,7 @@ class HybridEPDispatch(torch.autograd.Function):
         pad_multiple=None,
         scaling_factor=None,
     ):
+        num_permuted_tokens = _as_count(num_permuted_tokens)
         num_sms_dispatch_api = num_sms_dispatch_api or _DEFAULT_NUM_SMS
         num_sms_combine_api = num_sms_combine_api or _DEFAULT_NUM_SMS
         _check_num_sms(num_sms_dispatch_api, "num_sms_dispatch_api")
@@ -520,6 +529,7 @@ class HybridEPCombine(torch.autograd.Function):
         _check_tensor_2d(x, "x")
         if x.dtype not in _FLOATS:
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        num_permuted_tokens = _as_count(num_permuted_tokens)
         _check_int(num_permuted_tokens, "num_permuted_tokens", 0, allow_none=True)
         _check_int(pad_multiple, "pad_multiple", 0, allow_none=True)
         if x.shape[0] != handle.num_permuted_tokens:
