@@ -32,6 +32,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms16": dict(n=4096, h=7168, k=8, e=256, sms=16),
     "standard_sms32": dict(n=4096, h=7168, k=8, e=256, sms=32),
     "standard_simt": dict(n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_COPY": "simt"}),
+    # Own rows copied by the sender warps (bulk copies), as before run 6 (default: receivers).
+    "standard_selfsend": dict(
+        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_SELF": "send"}
+    ),
     "decode": dict(n=128, h=7168, k=8, e=256, sms=24),
     "decode_chunk2": dict(
         n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "2"}
@@ -63,6 +67,7 @@ for _sw, _rw, _kb, _cr in (
     )
 KNOBS = (
     "FUSED_A2A_CUDA_ORDER",
+    "FUSED_A2A_CUDA_SELF",
     "FUSED_A2A_CUDA_COPY",
     "FUSED_A2A_CUDA_SEND_WARPS",
     "FUSED_A2A_CUDA_RECV_WARPS",

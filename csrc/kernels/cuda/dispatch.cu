@@ -17,6 +17,8 @@
 // - Epochs derive from a per-buffer op counter in device memory, bumped by the last block of each
 //   op, so the kernels are CUDA-graph capturable. Payload slots alternate by the op parity.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "fused_a2a/errors.h"
@@ -33,6 +35,7 @@ struct DispatchParams {
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool dst_major;
+  bool self_recv;  // own rows copied to recv_x by the receiver warps (default), not the senders
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -197,6 +200,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // One item: chunk c of destination d in round k (if it exists and is this warp's).
   auto item = [&](long long k, int d, long long c) {
     if (d == r) {  // own rows: straight to recv_x, round 0 only
+      if (p.self_recv) return;  // the receiver warps copy them
       const long long j0 = c * self_cr;
       if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
@@ -277,6 +281,24 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   __syncwarp();
 }
 
+// Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
+__device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
+                                            int n, int lane, int* s_hist) {
+  const size_t rb = p.row_bytes;
+  const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
+  for (int b = 0; b < n; b += 32) {
+    const int tl = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+    const int nb = min(32, n - b);
+    for (int i = 0; i < nb; ++i) {
+      const int t = __shfl_sync(0xffffffffu, tl, i);
+      const long long P = P0 + b + i;
+      warp_copy_ro(p.recv_x + P * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+      for (int w = lane; w < p.meta_words; w += 32)
+        scatter_meta(p, P, w, meta_word(p, t, p.rank, w), s_hist);
+    }
+  }
+}
+
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -290,16 +312,25 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   uint8_t* ctrl = p.peers[r];
   for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
   const long long remote = sh.kept_total - sh.kept[r];
-  const long long nrounds = (remote + R - 1) / R;
+  // Own rows (p.self_recv): chunks of CR rows x -> recv_x, dealt with the remote chunks of round
+  // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
+  const long long own = p.self_recv ? sh.dkept[r] : 0;
+  const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
   long long it = 0;
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
-    long long maxc = 0;
+    long long maxc = k == 0 ? (own + CR - 1) / CR : 0;
     for (int s = 0; s < G; ++s)
       if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
     auto item = [&](int s, long long c) {
-      if (s == r) return;
+      if (s == r) {
+        const long long j0 = c * CR;
+        if (k != 0 || j0 >= own || it++ % nrw != gr) return;
+        const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
+        copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
+        return;
+      }
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
       const long long j0 = sg.lo + c * CR;
       if (j0 >= sg.hi || it++ % nrw != gr) return;
@@ -575,6 +606,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                     sizeof(int) * kMaxRanks + 2 * (4 * p.staging_rows * p.meta_words + 16), 0);
   p.chunk = max_chunk;  // the largest chunk (rows)
   p.dst_major = order_dst_major();
+  {
+    const char* v = std::getenv("FUSED_A2A_CUDA_SELF");  // "send": senders copy own rows (old)
+    p.self_recv = !(v && std::strcmp(v, "send") == 0);
+  }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;
