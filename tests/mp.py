@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["RankError", "run_ranks", "free_port"]
+__all__ = ["RankError", "run_ranks", "run_once", "free_port"]
 
 # After one rank fails (and errors are not expected), how long the others may still report before
 # they are killed: they are usually stuck in a collective waiting for the failed rank.
@@ -204,3 +204,20 @@ def run_ranks(fn, world_size, *args, timeout=120, env=None, expect_errors=False)
         for reader in readers:
             reader.close()
         _stop(procs)
+
+
+_ONCE: dict = {}
+
+
+def run_once(key, fn):
+    """Run ``fn()`` (typically one spawn of many cases) once per test session under ``key``;
+    later callers get the same result, or the same failure as an AssertionError."""
+    if key not in _ONCE:
+        try:
+            _ONCE[key] = (True, fn())
+        except BaseException as exc:  # noqa: BLE001
+            _ONCE[key] = (False, exc)
+    ok, value = _ONCE[key]
+    if not ok:
+        raise AssertionError(f"the {key} run failed:\n{value}")
+    return value

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import reference as R
 from conftest import gpu_count
-from mp import run_ranks
+from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
 
 pytestmark = pytest.mark.gpu
@@ -37,21 +37,6 @@ GPU_ENV = {"FUSED_A2A_TIMEOUT_S": "60", "NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHAN
 def _need(n: int):
     if gpu_count() < max(n, 2):
         pytest.skip(f"needs {max(n, 2)} CUDA GPUs, {gpu_count()} visible")
-
-
-_RUNS: dict = {}
-
-
-def _once(key, fn):
-    if key not in _RUNS:
-        try:
-            _RUNS[key] = (True, fn())
-        except BaseException as exc:  # noqa: BLE001
-            _RUNS[key] = (False, exc)
-    ok, value = _RUNS[key]
-    if not ok:
-        raise AssertionError(f"the {key} run failed:\n{value}")
-    return value
 
 
 # ----------------------------------------------------------------------------- torch: CPU suite
@@ -93,7 +78,7 @@ def _rank_suite(rank, world, cases):
 def _suite(world):
     import test_torch_normal as T
 
-    return _once(
+    return run_once(
         ("suite", world),
         lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=GPU_ENV),
     )
@@ -190,7 +175,7 @@ def _jax_suite(g, rows=None):
             f"JAX GPU suite exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
         )
 
-    return _once(("jax", g, rows), run)
+    return run_once(("jax", g, rows), run)
 
 
 @pytest.mark.parametrize("g", [2, 4])

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import reference as R
 import torch
-from mp import run_ranks
+from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
 from torch_utils import DTYPES, from_numpy, to_numpy
 
@@ -210,20 +210,6 @@ def _rank_cases(rank, world, cases):
 
 # ----------------------------------------------------------------------------- parent side
 
-_RUNS: dict = {}
-
-
-def _run_once(key, fn):
-    if key not in _RUNS:
-        try:
-            _RUNS[key] = (True, fn())
-        except BaseException as exc:  # noqa: BLE001
-            _RUNS[key] = (False, exc)
-    ok, value = _RUNS[key]
-    if not ok:
-        raise AssertionError(f"the {key} run failed:\n{value}")
-    return value
-
 
 @functools.cache
 def _inputs(world, case):
@@ -231,7 +217,7 @@ def _inputs(world, case):
 
 
 def _results(world, case):
-    res = _run_once(
+    res = run_once(
         ("cases", world),
         lambda: run_ranks(_rank_cases, world, WORLD_CASES[world], timeout=300, env=ENV),
     )

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import reference as R
 import torch
-from mp import run_ranks
+from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
 from torch_utils import DTYPES, from_numpy, to_numpy
 
@@ -202,21 +202,6 @@ def _rank_normal(rank, world, cases):
 
 # ----------------------------------------------------------------------------- parent side
 
-_RUNS: dict = {}
-
-
-def _run_once(key, fn):
-    """Run a spawn once per test session; later callers get the result (or the same failure)."""
-    if key not in _RUNS:
-        try:
-            _RUNS[key] = (True, fn())
-        except BaseException as exc:  # noqa: BLE001
-            _RUNS[key] = (False, exc)
-    ok, value = _RUNS[key]
-    if not ok:
-        raise AssertionError(f"the {key} run failed:\n{value}")
-    return value
-
 
 def _groups(world, case):
     """[(group index, [global ranks of the group])]."""
@@ -231,7 +216,7 @@ def _reference(case: Case, group_index: int):
 
 
 def _case_results(world, case):
-    res = _run_once(
+    res = run_once(
         ("normal", world), lambda: run_ranks(_rank_normal, world, WORLD_CASES[world], timeout=300)
     )
     per_rank = [res[r][case.name] for r in range(world)]
@@ -411,7 +396,7 @@ def _rank_misc(rank, world):
 
 
 def _misc_results():
-    return _run_once(("misc", 2), lambda: run_ranks(_rank_misc, 2, timeout=180))
+    return run_once(("misc", 2), lambda: run_ranks(_rank_misc, 2, timeout=180))
 
 
 BAD_EXPECT = {name: (types, rx) for name, (_, types, rx) in BAD_INPUTS.items()}
