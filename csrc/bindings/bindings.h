@@ -3,6 +3,17 @@
 
 #include <pybind11/pybind11.h>
 
+// Binding an args struct (ops.h, hybrid.h) field by field: pointers travel as integers (torch's
+// data_ptr()), dtypes as the core's integer codes.
+#define FA2A_POINTER_FIELD(cls, field, type)                                     \
+  def_property(                                                                  \
+      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); }, \
+      [](cls& a, uintptr_t address) { a.field = reinterpret_cast<type*>(address); })
+#define FA2A_DTYPE_FIELD(cls, field)                                  \
+  def_property(                                                       \
+      #field, [](const cls& a) { return static_cast<int>(a.field); }, \
+      [](cls& a, int v) { a.field = static_cast<::fa2a::DType>(v); })
+
 namespace fa2a::bindings {
 // module.cc: build info, buffer manager, torch-facing ops on raw pointers, error mapping.
 void register_core(pybind11::module_& m);

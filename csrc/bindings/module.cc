@@ -46,25 +46,16 @@ size_t recommended_buffer_bytes(int64_t hidden_bytes, int num_ranks, int platfor
   return static_cast<size_t>(slot) * num_ranks;
 }
 
-#define FA2A_POINTER_FIELD(cls, field, type)                                     \
-  def_property(                                                                  \
-      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); }, \
-      [](cls& a, uintptr_t address) { a.field = reinterpret_cast<type*>(address); })
-
 void bind_args(py::module_& m) {
   py::class_<DispatchArgs>(m, "DispatchArgs")
       .def(py::init<>())
       .FA2A_POINTER_FIELD(DispatchArgs, x, const void)
-      .def_property(
-          "x_dtype", [](const DispatchArgs& a) { return static_cast<int>(a.x_dtype); },
-          [](DispatchArgs& a, int v) { a.x_dtype = static_cast<DType>(v); })
+      .FA2A_DTYPE_FIELD(DispatchArgs, x_dtype)
       .def_readwrite("num_tokens", &DispatchArgs::num_tokens)
       .def_readwrite("hidden", &DispatchArgs::hidden)
       .FA2A_POINTER_FIELD(DispatchArgs, x_scales, const float)
       .FA2A_POINTER_FIELD(DispatchArgs, topk_idx, const void)
-      .def_property(
-          "idx_dtype", [](const DispatchArgs& a) { return static_cast<int>(a.idx_dtype); },
-          [](DispatchArgs& a, int v) { a.idx_dtype = static_cast<DType>(v); })
+      .FA2A_DTYPE_FIELD(DispatchArgs, idx_dtype)
       .def_readwrite("num_topk", &DispatchArgs::num_topk)
       .FA2A_POINTER_FIELD(DispatchArgs, topk_weights, const float)
       .def_readwrite("num_experts", &DispatchArgs::num_experts)
@@ -85,9 +76,7 @@ void bind_args(py::module_& m) {
   py::class_<CombineArgs>(m, "CombineArgs")
       .def(py::init<>())
       .FA2A_POINTER_FIELD(CombineArgs, y, const void)
-      .def_property(
-          "y_dtype", [](const CombineArgs& a) { return static_cast<int>(a.y_dtype); },
-          [](CombineArgs& a, int v) { a.y_dtype = static_cast<DType>(v); })
+      .FA2A_DTYPE_FIELD(CombineArgs, y_dtype)
       .def_readwrite("num_rows", &CombineArgs::num_rows)
       .def_readwrite("hidden", &CombineArgs::hidden)
       .FA2A_POINTER_FIELD(CombineArgs, weights, const float)
@@ -97,9 +86,7 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(CombineArgs, recv_src_token, const int32_t)
       .FA2A_POINTER_FIELD(CombineArgs, group_max_tokens, const int32_t)
       .FA2A_POINTER_FIELD(CombineArgs, topk_idx, const void)
-      .def_property(
-          "idx_dtype", [](const CombineArgs& a) { return static_cast<int>(a.idx_dtype); },
-          [](CombineArgs& a, int v) { a.idx_dtype = static_cast<DType>(v); })
+      .FA2A_DTYPE_FIELD(CombineArgs, idx_dtype)
       .def_readwrite("num_experts", &CombineArgs::num_experts)
       .def_readwrite("num_tokens", &CombineArgs::num_tokens)
       .FA2A_POINTER_FIELD(CombineArgs, out, void)

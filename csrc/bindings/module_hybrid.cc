@@ -15,62 +15,49 @@ namespace py = pybind11;
 namespace fa2a::bindings {
 namespace {
 
-#define FA2A_HYBRID_POINTER(cls, field, type)                                    \
-  def_property(                                                                  \
-      #field, [](const cls& a) { return reinterpret_cast<uintptr_t>(a.field); }, \
-      [](cls& a, uintptr_t address) { a.field = reinterpret_cast<type*>(address); })
-
-#define FA2A_HYBRID_DTYPE(cls, field)                                 \
-  def_property(                                                       \
-      #field, [](const cls& a) { return static_cast<int>(a.field); }, \
-      [](cls& a, int v) { a.field = static_cast<DType>(v); })
-
 void bind_hybrid_args(py::module_& m) {
   using D = HybridDispatchArgs;
   py::class_<D>(m, "HybridDispatchArgs")
       .def(py::init<>())
-      .FA2A_HYBRID_POINTER(D, x, const void)
-      .FA2A_HYBRID_DTYPE(D, x_dtype)
+      .FA2A_POINTER_FIELD(D, x, const void)
+      .FA2A_DTYPE_FIELD(D, x_dtype)
       .def_readwrite("num_tokens", &D::num_tokens)
       .def_readwrite("hidden", &D::hidden)
-      .FA2A_HYBRID_POINTER(D, x_scales, const float)
-      .FA2A_HYBRID_POINTER(D, routing_map, const uint8_t)
-      .FA2A_HYBRID_POINTER(D, probs, const float)
+      .FA2A_POINTER_FIELD(D, x_scales, const float)
+      .FA2A_POINTER_FIELD(D, routing_map, const uint8_t)
+      .FA2A_POINTER_FIELD(D, probs, const float)
       .def_readwrite("num_experts", &D::num_experts)
       .def_readwrite("num_local_experts", &D::num_local_experts)
       .def_readwrite("pad_multiple", &D::pad_multiple)
       .def_readwrite("quantize_fp8", &D::quantize_fp8)
       .def_readwrite("num_rows", &D::num_rows)
-      .FA2A_HYBRID_POINTER(D, permuted_x, void)
-      .FA2A_HYBRID_POINTER(D, permuted_probs, float)
-      .FA2A_HYBRID_POINTER(D, permuted_scales, float)
-      .FA2A_HYBRID_POINTER(D, tokens_per_expert, int32_t)
-      .FA2A_HYBRID_POINTER(D, src_expert_counts, int32_t)
-      .FA2A_HYBRID_POINTER(D, row_token, int32_t)
-      .FA2A_HYBRID_POINTER(D, meta, int32_t)
+      .FA2A_POINTER_FIELD(D, permuted_x, void)
+      .FA2A_POINTER_FIELD(D, permuted_probs, float)
+      .FA2A_POINTER_FIELD(D, permuted_scales, float)
+      .FA2A_POINTER_FIELD(D, tokens_per_expert, int32_t)
+      .FA2A_POINTER_FIELD(D, src_expert_counts, int32_t)
+      .FA2A_POINTER_FIELD(D, row_token, int32_t)
+      .FA2A_POINTER_FIELD(D, meta, int32_t)
       .def_readwrite("num_sms", &D::num_sms);
 
   using C = HybridCombineArgs;
   py::class_<C>(m, "HybridCombineArgs")
       .def(py::init<>())
-      .FA2A_HYBRID_POINTER(C, y, const void)
-      .FA2A_HYBRID_DTYPE(C, y_dtype)
+      .FA2A_POINTER_FIELD(C, y, const void)
+      .FA2A_DTYPE_FIELD(C, y_dtype)
       .def_readwrite("num_rows", &C::num_rows)
       .def_readwrite("hidden", &C::hidden)
-      .FA2A_HYBRID_POINTER(C, probs, const float)
-      .FA2A_HYBRID_POINTER(C, src_expert_counts, const int32_t)
-      .FA2A_HYBRID_POINTER(C, row_token, const int32_t)
-      .FA2A_HYBRID_POINTER(C, meta, const int32_t)
+      .FA2A_POINTER_FIELD(C, probs, const float)
+      .FA2A_POINTER_FIELD(C, src_expert_counts, const int32_t)
+      .FA2A_POINTER_FIELD(C, row_token, const int32_t)
+      .FA2A_POINTER_FIELD(C, meta, const int32_t)
       .def_readwrite("num_local_experts", &C::num_local_experts)
       .def_readwrite("pad_multiple", &C::pad_multiple)
       .def_readwrite("num_tokens", &C::num_tokens)
-      .FA2A_HYBRID_POINTER(C, out, void)
-      .FA2A_HYBRID_POINTER(C, out_probs, float)
+      .FA2A_POINTER_FIELD(C, out, void)
+      .FA2A_POINTER_FIELD(C, out_probs, float)
       .def_readwrite("num_sms", &C::num_sms);
 }
-
-#undef FA2A_HYBRID_POINTER
-#undef FA2A_HYBRID_DTYPE
 
 }  // namespace
 
