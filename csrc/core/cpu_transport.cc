@@ -1,7 +1,8 @@
 // CPU transport: each rank's region is a POSIX shared-memory segment (mode 0600, a unique name).
 // Peers in this process use the pointer directly; peers in other processes map the segment by
 // name. seal() unlinks the name once every peer has mapped it, so a crash later leaves nothing in
-// /dev/shm; segments of dead processes that never got that far are removed at the next start.
+// /dev/shm; names still linked when the process exits normally (an interrupted bootstrap) are
+// unlinked at exit; segments of processes that died before sealing are removed at the next start.
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -11,7 +12,10 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -41,6 +45,36 @@ void remove_stale_segments() {
   for (const auto& name : stale) shm_unlink(("/" + name).c_str());
 }
 
+// Names this process created and has not unlinked yet; unlinked by an atexit handler.
+struct LinkedNames {
+  std::mutex mutex;
+  std::set<std::string> names;
+};
+
+LinkedNames& linked_names() {
+  static LinkedNames* instance = new LinkedNames();  // never destroyed: used at exit
+  return *instance;
+}
+
+void unlink_linked_names_at_exit() {
+  LinkedNames& linked = linked_names();
+  std::lock_guard<std::mutex> lock(linked.mutex);
+  for (const auto& name : linked.names) shm_unlink(name.c_str());
+  linked.names.clear();
+}
+
+void track_linked_name(const std::string& name, bool linked) {
+  static std::once_flag registered;
+  std::call_once(registered, [] { std::atexit(unlink_linked_names_at_exit); });
+  LinkedNames& names = linked_names();
+  std::lock_guard<std::mutex> lock(names.mutex);
+  if (linked) {
+    names.names.insert(name);
+  } else {
+    names.names.erase(name);
+  }
+}
+
 struct Mapping {
   void* base = nullptr;
   size_t bytes = 0;
@@ -68,6 +102,17 @@ class CpuTransport : public Transport {
       FA2A_FAIL(ErrorKind::kRuntime, "ftruncate of shared memory ", name_, " to ", bytes,
                 " bytes failed: ", std::strerror(err));
     }
+    // Reserve the pages now: on a full /dev/shm (tmpfs) a lazily backed segment would raise
+    // SIGBUS at the first write into it instead of an error here.
+    if (int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+        err != 0 && err != EOPNOTSUPP && err != EINVAL) {
+      close(fd);
+      shm_unlink(name_.c_str());
+      FA2A_FAIL(ErrorKind::kRuntime, "cannot reserve ", bytes, " bytes of shared memory in ",
+                "/dev/shm for ", name_, ": ", std::strerror(err),
+                " (free space there, enlarge it, e.g. docker --shm-size, or lower "
+                "FUSED_A2A_BUFFER_ROWS)");
+    }
     void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (base == MAP_FAILED) {
@@ -76,6 +121,7 @@ class CpuTransport : public Transport {
                 " bytes of shared memory failed: ", std::strerror(errno));
     }
     linked_ = true;
+    track_linked_name(name_, true);
     own_ = {base, bytes, true};
     return base;
   }
@@ -111,7 +157,10 @@ class CpuTransport : public Transport {
   }
 
   void seal() override {
-    if (linked_) shm_unlink(name_.c_str());
+    if (linked_) {
+      shm_unlink(name_.c_str());
+      track_linked_name(name_, false);
+    }
     linked_ = false;
   }
 

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <exception>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -83,7 +84,9 @@ Exchange::Exchange(Buffer& buffer, const char* op_name, uint64_t call_tag)
       num_ranks_(buffer.num_ranks()),
       slot_bytes_((buffer.data_bytes() / buffer.num_ranks()) & ~size_t{63}),
       round_(buffer.round_counter()),
-      call_tag_(call_tag) {
+      first_round_(buffer.round_counter()),
+      call_tag_(call_tag),
+      uncaught_(std::uncaught_exceptions()) {
   FA2A_CHECK_RUNTIME(buffer.poisoned().empty(), "fused_a2a ", op_name,
                      ": the buffer is unusable after an earlier failure (", buffer.poisoned(),
                      "); reset the buffer (torch: it is re-created by get_buffer after "
@@ -94,7 +97,14 @@ Exchange::Exchange(Buffer& buffer, const char* op_name, uint64_t call_tag)
   static_assert(2 * kMaxRanks * sizeof(uint64_t) <= kControlBytes, "control region too small");
 }
 
-Exchange::~Exchange() = default;
+Exchange::~Exchange() {
+  // An exception left this op in the middle of a round: the peers wait for (or already sent) a
+  // message this rank will never read or write, so the ranks' counters disagree from now on.
+  if (in_round_ && std::uncaught_exceptions() > uncaught_ && buffer_.poisoned().empty()) {
+    buffer_.poison(str_cat("fused_a2a ", op_name_, ": an error on rank ", rank_,
+                           " interrupted the op in round ", op_round(), " of this op"));
+  }
+}
 
 uint64_t* Exchange::ready_flags(int rank) const {
   return reinterpret_cast<uint64_t*>(buffer_.control(rank));
@@ -111,16 +121,26 @@ void Exchange::fail(const std::string& reason) {
   throw Error(ErrorKind::kTimeout, reason);
 }
 
+void Exchange::timeout(const char* phase, const std::vector<int>& missing) {
+  std::ostringstream why;
+  why << "fused_a2a " << op_name_ << ": timeout after " << timeout_seconds() << " s in phase '"
+      << phase << "' (round " << op_round() << " of this op) on rank " << rank_ << " of "
+      << num_ranks_ << ": ranks " << rank_list(missing)
+      << " did not arrive (crashed, hung, or called a different op; see FUSED_A2A_TIMEOUT_S)";
+  fail(why.str());
+}
+
 uint8_t* Exchange::send_payload(int dst, const char* phase) {
   // dst raises consumed[dst] in our control region to round + 1 after reading round `round`.
   uint64_t* consumed = consumed_flags(rank_);
-  auto missing = wait_for({dst}, [&](int peer) { return load_acquire(&consumed[peer]) >= round_; });
-  if (!missing.empty()) {
-    std::ostringstream why;
-    why << "fused_a2a " << op_name_ << ": timeout after " << timeout_seconds() << " s in phase '"
-        << phase << "' on rank " << rank_ << ": ranks " << rank_list(missing)
-        << " did not arrive (crashed, or called a different op)";
-    fail(why.str());
+  in_round_ = true;
+  auto arrived = [&](int peer) { return load_acquire(&consumed[peer]) >= round_; };
+  if (!wait_for({dst}, arrived).empty()) {
+    std::vector<int> missing;  // every peer that has not read this rank's previous message
+    for (int peer = 0; peer < num_ranks_; ++peer) {
+      if (peer == dst || !arrived(peer)) missing.push_back(peer);
+    }
+    timeout(phase, missing);
   }
   return slot(dst, rank_) + sizeof(MessageHeader);
 }
@@ -133,21 +153,17 @@ void Exchange::publish(int dst, OpTag tag, int64_t count, const int64_t aux[5], 
   header->count = count;
   header->status = status;
   header->call_tag = call_tag_;
+  in_round_ = true;
   for (int i = 0; i < 5; ++i) header->aux[i] = aux ? aux[i] : 0;
   store_release(&ready_flags(dst)[rank_], round_ + 1);
 }
 
 void Exchange::wait_all_messages(OpTag tag, const char* phase) {
   uint64_t* ready = ready_flags(rank_);
+  in_round_ = true;
   auto missing = wait_for(all_ranks(num_ranks_),
                           [&](int peer) { return load_acquire(&ready[peer]) >= round_ + 1; });
-  if (!missing.empty()) {
-    std::ostringstream why;
-    why << "fused_a2a " << op_name_ << ": timeout after " << timeout_seconds() << " s in phase '"
-        << phase << "' on rank " << rank_ << ": ranks " << rank_list(missing)
-        << " did not arrive (crashed, or called a different op)";
-    fail(why.str());
-  }
+  if (!missing.empty()) timeout(phase, missing);
   for (int src = 0; src < num_ranks_; ++src) {
     const MessageHeader& h = header(src);
     if (h.op != static_cast<uint32_t>(tag) || h.round != round_ || h.call_tag != call_tag_) {
@@ -155,7 +171,12 @@ void Exchange::wait_all_messages(OpTag tag, const char* phase) {
       why << "fused_a2a " << op_name_ << ": op mismatch on rank " << rank_ << ": rank " << src
           << " called " << op_tag_name(static_cast<OpTag>(h.op)) << " while this rank called "
           << op_tag_name(tag);
-      if (h.op == static_cast<uint32_t>(tag)) why << " from a different call site";
+      if (h.op == static_cast<uint32_t>(tag) && h.call_tag != call_tag_) {
+        why << " from a different call site";
+      } else if (h.op == static_cast<uint32_t>(tag)) {
+        why << " out of step (its message is for round " << h.round << ", this rank is at round "
+            << round_ << ")";
+      }
       why << " (all ranks must call the same ops in the same order)";
       buffer_.poison(why.str());
       throw Error(ErrorKind::kRuntime, why.str());
@@ -175,6 +196,7 @@ void Exchange::finish_round() {
   }
   ++round_;
   buffer_.round_counter() = round_;
+  in_round_ = false;
 }
 
 }  // namespace fa2a::cpu

@@ -5,13 +5,16 @@
 // slot s of d's buffer and raises d's ready[s] flag; each receiver waits for every ready flag,
 // reads its G slots and raises consumed[d] in every sender's control region. Flags hold a global
 // round number (the same sequence on every rank), so they never need resetting. Every wait is
-// bounded by timeout_seconds() and names the op, the phase and the ranks that did not arrive.
+// bounded by timeout_seconds() and names the op, the phase, the round of the op, this rank and the
+// ranks that did not arrive. An error that leaves an op in the middle of a round (the peers are
+// then left waiting for this rank) poisons the buffer, so that the next op fails at once.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "fused_a2a/buffer.h"
 
@@ -42,6 +45,7 @@ static_assert(sizeof(MessageHeader) == 128, "header is two cache lines");
 class Exchange {
  public:
   // Takes the buffer's op lock for the lifetime of the object; fails if the buffer is poisoned.
+  // Destroyed by an exception in the middle of a round: poisons the buffer (the ranks disagree).
   // call_tag: the frontend's id of the call site (0: none); a message with another tag is an
   // op mismatch, so two different calls can never be paired even when their shapes agree.
   Exchange(Buffer& buffer, const char* op_name, uint64_t call_tag = 0);
@@ -63,12 +67,15 @@ class Exchange {
   const uint8_t* payload(int src) const;
   // Ends the round: tells every sender its slot here is free again.
   void finish_round();
+  // Rounds this op has finished.
+  uint64_t op_round() const { return round_ - first_round_; }
 
  private:
   uint64_t* ready_flags(int rank) const;     // ready[sender] in rank's control region
   uint64_t* consumed_flags(int rank) const;  // consumed[receiver] in rank's control region
   uint8_t* slot(int owner, int sender) const;
   [[noreturn]] void fail(const std::string& reason);
+  [[noreturn]] void timeout(const char* phase, const std::vector<int>& missing);
 
   Buffer& buffer_;
   std::unique_lock<std::mutex> lock_;
@@ -77,7 +84,10 @@ class Exchange {
   int num_ranks_;
   size_t slot_bytes_;
   uint64_t round_;
+  uint64_t first_round_;
   uint64_t call_tag_;
+  bool in_round_ = false;  // published or waited in round_, not finished yet
+  int uncaught_;           // std::uncaught_exceptions() when constructed
 };
 
 }  // namespace fa2a::cpu

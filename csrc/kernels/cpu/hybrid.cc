@@ -11,10 +11,16 @@
 // expert. So all contributions to one token arrive in one round and, processing senders in
 // ascending rank order and each message in order, are summed rank-major then expert-major: the
 // contract's fixed fp32 order.
+//
+// Errors: what one rank finds wrong with its own input or handle (before or during an op) goes
+// into the status of its messages, and every rank stops after the same round and raises (the
+// peers name the failing rank), so nobody waits for a timeout and the buffer stays usable.
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "convert.h"
@@ -116,6 +122,40 @@ std::string unequal_tokens(const Exchange& ex, const char* op) {
                  " on every rank, got ", ns);
 }
 
+// Ranks whose message of this round says that they failed (status != 0). Every rank sees every
+// rank's status in the same round, so every rank stops after the same round.
+std::vector<int> failed_ranks(const Exchange& ex) {
+  std::vector<int> failed;
+  for (int src = 0; src < ex.num_ranks(); ++src) {
+    if (ex.header(src).status != 0) failed.push_back(src);
+  }
+  return failed;
+}
+
+std::string peers_failed(const char* op, const std::vector<int>& ranks, const char* what) {
+  std::string list;
+  for (int r : ranks) list += str_cat(list.empty() ? "" : ", ", r);
+  return str_cat("fused_a2a ", op, ": rank(s) [", list, "] ", what,
+                 " (see the error raised there); every rank of the group stops this op");
+}
+
+// An error found on this rank before or during an op: the rank keeps taking part in the rounds,
+// with status 1 in its messages, so that its peers stop with it instead of timing out.
+struct LocalError {
+  std::string message;
+  ErrorKind kind = ErrorKind::kRuntime;
+  bool empty() const { return message.empty(); }
+  void set(const Error& e) {
+    if (message.empty()) message = e.what(), kind = e.kind();
+  }
+  void set(std::string text, ErrorKind k = ErrorKind::kRuntime) {
+    if (message.empty()) message = std::move(text), kind = k;
+  }
+  void raise() const {
+    if (!message.empty()) throw Error(kind, message);
+  }
+};
+
 int64_t rows_per_round(const Exchange& ex, size_t stride, const char* op) {
   const int64_t rows = static_cast<int64_t>(ex.payload_bytes() / stride);
   FA2A_CHECK(rows >= 1, "fused_a2a ", op, ": the buffer slot (", ex.payload_bytes(),
@@ -159,13 +199,21 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
   const int num_ranks = ex.num_ranks();
   const int L = a.num_local_experts;
   const int E = a.num_experts;
-  FA2A_CHECK(ex.payload_bytes() >= (L + 1) * sizeof(int32_t), "fused_a2a ", op,
-             ": the buffer is too small for the counts of ", L, " local experts");
-  FA2A_CHECK(a.num_tokens * num_ranks <= INT32_MAX, "fused_a2a ", op, ": ", num_ranks,
-             " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
+  // A rank that cannot take part tells its peers in this round (status), then raises.
+  LocalError rejected;
+  if (ex.payload_bytes() < (L + 1) * sizeof(int32_t)) {
+    rejected.set(str_cat("fused_a2a ", op, ": the buffer is too small for the counts of ", L,
+                         " local experts"),
+                 ErrorKind::kValue);
+  }
+  if (a.num_tokens * num_ranks > INT32_MAX) {
+    rejected.set(str_cat("fused_a2a ", op, ": ", num_ranks, " ranks x N = ", a.num_tokens,
+                         " tokens do not fit int32 global token ids"),
+                 ErrorKind::kValue);
+  }
   std::vector<int32_t> per_expert(E, 0);
   int32_t fanout = 0;
-  for (int64_t t = 0; t < a.num_tokens; ++t) {
+  for (int64_t t = 0; t < (rejected.empty() ? a.num_tokens : 0); ++t) {
     const uint8_t* routed = a.routing_map + t * E;
     for (int d = 0; d < num_ranks; ++d) {
       int32_t picked = 0;
@@ -179,18 +227,22 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
   shape_aux(aux, a.num_tokens, a.hidden, E, dispatch_flags(a), 0);
   for (int dst = 0; dst < num_ranks; ++dst) {
     auto* out = reinterpret_cast<int32_t*>(ex.send_payload(dst, "notify"));
-    std::memcpy(out, per_expert.data() + dst * L, L * sizeof(int32_t));
-    out[L] = fanout;
-    ex.publish(dst, OpTag::kHybridNotify, L, aux);
+    if (rejected.empty()) {
+      std::memcpy(out, per_expert.data() + dst * L, L * sizeof(int32_t));
+      out[L] = fanout;
+    }
+    ex.publish(dst, OpTag::kHybridNotify, L, aux, rejected.empty() ? 0 : 1);
   }
   ex.wait_all_messages(OpTag::kHybridNotify, "notify");
   static const char* const names[5] = {
       "N", "hidden size", "num_experts (E = G * num_local_experts)",
       "dtype (or probs / FP8 scales presence, fp8_dispatch)", "unused"};
-  std::string error = unequal_tokens(ex, op);
-  if (error.empty()) error = disagreement(ex, op, names, 1);
+  const std::vector<int> failed = failed_ranks(ex);
+  std::string error;
+  if (failed.empty()) error = unequal_tokens(ex, op);
+  if (failed.empty() && error.empty()) error = disagreement(ex, op, names, 1);
   int32_t group_fanout = 1;
-  if (error.empty()) {
+  if (failed.empty() && error.empty()) {
     for (int src = 0; src < num_ranks; ++src) {
       const auto* counts = reinterpret_cast<const int32_t*>(ex.payload(src));
       std::memcpy(a.src_expert_counts + src * L, counts, L * sizeof(int32_t));
@@ -198,6 +250,8 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
     }
   }
   ex.finish_round();  // before throwing, so that the buffer stays usable after the error
+  rejected.raise();
+  FA2A_CHECK(failed.empty(), peers_failed(op, failed, "rejected their input; no data was moved"));
   FA2A_CHECK(error.empty(), error);
   const Layout layout(a.src_expert_counts, num_ranks, L, a.pad_multiple, 0);
   FA2A_CHECK(layout.total <= INT32_MAX, "fused_a2a ", op, ": ", layout.total,
@@ -216,16 +270,26 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
   const int L = a.num_local_experts;
   const int E = a.num_experts;
   const int64_t N = a.num_tokens, H = a.hidden, P = a.num_rows;
-  FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": x has ", N,
-             " rows but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
   const DType row_dtype = a.quantize_fp8 ? DType::kE4M3 : a.x_dtype;
   const bool fp8 = row_dtype == DType::kE4M3;
   const size_t x_row = H * dtype_size(row_dtype);
   const int64_t scale_cols = fp8 ? H / kFp8BlockSize : 0;
   const DispatchRow row(H, dtype_size(row_dtype), fp8, a.probs != nullptr, L);
-  const int64_t T = rows_per_round(ex, row.stride, op);
-  const int64_t rounds = std::max<int64_t>(1, (N + T - 1) / T);
-  const Layout layout(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
+  // This rank's handle or buffer does not fit: it takes part in one round with status 1, so that
+  // every rank stops after that round, then raises.
+  LocalError rejected;
+  int64_t T = 1;
+  std::optional<Layout> layout;
+  try {
+    FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": x has ", N,
+               " rows but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
+    T = rows_per_round(ex, row.stride, op);
+    layout.emplace(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
+  } catch (const Error& e) {
+    rejected.set(e);
+    T = 1;
+  }
+  const int64_t rounds = rejected.empty() ? std::max<int64_t>(1, (N + T - 1) / T) : 1;
   std::vector<int64_t> received(static_cast<size_t>(num_ranks) * L, 0);
   // FP8: each token is quantised once per round, then copied to every rank it goes to.
   std::vector<uint8_t> q(a.quantize_fp8 ? T * x_row : 0);
@@ -235,12 +299,14 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
   static const char* const names[5] = {"N", "hidden size",
                                        "dtype (or probs / FP8 scales presence, fp8_dispatch)",
                                        "num_local_experts", "round size"};
-  std::string mismatch;  // the same verdict on every rank (ValueError)
-  std::string error;     // this rank's handle does not fit (RuntimeError)
+  std::string mismatch;     // the same verdict on every rank (ValueError)
+  LocalError error;         // a row this rank's handle does not expect (RuntimeError)
+  std::vector<int> failed;  // ranks that reported an error (status) in the last round
 
   for (int64_t round = 0; round < rounds; ++round) {
     const int64_t t0 = round * T, t1 = std::min(N, t0 + T);
-    if (a.quantize_fp8) {
+    const bool failing = !rejected.empty() || !error.empty();
+    if (a.quantize_fp8 && !failing) {
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* routed = a.routing_map + t * E;
         if (std::none_of(routed, routed + E, [](uint8_t b) { return b != 0; })) continue;
@@ -252,7 +318,7 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
     for (int dst = 0; dst < num_ranks; ++dst) {
       uint8_t* out = ex.send_payload(dst, "data");
       int64_t count = 0;
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t = t0; t < t1 && !failing; ++t) {
         const uint8_t* routed = a.routing_map + t * E + dst * L;
         if (std::none_of(routed, routed + L, [](uint8_t b) { return b != 0; })) continue;
         uint8_t* p = out + count * row.stride;
@@ -273,12 +339,13 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
         *reinterpret_cast<int32_t*>(p + row.mask_bytes) = static_cast<int32_t>(t);
         ++count;
       }
-      ex.publish(dst, OpTag::kHybridData, count, aux);
+      ex.publish(dst, OpTag::kHybridData, count, aux, failing ? 1 : 0);
     }
     ex.wait_all_messages(OpTag::kHybridData, "data");
-    mismatch = unequal_tokens(ex, op);
-    if (mismatch.empty()) mismatch = disagreement(ex, op, names, 1);
-    if (!mismatch.empty()) {  // the same on every rank: all stop after this round
+    failed = failed_ranks(ex);
+    if (failed.empty()) mismatch = unequal_tokens(ex, op);
+    if (failed.empty() && mismatch.empty()) mismatch = disagreement(ex, op, names, 1);
+    if (!failed.empty() || !mismatch.empty()) {  // the same on every rank: all stop here
       ex.finish_round();
       break;
     }
@@ -295,12 +362,12 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
           if (!mask[j]) continue;
           const int64_t k = received[src * L + j]++;
           if (k >= a.src_expert_counts[src * L + j]) {
-            error = str_cat("fused_a2a ", op, ": rank ", src, " sent more rows for local expert ",
-                            j, " than the handle counts (", a.src_expert_counts[src * L + j],
-                            "): the handle does not belong to this routing_map");
+            error.set(str_cat("fused_a2a ", op, ": rank ", src, " sent more rows for local expert ",
+                              j, " than the handle counts (", a.src_expert_counts[src * L + j],
+                              "): the handle does not belong to this routing_map"));
             break;
           }
-          const int64_t position = layout.seg_start[src * L + j] + k;
+          const int64_t position = layout->seg_start[src * L + j] + k;
           if (position >= P) continue;  // static P overflow: dropped
           std::memcpy(static_cast<uint8_t*>(a.permuted_x) + position * x_row, p, x_row);
           if (fp8) {
@@ -313,8 +380,10 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
     }
     ex.finish_round();
   }
+  rejected.raise();
+  error.raise();
+  FA2A_CHECK_RUNTIME(failed.empty(), peers_failed(op, failed, "failed in this op"));
   FA2A_CHECK(mismatch.empty(), mismatch);
-  FA2A_CHECK_RUNTIME(error.empty(), error);
   for (int s = 0; s < num_ranks; ++s) {
     for (int j = 0; j < L; ++j) {
       FA2A_CHECK_RUNTIME(received[s * L + j] == a.src_expert_counts[s * L + j], "fused_a2a ", op,
@@ -325,13 +394,13 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
   }
   // Padding rows of each expert, then the tail past the padded total: zeros.
   for (int j = 0; j < L; ++j) {
-    zero_rows(a, x_row, scale_cols, !cached, layout.offset[j] + layout.count[j],
-              layout.offset[j] + layout.padded[j]);
+    zero_rows(a, x_row, scale_cols, !cached, layout->offset[j] + layout->count[j],
+              layout->offset[j] + layout->padded[j]);
   }
-  zero_rows(a, x_row, scale_cols, !cached, layout.total, P);
+  zero_rows(a, x_row, scale_cols, !cached, layout->total, P);
   if (cached) return;
-  for (int j = 0; j < L; ++j) a.tokens_per_expert[j] = static_cast<int32_t>(layout.clipped(j));
-  a.meta[kHybridMetaOverflow] = layout.total > P ? 1 : 0;
+  for (int j = 0; j < L; ++j) a.tokens_per_expert[j] = static_cast<int32_t>(layout->clipped(j));
+  a.meta[kHybridMetaOverflow] = layout->total > P ? 1 : 0;
 }
 
 void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a) {
@@ -341,74 +410,116 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a) {
   const int L = a.num_local_experts;
   const int E = num_ranks * L;
   const int64_t N = a.num_tokens, H = a.hidden, P = a.num_rows;
-  FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": num_tokens is ", N,
-             " but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
   const size_t y_row = H * dtype_size(a.y_dtype);
   const size_t y_bytes = align16(y_row);
   const size_t stride = combine_stride(H, dtype_size(a.y_dtype));
   const int64_t fanout = std::max<int32_t>(1, a.meta[kHybridMetaMaxFanout]);
-  const int64_t T = rows_per_round(ex, stride * fanout, op);
-  const int64_t rounds = std::max<int64_t>(1, (N + T - 1) / T);
-  const Layout layout(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
-  std::vector<int64_t> cursor(layout.seg_start), end(layout.seg_start.size());
-  for (size_t i = 0; i < end.size(); ++i) {
-    // Rows at positions >= P were dropped by a static P: nothing to send back for them.
-    end[i] =
-        std::max(layout.seg_start[i], std::min(layout.seg_start[i] + a.src_expert_counts[i], P));
+  // This rank's handle or buffer does not fit: it takes part in one round with status 1, so that
+  // every rank stops after that round, then raises.
+  LocalError rejected;
+  int64_t T = 1;
+  std::optional<Layout> layout;
+  try {
+    FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": num_tokens is ", N,
+               " but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
+    T = rows_per_round(ex, stride * fanout, op);
+    layout.emplace(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
+  } catch (const Error& e) {
+    rejected.set(e);
+    T = 1;
   }
+  std::vector<int64_t> cursor, end;
+  if (layout) {
+    cursor = layout->seg_start;
+    end.resize(cursor.size());
+    for (size_t i = 0; i < end.size(); ++i) {
+      // Rows at positions >= P were dropped by a static P: nothing to send back for them.
+      end[i] = std::max(layout->seg_start[i],
+                        std::min(layout->seg_start[i] + a.src_expert_counts[i], P));
+    }
+  }
+  // Each (destination, expert) segment of row_token must hold ascending tokens of that
+  // destination: else some rows would never be sent back and the peers' sums would silently miss
+  // them. Checked up front, so that the peers learn it in the first round.
+  for (size_t i = 0; i < end.size() && rejected.empty(); ++i) {
+    const int64_t g0 = static_cast<int64_t>(i / L) * N, g1 = g0 + N;
+    for (int64_t c = cursor[i], previous = g0 - 1; c < end[i]; previous = a.row_token[c++]) {
+      if (a.row_token[c] <= previous || a.row_token[c] >= g1) {
+        rejected.set(str_cat("fused_a2a ", op, ": corrupt handle: row ", c, " has token ",
+                             a.row_token[c], ", expected one in (", previous, ", ", g1,
+                             ") (the handle does not belong to this dispatch)"));
+        break;
+      }
+    }
+  }
+  if (!rejected.empty()) T = 1;
+  const int64_t rounds = rejected.empty() ? std::max<int64_t>(1, (N + T - 1) / T) : 1;
   if (a.out_probs) std::fill_n(a.out_probs, N * E, 0.0f);
   std::vector<float> acc(static_cast<size_t>(std::min(T, std::max<int64_t>(N, 1))) * H);
   int64_t aux[5];
   shape_aux(aux, N, H, static_cast<int64_t>(a.y_dtype), a.probs ? 1 : 0, T);
   static const char* const names[5] = {"N", "hidden size", "dtype", "probs presence", "round size"};
-  std::string mismatch;  // the same verdict on every rank (ValueError)
-  std::string error;     // this rank's handle does not fit (RuntimeError)
+  std::string mismatch;     // the same verdict on every rank (ValueError)
+  LocalError error;         // this rank's handle does not fit the messages (RuntimeError)
+  std::vector<int> failed;  // ranks that reported an error (status) in the last round
 
   for (int64_t round = 0; round < rounds; ++round) {
     const int64_t t0 = round * T, t1 = std::min(N, t0 + T);
+    // First check this round's rows of the handle for every destination, so that the status in
+    // every message of the round is the same (every rank then stops after the same round).
+    std::vector<int64_t> next = cursor;
+    for (int dst = 0; dst < num_ranks && rejected.empty() && error.empty(); ++dst) {
+      const int64_t g0 = dst * N + t0, g1 = dst * N + t1;
+      int64_t count = 0;
+      for (int j = 0; j < L && error.empty(); ++j) {
+        int64_t& c = next[dst * L + j];
+        for (; c < end[dst * L + j] && a.row_token[c] < g1; ++c, ++count) {
+          if (a.row_token[c] < g0 || count >= T * fanout) {
+            error.set(str_cat("fused_a2a ", op, ": corrupt handle: row ", c, " has token ",
+                              a.row_token[c], ", expected one in [", g0, ", ", g1, ")"));
+            break;
+          }
+        }
+      }
+    }
+    const bool failing = !rejected.empty() || !error.empty();
     for (int dst = 0; dst < num_ranks; ++dst) {
       uint8_t* out = ex.send_payload(dst, "data");
       int64_t count = 0;
-      const int64_t g0 = dst * N + t0, g1 = dst * N + t1;
-      for (int j = 0; j < L && error.empty(); ++j) {
-        int64_t& c = cursor[dst * L + j];
-        for (; c < end[dst * L + j] && a.row_token[c] < g1; ++c) {
-          if (a.row_token[c] < g0 || count >= T * fanout) {
-            error = str_cat("fused_a2a ", op, ": corrupt handle: row ", c, " has token ",
-                            a.row_token[c], ", expected one in [", g0, ", ", g1, ")");
-            break;
-          }
+      for (int j = 0; j < L && !failing; ++j) {
+        for (int64_t c = cursor[dst * L + j]; c < next[dst * L + j]; ++c, ++count) {
           uint8_t* p = out + count * stride;
           std::memcpy(p, static_cast<const uint8_t*>(a.y) + c * y_row, y_row);
           auto* tail = reinterpret_cast<int32_t*>(p + y_bytes);
           tail[0] = static_cast<int32_t>(a.row_token[c] - dst * N);
           tail[1] = j;
           reinterpret_cast<float*>(tail)[2] = a.probs ? a.probs[c] : 0.0f;
-          ++count;
         }
       }
-      ex.publish(dst, OpTag::kHybridCombine, error.empty() ? count : 0, aux);
+      ex.publish(dst, OpTag::kHybridCombine, count, aux, failing ? 1 : 0);
     }
+    if (!failing) cursor.swap(next);
     ex.wait_all_messages(OpTag::kHybridCombine, "data");
-    mismatch = unequal_tokens(ex, op);
-    if (mismatch.empty()) mismatch = disagreement(ex, op, names, 1);
-    if (!mismatch.empty()) {  // the same on every rank: all stop after this round
+    failed = failed_ranks(ex);
+    if (failed.empty()) mismatch = unequal_tokens(ex, op);
+    if (failed.empty() && mismatch.empty()) mismatch = disagreement(ex, op, names, 1);
+    if (!failed.empty() || !mismatch.empty()) {  // the same on every rank: all stop here
       ex.finish_round();
       break;
     }
-    if (error.empty() && t0 < t1) {
+    if (t0 < t1) {
       std::fill_n(acc.begin(), (t1 - t0) * H, 0.0f);
-      for (int src = 0; src < num_ranks; ++src) {  // ranks ascending, experts ascending within
-        const uint8_t* in = ex.payload(src);
+      for (int src = 0; src < num_ranks && error.empty(); ++src) {
+        const uint8_t* in = ex.payload(src);  // ranks ascending, experts ascending within
         for (int64_t i = 0; i < ex.header(src).count; ++i) {
           const uint8_t* p = in + i * stride;
           const auto* tail = reinterpret_cast<const int32_t*>(p + y_bytes);
           const int64_t t = tail[0];
           const int j = tail[1];
           if (t < t0 || t >= t1 || j < 0 || j >= L) {
-            error = str_cat("fused_a2a ", op, ": rank ", src, " sent a row for token ", t,
-                            " (expert ", j, ") outside [", t0, ", ", t1,
-                            "): the handle does not belong to this group");
+            error.set(str_cat("fused_a2a ", op, ": rank ", src, " sent a row for token ", t,
+                              " (expert ", j, ") outside [", t0, ", ", t1,
+                              "): the handle does not belong to this group"));
             break;
           }
           float* row_acc = acc.data() + (t - t0) * H;
@@ -418,7 +529,7 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a) {
           }
         }
       }
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t = t0; t < t1 && error.empty(); ++t) {
         void* out_row = static_cast<uint8_t*>(a.out) + t * y_row;
         const float* row_acc = acc.data() + (t - t0) * H;
         for (int64_t h = 0; h < H; ++h) store_from_f32(out_row, h, a.y_dtype, row_acc[h]);
@@ -426,8 +537,10 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a) {
     }
     ex.finish_round();
   }
+  rejected.raise();
+  error.raise();
+  FA2A_CHECK_RUNTIME(failed.empty(), peers_failed(op, failed, "failed in this op"));
   FA2A_CHECK(mismatch.empty(), mismatch);
-  FA2A_CHECK_RUNTIME(error.empty(), error);
   for (size_t i = 0; i < cursor.size(); ++i) {
     FA2A_CHECK_RUNTIME(cursor[i] == end[i], "fused_a2a ", op,
                        ": corrupt handle: ", end[i] - cursor[i], " rows of source rank ", i / L,
