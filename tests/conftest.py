@@ -1,4 +1,5 @@
-"""Shared pytest setup: markers, and tests/ on sys.path (`import reference`, `import mp`).
+"""Shared pytest setup: markers, tests/ on sys.path (`import reference`, `import mp`), and a check
+at the end of the session that no test left a shared-memory segment of the core in /dev/shm.
 
 Nothing here imports fused_a2a_core, torch_fused_a2a or jax_fused_a2a: collecting the tests must
 work before (and without) the compiled core.
@@ -53,3 +54,52 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch or nvidia-smi)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- /dev/shm check
+
+_SHM_DIR = "/dev/shm"
+_segments_at_start: set[str] = set()
+
+
+def _fa2a_segments() -> set[str]:
+    try:
+        return {name for name in os.listdir(_SHM_DIR) if name.startswith("fa2a_")}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pytest_sessionstart(session):
+    _segments_at_start.update(_fa2a_segments())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a segment appeared during it whose creator is this process or gone
+    (names are fa2a_<pid>_...; segments of live processes, e.g. another test session running
+    at the same time, are theirs and still in use)."""
+    leaked = []
+    for name in sorted(_fa2a_segments() - _segments_at_start):
+        try:
+            pid = int(name.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            leaked.append(name)
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = f"fused_a2a shared-memory segments left in {_SHM_DIR}: {', '.join(leaked)}"
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        else:
+            print(text, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
