@@ -353,20 +353,23 @@ def test_hybrid_error_on_one_rank_fails_every_rank_at_once():
 
 def test_error_in_the_middle_of_a_round_poisons_the_buffer(monkeypatch):
     """A rank that raises between receiving a round's messages and finishing the round (here: a
-    combine handle whose token index is out of range on another rank) leaves the group's counters
-    out of step: its buffer is marked unusable, so its next op fails at once with the reason
-    instead of pairing with the wrong messages. Ranks are threads (tests/raw_core.py)."""
+    combine handle of another rank that passes the up-front checks - ordered, below the group's
+    largest N - but names a token past this rank's own N) leaves the group's counters out of step:
+    its buffer is marked unusable, so its next op fails at once with the reason instead of pairing
+    with the wrong messages. Ranks are threads (tests/raw_core.py)."""
     import fused_a2a_core as core
 
     monkeypatch.setenv("FUSED_A2A_TIMEOUT_S", "5")
     e = 4  # rank 1 owns experts 2, 3: every token goes to rank 1
-    xs = [np.ones((3, H), np.float32) * (r + 1) for r in range(2)]
-    idxs = [np.full((3, 1), 2, np.int64) for _ in range(2)]
+    ns = (3, 5)  # group_max_tokens = 5
+    xs = [np.ones((ns[r], H), np.float32) * (r + 1) for r in range(2)]
+    idxs = [np.full((ns[r], 1), 2, np.int64) for r in range(2)]
     with rc.ThreadGroup(2, core.recommended_buffer_bytes(64, 2, 0, 8)) as tg:
         res = tg.run(lambda r: rc.dispatch(tg.gid, r, 2, xs[r], idxs[r], None, e))
         handles = [d["handle"] for d in res]
         handles[1] = dict(handles[1], src_token=handles[1]["src_token"].copy())
-        handles[1]["src_token"][0] = -5  # row 0 of rank 1 came from rank 0's token 0
+        # rows 0..2 of rank 1 came from rank 0's tokens 0, 1, 2; rank 0 has no token 4
+        handles[1]["src_token"][2] = 4
 
         def combine(r):
             return rc.combine(tg.gid, r, res[r]["recv_x"], handles[r])
@@ -381,3 +384,30 @@ def test_error_in_the_middle_of_a_round_poisons_the_buffer(monkeypatch):
         with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
             rc.dispatch(tg.gid, 0, 2, xs[0], idxs[0], None, e)
         assert time.monotonic() - start < 1.0
+
+
+def test_corrupt_combine_handle_fails_every_rank_at_once(monkeypatch):
+    """A combine handle that is out of order (or out of range) on one rank is found before any row
+    moves: that rank raises the details, its peers name it, nobody waits for a timeout, and the
+    buffers stay usable."""
+    import fused_a2a_core as core
+
+    monkeypatch.setenv("FUSED_A2A_TIMEOUT_S", "30")
+    e = 4
+    xs = [np.ones((3, H), np.float32) * (r + 1) for r in range(2)]
+    idxs = [np.full((3, 1), 2, np.int64) for _ in range(2)]
+    with rc.ThreadGroup(2, core.recommended_buffer_bytes(64, 2, 0, 8)) as tg:
+        res = tg.run(lambda r: rc.dispatch(tg.gid, r, 2, xs[r], idxs[r], None, e))
+        handles = [d["handle"] for d in res]
+        handles[1] = dict(handles[1], src_token=handles[1]["src_token"].copy())
+        handles[1]["src_token"][0] = -5
+        start = time.monotonic()
+        out = tg.run(
+            lambda r: rc.combine(tg.gid, r, res[r]["recv_x"], handles[r]), raise_errors=False
+        )
+        assert time.monotonic() - start < 5.0
+        assert isinstance(out[1], ValueError) and "recv_src_token" in str(out[1]), out[1]
+        assert isinstance(out[0], ValueError) and "rank(s) [1]" in str(out[0]), out[0]
+        assert core.buffer_poisoned(tg.gid, 0) == "" and core.buffer_poisoned(tg.gid, 1) == ""
+        again = tg.run(lambda r: rc.dispatch(tg.gid, r, 2, xs[r], idxs[r], None, e))
+        assert [d["recv_x"].shape[0] for d in again] == [0, 6]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import fused_a2a_core as core
 from fused_a2a._common import PLATFORM_CUDA
-from torch_fused_a2a._buffer import Buffer, create_buffer, default_device
+from torch_fused_a2a._buffers import Buffer, create_buffer, default_device
 
 _buffer: Buffer | None = None
 _num_sms: int = 24

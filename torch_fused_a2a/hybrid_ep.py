@@ -24,7 +24,7 @@ import torch.distributed as dist
 import fused_a2a_core as core
 from fused_a2a._common import PLATFORM_CUDA
 from torch_fused_a2a import _hybrid_ops  # noqa: F401  (registers torch.ops.fused_a2a.hybrid_*)
-from torch_fused_a2a._buffer import Buffer, create_buffer, default_device, platform_of
+from torch_fused_a2a._buffers import Buffer, create_buffer, default_device, platform_of
 
 _DEFAULT_NUM_SMS = 24
 

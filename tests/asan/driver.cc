@@ -358,8 +358,7 @@ void bad_inputs(Group& g) {
 
 // Normal-mode handles corrupted on one rank (negative or too large counts, tokens out of range),
 // for the cached dispatch and the combine: each rank must raise or finish, never write out of
-// bounds. Not run by default (argument "corrupt"): normal.cc does not validate handles yet, and a
-// negative count makes the cached dispatch write before recv_x (see the issue 8 report).
+// bounds (argument "corrupt"; normal.cc checks handles and reports them in round 0's status).
 void corrupt_normal_handles(Group& g) {
   const int G = g.G, E = G, K = 1;
   const int64_t N = 6, H = 8;

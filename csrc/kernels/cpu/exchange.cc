@@ -199,4 +199,19 @@ void Exchange::finish_round() {
   in_round_ = false;
 }
 
+std::vector<int> failed_ranks(const Exchange& ex) {
+  std::vector<int> failed;
+  for (int src = 0; src < ex.num_ranks(); ++src) {
+    if (ex.header(src).status != 0) failed.push_back(src);
+  }
+  return failed;
+}
+
+std::string peers_failed(const char* op, const std::vector<int>& ranks, const char* what) {
+  std::string list;
+  for (int r : ranks) list += str_cat(list.empty() ? "" : ", ", r);
+  return str_cat("fused_a2a ", op, ": rank(s) [", list, "] ", what,
+                 " (see the error raised there); every rank of the group stops this op");
+}
+
 }  // namespace fa2a::cpu

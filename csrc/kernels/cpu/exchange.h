@@ -90,4 +90,10 @@ class Exchange {
   int uncaught_;           // std::uncaught_exceptions() when constructed
 };
 
+// Ranks whose message of this round says that they failed (status != 0). Every rank sees every
+// rank's status in the same round, so every rank stops after the same round.
+std::vector<int> failed_ranks(const Exchange& ex);
+// The error a rank raises when peers reported a failure: names them and what they rejected.
+std::string peers_failed(const char* op, const std::vector<int>& ranks, const char* what);
+
 }  // namespace fa2a::cpu

@@ -122,23 +122,6 @@ std::string unequal_tokens(const Exchange& ex, const char* op) {
                  " on every rank, got ", ns);
 }
 
-// Ranks whose message of this round says that they failed (status != 0). Every rank sees every
-// rank's status in the same round, so every rank stops after the same round.
-std::vector<int> failed_ranks(const Exchange& ex) {
-  std::vector<int> failed;
-  for (int src = 0; src < ex.num_ranks(); ++src) {
-    if (ex.header(src).status != 0) failed.push_back(src);
-  }
-  return failed;
-}
-
-std::string peers_failed(const char* op, const std::vector<int>& ranks, const char* what) {
-  std::string list;
-  for (int r : ranks) list += str_cat(list.empty() ? "" : ", ", r);
-  return str_cat("fused_a2a ", op, ": rank(s) [", list, "] ", what,
-                 " (see the error raised there); every rank of the group stops this op");
-}
-
 // An error found on this rank before or during an op: the rank keeps taking part in the rounds,
 // with status 1 in its messages, so that its peers stop with it instead of timing out.
 struct LocalError {

@@ -70,6 +70,41 @@ int64_t rows_per_round(const Exchange& ex, size_t stride, const char* op) {
   return rows;
 }
 
+// A dispatch handle's per-source row counts must be >= 0 (they place rows in the outputs).
+std::string check_counts(const int32_t* counts, int num_ranks, const char* op) {
+  for (int s = 0; s < num_ranks; ++s) {
+    if (counts[s] < 0) {
+      return str_cat("fused_a2a ", op, ": the handle's recv_src_counts[", s, "] = ", counts[s],
+                     " is negative: the handle is corrupt or not from this group's dispatch");
+    }
+  }
+  return "";
+}
+
+// What combine reads of a handle: counts >= 0 summing to at most the rows of y, and each source's
+// tokens strictly increasing in [0, group_max_tokens).
+std::string check_combine_handle(const CombineArgs& a, int num_ranks) {
+  std::string bad = check_counts(a.recv_src_counts, num_ranks, "combine");
+  if (!bad.empty()) return bad;
+  int64_t row = 0;
+  for (int s = 0; s < num_ranks; ++s) {
+    if (row + a.recv_src_counts[s] > a.num_rows) {
+      return str_cat("fused_a2a combine: the handle says ", row + a.recv_src_counts[s],
+                     " or more rows were received but y has only ", a.num_rows, " rows");
+    }
+    for (int64_t j = 0; j < a.recv_src_counts[s]; ++j, ++row) {
+      const int64_t token = a.recv_src_token[row];
+      const int64_t previous = j ? a.recv_src_token[row - 1] : -1;
+      if (token <= previous || token >= *a.group_max_tokens) {
+        return str_cat("fused_a2a combine: the handle's recv_src_token[", row, "] = ", token,
+                       " is out of order or out of range [0, ", *a.group_max_tokens,
+                       "): the handle is corrupt or not from this group's dispatch");
+      }
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 void layout(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
@@ -148,19 +183,12 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
   } catch (const Error& e) {
     disagreement = e.what();
   }
-  std::vector<int> rejecting;
-  for (int src = 0; src < num_ranks; ++src) {
-    if (ex.header(src).status != 0) rejecting.push_back(src);
-  }
+  const std::vector<int> rejecting = failed_ranks(ex);
   ex.finish_round();
   FA2A_CHECK(rejected.empty(), rejected);
-  if (!rejecting.empty()) {
-    std::string ranks;
-    for (int r : rejecting) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    FA2A_FAIL(ErrorKind::kValue, "fused_a2a dispatch: rank(s) [", ranks,
-              "] rejected their input: topk_idx out of range (see the error raised there); no "
-              "data was moved");
-  }
+  FA2A_CHECK(rejecting.empty(),
+             peers_failed("dispatch", rejecting,
+                          "rejected their input: topk_idx out of range; no data was moved"));
   FA2A_CHECK(disagreement.empty(), disagreement);
   *a.num_recv = static_cast<int32_t>(total);
   *a.group_max_tokens = static_cast<int32_t>(group_max);
@@ -179,8 +207,14 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
   const size_t scale_row = a.x_scales ? a.hidden / kFp8BlockSize * sizeof(float) : 0;
   auto in_rank = token_destinations(a.topk_idx, a.idx_dtype, a.num_tokens, K, num_local, num_ranks);
 
+  // A corrupt handle on this rank stops every rank after round 0 (status), before any row is
+  // placed: negative counts would place rows before the outputs.
+  const std::string rejected = check_counts(a.recv_src_counts, num_ranks, "dispatch");
+  FA2A_CHECK(rounds > 0 || rejected.empty(), rejected);
   std::vector<int64_t> offset(num_ranks + 1, 0), received(num_ranks, 0);
-  for (int s = 0; s < num_ranks; ++s) offset[s + 1] = offset[s] + a.recv_src_counts[s];
+  for (int s = 0; s < num_ranks && rejected.empty(); ++s) {
+    offset[s + 1] = offset[s] + a.recv_src_counts[s];
+  }
   int64_t aux[5];
   const int64_t flags =
       static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.topk_weights ? 512 : 0);
@@ -195,7 +229,7 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
     for (int dst = 0; dst < num_ranks; ++dst) {
       uint8_t* out = ex.send_payload(dst, "data");
       int64_t count = 0;
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t = t0; t < t1 && rejected.empty(); ++t) {
         if (!in_rank[t * num_ranks + dst]) continue;
         uint8_t* p = out + count * row.stride;
         std::memcpy(p, static_cast<const uint8_t*>(a.x) + t * x_row, x_row);
@@ -214,9 +248,14 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
         *reinterpret_cast<int32_t*>(p) = static_cast<int32_t>(t);
         ++count;
       }
-      ex.publish(dst, OpTag::kDispatchData, count, aux);
+      ex.publish(dst, OpTag::kDispatchData, count, aux, rejected.empty() ? 0 : 1);
     }
     ex.wait_all_messages(OpTag::kDispatchData, "data");
+    if (const std::vector<int> failed = failed_ranks(ex); !failed.empty()) {
+      ex.finish_round();
+      FA2A_CHECK(rejected.empty(), rejected);
+      FA2A_FAIL(ErrorKind::kValue, peers_failed("dispatch", failed, "rejected their handle"));
+    }
     if (disagreement.empty()) {
       try {
         check_agreement(ex, "dispatch", names, 0, 5);
@@ -265,9 +304,12 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
   }
   // Rows past the kept ones: zeros, index -1, weight 0.
   const int64_t tail = a.capacity - kept_total;
-  std::memset(static_cast<uint8_t*>(a.recv_x) + kept_total * x_row, 0, tail * x_row);
-  if (a.recv_x_scales)
+  if (tail > 0 && a.recv_x) {  // (no memset on a null pointer, even of 0 bytes)
+    std::memset(static_cast<uint8_t*>(a.recv_x) + kept_total * x_row, 0, tail * x_row);
+  }
+  if (tail > 0 && a.recv_x_scales) {
     std::memset(a.recv_x_scales + kept_total * (scale_row / 4), 0, tail * scale_row);
+  }
   if (a.recv_topk_idx)
     std::fill(a.recv_topk_idx + kept_total * K, a.recv_topk_idx + a.capacity * K, -1);
   if (a.recv_topk_weights) {
@@ -297,8 +339,14 @@ void combine(Buffer& buffer, const CombineArgs& a) {
     start += a.recv_src_counts[s];
     end[s] = start;
   }
-  FA2A_CHECK(start <= a.num_rows, "fused_a2a combine: the handle says ", start,
-             " rows were received but y has only ", a.num_rows, " rows");
+  // A handle that does not fit y or is corrupt stops every rank after round 0 (status), before
+  // any row is read; otherwise peers would silently miss this rank's rows.
+  const std::string rejected = check_combine_handle(a, num_ranks);
+  FA2A_CHECK(rounds > 0 || rejected.empty(), rejected);
+  if (!rejected.empty()) {  // send nothing
+    cursor.assign(num_ranks, 0);
+    end.assign(num_ranks, 0);
+  }
   std::vector<float> acc(static_cast<size_t>(T) * H), acc_weights(static_cast<size_t>(T) * K);
   int64_t aux[5];
   shape_aux(aux, H, static_cast<int64_t>(a.y_dtype), K, a.weights ? 1 + a.weights_owner_only : 0,
@@ -320,9 +368,14 @@ void combine(Buffer& buffer, const CombineArgs& a) {
         *reinterpret_cast<int32_t*>(p + y_bytes + w_bytes) = a.recv_src_token[i];
         ++count;
       }
-      ex.publish(dst, OpTag::kCombine, count, aux);
+      ex.publish(dst, OpTag::kCombine, count, aux, rejected.empty() ? 0 : 1);
     }
     ex.wait_all_messages(OpTag::kCombine, "data");
+    if (const std::vector<int> failed = failed_ranks(ex); !failed.empty()) {
+      ex.finish_round();
+      FA2A_CHECK(rejected.empty(), rejected);
+      FA2A_FAIL(ErrorKind::kValue, peers_failed("combine", failed, "rejected their handle"));
+    }
     if (disagreement.empty()) {
       try {
         check_agreement(ex, "combine", names, 0, 5);
