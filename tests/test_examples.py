@@ -96,6 +96,7 @@ def test_readme_torch_example_runs(tmp_path):
     script = tmp_path / "torch_example.py"
     script.write_text(block)
     env = dict(os.environ, MASTER_PORT=str(free_port()), FUSED_A2A_TIMEOUT_S="60")
+    env.pop("PYTHONUNBUFFERED", None)  # unbuffered, the two ranks' prints can interleave mid-line
     proc = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
