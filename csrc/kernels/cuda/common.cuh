@@ -49,6 +49,11 @@ constexpr int kNumFlags = 4096;  // u64 chunk flags
 static_assert(kMsgOffset + 4 * kMaxRanks * sizeof(MsgSlot) <= kExpertOffset, "control layout");
 static_assert(kExpertOffset + 2 * kMaxExpertsNotify * sizeof(int) <= kFlagOffset, "control");
 static_assert(kFlagOffset + kNumFlags * 8 <= 65536, "control layout");
+// HybridEP (hybrid_*.cu): its own words in the gap between the expert counts and the chunk
+// flags, never touched by the normal-mode kernels (see hybrid.cuh).
+constexpr size_t kHybridOffset = kExpertOffset + 2 * kMaxExpertsNotify * sizeof(int);
+constexpr size_t kHybridBytes = 64 + 2 * kMaxRanks * sizeof(unsigned long long);
+static_assert(kHybridOffset + kHybridBytes <= kFlagOffset, "control layout (hybrid)");
 
 enum MsgKind { kMsgDispatch = 0, kMsgCombine = 1 };
 
@@ -85,7 +90,15 @@ struct HostError {
   volatile double seconds;
 };
 
-enum OpCode { kOpDispatch = 1, kOpNotify = 2, kOpDispatchData = 3, kOpCombine = 4 };
+enum OpCode {
+  kOpDispatch = 1,
+  kOpNotify = 2,
+  kOpDispatchData = 3,
+  kOpCombine = 4,
+  kOpHybridNotify = 5,
+  kOpHybridDispatch = 6,
+  kOpHybridCombine = 7
+};
 enum PhaseCode {
   kPhaseNotify = 1,  // waiting for a peer's token counts
   kPhaseReady = 2,   // waiting for a peer to start the op (free buffer, offsets)

@@ -51,6 +51,12 @@ const char* op_name(int op) {
       return "dispatch_data";
     case kOpCombine:
       return "combine";
+    case kOpHybridNotify:
+      return "hybrid dispatch (count exchange)";
+    case kOpHybridDispatch:
+      return "hybrid dispatch";
+    case kOpHybridCombine:
+      return "hybrid combine";
     default:
       return "unknown op";
   }

@@ -1,0 +1,234 @@
+// HybridEP on CUDA (hybrid_dispatch.cu, hybrid_combine.cu): the message channel between ranks,
+// exact conversions (bit for bit as csrc/kernels/cpu/convert.h and fp8.h) and host helpers.
+//
+// Transport: the data region of every rank's buffer is cut into G slots; slot s of rank d is
+// written only by rank s. Every op is a sequence of messages that every rank of the group sends
+// and receives in the same order (one per round). Message m (a per-buffer counter, kept in the
+// control region, so it is the same on every rank and strictly increasing) from s to d:
+//   s waits until d acknowledged message m - 1 from s (ack[d] in s's control region >= m - 1),
+//   writes its slot on d, fences (system scope), releases data[s] = m in d's control region;
+//   d waits for data[s] >= m, reads the slot, releases ack[d] = m in s's control region.
+// Every wait is bounded (wait_flag: FUSED_A2A_TIMEOUT_S, reported through the host-mapped error
+// word, which poisons the buffer); nothing but the message counter lives across ops, so CUDA
+// graphs replay the same kernels with the counter read on the device.
+//
+// Correctness first: each op runs as one block of kThreads threads (no inter-block protocol).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "fused_a2a/buffer.h"
+
+namespace fa2a::cuda::hybrid {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+struct Ctrl {
+  unsigned long long msgs;    // messages completed on this buffer (same on every rank)
+  long long group_tokens;     // the largest N of the last notify (rounds of its data phase)
+  unsigned long long pad[6];  // to 64 bytes
+  unsigned long long data[kMaxRanks];  // data[s] = m: message m from s is in slot s
+  unsigned long long ack[kMaxRanks];   // ack[d] = m: d has read message m from this rank
+};
+static_assert(sizeof(Ctrl) <= kHybridBytes, "hybrid control words");
+
+__host__ __device__ inline Ctrl* ctrl_of(uint8_t* base) {
+  return reinterpret_cast<Ctrl*>(base + kHybridOffset);
+}
+
+// Everything a kernel needs to talk to its peers.
+struct Comm {
+  uint8_t* const* peers;  // device table of the G buffer bases
+  int rank;
+  int num_ranks;
+  size_t slot_bytes;  // bytes of one slot (16-byte multiple)
+  HostError* host_error;
+  unsigned long long timeout_ns;
+  int op;
+
+  __device__ uint8_t* slot_on(int dst) const {  // this rank's slot in dst's buffer
+    return peers[dst] + kControlBytes + static_cast<size_t>(rank) * slot_bytes;
+  }
+  __device__ const uint8_t* slot_from(int src) const {  // src's slot in this rank's buffer
+    return peers[rank] + kControlBytes + static_cast<size_t>(src) * slot_bytes;
+  }
+  __device__ WaitCtx wait_ctx() const {
+    return WaitCtx{local_state(peers[rank]), host_error, timeout_ns, op, rank};
+  }
+};
+
+// Block-wide steps of one message; `fail` is a shared flag, every thread returns its value
+// after a __syncthreads (so the whole block leaves together).
+__device__ inline bool send_begin(const Comm& c, unsigned long long m, int* fail) {
+  const WaitCtx ctx = c.wait_ctx();
+  Ctrl* mine = ctrl_of(c.peers[c.rank]);
+  for (int d = threadIdx.x; d < c.num_ranks; d += blockDim.x) {
+    if (!wait_flag(&mine->ack[d], m - 1, ctx, kPhaseRound, d)) *fail = 1;
+  }
+  __syncthreads();
+  return *fail == 0;
+}
+
+__device__ inline void send_end(const Comm& c, unsigned long long m) {
+  __threadfence_system();
+  __syncthreads();
+  for (int d = threadIdx.x; d < c.num_ranks; d += blockDim.x) {
+    st_release_sys(&ctrl_of(c.peers[d])->data[c.rank], m);
+  }
+}
+
+__device__ inline bool recv_begin(const Comm& c, unsigned long long m, int* fail) {
+  const WaitCtx ctx = c.wait_ctx();
+  Ctrl* mine = ctrl_of(c.peers[c.rank]);
+  for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
+    if (!wait_flag(&mine->data[s], m, ctx, kPhaseData, s)) *fail = 1;
+  }
+  __syncthreads();
+  if (*fail) return false;
+  // Every thread acquires every flag itself, so its reads of the slots are ordered after them.
+  for (int s = 0; s < c.num_ranks; ++s) (void)ld_acquire_sys(&mine->data[s]);
+  return true;
+}
+
+__device__ inline void recv_end(const Comm& c, unsigned long long m) {
+  __threadfence_system();
+  __syncthreads();
+  for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
+    st_release_sys(&ctrl_of(c.peers[s])->ack[c.rank], m);
+  }
+}
+
+__device__ inline unsigned long long read_msgs(const Comm& c) {
+  return *reinterpret_cast<volatile unsigned long long*>(&ctrl_of(c.peers[c.rank])->msgs);
+}
+__device__ inline void write_msgs(const Comm& c, unsigned long long m) {
+  *reinterpret_cast<volatile unsigned long long*>(&ctrl_of(c.peers[c.rank])->msgs) = m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact conversions (copies of the CPU backend's, which define the contract).
+__device__ __forceinline__ float bf16_to_f32(uint16_t h) {
+  return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
+
+__device__ __forceinline__ uint16_t f32_to_bf16(float value) {
+  uint32_t bits = __float_as_uint(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {
+    const float magnitude = __fmul_rn(static_cast<float>(mantissa), 5.9604644775390625e-08f);
+    return __uint_as_float(sign | __float_as_uint(magnitude));
+  }
+  if (exponent == 31) return __uint_as_float(sign | 0x7f800000u | (mantissa << 13));
+  return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+__device__ __forceinline__ uint16_t f32_to_f16(float value) {
+  uint32_t bits = __float_as_uint(value);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint32_t out;
+  if (bits >= 0x47800000u) {
+    out = bits > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (bits < 0x38800000u) {
+    const float shifted = __fadd_rn(__uint_as_float(bits), 0.5f);
+    out = __float_as_uint(shifted) - 0x3f000000u;
+  } else {
+    const uint32_t mantissa_odd = (bits >> 13) & 1u;
+    bits += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mantissa_odd;
+    out = bits >> 13;
+  }
+  return static_cast<uint16_t>(out | (sign >> 16));
+}
+
+// dtype: 0 f32, 1 f16, otherwise bf16 (host maps DType to this code).
+enum ValueCode { kValF32 = 0, kValF16 = 1, kValBF16 = 2 };
+
+__device__ __forceinline__ float load_f32(const void* row, int64_t i, int code) {
+  if (code == kValF32) return __ldg(static_cast<const float*>(row) + i);
+  const uint16_t h = __ldg(static_cast<const unsigned short*>(row) + i);
+  return code == kValF16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// Same for rows written by peers (coherent loads).
+__device__ __forceinline__ float load_f32_cg(const void* row, int64_t i, int code) {
+  if (code == kValF32) return __ldcg(static_cast<const float*>(row) + i);
+  const uint16_t h = __ldcg(static_cast<const unsigned short*>(row) + i);
+  return code == kValF16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+__device__ __forceinline__ void store_f32(void* row, int64_t i, int code, float v) {
+  if (code == kValF32) {
+    static_cast<float*>(row)[i] = v;
+  } else {
+    static_cast<uint16_t*>(row)[i] = code == kValF16 ? f32_to_f16(v) : f32_to_bf16(v);
+  }
+}
+
+__device__ __forceinline__ uint8_t f32_to_e4m3(float value) {
+  uint32_t bits = __float_as_uint(value);
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+  bits &= 0x7fffffffu;
+  if (bits >= 0x7f800000u) return sign | 0x7fu;
+  uint32_t code;
+  if (bits < 0x3c800000u) {
+    const float shifted = __fadd_rn(__uint_as_float(bits), 16384.0f);
+    code = __float_as_uint(shifted) - 0x46800000u;
+  } else {
+    bits += 0x7ffffu + ((bits >> 20) & 1u);
+    code = (bits >> 20) - (120u << 3);
+  }
+  if (code > 0x7eu) code = 0x7fu;
+  return static_cast<uint8_t>(sign | code);
+}
+
+// One warp quantises a row of H values (H % 128 == 0) into q (e4m3) and scales (one f32 per 128
+// values), as fp8_quantize_row in csrc/kernels/cpu/fp8.h: lane l handles values 4l..4l+3 of each
+// block. q must be 4-byte aligned.
+__device__ inline void warp_quantize_row(const void* row, int code, int64_t hidden, uint8_t* q,
+                                         float* scales, int lane) {
+  for (int64_t b = 0; b < hidden / kFp8BlockSize; ++b) {
+    const int64_t h0 = b * kFp8BlockSize + lane * 4;
+    float v[4];
+    float amax = 0.0f;
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[k] = load_f32(row, h0 + k, code);
+      const float a = fabsf(v[k]);
+      nan |= isnan(a);
+      amax = a > amax ? a : amax;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, amax, off);
+      amax = o > amax ? o : amax;
+    }
+    nan = __any_sync(0xffffffffu, nan);
+    if (nan) amax = __uint_as_float(0x7fc00000u);
+    if (!(amax >= 1e-4f) && !nan) amax = 1e-4f;
+    const float scale = __fdiv_rn(amax, 448.0f);
+    uint32_t packed = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      packed |= static_cast<uint32_t>(f32_to_e4m3(__fdiv_rn(v[k], scale))) << (8 * k);
+    }
+    *reinterpret_cast<uint32_t*>(q + h0) = packed;
+    if (lane == 0) scales[b] = scale;
+  }
+}
+
+__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
+
+}  // namespace fa2a::cuda::hybrid

@@ -1,0 +1,442 @@
+// HybridEP dispatch on CUDA (SEMANTICS.md section 2; the CPU backend csrc/kernels/cpu/hybrid.cc
+// defines the exact result): a notify kernel exchanges the per-(source, local expert) counts, then
+// a data kernel moves the rows with the permute fused into the receive path. Transport and
+// protocol: hybrid.cuh.
+//
+// Notify (one message): rank r sends every rank d its counts for d's L experts, its largest
+// fan-out, N, H and the dtype flags; every rank then writes src_expert_counts, tokens_per_expert
+// (padded, unclipped) and meta. Ranks that disagree on N (or H, dtype, probs) all see it: meta's
+// NumTokens becomes -1 and the counts 0 (the dynamic path raises; the static path's data phase
+// then moves no row and leaves zeros).
+//
+// Data (one message per round of T tokens): slot position i of round k holds sender token
+// t = kT + i whatever its routing (no compaction): the values (quantised to e4m3 on the send side
+// with fp8_dispatch), scales, the L probs, and for each local expert j of the receiver the
+// ordinal of t among the sender's tokens routed to j (-1: not routed). A row crosses the link
+// once per destination rank; the receiver copies it to seg_start[s, j] + ordinal for every j, so
+// rows land in the CPU backend's order by construction. Positions >= P are dropped; padding rows
+// and the tail are zeroed at the end. Nothing is written outside [0, P) rows.
+#include <algorithm>
+#include <mutex>
+
+#include "core/hybrid_backends.h"
+#include "fused_a2a/errors.h"
+#include "hybrid.cuh"
+#include "state.h"
+
+namespace fa2a::cuda {
+namespace {
+
+using namespace hybrid;
+
+int value_code(DType d) {
+  return d == DType::kF32 ? kValF32 : d == DType::kF16 ? kValF16 : kValBF16;
+}
+
+// Layout of one dispatched row in a slot.
+struct RowLayout {
+  size_t x_bytes, scale_off, prob_off, ord_off, tok_off, stride;
+};
+
+RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, int L) {
+  RowLayout r;
+  r.x_bytes = align16(hidden * value_bytes);
+  r.scale_off = r.x_bytes;
+  r.prob_off = r.scale_off + (fp8 ? align16(hidden / kFp8BlockSize * sizeof(float)) : 0);
+  r.ord_off = r.prob_off + (probs ? align16(L * sizeof(float)) : 0);
+  r.tok_off = r.ord_off + align16(L * sizeof(int));
+  r.stride = r.tok_off + 16;
+  return r;
+}
+
+constexpr int kNotifyWords = 5;  // after the L counts: fan-out, N, H, flags, L
+
+__global__ void __launch_bounds__(kThreads)
+    notify_kernel(Comm c, const uint8_t* routing_map, int N, int H, int flags, int L, long long pad,
+                  int32_t* src_expert_counts, int32_t* tokens_per_expert, int32_t* meta) {
+  extern __shared__ int s_counts[];  // [E]
+  __shared__ int s_fail, s_fanout, s_bad, s_max_n;
+  const int G = c.num_ranks, E = G * L, tid = threadIdx.x;
+  if (tid == 0) {
+    s_fail = aborted(c.wait_ctx()) ? 1 : 0;
+    s_fanout = 0;
+    s_bad = 0;
+    s_max_n = 0;
+  }
+  for (int e = tid; e < E; e += blockDim.x) s_counts[e] = 0;
+  __syncthreads();
+  if (s_fail) return;
+  // Counts per expert, and the largest number of one rank's experts a token picked.
+  for (int64_t t = tid; t < N; t += blockDim.x) {
+    int fan = 0;
+    for (int d = 0; d < G; ++d) {
+      int picked = 0;
+      for (int j = 0; j < L; ++j) {
+        if (routing_map[t * E + d * L + j]) {
+          atomicAdd(&s_counts[d * L + j], 1);
+          ++picked;
+        }
+      }
+      fan = max(fan, picked);
+    }
+    atomicMax(&s_fanout, fan);
+  }
+  const unsigned long long m = read_msgs(c) + 1;
+  if (!send_begin(c, m, &s_fail)) return;
+  for (int i = tid; i < G * (L + kNotifyWords); i += blockDim.x) {
+    const int d = i / (L + kNotifyWords), k = i - d * (L + kNotifyWords);
+    int v;
+    if (k < L) {
+      v = s_counts[d * L + k];
+    } else {
+      const int w = k - L;
+      v = w == 0 ? s_fanout : w == 1 ? N : w == 2 ? H : w == 3 ? flags : L;
+    }
+    reinterpret_cast<int*>(c.slot_on(d))[k] = v;
+  }
+  send_end(c, m);
+  if (!recv_begin(c, m, &s_fail)) return;
+  for (int i = tid; i < G * (L + kNotifyWords); i += blockDim.x) {
+    const int s = i / (L + kNotifyWords), k = i - s * (L + kNotifyWords);
+    const int v = __ldcg(reinterpret_cast<const int*>(c.slot_from(s)) + k);
+    if (k < L) {
+      src_expert_counts[s * L + k] = v;
+    } else if (k == L) {
+      atomicMax(&s_fanout, v);
+    } else {
+      const int mine = k == L + 1 ? N : k == L + 2 ? H : k == L + 3 ? flags : L;
+      if (v != mine) s_bad = 1;
+      if (k == L + 1) atomicMax(&s_max_n, v);
+    }
+  }
+  recv_end(c, m);
+  __syncthreads();
+  if (tid == 0) {
+    long long total = 0;
+    for (int j = 0; j < L; ++j) {
+      long long count = 0;
+      for (int s = 0; s < G; ++s) {
+        if (s_bad) src_expert_counts[s * L + j] = 0;
+        count += src_expert_counts[s * L + j];
+      }
+      const long long padded = pad > 0 ? (count + pad - 1) / pad * pad : count;
+      tokens_per_expert[j] = static_cast<int32_t>(padded);
+      total += padded;
+    }
+    meta[kHybridMetaTotalRows] = static_cast<int32_t>(min(total, 0x7fffffffll));
+    meta[kHybridMetaOverflow] = 0;
+    meta[kHybridMetaNumTokens] = s_bad ? -1 : N;
+    meta[kHybridMetaMaxFanout] = max(1, s_fanout);
+    ctrl_of(c.peers[c.rank])->group_tokens = s_max_n;
+    write_msgs(c, m);
+  }
+}
+
+struct DataParams {
+  const void* x;
+  int x_code;  // value code of x (f32/f16/bf16) when quantising
+  const float* x_scales;
+  const uint8_t* routing_map;
+  const float* probs;
+  int N, H, L;
+  long long pad, P;
+  bool quantize, fp8, cached, rounds_from_notify;
+  int rows_per_round;
+  RowLayout row;
+  size_t out_row;  // bytes of one permuted_x row
+  void* permuted_x;
+  float* permuted_probs;
+  float* permuted_scales;
+  int32_t* tokens_per_expert;
+  const int32_t* src_expert_counts;
+  int32_t* row_token;
+  int32_t* meta;
+};
+
+__global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
+  extern __shared__ long long s_mem[];
+  const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
+  long long* seg = s_mem;       // [E] first row of (source s, expert j), at s*L + j
+  long long* off = seg + E;     // [L] first row of expert j
+  long long* cnt = off + L;     // [L] real rows of expert j
+  long long* padded = cnt + L;  // [L]
+  int* run = reinterpret_cast<int*>(padded + L);  // [E] this rank's tokens sent per expert so far
+  __shared__ int s_fail, s_bad;
+  __shared__ long long s_total, s_rounds;
+  const int lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) {
+    s_fail = aborted(c.wait_ctx()) ? 1 : 0;
+    // A handle that does not belong to this N (or a notify that found the ranks disagreeing):
+    // every row is treated as unrouted, but the rounds still run so that the peers finish.
+    s_bad = p.meta[kHybridMetaNumTokens] != p.N ? 1 : 0;
+    long long total = 0;
+    for (int j = 0; j < L; ++j) {
+      off[j] = total;
+      long long count = 0;
+      for (int s = 0; s < G; ++s) {
+        const long long v = p.src_expert_counts[s * L + j];
+        if (v < 0) s_bad = 1;
+        seg[s * L + j] = total + count;
+        count += v > 0 ? v : 0;
+      }
+      cnt[j] = count;
+      padded[j] = p.pad > 0 ? (count + p.pad - 1) / p.pad * p.pad : count;
+      total += padded[j];
+    }
+    s_total = total;
+    long long n = p.N;
+    if (p.rounds_from_notify) n = ctrl_of(c.peers[c.rank])->group_tokens;
+    s_rounds = (n + p.rows_per_round - 1) / p.rows_per_round;
+  }
+  for (int e = tid; e < E; e += blockDim.x) run[e] = 0;
+  __syncthreads();
+  if (s_fail) return;
+  const bool bad = s_bad != 0;
+  const RowLayout& rl = p.row;
+  const int T = p.rows_per_round;
+  unsigned long long m = read_msgs(c);
+  for (long long round = 0; round < s_rounds; ++round) {
+    ++m;
+    const long long t0 = round * T;
+    const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
+    const int n = static_cast<int>(max(0ll, t1 - t0));
+    if (!send_begin(c, m, &s_fail)) return;
+    // Headers: ordinals and probs (thread per expert column, tokens in order), token ids.
+    for (int e = tid; e < E; e += blockDim.x) {
+      const int d = e / L, j = e - d * L;
+      uint8_t* base = c.slot_on(d);
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = t0 + i;
+        const bool routed = p.routing_map[t * E + e] != 0;
+        uint8_t* row = base + static_cast<size_t>(i) * rl.stride;
+        reinterpret_cast<int*>(row + rl.ord_off)[j] = routed ? run[e]++ : -1;
+        if (p.probs) {
+          reinterpret_cast<float*>(row + rl.prob_off)[j] = routed ? p.probs[t * E + e] : 0.0f;
+        }
+      }
+    }
+    for (int i = tid; i < n * G; i += blockDim.x) {
+      const int d = i % G, k = i / G;
+      *reinterpret_cast<int*>(c.slot_on(d) + static_cast<size_t>(k) * rl.stride + rl.tok_off) =
+          static_cast<int>(t0 + k);
+    }
+    // Values: a warp per (token, destination) that the token goes to.
+    for (int w = warp; w < n * G; w += kWarps) {
+      const int d = w % G, k = w / G;
+      const int64_t t = t0 + k;
+      int any = 0;
+      for (int j = lane; j < L; j += 32) any |= p.routing_map[t * E + d * L + j] != 0;
+      if (!__any_sync(0xffffffffu, any)) continue;
+      uint8_t* row = c.slot_on(d) + static_cast<size_t>(k) * rl.stride;
+      if (p.quantize) {
+        const size_t in_row = static_cast<size_t>(p.H) * (p.x_code == kValF32 ? 4 : 2);
+        warp_quantize_row(static_cast<const uint8_t*>(p.x) + t * in_row, p.x_code, p.H, row,
+                          reinterpret_cast<float*>(row + rl.scale_off), lane);
+      } else {
+        warp_copy_ro(row, static_cast<const uint8_t*>(p.x) + t * p.out_row, p.out_row, lane);
+        if (p.fp8) {
+          const int cols = p.H / kFp8BlockSize;
+          for (int b = lane; b < cols; b += 32) {
+            reinterpret_cast<float*>(row + rl.scale_off)[b] = p.x_scales[t * cols + b];
+          }
+        }
+      }
+    }
+    send_end(c, m);
+    if (!recv_begin(c, m, &s_fail)) return;
+    // Fused permute: a warp per (source, position); the row goes to every (expert, ordinal).
+    for (int w = warp; w < n * G; w += kWarps) {
+      const int s = w / n, k = w - s * n;
+      const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
+      const int t = __ldcg(reinterpret_cast<const int*>(row + rl.tok_off));
+      for (int j = 0; j < L; ++j) {
+        const int ord = __ldcg(reinterpret_cast<const int*>(row + rl.ord_off) + j);
+        if (ord < 0 || ord >= p.src_expert_counts[s * L + j]) continue;
+        const long long pos = seg[s * L + j] + ord;
+        if (pos >= p.P) continue;  // static P overflow: dropped
+        warp_copy_cg(static_cast<uint8_t*>(p.permuted_x) + pos * p.out_row, row, p.out_row, lane);
+        if (p.fp8) {
+          const int cols = p.H / kFp8BlockSize;
+          for (int b = lane; b < cols; b += 32) {
+            p.permuted_scales[pos * cols + b] =
+                __ldcg(reinterpret_cast<const float*>(row + rl.scale_off) + b);
+          }
+        }
+        if (lane == 0) {
+          if (p.probs) {
+            p.permuted_probs[pos] = __ldcg(reinterpret_cast<const float*>(row + rl.prob_off) + j);
+          }
+          if (!p.cached) p.row_token[pos] = static_cast<int32_t>(s * p.N + t);
+        }
+      }
+    }
+    recv_end(c, m);
+  }
+  // Padding rows of each expert and the tail past the padded total: zeros.
+  const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
+  for (int j = -1; j < L; ++j) {
+    long long z0 = j < 0 ? s_total : off[j] + cnt[j];
+    long long z1 = j < 0 ? p.P : off[j] + padded[j];
+    if (bad && j < 0) z0 = 0;  // nothing was received: every row is zero
+    z1 = min(z1, p.P);
+    for (long long r = z0 + warp; r < z1; r += kWarps) {
+      warp_zero(static_cast<uint8_t*>(p.permuted_x) + r * p.out_row, p.out_row, lane);
+      for (int b = lane; b < cols; b += 32) p.permuted_scales[r * cols + b] = 0.0f;
+      if (lane == 0) {
+        if (p.permuted_probs) p.permuted_probs[r] = 0.0f;
+        if (!p.cached) p.row_token[r] = -1;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    write_msgs(c, m);
+    if (!p.cached) {
+      for (int j = 0; j < L; ++j) {
+        const long long v = bad ? 0 : min(max(p.P - off[j], 0ll), padded[j]);
+        p.tokens_per_expert[j] = static_cast<int32_t>(v);
+      }
+      p.meta[kHybridMetaOverflow] = (!bad && s_total > p.P) ? 1 : 0;
+    }
+  }
+}
+
+Comm make_comm(Buffer& buffer, CudaState& st, int op) {
+  Comm c;
+  c.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
+  c.rank = buffer.rank();
+  c.num_ranks = buffer.num_ranks();
+  c.slot_bytes = (buffer.data_bytes() / c.num_ranks) & ~size_t{15};
+  c.host_error = st.host_error;
+  c.timeout_ns = timeout_ns();
+  c.op = op;
+  return c;
+}
+
+void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
+  const int G = buffer.num_ranks();
+  FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported");
+  FA2A_CHECK(a.num_experts <= kMaxExpertsNotify,
+             "fused_a2a hybrid dispatch (CUDA): E = ", a.num_experts, " exceeds the limit of ",
+             kMaxExpertsNotify, " experts");
+  FA2A_CHECK(a.num_tokens * G <= 0x7fffffffll, "fused_a2a hybrid dispatch: ", G,
+             " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
+}
+
+void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s) {
+  const Comm c = make_comm(buffer, st, kOpHybridNotify);
+  const int L = a.num_local_experts;
+  FA2A_CHECK(c.slot_bytes >= (L + kNotifyWords) * sizeof(int),
+             "fused_a2a hybrid dispatch: the buffer is too small for the counts of ", L,
+             " local experts");
+  const int flags = static_cast<int>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.probs ? 512 : 0) |
+                    (a.quantize_fp8 ? 1024 : 0);
+  const size_t smem = static_cast<size_t>(a.num_experts) * sizeof(int);
+  notify_kernel<<<1, kThreads, smem, s>>>(c, a.routing_map, static_cast<int>(a.num_tokens),
+                                          static_cast<int>(a.hidden), flags, L, a.pad_multiple,
+                                          a.src_expert_counts, a.tokens_per_expert, a.meta);
+  check_launch("hybrid dispatch notify");
+}
+
+// cached: combine's backward (the handle is read only); from_notify: the rounds follow the
+// group's largest N seen by the notify just before (static and dynamic dispatch).
+void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s,
+                 bool cached, bool from_notify) {
+  const Comm c = make_comm(buffer, st, kOpHybridDispatch);
+  const int L = a.num_local_experts;
+  const DType row_dtype = a.quantize_fp8 ? DType::kE4M3 : a.x_dtype;
+  DataParams p{};
+  p.x = a.x;
+  p.x_code = value_code(a.x_dtype);
+  p.x_scales = a.x_scales;
+  p.routing_map = a.routing_map;
+  p.probs = a.probs;
+  p.N = static_cast<int>(a.num_tokens);
+  p.H = static_cast<int>(a.hidden);
+  p.L = L;
+  p.pad = a.pad_multiple;
+  p.P = a.num_rows;
+  p.quantize = a.quantize_fp8;
+  p.fp8 = row_dtype == DType::kE4M3;
+  p.cached = cached;
+  p.rounds_from_notify = from_notify;
+  p.row = row_layout(a.hidden, dtype_size(row_dtype), p.fp8, a.probs != nullptr, L);
+  p.out_row = static_cast<size_t>(a.hidden) * dtype_size(row_dtype);
+  const size_t rows = c.slot_bytes / p.row.stride;
+  FA2A_CHECK(rows >= 1, "fused_a2a hybrid dispatch: the buffer slot (", c.slot_bytes,
+             " bytes) cannot hold one row of ", p.row.stride,
+             " bytes; create the buffer with more bytes (init_hybrid_ep_buffer)");
+  p.rows_per_round = static_cast<int>(std::min<size_t>(rows, 1 << 20));
+  p.permuted_x = a.permuted_x;
+  p.permuted_probs = a.permuted_probs;
+  p.permuted_scales = a.permuted_scales;
+  p.tokens_per_expert = a.tokens_per_expert;
+  p.src_expert_counts = a.src_expert_counts;
+  p.row_token = a.row_token;
+  p.meta = a.meta;
+  if (a.num_rows > 0) {
+    check_aligned(a.permuted_x, "permuted hidden output");
+    check_aligned(a.x, "x");
+  }
+  const size_t E = static_cast<size_t>(a.num_experts);
+  const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long) + E * sizeof(int);
+  if (smem > 48 * 1024) {
+    FA2A_CUDA_CHECK(cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)),
+                    "hybrid dispatch shared memory");
+  }
+  data_kernel<<<1, kThreads, smem, s>>>(c, p);
+  check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
+}
+
+struct OpScope {
+  std::lock_guard<std::mutex> lock;
+  DeviceGuard guard;
+  CudaState& st;
+  explicit OpScope(Buffer& buffer)
+      : lock(buffer.op_mutex()), guard(buffer.device()), st(cuda_state(buffer)) {
+    check_no_error(st, buffer);
+  }
+};
+
+}  // namespace
+
+void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  check_common(buffer, args);
+  OpScope scope(buffer);
+  launch_notify(buffer, scope.st, args, s);
+  launch_data(buffer, scope.st, args, s, false, true);
+}
+
+void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  check_common(buffer, args);
+  OpScope scope(buffer);
+  launch_notify(buffer, scope.st, args, s);
+  sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
+  int32_t meta[kHybridMetaSize];
+  FA2A_CUDA_CHECK(cudaMemcpy(meta, args.meta, sizeof(meta), cudaMemcpyDeviceToHost),
+                  "reading the hybrid dispatch counts");
+  FA2A_CHECK(meta[kHybridMetaNumTokens] == args.num_tokens,
+             "fused_a2a hybrid dispatch: HybridEP mode needs the same number of tokens N (rows of "
+             "x) on every rank, and the same hidden size, dtype, probs / FP8 scales presence, "
+             "fp8_dispatch and num_local_experts; the ranks differ (this rank: N=",
+             args.num_tokens, ", hidden size ", args.hidden, ")");
+}
+
+void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  check_common(buffer, args);
+  OpScope scope(buffer);
+  launch_data(buffer, scope.st, args, s, false, true);
+}
+
+void hybrid_dispatch_cached(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle);
+  check_common(buffer, args);
+  OpScope scope(buffer);
+  launch_data(buffer, scope.st, args, s, true, false);
+}
+
+}  // namespace fa2a::cuda
