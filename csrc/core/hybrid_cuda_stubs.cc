@@ -1,9 +1,8 @@
 // Stubs of the CUDA HybridEP entry points (core/hybrid_backends.h).
 //
 // CPU-only build (no FA2A_HAVE_CUDA): every entry point explains that CUDA is missing.
-// CUDA build: the same stubs are weak symbols saying that the HybridEP CUDA kernels are not there
-// yet, so that the CUDA build links before csrc/kernels/cuda/ defines them; the kernels' strong
-// definitions replace them at link time without touching this file.
+// CUDA build: the same stubs are weak symbols; csrc/kernels/cuda/hybrid_dispatch.cu and
+// hybrid_combine.cu define the entry points (strong symbols), which replace them at link time.
 #include "core/hybrid_backends.h"
 #include "fused_a2a/errors.h"
 
@@ -22,8 +21,9 @@ namespace {
             "machine with the CUDA toolkit to use HybridEP with GPU tensors");
 #else
   FA2A_FAIL(ErrorKind::kNotImplemented,
-            "fused_a2a HybridEP: this build has no CUDA kernels for HybridEP mode yet; use CPU "
-            "tensors (gloo group) or normal mode on GPUs");
+            "fused_a2a HybridEP: this build did not link the CUDA HybridEP kernels "
+            "(csrc/kernels/cuda/hybrid_*.cu); use CPU tensors (gloo group) or normal mode on "
+            "GPUs");
 #endif
 }
 }  // namespace

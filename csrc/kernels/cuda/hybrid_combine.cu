@@ -3,8 +3,8 @@
 //
 // One message per round of T tokens: every rank writes, into its slot on each source rank s,
 // the rows of s's tokens [kT, (k+1)T) at position (t - kT) * L + j (local expert j), each with
-// its prob and a tag equal to the message number (positions without a row keep an older tag, so
-// nothing needs clearing). The source then sums, for each token, ranks ascending and local
+// its prob and a tag equal to the message number (every position's tag is cleared to 0 first;
+// message numbers start at 1). The source then sums, for each token, ranks ascending and local
 // experts ascending, in fp32 from 0.0f, with one rounding to y's dtype: the contract's order.
 // Rows at positions >= P (dropped by a static P) and padding rows are never sent.
 #include <algorithm>
@@ -69,6 +69,15 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
     const long long t0 = round * T;
     const long long t1 = min(static_cast<long long>(p.N), t0 + T);
     if (!send_begin(c, m, &s_fail)) return;
+    // Clear every position's tag first (the slot holds older messages of any kind), then write
+    // the rows: the barrier orders the two writes of a position.
+    const long long n = t1 - t0;
+    for (long long i = tid; i < G * n * L; i += blockDim.x) {
+      const int d = static_cast<int>(i % G);
+      *reinterpret_cast<unsigned int*>(c.slot_on(d) + (i / G) * p.stride + p.y_bytes) = 0u;
+    }
+    __threadfence();
+    __syncthreads();
     // A warp per row of this rank: the rows of tokens of this round go back to their source.
     for (long long r = warp; r < (bad ? 0 : p.P); r += kWarps) {
       const int g = __ldg(p.row_token + r);
