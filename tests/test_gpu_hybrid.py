@@ -172,8 +172,7 @@ def _jax_suite(g, rows):
             if line.startswith("RESULTS "):
                 return json.loads(line[len("RESULTS ") :])
         raise AssertionError(
-            f"JAX GPU hybrid suite exited {proc.returncode}:\n"
-            f"{(proc.stdout + proc.stderr)[-6000:]}"
+            f"JAX GPU hybrid suite exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
         )
 
     return run_once(("jax-hybrid", g, rows), run)

@@ -10,7 +10,9 @@
 //   d waits for data[s] >= m, reads the slot, releases ack[d] = m in s's control region.
 // Every wait is bounded (wait_flag: FUSED_A2A_TIMEOUT_S, reported through the host-mapped error
 // word, which poisons the buffer); nothing but the message counter lives across ops, so CUDA
-// graphs replay the same kernels with the counter read on the device.
+// graphs replay the same kernels with the counter read on the device. Every op starts with an
+// empty message (enter), so that no rank writes a peer's data region before that peer has left
+// its previous op on this buffer (normal mode shares the data region in JAX).
 //
 // Correctness first: each op runs as one block of kThreads threads (no inter-block protocol).
 #pragma once
@@ -100,6 +102,19 @@ __device__ inline void recv_end(const Comm& c, unsigned long long m) {
   for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
     st_release_sys(&ctrl_of(c.peers[s])->ack[c.rank], m);
   }
+}
+
+// An empty message that every op sends first: once it has arrived from every peer, each peer has
+// entered this op, so its earlier kernels on this buffer (normal-mode ops included, which use the
+// same data region with their own protocol) are done with this rank's data region and with its
+// own. Advances m.
+__device__ inline bool enter(const Comm& c, unsigned long long& m, int* fail) {
+  ++m;
+  if (!send_begin(c, m, fail)) return false;
+  send_end(c, m);
+  if (!recv_begin(c, m, fail)) return false;
+  recv_end(c, m);
+  return true;
 }
 
 __device__ inline unsigned long long read_msgs(const Comm& c) {

@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   const int T = p.rows_per_round;
   const long long rounds = (static_cast<long long>(p.N) + T - 1) / T;
   unsigned long long m = read_msgs(c);
+  if (!enter(c, m, &s_fail)) return;
   for (long long round = 0; round < rounds; ++round) {
     ++m;
     const long long t0 = round * T;

@@ -81,7 +81,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     atomicMax(&s_fanout, fan);
   }
-  const unsigned long long m = read_msgs(c) + 1;
+  unsigned long long m = read_msgs(c);
+  if (!enter(c, m, &s_fail)) return;
+  ++m;
   if (!send_begin(c, m, &s_fail)) return;
   for (int i = tid; i < G * (L + kNotifyWords); i += blockDim.x) {
     const int d = i / (L + kNotifyWords), k = i - d * (L + kNotifyWords);
@@ -195,6 +197,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   const RowLayout& rl = p.row;
   const int T = p.rows_per_round;
   unsigned long long m = read_msgs(c);
+  if (!enter(c, m, &s_fail)) return;
   for (long long round = 0; round < s_rounds; ++round) {
     ++m;
     const long long t0 = round * T;
