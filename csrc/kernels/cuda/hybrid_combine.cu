@@ -62,7 +62,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   if (s_fail) return;
   const bool bad = s_bad != 0;
   const int T = p.rows_per_round;
-  const long long rounds = (static_cast<long long>(p.N) + T - 1) / T;
+  // meta NumTokens -1: the dispatch's notify found the ranks disagreeing (on every rank): no
+  // rounds anywhere, zeros out.
+  const bool group_bad = p.meta[kHybridMetaNumTokens] == -1;
+  const long long rounds = group_bad ? 0 : (static_cast<long long>(p.N) + T - 1) / T;
   unsigned long long m = read_msgs(c);
   if (!enter(c, m, &s_fail)) return;
   for (long long round = 0; round < rounds; ++round) {
@@ -143,6 +146,14 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
       }
     }
     recv_end(c, m);
+  }
+  if (group_bad) {
+    for (long long t = warp; t < p.N; t += kWarps) {
+      for (int h = lane; h < p.H; h += 32) {
+        store_f32(static_cast<uint8_t*>(p.out) + t * p.y_row, h, p.code, 0.0f);
+      }
+      for (int e = lane; p.out_probs && e < E; e += 32) p.out_probs[t * E + e] = 0.0f;
+    }
   }
   __syncthreads();
   if (tid == 0) write_msgs(c, m);

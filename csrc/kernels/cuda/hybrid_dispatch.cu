@@ -189,6 +189,9 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     long long n = p.N;
     if (p.rounds_from_notify) n = ctrl_of(c.peers[c.rank])->group_tokens;
     s_rounds = (n + p.rows_per_round - 1) / p.rows_per_round;
+    // The notify's group-wide verdict that the ranks disagree (every rank sees it, and their
+    // round sizes may differ): no rounds on any rank.
+    if (p.meta[kHybridMetaNumTokens] == -1) s_rounds = 0;
   }
   for (int e = tid; e < E; e += blockDim.x) run[e] = 0;
   __syncthreads();
