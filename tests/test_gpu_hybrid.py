@@ -24,7 +24,7 @@ import pytest
 import reference as R
 from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
-from test_gpu_normal import GPU_ENV, _jax_env, _need
+from test_gpu_normal import GPU_ENV, _jax_suite, _need
 
 pytestmark = pytest.mark.gpu
 
@@ -150,38 +150,10 @@ def test_torch_gpu_hybrid(world, case, rows):
 # ----------------------------------------------------------------------------- JAX
 
 
-def _jax_suite(g, rows):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-
-    def run():
-        extra = {"FUSED_A2A_BUFFER_ROWS": str(rows)} if rows else {}
-        proc = subprocess.run(
-            [sys.executable, os.path.join(tests_dir, "jax_cases.py"), "hybrid", str(g)],
-            env=_jax_env(extra),
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=tests_dir,
-        )
-        for line in reversed(proc.stdout.splitlines()):
-            if line.startswith("RESULTS "):
-                return json.loads(line[len("RESULTS ") :])
-        raise AssertionError(
-            f"JAX GPU hybrid suite exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
-        )
-
-    return run_once(("jax-hybrid", g, rows), run)
-
-
 @pytest.mark.parametrize("g", [2, 4])
 @pytest.mark.parametrize("rows", [None, 1], ids=["default-buffer", "one-row-buffer"])
 def test_jax_gpu_hybrid_suite(g, rows):
     _need(g)
-    results = _jax_suite(g, rows)
+    results = _jax_suite(g, rows, suite="hybrid")
     bad = {k: v for k, v in results.items() if v != "ok"}
     assert results and not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())

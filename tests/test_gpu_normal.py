@@ -157,11 +157,13 @@ def _jax_env(extra=None):
     return env
 
 
-def _jax_suite(g, rows=None):
+def _jax_suite(g, rows=None, suite="normal"):
+    """Runs tests/jax_cases.py SUITE on g GPU devices (once per session); {case: "ok" | error}."""
+
     def run():
         extra = {"FUSED_A2A_BUFFER_ROWS": str(rows)} if rows else {}
         proc = subprocess.run(
-            [sys.executable, os.path.join(TESTS_DIR, "jax_cases.py"), "normal", str(g)],
+            [sys.executable, os.path.join(TESTS_DIR, "jax_cases.py"), suite, str(g)],
             env=_jax_env(extra),
             capture_output=True,
             text=True,
@@ -172,10 +174,11 @@ def _jax_suite(g, rows=None):
             if line.startswith("RESULTS "):
                 return json.loads(line[len("RESULTS ") :])
         raise AssertionError(
-            f"JAX GPU suite exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
+            f"JAX GPU {suite} suite exited {proc.returncode}:\n"
+            f"{(proc.stdout + proc.stderr)[-6000:]}"
         )
 
-    return run_once(("jax", g, rows), run)
+    return run_once(("jax", suite, g, rows), run)
 
 
 @pytest.mark.parametrize("g", [2, 4])
