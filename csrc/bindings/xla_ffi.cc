@@ -91,20 +91,26 @@ ffi::Error layout_impl(const Where& w, Buf topk_idx, Ret per_rank, Ret per_exper
   });
 }
 
+// The send side shared by the dispatch and the cached dispatch: x [N,H] and topk_idx [N,K].
+DispatchArgs dispatch_inputs(const Buf& x, const Buf& topk_idx) {
+  DispatchArgs a;
+  a.x = x.untyped_data();
+  a.x_dtype = to_dtype(x.element_type(), "x");
+  a.num_tokens = dim(x, 2, 0, "x");
+  a.hidden = dim(x, 2, 1, "x");
+  a.topk_idx = topk_idx.untyped_data();
+  a.idx_dtype = to_dtype(topk_idx.element_type(), "topk_idx");
+  a.num_topk = static_cast<int>(dim(topk_idx, 2, 1, "topk_idx"));
+  return a;
+}
+
 ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf topk_idx, Buf topk_weights,
                          Ret recv_x, Ret recv_topk_idx, Ret recv_topk_weights, Ret src_counts,
                          Ret src_token, Ret tokens_per_expert, Ret num_recv, Ret num_dropped,
                          Ret group_max_tokens, int64_t group_id, int64_t num_experts) {
   return guarded("dispatch", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
-    DispatchArgs a;
-    a.x = x.untyped_data();
-    a.x_dtype = to_dtype(x.element_type(), "x");
-    a.num_tokens = dim(x, 2, 0, "x");
-    a.hidden = dim(x, 2, 1, "x");
-    a.topk_idx = topk_idx.untyped_data();
-    a.idx_dtype = to_dtype(topk_idx.element_type(), "topk_idx");
-    a.num_topk = static_cast<int>(dim(topk_idx, 2, 1, "topk_idx"));
+    DispatchArgs a = dispatch_inputs(x, topk_idx);
     expect_dtype(topk_weights, ffi::DataType::F32, "topk_weights");
     a.topk_weights = static_cast<const float*>(topk_weights.untyped_data());
     a.num_experts = static_cast<int>(num_experts);
@@ -133,14 +139,7 @@ ffi::Error cached_dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf to
                                 int64_t group_id, int64_t num_experts) {
   return guarded("cached dispatch", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
-    DispatchArgs a;
-    a.x = x.untyped_data();
-    a.x_dtype = to_dtype(x.element_type(), "x");
-    a.num_tokens = dim(x, 2, 0, "x");
-    a.hidden = dim(x, 2, 1, "x");
-    a.topk_idx = topk_idx.untyped_data();
-    a.idx_dtype = to_dtype(topk_idx.element_type(), "topk_idx");
-    a.num_topk = static_cast<int>(dim(topk_idx, 2, 1, "topk_idx"));
+    DispatchArgs a = dispatch_inputs(x, topk_idx);
     a.num_experts = static_cast<int>(num_experts);
     a.capacity = dim(*recv_x, 2, 0, "recv_x");
     a.recv_x = recv_x->untyped_data();
