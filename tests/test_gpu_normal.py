@@ -31,7 +31,13 @@ from reference import assert_bitwise_equal
 pytestmark = pytest.mark.gpu
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-GPU_ENV = {"FUSED_A2A_TIMEOUT_S": "60", "NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHANDLER": "1"}
+# The op timeout inside the GPU tests' ranks (FA2A_GPU_TEST_TIMEOUT_S: shorter on a first run of new
+# kernels, so a hang costs seconds of device time, not minutes).
+GPU_ENV = {
+    "FUSED_A2A_TIMEOUT_S": os.environ.get("FA2A_GPU_TEST_TIMEOUT_S", "60"),
+    "NCCL_NVLS_ENABLE": "0",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 def _need(n: int):
