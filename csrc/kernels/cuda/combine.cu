@@ -157,7 +157,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
         unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
         const unsigned long long v = epoch_of(seq, static_cast<int>(k));
         if (p.tma) {
-          __threadfence_system();
+          if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
           __syncwarp();
           if (lane == 0) pipe.end_chunk(flag, v);
           __syncwarp();
@@ -232,11 +232,14 @@ struct Vec<__half> {
   }
 };
 
-// out[t] = sum over the ns sources (ascending rank) of their rows, fp32, one rounding.
+// out[t] = sum over the ns sources (ascending rank) of their rows, fp32, one rounding. The loads
+// of up to kBatch sources are issued together (one latency per batch, not per source); the adds
+// stay in ascending source order.
 template <typename T>
 __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* srcs, int ns,
                                            size_t row_bytes, int lane) {
   constexpr int U = 4;
+  constexpr int kBatch = 4;
   constexpr int E = Vec<T>::kN;
   const int nvec = static_cast<int>(row_bytes / 16);
   int4* o = reinterpret_cast<int4*>(out);
@@ -246,15 +249,23 @@ __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* s
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[u][e] = 0.0f;
-    for (int i = 0; i < ns; ++i) {
-      const int4* s = reinterpret_cast<const int4*>(srcs[i]);
-      int4 raw[U];
+    for (int i0 = 0; i0 < ns; i0 += kBatch) {
+      int4 raw[kBatch][U];
 #pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (v0 + u * 32 < nvec) raw[u] = __ldcg(s + v0 + u * 32);
+      for (int b = 0; b < kBatch; ++b) {
+        if (i0 + b >= ns) break;
+        const int4* s = reinterpret_cast<const int4*>(srcs[i0 + b]);
 #pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (v0 + u * 32 < nvec) Vec<T>::add(acc[u], raw[u]);
+        for (int u = 0; u < U; ++u)
+          if (v0 + u * 32 < nvec) raw[b][u] = __ldcg(s + v0 + u * 32);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (i0 + b >= ns) break;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (v0 + u * 32 < nvec) Vec<T>::add(acc[u], raw[b][u]);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)

@@ -296,8 +296,10 @@ constexpr uint32_t kFlagLag = 4;  // store groups issued after a chunk before it
 // One warp's ring of S shared-memory stages; only lane 0 calls its methods. Piece n is loaded
 // into stage n % S; its store is issued when piece n + S - 2 is pushed, so S - 2 loads and up to
 // two stores are in flight. Requires S >= 3.
-// A finished chunk's flag is released kFlagLag store groups later (once those groups' writes
-// are complete), so the pipeline never drains between chunks; drain() releases it at once.
+// Staged stores (metadata the warp wrote to shared memory) are separate bulk groups issued at
+// once, without waiting for the loads in flight, so a chunk end never drains the ring.
+// A finished chunk's flag is released kFlagLag store groups after the chunk's last group (once
+// those groups' writes are complete); drain() releases it at once.
 struct TmaPipe {
   uint8_t* smem;   // S * stage_bytes
   uint64_t* bars;  // S mbarriers
@@ -305,12 +307,14 @@ struct TmaPipe {
   uint32_t* lens;  // S lengths (shared memory)
   uint32_t stage_bytes;
   uint32_t stages;
-  uint32_t n;                     // pieces pushed
+  uint32_t n;                     // pieces pushed (loads issued)
   uint32_t stored;                // pieces whose store was issued
+  uint32_t groups;                // bulk store groups committed (piece stores and staged stores)
   uint32_t phase;                 // bit s: parity of the next completion of stage s's mbarrier
   unsigned long long* pend_flag;  // chunk flag waiting for its writes to complete
   unsigned long long pend_value;
-  uint32_t pend_mark;  // pieces of that chunk: [0, pend_mark)
+  uint32_t pend_pieces;  // the chunk's pieces are [0, pend_pieces)
+  uint32_t pend_groups;  // once they are all stored: its groups are [0, pend_groups); else 0
 
   __device__ void init(uint8_t* s, uint64_t* b, uint8_t** d, uint32_t* l, uint32_t sb, uint32_t S) {
     smem = s;
@@ -321,10 +325,12 @@ struct TmaPipe {
     stages = S;
     n = 0;
     stored = 0;
+    groups = 0;
     phase = 0;
     pend_flag = nullptr;
     pend_value = 0;
-    pend_mark = 0;
+    pend_pieces = 0;
+    pend_groups = 0;
     for (uint32_t i = 0; i < S; ++i) mbar_init(&bars[i], 1);
     fence_mbar_init();
   }
@@ -336,6 +342,18 @@ struct TmaPipe {
     pend_flag = nullptr;
   }
 
+  // After a commit: note where the pending chunk's groups end; release its flag kFlagLag
+  // groups later.
+  __device__ __forceinline__ void committed() {
+    ++groups;
+    if (!pend_flag) return;
+    if (pend_groups == 0 && stored >= pend_pieces) pend_groups = groups;
+    if (pend_groups != 0 && groups >= pend_groups + kFlagLag) {
+      bulk_wait<kFlagLag>();  // every group but the newest kFlagLag is complete
+      release_pending();
+    }
+  }
+
   __device__ __forceinline__ void store_one() {
     const uint32_t m = stored;
     const uint32_t s = m % stages;
@@ -344,17 +362,14 @@ struct TmaPipe {
     bulk_store(dsts[s], smem + static_cast<size_t>(s) * stage_bytes, lens[s]);
     bulk_commit();
     ++stored;
-    if (pend_flag && stored >= pend_mark + kFlagLag) {
-      bulk_wait<kFlagLag>();  // every group but the newest kFlagLag is complete
-      release_pending();
-    }
+    committed();
   }
 
   __device__ __forceinline__ void push(void* dst, const void* src, uint32_t bytes) {
     const uint32_t s = n % stages;
     if (n >= stages) {
-      // Stage s held piece n - S, stored at push(n - 2) (or earlier): at most one newer store
-      // group may still be reading shared memory.
+      // Stage s held piece n - S, stored at push(n - 2) (or earlier), and piece n - S + 1 was
+      // stored after it: only newer groups than that one may still read shared memory.
       while (stored + stages <= n) store_one();
       bulk_wait_read<1>();
     }
@@ -380,17 +395,12 @@ struct TmaPipe {
   }
 
   // Store `bytes` (multiple of 16) that the warp staged in shared memory (after a
-  // fence.proxy.async.shared::cta and __syncwarp). Counts as a piece without a stage.
+  // fence.proxy.async.shared::cta and __syncwarp), as its own group, issued now. The caller
+  // keeps that shared memory unchanged until a later bulk_wait_read covers the group.
   __device__ __forceinline__ void store_staged(void* dst, const void* smem_src, uint32_t bytes) {
-    while (stored < n) store_one();
     bulk_store(dst, smem_src, bytes);
     bulk_commit();
-    ++n;
-    ++stored;
-    if (pend_flag && stored >= pend_mark + kFlagLag) {
-      bulk_wait<kFlagLag>();
-      release_pending();
-    }
+    committed();
   }
 
   // Issue every pending store, wait for all writes, release a pending flag.
@@ -400,13 +410,15 @@ struct TmaPipe {
     if (pend_flag) release_pending();
   }
 
-  // The pieces pushed so far complete a chunk: release `flag` = value once they are written.
-  // The caller has made the warp's other stores visible first (fence + __syncwarp).
+  // The pieces pushed and the staged stores issued so far complete a chunk: release `flag` =
+  // value once they are written. The caller has made the warp's other stores visible first
+  // (fence + __syncwarp).
   __device__ __forceinline__ void end_chunk(unsigned long long* flag, unsigned long long value) {
     if (pend_flag) drain();
     pend_flag = flag;
     pend_value = value;
-    pend_mark = n;
+    pend_pieces = n;
+    pend_groups = stored >= n ? groups : 0;
   }
 };
 

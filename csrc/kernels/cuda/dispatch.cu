@@ -93,15 +93,35 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
   if (w == 0) return static_cast<uint32_t>(t);
   if (w >= p.meta_real) return 0u;
   if (w <= 2 * K) {
-    const int k = (w - 1) % K;
-    const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(t) * K + k);
+    const size_t tk = static_cast<size_t>(t) * K + (w - 1) % K;
+    const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(tk));
+    // The weight's load does not wait for the expert's: one load latency per word, not two.
+    const float wt = (w > K && p.topk_w) ? __ldg(p.topk_w + tk) : 0.f;
     const bool mine = owner_of(e, p.num_experts, p.lpr) == d;
     if (w <= K)
       return static_cast<uint32_t>(mine ? static_cast<int>(e - d * (long long)p.lpr) : -1);
-    const float wt = (mine && p.topk_w) ? __ldg(p.topk_w + static_cast<size_t>(t) * K + k) : 0.f;
-    return __float_as_uint(wt);
+    return __float_as_uint(mine ? wt : 0.f);
   }
   return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
+}
+
+// The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared
+// memory). One coalesced load of the list per 32 rows; the loads of all words are independent,
+// so the warp waits about one load latency per 32 words instead of two per row.
+__device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const int* list, int n,
+                                                 int d, uint32_t* out, int lane) {
+  const int M = p.meta_words;
+  for (int b = 0; b < n; b += 32) {
+    const int nb = min(32, n - b);
+    const int token = lane < nb ? __ldg(list + b + lane) : 0;
+    const int words = nb * M;
+    for (int i0 = 0; i0 < words; i0 += 32) {
+      const int i = i0 + lane;
+      const int row = min(i / M, nb - 1);
+      const int t = __shfl_sync(0xffffffffu, token, row);
+      if (i < words) out[b * M + i] = meta_word(p, t, d, i - row * M);
+    }
+  }
 }
 
 // Writes metadata word w of received row P into the outputs.
@@ -199,7 +219,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   bool ok = true;
   // One item: chunk c of destination d in round k (if it exists and is this warp's).
   auto item = [&](long long k, int d, long long c) {
-    if (d == r) {  // own rows: straight to recv_x, round 0 only
+    if (d == r) {               // own rows: straight to recv_x, round 0 only
       if (p.self_recv) return;  // the receiver warps copy them
       const long long j0 = c * self_cr;
       if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) return;
@@ -232,34 +252,33 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const long long slot0 = sg.start + c * cr;
     uint8_t* dbase = p.peers[d] + kControlBytes;
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
-    uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
-    if (p.tma) {
-      if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
-      __syncwarp();
-    }
-    for (int i = 0; i < n; ++i) {
-      const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
-      uint8_t* dst = dbase + (slot0 + i) * rb;
-      if (p.tma) {
-        if (lane == 0) pipe.push_span(dst, p.x + t * rb, rb);
-        for (int w = lane; w < M; w += 32) stage_meta[i * M + w] = meta_word(p, t, d, w);
-      } else {
-        warp_copy_ro(dst, p.x + t * rb, rb, lane);
-        for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
-      }
-    }
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
     if (p.tma) {
+      // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
+      // issues the chunk's row copies back to back, with no global load between them.
+      uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
+      if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
+      __syncwarp();
+      stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
       fence_proxy_async_smem();
       __syncwarp();
       if (lane == 0) {
         pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
+        for (int i = 0; i < n; ++i) {
+          const size_t t = stage_meta[i * M];
+          pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
+        }
         pipe.end_chunk(flag, v);
       }
       __syncwarp();
       ++chunks_done;
     } else {
+      for (int i = 0; i < n; ++i) {
+        const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
+        warp_copy_ro(dbase + (slot0 + i) * rb, p.x + t * rb, rb, lane);
+        for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
+      }
       warp_release_flag(flag, v, lane);
     }
   };
@@ -283,18 +302,24 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
 
 // Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
 __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
-                                            int n, int lane, int* s_hist) {
+                                               int n, int lane, int* s_hist) {
   const size_t rb = p.row_bytes;
+  const int M = p.meta_words;
   const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
   for (int b = 0; b < n; b += 32) {
-    const int tl = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+    const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
     const int nb = min(32, n - b);
     for (int i = 0; i < nb; ++i) {
-      const int t = __shfl_sync(0xffffffffu, tl, i);
-      const long long P = P0 + b + i;
-      warp_copy_ro(p.recv_x + P * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
-      for (int w = lane; w < p.meta_words; w += 32)
-        scatter_meta(p, P, w, meta_word(p, t, p.rank, w), s_hist);
+      const int t = __shfl_sync(0xffffffffu, token, i);
+      warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+    }
+    // The metadata words of the nb rows, 32 at a time, every load independent.
+    for (int i0 = 0; i0 < nb * M; i0 += 32) {
+      const int i = i0 + lane;
+      const int row = min(i / M, nb - 1);
+      const int t = __shfl_sync(0xffffffffu, token, row);
+      if (i < nb * M)
+        scatter_meta(p, P0 + b + row, i - row * M, meta_word(p, t, p.rank, i - row * M), s_hist);
     }
   }
 }
