@@ -133,7 +133,7 @@ def _np(t):
     if t is None:
         return None
     if t.dtype == torch.float8_e4m3fn:
-        return t.detach().contiguous().view(torch.uint8).numpy().view(E4M3).copy()
+        return t.detach().cpu().contiguous().view(torch.uint8).numpy().view(E4M3).copy()
     return to_numpy(t)
 
 
