@@ -36,6 +36,21 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_selfsend": dict(
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_SELF": "send"}
     ),
+    # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
+    "standard_cr32": dict(
+        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32"}
+    ),
+    "standard_release": dict(
+        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_FLAG_FENCE": "release"}
+    ),
+    "standard_cr32_release": dict(
+        n=4096,
+        h=7168,
+        k=8,
+        e=256,
+        sms=24,
+        env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32", "FUSED_A2A_CUDA_FLAG_FENCE": "release"},
+    ),
     "decode": dict(n=128, h=7168, k=8, e=256, sms=24),
     "decode_chunk2": dict(
         n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "2"}
@@ -73,6 +88,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_RECV_WARPS",
     "FUSED_A2A_CUDA_STAGE_KB",
     "FUSED_A2A_CUDA_CHUNK_ROWS",
+    "FUSED_A2A_CUDA_FLAG_FENCE",
 )
 
 

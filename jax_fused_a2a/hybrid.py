@@ -117,7 +117,21 @@ def _attrs(cfg: _Cfg, has_probs: bool):
         ("num_local_experts", cfg.num_local),
         ("pad_multiple", cfg.pad),
         ("has_probs", int(has_probs)),
+        ("num_rows", cfg.num_rows),
     )
+
+
+def _alloc_rows(rows: int) -> int:
+    """Rows of the custom calls' [P, ...] buffers: max(P, 1), sliced back to P around the call
+    (XLA on GPU crashed compiling a custom call whose results were all zero-sized, P = 0)."""
+    return max(rows, 1)
+
+
+def _pad_rows(a, rows: int, value=0):
+    """a [P, ...] -> [max(P, 1), ...] (one row of `value` when P = 0)."""
+    if a.shape[0] == _alloc_rows(rows):
+        return a
+    return jnp.concatenate([a, jnp.full((1,) + a.shape[1:], value, a.dtype)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +141,7 @@ def _attrs(cfg: _Cfg, has_probs: bool):
 def _dispatch_call(cfg: _Cfg, x, x_scales, routing_map, probs):
     h = x.shape[1]
     g, el, rows = cfg.num_ranks, cfg.num_local, cfg.num_rows
+    alloc = _alloc_rows(rows)
     rank, sub = rank_and_sub(cfg.axis_name, like=x)
     fp8_rows = cfg.quantize or np.dtype(x.dtype) == _E4M3
     i32, f32 = np.int32, np.float32
@@ -141,23 +156,29 @@ def _dispatch_call(cfg: _Cfg, x, x_scales, routing_map, probs):
             _absent(x) if probs is None else probs,
         ],
         [
-            _like(x, (rows, h), _E4M3 if cfg.quantize else x.dtype),  # hidden
-            _like(x, (rows if probs is not None else 0,), f32),  # probs
-            _like(x, (rows, h // FP8_BLOCK) if fp8_rows else (0,), f32),  # scaling_factor
+            _like(x, (alloc, h), _E4M3 if cfg.quantize else x.dtype),  # hidden
+            _like(x, (alloc if probs is not None else 0,), f32),  # probs
+            _like(x, (alloc, h // FP8_BLOCK) if fp8_rows else (0,), f32),  # scaling_factor
             _like(x, (g * el,), i32),  # src_expert_counts
-            _like(x, (rows,), i32),  # row_token
+            _like(x, (alloc,), i32),  # row_token
             _like(x, (el,), i32),  # tokens_per_expert
             _like(x, (4,), i32),  # meta
         ],
         attrs=_attrs(cfg, probs is not None) + (("quantize_fp8", int(cfg.quantize)),),
         group=_group(cfg, h, np.dtype(x.dtype).itemsize),
     )
-    return tuple(outs)
+    hidden, out_probs, scales, counts, row_token, tpe, meta = outs
+    if alloc != rows:
+        hidden, row_token = hidden[:rows], row_token[:rows]
+        out_probs = out_probs[:rows] if probs is not None else out_probs
+        scales = scales[:rows] if fp8_rows else scales
+    return hidden, out_probs, scales, counts, row_token, tpe, meta
 
 
 def _cached_dispatch_call(cfg: _Cfg, x, probs, handle: HybridHandle):
     """x [N,H] (and probs [N,E]) to the rows of the handle's dispatch: [P,H] (and [P])."""
     h, rows = x.shape[1], handle.num_permuted_tokens
+    alloc = _alloc_rows(rows)
     rank, sub = rank_and_sub(cfg.axis_name, like=x)
     hidden, out_probs = _ffi.call(
         "fa2a_hybrid_cached_dispatch",
@@ -171,13 +192,13 @@ def _cached_dispatch_call(cfg: _Cfg, x, probs, handle: HybridHandle):
             handle.meta,
         ],
         [
-            _like(x, (rows, h), x.dtype),
-            _like(x, (rows if probs is not None else 0,), np.float32),
+            _like(x, (alloc, h), x.dtype),
+            _like(x, (alloc if probs is not None else 0,), np.float32),
         ],
         attrs=_attrs(cfg, probs is not None),
         group=_group(cfg, h, np.dtype(x.dtype).itemsize),
     )
-    return hidden, (out_probs if probs is not None else None)
+    return hidden[:rows], (out_probs[:rows] if probs is not None else None)
 
 
 def _combine_call(cfg: _Cfg, y, probs, handle: HybridHandle):
@@ -190,10 +211,10 @@ def _combine_call(cfg: _Cfg, y, probs, handle: HybridHandle):
         [
             rank,
             sub,
-            y,
-            _absent(y) if probs is None else probs,
+            _pad_rows(y, cfg.num_rows),
+            _absent(y) if probs is None else _pad_rows(probs, cfg.num_rows),
             handle.src_expert_counts,
-            handle.row_token,
+            _pad_rows(handle.row_token, cfg.num_rows, -1),
             handle.meta,
         ],
         [_like(y, (n, h), y.dtype), _like(y, (n, e) if probs is not None else (0,), np.float32)],

@@ -9,6 +9,7 @@
 // whether they are meaningful. Absent ones are zero-size arrays and their results are zero-size
 // too. A present operand with zero elements (N = 0) gets a non-null placeholder pointer, because
 // the core carries "present" as "pointer is non-null" and every rank must agree.
+#include <algorithm>
 #include <cstdint>
 
 #if defined(FA2A_HAVE_XLA_FFI) && FA2A_HAVE_XLA_FFI
@@ -76,12 +77,22 @@ void set_probs(HybridDispatchArgs& a, const Buf& probs, Ret& probs_out, int64_t 
   a.permuted_probs = f32_out(probs_out, "dispatched probs");
 }
 
-// Dispatch with permute, static P (the rows of `hidden`); one collective call, no host sync.
+// P, the static rows: the attribute num_rows. The row buffers have max(P, 1) rows, because XLA
+// on GPU crashed compiling a custom call whose results were all zero-sized (P = 0).
+int64_t rows_of(const Buf& rows_buffer, int64_t num_rows, const char* name) {
+  const int64_t have = dim(rows_buffer, 2, 0, name);
+  FA2A_CHECK(num_rows >= 0 && have == std::max<int64_t>(num_rows, 1), "argument '", name,
+             "' must have max(P, 1) = ", std::max<int64_t>(num_rows, 1), " rows (P = ", num_rows,
+             "), got ", have);
+  return num_rows;
+}
+
+// Dispatch with permute, static P (num_rows); one collective call, no host sync.
 ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf x_scales, Buf routing_map,
                          Buf probs, Ret hidden, Ret probs_out, Ret scales_out, Ret src_counts,
                          Ret row_token, Ret tokens_per_expert, Ret meta, int64_t group_id,
                          int64_t num_local, int64_t pad_multiple, int64_t has_probs,
-                         int64_t quantize_fp8) {
+                         int64_t num_rows, int64_t quantize_fp8) {
   return guarded("hybrid dispatch", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
     HybridDispatchArgs a;
@@ -93,7 +104,7 @@ ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf x_scales,
     set_probs(a, probs, probs_out, has_probs);
     a.pad_multiple = pad_multiple;
     a.quantize_fp8 = quantize_fp8 != 0;
-    a.num_rows = dim(*hidden, 2, 0, "dispatched hidden");
+    a.num_rows = rows_of(*hidden, num_rows, "dispatched hidden");
     a.permuted_x = hidden->untyped_data();
     if (a.quantize_fp8 || a.x_dtype == DType::kE4M3) {
       a.permuted_scales = f32_out(scales_out, "dispatched scaling_factor");
@@ -110,7 +121,7 @@ ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf x_scales,
 ffi::Error cached_dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf routing_map,
                                 Buf probs, Buf src_counts, Buf meta, Ret hidden, Ret probs_out,
                                 int64_t group_id, int64_t num_local, int64_t pad_multiple,
-                                int64_t has_probs) {
+                                int64_t has_probs, int64_t num_rows) {
   return guarded("hybrid dispatch (cached, combine backward)", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
     HybridDispatchArgs a;
@@ -120,7 +131,7 @@ ffi::Error cached_dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf ro
     a.src_expert_counts = const_cast<int32_t*>(h.src_expert_counts);  // read only
     a.meta = const_cast<int32_t*>(h.meta);                            // read only
     a.pad_multiple = pad_multiple;
-    a.num_rows = dim(*hidden, 2, 0, "hidden");
+    a.num_rows = rows_of(*hidden, num_rows, "hidden");
     a.permuted_x = hidden->untyped_data();
     hybrid_dispatch_cached(*buffer, a, stream_of(w));
   });
@@ -129,19 +140,20 @@ ffi::Error cached_dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf ro
 // Combine with unpermute (and probs carried back to [N,E] when has_probs).
 ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, Buf probs, Buf src_counts,
                         Buf row_token, Buf meta, Ret out, Ret out_probs, int64_t group_id,
-                        int64_t num_local, int64_t pad_multiple, int64_t has_probs) {
+                        int64_t num_local, int64_t pad_multiple, int64_t has_probs,
+                        int64_t num_rows) {
   return guarded("hybrid combine", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
     HybridCombineArgs a;
     a.y = present<void>(y);
     a.y_dtype = to_dtype(y.element_type(), "y");
-    a.num_rows = dim(y, 2, 0, "y");
+    a.num_rows = rows_of(y, num_rows, "y");
     a.hidden = dim(y, 2, 1, "y");
     const HandleIn h = handle_in(src_counts, meta, buffer->num_ranks(), num_local);
     a.src_expert_counts = h.src_expert_counts;
     a.meta = h.meta;
     expect_dtype(row_token, ffi::DataType::S32, "handle.row_token");
-    FA2A_CHECK(static_cast<int64_t>(row_token.element_count()) == a.num_rows,
+    FA2A_CHECK(static_cast<int64_t>(row_token.element_count()) == dim(y, 2, 0, "y"),
                "argument 'handle.row_token' must have P = ", a.num_rows, " elements (rows of y)");
     a.row_token = present<int32_t>(row_token);
     a.num_local_experts = static_cast<int>(num_local);
@@ -150,7 +162,7 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, Buf probs, Buf
     a.out = out->untyped_data();
     if (has_probs) {
       expect_dtype(probs, ffi::DataType::F32, "probs");
-      FA2A_CHECK(static_cast<int64_t>(probs.element_count()) == a.num_rows,
+      FA2A_CHECK(static_cast<int64_t>(probs.element_count()) == dim(y, 2, 0, "y"),
                  "argument 'probs' must have P = ", a.num_rows, " elements");
       a.probs = present<float>(probs);
       a.out_probs = f32_out(out_probs, "combined probs");
@@ -163,11 +175,13 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, Buf probs, Buf
 //   hybrid dispatch:        rank, sub, x, x_scales, routing_map, probs -> hidden, probs,
 //                           scaling_factor, src_expert_counts, row_token, tokens_per_expert,
 //                           meta; group_id, num_local_experts, pad_multiple, has_probs,
-//                           quantize_fp8
+//                           num_rows, quantize_fp8
 //   hybrid cached dispatch: rank, sub, x, routing_map, probs, src_expert_counts, meta -> hidden,
-//                           probs; group_id, num_local_experts, pad_multiple, has_probs
+//                           probs; group_id, num_local_experts, pad_multiple, has_probs,
+//                           num_rows
 //   hybrid combine:         rank, sub, y, probs, src_expert_counts, row_token, meta -> out,
-//                           probs [N,E]; group_id, num_local_experts, pad_multiple, has_probs
+//                           probs [N,E]; group_id, num_local_experts, pad_multiple, has_probs,
+//                           num_rows
 #define FA2A_H_ARGS2(B) B.Arg<Buf>().Arg<Buf>()
 #define FA2A_H_ARGS3(B) FA2A_H_ARGS2(B).Arg<Buf>()
 #define FA2A_H_RETS2(B) B.Ret<Buf>().Ret<Buf>()
@@ -175,7 +189,8 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, Buf probs, Buf
   B.Attr<int64_t>("group_id")             \
       .Attr<int64_t>("num_local_experts") \
       .Attr<int64_t>("pad_multiple")      \
-      .Attr<int64_t>("has_probs")
+      .Attr<int64_t>("has_probs")         \
+      .Attr<int64_t>("num_rows")
 #define FA2A_H_DISPATCH_BINDING(B)                                                                 \
   FA2A_H_ATTRS(FA2A_H_RETS2(FA2A_H_RETS2(FA2A_H_RETS2(FA2A_H_ARGS3(FA2A_H_ARGS3(B))))).Ret<Buf>()) \
       .Attr<int64_t>("quantize_fp8")
@@ -188,37 +203,39 @@ constexpr Where kCpu{Platform::kCPU, nullptr, -1};
 
 ffi::Error dispatch_cpu(Buf rank, Buf sub, Buf x, Buf xs, Buf rm, Buf p, Ret h, Ret hp, Ret hs,
                         Ret sc, Ret rt, Ret tpe, Ret meta, int64_t gid, int64_t l, int64_t pad,
-                        int64_t has_p, int64_t q) {
+                        int64_t has_p, int64_t rows, int64_t q) {
   return dispatch_impl(kCpu, rank, sub, x, xs, rm, p, h, hp, hs, sc, rt, tpe, meta, gid, l, pad,
-                       has_p, q);
+                       has_p, rows, q);
 }
 ffi::Error cached_dispatch_cpu(Buf rank, Buf sub, Buf x, Buf rm, Buf p, Buf sc, Buf meta, Ret h,
-                               Ret hp, int64_t gid, int64_t l, int64_t pad, int64_t has_p) {
-  return cached_dispatch_impl(kCpu, rank, sub, x, rm, p, sc, meta, h, hp, gid, l, pad, has_p);
+                               Ret hp, int64_t gid, int64_t l, int64_t pad, int64_t has_p,
+                               int64_t rows) {
+  return cached_dispatch_impl(kCpu, rank, sub, x, rm, p, sc, meta, h, hp, gid, l, pad, has_p, rows);
 }
 ffi::Error combine_cpu(Buf rank, Buf sub, Buf y, Buf p, Buf sc, Buf rt, Buf meta, Ret out, Ret op,
-                       int64_t gid, int64_t l, int64_t pad, int64_t has_p) {
-  return combine_impl(kCpu, rank, sub, y, p, sc, rt, meta, out, op, gid, l, pad, has_p);
+                       int64_t gid, int64_t l, int64_t pad, int64_t has_p, int64_t rows) {
+  return combine_impl(kCpu, rank, sub, y, p, sc, rt, meta, out, op, gid, l, pad, has_p, rows);
 }
 
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
 ffi::Error dispatch_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf x, Buf xs, Buf rm,
                          Buf p, Ret h, Ret hp, Ret hs, Ret sc, Ret rt, Ret tpe, Ret meta,
-                         int64_t gid, int64_t l, int64_t pad, int64_t has_p, int64_t q) {
+                         int64_t gid, int64_t l, int64_t pad, int64_t has_p, int64_t rows,
+                         int64_t q) {
   return dispatch_impl(cuda_where(s, dev), rank, sub, x, xs, rm, p, h, hp, hs, sc, rt, tpe, meta,
-                       gid, l, pad, has_p, q);
+                       gid, l, pad, has_p, rows, q);
 }
 ffi::Error cached_dispatch_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf x, Buf rm,
                                 Buf p, Buf sc, Buf meta, Ret h, Ret hp, int64_t gid, int64_t l,
-                                int64_t pad, int64_t has_p) {
+                                int64_t pad, int64_t has_p, int64_t rows) {
   return cached_dispatch_impl(cuda_where(s, dev), rank, sub, x, rm, p, sc, meta, h, hp, gid, l, pad,
-                              has_p);
+                              has_p, rows);
 }
 ffi::Error combine_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf y, Buf p, Buf sc,
                         Buf rt, Buf meta, Ret out, Ret op, int64_t gid, int64_t l, int64_t pad,
-                        int64_t has_p) {
+                        int64_t has_p, int64_t rows) {
   return combine_impl(cuda_where(s, dev), rank, sub, y, p, sc, rt, meta, out, op, gid, l, pad,
-                      has_p);
+                      has_p, rows);
 }
 #endif  // FA2A_HAVE_CUDA
 

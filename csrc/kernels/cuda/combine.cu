@@ -45,6 +45,7 @@ struct CombineParams {
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
+  bool flag_fence_sc;
 };
 
 struct Shared {
@@ -105,7 +106,8 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
     pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
               reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages);
+              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages,
+              p.flag_fence_sc);
   }
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
@@ -531,6 +533,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.tma = cfg.tma;
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
+  p.flag_fence_sc = cfg.flag_fence_sc;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));

@@ -315,8 +315,10 @@ struct TmaPipe {
   unsigned long long pend_value;
   uint32_t pend_pieces;  // the chunk's pieces are [0, pend_pieces)
   uint32_t pend_groups;  // once they are all stored: its groups are [0, pend_groups); else 0
+  bool sys_fence;        // a fence.sc.sys before each flag (FUSED_A2A_CUDA_FLAG_FENCE=sc)
 
-  __device__ void init(uint8_t* s, uint64_t* b, uint8_t** d, uint32_t* l, uint32_t sb, uint32_t S) {
+  __device__ void init(uint8_t* s, uint64_t* b, uint8_t** d, uint32_t* l, uint32_t sb, uint32_t S,
+                       bool fence_sc) {
     smem = s;
     bars = b;
     dsts = d;
@@ -331,13 +333,16 @@ struct TmaPipe {
     pend_value = 0;
     pend_pieces = 0;
     pend_groups = 0;
+    sys_fence = fence_sc;
     for (uint32_t i = 0; i < S; ++i) mbar_init(&bars[i], 1);
     fence_mbar_init();
   }
 
+  // The chunk's bulk writes are complete (bulk_wait); the proxy fence orders them before the
+  // generic-proxy release of the flag, which a peer acquires.
   __device__ __forceinline__ void release_pending() {
     fence_proxy_async();
-    __threadfence_system();
+    if (sys_fence) __threadfence_system();
     st_release_sys(pend_flag, pend_value);
     pend_flag = nullptr;
   }

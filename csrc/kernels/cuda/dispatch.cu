@@ -62,6 +62,7 @@ struct DispatchParams {
   int staging_rows;  // rows of a metadata staging buffer (>= any receiver's CR)
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
+  bool flag_fence_sc;
 };
 
 struct SmemLayout {
@@ -205,7 +206,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
     pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
               reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages);
+              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages,
+              p.flag_fence_sc);
   }
   __syncwarp();
   long long nrounds = 1;
@@ -640,6 +642,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.tma = cfg.tma;
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
+  p.flag_fence_sc = cfg.flag_fence_sc;
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,

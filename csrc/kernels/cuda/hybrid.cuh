@@ -14,7 +14,11 @@
 // empty message (enter), so that no rank writes a peer's data region before that peer has left
 // its previous op on this buffer (normal mode shares the data region in JAX).
 //
-// Correctness first: each op runs as one block of kThreads threads (no inter-block protocol).
+// The count exchange (notify) runs as one block. The data kernels run as B blocks (num_sms) that
+// all take part in every message: each block waits for the flags itself, and the block that
+// arrives last at the end of a message's send (receive) phase releases the data (ack) flags for
+// the whole grid (arrival counters in Ctrl, reset by the kernel's last block). The B blocks must
+// be resident together (B <= SMs, one block per SM fits), as for the normal-mode kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,9 +34,13 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
 struct Ctrl {
-  unsigned long long msgs;    // messages completed on this buffer (same on every rank)
-  long long group_tokens;     // the largest N of the last notify (rounds of its data phase)
-  unsigned long long pad[6];  // to 64 bytes
+  unsigned long long msgs;   // messages completed on this buffer (same on every rank)
+  long long group_tokens;    // the largest N of the last notify (rounds of its data phase)
+  unsigned int sent_blocks;  // blocks of the running kernel done sending, over its messages
+  unsigned int recv_blocks;  // blocks of the running kernel done receiving, over its messages
+  unsigned int blocks_done;  // blocks of the running kernel that finished
+  unsigned int unused;
+  unsigned long long pad[4];           // to 64 bytes
   unsigned long long data[kMaxRanks];  // data[s] = m: message m from s is in slot s
   unsigned long long ack[kMaxRanks];   // ack[d] = m: d has read message m from this rank
 };
@@ -115,6 +123,67 @@ __device__ inline bool enter(const Comm& c, unsigned long long& m, int* fail) {
   if (!recv_begin(c, m, fail)) return false;
   recv_end(c, m);
   return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-block messages. Message number q (1-based) of a kernel of B blocks: every block calls
+// send_begin (block-level wait for the acks), writes its share, grid_send_end(q * B); then
+// recv_begin, reads its share, grid_recv_end(q * B).
+
+// Thread 0 of the block that brings *counter to target returns true (after a fence that orders
+// every arrived block's writes before what it does next). Each block fences its own writes first.
+__device__ inline bool grid_arrive(unsigned int* counter, unsigned int target) {
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    last = atomicAdd(counter, 1u) + 1u == target;
+    if (last) __threadfence_system();
+  }
+  return last;
+}
+
+__device__ inline void grid_send_end(const Comm& c, unsigned long long m, unsigned int target) {
+  if (grid_arrive(&ctrl_of(c.peers[c.rank])->sent_blocks, target)) {
+    for (int d = 0; d < c.num_ranks; ++d) st_release_sys(&ctrl_of(c.peers[d])->data[c.rank], m);
+  }
+}
+
+__device__ inline void grid_recv_end(const Comm& c, unsigned long long m, unsigned int target) {
+  if (grid_arrive(&ctrl_of(c.peers[c.rank])->recv_blocks, target)) {
+    for (int s = 0; s < c.num_ranks; ++s) st_release_sys(&ctrl_of(c.peers[s])->ack[c.rank], m);
+  }
+}
+
+// The grid's empty first message (see enter). q: the kernel's message counter, advanced.
+__device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
+                                  int* fail) {
+  ++m;
+  ++q;
+  if (!send_begin(c, m, fail)) return false;
+  grid_send_end(c, m, q * gridDim.x);
+  if (!recv_begin(c, m, fail)) return false;
+  grid_recv_end(c, m, q * gridDim.x);
+  return true;
+}
+
+// Kernel end: true in every thread of the last block to finish, which then owns the epilogue;
+// it resets the arrival counters for the next kernel on this buffer (stream order).
+__device__ inline bool grid_finish(const Comm& c, int* s_last) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    Ctrl* mine = ctrl_of(c.peers[c.rank]);
+    *s_last = atomicAdd(&mine->blocks_done, 1u) + 1u == gridDim.x ? 1 : 0;
+    if (*s_last) {
+      __threadfence();
+      mine->sent_blocks = 0;
+      mine->recv_blocks = 0;
+      mine->blocks_done = 0;
+    }
+  }
+  __syncthreads();
+  return *s_last != 0;
 }
 
 __device__ inline unsigned long long read_msgs(const Comm& c) {

@@ -1,12 +1,15 @@
 // HybridEP combine on CUDA (SEMANTICS.md section 2; the CPU backend csrc/kernels/cpu/hybrid.cc
-// defines the exact result). Transport and protocol: hybrid.cuh.
+// defines the exact result). Transport and protocol: hybrid.cuh (B blocks).
 //
-// One message per round of T tokens: every rank writes, into its slot on each source rank s,
-// the rows of s's tokens [kT, (k+1)T) at position (t - kT) * L + j (local expert j), each with
-// its prob and a tag equal to the message number (every position's tag is cleared to 0 first;
-// message numbers start at 1). The source then sums, for each token, ranks ascending and local
-// experts ascending, in fp32 from 0.0f, with one rounding to y's dtype: the contract's order.
-// Rows at positions >= P (dropped by a static P) and padding rows are never sent.
+// One message per round of T tokens. Each rank's slot on source rank s holds, for every token t
+// of the round, F positions (F = the dispatch's largest fan-out of one token to one rank, so T =
+// slot rows / F): the rows of this rank's experts j that t was routed to (and kept), in
+// ascending j, each with a tag equal to the message number, its prob and j; the positions after
+// them get tag 0. A warp per (s, t) finds t's rows by a binary search in each (s, j) segment of
+// the handle's row_token (ascending within a segment) and writes all F positions, so no stale
+// tag survives. The source then sums, for each token, ranks ascending and local experts
+// ascending, in fp32 from 0.0f, with one rounding to y's dtype: the contract's order. Rows at
+// positions >= P (dropped by a static P) and padding rows are never sent.
 #include <algorithm>
 #include <mutex>
 
@@ -23,139 +26,240 @@ using namespace hybrid;
 struct CombineParams {
   const void* y;
   int code;        // value code of y
-  size_t y_row;    // bytes of one row
+  size_t y_row;    // bytes of one row (16-byte multiple)
   size_t y_bytes;  // 16-aligned
-  size_t stride;   // y_bytes + 16 (tag, prob)
+  size_t stride;   // y_bytes + 16 (tag, prob, j, unused)
   int N, H, L;
   long long P, pad;
   const float* probs;
   const int32_t* src_expert_counts;
   const int32_t* row_token;
   const int32_t* meta;
-  int rows_per_round;
+  long long slot_rows;  // positions of one slot
   void* out;
   float* out_probs;
 };
 
-constexpr int kChunk = 8;  // values per lane per pass over the contributions
+// Row of the (s, j) segment [lo, hi) whose token id is g, or -1 (ids ascend in a segment).
+__device__ __forceinline__ long long find_row(const int32_t* row_token, long long lo, long long hi,
+                                              int g) {
+  long long a = lo, b = hi;
+  while (a < b) {
+    const long long mid = (a + b) >> 1;
+    if (__ldg(row_token + mid) < g) {
+      a = mid + 1;
+    } else {
+      b = mid;
+    }
+  }
+  return (a < hi && __ldg(row_token + a) == g) ? a : -1;
+}
+
+// Sender side of (source s, token t at round position k): all F positions of t in this rank's
+// slot on s. seg / cnt: the (s', j) segments (first row, kept rows). One warp.
+__device__ inline void send_token(const Comm& c, const CombineParams& p, const long long* seg,
+                                  const long long* cnt, int s, int t, int k, int F,
+                                  unsigned long long m, bool bad, int lane) {
+  const int L = p.L;
+  uint8_t* base = c.slot_on(s) + static_cast<size_t>(k) * F * p.stride;
+  const int g = s * p.N + t;
+  int count = 0;
+  for (int j0 = 0; j0 < L && !bad; j0 += 32) {
+    const int j = j0 + lane;
+    long long row = -1;
+    if (j < L && cnt[s * L + j] > 0) {
+      row = find_row(p.row_token, seg[s * L + j], seg[s * L + j] + cnt[s * L + j], g);
+    }
+    unsigned mask = __ballot_sync(0xffffffffu, row >= 0);
+    while (mask) {
+      const int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      const long long r = __shfl_sync(0xffffffffu, row, b);
+      uint8_t* dst = base + static_cast<size_t>(count) * p.stride;
+      warp_copy_ro(dst, static_cast<const uint8_t*>(p.y) + r * p.y_row, p.y_row, lane);
+      if (lane == 0) {
+        auto* tail = reinterpret_cast<unsigned int*>(dst + p.y_bytes);
+        tail[1] = __float_as_uint(p.probs ? __ldg(p.probs + r) : 0.0f);
+        tail[2] = static_cast<unsigned int>(j0 + b);
+        tail[0] = static_cast<unsigned int>(m);
+      }
+      ++count;
+    }
+  }
+  for (int i = count + lane; i < F; i += 32) {
+    *reinterpret_cast<unsigned int*>(base + static_cast<size_t>(i) * p.stride + p.y_bytes) = 0u;
+  }
+}
+
+// 16 bytes of values <-> fp32, with the exact conversions of hybrid.cuh.
+__device__ __forceinline__ void add_vec(float* acc, int4 v, int code) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                         static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
+  if (code == kValF32) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = __fadd_rn(acc[i], __uint_as_float(w[i]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t lo = static_cast<uint16_t>(w[i] & 0xffffu),
+                     hi = static_cast<uint16_t>(w[i] >> 16);
+      acc[2 * i] = __fadd_rn(acc[2 * i], code == kValF16 ? f16_to_f32(lo) : bf16_to_f32(lo));
+      acc[2 * i + 1] =
+          __fadd_rn(acc[2 * i + 1], code == kValF16 ? f16_to_f32(hi) : bf16_to_f32(hi));
+    }
+  }
+}
+
+__device__ __forceinline__ int4 pack_vec(const float* acc, int code) {
+  uint32_t w[4];
+  if (code == kValF32) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(acc[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = code == kValF16 ? f32_to_f16(acc[2 * i]) : f32_to_bf16(acc[2 * i]);
+      const uint32_t hi =
+          code == kValF16 ? f32_to_f16(acc[2 * i + 1]) : f32_to_bf16(acc[2 * i + 1]);
+      w[i] = lo | (hi << 16);
+    }
+  }
+  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]),
+                   static_cast<int>(w[3]));
+}
+
+// Receiver side of token t (round position k): out[t] = sum of the present positions in order
+// (rank ascending, then position = j ascending), fp32 from 0.0f, one rounding. One warp.
+__device__ inline void reduce_token(const Comm& c, const CombineParams& p, int t, int k, int F,
+                                    unsigned int tag, int lane) {
+  const int G = c.num_ranks, L = p.L, E = G * L;
+  const int pairs = G * F;
+  auto position = [&](int i) {  // pair i = (rank i / F, position i % F)
+    return c.slot_from(i / F) + (static_cast<size_t>(k) * F + i % F) * p.stride;
+  };
+  auto present_mask = [&](int i0) {
+    const int i = i0 + lane;
+    const bool here =
+        i < pairs && __ldcg(reinterpret_cast<const unsigned int*>(position(i) + p.y_bytes)) == tag;
+    return __ballot_sync(0xffffffffu, here);
+  };
+  const unsigned first_mask = present_mask(0);  // reused while pairs <= 32
+  const int nvec = static_cast<int>(p.y_row / 16);
+  int4* out =
+      reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<size_t>(t) * p.y_row);
+  for (int v = lane; v - lane < nvec; v += 32) {
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int i0 = 0; i0 < pairs; i0 += 32) {
+      unsigned mask = i0 == 0 ? first_mask : present_mask(i0);
+      // Loads of up to 4 rows in flight, adds in order.
+      while (mask) {
+        int idx[4];
+        int nb = 0;
+        while (mask && nb < 4) {
+          idx[nb++] = i0 + __ffs(mask) - 1;
+          mask &= mask - 1;
+        }
+        int4 raw[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          if (b < nb && v < nvec)
+            raw[b] = __ldcg(reinterpret_cast<const int4*>(position(idx[b])) + v);
+        }
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          if (b < nb && v < nvec) add_vec(acc, raw[b], p.code);
+        }
+      }
+    }
+    if (v < nvec) out[v] = pack_vec(acc, p.code);
+  }
+  if (p.out_probs) {
+    float* row = p.out_probs + static_cast<size_t>(t) * E;
+    for (int e = lane; e < E; e += 32) row[e] = 0.0f;
+    __syncwarp();
+    for (int i0 = 0; i0 < pairs; i0 += 32) {
+      const int i = i0 + lane;
+      if (i < pairs) {
+        const auto* tail = reinterpret_cast<const unsigned int*>(position(i) + p.y_bytes);
+        if (__ldcg(tail) == tag) {
+          const int j = static_cast<int>(__ldcg(tail + 2));
+          if (j >= 0 && j < L) row[(i / F) * L + j] = __uint_as_float(__ldcg(tail + 1));
+        }
+      }
+    }
+  }
+}
 
 __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams p) {
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
-  long long* off = s_mem;    // [L] first row of expert j
-  long long* cnt = off + L;  // [L] real rows of expert j
-  __shared__ int s_fail, s_bad;
+  long long* seg = s_mem;    // [E] first row of (source s, expert j), at s*L + j
+  long long* cnt = seg + E;  // [E] kept rows of (s, j): rows >= P were dropped
+  __shared__ int s_fail, s_bad, s_last;
   const int lane = tid & 31, warp = tid >> 5;
+  const long long nwarps = static_cast<long long>(gridDim.x) * kWarps;
+  const long long gw = static_cast<long long>(blockIdx.x) * kWarps + warp;
   if (tid == 0) {
     s_fail = aborted(c.wait_ctx()) ? 1 : 0;
     s_bad = p.meta[kHybridMetaNumTokens] != p.N ? 1 : 0;  // handle of another N: send nothing
     long long total = 0;
     for (int j = 0; j < L; ++j) {
-      off[j] = total;
       long long count = 0;
-      for (int s = 0; s < G; ++s) count += max(0, p.src_expert_counts[s * L + j]);
-      cnt[j] = count;
+      for (int s = 0; s < G; ++s) {
+        const long long v = max(0, p.src_expert_counts[s * L + j]);
+        seg[s * L + j] = total + count;
+        cnt[s * L + j] = max(0ll, min(v, p.P - (total + count)));
+        count += v;
+      }
       total += p.pad > 0 ? (count + p.pad - 1) / p.pad * p.pad : count;
     }
   }
   __syncthreads();
-  if (s_fail) return;
   const bool bad = s_bad != 0;
-  const int T = p.rows_per_round;
+  const int F = max(1, p.meta[kHybridMetaMaxFanout]);
+  const long long T = max(1ll, p.slot_rows / F);
   // meta NumTokens -1: the dispatch's notify found the ranks disagreeing (on every rank): no
   // rounds anywhere, zeros out.
   const bool group_bad = p.meta[kHybridMetaNumTokens] == -1;
   const long long rounds = group_bad ? 0 : (static_cast<long long>(p.N) + T - 1) / T;
   unsigned long long m = read_msgs(c);
-  if (!enter(c, m, &s_fail)) return;
-  for (long long round = 0; round < rounds; ++round) {
+  unsigned int q = 0;
+  bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
+  for (long long round = 0; ok && round < rounds; ++round) {
     ++m;
+    ++q;
     const long long t0 = round * T;
-    const long long t1 = min(static_cast<long long>(p.N), t0 + T);
-    if (!send_begin(c, m, &s_fail)) return;
-    // Clear every position's tag first (the slot holds older messages of any kind), then write
-    // the rows: the barrier orders the two writes of a position.
-    const long long n = t1 - t0;
-    for (long long i = tid; i < G * n * L; i += blockDim.x) {
-      const int d = static_cast<int>(i % G);
-      *reinterpret_cast<unsigned int*>(c.slot_on(d) + (i / G) * p.stride + p.y_bytes) = 0u;
+    const int n = static_cast<int>(min(static_cast<long long>(p.N), t0 + T) - t0);
+    if (!send_begin(c, m, &s_fail)) {
+      ok = false;
+      break;
     }
-    __threadfence();
-    __syncthreads();
-    // A warp per row of this rank: the rows of tokens of this round go back to their source.
-    for (long long r = warp; r < (bad ? 0 : p.P); r += kWarps) {
-      const int g = __ldg(p.row_token + r);
-      if (g < 0 || g >= G * p.N) continue;
-      const int dst = g / p.N, t = g - dst * p.N;
-      if (t < t0 || t >= t1) continue;
-      // Expert j of row r: the last expert whose first row is <= r (padding rows: skipped).
-      int lo = 0, hi = L - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (off[mid] <= r) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
-        }
-      }
-      const int j = lo;
-      if (r >= off[j] + cnt[j]) continue;
-      uint8_t* row = c.slot_on(dst) + (static_cast<size_t>(t - t0) * L + j) * p.stride;
-      warp_copy_ro(row, static_cast<const uint8_t*>(p.y) + r * p.y_row, p.y_row, lane);
-      if (lane == 0) {
-        auto* tail = reinterpret_cast<unsigned int*>(row + p.y_bytes);
-        tail[1] = __float_as_uint(p.probs ? __ldg(p.probs + r) : 0.0f);
-        tail[0] = static_cast<unsigned int>(m);
-      }
+    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
+      const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
+      send_token(c, p, seg, cnt, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
     }
-    send_end(c, m);
-    if (!recv_begin(c, m, &s_fail)) return;
-    const unsigned int tag = static_cast<unsigned int>(m);
-    for (long long t = t0 + warp; t < t1; t += kWarps) {
-      const size_t base = static_cast<size_t>(t - t0) * L;
-      for (int h0 = 0; h0 < p.H; h0 += 32 * kChunk) {
-        float acc[kChunk];
-#pragma unroll
-        for (int k = 0; k < kChunk; ++k) acc[k] = 0.0f;
-        for (int s = 0; s < G; ++s) {
-          const uint8_t* slot = c.slot_from(s);
-          for (int j = 0; j < L; ++j) {
-            const uint8_t* row = slot + (base + j) * p.stride;
-            if (__ldcg(reinterpret_cast<const unsigned int*>(row + p.y_bytes)) != tag) continue;
-#pragma unroll
-            for (int k = 0; k < kChunk; ++k) {
-              const int h = h0 + k * 32 + lane;
-              if (h < p.H) acc[k] = __fadd_rn(acc[k], load_f32_cg(row, h, p.code));
-            }
-          }
-        }
-#pragma unroll
-        for (int k = 0; k < kChunk; ++k) {
-          const int h = h0 + k * 32 + lane;
-          if (h < p.H) store_f32(static_cast<uint8_t*>(p.out) + t * p.y_row, h, p.code, acc[k]);
-        }
-      }
-      if (p.out_probs) {
-        for (int e = lane; e < E; e += 32) {
-          const int s = e / L, j = e - s * L;
-          const unsigned int* tail = reinterpret_cast<const unsigned int*>(
-              c.slot_from(s) + (base + j) * p.stride + p.y_bytes);
-          const bool valid = __ldcg(tail) == tag;
-          p.out_probs[t * E + e] = valid ? __uint_as_float(__ldcg(tail + 1)) : 0.0f;
-        }
-      }
+    grid_send_end(c, m, q * gridDim.x);
+    if (!recv_begin(c, m, &s_fail)) {
+      ok = false;
+      break;
     }
-    recv_end(c, m);
+    for (long long k = gw; k < n; k += nwarps) {
+      reduce_token(c, p, static_cast<int>(t0 + k), static_cast<int>(k), F,
+                   static_cast<unsigned int>(m), lane);
+    }
+    grid_recv_end(c, m, q * gridDim.x);
   }
-  if (group_bad) {
-    for (long long t = warp; t < p.N; t += kWarps) {
+  if (ok && group_bad) {
+    for (long long t = gw; t < p.N; t += nwarps) {
       for (int h = lane; h < p.H; h += 32) {
         store_f32(static_cast<uint8_t*>(p.out) + t * p.y_row, h, p.code, 0.0f);
       }
       for (int e = lane; p.out_probs && e < E; e += 32) p.out_probs[t * E + e] = 0.0f;
     }
   }
-  __syncthreads();
+  if (!grid_finish(c, &s_last)) return;
   if (tid == 0) write_msgs(c, m);
 }
 
@@ -195,22 +299,21 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.src_expert_counts = a.src_expert_counts;
   p.row_token = a.row_token;
   p.meta = a.meta;
-  const size_t rows = c.slot_bytes / (p.stride * static_cast<size_t>(L));
-  FA2A_CHECK(rows >= 1, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,
+  p.slot_rows = static_cast<long long>(c.slot_bytes / p.stride);
+  FA2A_CHECK(p.slot_rows >= L, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,
              " bytes) cannot hold one token's ", L, " rows of ", p.stride,
              " bytes; create the buffer with more bytes (init_hybrid_ep_buffer)");
-  p.rows_per_round = static_cast<int>(std::min<size_t>(rows, 1 << 20));
   p.out = a.out;
   p.out_probs = a.out_probs;
   if (a.num_rows > 0) check_aligned(a.y, "the permuted rows to combine");
-  const size_t smem = 2 * static_cast<size_t>(L) * sizeof(long long);
+  const size_t smem = 2 * static_cast<size_t>(G) * L * sizeof(long long);
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(
         cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)),
         "hybrid combine shared memory");
   }
-  combine_kernel<<<1, kThreads, smem, s>>>(c, p);
+  combine_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
   check_launch("hybrid combine");
 }
 

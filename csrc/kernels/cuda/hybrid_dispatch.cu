@@ -9,13 +9,14 @@
 // NumTokens becomes -1 and the counts 0 (the dynamic path raises; the static path's data phase
 // then moves no row and leaves zeros).
 //
-// Data (one message per round of T tokens): slot position i of round k holds sender token
-// t = kT + i whatever its routing (no compaction): the values (quantised to e4m3 on the send side
-// with fp8_dispatch), scales, the L probs, and for each local expert j of the receiver the
-// ordinal of t among the sender's tokens routed to j (-1: not routed). A row crosses the link
-// once per destination rank; the receiver copies it to seg_start[s, j] + ordinal for every j, so
-// rows land in the CPU backend's order by construction. Positions >= P are dropped; padding rows
-// and the tail are zeroed at the end. Nothing is written outside [0, P) rows.
+// Data (one message per round of T tokens; B blocks, see hybrid.cuh): slot position i of round k
+// holds sender token t = kT + i whatever its routing (no compaction): the values (quantised to
+// e4m3 on the send side with fp8_dispatch), scales, the L probs, and for each local expert j of
+// the receiver the ordinal of t among the sender's tokens routed to j (-1: not routed; computed
+// for all (t, e) by ordinal_kernel first). A row crosses the link once per destination rank; the
+// receiver copies it to seg_start[s, j] + ordinal for every j, so rows land in the CPU backend's
+// order by construction. Positions >= P are dropped; padding rows and the tail are zeroed.
+// Nothing is written outside [0, P) rows.
 #include <algorithm>
 #include <mutex>
 
@@ -134,11 +135,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ordinal[t * E + e] = the number of tokens t' < t routed to e if t is routed to e, else -1.
+// Block: 32 experts (lanes) x 32 warps (consecutive token ranges); coalesced 32-byte map loads.
+__global__ void __launch_bounds__(1024)
+    ordinal_kernel(const uint8_t* routing_map, int N, int E, int32_t* ordinal) {
+  __shared__ int s_count[32][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * 32 + lane;
+  const int per = (N + 31) / 32;
+  const int t0 = min(N, warp * per), t1 = min(N, t0 + per);
+  int count = 0;
+  if (e < E) {
+#pragma unroll 8
+    for (int t = t0; t < t1; ++t) count += __ldg(routing_map + static_cast<size_t>(t) * E + e) != 0;
+  }
+  s_count[warp][lane] = count;
+  __syncthreads();
+  int base = 0;
+  for (int w = 0; w < warp; ++w) base += s_count[w][lane];
+  if (e >= E) return;
+  for (int t = t0; t < t1; ++t) {
+    const bool routed = __ldg(routing_map + static_cast<size_t>(t) * E + e) != 0;
+    ordinal[static_cast<size_t>(t) * E + e] = routed ? base : -1;
+    base += routed ? 1 : 0;
+  }
+}
+
 struct DataParams {
   const void* x;
   int x_code;  // value code of x (f32/f16/bf16) when quantising
   const float* x_scales;
-  const uint8_t* routing_map;
+  const int32_t* ordinal;  // [N, E] from ordinal_kernel
   const float* probs;
   int N, H, L;
   long long pad, P;
@@ -155,6 +182,80 @@ struct DataParams {
   int32_t* meta;
 };
 
+// Send side of one (token t at slot position k, destination d) item: the header always, the
+// values when t is routed to any of d's experts. One warp.
+__device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, int k, int d,
+                                 int lane) {
+  const RowLayout& rl = p.row;
+  const int L = p.L, E = c.num_ranks * L;
+  uint8_t* row = c.slot_on(d) + static_cast<size_t>(k) * rl.stride;
+  unsigned any = 0;
+  for (int j0 = 0; j0 < L; j0 += 32) {
+    const int j = j0 + lane;
+    int ord = -1;
+    if (j < L) {
+      const size_t te = static_cast<size_t>(t) * E + static_cast<size_t>(d) * L + j;
+      ord = __ldg(p.ordinal + te);
+      reinterpret_cast<int*>(row + rl.ord_off)[j] = ord;
+      if (p.probs)
+        reinterpret_cast<float*>(row + rl.prob_off)[j] = ord >= 0 ? __ldg(p.probs + te) : 0.0f;
+    }
+    any |= __ballot_sync(0xffffffffu, ord >= 0);
+  }
+  if (lane == 0) *reinterpret_cast<int*>(row + rl.tok_off) = static_cast<int>(t);
+  if (!any) return;
+  if (p.quantize) {
+    const size_t in_row = static_cast<size_t>(p.H) * (p.x_code == kValF32 ? 4 : 2);
+    warp_quantize_row(static_cast<const uint8_t*>(p.x) + t * in_row, p.x_code, p.H, row,
+                      reinterpret_cast<float*>(row + rl.scale_off), lane);
+  } else {
+    warp_copy_ro(row, static_cast<const uint8_t*>(p.x) + t * p.out_row, p.out_row, lane);
+    if (p.fp8) {
+      const int cols = p.H / kFp8BlockSize;
+      for (int b = lane; b < cols; b += 32) {
+        reinterpret_cast<float*>(row + rl.scale_off)[b] = __ldg(p.x_scales + t * cols + b);
+      }
+    }
+  }
+}
+
+// Receive side of one (source s, slot position k) item: the fused permute, the row to every
+// (expert, ordinal) it was routed to. seg: first row of (s', j) at s' * L + j. One warp.
+__device__ inline void recv_item(const Comm& c, const DataParams& p, const long long* seg, int s,
+                                 int k, int lane) {
+  const RowLayout& rl = p.row;
+  const int L = p.L, N = p.N;
+  const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
+  const int t = __ldcg(reinterpret_cast<const int*>(row + rl.tok_off));
+  const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
+  for (int j0 = 0; j0 < L; j0 += 32) {
+    const int j = j0 + lane;
+    long long pos = -1;
+    if (j < L) {
+      const int ord = __ldcg(reinterpret_cast<const int*>(row + rl.ord_off) + j);
+      if (ord >= 0 && ord < p.src_expert_counts[s * L + j]) pos = seg[s * L + j] + ord;
+      if (pos >= p.P) pos = -1;  // static P overflow: dropped
+    }
+    unsigned mask = __ballot_sync(0xffffffffu, pos >= 0);
+    while (mask) {
+      const int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      const long long at = __shfl_sync(0xffffffffu, pos, b);
+      warp_copy_cg(static_cast<uint8_t*>(p.permuted_x) + at * p.out_row, row, p.out_row, lane);
+      for (int i = lane; i < cols; i += 32) {
+        p.permuted_scales[at * cols + i] =
+            __ldcg(reinterpret_cast<const float*>(row + rl.scale_off) + i);
+      }
+      if (lane == 0) {
+        if (p.probs) {
+          p.permuted_probs[at] = __ldcg(reinterpret_cast<const float*>(row + rl.prob_off) + j0 + b);
+        }
+        if (!p.cached) p.row_token[at] = static_cast<int32_t>(s * N + t);
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
@@ -162,10 +263,11 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   long long* off = seg + E;     // [L] first row of expert j
   long long* cnt = off + L;     // [L] real rows of expert j
   long long* padded = cnt + L;  // [L]
-  int* run = reinterpret_cast<int*>(padded + L);  // [E] this rank's tokens sent per expert so far
-  __shared__ int s_fail, s_bad;
+  __shared__ int s_fail, s_bad, s_last;
   __shared__ long long s_total, s_rounds;
   const int lane = tid & 31, warp = tid >> 5;
+  const long long nwarps = static_cast<long long>(gridDim.x) * kWarps;
+  const long long gw = static_cast<long long>(blockIdx.x) * kWarps + warp;
   if (tid == 0) {
     s_fail = aborted(c.wait_ctx()) ? 1 : 0;
     // A handle that does not belong to this N (or a notify that found the ranks disagreeing):
@@ -193,99 +295,45 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     // round sizes may differ): no rounds on any rank.
     if (p.meta[kHybridMetaNumTokens] == -1) s_rounds = 0;
   }
-  for (int e = tid; e < E; e += blockDim.x) run[e] = 0;
   __syncthreads();
-  if (s_fail) return;
   const bool bad = s_bad != 0;
-  const RowLayout& rl = p.row;
   const int T = p.rows_per_round;
   unsigned long long m = read_msgs(c);
-  if (!enter(c, m, &s_fail)) return;
-  for (long long round = 0; round < s_rounds; ++round) {
+  unsigned int q = 0;
+  bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
+  for (long long round = 0; ok && round < s_rounds; ++round) {
     ++m;
+    ++q;
     const long long t0 = round * T;
     const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
     const int n = static_cast<int>(max(0ll, t1 - t0));
-    if (!send_begin(c, m, &s_fail)) return;
-    // Headers: ordinals and probs (thread per expert column, tokens in order), token ids.
-    for (int e = tid; e < E; e += blockDim.x) {
-      const int d = e / L, j = e - d * L;
-      uint8_t* base = c.slot_on(d);
-      for (int i = 0; i < n; ++i) {
-        const int64_t t = t0 + i;
-        const bool routed = p.routing_map[t * E + e] != 0;
-        uint8_t* row = base + static_cast<size_t>(i) * rl.stride;
-        reinterpret_cast<int*>(row + rl.ord_off)[j] = routed ? run[e]++ : -1;
-        if (p.probs) {
-          reinterpret_cast<float*>(row + rl.prob_off)[j] = routed ? p.probs[t * E + e] : 0.0f;
-        }
-      }
+    if (!send_begin(c, m, &s_fail)) {
+      ok = false;
+      break;
     }
-    for (int i = tid; i < n * G; i += blockDim.x) {
-      const int d = i % G, k = i / G;
-      *reinterpret_cast<int*>(c.slot_on(d) + static_cast<size_t>(k) * rl.stride + rl.tok_off) =
-          static_cast<int>(t0 + k);
+    // Destination innermost: consecutive warps write to different peers.
+    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
+      const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
+      send_item(c, p, t0 + k, k, d, lane);
     }
-    // Values: a warp per (token, destination) that the token goes to.
-    for (int w = warp; w < n * G; w += kWarps) {
-      const int d = w % G, k = w / G;
-      const int64_t t = t0 + k;
-      int any = 0;
-      for (int j = lane; j < L; j += 32) any |= p.routing_map[t * E + d * L + j] != 0;
-      if (!__any_sync(0xffffffffu, any)) continue;
-      uint8_t* row = c.slot_on(d) + static_cast<size_t>(k) * rl.stride;
-      if (p.quantize) {
-        const size_t in_row = static_cast<size_t>(p.H) * (p.x_code == kValF32 ? 4 : 2);
-        warp_quantize_row(static_cast<const uint8_t*>(p.x) + t * in_row, p.x_code, p.H, row,
-                          reinterpret_cast<float*>(row + rl.scale_off), lane);
-      } else {
-        warp_copy_ro(row, static_cast<const uint8_t*>(p.x) + t * p.out_row, p.out_row, lane);
-        if (p.fp8) {
-          const int cols = p.H / kFp8BlockSize;
-          for (int b = lane; b < cols; b += 32) {
-            reinterpret_cast<float*>(row + rl.scale_off)[b] = p.x_scales[t * cols + b];
-          }
-        }
-      }
+    grid_send_end(c, m, q * gridDim.x);
+    if (!recv_begin(c, m, &s_fail)) {
+      ok = false;
+      break;
     }
-    send_end(c, m);
-    if (!recv_begin(c, m, &s_fail)) return;
-    // Fused permute: a warp per (source, position); the row goes to every (expert, ordinal).
-    for (int w = warp; w < n * G; w += kWarps) {
-      const int s = w / n, k = w - s * n;
-      const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
-      const int t = __ldcg(reinterpret_cast<const int*>(row + rl.tok_off));
-      for (int j = 0; j < L; ++j) {
-        const int ord = __ldcg(reinterpret_cast<const int*>(row + rl.ord_off) + j);
-        if (ord < 0 || ord >= p.src_expert_counts[s * L + j]) continue;
-        const long long pos = seg[s * L + j] + ord;
-        if (pos >= p.P) continue;  // static P overflow: dropped
-        warp_copy_cg(static_cast<uint8_t*>(p.permuted_x) + pos * p.out_row, row, p.out_row, lane);
-        if (p.fp8) {
-          const int cols = p.H / kFp8BlockSize;
-          for (int b = lane; b < cols; b += 32) {
-            p.permuted_scales[pos * cols + b] =
-                __ldcg(reinterpret_cast<const float*>(row + rl.scale_off) + b);
-          }
-        }
-        if (lane == 0) {
-          if (p.probs) {
-            p.permuted_probs[pos] = __ldcg(reinterpret_cast<const float*>(row + rl.prob_off) + j);
-          }
-          if (!p.cached) p.row_token[pos] = static_cast<int32_t>(s * p.N + t);
-        }
-      }
+    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
+      recv_item(c, p, seg, static_cast<int>(w % G), static_cast<int>(w / G), lane);
     }
-    recv_end(c, m);
+    grid_recv_end(c, m, q * gridDim.x);
   }
   // Padding rows of each expert and the tail past the padded total: zeros.
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
-  for (int j = -1; j < L; ++j) {
+  for (int j = -1; ok && j < L; ++j) {
     long long z0 = j < 0 ? s_total : off[j] + cnt[j];
     long long z1 = j < 0 ? p.P : off[j] + padded[j];
     if (bad && j < 0) z0 = 0;  // nothing was received: every row is zero
     z1 = min(z1, p.P);
-    for (long long r = z0 + warp; r < z1; r += kWarps) {
+    for (long long r = z0 + gw; r < z1; r += nwarps) {
       warp_zero(static_cast<uint8_t*>(p.permuted_x) + r * p.out_row, p.out_row, lane);
       for (int b = lane; b < cols; b += 32) p.permuted_scales[r * cols + b] = 0.0f;
       if (lane == 0) {
@@ -294,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
       }
     }
   }
-  __syncthreads();
+  if (!grid_finish(c, &s_last)) return;
   if (tid == 0) {
     write_msgs(c, m);
     if (!p.cached) {
@@ -355,7 +403,9 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   p.x = a.x;
   p.x_code = value_code(a.x_dtype);
   p.x_scales = a.x_scales;
-  p.routing_map = a.routing_map;
+  const Scratch& scratch =
+      ensure_scratch(st, buffer.num_ranks(), std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
+  p.ordinal = scratch.ordinal;
   p.probs = a.probs;
   p.N = static_cast<int>(a.num_tokens);
   p.H = static_cast<int>(a.hidden);
@@ -385,13 +435,18 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
     check_aligned(a.x, "x");
   }
   const size_t E = static_cast<size_t>(a.num_experts);
-  const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long) + E * sizeof(int);
+  const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
                     "hybrid dispatch shared memory");
   }
-  data_kernel<<<1, kThreads, smem, s>>>(c, p);
+  if (a.num_tokens > 0) {
+    ordinal_kernel<<<(a.num_experts + 31) / 32, 1024, 0, s>>>(
+        a.routing_map, static_cast<int>(a.num_tokens), a.num_experts, scratch.ordinal);
+    check_launch("hybrid dispatch ordinals");
+  }
+  data_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
   check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
 }
 

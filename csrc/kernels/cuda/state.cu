@@ -179,7 +179,8 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t list_b = align(g * static_cast<size_t>(n) * 4);
   const size_t ecount_b = align(static_cast<size_t>(e) * 4);
   const size_t hist_b = align(static_cast<size_t>(e) * 4);
-  const size_t total = cum_b + list_b + ecount_b + hist_b;
+  const size_t ordinal_b = align(static_cast<size_t>(n) * static_cast<size_t>(e) * 4);
+  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b;
   void* mem = nullptr;
   FA2A_CUDA_CHECK(cudaMalloc(&mem, total), "cudaMalloc (routing scratch)");
   FA2A_CUDA_CHECK(cudaMemset(mem, 0, total), "cudaMemset (routing scratch)");
@@ -193,15 +194,19 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.send_list = reinterpret_cast<int*>(base + cum_b);
   st.scratch.ecount = reinterpret_cast<int*>(base + cum_b + list_b);
   st.scratch.hist = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b);
+  st.scratch.ordinal = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b);
   return st.scratch;
+}
+
+int comm_blocks(const CudaState& st, int num_sms) {
+  const int sms = env_int("FUSED_A2A_CUDA_BLOCKS", num_sms > 0 ? num_sms : 24);
+  return std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
 }
 
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp) {
   LaunchConfig c;
-  int sms = num_sms > 0 ? num_sms : 24;
-  sms = env_int("FUSED_A2A_CUDA_BLOCKS", sms);
-  c.blocks = std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
+  c.blocks = comm_blocks(st, num_sms);
   c.send_warps =
       std::max(1, std::min(kMaxThreads / 32 - 1, env_int("FUSED_A2A_CUDA_SEND_WARPS", 4)));
   c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", 12));
@@ -209,6 +214,8 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
   const char* copy = std::getenv("FUSED_A2A_CUDA_COPY");
   c.tma = !(copy && std::strcmp(copy, "simt") == 0);
   c.chunk_rows = std::max(0, env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0));
+  const char* fence = std::getenv("FUSED_A2A_CUDA_FLAG_FENCE");
+  c.flag_fence_sc = !(fence && std::strcmp(fence, "release") == 0);
   const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
                        per_recv_warp * c.recv_warps + 128 * c.send_warps;
   const size_t reserve = 8192;  // static shared memory of the kernels, and slack

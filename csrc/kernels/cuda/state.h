@@ -43,11 +43,13 @@ class DeviceGuard {
 //   send_list [G][N]: the tokens routed to d, ascending
 //   ecount [E]: (token, slot) pairs of this rank per expert
 //   hist [Lcap]: per-local-expert counts accumulated by the blocks of one kernel (kept at 0)
+//   ordinal [N*E]: HybridEP, token t's ordinal among this rank's tokens routed to expert e, or -1
 struct Scratch {
   int* cum = nullptr;
   int* send_list = nullptr;
   int* ecount = nullptr;
   int* hist = nullptr;
+  int* ordinal = nullptr;
 };
 
 struct CudaState {
@@ -87,7 +89,13 @@ struct LaunchConfig {
   uint32_t stage_bytes = 0;
   bool tma = true;
   int chunk_rows = 0;  // 0: automatic
+  // A fence.sc.sys before each chunk flag besides the release store (FUSED_A2A_CUDA_FLAG_FENCE:
+  // "sc", the default, or "release").
+  bool flag_fence_sc = true;
 };
+// Blocks of a communication kernel: num_sms (0: 24; FUSED_A2A_CUDA_BLOCKS overrides), at most
+// the device's SMs.
+int comm_blocks(const CudaState& st, int num_sms);
 // Shared memory besides the copy stages: fixed bytes, and bytes per sender / receiver warp.
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp);
