@@ -4,8 +4,11 @@ outputs bit for bit against ``fused_a2a.routing.Expected`` and times each op.
 
 Units: fused_a2a normal mode (torch_fused_a2a.fused_dispatch / fused_combine), fused_a2a HybridEP
 (hybrid_ep_dispatch / hybrid_ep_combine), and the peers torch.distributed.all_to_all_single of
-the same rows (splits known, no permute: the rows-only lower bound) and DeepEP (CUDA, when
-``import deep_ep`` works). Ops: dispatch, combine (forward) and their backward passes.
+the same rows (splits known, no permute: the rows-only lower bound), DeepEP (CUDA, when
+``import deep_ep`` works) and "fused_normal_permute": normal mode plus a separate permute /
+unpermute in plain torch ops into HybridEP's layout, the baseline HybridEP must not be slower than
+(it runs after fused_hybrid whenever a timed run has fused_hybrid). Ops: dispatch, combine
+(forward) and their backward passes (forward only for fused_normal_permute).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from fused_a2a.routing import Expected, same_bits
 
-UNITS = ("fused_normal", "fused_hybrid", "a2a", "deep_ep")
+UNITS = ("fused_normal", "fused_hybrid", "fused_normal_permute", "a2a", "deep_ep")
 
 
 def _torch_dtype(name):
@@ -191,6 +194,117 @@ def _fused_hybrid(ctx: Ctx, exp: Expected) -> dict:
     }
 
 
+class _Permute:
+    """Normal mode's received rows -> HybridEP's expert-major layout, and back, as a separate pass
+    of plain torch ops (what Megatron's moe_utils.permute / unpermute do around a DeepEP
+    dispatch / combine).
+
+    Permute: every (row, k) with recv_topk_idx >= 0, stably sorted by local expert. Normal mode
+    receives rows in (source rank, source token) order (SEMANTICS.md 1), so within one expert the
+    rows come in ascending global token order: exactly HybridEP's order (SEMANTICS.md 2, no
+    padding: the bench uses pad_multiple None). A token picks an expert at most once, so every
+    expert holds a row at most once.
+
+    Unpermute: out[row] = sum over the row's local experts in ascending order of y[position] in
+    float32 from +0.0, then one cast to y's dtype. It runs as one index_add_ per "slot rank" (the
+    row's 1st, 2nd, ... smallest local expert): within one call every destination row is distinct,
+    so the sum order is fixed on every device (a single scatter-add would use atomics on CUDA).
+    The slot-rank group sizes cost one host synchronisation in the permute (the dispatch already
+    synchronises for tokens_per_expert)."""
+
+    def __init__(self, recv_idx, tokens_per_expert, num_local: int):
+        import torch
+
+        rows_in, k = recv_idx.shape
+        self.rows_in = rows_in
+        key = torch.where(recv_idx >= 0, recv_idx, num_local)  # no expert: sorted last
+        order = torch.sort(key.reshape(-1), stable=True).indices
+        total = int(tokens_per_expert.sum())  # a CPU tensor: no device sync
+        self.sel = order[:total]  # (row, k) flat index of each permuted row
+        self.src_rows = torch.div(self.sel, k, rounding_mode="floor")
+        # slot rank of (row, k): how many of the row's experts are smaller than slot k's
+        slot_rank = (key.unsqueeze(1) < key.unsqueeze(2)).sum(-1).reshape(-1)[self.sel]
+        by_rank = torch.sort(slot_rank, stable=True).indices
+        self.groups = []
+        start = 0
+        for count in torch.bincount(slot_rank, minlength=k).tolist():  # host sync
+            if count:
+                pos = by_rank[start : start + count]
+                self.groups.append((pos, self.src_rows.index_select(0, pos)))
+            start += count
+
+    def permute(self, recv_x, recv_w):
+        """(hidden [P,H] expert-major, probs [P] f32)."""
+        return recv_x.index_select(0, self.src_rows), recv_w.reshape(-1).index_select(0, self.sel)
+
+    def unpermute(self, y):
+        import torch
+
+        acc = torch.zeros((self.rows_in, y.shape[1]), dtype=torch.float32, device=y.device)
+        for pos, dst in self.groups:
+            acc.index_add_(0, dst, y.index_select(0, pos).float())
+        return acc.to(y.dtype)
+
+
+def _normal_permute_combine(exp: Expected, rank: int) -> np.ndarray:
+    """What unpermute + normal-mode combine of the identity (y = the permuted rows) returns on
+    `rank`: per receiving rank rho ascending, the token's experts on rho summed in ascending order
+    in f32 from +0.0 and rounded to the dtype (the unpermute's output), those partial sums added
+    in f32 from +0.0 and rounded once (normal combine). HybridEP rounds only once
+    (Expected.hybrid_identity_combine), so the two can differ where a token has several experts
+    on one rank: bf16/fp16 when the partial sum m*x is not exact in the dtype (m = 3, 5, 6, 7),
+    f32 because the same additions are associated differently."""
+    rm, _ = exp.routing(rank)
+    xf = exp.inputs[rank][0].astype(np.float32)
+    acc = np.zeros(xf.shape, np.float32)
+    for rho in range(exp.g):
+        part = np.zeros(xf.shape, np.float32)
+        for j in range(exp.lpr):
+            hit = rm[:, rho * exp.lpr + j]
+            part[hit] += xf[hit]
+        got = exp.hit[rank][:, rho]
+        acc[got] += part[got].astype(exp.dtype).astype(np.float32)
+    return acc.astype(exp.dtype)
+
+
+def _fused_normal_permute(ctx: Ctx, exp: Expected) -> dict:
+    """The baseline of HybridEP: "dispatch" = fused_dispatch + a separate permute (_Permute) into
+    HybridEP's layout, "combine" = a separate unpermute + fused_combine. Forward only.
+
+    Checks: dispatch, bit for bit, gives HybridEP's outputs (Expected.hybrid_dispatch: rows,
+    probs, tokens_per_expert). Combine of the identity is checked bit for bit against what this
+    two-step pipeline must return (_normal_permute_combine: two roundings), not against
+    Expected.hybrid_identity_combine (one rounding): an unpermute-then-combine pipeline rounds
+    each rank's partial sum before the cross-rank sum, so it cannot give the HybridEP value in
+    general (bf16, 2 ranks, top-8 of 32: about half the tokens differ in some bits)."""
+    import torch_fused_a2a as tfa
+
+    r, e, grp, lpr = ctx.rank, exp.e, ctx.group, exp.lpr
+    x_np, idx_np, w_np = exp.inputs[r]
+    x, idx, w = (to_torch(a, ctx.device) for a in (x_np, idx_np, w_np))
+    want_h, want_p, want_tpe = exp.hybrid_dispatch(r)
+
+    def dispatch():
+        recv_x, recv_idx, recv_w, tpe, handle = tfa.fused_dispatch(x, idx, w, e, grp)
+        perm = _Permute(recv_idx, tpe, lpr)
+        hidden, probs = perm.permute(recv_x, recv_w)
+        return hidden, probs, tpe, handle, perm
+
+    hidden, probs, tpe, handle, perm = dispatch()
+    ok_d = _eq(hidden, want_h) and _eq(probs, want_p) and np.array_equal(tpe.numpy(), want_tpe)
+
+    def combine():
+        return tfa.fused_combine(perm.unpermute(hidden), grp, handle)[0]
+
+    ok_c = _eq(combine(), _normal_permute_combine(exp, r))
+    t = ctx.timer
+    return {
+        "dispatch": (t(dispatch), ok_d),
+        "combine": (t(combine), ok_c),
+        "sms": tfa._num_sms if ctx.device.type == "cuda" else None,
+    }
+
+
 def _a2a(ctx: Ctx, exp: Expected) -> dict:
     """all_to_all_single of the rows each rank must receive (splits known, rows pre-gathered:
     no count exchange, no permute), and the reverse exchange (the combine direction, no sum)."""
@@ -272,12 +386,15 @@ def _same_rows(got: np.ndarray, want: np.ndarray) -> bool:
 _UNIT_FNS = {
     "fused_normal": _fused_normal,
     "fused_hybrid": _fused_hybrid,
+    "fused_normal_permute": _fused_normal_permute,
     "a2a": _a2a,
     "deep_ep": _deep_ep,
 }
 UNIT_INFO = {  # unit: (implementation name, mode, is a peer)
     "fused_normal": ("fused_a2a", "normal", False),
     "fused_hybrid": ("fused_a2a", "hybrid", False),
+    # a peer, so HybridEP's rows get a "vs" ratio against it (> 1: HybridEP is faster)
+    "fused_normal_permute": ("fused_a2a normal+permute", "hybrid", True),
     "a2a": ("all_to_all_single", "rows", True),
     "deep_ep": ("DeepEP", "normal", True),
 }
@@ -287,8 +404,20 @@ def _unsupported(err: BaseException) -> bool:
     return isinstance(err, (NotImplementedError, ImportError))
 
 
+def with_baselines(units, spec: dict) -> list[tuple[str, bool]]:
+    """(unit, implied) in run order: a timed run of fused_hybrid also runs fused_normal_permute
+    right after it (the baseline HybridEP is compared with in the same run), unless listed."""
+    out = []
+    for unit in units:
+        out.append((unit, False))
+        if unit == "fused_hybrid" and spec["iters"] > 0 and "fused_normal_permute" not in units:
+            out.append(("fused_normal_permute", True))
+    return out
+
+
 def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
-    """Every unit of the spec on this rank; ranks agree on failures after each unit."""
+    """Every unit of the spec (and its implied baselines) on this rank; ranks agree on failures
+    after each unit. Implied units take no progress step (the caller counts the spec's units)."""
     import torch
     import torch.distributed as dist
 
@@ -299,10 +428,11 @@ def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
         exp = Expected.build(
             world, n, spec["hidden"], spec["topk"], spec["experts"], spec["seed"], spec["dtype"]
         )
-        for unit in spec["units"]:
+        for unit, implied in with_baselines(spec["units"], spec):
             label = f"torch {UNIT_INFO[unit][0]} {UNIT_INFO[unit][1]} N={n}"
+            step = (lambda text: None) if implied else progress
             if unit in skipped:
-                progress(label + " (skipped)")
+                step(label + " (skipped)")
                 continue
             res: dict = {"unit": unit, "tokens": n}
             try:
@@ -328,7 +458,7 @@ def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
                 res["recv_bytes"] = exp.recv_rows(rank) * exp.row_bytes()
                 res["remote_bytes"] = (exp.recv_rows(rank) - exp.own_rows(rank)) * exp.row_bytes()
             results.append(res)
-            progress(label)
+            step(label)
         del exp
     return results
 

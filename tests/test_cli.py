@@ -92,12 +92,17 @@ def test_bench_rows_all_verified(bench):
                 for n in (16, 48):
                     assert (fe, "fused_a2a", mode, op, n) in have, (fe, mode, op, n)
     assert ("torch", "all_to_all_single", "rows", "dispatch", 48) in have
+    # the baseline HybridEP is compared with: normal mode + a separate permute / unpermute
+    for op in ("dispatch", "combine"):
+        assert ("torch", "fused_a2a normal+permute", "hybrid", op, 48) in have, op
     if "jax" in frontends:
         assert ("jax", "all_to_all (padded)", "rows", "combine", 48) in have
     for r in rows:
         assert r["time_us"] > 0 and r["gbps"] > 0 and r["wire_gbps"] >= 0
         if not r["peer"]:
             assert set(r["vs"]) >= {"torch a2a"}, r["vs"]
+        if r["mode"] == "hybrid" and not r["peer"]:
+            assert "torch fused_a2a normal+permute" in r["vs"], r["vs"]
 
 
 def test_bench_table_rows_say_verified(bench):
