@@ -5,11 +5,12 @@
 // of the round, F positions (F = the dispatch's largest fan-out of one token to one rank, so T =
 // slot rows / F): the rows of this rank's experts j that t was routed to (and kept), in
 // ascending j, each with a tag equal to the message number, its prob and j; the positions after
-// them get tag 0. A warp per (s, t) finds t's rows by a binary search in each (s, j) segment of
-// the handle's row_token (ascending within a segment) and writes all F positions, so no stale
-// tag survives. The source then sums, for each token, ranks ascending and local experts
-// ascending, in fp32 from 0.0f, with one rounding to y's dtype: the contract's order. Rows at
-// positions >= P (dropped by a static P) and padding rows are never sent.
+// them get tag 0. A pre-pass (rowmap_kernel) writes, for every kept row r of (token g = s*N + t,
+// local expert j), rowmap[g * L + j] = r (-1 elsewhere); a warp per (s, t) then reads t's L
+// entries and writes all F positions, so no stale tag survives. The source then sums, for each
+// token, ranks ascending and local experts ascending, in fp32 from 0.0f, with one rounding to y's
+// dtype: the contract's order. Rows at positions >= P (dropped by a static P) and padding rows are
+// never sent.
 #include <algorithm>
 #include <mutex>
 
@@ -35,41 +36,59 @@ struct CombineParams {
   const int32_t* src_expert_counts;
   const int32_t* row_token;
   const int32_t* meta;
-  long long slot_rows;  // positions of one slot
+  long long slot_rows;    // positions of one slot
+  const int32_t* rowmap;  // [G*N, L] from rowmap_kernel
   void* out;
   float* out_probs;
 };
 
-// Row of the (s, j) segment [lo, hi) whose token id is g, or -1 (ids ascend in a segment).
-__device__ __forceinline__ long long find_row(const int32_t* row_token, long long lo, long long hi,
-                                              int g) {
-  long long a = lo, b = hi;
-  while (a < b) {
-    const long long mid = (a + b) >> 1;
-    if (__ldg(row_token + mid) < g) {
-      a = mid + 1;
-    } else {
-      b = mid;
+// rowmap[g * L + j] = r for every real row r < P of local expert j with row_token g (the map was
+// set to -1 before). A thread per row; the expert layout from src_expert_counts and pad.
+__global__ void rowmap_kernel(const int32_t* row_token, const int32_t* src_expert_counts,
+                              long long P, long long pad, int G, int L, long long num_ids,
+                              int32_t* rowmap) {
+  extern __shared__ long long s_rm[];
+  long long* off = s_rm;     // [L] first row of expert j
+  long long* cnt = off + L;  // [L] real rows of expert j
+  if (threadIdx.x == 0) {
+    long long total = 0;
+    for (int j = 0; j < L; ++j) {
+      long long count = 0;
+      for (int s = 0; s < G; ++s) count += max(0, src_expert_counts[s * L + j]);
+      off[j] = total;
+      cnt[j] = count;
+      total += pad > 0 ? (count + pad - 1) / pad * pad : count;
     }
   }
-  return (a < hi && __ldg(row_token + a) == g) ? a : -1;
+  __syncthreads();
+  for (long long r = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; r < P;
+       r += static_cast<long long>(gridDim.x) * blockDim.x) {
+    int lo = 0, hi = L - 1;  // the last expert whose first row is <= r
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (off[mid] <= r) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    if (r >= off[lo] + cnt[lo]) continue;  // a padding row
+    const int g = __ldg(row_token + r);
+    if (g >= 0 && g < num_ids) rowmap[static_cast<size_t>(g) * L + lo] = static_cast<int32_t>(r);
+  }
 }
 
 // Sender side of (source s, token t at round position k): all F positions of t in this rank's
-// slot on s. seg / cnt: the (s', j) segments (first row, kept rows). One warp.
-__device__ inline void send_token(const Comm& c, const CombineParams& p, const long long* seg,
-                                  const long long* cnt, int s, int t, int k, int F,
+// slot on s. One warp.
+__device__ inline void send_token(const Comm& c, const CombineParams& p, int s, int t, int k, int F,
                                   unsigned long long m, bool bad, int lane) {
   const int L = p.L;
   uint8_t* base = c.slot_on(s) + static_cast<size_t>(k) * F * p.stride;
-  const int g = s * p.N + t;
+  const size_t g = static_cast<size_t>(s) * p.N + t;
   int count = 0;
   for (int j0 = 0; j0 < L && !bad; j0 += 32) {
     const int j = j0 + lane;
-    long long row = -1;
-    if (j < L && cnt[s * L + j] > 0) {
-      row = find_row(p.row_token, seg[s * L + j], seg[s * L + j] + cnt[s * L + j], g);
-    }
+    const long long row = j < L ? __ldg(p.rowmap + g * L + j) : -1;
     unsigned mask = __ballot_sync(0xffffffffu, row >= 0);
     while (mask) {
       const int b = __ffs(mask) - 1;
@@ -193,10 +212,7 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, int t
 }
 
 __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams p) {
-  extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
-  long long* seg = s_mem;    // [E] first row of (source s, expert j), at s*L + j
-  long long* cnt = seg + E;  // [E] kept rows of (s, j): rows >= P were dropped
   __shared__ int s_fail, s_bad, s_last;
   const int lane = tid & 31, warp = tid >> 5;
   const long long nwarps = static_cast<long long>(gridDim.x) * kWarps;
@@ -204,17 +220,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   if (tid == 0) {
     s_fail = aborted(c.wait_ctx()) ? 1 : 0;
     s_bad = p.meta[kHybridMetaNumTokens] != p.N ? 1 : 0;  // handle of another N: send nothing
-    long long total = 0;
-    for (int j = 0; j < L; ++j) {
-      long long count = 0;
-      for (int s = 0; s < G; ++s) {
-        const long long v = max(0, p.src_expert_counts[s * L + j]);
-        seg[s * L + j] = total + count;
-        cnt[s * L + j] = max(0ll, min(v, p.P - (total + count)));
-        count += v;
-      }
-      total += p.pad > 0 ? (count + p.pad - 1) / p.pad * p.pad : count;
-    }
   }
   __syncthreads();
   const bool bad = s_bad != 0;
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
     }
     for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
       const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
-      send_token(c, p, seg, cnt, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
+      send_token(c, p, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
     }
     grid_send_end(c, m, q * gridDim.x);
     if (!recv_begin(c, m, &s_fail)) {
@@ -306,14 +311,25 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.out = a.out;
   p.out_probs = a.out_probs;
   if (a.num_rows > 0) check_aligned(a.y, "the permuted rows to combine");
-  const size_t smem = 2 * static_cast<size_t>(G) * L * sizeof(long long);
-  if (smem > 48 * 1024) {
-    FA2A_CUDA_CHECK(
-        cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)),
-        "hybrid combine shared memory");
+  const long long num_ids = static_cast<long long>(G) * a.num_tokens;
+  const Scratch& scratch = ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), G * L, s);
+  p.rowmap = scratch.ordinal;  // the dispatch's ordinals are recomputed by its next call
+  FA2A_CUDA_CHECK(cudaMemsetAsync(scratch.ordinal, 0xff, sizeof(int32_t) * num_ids * L, s),
+                  "hybrid combine row map reset");
+  if (a.num_rows > 0) {
+    const size_t smem = 2 * static_cast<size_t>(L) * sizeof(long long);
+    if (smem > 48 * 1024) {
+      FA2A_CUDA_CHECK(
+          cudaFuncSetAttribute(rowmap_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "hybrid combine row map shared memory");
+    }
+    const int blocks = static_cast<int>(std::min<long long>((a.num_rows + 255) / 256, 1024));
+    rowmap_kernel<<<blocks, 256, smem, s>>>(a.row_token, a.src_expert_counts, a.num_rows,
+                                            a.pad_multiple, G, L, num_ids, scratch.ordinal);
+    check_launch("hybrid combine row map");
   }
-  combine_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
+  combine_kernel<<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
   check_launch("hybrid combine");
 }
 

@@ -52,36 +52,22 @@ RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, i
 
 constexpr int kNotifyWords = 5;  // after the L counts: fan-out, N, H, flags, L
 
+// counts [E]: this rank's tokens per expert; fanout: its largest number of one rank's experts
+// picked by one token (both from route_kernels).
 __global__ void __launch_bounds__(kThreads)
-    notify_kernel(Comm c, const uint8_t* routing_map, int N, int H, int flags, int L, long long pad,
-                  int32_t* src_expert_counts, int32_t* tokens_per_expert, int32_t* meta) {
-  extern __shared__ int s_counts[];  // [E]
+    notify_kernel(Comm c, const int* counts, const int* fanout, int N, int H, int flags, int L,
+                  long long pad, int32_t* src_expert_counts, int32_t* tokens_per_expert,
+                  int32_t* meta) {
   __shared__ int s_fail, s_fanout, s_bad, s_max_n;
-  const int G = c.num_ranks, E = G * L, tid = threadIdx.x;
+  const int G = c.num_ranks, tid = threadIdx.x;
   if (tid == 0) {
     s_fail = aborted(c.wait_ctx()) ? 1 : 0;
-    s_fanout = 0;
+    s_fanout = *fanout;
     s_bad = 0;
     s_max_n = 0;
   }
-  for (int e = tid; e < E; e += blockDim.x) s_counts[e] = 0;
   __syncthreads();
   if (s_fail) return;
-  // Counts per expert, and the largest number of one rank's experts a token picked.
-  for (int64_t t = tid; t < N; t += blockDim.x) {
-    int fan = 0;
-    for (int d = 0; d < G; ++d) {
-      int picked = 0;
-      for (int j = 0; j < L; ++j) {
-        if (routing_map[t * E + d * L + j]) {
-          atomicAdd(&s_counts[d * L + j], 1);
-          ++picked;
-        }
-      }
-      fan = max(fan, picked);
-    }
-    atomicMax(&s_fanout, fan);
-  }
   unsigned long long m = read_msgs(c);
   if (!enter(c, m, &s_fail)) return;
   ++m;
@@ -90,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
     const int d = i / (L + kNotifyWords), k = i - d * (L + kNotifyWords);
     int v;
     if (k < L) {
-      v = s_counts[d * L + k];
+      v = counts[d * L + k];
     } else {
       const int w = k - L;
       v = w == 0 ? s_fanout : w == 1 ? N : w == 2 ? H : w == 3 ? flags : L;
@@ -135,10 +121,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ordinal[t * E + e] = the number of tokens t' < t routed to e if t is routed to e, else -1.
-// Block: 32 experts (lanes) x 32 warps (consecutive token ranges); coalesced 32-byte map loads.
+// ordinal[t * E + e] = the number of tokens t' < t routed to e if t is routed to e, else -1;
+// counts[e] = the tokens routed to e. Block: 32 experts (lanes) x 32 warps (consecutive token
+// ranges); coalesced 32-byte map loads.
 __global__ void __launch_bounds__(1024)
-    ordinal_kernel(const uint8_t* routing_map, int N, int E, int32_t* ordinal) {
+    ordinal_kernel(const uint8_t* routing_map, int N, int E, int32_t* ordinal, int* counts) {
   __shared__ int s_count[32][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int e = blockIdx.x * 32 + lane;
@@ -154,11 +141,28 @@ __global__ void __launch_bounds__(1024)
   int base = 0;
   for (int w = 0; w < warp; ++w) base += s_count[w][lane];
   if (e >= E) return;
+  if (warp == 31) counts[e] = base + count;
   for (int t = t0; t < t1; ++t) {
     const bool routed = __ldg(routing_map + static_cast<size_t>(t) * E + e) != 0;
     ordinal[static_cast<size_t>(t) * E + e] = routed ? base : -1;
     base += routed ? 1 : 0;
   }
+}
+
+// *fanout = max over (t, d) of the experts of rank d that token t picked (zeroed before). A
+// thread per (t, d).
+__global__ void fanout_kernel(const uint8_t* routing_map, int N, int G, int L, int* fanout) {
+  const long long pairs = static_cast<long long>(N) * G;
+  int best = 0;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < pairs;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const uint8_t* row = routing_map + i * L;  // (t, d) = (i / G, i % G): row t, columns d*L..
+    int picked = 0;
+    for (int j = 0; j < L; ++j) picked += __ldg(row + j) != 0;
+    best = max(best, picked);
+  }
+  for (int off = 16; off > 0; off >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, off));
+  if ((threadIdx.x & 31) == 0 && best > 0) atomicMax(fanout, best);
 }
 
 struct DataParams {
@@ -377,6 +381,28 @@ void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
              " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
 }
 
+// The routing pre-pass: ordinals and per-expert counts (ordinal_kernel) and the fan-out
+// (fanout_kernel), into the buffer's scratch; every entry point runs it before its kernels.
+void launch_route(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s) {
+  const Scratch& scratch =
+      ensure_scratch(st, buffer.num_ranks(), std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
+  int* fanout = scratch.fanout;
+  FA2A_CUDA_CHECK(cudaMemsetAsync(fanout, 0, sizeof(int), s), "hybrid dispatch fan-out reset");
+  if (a.num_tokens == 0) {
+    FA2A_CUDA_CHECK(cudaMemsetAsync(scratch.ecount, 0, sizeof(int) * a.num_experts, s),
+                    "hybrid dispatch counts reset");
+    return;
+  }
+  const int N = static_cast<int>(a.num_tokens), G = buffer.num_ranks();
+  ordinal_kernel<<<(a.num_experts + 31) / 32, 1024, 0, s>>>(a.routing_map, N, a.num_experts,
+                                                            scratch.ordinal, scratch.ecount);
+  check_launch("hybrid dispatch ordinals");
+  const long long pairs = static_cast<long long>(N) * G;
+  const int blocks = static_cast<int>(std::min<long long>((pairs + 255) / 256, 1024));
+  fanout_kernel<<<blocks, 256, 0, s>>>(a.routing_map, N, G, a.num_local_experts, fanout);
+  check_launch("hybrid dispatch fan-out");
+}
+
 void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s) {
   const Comm c = make_comm(buffer, st, kOpHybridNotify);
   const int L = a.num_local_experts;
@@ -385,10 +411,10 @@ void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, c
              " local experts");
   const int flags = static_cast<int>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.probs ? 512 : 0) |
                     (a.quantize_fp8 ? 1024 : 0);
-  const size_t smem = static_cast<size_t>(a.num_experts) * sizeof(int);
-  notify_kernel<<<1, kThreads, smem, s>>>(c, a.routing_map, static_cast<int>(a.num_tokens),
-                                          static_cast<int>(a.hidden), flags, L, a.pad_multiple,
-                                          a.src_expert_counts, a.tokens_per_expert, a.meta);
+  const Scratch& scratch = st.scratch;  // launch_route ran first
+  notify_kernel<<<1, kThreads, 0, s>>>(
+      c, scratch.ecount, scratch.fanout, static_cast<int>(a.num_tokens), static_cast<int>(a.hidden),
+      flags, L, a.pad_multiple, a.src_expert_counts, a.tokens_per_expert, a.meta);
   check_launch("hybrid dispatch notify");
 }
 
@@ -403,9 +429,7 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   p.x = a.x;
   p.x_code = value_code(a.x_dtype);
   p.x_scales = a.x_scales;
-  const Scratch& scratch =
-      ensure_scratch(st, buffer.num_ranks(), std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
-  p.ordinal = scratch.ordinal;
+  p.ordinal = st.scratch.ordinal;  // launch_route ran first
   p.probs = a.probs;
   p.N = static_cast<int>(a.num_tokens);
   p.H = static_cast<int>(a.hidden);
@@ -441,11 +465,6 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
                                          static_cast<int>(smem)),
                     "hybrid dispatch shared memory");
   }
-  if (a.num_tokens > 0) {
-    ordinal_kernel<<<(a.num_experts + 31) / 32, 1024, 0, s>>>(
-        a.routing_map, static_cast<int>(a.num_tokens), a.num_experts, scratch.ordinal);
-    check_launch("hybrid dispatch ordinals");
-  }
   data_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
   check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
 }
@@ -466,6 +485,7 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
+  launch_route(buffer, scope.st, args, s);
   launch_notify(buffer, scope.st, args, s);
   launch_data(buffer, scope.st, args, s, false, true);
 }
@@ -474,6 +494,7 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stre
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
+  launch_route(buffer, scope.st, args, s);
   launch_notify(buffer, scope.st, args, s);
   sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
   int32_t meta[kHybridMetaSize];
@@ -490,6 +511,7 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
+  launch_route(buffer, scope.st, args, s);  // the scratch may have served another op since
   launch_data(buffer, scope.st, args, s, false, true);
 }
 
@@ -497,6 +519,7 @@ void hybrid_dispatch_cached(Buffer& buffer, const HybridDispatchArgs& args, Stre
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
+  launch_route(buffer, scope.st, args, s);
   launch_data(buffer, scope.st, args, s, true, false);
 }
 

@@ -180,7 +180,8 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t ecount_b = align(static_cast<size_t>(e) * 4);
   const size_t hist_b = align(static_cast<size_t>(e) * 4);
   const size_t ordinal_b = align(static_cast<size_t>(n) * static_cast<size_t>(e) * 4);
-  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b;
+  const size_t fanout_b = align(4);
+  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b + fanout_b;
   void* mem = nullptr;
   FA2A_CUDA_CHECK(cudaMalloc(&mem, total), "cudaMalloc (routing scratch)");
   FA2A_CUDA_CHECK(cudaMemset(mem, 0, total), "cudaMemset (routing scratch)");
@@ -195,6 +196,7 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.ecount = reinterpret_cast<int*>(base + cum_b + list_b);
   st.scratch.hist = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b);
   st.scratch.ordinal = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b);
+  st.scratch.fanout = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b + ordinal_b);
   return st.scratch;
 }
 
@@ -258,7 +260,7 @@ void check_aligned(const void* p, const char* name) {
 
 int chunk_rows_env() {
   const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
-  return v > 0 ? v : 8;
+  return v > 0 ? v : 32;  // run 3 (EP 2): 8 -> 32 rows cut the dispatch by 24%
 }
 
 bool order_dst_major() {

@@ -44,12 +44,14 @@ class DeviceGuard {
 //   ecount [E]: (token, slot) pairs of this rank per expert
 //   hist [Lcap]: per-local-expert counts accumulated by the blocks of one kernel (kept at 0)
 //   ordinal [N*E]: HybridEP, token t's ordinal among this rank's tokens routed to expert e, or -1
+//   fanout [1]: HybridEP, the largest number of one rank's experts picked by one token
 struct Scratch {
   int* cum = nullptr;
   int* send_list = nullptr;
   int* ecount = nullptr;
   int* hist = nullptr;
   int* ordinal = nullptr;
+  int* fanout = nullptr;
 };
 
 struct CudaState {
@@ -101,7 +103,7 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
                            size_t per_send_warp, size_t per_recv_warp);
 
 unsigned long long timeout_ns();
-int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);

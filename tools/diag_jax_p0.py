@@ -1,0 +1,81 @@
+"""Diagnosis: which part of a HybridEP program with num_permuted_tokens = 0 crashes XLA's GPU
+compiler (seen on 2 H100s: tests/jax_cases_hybrid.py case size-zero, SIGSEGV in
+backend_compile_and_load). Each variant compiles and runs in its own process, so a crash names
+the variant.
+
+    python tools/diag_jax_p0.py [G]        # on a GPU machine; prints one line per variant
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+VARIANTS = ("counts", "hidden", "combine", "combine_vjp", "grad")
+
+
+def run_variant(name: str, g: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import jax_fused_a2a as fa
+
+    n, h, el = 6, 64, 2
+    rng = np.random.default_rng(0)
+    rm = rng.random((g * n, g * el)) < 0.5
+    x = rng.standard_normal((g * n, h)).astype(np.float32)
+    pr = rng.random((g * n, g * el)).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()[:g]), ("ep",))
+    kw = dict(num_local_experts=el, num_permuted_tokens=0, pad_multiple=16, axis_name="ep")
+
+    def body(x, rm, pr):
+        d = fa.hybrid_dispatch(x, rm, pr, **kw)
+        if name == "counts":
+            return d.tokens_per_expert
+        if name == "hidden":
+            return d.hidden.sum(axis=0)
+        if name == "combine":
+            return fa.hybrid_combine(d.hidden, d.handle, axis_name="ep")
+        if name == "combine_vjp":
+            _, vjp = jax.vjp(lambda y: fa.hybrid_combine(y, d.handle, axis_name="ep"), d.hidden)
+            return vjp(x)[0].sum(axis=0)
+
+        def loss(x_, p_):
+            dd = fa.hybrid_dispatch(x_, rm, p_, **kw)
+            return jnp.sum(fa.hybrid_combine(dd.hidden, dd.handle, axis_name="ep"))
+
+        return jax.grad(loss)(x, pr)
+
+    spec = P("ep")
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    out = f(x, rm, pr)
+    jax.block_until_ready(out)
+    print(f"variant {name}: ok, output {out.shape}", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) > 2:
+        run_variant(sys.argv[2], int(sys.argv[1]))
+        return 0
+    g = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    for name in VARIANTS:
+        proc = subprocess.run(
+            [sys.executable, __file__, str(g), name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        print(f"{name}: rc={proc.returncode} {last[0][:200]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
