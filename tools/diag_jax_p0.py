@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ("counts", "hidden", "combine", "combine_vjp", "grad")
+VARIANTS = ("counts", "hidden", "combine", "combine_vjp", "grad", "hidden_out", "empty_out")
 
 
 def run_variant(name: str, g: int) -> None:
@@ -38,6 +38,10 @@ def run_variant(name: str, g: int) -> None:
             return d.tokens_per_expert
         if name == "hidden":
             return d.hidden.sum(axis=0)
+        if name == "hidden_out":  # the zero-size [0, H] rows themselves leave the shard_map
+            return d.hidden
+        if name == "empty_out":  # no fused_a2a call: a zero-size output alone
+            return jnp.zeros((0, h), x.dtype) + x[:0]
         if name == "combine":
             return fa.hybrid_combine(d.hidden, d.handle, axis_name="ep")
         if name == "combine_vjp":
