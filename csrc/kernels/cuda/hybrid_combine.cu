@@ -148,46 +148,49 @@ __device__ __forceinline__ int4 pack_vec(const float* acc, int code) {
 }
 
 // Receiver side of token t (round position k): out[t] = sum of the present positions in order
-// (rank ascending, then position = j ascending), fp32 from 0.0f, one rounding. One warp.
-__device__ inline void reduce_token(const Comm& c, const CombineParams& p, int t, int k, int F,
-                                    unsigned int tag, int lane) {
+// (rank ascending, then position = j ascending), fp32 from 0.0f, one rounding. One warp. own:
+// this rank's data region (addresses are arithmetic: no table load per row).
+__device__ inline void reduce_token(const Comm& c, const CombineParams& p, const uint8_t* own,
+                                    int t, int k, int F, unsigned int tag, int lane) {
   const int G = c.num_ranks, L = p.L, E = G * L;
   const int pairs = G * F;
   auto position = [&](int i) {  // pair i = (rank i / F, position i % F)
-    return c.slot_from(i / F) + (static_cast<size_t>(k) * F + i % F) * p.stride;
+    return own + static_cast<size_t>(i / F) * c.slot_bytes +
+           (static_cast<size_t>(k) * F + i % F) * p.stride;
   };
-  auto present_mask = [&](int i0) {
-    const int i = i0 + lane;
-    const bool here =
-        i < pairs && __ldcg(reinterpret_cast<const unsigned int*>(position(i) + p.y_bytes)) == tag;
-    return __ballot_sync(0xffffffffu, here);
+  auto present = [&](const uint8_t* at, int i) {
+    return i < pairs && __ldcg(reinterpret_cast<const unsigned int*>(at + p.y_bytes)) == tag;
   };
-  const unsigned first_mask = present_mask(0);  // reused while pairs <= 32
+  const uint8_t* first_at = position(lane);
+  const unsigned first_mask = __ballot_sync(0xffffffffu, present(first_at, lane));
   const int nvec = static_cast<int>(p.y_row / 16);
   int4* out =
       reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<size_t>(t) * p.y_row);
+  constexpr int kBatch = 8;  // rows whose loads are in flight together
   for (int v = lane; v - lane < nvec; v += 32) {
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     for (int i0 = 0; i0 < pairs; i0 += 32) {
-      unsigned mask = i0 == 0 ? first_mask : present_mask(i0);
-      // Loads of up to 4 rows in flight, adds in order.
+      // Lane l holds the address of pair i0 + l; the present ones are taken in order.
+      const uint8_t* at = i0 == 0 ? first_at : position(i0 + lane);
+      unsigned mask = i0 == 0 ? first_mask : __ballot_sync(0xffffffffu, present(at, i0 + lane));
       while (mask) {
-        int idx[4];
+        int4 raw[kBatch];
         int nb = 0;
-        while (mask && nb < 4) {
-          idx[nb++] = i0 + __ffs(mask) - 1;
-          mask &= mask - 1;
-        }
-        int4 raw[4];
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          if (b < nb && v < nvec)
-            raw[b] = __ldcg(reinterpret_cast<const int4*>(position(idx[b])) + v);
+        for (int b = 0; b < kBatch; ++b) {
+          const int src = mask ? __ffs(mask) - 1 : 0;
+          const auto* row = reinterpret_cast<const int4*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(at), src));
+          if (mask) {
+            mask &= mask - 1;
+            nb = b + 1;
+            if (v < nvec) raw[b] = __ldcg(row + v);
+          }
         }
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
+        for (int b = 0; b < kBatch; ++b) {
           if (b < nb && v < nvec) add_vec(acc, raw[b], p.code);
         }
       }
@@ -223,6 +226,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   }
   __syncthreads();
   const bool bad = s_bad != 0;
+  const uint8_t* own = c.peers[c.rank] + kControlBytes;
   const int F = max(1, p.meta[kHybridMetaMaxFanout]);
   const long long T = max(1ll, p.slot_rows / F);
   // meta NumTokens -1: the dispatch's notify found the ranks disagreeing (on every rank): no
@@ -251,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
       break;
     }
     for (long long k = gw; k < n; k += nwarps) {
-      reduce_token(c, p, static_cast<int>(t0 + k), static_cast<int>(k), F,
+      reduce_token(c, p, own, static_cast<int>(t0 + k), static_cast<int>(k), F,
                    static_cast<unsigned int>(m), lane);
     }
     grid_recv_end(c, m, q * gridDim.x);
