@@ -37,6 +37,9 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_SELF": "send"}
     ),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
+    "standard_cr8": dict(
+        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8"}
+    ),
     "standard_cr32": dict(
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32"}
     ),
@@ -224,13 +227,58 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     cnt = in_rank.sum(1).float()
     expect = ((x.float() * cnt[:, None]) + 0.0).to(torch.bfloat16)
     res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
+    if os.environ.get("FUSED_A2A_CUDA_TRACE"):
+        res["trace"] = _trace_one(static_dispatch, gid, grank, sms)
     return res
+
+
+TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
+TRACE_RECEIVER = ("flag_wait", "remote_copy", "own_copy", "zero_rows", "round_barrier")
+
+
+def _trace_one(fn, gid, grank, sms):
+    """Per-warp phase times of one call (csrc/kernels/cuda/state.h): mean and max over the
+    sender and the receiver warps; durations in SM cycles, finish times in ns."""
+    import fused_a2a_core as core
+
+    torch.cuda.synchronize()
+    core.cuda_dispatch_trace(gid, grank, True)
+    dist.barrier()
+    fn()
+    words = core.cuda_dispatch_trace(gid, grank, True)
+    if not words:
+        return {"error": "tracing is off in this build (-DFA2A_CUDA_TRACE=1)"}
+    send_warps = int(os.environ.get("FUSED_A2A_CUDA_SEND_WARPS", 4))
+    recv_warps = int(os.environ.get("FUSED_A2A_CUDA_RECV_WARPS", 12))
+    slots = [words[i * 8 : (i + 1) * 8] for i in range(len(words) // 8)]
+    senders = [slots[b * 16 + w] for b in range(sms) for w in range(send_warps)]
+    receivers = [
+        slots[b * 16 + w] for b in range(sms) for w in range(send_warps, send_warps + recv_warps)
+    ]
+
+    def stats(rows, names):
+        out = {}
+        for i, name in enumerate(names):
+            vals = [r[i] for r in rows]
+            out[name + "_cycles"] = [statistics.mean(vals), max(vals)]
+        out["finish_ns"] = [statistics.mean(r[6] for r in rows), max(r[6] for r in rows)]
+        out["chunks"] = [statistics.mean(r[7] for r in rows), max(r[7] for r in rows)]
+        return out
+
+    rec = stats(receivers, TRACE_RECEIVER)
+    rec["data_start_ns"] = [statistics.mean(r[5] for r in receivers), max(r[5] for r in receivers)]
+    return {
+        "sender": stats(senders, TRACE_SENDER),
+        "receiver": rec,
+    }
 
 
 def _summarize(per_rank):
     first = per_rank[0]
     out = {k: first[k] for k in ("case", "n", "h", "k", "e", "sms", "env")}
     out["exact_all_ranks"] = all(r["exact"] for r in per_rank)
+    if "trace" in first:
+        out["trace_per_rank"] = [r["trace"] for r in per_rank]
     recv_b = [r["num_recv"] * r["row_bytes"] for r in per_rank]
     wire_b = [(r["num_recv"] - r["own_rows"]) * r["row_bytes"] for r in per_rank]
     out["recv_bytes_per_rank_mean"] = statistics.mean(recv_b)

@@ -178,6 +178,17 @@ void register_core(py::module_& m) {
       },
       py::arg("group_id"), py::arg("rank"));
   m.def(
+      "cuda_dispatch_trace",
+      [](int64_t group_id, int rank, bool reset) -> std::vector<uint64_t> {
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        return cuda_dispatch_trace(*buffer, reset);
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("reset") = true,
+      "Per-warp phase times of the CUDA dispatch kernels since the last reset (a build with "
+      "-DFA2A_CUDA_TRACE=1 and FUSED_A2A_CUDA_TRACE=1; layout in csrc/kernels/cuda/state.h), "
+      "or [] when tracing is off.");
+  m.def(
       "buffer_poisoned",
       [](int64_t group_id, int rank) -> std::string {
         auto buffer = buffer_find(group_id, rank);

@@ -22,4 +22,6 @@ void dispatch_notify(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void dispatch_data(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void combine(Buffer&, const CombineArgs&, Stream) { no_cuda(); }
 }  // namespace cuda
+
+std::vector<uint64_t> cuda_dispatch_trace(Buffer&, bool) { return {}; }
 }  // namespace fa2a

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "fused_a2a/buffer.h"
 #include "fused_a2a/config.h"
@@ -118,6 +119,11 @@ void check_topk_values(const void* topk_idx, DType idx_dtype, int64_t num_tokens
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 
 // What was compiled in: {"cuda": bool, "cuda_arch": "...", "cuda_version": int, ...} as text.
+// Diagnostics (CUDA, FUSED_A2A_CUDA_TRACE=1 when the buffer's first CUDA op ran): per-warp phase
+// times in ns of the dispatch kernels since the last reset, kTraceWords words (layout in
+// csrc/kernels/cuda/state.h); empty when tracing is off. reset: zero them after reading.
+std::vector<uint64_t> cuda_dispatch_trace(Buffer& buffer, bool reset);
+
 bool build_has_cuda();
 const char* build_cuda_arch();
 int build_cuda_version();

@@ -63,6 +63,7 @@ struct DispatchParams {
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
   bool flag_fence_sc;
+  unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
 };
 
 struct SmemLayout {
@@ -176,6 +177,34 @@ struct Shared {
   long long total;
   int kept_total, fail, last;
   unsigned long long seq;
+  unsigned long long t0;  // globaltimer at kernel start (trace)
+};
+
+// Phase times of one warp (lane 0 keeps them; written to the host-mapped trace once, at the end
+// of the role). Durations in SM cycles, times since kernel start in ns. Compiled in only with
+// -DFA2A_CUDA_TRACE=1 (CMAKE_ARGS), so that the kernels' registers are untouched otherwise.
+#ifndef FA2A_CUDA_TRACE
+#define FA2A_CUDA_TRACE 0
+#endif
+struct WarpTrace {
+#if FA2A_CUDA_TRACE
+  unsigned long long v[kTraceSlots] = {};
+  __device__ static long long now() { return clock64(); }
+  __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
+  __device__ void set(int slot, unsigned long long value) { v[slot] = value; }
+  __device__ void count(int slot) { v[slot] += 1; }
+  __device__ void flush(const DispatchParams& p, int warp, int lane) {
+    if (!p.trace || lane != 0) return;
+    unsigned long long* out = p.trace + (static_cast<size_t>(blockIdx.x) * 16 + warp) * kTraceSlots;
+    for (int i = 0; i < kTraceSlots; ++i) out[i] += v[i];
+  }
+#else
+  __device__ static long long now() { return 0; }
+  __device__ void add(int, long long) {}
+  __device__ void set(int, unsigned long long) {}
+  __device__ void count(int) {}
+  __device__ void flush(const DispatchParams&, int, int) {}
+#endif
 };
 
 __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
@@ -219,6 +248,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   long long it = 0;
   int chunks_done = 0;
   bool ok = true;
+  WarpTrace tr;
   // One item: chunk c of destination d in round k (if it exists and is this warp's).
   auto item = [&](long long k, int d, long long c) {
     if (d == r) {               // own rows: straight to recv_x, round 0 only
@@ -243,12 +273,14 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const long long j0 = sg.lo + c * cr;
     if (j0 >= sg.hi || it++ % nsw != gw) return;
     if (k > ready_round[d]) {
+      const long long t_wait = WarpTrace::now();
       if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
       MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
       ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d, lane);
       if (!ok) return;
       if (lane == 0) ready_round[d] = static_cast<int>(k);
       __syncwarp();
+      tr.add(0, t_wait);
     }
     const int n = static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0));
     const long long slot0 = sg.start + c * cr;
@@ -260,18 +292,27 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
+      long long t_phase = WarpTrace::now();
       if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
       __syncwarp();
+      tr.add(1, t_phase);
+      t_phase = WarpTrace::now();
       stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
       fence_proxy_async_smem();
       __syncwarp();
+      tr.add(2, t_phase);
       if (lane == 0) {
+        t_phase = WarpTrace::now();
         pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
         for (int i = 0; i < n; ++i) {
           const size_t t = stage_meta[i * M];
           pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
         }
+        tr.add(3, t_phase);
+        t_phase = WarpTrace::now();
         pipe.end_chunk(flag, v);
+        tr.add(4, t_phase);
+        tr.count(7);
       }
       __syncwarp();
       ++chunks_done;
@@ -298,8 +339,12 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c);
     }
   }
+  const long long t_drain = WarpTrace::now();
   if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
+  tr.add(5, t_drain);
+  tr.set(6, globaltimer() - sh.t0);
+  tr.flush(p, warp, lane);
 }
 
 // Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
@@ -337,7 +382,11 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const unsigned long long seq = sh.seq;
   const int parity = static_cast<int>(seq & 1ull);
   uint8_t* ctrl = p.peers[r];
+  WarpTrace tr;
+  tr.set(5, globaltimer() - sh.t0);
+  long long t_phase = WarpTrace::now();
   for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
+  tr.add(3, t_phase);
   const long long remote = sh.kept_total - sh.kept[r];
   // Own rows (p.self_recv): chunks of CR rows x -> recv_x, dealt with the remote chunks of round
   // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
@@ -355,15 +404,20 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         const long long j0 = c * CR;
         if (k != 0 || j0 >= own || it++ % nrw != gr) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
+        const long long t_own = WarpTrace::now();
         copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
+        tr.add(2, t_own);
         return;
       }
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
       const long long j0 = sg.lo + c * CR;
       if (j0 >= sg.hi || it++ % nrw != gr) return;
+      const long long t_wait = WarpTrace::now();
       ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
                           lane);
+      tr.add(0, t_wait);
       if (!ok) return;
+      const long long t_copy = WarpTrace::now();
       const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
@@ -375,6 +429,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         const int row = i / M;
         scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
       }
+      tr.add(1, t_copy);
+      tr.count(7);
     };
     if (p.dst_major) {
       for (int s = 0; s < G && ok; ++s)
@@ -386,6 +442,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     if (ok && k + 1 < nrounds) {
       __syncwarp();
       int good = 1;
+      const long long t_round = WarpTrace::now();
       if (lane == 0) {
         good = round_barrier(
                    &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
@@ -400,8 +457,11 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
                    : 0;
       }
       ok = __shfl_sync(0xffffffffu, good, 0) != 0;
+      tr.add(4, t_round);
     }
   }
+  tr.set(6, globaltimer() - sh.t0);
+  tr.flush(p, p.send_warps + rwarp, lane);
 }
 
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
@@ -417,6 +477,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   int* s_hist = reinterpret_cast<int*>(smem + L.hist);
   for (int j = tid; j < p.lpr; j += blockDim.x) s_hist[j] = 0;
   if (tid == 0) {
+    sh.t0 = globaltimer();
     sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
     sh.fail = aborted(ctx) ? 1 : 0;
     sh.last = 0;
@@ -643,6 +704,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.trace = pr.st->trace;
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,

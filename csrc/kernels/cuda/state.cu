@@ -23,6 +23,7 @@ CudaState::~CudaState() {
   (void)cudaGetDevice(&previous);
   (void)cudaSetDevice(device);
   if (host_error) (void)cudaFreeHost(host_error);
+  if (trace) (void)cudaFreeHost(trace);
   if (peer_table) (void)cudaFree(peer_table);
   if (scratch_mem) (void)cudaFree(scratch_mem);
   for (void* p : retired) (void)cudaFree(p);
@@ -116,6 +117,14 @@ CudaState& cuda_state(Buffer& buffer) {
       "cudaHostAlloc (error word)");
   std::memset(host, 0, sizeof(HostError));
   st->host_error = static_cast<HostError*>(host);
+  if (env_int("FUSED_A2A_CUDA_TRACE", 0) != 0) {
+    void* trace = nullptr;
+    FA2A_CUDA_CHECK(cudaHostAlloc(&trace, sizeof(unsigned long long) * kTraceWords,
+                                  cudaHostAllocMapped | cudaHostAllocPortable),
+                    "cudaHostAlloc (trace)");
+    std::memset(trace, 0, sizeof(unsigned long long) * kTraceWords);
+    st->trace = static_cast<unsigned long long*>(trace);
+  }
   const int g = buffer.num_ranks();
   std::vector<void*> bases(g);
   for (int r = 0; r < g; ++r) bases[r] = buffer.base(r);
@@ -152,6 +161,23 @@ void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const ch
   }
 }
 
+}  // namespace fa2a::cuda
+
+namespace fa2a {
+std::vector<uint64_t> cuda_dispatch_trace(Buffer& buffer, bool reset) {
+  auto& slot = buffer.backend_state();
+  if (!slot || buffer.platform() != Platform::kCUDA) return {};
+  auto* st = static_cast<cuda::CudaState*>(slot.get());
+  if (!st->trace) return {};
+  cuda::DeviceGuard guard(buffer.device());
+  FA2A_CUDA_CHECK(cudaDeviceSynchronize(), "synchronising before reading the trace");
+  std::vector<uint64_t> out(st->trace, st->trace + cuda::kTraceWords);
+  if (reset) std::memset(st->trace, 0, sizeof(unsigned long long) * cuda::kTraceWords);
+  return out;
+}
+}  // namespace fa2a
+
+namespace fa2a::cuda {
 std::string pending_error(Buffer& buffer) {
   auto& slot = buffer.backend_state();
   if (!slot) return "";

@@ -54,13 +54,24 @@ struct Scratch {
   int* fanout = nullptr;
 };
 
+// Dispatch trace (FUSED_A2A_CUDA_TRACE=1): host-mapped, kTraceWarps slots of kTraceSlots u64
+// (ns, accumulated over calls), slot = block * 16 + warp. Sender warps: 0 ready waits, 1 waits for
+// the ring's reads at a chunk start, 2 metadata staging, 3 row pushes, 4 chunk ends, 5 final
+// drain, 6 finish time after kernel start, 7 chunks. Receiver warps: 0 flag waits, 1 remote
+// chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 data phase start after
+// kernel start, 6 finish time after kernel start, 7 chunks.
+constexpr int kTraceWarps = 64 * 16;
+constexpr int kTraceSlots = 8;
+constexpr int kTraceWords = kTraceWarps * kTraceSlots;
+
 struct CudaState {
   int device = 0;
   int num_ranks = 0;
   int sm_count = 0;
   size_t smem_optin = 0;
-  HostError* host_error = nullptr;  // host-mapped, device-visible at the same address (UVA)
-  void** peer_table = nullptr;      // device array of the G bases
+  HostError* host_error = nullptr;      // host-mapped, device-visible at the same address (UVA)
+  unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
+  void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
   size_t scratch_bytes = 0;
   int64_t cap_tokens = -1;
