@@ -64,7 +64,6 @@ struct DispatchParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
-  int slice_rows;             // rows a receiver warp copies per item (FUSED_A2A_CUDA_SLICE_ROWS)
 };
 
 struct SmemLayout {
@@ -377,8 +376,6 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const int G = p.num_ranks, r = p.rank;
   const long long R = p.window;
   const int CR = sh.cr_recv, M = p.meta_words;
-  const int SR = max(1, min(CR, p.slice_rows));  // rows of a receiver item
-  const int QS = (CR + SR - 1) / SR;             // slices per chunk
   const size_t rb = p.row_bytes;
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
@@ -402,32 +399,27 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     long long maxc = k == 0 ? (own + CR - 1) / CR : 0;
     for (int s = 0; s < G; ++s)
       if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
-    // An item is slice q (SR rows) of chunk c from source s: several warps share a chunk, so
-    // that no warp copies a whole chunk alone (run 7's trace: the receivers' tail).
-    auto item = [&](int s, long long c, int q) {
+    auto item = [&](int s, long long c) {
       if (s == r) {
-        const long long j0 = c * CR + static_cast<long long>(q) * SR;
-        if (k != 0 || j0 >= min(own, (c + 1) * CR) || it++ % nrw != gr) return;
-        const int n =
-            static_cast<int>(min(static_cast<long long>(SR), min(own, (c + 1) * CR) - j0));
+        const long long j0 = c * CR;
+        if (k != 0 || j0 >= own || it++ % nrw != gr) return;
+        const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
         copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
         tr.add(2, t_own);
         return;
       }
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
-      const long long c0 = sg.lo + c * CR;  // the chunk's first row
-      const long long c1 = min(c0 + CR, sg.hi);
-      const long long j0 = c0 + static_cast<long long>(q) * SR;
-      if (c0 >= sg.hi || j0 >= c1 || it++ % nrw != gr) return;
+      const long long j0 = sg.lo + c * CR;
+      if (j0 >= sg.hi || it++ % nrw != gr) return;
       const long long t_wait = WarpTrace::now();
       ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
                           lane);
       tr.add(0, t_wait);
       if (!ok) return;
       const long long t_copy = WarpTrace::now();
-      const int n = static_cast<int>(min(static_cast<long long>(SR), c1 - j0));
-      const long long slot0 = sg.start + c * CR + static_cast<long long>(q) * SR;
+      const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
+      const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
       warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
@@ -442,12 +434,10 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     };
     if (p.dst_major) {
       for (int s = 0; s < G && ok; ++s)
-        for (long long c = 0; c < maxc && ok; ++c)
-          for (int q = 0; q < QS && ok; ++q) item(s, c, q);
+        for (long long c = 0; c < maxc && ok; ++c) item(s, c);
     } else {
       for (long long c = 0; c < maxc && ok; ++c)
-        for (int s = 0; s < G && ok; ++s)
-          for (int q = 0; q < QS && ok; ++q) item(s, c, q);
+        for (int s = 0; s < G && ok; ++s) item(s, c);
     }
     if (ok && k + 1 < nrounds) {
       __syncwarp();
@@ -715,7 +705,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.trace = pr.st->trace;
-  p.slice_rows = std::max(1, env_int("FUSED_A2A_CUDA_SLICE_ROWS", 8));
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,

@@ -31,6 +31,9 @@ CudaState::~CudaState() {
   if (previous >= 0) (void)cudaSetDevice(previous);
 }
 
+namespace {
+std::mutex g_state_mutex;
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
@@ -38,9 +41,6 @@ int env_int(const char* name, int fallback) {
   long x = std::strtol(v, &end, 10);
   return (end && *end == '\0') ? static_cast<int>(x) : fallback;
 }
-
-namespace {
-std::mutex g_state_mutex;
 
 const char* op_name(int op) {
   switch (op) {

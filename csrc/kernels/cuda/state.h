@@ -114,7 +114,6 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
                            size_t per_send_warp, size_t per_recv_warp);
 
 unsigned long long timeout_ns();
-int env_int(const char* name, int fallback);  // an integer environment variable, or fallback
 int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 void check_launch(const char* what);
