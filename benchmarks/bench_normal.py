@@ -40,6 +40,17 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_cr8": dict(
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8"}
     ),
+    # Owned items enumerated instead of every warp scanning every item (session 3, unmeasured)
+    "standard_enum": dict(n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_ITEMS": "enum"}),
+    "standard_cr8_enum": dict(
+        n=4096,
+        h=7168,
+        k=8,
+        e=256,
+        sms=24,
+        env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8", "FUSED_A2A_CUDA_ITEMS": "enum"},
+    ),
+    "decode_enum": dict(n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_ITEMS": "enum"}),
     "standard_cr32": dict(
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32"}
     ),
@@ -92,6 +103,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_STAGE_KB",
     "FUSED_A2A_CUDA_CHUNK_ROWS",
     "FUSED_A2A_CUDA_FLAG_FENCE",
+    "FUSED_A2A_CUDA_ITEMS",
 )
 
 

@@ -81,12 +81,15 @@ def _rank_suite(rank, world, cases):
     return results
 
 
-def _suite(world):
+def _suite(world, items="scan"):
+    """items: the dispatch kernel's item assignment (FUSED_A2A_CUDA_ITEMS: the default scan, or
+    enum)."""
     import test_torch_normal as T
 
+    env = dict(GPU_ENV, FUSED_A2A_CUDA_ITEMS=items)
     return run_once(
-        ("suite", world),
-        lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=GPU_ENV),
+        ("suite", world, items),
+        lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=env),
     )
 
 
@@ -96,12 +99,13 @@ def _suite_cases():
     return [(w, c) for w in (2, 3, 4) for c in T.WORLD_CASES[w]]
 
 
+@pytest.mark.parametrize("items", ["scan", "enum"])
 @pytest.mark.parametrize("world,case", _suite_cases(), ids=lambda v: getattr(v, "name", str(v)))
-def test_torch_gpu_matches_reference_and_cpu(world, case):
+def test_torch_gpu_matches_reference_and_cpu(world, case, items):
     import test_torch_normal as T
 
     _need(world)
-    per_rank = [_suite(world)[r][case.name] for r in range(world)]
+    per_rank = [_suite(world, items)[r][case.name] for r in range(world)]
     for r, res in enumerate(per_rank):
         for where in ("cuda", "cpu"):
             assert "error" not in res[where], f"rank {r} {where}:\n{res[where].get('error')}"

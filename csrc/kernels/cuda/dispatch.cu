@@ -64,6 +64,7 @@ struct DispatchParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
+  bool enum_items;            // FUSED_A2A_CUDA_ITEMS=enum: enumerate_items instead of the scan
 };
 
 struct SmemLayout {
@@ -211,12 +212,49 @@ __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
   return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
 }
 
+// FUSED_A2A_CUDA_ITEMS=enum: the items of a round in the scan's order (chunk-major with the peers
+// rot, rot + 1, ... innermost, or peer-major), visiting only existing ones: chunk c of peer q
+// exists when c < its count (lane q holds peer q's count in lo, lane q - 32 in hi). Every nw-th
+// existing item is this warp's (me), counted across rounds in slot (= the scan's it % nw), so the
+// assignment is the scan's, without its per-item segment arithmetic and 64-bit modulo, which
+// every warp otherwise pays for every item of the round, its own or not.
+template <typename F>
+__device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major, long long maxc,
+                                                int count_lo, int count_hi, int nw, int me,
+                                                int& slot, const bool& ok, F&& body) {
+  auto count_of = [&](int q) {
+    const int lo = __shfl_sync(0xffffffffu, count_lo, q & 31);
+    const int hi = __shfl_sync(0xffffffffu, count_hi, q & 31);
+    return q < 32 ? lo : hi;
+  };
+  auto visit = [&](int q, long long c) {
+    const bool mine = slot == me;
+    if (++slot == nw) slot = 0;
+    if (mine) body(q, c);
+  };
+  if (peer_major) {
+    for (int i = 0; i < G && ok; ++i) {
+      const int q = (rot + i) % G;
+      const int n = count_of(q);
+      for (long long c = 0; c < n && ok; ++c) visit(q, c);
+    }
+  } else {
+    for (long long c = 0; c < maxc && ok; ++c) {
+      for (int i = 0; i < G && ok; ++i) {
+        const int q = (rot + i) % G;
+        if (c < count_of(q)) visit(q, c);
+      }
+    }
+  }
+}
+
 // Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
 // Interleaved order (default): the destination innermost, so the warps write to every peer at
 // once and chunk c of every source reaches a receiver at about the same time. Destination-major
 // order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
 // Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
 // and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
+template <bool kEnum>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
@@ -246,15 +284,18 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const size_t rb = p.row_bytes;
   const int self_cr = sh.cr_recv;
   long long it = 0;
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nsw, kept incrementally
   int chunks_done = 0;
   bool ok = true;
   WarpTrace tr;
   // One item: chunk c of destination d in round k (if it exists and is this warp's).
-  auto item = [&](long long k, int d, long long c) {
+  // mine: the caller enumerated it as this warp's (FUSED_A2A_CUDA_ITEMS=enum), else the scan
+  // decides here.
+  auto item = [&](long long k, int d, long long c, bool mine) {
     if (d == r) {               // own rows: straight to recv_x, round 0 only
       if (p.self_recv) return;  // the receiver warps copy them
       const long long j0 = c * self_cr;
-      if (k != 0 || j0 >= sh.dkept[r] || it++ % nsw != gw) return;
+      if (k != 0 || j0 >= sh.dkept[r] || (!mine && it++ % nsw != gw)) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
       for (int i = 0; i < n; ++i) {
         const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
@@ -271,7 +312,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const int cr = sh.dcr[d];
     const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
     const long long j0 = sg.lo + c * cr;
-    if (j0 >= sg.hi || it++ % nsw != gw) return;
+    if (j0 >= sg.hi || (!mine && it++ % nsw != gw)) return;
     if (k > ready_round[d]) {
       const long long t_wait = WarpTrace::now();
       if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
@@ -331,12 +372,21 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       if (d != r)
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
-    if (p.dst_major) {
+    if constexpr (kEnum) {
+      auto chunks = [&](int d) -> int {  // items of destination d in round k
+        if (d >= G) return 0;
+        if (d == r) return (p.self_recv || k != 0) ? 0 : (sh.dkept[r] + self_cr - 1) / self_cr;
+        const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r);
+        return static_cast<int>(chunks_of(sg, sh.dcr[d]));
+      };
+      enumerate_items(G, r + 1, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nsw, gw, slot,
+                      ok, [&](int d, long long c) { item(k, d, c, true); });
+    } else if (p.dst_major) {
       for (int di = 0; di < G && ok; ++di)
-        for (long long c = 0; c < maxc && ok; ++c) item(k, (r + 1 + di) % G, c);
+        for (long long c = 0; c < maxc && ok; ++c) item(k, (r + 1 + di) % G, c, false);
     } else {
       for (long long c = 0; c < maxc && ok; ++c)
-        for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c);
+        for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c, false);
     }
   }
   const long long t_drain = WarpTrace::now();
@@ -371,6 +421,7 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
   }
 }
 
+template <bool kEnum>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -393,16 +444,17 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const long long own = p.self_recv ? sh.dkept[r] : 0;
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
   long long it = 0;
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nrw, kept incrementally
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
     long long maxc = k == 0 ? (own + CR - 1) / CR : 0;
     for (int s = 0; s < G; ++s)
       if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
-    auto item = [&](int s, long long c) {
+    auto item = [&](int s, long long c, bool mine) {
       if (s == r) {
         const long long j0 = c * CR;
-        if (k != 0 || j0 >= own || it++ % nrw != gr) return;
+        if (k != 0 || j0 >= own || (!mine && it++ % nrw != gr)) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
         copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
@@ -411,7 +463,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       }
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
       const long long j0 = sg.lo + c * CR;
-      if (j0 >= sg.hi || it++ % nrw != gr) return;
+      if (j0 >= sg.hi || (!mine && it++ % nrw != gr)) return;
       const long long t_wait = WarpTrace::now();
       ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
                           lane);
@@ -432,12 +484,20 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       tr.add(1, t_copy);
       tr.count(7);
     };
-    if (p.dst_major) {
+    if constexpr (kEnum) {
+      auto chunks = [&](int s) -> int {  // items of source s in round k
+        if (s >= G) return 0;
+        if (s == r) return k != 0 ? 0 : static_cast<int>((own + CR - 1) / CR);
+        return static_cast<int>(chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
+      };
+      enumerate_items(G, 0, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nrw, gr, slot, ok,
+                      [&](int s, long long c) { item(s, c, true); });
+    } else if (p.dst_major) {
       for (int s = 0; s < G && ok; ++s)
-        for (long long c = 0; c < maxc && ok; ++c) item(s, c);
+        for (long long c = 0; c < maxc && ok; ++c) item(s, c, false);
     } else {
       for (long long c = 0; c < maxc && ok; ++c)
-        for (int s = 0; s < G && ok; ++s) item(s, c);
+        for (int s = 0; s < G && ok; ++s) item(s, c, false);
     }
     if (ok && k + 1 < nrounds) {
       __syncwarp();
@@ -464,6 +524,9 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   tr.flush(p, p.send_warps + rwarp, lane);
 }
 
+// kEnum: FUSED_A2A_CUDA_ITEMS=enum (enumerate_items); a separate instantiation, so that the
+// default kernel's registers are untouched.
+template <bool kEnum>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -565,9 +628,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 3. Move the rows.
     if (!sh.fail) {
       if (warp < p.send_warps) {
-        sender_role(p, sh, smem, L, ctx, warp, lane, s_hist);
+        sender_role<kEnum>(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
-        receiver_role(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+        receiver_role<kEnum>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
   }
@@ -705,15 +768,20 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.trace = pr.st->trace;
+  {
+    const char* v = std::getenv("FUSED_A2A_CUDA_ITEMS");
+    p.enum_items = v && std::strcmp(v, "enum") == 0;
+  }
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  FA2A_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto* kernel = p.enum_items ? dispatch_kernel<true> : dispatch_kernel<false>;
+  FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  dispatch_kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
+  kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
   check_launch("dispatch");
 }
 
