@@ -12,7 +12,19 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ("counts", "hidden", "combine", "combine_vjp", "grad", "hidden_out", "empty_out")
+VARIANTS = (
+    "counts",
+    "hidden",
+    "combine",
+    "combine_vjp",
+    "grad",
+    "hidden_out",
+    "empty_out",
+    # The test program also takes zero-size inputs (y [P, H] with P = 0, its probs and cotangents)
+    "zero_input_only",
+    "combine_zero_input",
+    "combine_probs_zero_input",
+)
 
 
 def run_variant(name: str, g: int) -> None:
@@ -32,8 +44,17 @@ def run_variant(name: str, g: int) -> None:
     mesh = Mesh(np.array(jax.devices()[:g]), ("ep",))
     kw = dict(num_local_experts=el, num_permuted_tokens=0, pad_multiple=16, axis_name="ep")
 
-    def body(x, rm, pr):
+    ys = np.zeros((0, h), np.float32)  # y [P, H] of every device, P = 0
+    yp = np.zeros((0,), np.float32)
+
+    def body(x, rm, pr, ys, yp):
+        if name == "zero_input_only":  # no fused_a2a op: XLA alone with zero-size inputs
+            return x * 2.0, ys * 2.0
         d = fa.hybrid_dispatch(x, rm, pr, **kw)
+        if name == "combine_zero_input":
+            return fa.hybrid_combine(ys, d.handle, axis_name="ep")
+        if name == "combine_probs_zero_input":
+            return fa.hybrid_combine(ys, d.handle, axis_name="ep", probs=yp)[0]
         if name == "counts":
             return d.tokens_per_expert
         if name == "hidden":
@@ -55,8 +76,9 @@ def run_variant(name: str, g: int) -> None:
         return jax.grad(loss)(x, pr)
 
     spec = P("ep")
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-    out = f(x, rm, pr)
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec))
+    out = f(x, rm, pr, ys, yp)
+    out = out[0] if isinstance(out, tuple) else out
     jax.block_until_ready(out)
     print(f"variant {name}: ok, output {out.shape}", flush=True)
 
