@@ -502,3 +502,21 @@ def _opcheck_hybrid(rank, world):
 def test_opcheck_hybrid_ops():
     (checked,) = run_ranks(_opcheck_hybrid, 1, timeout=180)
     assert len(checked) == 5, checked
+
+
+def test_buffer_fanout_sizing(monkeypatch):
+    """FUSED_A2A_HYBRID_FANOUT=f sizes a buffer's slot for `rows` tokens sending f combine rows to
+    one rank each (one CUDA combine round at fan-out f); out-of-range values are refused."""
+    import fused_a2a_core as core
+
+    h, bpv, el, g, rows = 7168, 2, 128, 2, 4096
+    monkeypatch.delenv("FUSED_A2A_HYBRID_FANOUT", raising=False)
+    base = core.hybrid_buffer_bytes(h, bpv, el, g, 0, rows)
+    monkeypatch.setenv("FUSED_A2A_HYBRID_FANOUT", "8")
+    wide = core.hybrid_buffer_bytes(h, bpv, el, g, 0, rows)
+    combine_row = h * bpv + 16  # values (16-byte multiple) + tag, prob, expert
+    assert wide // g >= rows * 8 * combine_row > base // g
+    for bad in ("0", str(el + 1), "x"):
+        monkeypatch.setenv("FUSED_A2A_HYBRID_FANOUT", bad)
+        with pytest.raises(ValueError, match="FUSED_A2A_HYBRID_FANOUT"):
+            core.hybrid_buffer_bytes(h, bpv, el, g, 0, rows)

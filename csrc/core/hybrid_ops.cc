@@ -157,13 +157,22 @@ size_t hybrid_buffer_bytes(int64_t hidden, int64_t bytes_per_value, int num_loca
   }
   // Dispatch rows carry the values (FP8 scales included in the upper bound), L probs and L
   // routing bytes; a combine round must hold at least 4 tokens that each picked all L experts.
+  // FUSED_A2A_HYBRID_FANOUT=f (default 1): room for `rows` tokens that each send f rows to one
+  // rank in a combine round (the CUDA combine carries slot rows / max fan-out tokens per round).
+  int64_t fanout = 1;
+  if (const char* text = std::getenv("FUSED_A2A_HYBRID_FANOUT")) {
+    fanout = std::strtoll(text, nullptr, 10);
+    FA2A_CHECK(fanout >= 1 && fanout <= num_local_experts,
+               "FUSED_A2A_HYBRID_FANOUT must be in [1, num_local_experts = ", num_local_experts,
+               "], got '", text, "'");
+  }
   const size_t value_bytes = static_cast<size_t>(bytes_per_value);
   const size_t dispatch_row =
       cpu::hybrid_dispatch_row_bytes(hidden, value_bytes, true, true, num_local_experts);
   const size_t combine_row = cpu::hybrid_combine_row_bytes(hidden, value_bytes);
-  const size_t payload =
-      std::max({static_cast<size_t>(rows) * dispatch_row, static_cast<size_t>(rows) * combine_row,
-                4 * static_cast<size_t>(num_local_experts) * combine_row});
+  const size_t payload = std::max({static_cast<size_t>(rows) * dispatch_row,
+                                   static_cast<size_t>(rows * fanout) * combine_row,
+                                   4 * static_cast<size_t>(num_local_experts) * combine_row});
   const size_t slot = (256 + payload + 63) / 64 * 64;  // + the message header (<= 256 bytes)
   return slot * static_cast<size_t>(num_ranks);
 }
