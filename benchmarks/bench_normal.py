@@ -51,6 +51,14 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
         env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8", "FUSED_A2A_CUDA_ITEMS": "enum"},
     ),
     "decode_enum": dict(n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_ITEMS": "enum"}),
+    "standard_enum_prepass": dict(
+        n=4096,
+        h=7168,
+        k=8,
+        e=256,
+        sms=24,
+        env={"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
+    ),
     "standard_cr32": dict(
         n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32"}
     ),
@@ -104,6 +112,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_CHUNK_ROWS",
     "FUSED_A2A_CUDA_FLAG_FENCE",
     "FUSED_A2A_CUDA_ITEMS",
+    "FUSED_A2A_CUDA_META",
 )
 
 

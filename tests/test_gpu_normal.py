@@ -81,12 +81,18 @@ def _rank_suite(rank, world, cases):
     return results
 
 
+ITEM_MODES = {  # the dispatch kernel's variants (benchmarks/NOTES.md): default and opt-in ones
+    "scan": {},
+    "enum": {"FUSED_A2A_CUDA_ITEMS": "enum"},
+    "enum_prepass": {"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
+}
+
+
 def _suite(world, items="scan"):
-    """items: the dispatch kernel's item assignment (FUSED_A2A_CUDA_ITEMS: the default scan, or
-    enum)."""
+    """items: a key of ITEM_MODES."""
     import test_torch_normal as T
 
-    env = dict(GPU_ENV, FUSED_A2A_CUDA_ITEMS=items)
+    env = dict(GPU_ENV, **ITEM_MODES[items])
     return run_once(
         ("suite", world, items),
         lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=env),
@@ -99,7 +105,7 @@ def _suite_cases():
     return [(w, c) for w in (2, 3, 4) for c in T.WORLD_CASES[w]]
 
 
-@pytest.mark.parametrize("items", ["scan", "enum"])
+@pytest.mark.parametrize("items", list(ITEM_MODES))
 @pytest.mark.parametrize("world,case", _suite_cases(), ids=lambda v: getattr(v, "name", str(v)))
 def test_torch_gpu_matches_reference_and_cpu(world, case, items):
     import test_torch_normal as T

@@ -65,6 +65,10 @@ struct DispatchParams {
   bool flag_fence_sc;
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
   bool enum_items;            // FUSED_A2A_CUDA_ITEMS=enum: enumerate_items instead of the scan
+  // FUSED_A2A_CUDA_META=prepass (enum instantiation only): the records, written by meta_kernel
+  // before the dispatch kernel, [G][N][M] in send order; pushed as ring pieces.
+  bool meta_prepass;
+  const uint32_t* meta_records;
 };
 
 struct SmemLayout {
@@ -124,6 +128,22 @@ __device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const 
       const int t = __shfl_sync(0xffffffffu, token, row);
       if (i < words) out[b * M + i] = meta_word(p, t, d, i - row * M);
     }
+  }
+}
+
+// FUSED_A2A_CUDA_META=prepass: records[(d * N + j) * M + w] = word w of the record of send
+// position j to rank d (its token send_list[d * N + j]), for every j below d's count.
+__global__ void meta_kernel(DispatchParams p, uint32_t* records) {
+  const int N = p.num_tokens, M = p.meta_words;
+  const long long total = static_cast<long long>(p.num_ranks) * N * M;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long dj = i / M;
+    const int w = static_cast<int>(i - dj * M);
+    const int d = static_cast<int>(dj / N),
+              j = static_cast<int>(dj - static_cast<long long>(d) * N);
+    if (j >= __ldg(p.cum + static_cast<size_t>(d) * (N + 1) + N)) continue;
+    records[i] = meta_word(p, __ldg(p.send_list + dj), d, w);
   }
 }
 
@@ -329,7 +349,27 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-    if (p.tma) {
+    bool prepass = false;
+    if constexpr (kEnum) prepass = p.meta_prepass && p.tma;
+    if (prepass) {
+      // The chunk's tokens (one coalesced load) for lane 0; its records (meta_kernel) go as one
+      // more ring piece, so the lanes compute nothing. No bulk store reads this staging buffer.
+      uint32_t* tokens = staging + (chunks_done & 1) * staging_words;
+      const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+      for (int i = lane; i < n; i += 32) tokens[i] = static_cast<uint32_t>(__ldg(list + i));
+      __syncwarp();
+      if (lane == 0) {
+        const uint32_t* records = p.meta_records + (static_cast<size_t>(d) * N + j0) * M;
+        pipe.push_span(dmeta, records, static_cast<size_t>(n) * M * 4);
+        for (int i = 0; i < n; ++i) {
+          pipe.push_span(dbase + (slot0 + i) * rb, p.x + static_cast<size_t>(tokens[i]) * rb, rb);
+        }
+        pipe.end_chunk(flag, v);
+        tr.count(7);
+      }
+      __syncwarp();
+      ++chunks_done;
+    } else if (p.tma) {
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
@@ -398,8 +438,10 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
 }
 
 // Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
+// records: this chunk's metadata records from meta_kernel, or null (computed here).
 __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
-                                               int n, int lane, int* s_hist) {
+                                               int n, int lane, int* s_hist,
+                                               const uint32_t* records) {
   const size_t rb = p.row_bytes;
   const int M = p.meta_words;
   const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
@@ -409,6 +451,14 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
     for (int i = 0; i < nb; ++i) {
       const int t = __shfl_sync(0xffffffffu, token, i);
       warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+    }
+    if (records) {
+      for (int i = lane; i < nb * M; i += 32) {
+        const int row = i / M;
+        scatter_meta(p, P0 + b + row, i - row * M, __ldg(records + static_cast<size_t>(b) * M + i),
+                     s_hist);
+      }
+      continue;
     }
     // The metadata words of the nb rows, 32 at a time, every load independent.
     for (int i0 = 0; i0 < nb * M; i0 += 32) {
@@ -457,7 +507,13 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         if (k != 0 || j0 >= own || (!mine && it++ % nrw != gr)) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
-        copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
+        const uint32_t* records = nullptr;
+        if constexpr (kEnum) {
+          if (p.meta_prepass) {
+            records = p.meta_records + (static_cast<size_t>(r) * p.num_tokens + j0) * M;
+          }
+        }
+        copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
         tr.add(2, t_own);
         return;
       }
@@ -777,6 +833,21 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
+  {
+    const char* v = std::getenv("FUSED_A2A_CUDA_META");
+    p.meta_prepass = p.enum_items && p.tma && v && std::strcmp(v, "prepass") == 0;
+  }
+  if (p.meta_prepass) {
+    const size_t bytes = static_cast<size_t>(G) * std::max(p.num_tokens, 1) * p.meta_words * 4;
+    uint32_t* records = ensure_meta_records(*pr.st, bytes, s);
+    p.meta_records = records;
+    if (p.num_tokens > 0) {
+      const long long words = static_cast<long long>(G) * p.num_tokens * p.meta_words;
+      const int blocks = static_cast<int>(std::min<long long>((words + 255) / 256, 2048));
+      meta_kernel<<<blocks, 256, 0, s>>>(p, records);
+      check_launch("dispatch metadata records");
+    }
+  }
   auto* kernel = p.enum_items ? dispatch_kernel<true> : dispatch_kernel<false>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),

@@ -26,6 +26,7 @@ CudaState::~CudaState() {
   if (trace) (void)cudaFreeHost(trace);
   if (peer_table) (void)cudaFree(peer_table);
   if (scratch_mem) (void)cudaFree(scratch_mem);
+  if (meta_records) (void)cudaFree(meta_records);
   for (void* p : retired) (void)cudaFree(p);
   (void)cudaGetLastError();
   if (previous >= 0) (void)cudaSetDevice(previous);
@@ -229,6 +230,22 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
 int comm_blocks(const CudaState& st, int num_sms) {
   const int sms = env_int("FUSED_A2A_CUDA_BLOCKS", num_sms > 0 ? num_sms : 24);
   return std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
+}
+
+uint32_t* ensure_meta_records(CudaState& st, size_t bytes, cudaStream_t stream) {
+  if (bytes <= st.meta_records_bytes && st.meta_records) return st.meta_records;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  FA2A_CHECK_RUNTIME(capture == cudaStreamCaptureStatusNone,
+                     "fused_a2a CUDA: the dispatch needs more metadata scratch (", bytes,
+                     " bytes) than earlier calls, which cannot be allocated while a CUDA graph is "
+                     "being captured: run the op once with these sizes before capturing");
+  void* mem = nullptr;
+  FA2A_CUDA_CHECK(cudaMalloc(&mem, bytes), "cudaMalloc (dispatch metadata records)");
+  if (st.meta_records) st.retired.push_back(st.meta_records);
+  st.meta_records = static_cast<uint32_t*>(mem);
+  st.meta_records_bytes = bytes;
+  return st.meta_records;
 }
 
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
