@@ -1,0 +1,249 @@
+// Normal-mode dispatch on CUDA, shared pieces (included by dispatch.cu only): the kernel's
+// parameters and shared-memory layout, metadata records, the window segments of a (source,
+// destination) stream, the per-warp trace and the item enumeration. Protocol: dispatch.cu.
+#pragma once
+
+#include "state.h"
+
+namespace fa2a::cuda::dispatch_impl {
+
+struct DispatchParams {
+  int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
+  bool static_mode, idx64, tma;
+  size_t row_bytes;
+  int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
+  bool dst_major;
+  bool self_recv;  // own rows copied to recv_x by the receiver warps (default), not the senders
+  const uint8_t* x;
+  const float* x_scales;
+  const void* topk_idx;
+  const float* topk_w;
+  long long capacity;
+  uint8_t* recv_x;
+  float* recv_scales;
+  int* recv_idx;
+  float* recv_w;
+  int* recv_src_counts;
+  int* recv_src_token;
+  int* tokens_per_expert;
+  int* num_recv;
+  int* num_dropped;
+  int* group_max;
+  const int* cum;
+  const int* send_list;
+  int* hist;
+  uint8_t* const* peers;
+  HostError* host_error;
+  unsigned long long timeout_ns;
+  long long window;  // R
+  int chunk;         // largest chunk rows (the kernel picks CR per receiver)
+  int staging_rows;  // rows of a metadata staging buffer (>= any receiver's CR)
+  int send_warps, recv_warps, stages;
+  uint32_t stage_bytes;
+  bool flag_fence_sc;
+  unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
+  bool enum_items;            // FUSED_A2A_CUDA_ITEMS=enum: enumerate_items instead of the scan
+  // FUSED_A2A_CUDA_META=prepass (enum instantiation only): the records, written by meta_kernel
+  // before the dispatch kernel, [G][N][M] in send order; pushed as ring pieces.
+  bool meta_prepass;
+  const uint32_t* meta_records;
+};
+
+struct SmemLayout {
+  size_t hist, ready, meta, meta_per_warp, pipes, per_warp, total;
+};
+
+__host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
+
+__host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool tma, int stages,
+                                                  uint32_t stage_bytes, int chunk, int meta_words) {
+  SmemLayout l;
+  l.hist = 0;
+  l.ready = align128(sizeof(int) * lpr);
+  l.meta = l.ready + align128(sizeof(int) * kMaxRanks * send_warps);
+  l.meta_per_warp = 2 * ((sizeof(int) * chunk * meta_words + 15) & ~size_t(15));
+  l.pipes = l.meta + align128(l.meta_per_warp * send_warps);
+  l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
+  l.total = l.pipes + l.per_warp * send_warps;
+  return l;
+}
+
+__device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
+  return (e >= 0 && e < num_experts) ? static_cast<int>(e / lpr) : -1;
+}
+
+// Metadata word w of token t as sent to rank d: [src token][K local idx][K weights][scales].
+__device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, int d, int w) {
+  const int K = p.num_topk;
+  if (w == 0) return static_cast<uint32_t>(t);
+  if (w >= p.meta_real) return 0u;
+  if (w <= 2 * K) {
+    const size_t tk = static_cast<size_t>(t) * K + (w - 1) % K;
+    const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(tk));
+    // The weight's load does not wait for the expert's: one load latency per word, not two.
+    const float wt = (w > K && p.topk_w) ? __ldg(p.topk_w + tk) : 0.f;
+    const bool mine = owner_of(e, p.num_experts, p.lpr) == d;
+    if (w <= K)
+      return static_cast<uint32_t>(mine ? static_cast<int>(e - d * (long long)p.lpr) : -1);
+    return __float_as_uint(mine ? wt : 0.f);
+  }
+  return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
+}
+
+// The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared
+// memory). One coalesced load of the list per 32 rows; the loads of all words are independent,
+// so the warp waits about one load latency per 32 words instead of two per row.
+__device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const int* list, int n,
+                                                 int d, uint32_t* out, int lane) {
+  const int M = p.meta_words;
+  for (int b = 0; b < n; b += 32) {
+    const int nb = min(32, n - b);
+    const int token = lane < nb ? __ldg(list + b + lane) : 0;
+    const int words = nb * M;
+    for (int i0 = 0; i0 < words; i0 += 32) {
+      const int i = i0 + lane;
+      const int row = min(i / M, nb - 1);
+      const int t = __shfl_sync(0xffffffffu, token, row);
+      if (i < words) out[b * M + i] = meta_word(p, t, d, i - row * M);
+    }
+  }
+}
+
+// FUSED_A2A_CUDA_META=prepass: records[(d * N + j) * M + w] = word w of the record of send
+// position j to rank d (its token send_list[d * N + j]), for every j below d's count.
+__global__ void meta_kernel(DispatchParams p, uint32_t* records) {
+  const int N = p.num_tokens, M = p.meta_words;
+  const long long total = static_cast<long long>(p.num_ranks) * N * M;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long dj = i / M;
+    const int w = static_cast<int>(i - dj * M);
+    const int d = static_cast<int>(dj / N),
+              j = static_cast<int>(dj - static_cast<long long>(d) * N);
+    if (j >= __ldg(p.cum + static_cast<size_t>(d) * (N + 1) + N)) continue;
+    records[i] = meta_word(p, __ldg(p.send_list + dj), d, w);
+  }
+}
+
+// Writes metadata word w of received row P into the outputs.
+__device__ __forceinline__ void scatter_meta(const DispatchParams& p, long long P, int w,
+                                             uint32_t v, int* s_hist) {
+  const int K = p.num_topk;
+  if (w >= p.meta_real) return;
+  if (w == 0) {
+    if (p.recv_src_token) p.recv_src_token[P] = static_cast<int>(v);
+  } else if (w <= K) {
+    if (p.recv_idx) p.recv_idx[P * K + (w - 1)] = static_cast<int>(v);
+    const int j = static_cast<int>(v);
+    if (j >= 0 && j < p.lpr) atomicAdd(&s_hist[j], 1);
+  } else if (w <= 2 * K) {
+    if (p.recv_w) p.recv_w[P * K + (w - 1 - K)] = __uint_as_float(v);
+  } else {
+    p.recv_scales[P * p.nsc + (w - 1 - 2 * K)] = __uint_as_float(v);
+  }
+}
+
+__device__ inline void zero_row(const DispatchParams& p, long long P, int lane) {
+  if (p.recv_x) warp_zero(p.recv_x + P * p.row_bytes, p.row_bytes, lane);
+  const int K = p.num_topk;
+  for (int k = lane; k < K; k += 32) {
+    if (p.recv_idx) p.recv_idx[P * K + k] = -1;
+    if (p.recv_w) p.recv_w[P * K + k] = 0.f;
+  }
+  for (int i = lane; i < p.nsc; i += 32) p.recv_scales[P * p.nsc + i] = 0.f;
+  if (lane == 0 && p.recv_src_token) p.recv_src_token[P] = -1;
+}
+
+struct Segment {            // rows [lo, hi) of one (src, dst) stream in window k
+  long long lo, hi, start;  // start: slot of row lo in the window
+  int base;                 // chunk-flag index of the first chunk
+};
+
+__device__ __forceinline__ Segment segment(long long qoff, long long kept, long long k, long long R,
+                                           int CR, int src) {
+  Segment s;
+  s.lo = max(k * R - qoff, 0ll);
+  s.hi = min((k + 1) * R - qoff, kept);
+  s.start = qoff + s.lo - k * R;
+  s.base = static_cast<int>(s.start / CR) + src;
+  return s;
+}
+
+struct Shared {
+  int true_cnt[kMaxRanks], kept[kMaxRanks], poff[kMaxRanks], qoff[kMaxRanks];
+  int dkept[kMaxRanks], dqoff[kMaxRanks], dcr[kMaxRanks], ntok[kMaxRanks];
+  int cr_recv;  // chunk rows of this rank's window (chosen here, sent to the sources)
+  long long total;
+  int kept_total, fail, last;
+  unsigned long long seq;
+  unsigned long long t0;  // globaltimer at kernel start (trace)
+};
+
+// Phase times of one warp (lane 0 keeps them; written to the host-mapped trace once, at the end
+// of the role). Durations in SM cycles, times since kernel start in ns. Compiled in only with
+// -DFA2A_CUDA_TRACE=1 (CMAKE_ARGS), so that the kernels' registers are untouched otherwise.
+#ifndef FA2A_CUDA_TRACE
+#define FA2A_CUDA_TRACE 0
+#endif
+struct WarpTrace {
+#if FA2A_CUDA_TRACE
+  unsigned long long v[kTraceSlots] = {};
+  __device__ static long long now() { return clock64(); }
+  __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
+  __device__ void set(int slot, unsigned long long value) { v[slot] = value; }
+  __device__ void count(int slot) { v[slot] += 1; }
+  __device__ void flush(const DispatchParams& p, int warp, int lane) {
+    if (!p.trace || lane != 0) return;
+    unsigned long long* out = p.trace + (static_cast<size_t>(blockIdx.x) * 16 + warp) * kTraceSlots;
+    for (int i = 0; i < kTraceSlots; ++i) out[i] += v[i];
+  }
+#else
+  __device__ static long long now() { return 0; }
+  __device__ void add(int, long long) {}
+  __device__ void set(int, unsigned long long) {}
+  __device__ void count(int) {}
+  __device__ void flush(const DispatchParams&, int, int) {}
+#endif
+};
+
+__device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
+  return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
+}
+
+// FUSED_A2A_CUDA_ITEMS=enum: the items of a round in the scan's order (chunk-major with the peers
+// rot, rot + 1, ... innermost, or peer-major), visiting only existing ones: chunk c of peer q
+// exists when c < its count (lane q holds peer q's count in lo, lane q - 32 in hi). Every nw-th
+// existing item is this warp's (me), counted across rounds in slot (= the scan's it % nw), so the
+// assignment is the scan's, without its per-item segment arithmetic and 64-bit modulo, which
+// every warp otherwise pays for every item of the round, its own or not.
+template <typename F>
+__device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major, long long maxc,
+                                                int count_lo, int count_hi, int nw, int me,
+                                                int& slot, const bool& ok, F&& body) {
+  auto count_of = [&](int q) {
+    const int lo = __shfl_sync(0xffffffffu, count_lo, q & 31);
+    const int hi = __shfl_sync(0xffffffffu, count_hi, q & 31);
+    return q < 32 ? lo : hi;
+  };
+  auto visit = [&](int q, long long c) {
+    const bool mine = slot == me;
+    if (++slot == nw) slot = 0;
+    if (mine) body(q, c);
+  };
+  if (peer_major) {
+    for (int i = 0; i < G && ok; ++i) {
+      const int q = (rot + i) % G;
+      const int n = count_of(q);
+      for (long long c = 0; c < n && ok; ++c) visit(q, c);
+    }
+  } else {
+    for (long long c = 0; c < maxc && ok; ++c) {
+      for (int i = 0; i < G && ok; ++i) {
+        const int q = (rot + i) % G;
+        if (c < count_of(q)) visit(q, c);
+      }
+    }
+  }
+}
+
+}  // namespace fa2a::cuda::dispatch_impl

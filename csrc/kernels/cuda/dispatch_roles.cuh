@@ -1,0 +1,321 @@
+// Normal-mode dispatch on CUDA: the sender and receiver warp roles of the data kernel (included
+// by dispatch.cu only). Protocol: dispatch.cu.
+#pragma once
+
+#include "dispatch_common.cuh"
+
+namespace fa2a::cuda::dispatch_impl {
+
+// Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
+// Interleaved order (default): the destination innermost, so the warps write to every peer at
+// once and chunk c of every source reaches a receiver at about the same time. Destination-major
+// order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
+// Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
+// and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
+template <bool kEnum>
+__device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
+                            const WaitCtx& ctx, int warp, int lane, int* s_hist) {
+  const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
+  const long long R = p.window;
+  const int nsw = gridDim.x * p.send_warps;
+  const int gw = blockIdx.x * p.send_warps + warp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  uint32_t* staging = reinterpret_cast<uint32_t*>(smem + L.meta + L.meta_per_warp * warp);
+  const size_t staging_words = L.meta_per_warp / 8;  // two buffers
+  for (int d = lane; d < G; d += 32) ready_round[d] = 0;
+  TmaPipe pipe;
+  if (p.tma && lane == 0) {
+    uint8_t* base = smem + L.pipes + L.per_warp * warp;
+    const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
+    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
+              reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
+              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages,
+              p.flag_fence_sc);
+  }
+  __syncwarp();
+  long long nrounds = 1;
+  for (int d = 0; d < G; ++d)
+    if (d != r && sh.dkept[d] > 0) nrounds = max(nrounds, (sh.dqoff[d] + sh.dkept[d] + R - 1) / R);
+  const int M = p.meta_words;
+  const size_t rb = p.row_bytes;
+  const int self_cr = sh.cr_recv;
+  long long it = 0;
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nsw, kept incrementally
+  int chunks_done = 0;
+  bool ok = true;
+  WarpTrace tr;
+  // One item: chunk c of destination d in round k (if it exists and is this warp's).
+  // mine: the caller enumerated it as this warp's (FUSED_A2A_CUDA_ITEMS=enum), else the scan
+  // decides here.
+  auto item = [&](long long k, int d, long long c, bool mine) {
+    if (d == r) {               // own rows: straight to recv_x, round 0 only
+      if (p.self_recv) return;  // the receiver warps copy them
+      const long long j0 = c * self_cr;
+      if (k != 0 || j0 >= sh.dkept[r] || (!mine && it++ % nsw != gw)) return;
+      const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
+      for (int i = 0; i < n; ++i) {
+        const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
+        const long long P = sh.poff[r] + j0 + i;
+        if (p.tma) {
+          if (lane == 0) pipe.push_span(p.recv_x + P * rb, p.x + t * rb, rb);
+        } else {
+          warp_copy_ro(p.recv_x + P * rb, p.x + t * rb, rb, lane);
+        }
+        for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
+      }
+      return;
+    }
+    const int cr = sh.dcr[d];
+    const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
+    const long long j0 = sg.lo + c * cr;
+    if (j0 >= sg.hi || (!mine && it++ % nsw != gw)) return;
+    if (k > ready_round[d]) {
+      const long long t_wait = WarpTrace::now();
+      if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
+      MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
+      ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d, lane);
+      if (!ok) return;
+      if (lane == 0) ready_round[d] = static_cast<int>(k);
+      __syncwarp();
+      tr.add(0, t_wait);
+    }
+    const int n = static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0));
+    const long long slot0 = sg.start + c * cr;
+    uint8_t* dbase = p.peers[d] + kControlBytes;
+    uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
+    unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
+    const unsigned long long v = epoch_of(seq, static_cast<int>(k));
+    bool prepass = false;
+    if constexpr (kEnum) prepass = p.meta_prepass && p.tma;
+    if (prepass) {
+      // The chunk's tokens (one coalesced load) for lane 0; its records (meta_kernel) go as one
+      // more ring piece, so the lanes compute nothing. No bulk store reads this staging buffer.
+      uint32_t* tokens = staging + (chunks_done & 1) * staging_words;
+      const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+      for (int i = lane; i < n; i += 32) tokens[i] = static_cast<uint32_t>(__ldg(list + i));
+      __syncwarp();
+      if (lane == 0) {
+        const uint32_t* records = p.meta_records + (static_cast<size_t>(d) * N + j0) * M;
+        pipe.push_span(dmeta, records, static_cast<size_t>(n) * M * 4);
+        for (int i = 0; i < n; ++i) {
+          pipe.push_span(dbase + (slot0 + i) * rb, p.x + static_cast<size_t>(tokens[i]) * rb, rb);
+        }
+        pipe.end_chunk(flag, v);
+        tr.count(7);
+      }
+      __syncwarp();
+      ++chunks_done;
+    } else if (p.tma) {
+      // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
+      // issues the chunk's row copies back to back, with no global load between them.
+      uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
+      long long t_phase = WarpTrace::now();
+      if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
+      __syncwarp();
+      tr.add(1, t_phase);
+      t_phase = WarpTrace::now();
+      stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
+      fence_proxy_async_smem();
+      __syncwarp();
+      tr.add(2, t_phase);
+      if (lane == 0) {
+        t_phase = WarpTrace::now();
+        pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
+        for (int i = 0; i < n; ++i) {
+          const size_t t = stage_meta[i * M];
+          pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
+        }
+        tr.add(3, t_phase);
+        t_phase = WarpTrace::now();
+        pipe.end_chunk(flag, v);
+        tr.add(4, t_phase);
+        tr.count(7);
+      }
+      __syncwarp();
+      ++chunks_done;
+    } else {
+      for (int i = 0; i < n; ++i) {
+        const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
+        warp_copy_ro(dbase + (slot0 + i) * rb, p.x + t * rb, rb, lane);
+        for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
+      }
+      warp_release_flag(flag, v, lane);
+    }
+  };
+  for (long long k = 0; k < nrounds && ok; ++k) {
+    long long maxc = k == 0 ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
+    for (int d = 0; d < G; ++d)
+      if (d != r)
+        maxc =
+            max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
+    if constexpr (kEnum) {
+      auto chunks = [&](int d) -> int {  // items of destination d in round k
+        if (d >= G) return 0;
+        if (d == r) return (p.self_recv || k != 0) ? 0 : (sh.dkept[r] + self_cr - 1) / self_cr;
+        const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r);
+        return static_cast<int>(chunks_of(sg, sh.dcr[d]));
+      };
+      enumerate_items(G, r + 1, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nsw, gw, slot,
+                      ok, [&](int d, long long c) { item(k, d, c, true); });
+    } else if (p.dst_major) {
+      for (int di = 0; di < G && ok; ++di)
+        for (long long c = 0; c < maxc && ok; ++c) item(k, (r + 1 + di) % G, c, false);
+    } else {
+      for (long long c = 0; c < maxc && ok; ++c)
+        for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c, false);
+    }
+  }
+  const long long t_drain = WarpTrace::now();
+  if (p.tma && lane == 0) pipe.drain();
+  __syncwarp();
+  tr.add(5, t_drain);
+  tr.set(6, globaltimer() - sh.t0);
+  tr.flush(p, warp, lane);
+}
+
+// Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
+// records: this chunk's metadata records from meta_kernel, or null (computed here).
+__device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
+                                               int n, int lane, int* s_hist,
+                                               const uint32_t* records) {
+  const size_t rb = p.row_bytes;
+  const int M = p.meta_words;
+  const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
+  for (int b = 0; b < n; b += 32) {
+    const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+    const int nb = min(32, n - b);
+    for (int i = 0; i < nb; ++i) {
+      const int t = __shfl_sync(0xffffffffu, token, i);
+      warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+    }
+    if (records) {
+      for (int i = lane; i < nb * M; i += 32) {
+        const int row = i / M;
+        scatter_meta(p, P0 + b + row, i - row * M, __ldg(records + static_cast<size_t>(b) * M + i),
+                     s_hist);
+      }
+      continue;
+    }
+    // The metadata words of the nb rows, 32 at a time, every load independent.
+    for (int i0 = 0; i0 < nb * M; i0 += 32) {
+      const int i = i0 + lane;
+      const int row = min(i / M, nb - 1);
+      const int t = __shfl_sync(0xffffffffu, token, row);
+      if (i < nb * M)
+        scatter_meta(p, P0 + b + row, i - row * M, meta_word(p, t, p.rank, i - row * M), s_hist);
+    }
+  }
+}
+
+template <bool kEnum>
+__device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
+                              int lane, int* s_hist) {
+  const int G = p.num_ranks, r = p.rank;
+  const long long R = p.window;
+  const int CR = sh.cr_recv, M = p.meta_words;
+  const size_t rb = p.row_bytes;
+  const int nrw = gridDim.x * p.recv_warps;
+  const int gr = blockIdx.x * p.recv_warps + rwarp;
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  uint8_t* ctrl = p.peers[r];
+  WarpTrace tr;
+  tr.set(5, globaltimer() - sh.t0);
+  long long t_phase = WarpTrace::now();
+  for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
+  tr.add(3, t_phase);
+  const long long remote = sh.kept_total - sh.kept[r];
+  // Own rows (p.self_recv): chunks of CR rows x -> recv_x, dealt with the remote chunks of round
+  // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
+  const long long own = p.self_recv ? sh.dkept[r] : 0;
+  const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
+  long long it = 0;
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nrw, kept incrementally
+  bool ok = true;
+  for (long long k = 0; k < nrounds && ok; ++k) {
+    const unsigned long long e = epoch_of(seq, static_cast<int>(k));
+    long long maxc = k == 0 ? (own + CR - 1) / CR : 0;
+    for (int s = 0; s < G; ++s)
+      if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
+    auto item = [&](int s, long long c, bool mine) {
+      if (s == r) {
+        const long long j0 = c * CR;
+        if (k != 0 || j0 >= own || (!mine && it++ % nrw != gr)) return;
+        const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
+        const long long t_own = WarpTrace::now();
+        const uint32_t* records = nullptr;
+        if constexpr (kEnum) {
+          if (p.meta_prepass) {
+            records = p.meta_records + (static_cast<size_t>(r) * p.num_tokens + j0) * M;
+          }
+        }
+        copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
+        tr.add(2, t_own);
+        return;
+      }
+      const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
+      const long long j0 = sg.lo + c * CR;
+      if (j0 >= sg.hi || (!mine && it++ % nrw != gr)) return;
+      const long long t_wait = WarpTrace::now();
+      ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
+                          lane);
+      tr.add(0, t_wait);
+      if (!ok) return;
+      const long long t_copy = WarpTrace::now();
+      const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
+      const long long slot0 = sg.start + c * CR;
+      const long long P = sh.poff[s] + j0;
+      const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
+      warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
+      const uint32_t* ms =
+          reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
+      for (int i = lane; i < n * M; i += 32) {
+        const int row = i / M;
+        scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
+      }
+      tr.add(1, t_copy);
+      tr.count(7);
+    };
+    if constexpr (kEnum) {
+      auto chunks = [&](int s) -> int {  // items of source s in round k
+        if (s >= G) return 0;
+        if (s == r) return k != 0 ? 0 : static_cast<int>((own + CR - 1) / CR);
+        return static_cast<int>(chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
+      };
+      enumerate_items(G, 0, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nrw, gr, slot, ok,
+                      [&](int s, long long c) { item(s, c, true); });
+    } else if (p.dst_major) {
+      for (int s = 0; s < G && ok; ++s)
+        for (long long c = 0; c < maxc && ok; ++c) item(s, c, false);
+    } else {
+      for (long long c = 0; c < maxc && ok; ++c)
+        for (int s = 0; s < G && ok; ++s) item(s, c, false);
+    }
+    if (ok && k + 1 < nrounds) {
+      __syncwarp();
+      int good = 1;
+      const long long t_round = WarpTrace::now();
+      if (lane == 0) {
+        good = round_barrier(
+                   &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
+                   [&] {
+                     __threadfence_system();
+                     for (int s = 0; s < G; ++s)
+                       if (s != r)
+                         st_release_sys(&msg_slot(p.peers[s], kMsgDispatch, parity, r)->epoch,
+                                        epoch_of(seq, static_cast<int>(k + 1)));
+                   })
+                   ? 1
+                   : 0;
+      }
+      ok = __shfl_sync(0xffffffffu, good, 0) != 0;
+      tr.add(4, t_round);
+    }
+  }
+  tr.set(6, globaltimer() - sh.t0);
+  tr.flush(p, p.send_warps + rwarp, lane);
+}
+
+}  // namespace fa2a::cuda::dispatch_impl
