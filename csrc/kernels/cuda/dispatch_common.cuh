@@ -159,8 +159,8 @@ struct Segment {            // rows [lo, hi) of one (src, dst) stream in window 
   int base;                 // chunk-flag index of the first chunk
 };
 
-__device__ __forceinline__ Segment segment(long long qoff, long long kept, long long k, long long R,
-                                           int CR, int src) {
+__host__ __device__ __forceinline__ Segment segment(long long qoff, long long kept, long long k,
+                                                    long long R, int CR, int src) {
   Segment s;
   s.lo = max(k * R - qoff, 0ll);
   s.hi = min((k + 1) * R - qoff, kept);
@@ -206,25 +206,22 @@ struct WarpTrace {
 #endif
 };
 
-__device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
+__host__ __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
   return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
 }
 
 // FUSED_A2A_CUDA_ITEMS=enum: the items of a round in the scan's order (chunk-major with the peers
 // rot, rot + 1, ... innermost, or peer-major), visiting only existing ones: chunk c of peer q
-// exists when c < its count (lane q holds peer q's count in lo, lane q - 32 in hi). Every nw-th
-// existing item is this warp's (me), counted across rounds in slot (= the scan's it % nw), so the
-// assignment is the scan's, without its per-item segment arithmetic and 64-bit modulo, which
-// every warp otherwise pays for every item of the round, its own or not.
-template <typename F>
-__device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major, long long maxc,
-                                                int count_lo, int count_hi, int nw, int me,
-                                                int& slot, const bool& ok, F&& body) {
-  auto count_of = [&](int q) {
-    const int lo = __shfl_sync(0xffffffffu, count_lo, q & 31);
-    const int hi = __shfl_sync(0xffffffffu, count_hi, q & 31);
-    return q < 32 ? lo : hi;
-  };
+// exists when c < count_of(q). Every nw-th existing item is this warp's (me), counted across
+// rounds in slot (= the scan's it % nw), so the assignment is the scan's, without its per-item
+// segment arithmetic and 64-bit modulo, which every warp otherwise pays for every item of the
+// round, its own or not. Host-callable for tests/cuda_host/enumerate_items_check.cu.
+#pragma nv_exec_check_disable
+template <typename CountOf, typename F>
+__host__ __device__ __forceinline__ void enumerate_items_by(int G, int rot, bool peer_major,
+                                                            long long maxc, CountOf&& count_of,
+                                                            int nw, int me, int& slot,
+                                                            const bool& ok, F&& body) {
   auto visit = [&](int q, long long c) {
     const bool mine = slot == me;
     if (++slot == nw) slot = 0;
@@ -244,6 +241,19 @@ __device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major,
       }
     }
   }
+}
+
+// The warp's form: lane q holds peer q's count in count_lo, lane q - 32 peer q's in count_hi.
+template <typename F>
+__device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major, long long maxc,
+                                                int count_lo, int count_hi, int nw, int me,
+                                                int& slot, const bool& ok, F&& body) {
+  auto count_of = [&](int q) {
+    const int lo = __shfl_sync(0xffffffffu, count_lo, q & 31);
+    const int hi = __shfl_sync(0xffffffffu, count_hi, q & 31);
+    return q < 32 ? lo : hi;
+  };
+  enumerate_items_by(G, rot, peer_major, maxc, count_of, nw, me, slot, ok, body);
 }
 
 }  // namespace fa2a::cuda::dispatch_impl
