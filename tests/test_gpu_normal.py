@@ -427,6 +427,83 @@ def _rank_stress(rank, world, iters, h):
     return dict(bad=bad[:20], nbad=len(bad), mem=mem)
 
 
+# Launch shapes (num_sms), chunk sizes and item modes that must not change a single bit.
+DETERMINISM_CONFIGS = (
+    (24, None, {}),
+    (8, 1, {}),
+    (16, 8, {}),
+    (32, 64, {}),
+    (2, 3, {}),
+    (24, 8, ITEM_MODES["enum"]),
+    (24, 32, ITEM_MODES["enum_prepass"]),
+)
+
+
+def _rank_configs(rank, world, device_kind):
+    """Fixed inputs through dispatch, combine and both backward passes under every
+    DETERMINISM_CONFIGS entry: {config index: [output arrays]}, plus the exactness of
+    combine(dispatch(x)) = (ranks reached) * x. device_kind "cpu" runs the same harness on the
+    CPU backend (launch knobs ignored there)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
+    if device_kind == "cuda":
+        torch.cuda.set_device(rank)
+    group = dist.group.WORLD
+    gen = torch.Generator().manual_seed(77 + rank)
+    n, h, e, k = 300, 256, 32, 4
+    x = torch.randn(n, h, generator=gen).to(torch.bfloat16).to(device)
+    idx = torch.argsort(torch.rand(n, e, generator=gen), dim=1)[:, :k].contiguous()
+    idx[torch.rand(n, k, generator=gen) < 0.2] = -1
+    idx = idx.to(device)
+    w = torch.rand(n, k, generator=gen).to(device)
+    owners = torch.where(idx >= 0, idx // (e // world), -1)
+    cnt = torch.stack([(owners == g).any(1) for g in range(world)], 1).sum(1)
+    expect = ((x.float() * cnt[:, None].float()) + 0.0).to(torch.bfloat16)
+    outputs, exact = {}, {}
+    for i, (sms, chunk, env) in enumerate(DETERMINISM_CONFIGS):
+        for key in ("FUSED_A2A_CUDA_CHUNK_ROWS", *ITEM_MODES["enum_prepass"]):
+            os.environ.pop(key, None)
+        if chunk is not None:
+            os.environ["FUSED_A2A_CUDA_CHUNK_ROWS"] = str(chunk)
+        os.environ.update(env)
+        tfa.set_deepep_num_sms(sms)
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        rx, ridx, rw, tpe, handle = tfa.fused_dispatch(xg, idx, wg, e, group)
+        out, _ = tfa.fused_combine(rx, group, handle)
+        gx, gw = torch.autograd.grad(out.float().sum() + rw.sum(), (xg, wg))
+        outs = [rx, ridx, rw, tpe, out, gx, gw]
+        outputs[i] = [t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                      for t in outs]  # fmt: skip
+        exact[i] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
+    tfa.set_deepep_num_sms(24)
+    return dict(outputs=outputs, exact=exact)
+
+
+def _check_configs(per_rank):
+    for r, res in enumerate(per_rank):
+        assert all(res["exact"].values()), f"rank {r}: combine(dispatch(x)) inexact: {res['exact']}"
+        first = res["outputs"][0]
+        for i, outs in res["outputs"].items():
+            for j, (a, b) in enumerate(zip(outs, first, strict=True)):
+                assert np.array_equal(a, b), (
+                    f"rank {r}: output {j} under config {DETERMINISM_CONFIGS[i]} differs from "
+                    f"config {DETERMINISM_CONFIGS[0]}"
+                )
+
+
+def test_same_bits_across_sm_counts_chunks_and_item_modes():
+    """Issue 8: results bitwise identical across num_sms, chunk sizes and the dispatch kernel's
+    item modes (and exact), on 2 GPUs."""
+    _need(2)
+    _check_configs(run_ranks(_rank_configs, 2, "cuda", timeout=300, env=GPU_ENV))
+
+
 def test_stress_1000_random_routings():
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
