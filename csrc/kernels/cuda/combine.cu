@@ -285,7 +285,6 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
   const unsigned long long seq = sh.seq;
-  const int parity = static_cast<int>(seq & 1ull);
   uint8_t* ctrl = p.peers[r];
   uint8_t* data = ctrl + kControlBytes;
   const float* wbase = reinterpret_cast<const float*>(data + static_cast<size_t>(G - 1) * W * rb);
@@ -368,22 +367,7 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
       __syncwarp();
     }
     if (ok && k + 1 < sh.nrounds) {
-      __syncwarp();
-      int good = 1;
-      if (lane == 0) {
-        good = round_barrier(
-                   &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
-                   [&] {
-                     __threadfence_system();
-                     for (int s = 0; s < G; ++s)
-                       if (s != r)
-                         st_release_sys(&msg_slot(p.peers[s], kMsgCombine, parity, r)->epoch,
-                                        epoch_of(seq, static_cast<int>(k + 1)));
-                   })
-                   ? 1
-                   : 0;
-      }
-      ok = __shfl_sync(0xffffffffu, good, 0) != 0;
+      ok = warp_next_round(ctx, ctrl, p.peers, G, r, kMsgCombine, seq, k, nrw, lane);
     }
   }
 }

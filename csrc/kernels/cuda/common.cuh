@@ -462,6 +462,33 @@ __device__ inline bool round_barrier(unsigned int* counter, unsigned int total, 
   return true;
 }
 
+// End of round k for one of the nw receiving warps of the grid (every warp calls it once per
+// round): the round barrier over them, whose last arrival tells every peer that this rank's
+// window is free for round k + 1 (message `kind`'s slot of this rank, epoch of round k + 1).
+// ctrl: this rank's control region (peers[r]). Whole warp; false on a timeout or abort.
+__device__ __forceinline__ bool warp_next_round(const WaitCtx& ctx, uint8_t* ctrl,
+                                                uint8_t* const* peers, int G, int r, int kind,
+                                                unsigned long long seq, long long k, int nw,
+                                                int lane) {
+  __syncwarp();
+  int good = 1;
+  if (lane == 0) {
+    const int parity = static_cast<int>(seq & 1ull);
+    good =
+        round_barrier(&local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nw), ctx,
+                      [&] {
+                        __threadfence_system();
+                        for (int s = 0; s < G; ++s)
+                          if (s != r)
+                            st_release_sys(&msg_slot(peers[s], kind, parity, r)->epoch,
+                                           epoch_of(seq, static_cast<int>(k + 1)));
+                      })
+            ? 1
+            : 0;
+  }
+  return __shfl_sync(0xffffffffu, good, 0) != 0;
+}
+
 // Warp-wide bounded wait: lane 0 spins, then every lane acquires the flag itself so that its
 // own later accesses are ordered after the peer's release.
 __device__ inline bool warp_wait_flag(const unsigned long long* flag, unsigned long long target,

@@ -90,22 +90,31 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
   return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
 }
 
+// The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), 32 words at a time,
+// every load independent: the warp waits about one load latency per 32 words instead of two per
+// row. emit(row, word index, value).
+template <typename Emit>
+__device__ __forceinline__ void meta_words(const DispatchParams& p, int token, int nb, int d,
+                                           int lane, Emit&& emit) {
+  const int M = p.meta_words, words = nb * M;
+  for (int i0 = 0; i0 < words; i0 += 32) {
+    const int i = i0 + lane;
+    const int row = min(i / M, nb - 1);
+    const int t = __shfl_sync(0xffffffffu, token, row);
+    if (i < words) emit(row, i - row * M, meta_word(p, t, d, i - row * M));
+  }
+}
+
 // The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared
-// memory). One coalesced load of the list per 32 rows; the loads of all words are independent,
-// so the warp waits about one load latency per 32 words instead of two per row.
+// memory), with one coalesced load of the list per 32 rows.
 __device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const int* list, int n,
                                                  int d, uint32_t* out, int lane) {
   const int M = p.meta_words;
   for (int b = 0; b < n; b += 32) {
     const int nb = min(32, n - b);
     const int token = lane < nb ? __ldg(list + b + lane) : 0;
-    const int words = nb * M;
-    for (int i0 = 0; i0 < words; i0 += 32) {
-      const int i = i0 + lane;
-      const int row = min(i / M, nb - 1);
-      const int t = __shfl_sync(0xffffffffu, token, row);
-      if (i < words) out[b * M + i] = meta_word(p, t, d, i - row * M);
-    }
+    meta_words(p, token, nb, d, lane,
+               [&](int row, int w, uint32_t v) { out[(b + row) * M + w] = v; });
   }
 }
 

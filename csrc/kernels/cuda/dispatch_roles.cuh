@@ -198,14 +198,8 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
       }
       continue;
     }
-    // The metadata words of the nb rows, 32 at a time, every load independent.
-    for (int i0 = 0; i0 < nb * M; i0 += 32) {
-      const int i = i0 + lane;
-      const int row = min(i / M, nb - 1);
-      const int t = __shfl_sync(0xffffffffu, token, row);
-      if (i < nb * M)
-        scatter_meta(p, P0 + b + row, i - row * M, meta_word(p, t, p.rank, i - row * M), s_hist);
-    }
+    meta_words(p, token, nb, p.rank, lane,
+               [&](int row, int w, uint32_t v) { scatter_meta(p, P0 + b + row, w, v, s_hist); });
   }
 }
 
@@ -219,7 +213,6 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
   const unsigned long long seq = sh.seq;
-  const int parity = static_cast<int>(seq & 1ull);
   uint8_t* ctrl = p.peers[r];
   WarpTrace tr;
   tr.set(5, globaltimer() - sh.t0);
@@ -294,23 +287,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         for (int s = 0; s < G && ok; ++s) item(s, c, false);
     }
     if (ok && k + 1 < nrounds) {
-      __syncwarp();
-      int good = 1;
       const long long t_round = WarpTrace::now();
-      if (lane == 0) {
-        good = round_barrier(
-                   &local_state(ctrl)->round_done, static_cast<unsigned int>((k + 1) * nrw), ctx,
-                   [&] {
-                     __threadfence_system();
-                     for (int s = 0; s < G; ++s)
-                       if (s != r)
-                         st_release_sys(&msg_slot(p.peers[s], kMsgDispatch, parity, r)->epoch,
-                                        epoch_of(seq, static_cast<int>(k + 1)));
-                   })
-                   ? 1
-                   : 0;
-      }
-      ok = __shfl_sync(0xffffffffu, good, 0) != 0;
+      ok = warp_next_round(ctx, ctrl, p.peers, G, r, kMsgDispatch, seq, k, nrw, lane);
       tr.add(4, t_round);
     }
   }
