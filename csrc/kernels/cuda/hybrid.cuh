@@ -155,16 +155,27 @@ __device__ inline void grid_recv_end(const Comm& c, unsigned long long m, unsign
   }
 }
 
-// The grid's empty first message (see enter). q: the kernel's message counter, advanced.
-__device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
-                                  int* fail) {
+// One message of the grid: m and q (the kernel's message counter) advanced; acks awaited, this
+// block's share written by send(), published; data awaited, this block's share read by recv(),
+// acknowledged. False (the block leaves) on a timeout or abort.
+template <typename Send, typename Recv>
+__device__ inline bool grid_message(const Comm& c, unsigned long long& m, unsigned int& q,
+                                    int* fail, Send&& send, Recv&& recv) {
   ++m;
   ++q;
   if (!send_begin(c, m, fail)) return false;
+  send();
   grid_send_end(c, m, q * gridDim.x);
   if (!recv_begin(c, m, fail)) return false;
+  recv();
   grid_recv_end(c, m, q * gridDim.x);
   return true;
+}
+
+// The grid's empty first message (see enter).
+__device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
+                                  int* fail) {
+  return grid_message(c, m, q, fail, [] {}, [] {});
 }
 
 // Kernel end: true in every thread of the last block to finish, which then owns the epilogue;

@@ -237,28 +237,22 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
   for (long long round = 0; ok && round < rounds; ++round) {
-    ++m;
-    ++q;
     const long long t0 = round * T;
     const int n = static_cast<int>(min(static_cast<long long>(p.N), t0 + T) - t0);
-    if (!send_begin(c, m, &s_fail)) {
-      ok = false;
-      break;
-    }
-    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
-      const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
-      send_token(c, p, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
-    }
-    grid_send_end(c, m, q * gridDim.x);
-    if (!recv_begin(c, m, &s_fail)) {
-      ok = false;
-      break;
-    }
-    for (long long k = gw; k < n; k += nwarps) {
-      reduce_token(c, p, own, static_cast<int>(t0 + k), static_cast<int>(k), F,
-                   static_cast<unsigned int>(m), lane);
-    }
-    grid_recv_end(c, m, q * gridDim.x);
+    ok = grid_message(
+        c, m, q, &s_fail,
+        [&] {
+          for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
+            const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
+            send_token(c, p, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
+          }
+        },
+        [&] {
+          for (long long k = gw; k < n; k += nwarps) {
+            reduce_token(c, p, own, static_cast<int>(t0 + k), static_cast<int>(k), F,
+                         static_cast<unsigned int>(m), lane);
+          }
+        });
   }
   if (ok && group_bad) {
     for (long long t = gw; t < p.N; t += nwarps) {

@@ -306,29 +306,22 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
   for (long long round = 0; ok && round < s_rounds; ++round) {
-    ++m;
-    ++q;
     const long long t0 = round * T;
     const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
-    const int n = static_cast<int>(max(0ll, t1 - t0));
-    if (!send_begin(c, m, &s_fail)) {
-      ok = false;
-      break;
-    }
-    // Destination innermost: consecutive warps write to different peers.
-    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
-      const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
-      send_item(c, p, t0 + k, k, d, lane);
-    }
-    grid_send_end(c, m, q * gridDim.x);
-    if (!recv_begin(c, m, &s_fail)) {
-      ok = false;
-      break;
-    }
-    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
-      recv_item(c, p, seg, static_cast<int>(w % G), static_cast<int>(w / G), lane);
-    }
-    grid_recv_end(c, m, q * gridDim.x);
+    const long long items = max(0ll, t1 - t0) * G;
+    ok = grid_message(
+        c, m, q, &s_fail,
+        [&] {  // destination innermost: consecutive warps write to different peers
+          for (long long w = gw; w < items; w += nwarps) {
+            const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
+            send_item(c, p, t0 + k, k, d, lane);
+          }
+        },
+        [&] {
+          for (long long w = gw; w < items; w += nwarps) {
+            recv_item(c, p, seg, static_cast<int>(w % G), static_cast<int>(w / G), lane);
+          }
+        });
   }
   // Padding rows of each expert and the tail past the padded total: zeros.
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
