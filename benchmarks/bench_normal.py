@@ -26,62 +26,41 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+
+def _case(n=4096, sms=24, **env):
+    """The standard case's shape (H=7168, top-8 of 256) with N tokens, sms SMs and env knobs
+    (keyword names without the FUSED_A2A_CUDA_ prefix)."""
+    case = dict(n=n, h=7168, k=8, e=256, sms=sms)
+    if env:
+        case["env"] = {"FUSED_A2A_CUDA_" + key: value for key, value in env.items()}
+    return case
+
+
 CASES = {  # name: dict(n, h, k, e, sms, env knobs)
-    "standard": dict(n=4096, h=7168, k=8, e=256, sms=24),
-    "standard_sms12": dict(n=4096, h=7168, k=8, e=256, sms=12),
-    "standard_sms16": dict(n=4096, h=7168, k=8, e=256, sms=16),
-    "standard_sms32": dict(n=4096, h=7168, k=8, e=256, sms=32),
-    "standard_simt": dict(n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_COPY": "simt"}),
+    "standard": _case(),
+    "standard_sms12": _case(sms=12),
+    "standard_sms16": _case(sms=16),
+    "standard_sms32": _case(sms=32),
+    "standard_simt": _case(COPY="simt"),
     # Own rows copied by the sender warps (bulk copies), as before run 6 (default: receivers).
-    "standard_selfsend": dict(
-        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_SELF": "send"}
-    ),
+    "standard_selfsend": _case(SELF="send"),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
-    "standard_cr8": dict(
-        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8"}
-    ),
+    "standard_cr8": _case(CHUNK_ROWS="8"),
     # Owned items enumerated instead of every warp scanning every item (session 3, unmeasured)
-    "standard_enum": dict(n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_ITEMS": "enum"}),
-    "standard_cr8_enum": dict(
-        n=4096,
-        h=7168,
-        k=8,
-        e=256,
-        sms=24,
-        env={"FUSED_A2A_CUDA_CHUNK_ROWS": "8", "FUSED_A2A_CUDA_ITEMS": "enum"},
-    ),
-    "decode_enum": dict(n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_ITEMS": "enum"}),
-    "standard_enum_prepass": dict(
-        n=4096,
-        h=7168,
-        k=8,
-        e=256,
-        sms=24,
-        env={"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
-    ),
-    "standard_cr32": dict(
-        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32"}
-    ),
-    "standard_release": dict(
-        n=4096, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_FLAG_FENCE": "release"}
-    ),
-    "standard_cr32_release": dict(
-        n=4096,
-        h=7168,
-        k=8,
-        e=256,
-        sms=24,
-        env={"FUSED_A2A_CUDA_CHUNK_ROWS": "32", "FUSED_A2A_CUDA_FLAG_FENCE": "release"},
-    ),
-    "decode": dict(n=128, h=7168, k=8, e=256, sms=24),
-    "decode_chunk2": dict(
-        n=128, h=7168, k=8, e=256, sms=24, env={"FUSED_A2A_CUDA_CHUNK_ROWS": "2"}
-    ),
+    "standard_enum": _case(ITEMS="enum"),
+    "standard_cr8_enum": _case(CHUNK_ROWS="8", ITEMS="enum"),
+    "decode_enum": _case(n=128, ITEMS="enum"),
+    "standard_enum_prepass": _case(ITEMS="enum", META="prepass"),
+    "standard_cr32": _case(CHUNK_ROWS="32"),
+    "standard_release": _case(FLAG_FENCE="release"),
+    "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
+    "decode": _case(n=128),
+    "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
 for _name in ("standard", "standard_sms12", "decode"):
     CASES[_name + "_dst"] = dict(CASES[_name], env={"FUSED_A2A_CUDA_ORDER": "dst"})
 for _n in (128, 512, 1024, 2048, 4096, 8192):
-    CASES[f"sweep_n{_n}"] = dict(n=_n, h=7168, k=8, e=256, sms=24)
+    CASES[f"sweep_n{_n}"] = _case(n=_n)
 for _sw, _rw, _kb, _cr in (
     (2, 14, 0, 8),
     (6, 10, 0, 8),
@@ -89,18 +68,8 @@ for _sw, _rw, _kb, _cr in (
     (4, 12, 0, 16),
     (8, 8, 7, 8),
 ):
-    CASES[f"tune_s{_sw}_r{_rw}_kb{_kb}_cr{_cr}"] = dict(
-        n=4096,
-        h=7168,
-        k=8,
-        e=256,
-        sms=24,
-        env={
-            "FUSED_A2A_CUDA_SEND_WARPS": str(_sw),
-            "FUSED_A2A_CUDA_RECV_WARPS": str(_rw),
-            "FUSED_A2A_CUDA_STAGE_KB": str(_kb),
-            "FUSED_A2A_CUDA_CHUNK_ROWS": str(_cr),
-        },
+    CASES[f"tune_s{_sw}_r{_rw}_kb{_kb}_cr{_cr}"] = _case(
+        SEND_WARPS=str(_sw), RECV_WARPS=str(_rw), STAGE_KB=str(_kb), CHUNK_ROWS=str(_cr)
     )
 KNOBS = (
     "FUSED_A2A_CUDA_ORDER",
