@@ -7,7 +7,7 @@ Units: fused_a2a normal mode (torch_fused_a2a.fused_dispatch / fused_combine), f
 the same rows (splits known, no permute: the rows-only lower bound), DeepEP (CUDA, when
 ``import deep_ep`` works) and "fused_normal_permute": normal mode plus a separate permute /
 unpermute in plain torch ops into HybridEP's layout, the baseline HybridEP must not be slower than
-(it runs after fused_hybrid whenever a timed run has fused_hybrid). Ops: dispatch, combine
+(`fused-a2a bench` lists it right after fused_hybrid). Ops: dispatch, combine
 (forward) and their backward passes (forward only for fused_normal_permute).
 """
 
@@ -404,20 +404,8 @@ def _unsupported(err: BaseException) -> bool:
     return isinstance(err, (NotImplementedError, ImportError))
 
 
-def with_baselines(units, spec: dict) -> list[tuple[str, bool]]:
-    """(unit, implied) in run order: a timed run of fused_hybrid also runs fused_normal_permute
-    right after it (the baseline HybridEP is compared with in the same run), unless listed."""
-    out = []
-    for unit in units:
-        out.append((unit, False))
-        if unit == "fused_hybrid" and spec["iters"] > 0 and "fused_normal_permute" not in units:
-            out.append(("fused_normal_permute", True))
-    return out
-
-
 def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
-    """Every unit of the spec (and its implied baselines) on this rank; ranks agree on failures
-    after each unit. Implied units take no progress step (the caller counts the spec's units)."""
+    """Every unit of the spec on this rank; ranks agree on failures after each unit."""
     import torch
     import torch.distributed as dist
 
@@ -428,11 +416,10 @@ def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
         exp = Expected.build(
             world, n, spec["hidden"], spec["topk"], spec["experts"], spec["seed"], spec["dtype"]
         )
-        for unit, implied in with_baselines(spec["units"], spec):
+        for unit in spec["units"]:
             label = f"torch {UNIT_INFO[unit][0]} {UNIT_INFO[unit][1]} N={n}"
-            step = (lambda text: None) if implied else progress
             if unit in skipped:
-                step(label + " (skipped)")
+                progress(label + " (skipped)")
                 continue
             res: dict = {"unit": unit, "tokens": n}
             try:
@@ -458,7 +445,7 @@ def run_units(rank: int, world: int, spec: dict, progress) -> list[dict]:
                 res["recv_bytes"] = exp.recv_rows(rank) * exp.row_bytes()
                 res["remote_bytes"] = (exp.recv_rows(rank) - exp.own_rows(rank)) * exp.row_bytes()
             results.append(res)
-            step(label)
+            progress(label)
         del exp
     return results
 

@@ -312,6 +312,8 @@ def units_of(cfg: dict, mode: str, frontend: str, peers: bool = True) -> dict:
     out = {}
     for fe in ("torch", "jax") if frontend == "all" else (frontend,):
         units = list(TORCH_UNITS[mode]) + (["a2a"] if peers else [])
+        if fe == "torch" and "fused_hybrid" in units:  # HybridEP's baseline, right after it
+            units.insert(units.index("fused_hybrid") + 1, "fused_normal_permute")
         if (
             fe == "torch"
             and peers
