@@ -35,6 +35,13 @@ CudaState::~CudaState() {
 namespace {
 std::mutex g_state_mutex;
 
+// Scratch cannot be allocated while the stream is being captured into a CUDA graph.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  return capture != cudaStreamCaptureStatusNone;
+}
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
@@ -191,11 +198,8 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   if (num_tokens <= st.cap_tokens && num_experts <= st.cap_experts && st.scratch_mem &&
       lpr <= st.cap_experts)
     return st.scratch;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
-  FA2A_CHECK_RUNTIME(capture == cudaStreamCaptureStatusNone,
-                     "fused_a2a CUDA: the op needs more scratch memory (", num_tokens, " tokens, ",
-                     num_experts,
+  FA2A_CHECK_RUNTIME(!capturing(stream), "fused_a2a CUDA: the op needs more scratch memory (",
+                     num_tokens, " tokens, ", num_experts,
                      " experts) than earlier calls, which cannot be allocated while a CUDA graph "
                      "is being captured: run the op once with these sizes before capturing");
   const int64_t n = std::max<int64_t>(num_tokens, std::max<int64_t>(st.cap_tokens, 1024));
@@ -234,9 +238,7 @@ int comm_blocks(const CudaState& st, int num_sms) {
 
 uint32_t* ensure_meta_records(CudaState& st, size_t bytes, cudaStream_t stream) {
   if (bytes <= st.meta_records_bytes && st.meta_records) return st.meta_records;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
-  FA2A_CHECK_RUNTIME(capture == cudaStreamCaptureStatusNone,
+  FA2A_CHECK_RUNTIME(!capturing(stream),
                      "fused_a2a CUDA: the dispatch needs more metadata scratch (", bytes,
                      " bytes) than earlier calls, which cannot be allocated while a CUDA graph is "
                      "being captured: run the op once with these sizes before capturing");
