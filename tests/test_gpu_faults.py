@@ -1,0 +1,184 @@
+"""Fault injection on GPUs (issue 8): a rank process dies in the middle of a CUDA dispatch, in the
+middle of a CUDA combine, between the two, and in the middle of a CUDA HybridEP dispatch. Every
+survivor must raise fused_a2a's TimeoutError (naming the op, its rank and the dead rank) within
+FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA context, and must then
+compute exact results (against tests/reference.py) with fresh buffers in a new group of the
+survivors (a new group of one rank on a 2-GPU machine).
+
+"Mid-op" on a GPU: the ops run on 2 SMs (long data phases: milliseconds at these sizes) and the
+victim is SIGKILLed 1 ms after its op call returned, i.e. while its data kernel runs; the survivors'
+errors must then name the data (or round) phase, not the start or the count exchange.
+The CPU counterpart (rows watched from the host) is tests/test_reliability_faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import reference as R
+from conftest import gpu_count
+from mp import RankError, run_ranks
+from reference import assert_bitwise_equal
+from test_reliability_faults import _die, _inputs
+
+pytestmark = pytest.mark.gpu
+TIMEOUT_S = 2.0
+N, H, K, L = 4096, 7168, 8, 8  # per rank; the standard case's rows, top-8 of 8 experts per rank
+SMALL_N = 7
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHANDLER": "1", "FUSED_A2A_TIMEOUT_S": "60"}
+
+
+def _rank_fault(rank, world, scenario, victim, tmp):
+    import torch
+    import torch.distributed as dist
+    from torch_utils import from_numpy, to_numpy
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    group = dist.group.WORLD
+    e = world * L
+    gen = torch.Generator(device=dev).manual_seed(5 + rank)
+    x = torch.randn(N, H, device=dev, generator=gen).to(torch.bfloat16)
+    idx = torch.argsort(torch.rand(N, e, device=dev, generator=gen), dim=1)[:, :K].contiguous()
+    w = torch.rand(N, K, device=dev, generator=gen)
+    rmap = torch.rand(N, e, device=dev, generator=gen) < 0.3
+    probs = torch.rand(N, e, device=dev, generator=gen)
+    stamp = os.path.join(tmp, "victim_died_at")
+    tfa.set_deepep_num_sms(2)  # long data phases, so a kill lands inside one
+
+    def dispatch():
+        return tfa.fused_dispatch(x, idx, w, e, group)
+
+    def hybrid_dispatch():
+        return tfa.hybrid_ep_dispatch(x, rmap, probs, group, L, 2, 2)
+
+    # Warm up every op on every rank, then start together.
+    recv_x, _, _, _, handle = dispatch()
+    tfa.fused_combine(recv_x, group, handle)
+    hybrid_dispatch()
+    torch.cuda.synchronize()
+    dist.barrier()
+    os.environ["FUSED_A2A_TIMEOUT_S"] = str(TIMEOUT_S)  # read by every op call from now on
+
+    steps = {
+        "mid-dispatch": dispatch,
+        "mid-combine": lambda: tfa.fused_combine(recv_x, group, handle),
+        "between": lambda: tfa.fused_combine(recv_x, group, handle),
+        "mid-hybrid-dispatch": hybrid_dispatch,
+    }
+    if rank == victim:
+        if scenario == "between":
+            dispatch()
+            torch.cuda.synchronize()
+            _die(stamp, how="exit")
+        steps[scenario]()  # returns while its data kernel runs
+        time.sleep(0.001)
+        _die(stamp, how="kill")
+    if scenario == "between":
+        dispatch()
+        torch.cuda.synchronize()
+        time.sleep(0.5)  # the victim is gone before the survivors combine
+    failure, deadline = None, time.monotonic() + 60
+    while failure is None and time.monotonic() < deadline:
+        try:
+            steps[scenario]()
+            torch.cuda.synchronize()  # a kernel's timeout is raised by the next call at the latest
+        except Exception as exc:  # noqa: BLE001
+            mro = [c.__name__ for c in type(exc).__mro__]
+            failure = dict(at=time.time(), mro=mro, message=str(exc))
+    assert failure is not None, "the survivors' ops kept succeeding after the victim died"
+
+    # Recovery: a new process group of the survivors, fresh buffers, exact results.
+    survivors = [r for r in range(world) if r != victim]
+    new_rank = survivors.index(rank)
+    dist.destroy_process_group()
+    import datetime
+
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(tmp, "store"),
+        rank=new_rank,
+        world_size=len(survivors),
+        timeout=datetime.timedelta(seconds=60),
+    )
+    os.environ["FUSED_A2A_TIMEOUT_S"] = "60"
+    tfa.set_deepep_num_sms(24)
+    group = dist.group.WORLD
+    g = len(survivors)
+    small = {k: from_numpy(v).to(dev) for k, v in _inputs(new_rank, g, SMALL_N, 2).items()}
+    recv_x, _, _, _, handle = tfa.fused_dispatch(small["x"], small["idx"], small["w"], g * 2, group)
+    out, _ = tfa.fused_combine(recv_x, group, handle)
+    hidden, _, _, _, hhandle = tfa.hybrid_ep_dispatch(
+        small["x"], small["rmap"], small["probs"], group, 2
+    )
+    hout = tfa.hybrid_ep_combine(hidden, hhandle)
+    after = dict(recv_x=recv_x, out=out, hidden=hidden, hout=hout)
+    return dict(failure=failure, after={k: to_numpy(v) for k, v in after.items()})
+
+
+SCENARIOS = {
+    # name: (victim, op named in the survivors' errors)
+    "mid-dispatch": (1, "dispatch"),
+    "mid-combine": (1, "combine"),
+    "between": (0, "combine"),
+    "mid-hybrid-dispatch": (1, "hybrid dispatch"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_gpu_rank_dies(scenario, tmp_path):
+    if gpu_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, {gpu_count()} visible")
+    world = min(3, gpu_count())
+    victim, op = SCENARIOS[scenario]
+    res = run_ranks(
+        _rank_fault,
+        world,
+        scenario,
+        victim,
+        str(tmp_path),
+        timeout=240,
+        env=GPU_ENV,
+        expect_errors=True,
+    )
+    assert isinstance(res[victim], RankError) and res[victim].type_name == "ProcessDied", res[
+        victim
+    ]
+    died_at = float((tmp_path / "victim_died_at").read_text())
+    survivors = [r for r in range(world) if r != victim]
+    for r in survivors:
+        assert not isinstance(res[r], RankError), f"survivor {r}: {res[r].full()}"
+        f = res[r]["failure"]
+        text = f["message"]
+        print(f"{scenario}: survivor {r} raised {f['at'] - died_at:.2f} s after the death: {text}")
+        assert "TimeoutError" in f["mro"] and "RuntimeError" in f["mro"], f
+        assert f"fused_a2a {op}" in text, text
+        assert re.search(rf"on rank {r}\b", text), text
+        missing = re.search(r"rank\(s\) \[([0-9, ]+)\] did not arrive", text)
+        assert missing and str(victim) in missing.group(1).split(", "), text
+        if scenario != "between":
+            assert re.search(r"phase (data|round)", text), text
+        waited = f["at"] - died_at
+        assert waited < TIMEOUT_S + 5, f"survivor {r} raised {waited:.1f} s after the death: {text}"
+
+    g = len(survivors)
+    small = [_inputs(r, g, SMALL_N, 2) for r in range(g)]
+    disp = R.dispatch(
+        [s["x"] for s in small], [s["idx"] for s in small], [s["w"] for s in small], g * 2
+    )
+    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [SMALL_N] * g)
+    hdisp = R.hybrid_dispatch(
+        [s["x"] for s in small], [s["rmap"] for s in small], [s["probs"] for s in small], 2
+    )
+    houts, _ = R.hybrid_combine([d["hidden"] for d in hdisp], hdisp)
+    for new_rank, r in enumerate(survivors):
+        after = res[r]["after"]
+        assert_bitwise_equal(after["recv_x"], disp[new_rank]["recv_x"], f"survivor {r} recv_x")
+        assert_bitwise_equal(after["out"], outs[new_rank], f"survivor {r} combine")
+        assert_bitwise_equal(after["hidden"], hdisp[new_rank]["hidden"], f"survivor {r} hybrid")
+        assert_bitwise_equal(after["hout"], houts[new_rank], f"survivor {r} hybrid combine")
