@@ -55,6 +55,13 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_release": _case(FLAG_FENCE="release"),
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
     "decode": _case(n=128),
+    # Ablations (build with -DFA2A_CUDA_ABLATE=1; wrong results): receivers copy nothing (1),
+    # senders stage tokens only (2), senders push no rows (4)
+    "standard_abl_recv": _case(ABLATE="1"),
+    "standard_abl_meta": _case(ABLATE="2"),
+    "standard_abl_rows": _case(ABLATE="4"),
+    "standard_abl_recv_meta": _case(ABLATE="3"),
+    "standard_abl_all": _case(ABLATE="7"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
 for _name in ("standard", "standard_sms12", "decode"):
@@ -82,6 +89,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_FLAG_FENCE",
     "FUSED_A2A_CUDA_ITEMS",
     "FUSED_A2A_CUDA_META",
+    "FUSED_A2A_CUDA_ABLATE",
 )
 
 
@@ -219,7 +227,32 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
     if os.environ.get("FUSED_A2A_CUDA_TRACE"):
         res["trace"] = _trace_one(static_dispatch, gid, grank, sms)
+    if os.environ.get("FA2A_BENCH_KERNELS"):
+        res["kernels"] = {
+            key: _kernel_times(timed[key])
+            for key in ("static_dispatch", "cached_dispatch", "combine", "nccl_a2a")
+        }
     return res
+
+
+def _kernel_times(fn, calls=10):
+    """The GPU kernels and copies of one call, from torch.profiler over `calls` calls:
+    [(name, launches per call, mean us per launch)], longest first. A kernel that waits for a
+    peer counts its wait."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if total and ev.count:
+            rows.append((ev.key[:80], round(ev.count / calls, 2), round(total / ev.count, 1)))
+    return sorted(rows, key=lambda r: -r[1] * r[2])
 
 
 TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
@@ -269,6 +302,8 @@ def _summarize(per_rank):
     out["exact_all_ranks"] = all(r["exact"] for r in per_rank)
     if "trace" in first:
         out["trace_per_rank"] = [r["trace"] for r in per_rank]
+    if "kernels" in first:
+        out["kernels_per_rank"] = [r["kernels"] for r in per_rank]
     recv_b = [r["num_recv"] * r["row_bytes"] for r in per_rank]
     wire_b = [(r["num_recv"] - r["own_rows"]) * r["row_bytes"] for r in per_rank]
     out["recv_bytes_per_rank_mean"] = statistics.mean(recv_b)

@@ -5,9 +5,10 @@ FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA con
 compute exact results (against tests/reference.py) with fresh buffers in a new group of the
 survivors (a new group of one rank on a 2-GPU machine).
 
-"Mid-op" on a GPU: the ops run on 2 SMs (long data phases: milliseconds at these sizes) and the
-victim is SIGKILLed 1 ms after its op call returned, i.e. while its data kernel runs; the survivors'
-errors must then name the data (or round) phase, not the start or the count exchange.
+"Mid-op" on a GPU: the ops run on 2 SMs (data phases of milliseconds at these sizes); the warm-up
+times the scenario's op from a common start (a barrier), and the victim is SIGKILLed half way
+through the next one. The survivors' errors must then come from that op (its first or second
+call) and name the data (or round) phase, not the start or the count exchange of a later op.
 The CPU counterpart (rows watched from the host) is tests/test_reliability_faults.py.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -26,7 +28,7 @@ from test_reliability_faults import _die, _inputs
 
 pytestmark = pytest.mark.gpu
 TIMEOUT_S = 2.0
-N, H, K, L = 4096, 7168, 8, 8  # per rank; the standard case's rows, top-8 of 8 experts per rank
+N, H, K, L = 8192, 7168, 8, 8  # per rank; the standard case's rows, top-8 of 8 experts per rank
 SMALL_N = 7
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHANDLER": "1", "FUSED_A2A_TIMEOUT_S": "60"}
 
@@ -57,40 +59,46 @@ def _rank_fault(rank, world, scenario, victim, tmp):
     def hybrid_dispatch():
         return tfa.hybrid_ep_dispatch(x, rmap, probs, group, L, 2, 2)
 
-    # Warm up every op on every rank, then start together.
     recv_x, _, _, _, handle = dispatch()
-    tfa.fused_combine(recv_x, group, handle)
-    hybrid_dispatch()
-    torch.cuda.synchronize()
-    dist.barrier()
-    os.environ["FUSED_A2A_TIMEOUT_S"] = str(TIMEOUT_S)  # read by every op call from now on
-
     steps = {
         "mid-dispatch": dispatch,
         "mid-combine": lambda: tfa.fused_combine(recv_x, group, handle),
         "between": lambda: tfa.fused_combine(recv_x, group, handle),
         "mid-hybrid-dispatch": hybrid_dispatch,
     }
-    if rank == victim:
-        if scenario == "between":
-            dispatch()
-            torch.cuda.synchronize()
-            _die(stamp, how="exit")
-        steps[scenario]()  # returns while its data kernel runs
-        time.sleep(0.001)
-        _die(stamp, how="kill")
+    # Warm up, and time the scenario's op from a common start (a barrier): the victim dies half
+    # way through the next one.
+    for _ in range(3):
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.monotonic()
+        steps[scenario]()
+        torch.cuda.synchronize()
+        op_s = time.monotonic() - t0
+    torch.cuda.synchronize()
+    os.environ["FUSED_A2A_TIMEOUT_S"] = str(TIMEOUT_S)  # read by every op call from now on
     if scenario == "between":
         dispatch()
         torch.cuda.synchronize()
+        if rank == victim:
+            _die(stamp, how="exit")
         time.sleep(0.5)  # the victim is gone before the survivors combine
-    failure, deadline = None, time.monotonic() + 60
+    else:
+        dist.barrier()
+        if rank == victim:
+            threading.Timer(op_s / 2, _die, (stamp, "kill")).start()
+            steps[scenario]()
+            torch.cuda.synchronize()
+            time.sleep(60)  # killed before this ends
+    failure, calls, deadline = None, 0, time.monotonic() + 60
     while failure is None and time.monotonic() < deadline:
         try:
+            calls += 1
             steps[scenario]()
             torch.cuda.synchronize()  # a kernel's timeout is raised by the next call at the latest
         except Exception as exc:  # noqa: BLE001
             mro = [c.__name__ for c in type(exc).__mro__]
-            failure = dict(at=time.time(), mro=mro, message=str(exc))
+            failure = dict(at=time.time(), mro=mro, message=str(exc), calls=calls, op_s=op_s)
     assert failure is not None, "the survivors' ops kept succeeding after the victim died"
 
     # Recovery: a new process group of the survivors, fresh buffers, exact results.
@@ -155,14 +163,17 @@ def test_gpu_rank_dies(scenario, tmp_path):
         assert not isinstance(res[r], RankError), f"survivor {r}: {res[r].full()}"
         f = res[r]["failure"]
         text = f["message"]
-        print(f"{scenario}: survivor {r} raised {f['at'] - died_at:.2f} s after the death: {text}")
+        print(
+            f"{scenario}: survivor {r} raised {f['at'] - died_at:.2f} s after the death (op "
+            f"{f['op_s'] * 1e3:.1f} ms, call {f['calls']}): {text}"
+        )
         assert "TimeoutError" in f["mro"] and "RuntimeError" in f["mro"], f
-        assert f"fused_a2a {op}" in text, text
+        assert re.search(rf"fused_a2a:? {op}", text), text
         assert re.search(rf"on rank {r}\b", text), text
         missing = re.search(r"rank\(s\) \[([0-9, ]+)\] did not arrive", text)
         assert missing and str(victim) in missing.group(1).split(", "), text
-        if scenario != "between":
-            assert re.search(r"phase (data|round)", text), text
+        if scenario != "between":  # the op in flight when the victim died: its data phase
+            assert f["calls"] <= 2 and re.search(r"phase (data|round)", text), (f["calls"], text)
         waited = f["at"] - died_at
         assert waited < TIMEOUT_S + 5, f"survivor {r} raised {waited:.1f} s after the death: {text}"
 

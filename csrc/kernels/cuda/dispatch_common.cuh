@@ -47,7 +47,19 @@ struct DispatchParams {
   // before the dispatch kernel, [G][N][M] in send order; pushed as ring pieces.
   bool meta_prepass;
   const uint32_t* meta_records;
+  // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
+  // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows.
+  int ablate;
 };
+
+// Ablations exist only in a diagnostic build (-DFA2A_CUDA_ABLATE=1), so that the default kernel's
+// registers are untouched.
+#ifndef FA2A_CUDA_ABLATE
+#define FA2A_CUDA_ABLATE 0
+#endif
+__device__ __forceinline__ bool ablated(const DispatchParams& p, int bit) {
+  return FA2A_CUDA_ABLATE && (p.ablate & bit);
+}
 
 struct SmemLayout {
   size_t hist, ready, meta, meta_per_warp, pipes, per_warp, total;

@@ -116,14 +116,20 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       __syncwarp();
       tr.add(1, t_phase);
       t_phase = WarpTrace::now();
-      stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
+      if (ablated(p, 2)) {
+        const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+        for (int i = lane; i < n; i += 32)
+          stage_meta[i * M] = static_cast<uint32_t>(__ldg(list + i));
+      } else {
+        stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
+      }
       fence_proxy_async_smem();
       __syncwarp();
       tr.add(2, t_phase);
       if (lane == 0) {
         t_phase = WarpTrace::now();
         pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
-        for (int i = 0; i < n; ++i) {
+        for (int i = 0; i < n && !ablated(p, 4); ++i) {
           const size_t t = stage_meta[i * M];
           pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
         }
@@ -244,7 +250,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
             records = p.meta_records + (static_cast<size_t>(r) * p.num_tokens + j0) * M;
           }
         }
-        copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
+        if (!ablated(p, 1)) copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
         tr.add(2, t_own);
         return;
       }
@@ -261,10 +267,10 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
+      if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
-      for (int i = lane; i < n * M; i += 32) {
+      for (int i = lane; i < n * M && !ablated(p, 1); i += 32) {
         const int row = i / M;
         scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
       }

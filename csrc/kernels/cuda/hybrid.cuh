@@ -94,8 +94,10 @@ __device__ inline void send_end(const Comm& c, unsigned long long m) {
 __device__ inline bool recv_begin(const Comm& c, unsigned long long m, int* fail) {
   const WaitCtx ctx = c.wait_ctx();
   Ctrl* mine = ctrl_of(c.peers[c.rank]);
+  // The notify's message carries the counts: a missing peer is reported as the count exchange.
+  const int phase = c.op == kOpHybridNotify ? kPhaseNotify : kPhaseData;
   for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
-    if (!wait_flag(&mine->data[s], m, ctx, kPhaseData, s)) *fail = 1;
+    if (!wait_flag(&mine->data[s], m, ctx, phase, s)) *fail = 1;
   }
   __syncthreads();
   if (*fail) return false;

@@ -308,6 +308,8 @@ int chunk_rows_env() {
   return v > 0 ? v : 32;  // run 3 (EP 2): 8 -> 32 rows cut the dispatch by 24%
 }
 
+int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
+
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
   return v && std::strcmp(v, "dst") == 0;
