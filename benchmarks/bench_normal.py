@@ -151,7 +151,9 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
 
     for key in KNOBS:
         os.environ.pop(key, None)
-    os.environ.update(cfg.get("env", {}))
+    env = dict(cfg.get("env", {}))
+    ablate = env.pop("FUSED_A2A_CUDA_ABLATE", None)  # only around the timed dispatches
+    os.environ.update(env)
     device = torch.device("cuda", rank)
     n, h, k, e, sms = cfg["n"], cfg["h"], cfg["k"], cfg["e"], cfg["sms"]
     group = dist.group.WORLD
@@ -207,6 +209,10 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         own_rows=own,
         row_bytes=h * 2,
     )
+    if ablate:
+        static_dispatch, cached_dispatch, dynamic_dispatch = (
+            _ablated(fn, ablate) for fn in (static_dispatch, cached_dispatch, dynamic_dispatch)
+        )
     timed = dict(
         static_dispatch=static_dispatch,
         cached_dispatch=cached_dispatch,
@@ -233,6 +239,20 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
             for key in ("static_dispatch", "cached_dispatch", "combine", "nccl_a2a")
         }
     return res
+
+
+def _ablated(fn, bits):
+    """fn run with FUSED_A2A_CUDA_ABLATE=bits (read at each launch), so that the handle and the
+    combine input of the case come from a complete dispatch."""
+
+    def run():
+        os.environ["FUSED_A2A_CUDA_ABLATE"] = bits
+        try:
+            fn()
+        finally:
+            os.environ.pop("FUSED_A2A_CUDA_ABLATE", None)
+
+    return run
 
 
 def _kernel_times(fn, calls=10):

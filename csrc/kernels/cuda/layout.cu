@@ -13,7 +13,8 @@ constexpr int kScanThreads = 512;
 
 // Rank of expert e, or -1 for "no expert" (-1 and, defensively, anything out of range).
 __device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
-  return (e >= 0 && e < num_experts) ? static_cast<int>(e / lpr) : -1;
+  // 32-bit division: e < num_experts fits an int (64-bit division is a long subroutine).
+  return (e >= 0 && e < num_experts) ? static_cast<int>(e) / lpr : -1;
 }
 
 __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_tokens, int num_topk,
@@ -46,49 +47,59 @@ __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_toke
 }
 
 // One block per destination rank d: cum[d][t] (tokens before t routed to d), cum[d][N], the send
-// list of d, and the (token, slot) pairs per expert of d.
+// list of d, and the (token, slot) pairs per expert of d. Tiles of kScanTile tokens: the routed
+// flags of a tile are computed with coalesced index loads (consecutive tokens on consecutive
+// threads) into shared memory, then each thread scans kScanTile / kScanThreads consecutive flags.
+// (Each thread used to load its own consecutive tokens' indices, twice: 39 us at N = 4096.)
+constexpr int kScanTile = kScanThreads * 8;
+
 __global__ void __launch_bounds__(kScanThreads)
     route_scan_kernel(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                       int num_experts, int num_ranks, int* cum, int* send_list, int* ecount) {
   using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
+  __shared__ unsigned char s_routed[kScanTile];
   extern __shared__ int s_ecount[];  // lpr
   const int d = blockIdx.x;
   const int lpr = num_experts / num_ranks;
   for (int j = threadIdx.x; j < lpr; j += blockDim.x) s_ecount[j] = 0;
   __syncthreads();
-  const int per = (num_tokens + kScanThreads - 1) / kScanThreads;
-  const int t0 = min(num_tokens, static_cast<int>(threadIdx.x) * per);
-  const int t1 = min(num_tokens, t0 + per);
-  int count = 0;
-  for (int t = t0; t < t1; ++t) {
-    bool routed = false;
-    for (int k = 0; k < num_topk; ++k) {
-      const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
-      if (owner_of(e, num_experts, lpr) == d) {
-        routed = true;
-        atomicAdd(&s_ecount[e - static_cast<long long>(d) * lpr], 1);
-      }
-    }
-    count += routed ? 1 : 0;
-  }
-  int run = 0, total = 0;
-  Scan(temp).ExclusiveSum(count, run, total);
   int* my_cum = cum + static_cast<size_t>(d) * (num_tokens + 1);
   int* my_list = send_list ? send_list + static_cast<size_t>(d) * num_tokens : nullptr;
-  for (int t = t0; t < t1; ++t) {
-    bool routed = false;
-    for (int k = 0; k < num_topk && !routed; ++k) {
-      const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
-      routed = owner_of(e, num_experts, lpr) == d;
+  constexpr int per = kScanTile / kScanThreads;
+  int before = 0;  // tokens of earlier tiles routed to d
+  for (int base = 0; base < num_tokens; base += kScanTile) {
+    const int n = min(kScanTile, num_tokens - base);
+    for (int i = threadIdx.x; i < n; i += kScanThreads) {
+      const long long t = base + i;
+      bool routed = false;
+      for (int k = 0; k < num_topk; ++k) {
+        const long long e = load_idx(topk_idx, idx64, t * num_topk + k);
+        if (owner_of(e, num_experts, lpr) == d) {
+          routed = true;
+          atomicAdd(&s_ecount[static_cast<int>(e) - d * lpr], 1);
+        }
+      }
+      s_routed[i] = routed ? 1 : 0;
     }
-    my_cum[t] = run;
-    if (routed) {
-      if (my_list) my_list[run] = t;
-      ++run;
+    __syncthreads();
+    const int i0 = min(n, static_cast<int>(threadIdx.x) * per), i1 = min(n, i0 + per);
+    int count = 0;
+    for (int i = i0; i < i1; ++i) count += s_routed[i];
+    int run = 0, total = 0;
+    Scan(temp).ExclusiveSum(count, run, total);
+    run += before;
+    for (int i = i0; i < i1; ++i) {
+      my_cum[base + i] = run;
+      if (s_routed[i]) {
+        if (my_list) my_list[run] = base + i;
+        ++run;
+      }
     }
+    before += total;
+    __syncthreads();  // s_routed and temp are reused by the next tile
   }
-  if (threadIdx.x == 0) my_cum[num_tokens] = total;
+  if (threadIdx.x == 0) my_cum[num_tokens] = before;
   __syncthreads();
   for (int j = threadIdx.x; j < lpr; j += blockDim.x) ecount[d * lpr + j] = s_ecount[j];
 }
