@@ -55,6 +55,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_release": _case(FLAG_FENCE="release"),
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
     "decode": _case(n=128),
+    # Fewer receiver warps polling chunk flags (session 4: is the senders' untraced time the
+    # pollers' contention?)
+    "decode_r4": _case(n=128, SEND_WARPS="4", RECV_WARPS="4"),
+    "standard_r4": _case(SEND_WARPS="4", RECV_WARPS="4"),
     # Ablations (build with -DFA2A_CUDA_ABLATE=1; wrong results): receivers copy nothing (1),
     # senders stage tokens only (2), senders push no rows (4)
     "standard_abl_recv": _case(ABLATE="1"),
