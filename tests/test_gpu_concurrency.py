@@ -60,7 +60,7 @@ def _rank_two_groups(rank, world, iterations):
     for it in range(iterations):
         pending, step = [], {}
         for name, group in groups.items():
-            inp, e, lpr = _two_group_inputs([0, 1], [it, SEEDS[name]])
+            inp, e, lpr = _two_group_inputs([0, 1], 10 * it + SEEDS[name])
             mine = {k: from_numpy(v).to(dev) for k, v in inp[rank].items()}
             x, idx, w = mine["x"], mine["idx"], mine["w"]
             recv_x, _, _, _, handle = tfa.fused_dispatch(x, idx, w, e, group)
@@ -83,7 +83,7 @@ def test_gpu_two_groups_used_alternately():
     res = run_ranks(_rank_two_groups, 2, iterations, timeout=240, env=GPU_ENV)
     for it in range(iterations):
         for name in SEEDS:
-            disp, outs, hd, houts = _reference([0, 1], [it, SEEDS[name]])
+            disp, outs, hd, houts = _reference([0, 1], 10 * it + SEEDS[name])
             for r in range(2):
                 got, tag = res[r][it][name], f"iteration {it} group {name} rank {r}"
                 assert_bitwise_equal(got["recv_x"], disp[r]["recv_x"], f"{tag} recv_x")
@@ -110,7 +110,7 @@ def _rank_torch_and_jax(rank, world):
     devices = jax.devices()[:2]
     assert all(d.platform == "gpu" for d in devices) and len(devices) == 2, devices
     mesh = Mesh(np.array(devices), ("ep",))
-    _, e, _ = _two_group_inputs([0, 1], [0, 7])
+    _, e, _ = _two_group_inputs([0, 1], 7)
 
     def body(x, idx, w):
         d = jfa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
@@ -121,13 +121,13 @@ def _rank_torch_and_jax(rank, world):
     )
     results = []
     for it in range(3):
-        tinp, te, _ = _two_group_inputs([0], [it, 5])  # torch: a one-rank group on GPU 0
+        tinp, te, _ = _two_group_inputs([0], 10 * it + 5)  # torch: a one-rank group on GPU 0
         mine = {k: from_numpy(v).cuda() for k, v in tinp[0].items()}
         recv_x, _, _, _, handle = tfa.fused_dispatch(
             mine["x"], mine["idx"], mine["w"], te, dist.group.WORLD
         )
         out, _ = tfa.fused_combine(recv_x, dist.group.WORLD, handle)
-        inp, _, _ = _two_group_inputs([0, 1], [it, 7])  # JAX: GPUs 0 and 1
+        inp, _, _ = _two_group_inputs([0, 1], 10 * it + 7)  # JAX: GPUs 0 and 1
         x = jnp.asarray(np.concatenate([i["x"] for i in inp]))
         idx = jnp.asarray(np.concatenate([i["idx"] for i in inp]).astype(np.int32))
         w = jnp.asarray(np.concatenate([i["w"] for i in inp]))
@@ -153,10 +153,10 @@ def test_gpu_torch_and_jax_in_one_process():
     )
     res = run_ranks(_rank_torch_and_jax, 1, timeout=300, env=env)[0]
     for it, got in enumerate(res):
-        tdisp, touts, _, _ = _reference([0], [it, 5])
+        tdisp, touts, _, _ = _reference([0], 10 * it + 5)
         assert_bitwise_equal(got["recv_x"], tdisp[0]["recv_x"], f"iteration {it} torch recv_x")
         assert_bitwise_equal(got["out"], touts[0], f"iteration {it} torch combine")
-        disp, outs, _, _ = _reference([0, 1], [it, 7])
+        disp, outs, _, _ = _reference([0, 1], 10 * it + 7)
         for r in range(2):
             m = disp[r]["recv_x"].shape[0]
             rows = got["jrecv"].reshape(2, -1, got["jrecv"].shape[-1])[r]
@@ -173,7 +173,7 @@ def _rank_mismatch(rank, world):
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
-    inp, e, _ = _two_group_inputs([0, 1], [0, 9])
+    inp, e, _ = _two_group_inputs([0, 1], 9)
     x = torch.tensor(inp[rank]["x"].view(np.int16)).view(torch.bfloat16).to(dev)
     idx = torch.tensor(inp[rank]["idx"]).to(dev)
     w = torch.tensor(inp[rank]["w"]).to(dev)
@@ -204,7 +204,7 @@ def _rank_mismatch(rank, world):
 def test_gpu_op_mismatch_raises_then_new_group_works():
     _need2()
     res = run_ranks(_rank_mismatch, 2, timeout=180, env=GPU_ENV)
-    inp, e, _ = _two_group_inputs([0, 1], [0, 9])
+    inp, e, _ = _two_group_inputs([0, 1], 9)
     disp = R.dispatch([i["x"] for i in inp], [i["idx"] for i in inp], [i["w"] for i in inp], e)
     outs, _ = R.combine([d["recv_x"] for d in disp], disp, [6, 6])
     for rank, op in ((0, "dispatch"), (1, "combine")):
