@@ -41,14 +41,16 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nw = gridDim.x * a.warps, gw = blockIdx.x * a.warps + warp;
-  const size_t per_warp = (static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 255) & ~size_t(127);
+  const size_t per_warp =
+      (static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 255) & ~size_t(127);
   uint8_t* base = smem + per_warp * warp;
   TmaPipe pipe;
   if (a.tma && lane == 0) {
     const size_t data = static_cast<size_t>(a.stages) * a.stage_bytes;
     pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
               reinterpret_cast<uint8_t**>(base + data + 8 * a.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * a.stages), a.stage_bytes, a.stages);
+              reinterpret_cast<uint32_t*>(base + data + 16 * a.stages), a.stage_bytes, a.stages,
+              false);
   }
   __syncwarp();
   const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;

@@ -3,6 +3,9 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
 
 - enumerate_items_check.cu: the dispatch kernel's opt-in item enumeration
   (FUSED_A2A_CUDA_ITEMS=enum) assigns every warp exactly the items of the default scan.
+
+Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
+against the kernel headers (a header change broke it once, unnoticed until a GPU run).
 """
 
 from __future__ import annotations
@@ -27,22 +30,29 @@ def _nvcc():
     return None
 
 
-@pytest.mark.parametrize("program", ["enumerate_items_check"])
-def test_cuda_host_program(program, tmp_path):
+def _build(source, exe):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc (the CUDA toolkit); the CUDA backend is not built without it")
-    exe = tmp_path / program
     build = subprocess.run(
         [
             nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-O2",
             "-gencode=arch=compute_90a,code=sm_90a",
             "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc"),
-            "-I", os.path.join(ROOT, "csrc", "kernels", "cuda"),
-            os.path.join(HERE, "cuda_host", program + ".cu"), "-o", str(exe),
+            "-I", os.path.join(ROOT, "csrc", "kernels", "cuda"), source, "-o", str(exe),
         ],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr
+
+
+@pytest.mark.parametrize("program", ["enumerate_items_check"])
+def test_cuda_host_program(program, tmp_path):
+    exe = tmp_path / program
+    _build(os.path.join(HERE, "cuda_host", program + ".cu"), exe)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
+def test_link_probe_compiles(tmp_path):
+    _build(os.path.join(ROOT, "benchmarks", "link_probe.cu"), tmp_path / "link_probe")

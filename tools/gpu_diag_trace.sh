@@ -1,12 +1,19 @@
+#!/usr/bin/env bash
+# Traced A/B of the dispatch in the diagnostic build (-DFA2A_CUDA_TRACE=1 -DFA2A_CUDA_ABLATE=1),
+# one device call on 2+ GPUs: decode and standard with the scan, with FUSED_A2A_CUDA_ITEMS=enum and
+# with 4 receiver warps per block; prints rank 0's per-warp phase summary (benchmarks/NOTES.md,
+# session 4, run 13).   OUT=... bash tools/gpu_diag_trace.sh
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 FUSED_A2A_TIMEOUT_S=10
 CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DFA2A_CUDA_TRACE=1\ -DFA2A_CUDA_ABLATE=1" STEPS=build bash tools/gpu_check.sh >/dev/null
-FUSED_A2A_CUDA_TRACE=1 STEPS=bench BENCH_CASES=decode,decode_enum,decode_r4,standard,standard_enum,standard_r4 timeout 150 bash tools/gpu_check.sh >/dev/null
+FUSED_A2A_CUDA_TRACE=1 STEPS=bench BENCH_CASES=${TRACE_CASES:-decode,decode_enum,decode_r4,standard,standard_enum,standard_r4} \
+  timeout 150 bash tools/gpu_check.sh >/dev/null
 python3 - "$OUT/bench.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
     t = r.get("trace_per_rank", [{}])[0]
-    print(f"  trace {r['case']}: static {r.get('static_dispatch_us')} graph {r.get('static_dispatch_graph_us')} cached {r.get('cached_dispatch_us')}; rank 0:")
+    us = {k: r.get(k + "_us") for k in ("static_dispatch", "static_dispatch_graph", "cached_dispatch")}
+    print(f"  trace {r['case']}: {us}; rank 0:")
     for role in ("sender", "receiver"):
         print(f"    {role}: " + ", ".join(f"{k} {[round(x) for x in v]}" for k, v in t.get(role, {}).items()))
 PY
