@@ -66,6 +66,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_abl_rows": _case(ABLATE="4"),
     "standard_abl_recv_meta": _case(ABLATE="3"),
     "standard_abl_all": _case(ABLATE="7"),
+    "standard_abl_roles": _case(ABLATE="8"),
+    "decode_abl_roles": _case(n=128, ABLATE="8"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
 for _name in ("standard", "standard_sms12", "decode"):
@@ -281,6 +283,7 @@ def _kernel_times(fn, calls=10):
 
 TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
 TRACE_RECEIVER = ("flag_wait", "remote_copy", "own_copy", "zero_rows", "round_barrier")
+TRACE_SLOTS = 10  # csrc/kernels/cuda/state.h kTraceSlots
 
 
 def _trace_one(fn, gid, grank, sms):
@@ -297,7 +300,9 @@ def _trace_one(fn, gid, grank, sms):
         return {"error": "tracing is off in this build (-DFA2A_CUDA_TRACE=1)"}
     send_warps = int(os.environ.get("FUSED_A2A_CUDA_SEND_WARPS", 4))
     recv_warps = int(os.environ.get("FUSED_A2A_CUDA_RECV_WARPS", 12))
-    slots = [words[i * 8 : (i + 1) * 8] for i in range(len(words) // 8)]
+    slots = [
+        words[i * TRACE_SLOTS : (i + 1) * TRACE_SLOTS] for i in range(len(words) // TRACE_SLOTS)
+    ]
     senders = [slots[b * 16 + w] for b in range(sms) for w in range(send_warps)]
     receivers = [
         slots[b * 16 + w] for b in range(sms) for w in range(send_warps, send_warps + recv_warps)
@@ -310,6 +315,12 @@ def _trace_one(fn, gid, grank, sms):
             out[name + "_cycles"] = [statistics.mean(vals), max(vals)]
         out["finish_ns"] = [statistics.mean(r[6] for r in rows), max(r[6] for r in rows)]
         out["chunks"] = [statistics.mean(r[7] for r in rows), max(r[7] for r in rows)]
+        out["start_ns"] = [statistics.mean(r[8] for r in rows), max(r[8] for r in rows)]
+        # the role's item loop minus its traced phases (slots 0-4 for both roles; the senders'
+        # drain, slot 5, comes after the loop): time between and around the phases
+        untraced = [r[9] - sum(r[:5]) for r in rows]
+        out["loop_cycles"] = [statistics.mean(r[9] for r in rows), max(r[9] for r in rows)]
+        out["untraced_cycles"] = [statistics.mean(untraced), max(untraced)]
         return out
 
     rec = stats(receivers, TRACE_RECEIVER)

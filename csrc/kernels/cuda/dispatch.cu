@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       }
     }
     __syncthreads();
-    // 3. Move the rows.
-    if (!sh.fail) {
+    // 3. Move the rows (ablation bit 8: not at all, which times launch + handshakes + epilogue).
+    if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
         sender_role<kEnum>(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {

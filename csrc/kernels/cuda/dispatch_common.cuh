@@ -48,7 +48,8 @@ struct DispatchParams {
   bool meta_prepass;
   const uint32_t* meta_records;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
-  // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows.
+  // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
+  // bit 8 no sender or receiver role at all.
   int ablate;
 };
 

@@ -15,6 +15,9 @@ namespace fa2a::cuda::dispatch_impl {
 template <bool kEnum>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
+  WarpTrace tr;
+  tr.set(8, globaltimer() - sh.t0);
+  const long long t_loop = WarpTrace::now();
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const long long R = p.window;
   const int nsw = gridDim.x * p.send_warps;
@@ -45,7 +48,6 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nsw, kept incrementally
   int chunks_done = 0;
   bool ok = true;
-  WarpTrace tr;
   // One item: chunk c of destination d in round k (if it exists and is this warp's).
   // mine: the caller enumerated it as this warp's (FUSED_A2A_CUDA_ITEMS=enum), else the scan
   // decides here.
@@ -173,6 +175,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c, false);
     }
   }
+  tr.add(9, t_loop);
   const long long t_drain = WarpTrace::now();
   if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
@@ -222,6 +225,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   uint8_t* ctrl = p.peers[r];
   WarpTrace tr;
   tr.set(5, globaltimer() - sh.t0);
+  tr.set(8, globaltimer() - sh.t0);
+  const long long t_loop = WarpTrace::now();
   long long t_phase = WarpTrace::now();
   for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
   tr.add(3, t_phase);
@@ -298,6 +303,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       tr.add(4, t_round);
     }
   }
+  tr.add(9, t_loop);
   tr.set(6, globaltimer() - sh.t0);
   tr.flush(p, p.send_warps + rwarp, lane);
 }

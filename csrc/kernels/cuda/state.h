@@ -59,9 +59,11 @@ struct Scratch {
 // the ring's reads at a chunk start, 2 metadata staging, 3 row pushes, 4 chunk ends, 5 final
 // drain, 6 finish time after kernel start, 7 chunks. Receiver warps: 0 flag waits, 1 remote
 // chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 data phase start after
-// kernel start, 6 finish time after kernel start, 7 chunks.
+// kernel start, 6 finish time after kernel start, 7 chunks. Both: 8 role start after kernel
+// start, 9 the role's item loop in cycles (senders: up to the final drain), so that the time
+// outside the phases above is slot 9 minus their sum.
 constexpr int kTraceWarps = 64 * 16;
-constexpr int kTraceSlots = 8;
+constexpr int kTraceSlots = 10;
 constexpr int kTraceWords = kTraceWarps * kTraceSlots;
 
 struct CudaState {
