@@ -67,6 +67,11 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_abl_recv_meta": _case(ABLATE="3"),
     "standard_abl_all": _case(ABLATE="7"),
     "standard_abl_roles": _case(ABLATE="8"),
+    # L2 prefetch (session 4, unmeasured): receivers' source rows (1), senders' x rows (2)
+    "standard_pf1": _case(PREFETCH="1"),
+    "standard_pf2": _case(PREFETCH="2"),
+    "standard_pf3": _case(PREFETCH="3"),
+    "decode_pf3": _case(n=128, PREFETCH="3"),
     "decode_abl_roles": _case(n=128, ABLATE="8"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
@@ -96,6 +101,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_ITEMS",
     "FUSED_A2A_CUDA_META",
     "FUSED_A2A_CUDA_ABLATE",
+    "FUSED_A2A_CUDA_PREFETCH",
 )
 
 

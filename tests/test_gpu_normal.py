@@ -85,6 +85,7 @@ ITEM_MODES = {  # the dispatch kernel's variants (benchmarks/NOTES.md): default 
     "scan": {},
     "enum": {"FUSED_A2A_CUDA_ITEMS": "enum"},
     "enum_prepass": {"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
+    "prefetch": {"FUSED_A2A_CUDA_PREFETCH": "3"},
 }
 
 
@@ -447,6 +448,7 @@ DETERMINISM_CONFIGS = (
     (2, 3, {}),
     (24, 8, ITEM_MODES["enum"]),
     (24, 32, ITEM_MODES["enum_prepass"]),
+    (16, 32, ITEM_MODES["prefetch"]),
 )
 
 
@@ -478,7 +480,8 @@ def _rank_configs(rank, world, device_kind):
     expect = ((x.float() * cnt[:, None].float()) + 0.0).to(torch.bfloat16)
     outputs, exact = {}, {}
     for i, (sms, chunk, env) in enumerate(DETERMINISM_CONFIGS):
-        for key in ("FUSED_A2A_CUDA_CHUNK_ROWS", *ITEM_MODES["enum_prepass"]):
+        knobs = {k for mode in ITEM_MODES.values() for k in mode}
+        for key in ("FUSED_A2A_CUDA_CHUNK_ROWS", *knobs):
             os.environ.pop(key, None)
         if chunk is not None:
             os.environ["FUSED_A2A_CUDA_CHUNK_ROWS"] = str(chunk)

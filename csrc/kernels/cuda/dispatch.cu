@@ -32,9 +32,9 @@ namespace {
 
 using namespace dispatch_impl;
 
-// kEnum: FUSED_A2A_CUDA_ITEMS=enum (enumerate_items); a separate instantiation, so that the
-// default kernel's registers are untouched.
-template <bool kEnum>
+// kEnum: FUSED_A2A_CUDA_ITEMS=enum (enumerate_items); kPrefetch: FUSED_A2A_CUDA_PREFETCH (scan
+// only). Separate instantiations, so that the default kernel's registers are untouched.
+template <bool kEnum, bool kPrefetch>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -136,9 +136,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 3. Move the rows (ablation bit 8: not at all, which times launch + handshakes + epilogue).
     if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
-        sender_role<kEnum>(p, sh, smem, L, ctx, warp, lane, s_hist);
+        sender_role<kEnum, kPrefetch>(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
-        receiver_role<kEnum>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+        receiver_role<kEnum, kPrefetch>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
   }
@@ -277,6 +277,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
+  p.prefetch = env_prefetch();
   {
     const char* v = std::getenv("FUSED_A2A_CUDA_ITEMS");
     p.enum_items = v && std::strcmp(v, "enum") == 0;
@@ -301,7 +302,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
       check_launch("dispatch metadata records");
     }
   }
-  auto* kernel = p.enum_items ? dispatch_kernel<true> : dispatch_kernel<false>;
+  auto* kernel = p.enum_items      ? dispatch_kernel<true, false>
+                 : p.prefetch != 0 ? dispatch_kernel<false, true>
+                                   : dispatch_kernel<false, false>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");

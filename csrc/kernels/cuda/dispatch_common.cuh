@@ -47,6 +47,10 @@ struct DispatchParams {
   // before the dispatch kernel, [G][N][M] in send order; pushed as ring pieces.
   bool meta_prepass;
   const uint32_t* meta_records;
+  // FUSED_A2A_CUDA_PREFETCH bits (opt-in, scan kernel only, session 4, unmeasured): 1 receivers
+  // prefetch a chunk's source rows into L2 before copying them (one row per lane), 2 senders
+  // prefetch a chunk's x rows into L2 before staging its metadata.
+  int prefetch;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.

@@ -12,7 +12,7 @@ namespace fa2a::cuda::dispatch_impl {
 // order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
 // Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
 // and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
-template <bool kEnum>
+template <bool kEnum, bool kPrefetch>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
@@ -113,6 +113,13 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
+      if (kPrefetch &&
+          (p.prefetch & 2)) {  // the rows lane 0 is about to bulk-load: into L2 meanwhile
+        const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+        for (int i = lane; i < n; i += 32)
+          bulk_prefetch_l2(p.x + static_cast<size_t>(__ldg(list + i)) * rb,
+                           static_cast<uint32_t>(rb));
+      }
       long long t_phase = WarpTrace::now();
       if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
       __syncwarp();
@@ -186,6 +193,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
 
 // Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
 // records: this chunk's metadata records from meta_kernel, or null (computed here).
+template <bool kPrefetch>
 __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
                                                int n, int lane, int* s_hist,
                                                const uint32_t* records) {
@@ -195,6 +203,8 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
   for (int b = 0; b < n; b += 32) {
     const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
     const int nb = min(32, n - b);
+    if (kPrefetch && (p.prefetch & 1) && lane < nb)  // the 32 rows copied next: into L2 at once
+      bulk_prefetch_l2(p.x + static_cast<size_t>(token) * rb, static_cast<uint32_t>(rb));
     for (int i = 0; i < nb; ++i) {
       const int t = __shfl_sync(0xffffffffu, token, i);
       warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
@@ -212,7 +222,7 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
   }
 }
 
-template <bool kEnum>
+template <bool kEnum, bool kPrefetch>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -255,7 +265,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
             records = p.meta_records + (static_cast<size_t>(r) * p.num_tokens + j0) * M;
           }
         }
-        if (!ablated(p, 1)) copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
+        if (!ablated(p, 1))
+          copy_own_chunk<kPrefetch>(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
         tr.add(2, t_own);
         return;
       }
@@ -272,6 +283,11 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
+      if (kPrefetch &&
+          (p.prefetch & 1)) {  // the chunk's rows (written by the peer, flag acquired): into L2
+        for (int i = lane; i < n; i += 32)
+          bulk_prefetch_l2(src + i * rb, static_cast<uint32_t>(rb));
+      }
       if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;

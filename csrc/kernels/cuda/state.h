@@ -124,6 +124,7 @@ unsigned long long timeout_ns();
 int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
+int env_prefetch();      // FUSED_A2A_CUDA_PREFETCH: L2 prefetch bits (DispatchParams::prefetch)
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 
