@@ -67,11 +67,13 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_abl_recv_meta": _case(ABLATE="3"),
     "standard_abl_all": _case(ABLATE="7"),
     "standard_abl_roles": _case(ABLATE="8"),
-    # L2 prefetch (session 4, unmeasured): receivers' source rows (1), senders' x rows (2)
+    # L2 prefetch (session 4, unmeasured): dispatch receivers' source rows (1), dispatch senders'
+    # x rows (2), combine reducers' source rows (4)
     "standard_pf1": _case(PREFETCH="1"),
     "standard_pf2": _case(PREFETCH="2"),
     "standard_pf3": _case(PREFETCH="3"),
-    "decode_pf3": _case(n=128, PREFETCH="3"),
+    "standard_pf7": _case(PREFETCH="7"),
+    "decode_pf7": _case(n=128, PREFETCH="7"),
     "decode_abl_roles": _case(n=128, ABLATE="8"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }

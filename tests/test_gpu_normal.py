@@ -85,7 +85,7 @@ ITEM_MODES = {  # the dispatch kernel's variants (benchmarks/NOTES.md): default 
     "scan": {},
     "enum": {"FUSED_A2A_CUDA_ITEMS": "enum"},
     "enum_prepass": {"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
-    "prefetch": {"FUSED_A2A_CUDA_PREFETCH": "3"},
+    "prefetch": {"FUSED_A2A_CUDA_PREFETCH": "7"},  # dispatch 1 + 2, combine 4
 }
 
 

@@ -3,7 +3,7 @@
 #   OUT=... bash tools/gpu_next.sh
 # 1. build; GPU tests: tests/test_gpu_normal.py (the torch suite in every dispatch variant, incl.
 #    the opt-in L2 prefetch), test_gpu_faults.py, test_gpu_concurrency.py;
-# 2. bench_normal A/B: the L2 prefetch variants (FUSED_A2A_CUDA_PREFETCH 1, 2, 3) and enum for
+# 2. bench_normal A/B: the L2 prefetch variants (FUSED_A2A_CUDA_PREFETCH 1, 2, 3, 7) and enum for
 #    decode, against the default, with per-kernel times;
 # 3. tools/gpu_diag_trace.sh: the diagnostic build's traces incl. each role's untraced loop time
 #    and the no-roles floor (FUSED_A2A_CUDA_ABLATE=8).
@@ -18,7 +18,7 @@ STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=10 \
   PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
   PYTEST_K="${PYTEST_K:-not jax_gpu_suite}" bash tools/gpu_check.sh || exit 1
 FA2A_BENCH_KERNELS=1 STEPS=bench \
-  BENCH_CASES=${BENCH_CASES:-standard,standard_pf1,standard_pf2,standard_pf3,decode,decode_pf3,decode_enum} \
+  BENCH_CASES=${BENCH_CASES:-standard,standard_pf1,standard_pf2,standard_pf3,standard_pf7,decode,decode_pf7,decode_enum} \
   bash tools/gpu_check.sh | tail -70
 mv "$OUT/bench.json" "$OUT/bench_ab.json"
 bash tools/gpu_diag_trace.sh

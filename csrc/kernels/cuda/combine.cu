@@ -46,6 +46,8 @@ struct CombineParams {
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
   bool flag_fence_sc;
+  bool
+      prefetch;  // FUSED_A2A_CUDA_PREFETCH bit 4 (opt-in, unmeasured): reducers prefetch rows to L2
 };
 
 struct Shared {
@@ -363,6 +365,10 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
           p.out_w[t * K + kk] = v;
         }
       }
+      if (p.prefetch) {  // the token's source rows into L2: the reduction's later loads hit it
+        if ((valid_bits[0] >> lane) & 1u) bulk_prefetch_l2(my_src[0], static_cast<uint32_t>(rb));
+        if ((valid_bits[1] >> lane) & 1u) bulk_prefetch_l2(my_src[1], static_cast<uint32_t>(rb));
+      }
       reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
       __syncwarp();
     }
@@ -518,6 +524,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.prefetch = (env_prefetch() & 4) != 0;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));

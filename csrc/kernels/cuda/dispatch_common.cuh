@@ -49,7 +49,8 @@ struct DispatchParams {
   const uint32_t* meta_records;
   // FUSED_A2A_CUDA_PREFETCH bits (opt-in, scan kernel only, session 4, unmeasured): 1 receivers
   // prefetch a chunk's source rows into L2 before copying them (one row per lane), 2 senders
-  // prefetch a chunk's x rows into L2 before staging its metadata.
+  // prefetch a chunk's x rows into L2 before staging its metadata (4: the combine's reducers,
+  // combine.cu).
   int prefetch;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
