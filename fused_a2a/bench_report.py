@@ -10,6 +10,7 @@ A row is one op of one implementation at one N. Metrics (BENCHMARKS.md):
 - ``sms``: SMs the communication kernels use (GPU), None where unknown or on CPU;
 - ``vs``: for each peer, peer time / this time for the op in the same direction (> 1: faster than
   the peer). Dispatch and combine backward move data like combine and dispatch respectively.
+- ``dispatch_fp8`` (HybridEP, bf16 runs): e4m3 rows with 1x128 f32 scales; bytes counted as moved.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from __future__ import annotations
 import json
 import os
 
-OPS = ("dispatch", "combine", "dispatch_bwd", "combine_bwd")
+OPS = ("dispatch", "combine", "dispatch_bwd", "combine_bwd", "dispatch_fp8")
 DIRECTION = {
     "dispatch": "dispatch",
     "combine_bwd": "dispatch",
     "combine": "combine",
     "dispatch_bwd": "combine",
+    "dispatch_fp8": "dispatch",
 }
+# dispatch_fp8 (HybridEP, bf16 runs only): e4m3 rows + one f32 scale per 128 values, so its bytes
+# are (1 + 4 / 128) / 2 of the bf16 rows'; its ratios compare times with the peers' bf16 dispatch.
+BYTES_FACTOR = {"dispatch_fp8": (1 + 4 / 128) / 2}
 
 
 _SHORT = {
@@ -78,15 +83,18 @@ def make_rows(frontend: str, unit_info: dict, merged: list[dict], ranks: int, de
                 continue
             us, ok = ops[op]
             us = float(us)
+            recv_b, remote_b = (
+                res[k] * BYTES_FACTOR.get(op, 1) for k in ("recv_bytes", "remote_bytes")
+            )
             rows.append(
                 {
                     **base,
                     "op": op,
                     "time_us": us,
-                    "gbps": res["recv_bytes"] / us / 1e3 if us > 0 else None,
-                    "wire_gbps": res["remote_bytes"] / us / 1e3 if us > 0 else None,
-                    "recv_bytes": res["recv_bytes"],
-                    "remote_bytes": res["remote_bytes"],
+                    "gbps": recv_b / us / 1e3 if us > 0 else None,
+                    "wire_gbps": remote_b / us / 1e3 if us > 0 else None,
+                    "recv_bytes": recv_b,
+                    "remote_bytes": remote_b,
                     "sms": ops.get("sms"),
                     "verified": bool(ok),
                 }

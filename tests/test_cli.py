@@ -91,6 +91,8 @@ def test_bench_rows_all_verified(bench):
             for op in ("dispatch", "combine", "dispatch_bwd", "combine_bwd"):
                 for n in (16, 48):
                     assert (fe, "fused_a2a", mode, op, n) in have, (fe, mode, op, n)
+    for n in (16, 48):  # HybridEP FP8 dispatch (e4m3 + scales), torch
+        assert ("torch", "fused_a2a", "hybrid", "dispatch_fp8", n) in have, n
     assert ("torch", "all_to_all_single", "rows", "dispatch", 48) in have
     # the baseline HybridEP is compared with: normal mode + a separate permute / unpermute
     for op in ("dispatch", "combine"):
