@@ -5,7 +5,8 @@
 #    the opt-in L2 prefetch), test_gpu_faults.py, test_gpu_concurrency.py;
 # 2. bench_normal A/B: the L2 prefetch variants (FUSED_A2A_CUDA_PREFETCH 1, 2, 3, 7) and enum for
 #    decode, against the default, with per-kernel times;
-# 3. tools/gpu_diag_trace.sh: the diagnostic build's traces incl. each role's untraced loop time
+# 3. fused-a2a bench --mode hybrid (torch): HybridEP incl. the FP8 dispatch row -> hybrid.log;
+# 4. tools/gpu_diag_trace.sh: the diagnostic build's traces incl. each role's untraced loop time
 #    and the no-roles floor (FUSED_A2A_CUDA_ABLATE=8).
 # (Session 3's plan of the same name ran in session 4 as run 9: results/2026-11-26_h100x2_s4.)
 set -uo pipefail
@@ -21,4 +22,10 @@ FA2A_BENCH_KERNELS=1 STEPS=bench \
   BENCH_CASES=${BENCH_CASES:-standard,standard_pf1,standard_pf2,standard_pf3,standard_pf7,decode,decode_pf7,decode_enum} \
   bash tools/gpu_check.sh | tail -70
 mv "$OUT/bench.json" "$OUT/bench_ab.json"
+# HybridEP incl. the FP8 dispatch row (torch), before the diagnostic build replaces the package.
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+timeout "${STEP_TIMEOUT_HYBRID:-150}" fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid \
+  --frontend torch --iters 10 --out /tmp/hybrid >"$OUT/hybrid.log" 2>&1
+echo "hybrid bench: rc=$?" | tee -a "$OUT/summary.txt"
+grep -E "hybrid|normal\+" "$OUT/hybrid.log" | tail -8 | tee -a "$OUT/summary.txt"
 bash tools/gpu_diag_trace.sh
