@@ -21,7 +21,7 @@ import reference as R
 from conftest import gpu_count
 from mp import run_ranks
 from reference import assert_bitwise_equal
-from test_reliability_resources import _two_group_inputs
+from test_reliability_resources import _two_group_inputs, jax_round_trip
 
 pytestmark = pytest.mark.gpu
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -101,24 +101,11 @@ def _rank_torch_and_jax(rank, world):
 
     torch.cuda.set_device(0)
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    import jax_fused_a2a as jfa
 
     devices = jax.devices()[:2]
     assert all(d.platform == "gpu" for d in devices) and len(devices) == 2, devices
-    mesh = Mesh(np.array(devices), ("ep",))
     _, e, _ = _two_group_inputs([0, 1], 7)
-
-    def body(x, idx, w):
-        d = jfa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
-        return d.recv_x, jfa.combine(d.recv_x, d.handle, axis_name="ep")
-
-    step = jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"), P("ep")))
-    )
+    jax_step = jax_round_trip(devices, e)
     results = []
     for it in range(3):
         tinp, te, _ = _two_group_inputs([0], 10 * it + 5)  # torch: a one-rank group on GPU 0
@@ -128,18 +115,8 @@ def _rank_torch_and_jax(rank, world):
         )
         out, _ = tfa.fused_combine(recv_x, dist.group.WORLD, handle)
         inp, _, _ = _two_group_inputs([0, 1], 10 * it + 7)  # JAX: GPUs 0 and 1
-        x = jnp.asarray(np.concatenate([i["x"] for i in inp]))
-        idx = jnp.asarray(np.concatenate([i["idx"] for i in inp]).astype(np.int32))
-        w = jnp.asarray(np.concatenate([i["w"] for i in inp]))
-        jrecv, jout = step(x, idx, w)
-        results.append(
-            dict(
-                recv_x=to_numpy(recv_x),
-                out=to_numpy(out),
-                jrecv=np.asarray(jrecv),
-                jout=np.asarray(jout),
-            )
-        )
+        jrecv, jout = jax_step(inp)
+        results.append(dict(recv_x=to_numpy(recv_x), out=to_numpy(out), jrecv=jrecv, jout=jout))
     return results
 
 

@@ -21,23 +21,19 @@ import threading
 import time
 
 import pytest
-import reference as R
 from conftest import gpu_count
 from mp import RankError, run_ranks
-from reference import assert_bitwise_equal
-from test_reliability_faults import _die, _inputs
+from test_reliability_faults import _die, _recover, check_recovered
 
 pytestmark = pytest.mark.gpu
 TIMEOUT_S = 2.0
 N, H, K, L = 8192, 7168, 8, 8  # per rank; the standard case's rows, top-8 of 8 experts per rank
-SMALL_N = 7
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "PYTHONFAULTHANDLER": "1", "FUSED_A2A_TIMEOUT_S": "60"}
 
 
 def _rank_fault(rank, world, scenario, victim, tmp):
     import torch
     import torch.distributed as dist
-    from torch_utils import from_numpy, to_numpy
 
     import torch_fused_a2a as tfa
 
@@ -102,32 +98,8 @@ def _rank_fault(rank, world, scenario, victim, tmp):
             failure = dict(at=time.time(), mro=mro, message=str(exc), calls=calls, op_s=op_s)
     assert failure is not None, "the survivors' ops kept succeeding after the victim died"
 
-    # Recovery: a new process group of the survivors, fresh buffers, exact results.
-    survivors = [r for r in range(world) if r != victim]
-    new_rank = survivors.index(rank)
-    dist.destroy_process_group()
-    import datetime
-
-    dist.init_process_group(
-        "gloo",
-        init_method="file://" + os.path.join(tmp, "store"),
-        rank=new_rank,
-        world_size=len(survivors),
-        timeout=datetime.timedelta(seconds=60),
-    )
-    os.environ["FUSED_A2A_TIMEOUT_S"] = "60"
     tfa.set_deepep_num_sms(24)
-    group = dist.group.WORLD
-    g = len(survivors)
-    small = {k: from_numpy(v).to(dev) for k, v in _inputs(new_rank, g, SMALL_N, 2).items()}
-    recv_x, _, _, _, handle = tfa.fused_dispatch(small["x"], small["idx"], small["w"], g * 2, group)
-    out, _ = tfa.fused_combine(recv_x, group, handle)
-    hidden, _, _, _, hhandle = tfa.hybrid_ep_dispatch(
-        small["x"], small["rmap"], small["probs"], group, 2
-    )
-    hout = tfa.hybrid_ep_combine(hidden, hhandle)
-    after = dict(recv_x=recv_x, out=out, hidden=hidden, hout=hout)
-    return dict(failure=failure, after={k: to_numpy(v) for k, v in after.items()})
+    return dict(failure=failure, after=_recover(rank, world, victim, tmp, dev))
 
 
 SCENARIOS = {
@@ -179,19 +151,4 @@ def test_gpu_rank_dies(scenario, tmp_path):
         waited = f["at"] - died_at
         assert waited < TIMEOUT_S + 5, f"survivor {r} raised {waited:.1f} s after the death: {text}"
 
-    g = len(survivors)
-    small = [_inputs(r, g, SMALL_N, 2) for r in range(g)]
-    disp = R.dispatch(
-        [s["x"] for s in small], [s["idx"] for s in small], [s["w"] for s in small], g * 2
-    )
-    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [SMALL_N] * g)
-    hdisp = R.hybrid_dispatch(
-        [s["x"] for s in small], [s["rmap"] for s in small], [s["probs"] for s in small], 2
-    )
-    houts, _ = R.hybrid_combine([d["hidden"] for d in hdisp], hdisp)
-    for new_rank, r in enumerate(survivors):
-        after = res[r]["after"]
-        assert_bitwise_equal(after["recv_x"], disp[new_rank]["recv_x"], f"survivor {r} recv_x")
-        assert_bitwise_equal(after["out"], outs[new_rank], f"survivor {r} combine")
-        assert_bitwise_equal(after["hidden"], hdisp[new_rank]["hidden"], f"survivor {r} hybrid")
-        assert_bitwise_equal(after["hout"], houts[new_rank], f"survivor {r} hybrid combine")
+    check_recovered(res, survivors)  # the survivors' new group: exact results

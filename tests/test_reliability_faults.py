@@ -156,13 +156,23 @@ def _rank_fault(rank, world, scenario, victim, tmp):
             )
     assert failure is not None, "the survivors' ops kept succeeding after the victim died"
 
-    # Recovery: a fresh process group of the survivors (the old one has a dead member), fresh
-    # buffers (get_buffer and the HybridEP buffer follow the new group), exact results.
+    return dict(failure=failure, after=_recover(rank, world, victim, tmp))
+
+
+def _recover(rank, world, victim, tmp, device=None):
+    """After a death: a fresh process group of the survivors (the old one has a dead member; when
+    rank 0 died its TCP store died with it, so a file store), fresh buffers (get_buffer and the
+    HybridEP buffer follow the new group), and every op once on small inputs, as numpy."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch_utils import from_numpy, to_numpy
+
+    import torch_fused_a2a as tfa
+
     survivors = [r for r in range(world) if r != victim]
     new_rank = survivors.index(rank)
     dist.destroy_process_group()
-    import datetime
-
     dist.init_process_group(
         "gloo",
         init_method="file://" + os.path.join(tmp, "store"),
@@ -171,23 +181,38 @@ def _rank_fault(rank, world, scenario, victim, tmp):
         timeout=datetime.timedelta(seconds=60),
     )
     os.environ["FUSED_A2A_TIMEOUT_S"] = "60"
-    group = dist.group.WORLD
-    g = len(survivors)
+    group, g = dist.group.WORLD, len(survivors)
     small = {k: from_numpy(v) for k, v in _inputs(new_rank, g, SMALL_N, 2).items()}
-    recv_x, _, _, _, handle = tfa.FusedDispatch.apply(
-        small["x"], small["idx"], small["w"], g * L, group
-    )
-    out, _ = tfa.FusedCombine.apply(recv_x, group, handle)
+    if device is not None:
+        small = {k: v.to(device) for k, v in small.items()}
+    recv_x, _, _, _, handle = tfa.fused_dispatch(small["x"], small["idx"], small["w"], g * L, group)
+    out, _ = tfa.fused_combine(recv_x, group, handle)
     hidden, _, _, _, hhandle = tfa.hybrid_ep_dispatch(
         small["x"], small["rmap"], small["probs"], group, L
     )
     hout = tfa.hybrid_ep_combine(hidden, hhandle)
-    return dict(
-        failure=failure,
-        after=dict(
-            recv_x=to_numpy(recv_x), out=to_numpy(out), hidden=to_numpy(hidden), hout=to_numpy(hout)
-        ),
+    after = dict(recv_x=recv_x, out=out, hidden=hidden, hout=hout)
+    return {k: to_numpy(v) for k, v in after.items()}
+
+
+def check_recovered(res, survivors):
+    """The survivors' results of _recover, bit for bit against the reference."""
+    g = len(survivors)
+    small = [_inputs(r, g, SMALL_N, 2) for r in range(g)]
+    disp = R.dispatch(
+        [s["x"] for s in small], [s["idx"] for s in small], [s["w"] for s in small], g * L
     )
+    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [SMALL_N] * g)
+    hdisp = R.hybrid_dispatch(
+        [s["x"] for s in small], [s["rmap"] for s in small], [s["probs"] for s in small], L
+    )
+    houts, _ = R.hybrid_combine([d["hidden"] for d in hdisp], hdisp)
+    for new_rank, r in enumerate(survivors):
+        after = res[r]["after"]
+        assert_bitwise_equal(after["recv_x"], disp[new_rank]["recv_x"], f"survivor {r} recv_x")
+        assert_bitwise_equal(after["out"], outs[new_rank], f"survivor {r} combine")
+        assert_bitwise_equal(after["hidden"], hdisp[new_rank]["hidden"], f"survivor {r} hybrid")
+        assert_bitwise_equal(after["hout"], houts[new_rank], f"survivor {r} hybrid combine")
 
 
 SCENARIOS = {
@@ -236,20 +261,4 @@ def test_rank_dies(scenario, tmp_path):
     if scenario != "between":  # the death landed in the middle of the op, not before its start
         assert max(rounds) > 0, f"survivors failed in round(s) {rounds}"
 
-    # the survivors' new group: exact results
-    g = len(survivors)
-    small = [_inputs(r, g, SMALL_N, 2) for r in range(g)]
-    disp = R.dispatch(
-        [s["x"] for s in small], [s["idx"] for s in small], [s["w"] for s in small], g * L
-    )
-    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [SMALL_N] * g)
-    hdisp = R.hybrid_dispatch(
-        [s["x"] for s in small], [s["rmap"] for s in small], [s["probs"] for s in small], L
-    )
-    houts, _ = R.hybrid_combine([d["hidden"] for d in hdisp], hdisp)
-    for new_rank, r in enumerate(survivors):
-        after = res[r]["after"]
-        assert_bitwise_equal(after["recv_x"], disp[new_rank]["recv_x"], f"survivor {r} recv_x")
-        assert_bitwise_equal(after["out"], outs[new_rank], f"survivor {r} combine")
-        assert_bitwise_equal(after["hidden"], hdisp[new_rank]["hidden"], f"survivor {r} hybrid")
-        assert_bitwise_equal(after["hout"], houts[new_rank], f"survivor {r} hybrid combine")
+    check_recovered(res, survivors)  # the survivors' new group: exact results

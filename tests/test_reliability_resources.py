@@ -289,6 +289,35 @@ def test_two_groups_used_alternately():
 # ----------------------------------------------------------------------------- torch + JAX
 
 
+def jax_round_trip(devices, e):
+    """A jitted shard_map over `devices` (the EP group): dispatch, then combine of the received
+    rows. Returns run(inputs of _two_group_inputs) -> (recv_x, combined) as numpy."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import jax_fused_a2a as jfa
+
+    mesh = Mesh(np.array(devices), ("ep",))
+
+    def body(x, idx, w):
+        d = jfa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
+        return d.recv_x, jfa.combine(d.recv_x, d.handle, axis_name="ep")
+
+    step = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"), P("ep")))
+    )
+
+    def run(inp):
+        x = jnp.asarray(np.concatenate([i["x"] for i in inp]))
+        idx = jnp.asarray(np.concatenate([i["idx"] for i in inp]).astype(np.int32))
+        w = jnp.asarray(np.concatenate([i["w"] for i in inp]))
+        return tuple(np.asarray(a) for a in step(x, idx, w))
+
+    return run
+
+
 def _rank_torch_and_jax(rank, world):
     import torch
     import torch.distributed as dist
@@ -298,24 +327,11 @@ def _rank_torch_and_jax(rank, world):
 
     torch.set_num_threads(1)
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    import jax_fused_a2a as jfa
 
     devices = jax.devices("cpu")
     assert len(devices) == 2, devices
-    mesh = Mesh(np.array(devices), ("ep",))
     n, e = 6, 4
-
-    def body(x, idx, w):
-        d = jfa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
-        return d.recv_x, jfa.combine(d.recv_x, d.handle, axis_name="ep")
-
-    step = jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"), P("ep")))
-    )
+    jax_step = jax_round_trip(devices, e)
     results = []
     for it in range(3):
         inp, _, _ = _two_group_inputs([0, 1], [it, 7])
@@ -325,18 +341,8 @@ def _rank_torch_and_jax(rank, world):
         )
         out, _ = tfa.FusedCombine.apply(recv_x, dist.group.WORLD, handle)
         # JAX: both "ranks" of the EP group are this process's two CPU devices
-        x = jnp.asarray(np.concatenate([i["x"] for i in inp]))
-        idx = jnp.asarray(np.concatenate([i["idx"] for i in inp]).astype(np.int32))
-        w = jnp.asarray(np.concatenate([i["w"] for i in inp]))
-        jrecv, jout = step(x, idx, w)
-        results.append(
-            dict(
-                recv_x=to_numpy(recv_x),
-                out=to_numpy(out),
-                jrecv=np.asarray(jrecv),
-                jout=np.asarray(jout),
-            )
-        )
+        jrecv, jout = jax_step(inp)
+        results.append(dict(recv_x=to_numpy(recv_x), out=to_numpy(out), jrecv=jrecv, jout=jout))
     import fused_a2a_core as c
 
     held = c.buffer_bytes_held()

@@ -9,11 +9,8 @@
 #    standard and decode dispatch -> bench_trace.json, and the ablations (receivers copy nothing,
 #    senders push no rows, ...) against that build's baseline -> bench.json.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$(mktemp -d)}
-export OUT
 cd "$(dirname "$0")/.."
+source tools/gpu_env.sh
 STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-280} TEST_TIMEOUT_S=10 \
   PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_faults.py" \
   PYTEST_K="${PYTEST_K:-not jax_gpu_suite}" bash tools/gpu_check.sh || exit 1

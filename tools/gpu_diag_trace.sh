@@ -5,7 +5,9 @@
 # epilogue); prints rank 0's per-warp phase summary, incl. each role's untraced loop time
 # (benchmarks/NOTES.md, session 4).   OUT=... bash tools/gpu_diag_trace.sh
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 FUSED_A2A_TIMEOUT_S=10
+cd "$(dirname "$0")/.."
+source tools/gpu_env.sh
+export FUSED_A2A_TIMEOUT_S=10
 CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DFA2A_CUDA_TRACE=1\ -DFA2A_CUDA_ABLATE=1" STEPS=build bash tools/gpu_check.sh >/dev/null
 FUSED_A2A_CUDA_TRACE=1 STEPS=bench BENCH_CASES=${TRACE_CASES:-decode,decode_enum,decode_abl_roles,standard,standard_enum,standard_abl_roles} \
   timeout 150 bash tools/gpu_check.sh >/dev/null

@@ -10,11 +10,8 @@
 #    and the no-roles floor (FUSED_A2A_CUDA_ABLATE=8).
 # (Session 3's plan of the same name ran in session 4 as run 9: results/2026-11-26_h100x2_s4.)
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$(mktemp -d)}
-export OUT
 cd "$(dirname "$0")/.."
+source tools/gpu_env.sh
 STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=10 \
   PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
   PYTEST_K="${PYTEST_K:-not jax_gpu_suite}" bash tools/gpu_check.sh || exit 1

@@ -9,11 +9,8 @@
 #    every op (tools/gpu_sanitize.sh, one rank on GPU 0).
 # Files under $OUT: env.txt build.log summary.txt stress.log faults.log sanitize_*.log.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$(mktemp -d)}
-export OUT
 cd "$(dirname "$0")/.."
+source tools/gpu_env.sh
 STEPS=build bash tools/gpu_check.sh || exit 1
 stress_s=${STEP_TIMEOUT_STRESS:-500}
 (

@@ -3,10 +3,9 @@
 # (tools/sanitize_ops.py; one rank: the sanitizer serialises kernels, and multi-rank kernels wait
 # for their peers). Needs a built package (tools/gpu_check.sh STEPS=build). Logs under $OUT.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 FUSED_A2A_TIMEOUT_S=${FUSED_A2A_TIMEOUT_S:-120}
-OUT=${OUT:-$(mktemp -d)}
 cd "$(dirname "$0")/.."
+source tools/gpu_env.sh
+export FUSED_A2A_TIMEOUT_S=${FUSED_A2A_TIMEOUT_S:-120}
 for tool in ${TOOLS:-memcheck racecheck synccheck}; do
   timeout "${STEP_TIMEOUT_SANITIZE:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
     --target-processes all python3 tools/sanitize_ops.py >"$OUT/sanitize_$tool.log" 2>&1
