@@ -230,6 +230,18 @@ def _rank_two_groups(rank, world, iterations):
     import torch_fused_a2a as tfa
 
     torch.set_num_threads(1)
+    # Record every buffer bootstrap exchange (region infos: shm names or CUDA IPC handles) with
+    # the ranks it reached, to check that they go to the buffer's group only.
+    from torch_fused_a2a import _buffers
+
+    exchanges, gather = [], _buffers.dist.all_gather_object
+
+    def recording_gather(out, obj, group=None):
+        if isinstance(obj, bytes):  # a region info (core.buffer_create)
+            exchanges.append(tuple(dist.get_process_group_ranks(group)))
+        return gather(out, obj, group=group)
+
+    _buffers.dist.all_gather_object = recording_gather  # torch.distributed's, in this process
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
     groups = {
         "world": (dist.group.WORLD, list(range(world))),
@@ -260,12 +272,16 @@ def _rank_two_groups(rank, world, iterations):
                 hout=to_numpy(hout),
             )
         out.append(step)
-    return out
+    return dict(steps=out, exchanges=exchanges)
 
 
 def test_two_groups_used_alternately():
     iterations, world = 3, 4
-    res = run_ranks(_rank_two_groups, world, iterations, timeout=240)
+    got_all = run_ranks(_rank_two_groups, world, iterations, timeout=240)
+    for r, got in enumerate(got_all):  # region infos went to the buffer's group only
+        pair = (0, 1) if r < 2 else (2, 3)
+        assert set(got["exchanges"]) == {(0, 1, 2, 3), pair}, (r, got["exchanges"])
+    res = [got["steps"] for got in got_all]
     for it in range(iterations):
         for name, groups in (("world", [[0, 1, 2, 3]]), ("pair", [[0, 1], [2, 3]])):
             for ranks in groups:
