@@ -134,6 +134,16 @@ def run_hybrid_case(mesh, case):
         _, (outs["gx"], outs["gprobs"]) = jax.value_and_grad(loss, argnums=(0, 1))(x, pr)
         return outs
 
+    # FA2A_JAX_KEEP (comma-separated output names; diagnosis only, the tests never set it): the
+    # program returns only those outputs and is compiled and run without checks, to bisect which
+    # part of a program crashes XLA (tools/diag_jax_p0.py --bisect).
+    keep = [k for k in os.environ.get("FA2A_JAX_KEEP", "").split(",") if k]
+    if keep:
+        full_body = body
+
+        def body(*a):
+            return {k: v for k, v in full_body(*a).items() if k in keep}
+
     spec = P("ep")
     sf = (
         [s for _, s in inp["fp8_x"]]
@@ -148,7 +158,11 @@ def run_hybrid_case(mesh, case):
         grads["g_hidden"] = [a.astype(E4M3) for a in inp["g_hidden"]]
     args = [xs, sf, inp["rms"], probs] + [grads[k] for k in names]
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec))
-    got = {k: split(v, g) for k, v in f(*(to_global(mesh, _cat(a)) for a in args)).items()}
+    outs = f(*(to_global(mesh, _cat(a)) for a in args))
+    if keep:
+        jax.block_until_ready(outs)
+        return
+    got = {k: split(v, g) for k, v in outs.items()}
     check_hybrid_results(got, inp, case, g)
 
 
@@ -252,8 +266,9 @@ def suite_hybrid(g):
     # FA2A_JAX_SKIP (comma-separated case names): diagnosis runs only, to see the cases after one
     # that crashed the process; the tests never set it.
     skip = set(filter(None, os.environ.get("FA2A_JAX_SKIP", "").split(",")))
+    only = set(filter(None, os.environ.get("FA2A_JAX_ONLY", "").split(",")))  # diagnosis too
     for name, case in hybrid_cases(g).items():
-        if name in skip:
+        if name in skip or (only and name not in only):
             continue
         # The case's name first: a crash inside XLA (no Python exception) then says where.
         print(f"case {name}", file=sys.stderr, flush=True)

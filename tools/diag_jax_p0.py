@@ -4,6 +4,8 @@ backend_compile_and_load). Each variant compiles and runs in its own process, so
 the variant.
 
     python tools/diag_jax_p0.py [G]        # on a GPU machine; prints one line per variant
+    python tools/diag_jax_p0.py --bisect   # the failing test program itself (G = 2), run with
+                                           # subsets of its outputs (FA2A_JAX_KEEP)
 """
 
 from __future__ import annotations
@@ -83,12 +85,50 @@ def run_variant(name: str, g: int) -> None:
     print(f"variant {name}: ok, output {out.shape}", flush=True)
 
 
+# Output groups of tests/jax_cases_hybrid.py's program, tried one at a time, then all together.
+BISECT = (
+    "tpe,overflow,row_token,needed",
+    "hidden",
+    "probs",
+    "out",
+    "out_p,cprobs",
+    "dy",
+    "dy_p,dyp",
+    "dx,dprobs",
+    "gx,gprobs",
+    "hidden,probs,tpe,overflow,row_token,needed,out,out_p,cprobs,dy,dy_p,dyp,dx,dprobs,gx,gprobs",
+)
+
+
+def bisect(here: str) -> int:
+    tests = os.path.join(os.path.dirname(here), "tests")
+    for keep in BISECT:
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([os.path.dirname(here), tests]),
+            FA2A_JAX_ONLY="G2-f32-l2-size-zero",
+            FA2A_JAX_KEEP=keep,
+        )
+        proc = subprocess.run(
+            [sys.executable, os.path.join(tests, "jax_cases.py"), "hybrid", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")] or ["-"]
+        print(f"keep {keep}: rc={proc.returncode} {result[0][:160]}", flush=True)
+    return 0
+
+
 def main() -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.argv[1:2] == ["--bisect"]:
+        return bisect(here)
     if len(sys.argv) > 2:
         run_variant(sys.argv[2], int(sys.argv[1]))
         return 0
     g = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     for name in VARIANTS:
         proc = subprocess.run(
