@@ -41,17 +41,10 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nw = gridDim.x * a.warps, gw = blockIdx.x * a.warps + warp;
-  const size_t per_warp =
-      (static_cast<size_t>(a.stages) * (a.stage_bytes + 20) + 255) & ~size_t(127);
+  const size_t per_warp = (tma_pipe_bytes(a.stage_bytes, a.stages) + 255) & ~size_t(127);
   uint8_t* base = smem + per_warp * warp;
   TmaPipe pipe;
-  if (a.tma && lane == 0) {
-    const size_t data = static_cast<size_t>(a.stages) * a.stage_bytes;
-    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
-              reinterpret_cast<uint8_t**>(base + data + 8 * a.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * a.stages), a.stage_bytes, a.stages,
-              false);
-  }
+  if (a.tma && lane == 0) pipe.init(base, a.stage_bytes, a.stages, false);
   __syncwarp();
   const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;
   const size_t items = chunks * a.npeers;
@@ -110,7 +103,8 @@ int main(int argc, char** argv) {
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
     for (const Mode& m : modes) {
-      const size_t smem = m.tma ? m.warps * ((m.stages * (m.stage + 20) + 255) & ~size_t(127)) : 0;
+      const size_t smem =
+          m.tma ? m.warps * ((tma_pipe_bytes(m.stage, m.stages) + 255) & ~size_t(127)) : 0;
       std::vector<double> per_gpu(ngpu, 0.0);
       std::vector<std::vector<float>> ms(ngpu);
       for (int rep = 0; rep < reps + 2; ++rep) {

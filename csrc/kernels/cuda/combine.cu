@@ -71,7 +71,7 @@ __host__ __device__ inline SmemLayout smem_layout(int send_warps, int recv_warps
   l.srcs = align128(sizeof(int) * 3 * kMaxRanks * send_warps);  // ready round, jlo, jhi
   // Per receiver warp: kMaxRanks row pointers + kMaxRanks weight pointers.
   l.pipes = l.srcs + align128(sizeof(void*) * 2 * kMaxRanks * recv_warps);
-  l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
+  l.per_warp = tma ? align128(tma_pipe_bytes(stage_bytes, stages)) : 0;
   l.total = l.pipes + l.per_warp * send_warps;
   return l;
 }
@@ -104,12 +104,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
   if (p.tma && lane == 0) {
-    uint8_t* base = smem + L.pipes + L.per_warp * warp;
-    const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
-    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
-              reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages,
-              p.flag_fence_sc);
+    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc);
   }
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;

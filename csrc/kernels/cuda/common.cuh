@@ -306,6 +306,10 @@ constexpr uint32_t kFlagLag = 4;  // store groups issued after a chunk before it
 // once, without waiting for the loads in flight, so a chunk end never drains the ring.
 // A finished chunk's flag is released kFlagLag store groups after the chunk's last group (once
 // those groups' writes are complete); drain() releases it at once.
+// Shared memory of one ring of S stages of sb bytes (TmaPipe::init's layout): the stages, then
+// S mbarriers, S destinations, S lengths.
+__host__ __device__ constexpr size_t tma_pipe_bytes(size_t sb, size_t S) { return S * (sb + 20); }
+
 struct TmaPipe {
   uint8_t* smem;   // S * stage_bytes
   uint64_t* bars;  // S mbarriers
@@ -323,12 +327,13 @@ struct TmaPipe {
   uint32_t pend_groups;  // once they are all stored: its groups are [0, pend_groups); else 0
   bool sys_fence;        // a fence.sc.sys before each flag (FUSED_A2A_CUDA_FLAG_FENCE=sc)
 
-  __device__ void init(uint8_t* s, uint64_t* b, uint8_t** d, uint32_t* l, uint32_t sb, uint32_t S,
-                       bool fence_sc) {
-    smem = s;
-    bars = b;
-    dsts = d;
-    lens = l;
+  // base: tma_pipe_bytes(sb, S) bytes of shared memory, 128-byte aligned (sb a multiple of 16).
+  __device__ void init(uint8_t* base, uint32_t sb, uint32_t S, bool fence_sc) {
+    const size_t data = static_cast<size_t>(S) * sb;
+    smem = base;
+    bars = reinterpret_cast<uint64_t*>(base + data);
+    dsts = reinterpret_cast<uint8_t**>(base + data + 8 * S);
+    lens = reinterpret_cast<uint32_t*>(base + data + 16 * S);
     stage_bytes = sb;
     stages = S;
     n = 0;

@@ -81,7 +81,7 @@ __host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool 
   l.meta = l.ready + align128(sizeof(int) * kMaxRanks * send_warps);
   l.meta_per_warp = 2 * ((sizeof(int) * chunk * meta_words + 15) & ~size_t(15));
   l.pipes = l.meta + align128(l.meta_per_warp * send_warps);
-  l.per_warp = tma ? align128(static_cast<size_t>(stages) * (stage_bytes + 20)) : 0;
+  l.per_warp = tma ? align128(tma_pipe_bytes(stage_bytes, stages)) : 0;
   l.total = l.pipes + l.per_warp * send_warps;
   return l;
 }

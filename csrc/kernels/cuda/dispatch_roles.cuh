@@ -30,12 +30,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
   if (p.tma && lane == 0) {
-    uint8_t* base = smem + L.pipes + L.per_warp * warp;
-    const size_t data = static_cast<size_t>(p.stages) * p.stage_bytes;
-    pipe.init(base, reinterpret_cast<uint64_t*>(base + data),
-              reinterpret_cast<uint8_t**>(base + data + 8 * p.stages),
-              reinterpret_cast<uint32_t*>(base + data + 16 * p.stages), p.stage_bytes, p.stages,
-              p.flag_fence_sc);
+    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc);
   }
   __syncwarp();
   long long nrounds = 1;

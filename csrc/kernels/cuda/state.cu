@@ -270,7 +270,7 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
   size_t stage = static_cast<size_t>(env_int("FUSED_A2A_CUDA_STAGE_KB", 0)) * 1024;
   if (stage == 0) stage = std::min<size_t>((row_bytes + 15) & ~size_t(15), 16384);
   stage = std::max<size_t>(16, stage & ~size_t(15));
-  const size_t per_stage = stage + 20;
+  const size_t per_stage = tma_pipe_bytes(stage, 1);
   int stages = static_cast<int>(budget / (per_stage * c.send_warps));
   stages = std::min(stages, env_int("FUSED_A2A_CUDA_STAGES", kMaxStages));
   if (c.tma && stages < 3) {
