@@ -246,20 +246,23 @@ def hybrid_valid(case, arrays) -> bool:
     )
 
 
+def case_tensors(torch, arrays, layouts, names):
+    """A case's input tensors in their layouts (an absent input stays None), and the record of
+    them: each input's values under its name, and whether all are contiguous."""
+    tensors = [
+        None if a is None else make_tensor(torch, a, lay)
+        for a, lay in zip(arrays, layouts, strict=True)
+    ]
+    out = {n: None if t is None else tensor_values(t) for n, t in zip(names, tensors, strict=True)}
+    out["contiguous"] = all(t.is_contiguous() for t in tensors if t is not None)
+    return tensors, out
+
+
 def rank_hybrid(torch, tfa, group, rank, case):
     from torch_utils import to_numpy
 
-    x, rmap, probs = hybrid_arrays(case, rank)
-    lx, lr, lp = case["layouts"]
-    xt, rt = make_tensor(torch, x, lx), make_tensor(torch, rmap, lr)
-    pt = None if probs is None else make_tensor(torch, probs, lp)
-    inputs = [t for t in (xt, rt, pt) if t is not None]
-    out = dict(
-        x=tensor_values(xt),
-        rmap=tensor_values(rt),
-        probs=None if pt is None else tensor_values(pt),
-        contiguous=all(t.is_contiguous() for t in inputs),
-    )
+    arrays = hybrid_arrays(case, rank)
+    (xt, rt, pt), out = case_tensors(torch, arrays, case["layouts"], ("x", "rmap", "probs"))
     res = _outcome(
         lambda: tfa.hybrid_ep_dispatch(
             xt,

@@ -33,6 +33,7 @@ from fuzz_torch_cases import (
     _outcome,
     _same_path_on_every_rank,
     _values,
+    case_tensors,
     check_hybrid,
     draw_hybrid,
     make_tensor,
@@ -191,17 +192,8 @@ def normal_valid(case, arrays) -> bool | None:
 def rank_normal(torch, tfa, group, rank, case):
     from torch_utils import to_numpy
 
-    x, idx, w = normal_arrays(case, rank)
-    lx, li, lw = case["layouts"]
-    xt, it = make_tensor(torch, x, lx), make_tensor(torch, idx, li)
-    wt = None if w is None else make_tensor(torch, w, lw)
-    inputs = [t for t in (xt, it, wt) if t is not None]
-    out = dict(
-        x=tensor_values(xt),
-        idx=tensor_values(it),
-        w=None if wt is None else tensor_values(wt),
-        contiguous=all(t.is_contiguous() for t in inputs),
-    )
+    arrays = normal_arrays(case, rank)
+    (xt, it, wt), out = case_tensors(torch, arrays, case["layouts"], ("x", "idx", "w"))
     res = _outcome(lambda: tfa.FusedDispatch.apply(xt, it, wt, case["e"], group))
     if res[0] == "error":
         out["dispatch"] = res
