@@ -21,7 +21,12 @@ import reference as R
 from conftest import gpu_count
 from mp import run_ranks
 from reference import assert_bitwise_equal
-from test_reliability_resources import _two_group_inputs, jax_round_trip
+from test_reliability_resources import (
+    _two_group_inputs,
+    assert_group_results,
+    jax_round_trip,
+    two_group_reference,
+)
 
 pytestmark = pytest.mark.gpu
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -33,17 +38,6 @@ SEEDS = {"world": 2, "second": 3}
 def _need2():
     if gpu_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs, {gpu_count()} visible")
-
-
-def _reference(ranks, seed):
-    inp, e, lpr = _two_group_inputs(ranks, seed)
-    disp = R.dispatch([i["x"] for i in inp], [i["idx"] for i in inp], [i["w"] for i in inp], e)
-    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [6] * len(ranks))
-    hd = R.hybrid_dispatch(
-        [i["x"] for i in inp], [i["rmap"] for i in inp], [i["probs"] for i in inp], lpr
-    )
-    houts, _ = R.hybrid_combine([d["hidden"] for d in hd], hd)
-    return disp, outs, hd, houts
 
 
 def _rank_two_groups(rank, world, iterations):
@@ -83,13 +77,8 @@ def test_gpu_two_groups_used_alternately():
     res = run_ranks(_rank_two_groups, 2, iterations, timeout=240, env=GPU_ENV)
     for it in range(iterations):
         for name in SEEDS:
-            disp, outs, hd, houts = _reference([0, 1], 10 * it + SEEDS[name])
-            for r in range(2):
-                got, tag = res[r][it][name], f"iteration {it} group {name} rank {r}"
-                assert_bitwise_equal(got["recv_x"], disp[r]["recv_x"], f"{tag} recv_x")
-                assert_bitwise_equal(got["out"], outs[r], f"{tag} combine")
-                assert_bitwise_equal(got["hidden"], hd[r]["hidden"], f"{tag} hybrid")
-                assert_bitwise_equal(got["hout"], houts[r], f"{tag} hybrid combine")
+            got = [res[r][it][name] for r in range(2)]
+            assert_group_results(got, [0, 1], 10 * it + SEEDS[name], f"iteration {it} group {name}")
 
 
 def _rank_torch_and_jax(rank, world):
@@ -130,10 +119,10 @@ def test_gpu_torch_and_jax_in_one_process():
     )
     res = run_ranks(_rank_torch_and_jax, 1, timeout=300, env=env)[0]
     for it, got in enumerate(res):
-        tdisp, touts, _, _ = _reference([0], 10 * it + 5)
+        tdisp, touts, _, _ = two_group_reference([0], 10 * it + 5)
         assert_bitwise_equal(got["recv_x"], tdisp[0]["recv_x"], f"iteration {it} torch recv_x")
         assert_bitwise_equal(got["out"], touts[0], f"iteration {it} torch combine")
-        disp, outs, _, _ = _reference([0, 1], 10 * it + 7)
+        disp, outs, _, _ = two_group_reference([0, 1], 10 * it + 7)
         for r in range(2):
             m = disp[r]["recv_x"].shape[0]
             rows = got["jrecv"].reshape(2, -1, got["jrecv"].shape[-1])[r]

@@ -285,21 +285,32 @@ def test_two_groups_used_alternately():
     for it in range(iterations):
         for name, groups in (("world", [[0, 1, 2, 3]]), ("pair", [[0, 1], [2, 3]])):
             for ranks in groups:
-                inp, e, lpr = _two_group_inputs(ranks, [it, len(ranks)])
-                disp = R.dispatch(
-                    [i["x"] for i in inp], [i["idx"] for i in inp], [i["w"] for i in inp], e
-                )
-                outs, _ = R.combine([d["recv_x"] for d in disp], disp, [6] * len(ranks))
-                hd = R.hybrid_dispatch(
-                    [i["x"] for i in inp], [i["rmap"] for i in inp], [i["probs"] for i in inp], lpr
-                )
-                houts, _ = R.hybrid_combine([d["hidden"] for d in hd], hd)
-                for j, r in enumerate(ranks):
-                    got, tag = res[r][it][name], f"iteration {it} group {name} rank {r}"
-                    assert_bitwise_equal(got["recv_x"], disp[j]["recv_x"], f"{tag} recv_x")
-                    assert_bitwise_equal(got["out"], outs[j], f"{tag} combine")
-                    assert_bitwise_equal(got["hidden"], hd[j]["hidden"], f"{tag} hybrid")
-                    assert_bitwise_equal(got["hout"], houts[j], f"{tag} hybrid combine")
+                got = [res[r][it][name] for r in ranks]
+                assert_group_results(got, ranks, [it, len(ranks)], f"iteration {it} group {name}")
+
+
+def two_group_reference(ranks, seed):
+    """The reference of one group's step on _two_group_inputs: dispatch, combine of the received
+    rows, HybridEP dispatch, HybridEP combine of the permuted rows."""
+    inp, e, lpr = _two_group_inputs(ranks, seed)
+    disp = R.dispatch([i["x"] for i in inp], [i["idx"] for i in inp], [i["w"] for i in inp], e)
+    outs, _ = R.combine([d["recv_x"] for d in disp], disp, [6] * len(ranks))
+    hd = R.hybrid_dispatch(
+        [i["x"] for i in inp], [i["rmap"] for i in inp], [i["probs"] for i in inp], lpr
+    )
+    houts, _ = R.hybrid_combine([d["hidden"] for d in hd], hd)
+    return disp, outs, hd, houts
+
+
+def assert_group_results(got, ranks, seed, tag):
+    """got[j]: the step's results (recv_x, out, hidden, hout) of ranks[j], bit for bit."""
+    disp, outs, hd, houts = two_group_reference(ranks, seed)
+    for j, r in enumerate(ranks):
+        where = f"{tag} rank {r}"
+        assert_bitwise_equal(got[j]["recv_x"], disp[j]["recv_x"], f"{where} recv_x")
+        assert_bitwise_equal(got[j]["out"], outs[j], f"{where} combine")
+        assert_bitwise_equal(got[j]["hidden"], hd[j]["hidden"], f"{where} hybrid")
+        assert_bitwise_equal(got[j]["hout"], houts[j], f"{where} hybrid combine")
 
 
 # ----------------------------------------------------------------------------- torch + JAX
