@@ -296,7 +296,8 @@ TRACE_SLOTS = 10  # csrc/kernels/cuda/state.h kTraceSlots
 
 def _trace_one(fn, gid, grank, sms):
     """Per-warp phase times of one call (csrc/kernels/cuda/state.h): mean and max over the
-    sender and the receiver warps; durations in SM cycles, finish times in ns."""
+    sender and the receiver warps; durations in SM cycles, start and finish times in ns (a
+    receiver's start is its data phase start)."""
     import fused_a2a_core as core
 
     torch.cuda.synchronize()
@@ -331,12 +332,7 @@ def _trace_one(fn, gid, grank, sms):
         out["untraced_cycles"] = [statistics.mean(untraced), max(untraced)]
         return out
 
-    rec = stats(receivers, TRACE_RECEIVER)
-    rec["data_start_ns"] = [statistics.mean(r[5] for r in receivers), max(r[5] for r in receivers)]
-    return {
-        "sender": stats(senders, TRACE_SENDER),
-        "receiver": rec,
-    }
+    return {"sender": stats(senders, TRACE_SENDER), "receiver": stats(receivers, TRACE_RECEIVER)}
 
 
 def _summarize(per_rank):

@@ -46,8 +46,8 @@ struct CombineParams {
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
   bool flag_fence_sc;
-  bool
-      prefetch;  // FUSED_A2A_CUDA_PREFETCH bit 4 (opt-in, unmeasured): reducers prefetch rows to L2
+  // FUSED_A2A_CUDA_PREFETCH bit 4 (opt-in, unmeasured): reducers prefetch their rows into L2.
+  bool prefetch;
 };
 
 struct Shared {
@@ -519,7 +519,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
-  p.prefetch = (env_prefetch() & 4) != 0;
+  p.prefetch = (prefetch_env() & 4) != 0;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));

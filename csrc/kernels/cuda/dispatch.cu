@@ -277,7 +277,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
-  p.prefetch = env_prefetch();
+  p.prefetch = prefetch_env();
   {
     const char* v = std::getenv("FUSED_A2A_CUDA_ITEMS");
     p.enum_items = v && std::strcmp(v, "enum") == 0;

@@ -218,6 +218,8 @@ struct WarpTrace {
   __device__ static long long now() { return clock64(); }
   __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
   __device__ void set(int slot, unsigned long long value) { v[slot] = value; }
+  // The time since t0 (kernel start, globaltimer ns); no timer read in untraced builds.
+  __device__ void stamp(int slot, unsigned long long t0) { v[slot] = globaltimer() - t0; }
   __device__ void count(int slot) { v[slot] += 1; }
   __device__ void flush(const DispatchParams& p, int warp, int lane) {
     if (!p.trace || lane != 0) return;
@@ -228,6 +230,7 @@ struct WarpTrace {
   __device__ static long long now() { return 0; }
   __device__ void add(int, long long) {}
   __device__ void set(int, unsigned long long) {}
+  __device__ void stamp(int, unsigned long long) {}
   __device__ void count(int) {}
   __device__ void flush(const DispatchParams&, int, int) {}
 #endif

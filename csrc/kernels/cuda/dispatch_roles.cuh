@@ -16,7 +16,7 @@ template <bool kEnum, bool kPrefetch>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
-  tr.set(8, globaltimer() - sh.t0);
+  tr.stamp(8, sh.t0);
   const long long t_loop = WarpTrace::now();
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const long long R = p.window;
@@ -108,8 +108,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
-      if (kPrefetch &&
-          (p.prefetch & 2)) {  // the rows lane 0 is about to bulk-load: into L2 meanwhile
+      // FUSED_A2A_CUDA_PREFETCH bit 2: the rows lane 0 is about to bulk-load, into L2 meanwhile.
+      if (kPrefetch && (p.prefetch & 2)) {
         const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
         for (int i = lane; i < n; i += 32)
           bulk_prefetch_l2(p.x + static_cast<size_t>(__ldg(list + i)) * rb,
@@ -182,7 +182,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
   tr.add(5, t_drain);
-  tr.set(6, globaltimer() - sh.t0);
+  tr.stamp(6, sh.t0);
   tr.flush(p, warp, lane);
 }
 
@@ -229,8 +229,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const unsigned long long seq = sh.seq;
   uint8_t* ctrl = p.peers[r];
   WarpTrace tr;
-  tr.set(5, globaltimer() - sh.t0);
-  tr.set(8, globaltimer() - sh.t0);
+  tr.stamp(8, sh.t0);
   const long long t_loop = WarpTrace::now();
   long long t_phase = WarpTrace::now();
   for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
@@ -278,8 +277,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      if (kPrefetch &&
-          (p.prefetch & 1)) {  // the chunk's rows (written by the peer, flag acquired): into L2
+      // Bit 1: the chunk's rows (written by the peer, flag acquired) into L2 before the copy.
+      if (kPrefetch && (p.prefetch & 1)) {
         for (int i = lane; i < n; i += 32)
           bulk_prefetch_l2(src + i * rb, static_cast<uint32_t>(rb));
       }
@@ -315,7 +314,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     }
   }
   tr.add(9, t_loop);
-  tr.set(6, globaltimer() - sh.t0);
+  tr.stamp(6, sh.t0);
   tr.flush(p, p.send_warps + rwarp, lane);
 }
 

@@ -310,7 +310,7 @@ int chunk_rows_env() {
 
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
-int env_prefetch() { return env_int("FUSED_A2A_CUDA_PREFETCH", 0); }
+int prefetch_env() { return env_int("FUSED_A2A_CUDA_PREFETCH", 0); }
 
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");

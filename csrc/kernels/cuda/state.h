@@ -58,10 +58,10 @@ struct Scratch {
 // (ns, accumulated over calls), slot = block * 16 + warp. Sender warps: 0 ready waits, 1 waits for
 // the ring's reads at a chunk start, 2 metadata staging, 3 row pushes, 4 chunk ends, 5 final
 // drain, 6 finish time after kernel start, 7 chunks. Receiver warps: 0 flag waits, 1 remote
-// chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 data phase start after
-// kernel start, 6 finish time after kernel start, 7 chunks. Both: 8 role start after kernel
-// start, 9 the role's item loop in cycles (senders: up to the final drain), so that the time
-// outside the phases above is slot 9 minus their sum.
+// chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 unused, 6 finish time
+// after kernel start, 7 chunks. Both: 8 role start (for receivers: the data phase start) after
+// kernel start, 9 the role's item loop in cycles (senders: up to the final drain), so that the
+// time outside the phases above is slot 9 minus their sum.
 constexpr int kTraceWarps = 64 * 16;
 constexpr int kTraceSlots = 10;
 constexpr int kTraceWords = kTraceWarps * kTraceSlots;
@@ -124,7 +124,7 @@ unsigned long long timeout_ns();
 int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
-int env_prefetch();      // FUSED_A2A_CUDA_PREFETCH: L2 prefetch bits (DispatchParams::prefetch)
+int prefetch_env();      // FUSED_A2A_CUDA_PREFETCH: L2 prefetch bits (DispatchParams::prefetch)
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 
