@@ -28,6 +28,11 @@ enum class Platform : int32_t { kCPU = 0, kCUDA = 1 };
 // so that a test can shorten it for one op.
 double timeout_seconds();
 
+// Sizes rounded up to 16 bytes (rows, scale and prob blocks) and to 128 bytes (shared-memory
+// regions). constexpr, so CUDA device code calls them too (--expt-relaxed-constexpr).
+constexpr size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
+constexpr size_t align128(size_t bytes) { return (bytes + 127) & ~size_t{127}; }
+
 // Hidden values per FP8 scale (one f32 scale per 1x128 block of a row).
 constexpr int kFp8BlockSize = 128;
 

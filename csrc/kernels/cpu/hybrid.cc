@@ -32,8 +32,6 @@
 namespace fa2a::cpu {
 namespace {
 
-size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
-
 // One dispatched row in a data message: values, FP8 scales, probs of the destination's L experts,
 // their routing bits (one byte each), the source token index.
 struct DispatchRow {

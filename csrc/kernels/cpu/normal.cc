@@ -18,8 +18,6 @@
 namespace fa2a::cpu {
 namespace {
 
-size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
-
 // Which ranks each token goes to: [N, G] bytes.
 std::vector<uint8_t> token_destinations(const void* topk_idx, DType idx_dtype, int64_t num_tokens,
                                         int num_topk, int num_local_experts, int num_ranks) {

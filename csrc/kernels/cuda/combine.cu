@@ -58,8 +58,6 @@ struct Shared {
   unsigned long long seq;
 };
 
-__host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
-
 struct SmemLayout {
   size_t ready, srcs, pipes, per_warp, total;
 };

@@ -71,8 +71,6 @@ struct SmemLayout {
   size_t hist, ready, meta, meta_per_warp, pipes, per_warp, total;
 };
 
-__host__ __device__ inline size_t align128(size_t b) { return (b + 127) & ~size_t(127); }
-
 __host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool tma, int stages,
                                                   uint32_t stage_bytes, int chunk, int meta_words) {
   SmemLayout l;

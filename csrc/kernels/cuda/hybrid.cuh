@@ -258,13 +258,6 @@ __device__ __forceinline__ float load_f32(const void* row, int64_t i, int code) 
   return code == kValF16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-// Same for rows written by peers (coherent loads).
-__device__ __forceinline__ float load_f32_cg(const void* row, int64_t i, int code) {
-  if (code == kValF32) return __ldcg(static_cast<const float*>(row) + i);
-  const uint16_t h = __ldcg(static_cast<const unsigned short*>(row) + i);
-  return code == kValF16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
 __device__ __forceinline__ void store_f32(void* row, int64_t i, int code, float v) {
   if (code == kValF32) {
     static_cast<float*>(row)[i] = v;
@@ -325,7 +318,5 @@ __device__ inline void warp_quantize_row(const void* row, int code, int64_t hidd
     if (lane == 0) scales[b] = scale;
   }
 }
-
-__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t{15}; }
 
 }  // namespace fa2a::cuda::hybrid
