@@ -24,9 +24,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "common.cuh"
 #include "fused_a2a/buffer.h"
+#include "state.h"
 
 namespace fa2a::cuda::hybrid {
 
@@ -252,6 +254,10 @@ __device__ __forceinline__ uint16_t f32_to_f16(float value) {
 // dtype: 0 f32, 1 f16, otherwise bf16 (host maps DType to this code).
 enum ValueCode { kValF32 = 0, kValF16 = 1, kValBF16 = 2 };
 
+inline int value_code(DType d) {
+  return d == DType::kF32 ? kValF32 : d == DType::kF16 ? kValF16 : kValBF16;
+}
+
 __device__ __forceinline__ float load_f32(const void* row, int64_t i, int code) {
   if (code == kValF32) return __ldg(static_cast<const float*>(row) + i);
   const uint16_t h = __ldg(static_cast<const unsigned short*>(row) + i);
@@ -318,5 +324,32 @@ __device__ inline void warp_quantize_row(const void* row, int code, int64_t hidd
     if (lane == 0) scales[b] = scale;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Host side of the ops (hybrid_dispatch.cu, hybrid_combine.cu).
+
+inline Comm make_comm(Buffer& buffer, CudaState& st, int op) {
+  Comm c;
+  c.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
+  c.rank = buffer.rank();
+  c.num_ranks = buffer.num_ranks();
+  c.slot_bytes = (buffer.data_bytes() / c.num_ranks) & ~size_t{15};
+  c.host_error = st.host_error;
+  c.timeout_ns = timeout_ns();
+  c.op = op;
+  return c;
+}
+
+// An op's hold on its buffer: the buffer's op lock, its device, and its CUDA state, checked for
+// an earlier failure.
+struct OpScope {
+  std::lock_guard<std::mutex> lock;
+  DeviceGuard guard;
+  CudaState& st;
+  explicit OpScope(Buffer& buffer)
+      : lock(buffer.op_mutex()), guard(buffer.device()), st(cuda_state(buffer)) {
+    check_no_error(st, buffer);
+  }
+};
 
 }  // namespace fa2a::cuda::hybrid

@@ -275,21 +275,12 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported");
   FA2A_CHECK(a.num_tokens * G <= 0x7fffffffll, "fused_a2a hybrid combine: ", G,
              " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
-  std::lock_guard<std::mutex> lock(buffer.op_mutex());
-  DeviceGuard guard(buffer.device());
-  CudaState& st = cuda_state(buffer);
-  check_no_error(st, buffer);
-  Comm c;
-  c.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
-  c.rank = buffer.rank();
-  c.num_ranks = G;
-  c.slot_bytes = (buffer.data_bytes() / G) & ~size_t{15};
-  c.host_error = st.host_error;
-  c.timeout_ns = timeout_ns();
-  c.op = kOpHybridCombine;
+  OpScope scope(buffer);
+  CudaState& st = scope.st;
+  const Comm c = make_comm(buffer, st, kOpHybridCombine);
   CombineParams p{};
   p.y = a.y;
-  p.code = a.y_dtype == DType::kF32 ? kValF32 : a.y_dtype == DType::kF16 ? kValF16 : kValBF16;
+  p.code = value_code(a.y_dtype);
   p.y_row = static_cast<size_t>(a.hidden) * dtype_size(a.y_dtype);
   p.y_bytes = align16(p.y_row);
   p.stride = p.y_bytes + 16;

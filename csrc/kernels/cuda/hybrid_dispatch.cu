@@ -30,10 +30,6 @@ namespace {
 
 using namespace hybrid;
 
-int value_code(DType d) {
-  return d == DType::kF32 ? kValF32 : d == DType::kF16 ? kValF16 : kValBF16;
-}
-
 // Layout of one dispatched row in a slot.
 struct RowLayout {
   size_t x_bytes, scale_off, prob_off, ord_off, tok_off, stride;
@@ -352,18 +348,6 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   }
 }
 
-Comm make_comm(Buffer& buffer, CudaState& st, int op) {
-  Comm c;
-  c.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
-  c.rank = buffer.rank();
-  c.num_ranks = buffer.num_ranks();
-  c.slot_bytes = (buffer.data_bytes() / c.num_ranks) & ~size_t{15};
-  c.host_error = st.host_error;
-  c.timeout_ns = timeout_ns();
-  c.op = op;
-  return c;
-}
-
 void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
   const int G = buffer.num_ranks();
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported");
@@ -461,16 +445,6 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   data_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
   check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
 }
-
-struct OpScope {
-  std::lock_guard<std::mutex> lock;
-  DeviceGuard guard;
-  CudaState& st;
-  explicit OpScope(Buffer& buffer)
-      : lock(buffer.op_mutex()), guard(buffer.device()), st(cuda_state(buffer)) {
-    check_no_error(st, buffer);
-  }
-};
 
 }  // namespace
 
