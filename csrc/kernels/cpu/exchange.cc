@@ -208,9 +208,7 @@ std::vector<int> failed_ranks(const Exchange& ex) {
 }
 
 std::string peers_failed(const char* op, const std::vector<int>& ranks, const char* what) {
-  std::string list;
-  for (int r : ranks) list += str_cat(list.empty() ? "" : ", ", r);
-  return str_cat("fused_a2a ", op, ": rank(s) [", list, "] ", what,
+  return str_cat("fused_a2a ", op, ": rank(s) ", rank_list(ranks), " ", what,
                  " (see the error raised there); every rank of the group stops this op");
 }
 
