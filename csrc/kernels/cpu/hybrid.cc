@@ -145,6 +145,32 @@ int64_t rows_per_round(const Exchange& ex, size_t stride, const char* op) {
   return rows;
 }
 
+// The first checks of an op whose rows follow a dispatch handle: the handle was made for N
+// tokens (n_is describes this call's N), the buffer holds a round of round_bytes per token, and
+// the handle's expert layout. A failure is kept in `rejected`; this rank then takes part in one
+// round with status 1, so that every rank stops after that round, then raises.
+struct RoundPlan {
+  LocalError rejected;
+  int64_t T = 1;  // tokens per round
+  std::optional<Layout> layout;
+};
+
+RoundPlan plan_rounds(const Exchange& ex, const char* op, const std::string& n_is, int64_t N,
+                      const int32_t* meta, size_t round_bytes, const int32_t* src_expert_counts,
+                      int L, int64_t pad_multiple, int64_t P) {
+  RoundPlan plan;
+  try {
+    FA2A_CHECK(meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": ", n_is,
+               " but the handle was made for N = ", meta[kHybridMetaNumTokens]);
+    plan.T = rows_per_round(ex, round_bytes, op);
+    plan.layout.emplace(src_expert_counts, ex.num_ranks(), L, pad_multiple, P);
+  } catch (const Error& e) {
+    plan.rejected.set(e);
+    plan.T = 1;
+  }
+  return plan;
+}
+
 int64_t dispatch_flags(const HybridDispatchArgs& a) {
   return static_cast<int64_t>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.probs ? 512 : 0) |
          (a.quantize_fp8 ? 1024 : 0);
@@ -256,20 +282,11 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cach
   const size_t x_row = H * dtype_size(row_dtype);
   const int64_t scale_cols = fp8 ? H / kFp8BlockSize : 0;
   const DispatchRow row(H, dtype_size(row_dtype), fp8, a.probs != nullptr, L);
-  // This rank's handle or buffer does not fit: it takes part in one round with status 1, so that
-  // every rank stops after that round, then raises.
-  LocalError rejected;
-  int64_t T = 1;
-  std::optional<Layout> layout;
-  try {
-    FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": x has ", N,
-               " rows but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
-    T = rows_per_round(ex, row.stride, op);
-    layout.emplace(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
-  } catch (const Error& e) {
-    rejected.set(e);
-    T = 1;
-  }
+  RoundPlan plan = plan_rounds(ex, op, str_cat("x has ", N, " rows"), N, a.meta, row.stride,
+                               a.src_expert_counts, L, a.pad_multiple, P);
+  LocalError& rejected = plan.rejected;
+  const int64_t T = plan.T;
+  const std::optional<Layout>& layout = plan.layout;
   const int64_t rounds = rejected.empty() ? std::max<int64_t>(1, (N + T - 1) / T) : 1;
   std::vector<int64_t> received(static_cast<size_t>(num_ranks) * L, 0);
   // FP8: each token is quantised once per round, then copied to every rank it goes to.
@@ -395,20 +412,11 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a) {
   const size_t y_bytes = align16(y_row);
   const size_t stride = combine_stride(H, dtype_size(a.y_dtype));
   const int64_t fanout = std::max<int32_t>(1, a.meta[kHybridMetaMaxFanout]);
-  // This rank's handle or buffer does not fit: it takes part in one round with status 1, so that
-  // every rank stops after that round, then raises.
-  LocalError rejected;
-  int64_t T = 1;
-  std::optional<Layout> layout;
-  try {
-    FA2A_CHECK(a.meta[kHybridMetaNumTokens] == N, "fused_a2a ", op, ": num_tokens is ", N,
-               " but the handle was made for N = ", a.meta[kHybridMetaNumTokens]);
-    T = rows_per_round(ex, stride * fanout, op);
-    layout.emplace(a.src_expert_counts, num_ranks, L, a.pad_multiple, P);
-  } catch (const Error& e) {
-    rejected.set(e);
-    T = 1;
-  }
+  RoundPlan plan = plan_rounds(ex, op, str_cat("num_tokens is ", N), N, a.meta, stride * fanout,
+                               a.src_expert_counts, L, a.pad_multiple, P);
+  LocalError& rejected = plan.rejected;
+  int64_t& T = plan.T;
+  const std::optional<Layout>& layout = plan.layout;
   std::vector<int64_t> cursor, end;
   if (layout) {
     cursor = layout->seg_start;
