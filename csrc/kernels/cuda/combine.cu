@@ -319,7 +319,6 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
               unsigned long long* f =
                   chunk_flag(ctrl, region_of(rho, r) * p.flags_per_region + chunk);
               if (wait_flag(f, e, ctx, kPhaseData, rho)) {
-                (void)ld_acquire_sys(f);
                 last = chunk;
               } else {
                 good = 0;
