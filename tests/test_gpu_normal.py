@@ -449,6 +449,10 @@ DETERMINISM_CONFIGS = (
     (24, 8, ITEM_MODES["enum"]),
     (24, 32, ITEM_MODES["enum_prepass"]),
     (16, 32, ITEM_MODES["prefetch"]),
+    # The item orders: destination-major, and senders copying the own rows (more columns).
+    (24, 8, {"FUSED_A2A_CUDA_ORDER": "dst"}),
+    (8, 1, {"FUSED_A2A_CUDA_SELF": "send", "FUSED_A2A_CUDA_ORDER": "dst"}),
+    (16, 4, {"FUSED_A2A_CUDA_SELF": "send"}),
 )
 
 
@@ -480,7 +484,7 @@ def _rank_configs(rank, world, device_kind):
     expect = ((x.float() * cnt[:, None].float()) + 0.0).to(torch.bfloat16)
     outputs, exact = {}, {}
     for i, (sms, chunk, env) in enumerate(DETERMINISM_CONFIGS):
-        knobs = {k for mode in ITEM_MODES.values() for k in mode}
+        knobs = {k for _, _, mode in DETERMINISM_CONFIGS for k in mode}
         for key in ("FUSED_A2A_CUDA_CHUNK_ROWS", *knobs):
             os.environ.pop(key, None)
         if chunk is not None:

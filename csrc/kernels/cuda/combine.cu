@@ -107,7 +107,6 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
   int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
-  long long it = 0;
   bool ok = true;
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
     // Rows of each destination's tokens in its window k: [jlo, jhi) of that source's segment.
@@ -119,48 +118,49 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     __syncwarp();
     int maxc = 0;
     for (int d = 0; d < G; ++d) maxc = max(maxc, (jhi[d] - jlo[d] + sh.dcr[d] - 1) / sh.dcr[d]);
-    for (int c = 0; c < maxc && ok; ++c) {
-      for (int di = 0; di < G - 1 && ok; ++di) {
-        const int d = (r + 1 + di) % G;
-        const int cr = sh.dcr[d];
-        const int j0 = jlo[d] + c * cr;
-        if (j0 >= jhi[d] || it++ % nsw != gw) continue;
-        if (k > ready_round[d]) {
-          if (p.tma && lane == 0) pipe.drain();
-          MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
-          ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
-                              lane);
-          if (!ok) break;
-          if (lane == 0) ready_round[d] = static_cast<int>(k);
-          __syncwarp();
-        }
-        const int reg = region_of(r, d);
-        uint8_t* dbase = p.peers[d] + kControlBytes;
-        uint8_t* ddata = dbase + static_cast<size_t>(reg) * W * rb;
-        float* dw = reinterpret_cast<float*>(dbase + static_cast<size_t>(G - 1) * W * rb) +
-                    static_cast<size_t>(reg) * W * p.kw;
-        const int n = min(cr, jhi[d] - j0);
-        const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
-        const size_t slot0 = static_cast<size_t>(c) * cr;
-        if (p.tma) {
-          if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
-        } else {
-          warp_copy_ro(ddata + slot0 * rb, p.y + row0 * rb, n * rb, lane);
-        }
-        if (p.kw) {
-          for (int i = lane; i < n * K; i += 32)
-            dw[slot0 * K + i] = __ldg(p.weights + row0 * K + i);
-        }
-        unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
-        const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-        if (p.tma) {
-          if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
-          __syncwarp();
-          if (lane == 0) pipe.end_chunk(flag, v);
-          __syncwarp();
-        } else {
-          warp_release_flag(flag, v, lane);
-        }
+    // The round's items as a maxc x (G - 1) rectangle (destinations r + 1, r + 2, ... as
+    // columns), dealt round-robin: this warp visits its own items only (see dispatch_roles.cuh).
+    const long long rect = static_cast<long long>(maxc) * (G - 1);
+    for (long long idx = gw; idx < rect && ok; idx += nsw) {
+      const int c = static_cast<int>(idx / (G - 1));
+      const int d = (r + 1 + static_cast<int>(idx % (G - 1))) % G;
+      const int cr = sh.dcr[d];
+      const int j0 = jlo[d] + c * cr;
+      if (j0 >= jhi[d]) continue;
+      if (k > ready_round[d]) {
+        if (p.tma && lane == 0) pipe.drain();
+        MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
+        ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
+                            lane);
+        if (!ok) break;
+        if (lane == 0) ready_round[d] = static_cast<int>(k);
+        __syncwarp();
+      }
+      const int reg = region_of(r, d);
+      uint8_t* dbase = p.peers[d] + kControlBytes;
+      uint8_t* ddata = dbase + static_cast<size_t>(reg) * W * rb;
+      float* dw = reinterpret_cast<float*>(dbase + static_cast<size_t>(G - 1) * W * rb) +
+                  static_cast<size_t>(reg) * W * p.kw;
+      const int n = min(cr, jhi[d] - j0);
+      const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
+      const size_t slot0 = static_cast<size_t>(c) * cr;
+      if (p.tma) {
+        if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
+      } else {
+        warp_copy_ro(ddata + slot0 * rb, p.y + row0 * rb, n * rb, lane);
+      }
+      if (p.kw) {
+        for (int i = lane; i < n * K; i += 32) dw[slot0 * K + i] = __ldg(p.weights + row0 * K + i);
+      }
+      unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
+      const unsigned long long v = epoch_of(seq, static_cast<int>(k));
+      if (p.tma) {
+        if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
+        __syncwarp();
+        if (lane == 0) pipe.end_chunk(flag, v);
+        __syncwarp();
+      } else {
+        warp_release_flag(flag, v, lane);
       }
     }
     __syncwarp();

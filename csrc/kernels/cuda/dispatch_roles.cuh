@@ -39,18 +39,15 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const int M = p.meta_words;
   const size_t rb = p.row_bytes;
   const int self_cr = sh.cr_recv;
-  long long it = 0;
-  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nsw, kept incrementally
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: the item count % nsw, kept incrementally
   int chunks_done = 0;
   bool ok = true;
-  // One item: chunk c of destination d in round k (if it exists and is this warp's).
-  // mine: the caller enumerated it as this warp's (FUSED_A2A_CUDA_ITEMS=enum), else the scan
-  // decides here.
-  auto item = [&](long long k, int d, long long c, bool mine) {
+  // One item of this warp: chunk c of destination d in round k (if it exists).
+  auto item = [&](long long k, int d, long long c) {
     if (d == r) {               // own rows: straight to recv_x, round 0 only
       if (p.self_recv) return;  // the receiver warps copy them
       const long long j0 = c * self_cr;
-      if (k != 0 || j0 >= sh.dkept[r] || (!mine && it++ % nsw != gw)) return;
+      if (k != 0 || j0 >= sh.dkept[r]) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
       for (int i = 0; i < n; ++i) {
         const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
@@ -67,7 +64,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const int cr = sh.dcr[d];
     const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
     const long long j0 = sg.lo + c * cr;
-    if (j0 >= sg.hi || (!mine && it++ % nsw != gw)) return;
+    if (j0 >= sg.hi) return;
     if (k > ready_round[d]) {
       const long long t_wait = WarpTrace::now();
       if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
@@ -155,7 +152,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     }
   };
   for (long long k = 0; k < nrounds && ok; ++k) {
-    long long maxc = k == 0 ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
+    // Own chunks are items of the senders only when they copy the own rows (FUSED_A2A_CUDA_SELF).
+    long long maxc = (k == 0 && !p.self_recv) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
       if (d != r)
         maxc =
@@ -168,13 +166,19 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         return static_cast<int>(chunks_of(sg, sh.dcr[d]));
       };
       enumerate_items(G, r + 1, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nsw, gw, slot,
-                      ok, [&](int d, long long c) { item(k, d, c, true); });
-    } else if (p.dst_major) {
-      for (int di = 0; di < G && ok; ++di)
-        for (long long c = 0; c < maxc && ok; ++c) item(k, (r + 1 + di) % G, c, false);
+                      ok, [&](int d, long long c) { item(k, d, c); });
     } else {
-      for (long long c = 0; c < maxc && ok; ++c)
-        for (int di = 0; di < G && ok; ++di) item(k, (r + 1 + di) % G, c, false);
+      // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
+      // r itself only when the senders copy the own rows), dealt round-robin: this warp visits
+      // its own items only. Walking every item of the round in every warp cost ~1000 cycles an
+      // item, and the gaps delayed the release of each chunk's flag (session 5, run 16).
+      const int cols = p.self_recv ? G - 1 : G;
+      const long long rect = maxc * cols;
+      for (long long idx = gw; idx < rect && ok; idx += nsw) {
+        const long long c = p.dst_major ? idx % maxc : idx / cols;
+        const int di = static_cast<int>(p.dst_major ? idx / maxc : idx % cols);
+        item(k, (r + 1 + di) % G, c);
+      }
     }
   }
   tr.add(9, t_loop);
@@ -239,18 +243,17 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
   const long long own = p.self_recv ? sh.dkept[r] : 0;
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
-  long long it = 0;
-  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: it % nrw, kept incrementally
+  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: the item count % nrw, kept incrementally
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
     long long maxc = k == 0 ? (own + CR - 1) / CR : 0;
     for (int s = 0; s < G; ++s)
       if (s != r) maxc = max(maxc, chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
-    auto item = [&](int s, long long c, bool mine) {
+    auto item = [&](int s, long long c) {  // one item of this warp, if it exists
       if (s == r) {
         const long long j0 = c * CR;
-        if (k != 0 || j0 >= own || (!mine && it++ % nrw != gr)) return;
+        if (k != 0 || j0 >= own) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
         const uint32_t* records = nullptr;
@@ -266,7 +269,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       }
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
       const long long j0 = sg.lo + c * CR;
-      if (j0 >= sg.hi || (!mine && it++ % nrw != gr)) return;
+      if (j0 >= sg.hi) return;
       const long long t_wait = WarpTrace::now();
       ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
                           lane);
@@ -299,13 +302,15 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         return static_cast<int>(chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
       };
       enumerate_items(G, 0, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nrw, gr, slot, ok,
-                      [&](int s, long long c) { item(s, c, true); });
-    } else if (p.dst_major) {
-      for (int s = 0; s < G && ok; ++s)
-        for (long long c = 0; c < maxc && ok; ++c) item(s, c, false);
+                      [&](int s, long long c) { item(s, c); });
     } else {
-      for (long long c = 0; c < maxc && ok; ++c)
-        for (int s = 0; s < G && ok; ++s) item(s, c, false);
+      // The round's items as a maxc x G rectangle (sources as columns), dealt round-robin: this
+      // warp visits its own items only (see sender_role).
+      const long long rect = maxc * G;
+      for (long long idx = gr; idx < rect && ok; idx += nrw) {
+        const long long c = p.dst_major ? idx % maxc : idx / G;
+        item(static_cast<int>(p.dst_major ? idx / maxc : idx % G), c);
+      }
     }
     if (ok && k + 1 < nrounds) {
       const long long t_round = WarpTrace::now();
