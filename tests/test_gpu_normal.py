@@ -449,10 +449,10 @@ DETERMINISM_CONFIGS = (
     (24, 8, ITEM_MODES["enum"]),
     (24, 32, ITEM_MODES["enum_prepass"]),
     (16, 32, ITEM_MODES["prefetch"]),
-    # The item orders: destination-major, and senders copying the own rows (more columns).
+    # The item orders: destination-major, and receivers copying the own rows (fewer columns).
     (24, 8, {"FUSED_A2A_CUDA_ORDER": "dst"}),
-    (8, 1, {"FUSED_A2A_CUDA_SELF": "send", "FUSED_A2A_CUDA_ORDER": "dst"}),
-    (16, 4, {"FUSED_A2A_CUDA_SELF": "send"}),
+    (8, 1, {"FUSED_A2A_CUDA_SELF": "recv", "FUSED_A2A_CUDA_ORDER": "dst"}),
+    (16, 4, {"FUSED_A2A_CUDA_SELF": "recv"}),
 )
 
 

@@ -266,8 +266,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.chunk = max_chunk;  // the largest chunk (rows)
   p.dst_major = order_dst_major();
   {
-    const char* v = std::getenv("FUSED_A2A_CUDA_SELF");  // "send": senders copy own rows (old)
-    p.self_recv = !(v && std::strcmp(v, "send") == 0);
+    // Who copies the own rows x -> recv_x: the senders (bulk copies; default since run 18, when
+    // the warps stopped scanning every item) or, with "recv", the receiver warps (run 6).
+    const char* v = std::getenv("FUSED_A2A_CUDA_SELF");
+    p.self_recv = v && std::strcmp(v, "recv") == 0;
   }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
