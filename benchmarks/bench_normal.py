@@ -44,6 +44,7 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_simt": _case(COPY="simt"),
     # Own rows copied by the sender warps (bulk copies), as before run 6 (default: receivers).
     "standard_selfrecv": _case(SELF="recv"),  # receivers copy the own rows (default until run 18)
+    "standard_selfsend": _case(SELF="send"),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
     "standard_cr8": _case(CHUNK_ROWS="8"),
     # Owned items enumerated instead of every warp scanning every item (session 3, unmeasured)
@@ -56,6 +57,9 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
     "decode": _case(n=128),
     "decode_selfrecv": _case(n=128, SELF="recv"),
+    "decode_selfsend": _case(n=128, SELF="send"),
+    "n1024_selfrecv": _case(n=1024, SELF="recv"),
+    "n1024_selfsend": _case(n=1024, SELF="send"),
     # Fewer receiver warps polling chunk flags (session 4: is the senders' untraced time the
     # pollers' contention?)
     "decode_r4": _case(n=128, SEND_WARPS="4", RECV_WARPS="4"),

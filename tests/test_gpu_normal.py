@@ -449,8 +449,9 @@ DETERMINISM_CONFIGS = (
     (24, 8, ITEM_MODES["enum"]),
     (24, 32, ITEM_MODES["enum_prepass"]),
     (16, 32, ITEM_MODES["prefetch"]),
-    # The item orders: destination-major, and receivers copying the own rows (fewer columns).
+    # The item orders: destination-major, and who copies the own rows (senders: one more column).
     (24, 8, {"FUSED_A2A_CUDA_ORDER": "dst"}),
+    (24, 8, {"FUSED_A2A_CUDA_SELF": "send"}),
     (8, 1, {"FUSED_A2A_CUDA_SELF": "recv", "FUSED_A2A_CUDA_ORDER": "dst"}),
     (16, 4, {"FUSED_A2A_CUDA_SELF": "recv"}),
 )

@@ -266,10 +266,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.chunk = max_chunk;  // the largest chunk (rows)
   p.dst_major = order_dst_major();
   {
-    // Who copies the own rows x -> recv_x: the senders (bulk copies; default since run 18, when
-    // the warps stopped scanning every item) or, with "recv", the receiver warps (run 6).
+    // Who copies the own rows x -> recv_x (a choice of this rank alone): the receiver warps
+    // ("recv") or the senders with bulk copies ("send"). Unset: the receivers up to
+    // kSelfRecvMaxTokens tokens, where the senders' items are few and serial, else the senders
+    // (runs 18-20: decode N = 128 faster with "recv", the standard N = 4096 with "send").
+    constexpr int64_t kSelfRecvMaxTokens = 512;
     const char* v = std::getenv("FUSED_A2A_CUDA_SELF");
-    p.self_recv = v && std::strcmp(v, "recv") == 0;
+    p.self_recv = v ? std::strcmp(v, "recv") == 0 : a.num_tokens <= kSelfRecvMaxTokens;
   }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;

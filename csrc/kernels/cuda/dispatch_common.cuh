@@ -13,7 +13,7 @@ struct DispatchParams {
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool dst_major;
-  bool self_recv;  // own rows copied to recv_x by the receiver warps (FUSED_A2A_CUDA_SELF=recv)
+  bool self_recv;  // own rows copied to recv_x by the receiver warps, not the senders
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
