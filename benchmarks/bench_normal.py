@@ -42,16 +42,12 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms16": _case(sms=16),
     "standard_sms32": _case(sms=32),
     "standard_simt": _case(COPY="simt"),
-    # Own rows copied by the sender warps (bulk copies), as before run 6 (default: receivers).
-    "standard_selfrecv": _case(SELF="recv"),  # receivers copy the own rows (default until run 18)
+    # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
+    # tokens, senders above; runs 18-20)
+    "standard_selfrecv": _case(SELF="recv"),
     "standard_selfsend": _case(SELF="send"),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
     "standard_cr8": _case(CHUNK_ROWS="8"),
-    # Owned items enumerated instead of every warp scanning every item (session 3, unmeasured)
-    "standard_enum": _case(ITEMS="enum"),
-    "standard_cr8_enum": _case(CHUNK_ROWS="8", ITEMS="enum"),
-    "decode_enum": _case(n=128, ITEMS="enum"),
-    "standard_enum_prepass": _case(ITEMS="enum", META="prepass"),
     "standard_cr32": _case(CHUNK_ROWS="32"),
     "standard_release": _case(FLAG_FENCE="release"),
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
@@ -72,13 +68,6 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_abl_recv_meta": _case(ABLATE="3"),
     "standard_abl_all": _case(ABLATE="7"),
     "standard_abl_roles": _case(ABLATE="8"),
-    # L2 prefetch (session 4, unmeasured): dispatch receivers' source rows (1), dispatch senders'
-    # x rows (2), combine reducers' source rows (4)
-    "standard_pf1": _case(PREFETCH="1"),
-    "standard_pf2": _case(PREFETCH="2"),
-    "standard_pf3": _case(PREFETCH="3"),
-    "standard_pf7": _case(PREFETCH="7"),
-    "decode_pf7": _case(n=128, PREFETCH="7"),
     "decode_abl_roles": _case(n=128, ABLATE="8"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
@@ -105,10 +94,7 @@ KNOBS = (
     "FUSED_A2A_CUDA_STAGE_KB",
     "FUSED_A2A_CUDA_CHUNK_ROWS",
     "FUSED_A2A_CUDA_FLAG_FENCE",
-    "FUSED_A2A_CUDA_ITEMS",
-    "FUSED_A2A_CUDA_META",
     "FUSED_A2A_CUDA_ABLATE",
-    "FUSED_A2A_CUDA_PREFETCH",
 )
 
 

@@ -81,21 +81,17 @@ def _rank_suite(rank, world, cases):
     return results
 
 
-ITEM_MODES = {  # the dispatch kernel's variants (benchmarks/NOTES.md): default and opt-in ones
-    "scan": {},
-    "enum": {"FUSED_A2A_CUDA_ITEMS": "enum"},
-    "enum_prepass": {"FUSED_A2A_CUDA_ITEMS": "enum", "FUSED_A2A_CUDA_META": "prepass"},
-    "prefetch": {"FUSED_A2A_CUDA_PREFETCH": "7"},  # dispatch 1 + 2, combine 4
-}
+# Who copies the dispatch's own rows: by default the receiver warps up to 512 tokens (every suite
+# case) and the senders above; "senders" forces the senders' path on the same cases.
+OWN_ROWS = {"default": {}, "senders": {"FUSED_A2A_CUDA_SELF": "send"}}
 
 
-def _suite(world, items="scan"):
-    """items: a key of ITEM_MODES."""
+def _suite(world, own="default"):
     import test_torch_normal as T
 
-    env = dict(GPU_ENV, **ITEM_MODES[items])
+    env = dict(GPU_ENV, **OWN_ROWS[own])
     return run_once(
-        ("suite", world, items),
+        ("suite", world, own),
         lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=env),
     )
 
@@ -106,13 +102,13 @@ def _suite_cases():
     return [(w, c) for w in (2, 3, 4) for c in T.WORLD_CASES[w]]
 
 
-@pytest.mark.parametrize("items", list(ITEM_MODES))
+@pytest.mark.parametrize("own", list(OWN_ROWS))
 @pytest.mark.parametrize("world,case", _suite_cases(), ids=lambda v: getattr(v, "name", str(v)))
-def test_torch_gpu_matches_reference_and_cpu(world, case, items):
+def test_torch_gpu_matches_reference_and_cpu(world, case, own):
     import test_torch_normal as T
 
     _need(world)
-    per_rank = [_suite(world, items)[r][case.name] for r in range(world)]
+    per_rank = [_suite(world, own)[r][case.name] for r in range(world)]
     for r, res in enumerate(per_rank):
         for where in ("cuda", "cpu"):
             assert "error" not in res[where], f"rank {r} {where}:\n{res[where].get('error')}"
@@ -439,21 +435,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-# Launch shapes (num_sms), chunk sizes and item modes that must not change a single bit.
+# Launch shapes (num_sms), chunk sizes and item orders that must not change a single bit.
 DETERMINISM_CONFIGS = (
     (24, None, {}),
     (8, 1, {}),
     (16, 8, {}),
     (32, 64, {}),
     (2, 3, {}),
-    (24, 8, ITEM_MODES["enum"]),
-    (24, 32, ITEM_MODES["enum_prepass"]),
-    (16, 32, ITEM_MODES["prefetch"]),
-    # The item orders: destination-major, and who copies the own rows (senders: one more column).
+    # The item orders: destination-major, and the senders copying the own rows (one more column;
+    # the default for these 300 tokens is the receivers).
     (24, 8, {"FUSED_A2A_CUDA_ORDER": "dst"}),
-    (24, 8, {"FUSED_A2A_CUDA_SELF": "send"}),
-    (8, 1, {"FUSED_A2A_CUDA_SELF": "recv", "FUSED_A2A_CUDA_ORDER": "dst"}),
-    (16, 4, {"FUSED_A2A_CUDA_SELF": "recv"}),
+    (24, 8, OWN_ROWS["senders"]),
+    (8, 1, {**OWN_ROWS["senders"], "FUSED_A2A_CUDA_ORDER": "dst"}),
+    (32, 64, OWN_ROWS["senders"]),
 )
 
 
@@ -516,9 +510,9 @@ def _check_configs(per_rank):
                 )
 
 
-def test_same_bits_across_sm_counts_chunks_and_item_modes():
+def test_same_bits_across_sm_counts_chunks_and_item_orders():
     """Issue 8: results bitwise identical across num_sms, chunk sizes and the dispatch kernel's
-    item modes (and exact), on 2 GPUs."""
+    item orders (and exact), on 2 GPUs."""
     _need(2)
     _check_configs(run_ranks(_rank_configs, 2, "cuda", timeout=300, env=GPU_ENV))
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Traced A/B of the dispatch in the diagnostic build (-DFA2A_CUDA_TRACE=1 -DFA2A_CUDA_ABLATE=1),
-# one device call on 2+ GPUs: decode and standard with the scan, with FUSED_A2A_CUDA_ITEMS=enum,
-# and with no sender/receiver roles at all (FUSED_A2A_CUDA_ABLATE=8: launch + handshakes +
-# epilogue); prints rank 0's per-warp phase summary, incl. each role's untraced loop time
-# (benchmarks/NOTES.md, session 4).   OUT=... bash tools/gpu_diag_trace.sh
+# one device call on 2+ GPUs: decode and standard, and with no sender/receiver roles at all
+# (FUSED_A2A_CUDA_ABLATE=8: launch + handshakes + epilogue); TRACE_CASES picks other cases of
+# benchmarks/bench_normal.py (e.g. run 12's ablations). Prints rank 0's per-warp phase summary,
+# incl. each role's untraced loop time (benchmarks/NOTES.md, sessions 4-5).
+#   OUT=... bash tools/gpu_diag_trace.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
 export FUSED_A2A_TIMEOUT_S=10
 CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DFA2A_CUDA_TRACE=1\ -DFA2A_CUDA_ABLATE=1" STEPS=build bash tools/gpu_check.sh >/dev/null
-FUSED_A2A_CUDA_TRACE=1 STEPS=bench BENCH_CASES=${TRACE_CASES:-decode,decode_enum,decode_abl_roles,standard,standard_enum,standard_abl_roles} \
+FUSED_A2A_CUDA_TRACE=1 STEPS=bench BENCH_CASES=${TRACE_CASES:-decode,decode_abl_roles,standard,standard_abl_roles} \
   timeout 150 bash tools/gpu_check.sh >/dev/null
 python3 - "$OUT/bench.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# The next GPU session's first call (plan in benchmarks/NOTES.md, "Next GPU session"), 2 or 4 GPUs:
-#   OUT=... bash tools/gpu_next.sh
-# 1. build; GPU tests: tests/test_gpu_normal.py (the torch suite in every dispatch variant, incl.
-#    the opt-in L2 prefetch), test_gpu_faults.py, test_gpu_concurrency.py;
-# 2. bench_normal A/B: the L2 prefetch variants (FUSED_A2A_CUDA_PREFETCH 1, 2, 3, 7) and enum for
-#    decode, against the default, with per-kernel times;
-# 3. fused-a2a bench --mode hybrid (torch): HybridEP incl. the FP8 dispatch row -> hybrid.log;
-# 4. tools/gpu_diag_trace.sh: the diagnostic build's traces incl. each role's untraced loop time
-#    and the no-roles floor (FUSED_A2A_CUDA_ABLATE=8).
-# (Session 3's plan of the same name ran in session 4 as run 9: results/2026-11-26_h100x2_s4.)
+# The next GPU session's calls (plan in benchmarks/NOTES.md, "Next GPU session"), best on
+# nvidia-h100-x4 (2 GPUs also work: the 3- and 4-GPU cases skip). One call per part:
+#   OUT=... PART=tests bash tools/gpu_next.sh   # ~7 min: build; every GPU test (normal mode in
+#       both own-row paths, HybridEP, faults, concurrency): session 5's refactor (one dispatch
+#       kernel, rect_item) was checked on CPU and in SASS only
+#   OUT=... PART=perf bash tools/gpu_next.sh    # ~6 min: build; bench at EP = all GPUs and EP 2
+#       (standard, decode, N = 1024, own rows by senders / receivers); traces of the current
+#       kernel with run 12's ablations; fused-a2a bench --ranks all GPUs
+# (Session 4's plan of the same name ran in session 5 as run 15: results/2026-11-26_h100x2_s5.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
-STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=10 \
-  PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
-  PYTEST_K="${PYTEST_K:-not jax_gpu_suite}" bash tools/gpu_check.sh || exit 1
-FA2A_BENCH_KERNELS=1 STEPS=bench \
-  BENCH_CASES=${BENCH_CASES:-standard,standard_pf1,standard_pf2,standard_pf3,standard_pf7,decode,decode_pf7,decode_enum} \
-  bash tools/gpu_check.sh | tail -70
-mv "$OUT/bench.json" "$OUT/bench_ab.json"
-# HybridEP incl. the FP8 dispatch row (torch), before the diagnostic build replaces the package.
+export FA2A_COMMIT=${FA2A_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-timeout "${STEP_TIMEOUT_HYBRID:-150}" fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid \
-  --frontend torch --iters 10 --out /tmp/hybrid >"$OUT/hybrid.log" 2>&1
-echo "hybrid bench: rc=$?" | tee -a "$OUT/summary.txt"
-grep -E "hybrid|normal\+" "$OUT/hybrid.log" | tail -8 | tee -a "$OUT/summary.txt"
-bash tools/gpu_diag_trace.sh
+case "${PART:-tests}" in
+  tests)
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      bash tools/gpu_check.sh
+    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
+    ;;
+  perf)
+    STEPS=build,probe bash tools/gpu_check.sh | tail -14
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_selfrecv,decode,decode_selfsend,n1024_selfrecv,n1024_selfsend} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,decode} timeout 240 bash tools/gpu_check.sh | tail -70
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"
+    timeout "${STEP_TIMEOUT_FAB:-200}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
+    grep -vE '^\[' "$OUT/fab.log" | tail -30
+    TRACE_CASES=${TRACE_CASES:-standard,decode,standard_abl_recv,standard_abl_rows,standard_abl_roles} \
+      bash tools/gpu_diag_trace.sh
+    ;;
+  *) echo "PART must be tests or perf" >&2; exit 2 ;;
+esac

@@ -46,8 +46,6 @@ struct CombineParams {
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
   bool flag_fence_sc;
-  // FUSED_A2A_CUDA_PREFETCH bit 4 (opt-in, unmeasured): reducers prefetch their rows into L2.
-  bool prefetch;
 };
 
 struct Shared {
@@ -122,8 +120,9 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     // columns), dealt round-robin: this warp visits its own items only (see dispatch_roles.cuh).
     const long long rect = static_cast<long long>(maxc) * (G - 1);
     for (long long idx = gw; idx < rect && ok; idx += nsw) {
-      const int c = static_cast<int>(idx / (G - 1));
-      const int d = (r + 1 + static_cast<int>(idx % (G - 1))) % G;
+      const RectItem it = rect_item(idx, maxc, G - 1, false);
+      const int c = static_cast<int>(it.chunk);
+      const int d = (r + 1 + it.col) % G;
       const int cr = sh.dcr[d];
       const int j0 = jlo[d] + c * cr;
       if (j0 >= jhi[d]) continue;
@@ -357,10 +356,6 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
           p.out_w[t * K + kk] = v;
         }
       }
-      if (p.prefetch) {  // the token's source rows into L2: the reduction's later loads hit it
-        if ((valid_bits[0] >> lane) & 1u) bulk_prefetch_l2(my_src[0], static_cast<uint32_t>(rb));
-        if ((valid_bits[1] >> lane) & 1u) bulk_prefetch_l2(my_src[1], static_cast<uint32_t>(rb));
-      }
       reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
       __syncwarp();
     }
@@ -516,7 +511,6 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
-  p.prefetch = (prefetch_env() & 4) != 0;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));

@@ -289,12 +289,6 @@ __device__ __forceinline__ void bulk_store(void* gdst, const void* smem_src, uin
                : "memory");
 }
 
-// Asynchronous prefetch of [gsrc, gsrc + bytes) into L2 (TMA; no registers, no completion to
-// wait for). 16-byte aligned address, bytes a multiple of 16.
-__device__ __forceinline__ void bulk_prefetch_l2(const void* gsrc, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(gsrc), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ void bulk_commit() {
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }
@@ -307,6 +301,20 @@ __device__ __forceinline__ void bulk_wait_read() {
 template <int N>
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Item idx of a round's rows x cols rectangle of (chunk, peer column) items, chunk-major (the
+// columns innermost: every peer's chunk c before any chunk c + 1) or column-major. The kernels'
+// warps take idx = warp, warp + warps, ...: each visits only its own items (benchmarks/NOTES.md,
+// session 5). Host-callable for tests/cuda_host/rect_items_check.cu.
+struct RectItem {
+  long long chunk;
+  int col;
+};
+__host__ __device__ __forceinline__ RectItem rect_item(long long idx, long long rows, int cols,
+                                                       bool col_major) {
+  if (col_major) return RectItem{idx % rows, static_cast<int>(idx / rows)};
+  return RectItem{idx / cols, static_cast<int>(idx % cols)};
 }
 
 constexpr int kMaxStages = 16;

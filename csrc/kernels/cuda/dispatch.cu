@@ -32,9 +32,6 @@ namespace {
 
 using namespace dispatch_impl;
 
-// kEnum: FUSED_A2A_CUDA_ITEMS=enum (enumerate_items); kPrefetch: FUSED_A2A_CUDA_PREFETCH (scan
-// only). Separate instantiations, so that the default kernel's registers are untouched.
-template <bool kEnum, bool kPrefetch>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -136,9 +133,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 3. Move the rows (ablation bit 8: not at all, which times launch + handshakes + epilogue).
     if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
-        sender_role<kEnum, kPrefetch>(p, sh, smem, L, ctx, warp, lane, s_hist);
+        sender_role(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
-        receiver_role<kEnum, kPrefetch>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+        receiver_role(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
   }
@@ -282,38 +279,15 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
-  p.prefetch = prefetch_env();
-  {
-    const char* v = std::getenv("FUSED_A2A_CUDA_ITEMS");
-    p.enum_items = v && std::strcmp(v, "enum") == 0;
-  }
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  {
-    const char* v = std::getenv("FUSED_A2A_CUDA_META");
-    p.meta_prepass = p.enum_items && p.tma && v && std::strcmp(v, "prepass") == 0;
-  }
-  if (p.meta_prepass) {
-    const size_t bytes = static_cast<size_t>(G) * std::max(p.num_tokens, 1) * p.meta_words * 4;
-    uint32_t* records = ensure_meta_records(*pr.st, bytes, s);
-    p.meta_records = records;
-    if (p.num_tokens > 0) {
-      const long long words = static_cast<long long>(G) * p.num_tokens * p.meta_words;
-      const int blocks = static_cast<int>(std::min<long long>((words + 255) / 256, 2048));
-      meta_kernel<<<blocks, 256, 0, s>>>(p, records);
-      check_launch("dispatch metadata records");
-    }
-  }
-  auto* kernel = p.enum_items      ? dispatch_kernel<true, false>
-                 : p.prefetch != 0 ? dispatch_kernel<false, true>
-                                   : dispatch_kernel<false, false>;
-  FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  FA2A_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
+  dispatch_kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
   check_launch("dispatch");
 }
 

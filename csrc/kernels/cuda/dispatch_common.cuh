@@ -42,16 +42,6 @@ struct DispatchParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
-  bool enum_items;            // FUSED_A2A_CUDA_ITEMS=enum: enumerate_items instead of the scan
-  // FUSED_A2A_CUDA_META=prepass (enum instantiation only): the records, written by meta_kernel
-  // before the dispatch kernel, [G][N][M] in send order; pushed as ring pieces.
-  bool meta_prepass;
-  const uint32_t* meta_records;
-  // FUSED_A2A_CUDA_PREFETCH bits (opt-in, scan kernel only, session 4, unmeasured): 1 receivers
-  // prefetch a chunk's source rows into L2 before copying them (one row per lane), 2 senders
-  // prefetch a chunk's x rows into L2 before staging its metadata (4: the combine's reducers,
-  // combine.cu).
-  int prefetch;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.
@@ -131,22 +121,6 @@ __device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const 
     const int token = lane < nb ? __ldg(list + b + lane) : 0;
     meta_words(p, token, nb, d, lane,
                [&](int row, int w, uint32_t v) { out[(b + row) * M + w] = v; });
-  }
-}
-
-// FUSED_A2A_CUDA_META=prepass: records[(d * N + j) * M + w] = word w of the record of send
-// position j to rank d (its token send_list[d * N + j]), for every j below d's count.
-__global__ void meta_kernel(DispatchParams p, uint32_t* records) {
-  const int N = p.num_tokens, M = p.meta_words;
-  const long long total = static_cast<long long>(p.num_ranks) * N * M;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long dj = i / M;
-    const int w = static_cast<int>(i - dj * M);
-    const int d = static_cast<int>(dj / N),
-              j = static_cast<int>(dj - static_cast<long long>(d) * N);
-    if (j >= __ldg(p.cum + static_cast<size_t>(d) * (N + 1) + N)) continue;
-    records[i] = meta_word(p, __ldg(p.send_list + dj), d, w);
   }
 }
 
@@ -236,52 +210,6 @@ struct WarpTrace {
 
 __host__ __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
   return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;
-}
-
-// FUSED_A2A_CUDA_ITEMS=enum: the items of a round in the scan's order (chunk-major with the peers
-// rot, rot + 1, ... innermost, or peer-major), visiting only existing ones: chunk c of peer q
-// exists when c < count_of(q). Every nw-th existing item is this warp's (me), counted across
-// rounds in slot (= the scan's it % nw), so the assignment is the scan's, without its per-item
-// segment arithmetic and 64-bit modulo, which every warp otherwise pays for every item of the
-// round, its own or not. Host-callable for tests/cuda_host/enumerate_items_check.cu.
-#pragma nv_exec_check_disable
-template <typename CountOf, typename F>
-__host__ __device__ __forceinline__ void enumerate_items_by(int G, int rot, bool peer_major,
-                                                            long long maxc, CountOf&& count_of,
-                                                            int nw, int me, int& slot,
-                                                            const bool& ok, F&& body) {
-  auto visit = [&](int q, long long c) {
-    const bool mine = slot == me;
-    if (++slot == nw) slot = 0;
-    if (mine) body(q, c);
-  };
-  if (peer_major) {
-    for (int i = 0; i < G && ok; ++i) {
-      const int q = (rot + i) % G;
-      const int n = count_of(q);
-      for (long long c = 0; c < n && ok; ++c) visit(q, c);
-    }
-  } else {
-    for (long long c = 0; c < maxc && ok; ++c) {
-      for (int i = 0; i < G && ok; ++i) {
-        const int q = (rot + i) % G;
-        if (c < count_of(q)) visit(q, c);
-      }
-    }
-  }
-}
-
-// The warp's form: lane q holds peer q's count in count_lo, lane q - 32 peer q's in count_hi.
-template <typename F>
-__device__ __forceinline__ void enumerate_items(int G, int rot, bool peer_major, long long maxc,
-                                                int count_lo, int count_hi, int nw, int me,
-                                                int& slot, const bool& ok, F&& body) {
-  auto count_of = [&](int q) {
-    const int lo = __shfl_sync(0xffffffffu, count_lo, q & 31);
-    const int hi = __shfl_sync(0xffffffffu, count_hi, q & 31);
-    return q < 32 ? lo : hi;
-  };
-  enumerate_items_by(G, rot, peer_major, maxc, count_of, nw, me, slot, ok, body);
 }
 
 }  // namespace fa2a::cuda::dispatch_impl

@@ -12,7 +12,6 @@ namespace fa2a::cuda::dispatch_impl {
 // order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
 // Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
 // and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
-template <bool kEnum, bool kPrefetch>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
@@ -39,7 +38,6 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const int M = p.meta_words;
   const size_t rb = p.row_bytes;
   const int self_cr = sh.cr_recv;
-  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: the item count % nsw, kept incrementally
   int chunks_done = 0;
   bool ok = true;
   // One item of this warp: chunk c of destination d in round k (if it exists).
@@ -81,37 +79,10 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-    bool prepass = false;
-    if constexpr (kEnum) prepass = p.meta_prepass && p.tma;
-    if (prepass) {
-      // The chunk's tokens (one coalesced load) for lane 0; its records (meta_kernel) go as one
-      // more ring piece, so the lanes compute nothing. No bulk store reads this staging buffer.
-      uint32_t* tokens = staging + (chunks_done & 1) * staging_words;
-      const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
-      for (int i = lane; i < n; i += 32) tokens[i] = static_cast<uint32_t>(__ldg(list + i));
-      __syncwarp();
-      if (lane == 0) {
-        const uint32_t* records = p.meta_records + (static_cast<size_t>(d) * N + j0) * M;
-        pipe.push_span(dmeta, records, static_cast<size_t>(n) * M * 4);
-        for (int i = 0; i < n; ++i) {
-          pipe.push_span(dbase + (slot0 + i) * rb, p.x + static_cast<size_t>(tokens[i]) * rb, rb);
-        }
-        pipe.end_chunk(flag, v);
-        tr.count(7);
-      }
-      __syncwarp();
-      ++chunks_done;
-    } else if (p.tma) {
+    if (p.tma) {
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
-      // FUSED_A2A_CUDA_PREFETCH bit 2: the rows lane 0 is about to bulk-load, into L2 meanwhile.
-      if (kPrefetch && (p.prefetch & 2)) {
-        const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
-        for (int i = lane; i < n; i += 32)
-          bulk_prefetch_l2(p.x + static_cast<size_t>(__ldg(list + i)) * rb,
-                           static_cast<uint32_t>(rb));
-      }
       long long t_phase = WarpTrace::now();
       if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
       __syncwarp();
@@ -158,27 +129,15 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       if (d != r)
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
-    if constexpr (kEnum) {
-      auto chunks = [&](int d) -> int {  // items of destination d in round k
-        if (d >= G) return 0;
-        if (d == r) return (p.self_recv || k != 0) ? 0 : (sh.dkept[r] + self_cr - 1) / self_cr;
-        const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r);
-        return static_cast<int>(chunks_of(sg, sh.dcr[d]));
-      };
-      enumerate_items(G, r + 1, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nsw, gw, slot,
-                      ok, [&](int d, long long c) { item(k, d, c); });
-    } else {
-      // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
-      // r itself only when the senders copy the own rows), dealt round-robin: this warp visits
-      // its own items only. Walking every item of the round in every warp cost ~1000 cycles an
-      // item, and the gaps delayed the release of each chunk's flag (session 5, run 16).
-      const int cols = p.self_recv ? G - 1 : G;
-      const long long rect = maxc * cols;
-      for (long long idx = gw; idx < rect && ok; idx += nsw) {
-        const long long c = p.dst_major ? idx % maxc : idx / cols;
-        const int di = static_cast<int>(p.dst_major ? idx / maxc : idx % cols);
-        item(k, (r + 1 + di) % G, c);
-      }
+    // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
+    // r itself only when the senders copy the own rows), dealt round-robin: this warp visits
+    // its own items only. Walking every item of the round in every warp cost ~1000 cycles an
+    // item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
+    const int cols = p.self_recv ? G - 1 : G;
+    const long long rect = maxc * cols;
+    for (long long idx = gw; idx < rect && ok; idx += nsw) {
+      const RectItem it = rect_item(idx, maxc, cols, p.dst_major);
+      item(k, (r + 1 + it.col) % G, it.chunk);
     }
   }
   tr.add(9, t_loop);
@@ -191,37 +150,22 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
 }
 
 // Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
-// records: this chunk's metadata records from meta_kernel, or null (computed here).
-template <bool kPrefetch>
 __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
-                                               int n, int lane, int* s_hist,
-                                               const uint32_t* records) {
+                                               int n, int lane, int* s_hist) {
   const size_t rb = p.row_bytes;
-  const int M = p.meta_words;
   const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
   for (int b = 0; b < n; b += 32) {
     const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
     const int nb = min(32, n - b);
-    if (kPrefetch && (p.prefetch & 1) && lane < nb)  // the 32 rows copied next: into L2 at once
-      bulk_prefetch_l2(p.x + static_cast<size_t>(token) * rb, static_cast<uint32_t>(rb));
     for (int i = 0; i < nb; ++i) {
       const int t = __shfl_sync(0xffffffffu, token, i);
       warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
-    }
-    if (records) {
-      for (int i = lane; i < nb * M; i += 32) {
-        const int row = i / M;
-        scatter_meta(p, P0 + b + row, i - row * M, __ldg(records + static_cast<size_t>(b) * M + i),
-                     s_hist);
-      }
-      continue;
     }
     meta_words(p, token, nb, p.rank, lane,
                [&](int row, int w, uint32_t v) { scatter_meta(p, P0 + b + row, w, v, s_hist); });
   }
 }
 
-template <bool kEnum, bool kPrefetch>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -243,7 +187,6 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
   const long long own = p.self_recv ? sh.dkept[r] : 0;
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
-  int slot = 0;  // FUSED_A2A_CUDA_ITEMS=enum: the item count % nrw, kept incrementally
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
@@ -256,14 +199,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
         if (k != 0 || j0 >= own) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
-        const uint32_t* records = nullptr;
-        if constexpr (kEnum) {
-          if (p.meta_prepass) {
-            records = p.meta_records + (static_cast<size_t>(r) * p.num_tokens + j0) * M;
-          }
-        }
-        if (!ablated(p, 1))
-          copy_own_chunk<kPrefetch>(p, j0, sh.poff[r] + j0, n, lane, s_hist, records);
+        if (!ablated(p, 1)) copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
         tr.add(2, t_own);
         return;
       }
@@ -280,11 +216,6 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      // Bit 1: the chunk's rows (written by the peer, flag acquired) into L2 before the copy.
-      if (kPrefetch && (p.prefetch & 1)) {
-        for (int i = lane; i < n; i += 32)
-          bulk_prefetch_l2(src + i * rb, static_cast<uint32_t>(rb));
-      }
       if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
@@ -295,22 +226,12 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       tr.add(1, t_copy);
       tr.count(7);
     };
-    if constexpr (kEnum) {
-      auto chunks = [&](int s) -> int {  // items of source s in round k
-        if (s >= G) return 0;
-        if (s == r) return k != 0 ? 0 : static_cast<int>((own + CR - 1) / CR);
-        return static_cast<int>(chunks_of(segment(sh.qoff[s], sh.kept[s], k, R, CR, s), CR));
-      };
-      enumerate_items(G, 0, p.dst_major, maxc, chunks(lane), chunks(lane + 32), nrw, gr, slot, ok,
-                      [&](int s, long long c) { item(s, c); });
-    } else {
-      // The round's items as a maxc x G rectangle (sources as columns), dealt round-robin: this
-      // warp visits its own items only (see sender_role).
-      const long long rect = maxc * G;
-      for (long long idx = gr; idx < rect && ok; idx += nrw) {
-        const long long c = p.dst_major ? idx % maxc : idx / G;
-        item(static_cast<int>(p.dst_major ? idx / maxc : idx % G), c);
-      }
+    // The round's items as a maxc x G rectangle (sources as columns), dealt round-robin: this
+    // warp visits its own items only (see sender_role).
+    const long long rect = maxc * G;
+    for (long long idx = gr; idx < rect && ok; idx += nrw) {
+      const RectItem it = rect_item(idx, maxc, G, p.dst_major);
+      item(it.col, it.chunk);
     }
     if (ok && k + 1 < nrounds) {
       const long long t_round = WarpTrace::now();

@@ -26,7 +26,6 @@ CudaState::~CudaState() {
   if (trace) (void)cudaFreeHost(trace);
   if (peer_table) (void)cudaFree(peer_table);
   if (scratch_mem) (void)cudaFree(scratch_mem);
-  if (meta_records) (void)cudaFree(meta_records);
   for (void* p : retired) (void)cudaFree(p);
   (void)cudaGetLastError();
   if (previous >= 0) (void)cudaSetDevice(previous);
@@ -236,20 +235,6 @@ int comm_blocks(const CudaState& st, int num_sms) {
   return std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
 }
 
-uint32_t* ensure_meta_records(CudaState& st, size_t bytes, cudaStream_t stream) {
-  if (bytes <= st.meta_records_bytes && st.meta_records) return st.meta_records;
-  FA2A_CHECK_RUNTIME(!capturing(stream),
-                     "fused_a2a CUDA: the dispatch needs more metadata scratch (", bytes,
-                     " bytes) than earlier calls, which cannot be allocated while a CUDA graph is "
-                     "being captured: run the op once with these sizes before capturing");
-  void* mem = nullptr;
-  FA2A_CUDA_CHECK(cudaMalloc(&mem, bytes), "cudaMalloc (dispatch metadata records)");
-  if (st.meta_records) st.retired.push_back(st.meta_records);
-  st.meta_records = static_cast<uint32_t*>(mem);
-  st.meta_records_bytes = bytes;
-  return st.meta_records;
-}
-
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp) {
   LaunchConfig c;
@@ -309,8 +294,6 @@ int chunk_rows_env() {
 }
 
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
-
-int prefetch_env() { return env_int("FUSED_A2A_CUDA_PREFETCH", 0); }
 
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");

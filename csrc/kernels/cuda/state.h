@@ -79,8 +79,6 @@ struct CudaState {
   int64_t cap_tokens = -1;
   int cap_experts = -1;
   Scratch scratch;
-  uint32_t* meta_records = nullptr;  // FUSED_A2A_CUDA_META=prepass: [G][N][M] dispatch records
-  size_t meta_records_bytes = 0;
   std::vector<void*> retired;  // outgrown scratch, kept alive for captured graphs
   ~CudaState();
 };
@@ -96,9 +94,6 @@ void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const ch
 // Scratch for N tokens, E experts (grows; never while the stream is being captured).
 const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
                               cudaStream_t stream);
-
-// At least `bytes` of dispatch metadata records (grows; never while the stream is captured).
-uint32_t* ensure_meta_records(CudaState& st, size_t bytes, cudaStream_t stream);
 
 // Launch shape of the communication kernels.
 struct LaunchConfig {
@@ -124,7 +119,6 @@ unsigned long long timeout_ns();
 int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
-int prefetch_env();      // FUSED_A2A_CUDA_PREFETCH: L2 prefetch bits (DispatchParams::prefetch)
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 
