@@ -48,6 +48,7 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_selfsend": _case(SELF="send"),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
     "standard_cr8": _case(CHUNK_ROWS="8"),
+    "standard_cr16": _case(CHUNK_ROWS="16"),
     "standard_cr32": _case(CHUNK_ROWS="32"),
     "standard_release": _case(FLAG_FENCE="release"),
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),

@@ -22,7 +22,9 @@ case "${PART:-tests}" in
     ;;
   perf)
     STEPS=build,probe bash tools/gpu_check.sh | tail -14
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_selfrecv,decode,decode_selfsend,n1024_selfrecv,n1024_selfsend} \
+    # Chunk rows 8 / 16 against 32: run 3 chose 32 while every warp still walked every item
+    # (more items, more walking); a 32-row chunk is one warp's 458 KB copy at the receiver.
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_selfrecv,standard_cr16,standard_cr8,decode,decode_selfsend,n1024_selfrecv,n1024_selfsend} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,decode} timeout 240 bash tools/gpu_check.sh | tail -70
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     timeout "${STEP_TIMEOUT_FAB:-200}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
