@@ -324,7 +324,19 @@ def _trace_one(fn, gid, grank, sms):
         out["untraced_cycles"] = [statistics.mean(untraced), max(untraced)]
         return out
 
-    return {"sender": stats(senders, TRACE_SENDER), "receiver": stats(receivers, TRACE_RECEIVER)}
+    receiver = stats(receivers, TRACE_RECEIVER)
+    # Receivers' slot 5: the last chunk flag seen (ns after kernel start). The copy tail is a
+    # warp's finish minus that; the kernel's tail is the latest finish minus the latest flag.
+    flagged = [r for r in receivers if r[5] > 0]
+    if flagged:
+        tails = [r[6] - r[5] for r in flagged]
+        receiver["last_flag_ns"] = [
+            statistics.mean(r[5] for r in flagged),
+            max(r[5] for r in flagged),
+        ]
+        receiver["copy_tail_ns"] = [statistics.mean(tails), max(tails)]
+        receiver["kernel_tail_ns"] = max(r[6] for r in receivers) - max(r[5] for r in flagged)
+    return {"sender": stats(senders, TRACE_SENDER), "receiver": receiver}
 
 
 def _summarize(per_rank):

@@ -19,5 +19,7 @@ for r in json.load(open(sys.argv[1]))["results"]:
     us = {k: r.get(k + "_us") for k in ("static_dispatch", "static_dispatch_graph", "cached_dispatch")}
     print(f"  trace {r['case']}: {us}; rank 0:")
     for role in ("sender", "receiver"):
-        print(f"    {role}: " + ", ".join(f"{k} {[round(x) for x in v]}" for k, v in t.get(role, {}).items()))
+        print(f"    {role}: " + ", ".join(
+            f"{k} {[round(x) for x in v] if isinstance(v, list) else round(v)}"
+            for k, v in t.get(role, {}).items()))
 PY

@@ -211,6 +211,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
                           lane);
       tr.add(0, t_wait);
       if (!ok) return;
+      tr.stamp(5, sh.t0);  // the latest flag: the copy after it is this warp's tail
       const long long t_copy = WarpTrace::now();
       const int n = static_cast<int>(min(static_cast<long long>(CR), sg.hi - j0));
       const long long slot0 = sg.start + c * CR;

@@ -58,10 +58,10 @@ struct Scratch {
 // (ns, accumulated over calls), slot = block * 16 + warp. Sender warps: 0 ready waits, 1 waits for
 // the ring's reads at a chunk start, 2 metadata staging, 3 row pushes, 4 chunk ends, 5 final
 // drain, 6 finish time after kernel start, 7 chunks. Receiver warps: 0 flag waits, 1 remote
-// chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 unused, 6 finish time
-// after kernel start, 7 chunks. Both: 8 role start (for receivers: the data phase start) after
-// kernel start, 9 the role's item loop in cycles (senders: up to the final drain), so that the
-// time outside the phases above is slot 9 minus their sum.
+// chunk copies, 2 own chunk copies, 3 zero rows, 4 round barriers, 5 time of the last chunk flag
+// seen after kernel start, 6 finish time after kernel start, 7 chunks. Both: 8 role start (for
+// receivers: the data phase start) after kernel start, 9 the role's item loop in cycles (senders:
+// up to the final drain), so that the time outside the phases above is slot 9 minus their sum.
 constexpr int kTraceWarps = 64 * 16;
 constexpr int kTraceSlots = 10;
 constexpr int kTraceWords = kTraceWarps * kTraceSlots;
