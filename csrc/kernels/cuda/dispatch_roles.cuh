@@ -42,8 +42,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   bool ok = true;
   // One item of this warp: chunk c of destination d in round k (if it exists).
   auto item = [&](long long k, int d, long long c) {
-    if (d == r) {               // own rows: straight to recv_x, round 0 only
-      if (p.self_recv) return;  // the receiver warps copy them
+    if (d == r) {  // own rows (only when the senders copy them): straight to recv_x, round 0
       const long long j0 = c * self_cr;
       if (k != 0 || j0 >= sh.dkept[r]) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
