@@ -50,6 +50,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_cr8": _case(CHUNK_ROWS="8"),
     "standard_cr16": _case(CHUNK_ROWS="16"),
     "standard_cr32": _case(CHUNK_ROWS="32"),
+    "standard_cr4": _case(CHUNK_ROWS="4"),
+    "decode_cr32": _case(n=128, CHUNK_ROWS="32"),
     "standard_release": _case(FLAG_FENCE="release"),
     "standard_cr32_release": _case(CHUNK_ROWS="32", FLAG_FENCE="release"),
     "decode": _case(n=128),

@@ -205,6 +205,16 @@ def _combine_call(cfg: _Cfg, y, probs, handle: HybridHandle):
     """y [P,H] (and probs [P]) back to [N,H] (and [N,E])."""
     n, e = handle.routing_map.shape
     h = y.shape[1]
+    if cfg.num_rows == 0:
+        # P = 0 (a static of the program, the same on every rank): no rank holds a row, so the
+        # combine moves nothing and out / combined_probs are zeros; no custom call. XLA's GPU
+        # compiler segfaulted on programs whose combine call took P = 0 rows (run 23: exactly
+        # the outputs computed by a combine, forward or dispatch backward, crashed it).
+        # Varying over y's axes, as the custom call's results would be (custom_vjp types).
+        out, out_probs, _ = unify_vma(
+            cfg.axis_name, jnp.zeros((n, h), y.dtype), jnp.zeros((n, e), np.float32), y
+        )
+        return out, (out_probs if probs is not None else None)
     rank, sub = rank_and_sub(cfg.axis_name, like=y)
     out, out_probs = _ffi.call(
         "fa2a_hybrid_combine",

@@ -33,5 +33,19 @@ case "${PART:-tests}" in
     TRACE_CASES=${TRACE_CASES:-standard,decode,standard_abl_recv,standard_abl_rows,standard_abl_roles} \
       bash tools/gpu_diag_trace.sh
     ;;
-  *) echo "PART must be tests or perf" >&2; exit 2 ;;
+  verify)  # session 6: chunk rows 8 by default, batched metadata loads, JAX P = 0 combine
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=12 tests/test_gpu_normal.py tests/test_gpu_hybrid.py" \
+      PYTEST_K="${VERIFY_K:-jax_gpu_hybrid_suite or torch_gpu_matches or jax_gpu_suite or bitwise or same_bits}" \
+      bash tools/gpu_check.sh
+    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -20
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_cr32,standard_cr16,standard_cr4,decode,decode_cr32} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_cr32,decode} timeout 200 bash tools/gpu_check.sh | tail -64
+    ;;
+  fab)
+    timeout "${STEP_TIMEOUT_FAB:-290}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
+    grep -vE '^\[' "$OUT/fab.log" | tail -40
+    ;;
+  *) echo "PART must be tests, perf, verify or fab" >&2; exit 2 ;;
 esac

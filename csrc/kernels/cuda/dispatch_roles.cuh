@@ -219,9 +219,20 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
-      for (int i = lane; i < n * M && !ablated(p, 1); i += 32) {
-        const int row = i / M;
-        scatter_meta(p, P + row, i - row * M, __ldcg(ms + i), s_hist);
+      // The chunk's records, kMetaBatch words a lane loaded before any is scattered: one load
+      // latency per 32 x kMetaBatch words (meta_words).
+      for (int i0 = 0; i0 < n * M && !ablated(p, 1); i0 += 32 * kMetaBatch) {
+        uint32_t v[kMetaBatch];
+#pragma unroll
+        for (int u = 0; u < kMetaBatch; ++u) {
+          const int i = i0 + u * 32 + lane;
+          v[u] = i < n * M ? __ldcg(ms + i) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < kMetaBatch; ++u) {
+          const int i = i0 + u * 32 + lane, row = i / M;
+          if (i < n * M) scatter_meta(p, P + row, i - row * M, v[u], s_hist);
+        }
       }
       tr.add(1, t_copy);
       tr.count(7);
