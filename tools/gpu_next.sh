@@ -47,5 +47,16 @@ case "${PART:-tests}" in
     echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
     grep -vE '^\[' "$OUT/fab.log" | tail -40
     ;;
-  *) echo "PART must be tests, perf, verify or fab" >&2; exit 2 ;;
+  hyb)  # session 6: the torch HybridEP buffer's rows (4096 on GPUs whatever the first N)
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" PYTEST_K="torch" \
+      bash tools/gpu_check.sh | grep -E "tests:|FAILED"
+    for fan in 1 8; do
+      FUSED_A2A_HYBRID_FANOUT=$fan timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode hybrid --frontend torch --out "$OUT/hyb_fan$fan" >"$OUT/hyb_fan$fan.log" 2>&1
+      echo "hybrid bench, FUSED_A2A_HYBRID_FANOUT=$fan: rc=$?"
+      grep -E "^torch" "$OUT/hyb_fan$fan.log" | cut -c1-75
+    done
+    ;;
+  *) echo "PART must be tests, perf, verify, fab or hyb" >&2; exit 2 ;;
 esac
