@@ -99,7 +99,7 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
 // The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), 32 x kMetaBatch
 // words at a time: every word's loads are issued before any is emitted, so the warp waits about
 // one load latency per batch. One word per round cost a latency per 32 words: ~20 a 32-row chunk,
-// 68-156 us per sender warp at EP 4 (run 21 trace, meta_cycles). emit(row, word index, value).
+// 68-156 us per sender warp at EP 4 (run 22 trace, meta_cycles). emit(row, word index, value).
 constexpr int kMetaBatch = 4;
 template <typename Emit>
 __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, int nb, int d,

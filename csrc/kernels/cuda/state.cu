@@ -291,7 +291,7 @@ void check_aligned(const void* p, const char* name) {
 int chunk_rows_env() {
   const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
   // Run 3 (EP 2) chose 32 over 8 while every sender warp walked every item of a round; with the
-  // per-warp item deal (rect_item) run 21 (4x H200, EP 4) measured 8 rows 656 us, 16 686, 32 776:
+  // per-warp item deal (rect_item) run 22 (4x H200, EP 4) measured 8 rows 656 us, 16 686, 32 776:
   // a receiver copies a chunk after its flag, and a shorter last chunk shortens that tail.
   return v > 0 ? v : 8;
 }
