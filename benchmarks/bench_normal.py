@@ -172,7 +172,7 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     gid, grank = buf.group_id, buf.rank
 
     # The handle (and exact capacity) from one dynamic dispatch.
-    rx, _, ridx, rw, counts, src, tpe, stats = ops.dispatch(
+    rx, _, ridx, rw, counts, src, tpe, stats, _ = ops.dispatch(
         x, None, idx, w, e, gid, grank, world, -1, sms
     )
     cap = rx.shape[0]

@@ -322,7 +322,7 @@ def _rank_static(rank, world, cases):
 
         buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
         ops = torch.ops.fused_a2a
-        rx, _, ridx, rw, counts, src, tpe, stats = ops.dispatch(
+        rx, _, ridx, rw, counts, src, tpe, stats, _ = ops.dispatch(
             x, None, idx, w, e, buf.group_id, buf.rank, buf.num_ranks, cap, 0
         )
         y = (rx.float() * 0.5).to(rx.dtype)
@@ -552,7 +552,7 @@ def _rank_graph(rank, world):
     ops, cap = torch.ops.fused_a2a, world * n
 
     def step():
-        rx, _, _, _, counts, src, _, stats = ops.dispatch(
+        rx, _, _, _, counts, src, _, stats, _ = ops.dispatch(
             x, None, idx, w, e, buf.group_id, buf.rank, buf.num_ranks, cap, 0
         )
         y = (rx.float() * 2.0).to(rx.dtype)

@@ -33,7 +33,7 @@ def _opcheck_all(rank, world):
         torch.library.opcheck(ops.dispatch.default, args)
         checked.append(f"dispatch[C={capacity}]")
     out = ops.dispatch(x, None, topk_idx, weights, num_experts, gid, r, world, num_tokens, 24)
-    recv_x, _, recv_idx, recv_w, counts, src_token, _, stats = out
+    recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, _ = out
     torch.library.opcheck(
         ops.combine.default,
         (

@@ -87,10 +87,15 @@ def dispatch(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     """Returns (recv_x, recv_x_scales, recv_topk_idx [int32], recv_topk_weights, recv_src_counts,
-    recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens]).
-    capacity < 0: exactly the received rows (host sync); else a static row count."""
+    recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens],
+    tokens_per_expert_host). capacity < 0: exactly the received rows, found by one host sync
+    after the count exchange, which also brings tokens_per_expert_host ([L] int64 on the CPU, as
+    Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert)
+    while the rows are still moving; else a static row count, no sync, and an empty
+    tokens_per_expert_host."""
     device = x.device
     num_tokens, hidden = x.shape
     num_topk = topk_idx.shape[1]
@@ -110,9 +115,10 @@ def dispatch(
     args.group_max_tokens = stats.data_ptr() + 8
     stream = _stream(device)
     dynamic = capacity < 0
+    counts_host = torch.empty(0, dtype=torch.int64)
     if dynamic:
         core.dispatch_notify(group_id, rank, stream, args)
-        capacity = int(stats[0].item())
+        capacity, counts_host = _counts_to_host(stats, tokens_per_expert)
     recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
@@ -135,14 +141,29 @@ def dispatch(
         recv_src_token[:capacity].clone(),
         tokens_per_expert,
         stats,
+        counts_host,
     )
+
+
+def _counts_to_host(stats: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple:
+    """num_recv and tokens_per_expert (int64, CPU) after the count exchange, with one sync (a
+    second one after the data kernel, for tokens_per_expert alone, left the GPU idle while the
+    host caught up; upstream DeepEP also returns the counts of its notify)."""
+    if stats.device.type != "cuda":
+        return int(stats[0]), tokens_per_expert.to(torch.int64)
+    head = torch.empty(3 + tokens_per_expert.numel(), dtype=torch.int32, pin_memory=True)
+    head[:3].copy_(stats, non_blocking=True)
+    head[3:].copy_(tokens_per_expert, non_blocking=True)
+    torch.cuda.current_stream(stats.device).synchronize()
+    return int(head[0]), head[3:].to(torch.int64)
 
 
 @dispatch.register_fake
 def _(
     x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks, capacity, num_sms
 ):
-    if capacity < 0:
+    dynamic = capacity < 0
+    if dynamic:
         capacity = torch.library.get_ctx().new_dynamic_size()
     hidden, num_topk = x.shape[1], topk_idx.shape[1]
     scale_cols = hidden // 128 if x_scales is not None else 0
@@ -157,6 +178,7 @@ def _(
         new((capacity,), dtype=torch.int32),
         new((num_experts // num_ranks,), dtype=torch.int32),
         new((3,), dtype=torch.int32),
+        torch.empty((num_experts // num_ranks if dynamic else 0,), dtype=torch.int64, device="cpu"),
     )
 
 

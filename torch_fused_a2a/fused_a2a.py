@@ -165,7 +165,8 @@ def _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group) ->
         raise ValueError(f"token_indices is on {token_indices.device}, x on {x.device}")
 
 
-def _dispatch(x, topk_idx, topk_weights, num_experts, group, capacity=-1):
+def _dispatch(x, topk_idx, topk_weights, num_experts, group):
+    """The dynamic dispatch (exact row count, one host sync after the count exchange)."""
     buffer = get_buffer(group, get_hidden_bytes(x), x.device)
     out = torch.ops.fused_a2a.dispatch(
         x,
@@ -176,12 +177,12 @@ def _dispatch(x, topk_idx, topk_weights, num_experts, group, capacity=-1):
         buffer.group_id,
         buffer.rank,
         buffer.num_ranks,
-        capacity,
+        -1,
         _num_sms,
     )
-    recv_x, _, recv_idx, recv_w, counts, src_token, per_expert, stats = out
+    recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, per_expert_host = out
     handle = DispatchHandle(topk_idx, counts, src_token, stats, num_experts, x.shape[0])
-    return recv_x, recv_idx.to(topk_idx.dtype), recv_w, per_expert, handle
+    return recv_x, recv_idx.to(topk_idx.dtype), recv_w, per_expert_host, handle
 
 
 def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):
@@ -239,7 +240,7 @@ class FusedDispatch(torch.autograd.Function):
             )
             _record((recv_x, recv_idx, recv_probs, *handle[:4]), stream)
         ctx.group, ctx.handle, ctx.async_finish = group, handle, async_finish
-        tokens_per_expert = per_expert.to("cpu", torch.int64)
+        tokens_per_expert = per_expert  # int64 on the CPU, from the count exchange
         if token_probs is None:
             recv_probs = None
         return recv_x, recv_idx, recv_probs, tokens_per_expert, handle
