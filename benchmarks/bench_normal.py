@@ -46,6 +46,7 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     # tokens, senders above; runs 18-20)
     "standard_selfrecv": _case(SELF="recv"),
     "standard_selfsend": _case(SELF="send"),
+    "standard_selfsplit": _case(SELF="split"),
     # Chunk rows and the flag fence (run 3: chunk flags cost more than rows)
     "standard_cr8": _case(CHUNK_ROWS="8"),
     "standard_cr16": _case(CHUNK_ROWS="16"),
@@ -59,6 +60,7 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_selfsend": _case(n=128, SELF="send"),
     "n1024_selfrecv": _case(n=1024, SELF="recv"),
     "n1024_selfsend": _case(n=1024, SELF="send"),
+    "n1024_selfsplit": _case(n=1024, SELF="split"),
     # Fewer receiver warps polling chunk flags (session 4: is the senders' untraced time the
     # pollers' contention?)
     "decode_r4": _case(n=128, SEND_WARPS="4", RECV_WARPS="4"),

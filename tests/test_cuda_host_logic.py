@@ -3,6 +3,8 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
 
 - rect_items_check.cu: the dispatch and combine kernels' item deal (rect_item) visits every item
   of a round once, each warp the round-robin share of the chunk- or column-major order.
+- own_rows_check.cu: who copies the dispatch's own rows (senders, receivers, or split chunk by
+  chunk): every own chunk by exactly one role.
 
 Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
 against the kernel headers (a header change broke it once, unnoticed until a GPU run).
@@ -46,7 +48,7 @@ def _build(source, exe):
     assert build.returncode == 0, build.stdout + build.stderr
 
 
-@pytest.mark.parametrize("program", ["rect_items_check"])
+@pytest.mark.parametrize("program", ["rect_items_check", "own_rows_check"])
 def test_cuda_host_program(program, tmp_path):
     exe = tmp_path / program
     _build(os.path.join(HERE, "cuda_host", program + ".cu"), exe)

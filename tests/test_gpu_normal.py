@@ -82,8 +82,13 @@ def _rank_suite(rank, world, cases):
 
 
 # Who copies the dispatch's own rows: by default the receiver warps up to 512 tokens (every suite
-# case) and the senders above; "senders" forces the senders' path on the same cases.
-OWN_ROWS = {"default": {}, "senders": {"FUSED_A2A_CUDA_SELF": "send"}}
+# case) and the senders above; "senders" forces the senders' path on the same cases, "split"
+# both, chunk by chunk.
+OWN_ROWS = {
+    "default": {},
+    "senders": {"FUSED_A2A_CUDA_SELF": "send"},
+    "split": {"FUSED_A2A_CUDA_SELF": "split"},
+}
 
 
 def _suite(world, own="default"):
@@ -448,6 +453,7 @@ DETERMINISM_CONFIGS = (
     (24, 8, OWN_ROWS["senders"]),
     (8, 1, {**OWN_ROWS["senders"], "FUSED_A2A_CUDA_ORDER": "dst"}),
     (32, 64, OWN_ROWS["senders"]),
+    (16, 2, OWN_ROWS["split"]),
 )
 
 

@@ -41,9 +41,9 @@ case "${PART:-tests}" in
     grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -20
     # Who copies the own rows, again, now that chunks are 8 rows (NOTES, "Next steps after
     # session 6", step 1): the senders' pipes carry the own rows too (1/4 of all rows at EP 4,
-    # 1/2 at EP 2); and 32 SMs (more bytes in flight).
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_selfrecv,standard_sms32,decode} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_selfrecv,standard_sms32,decode} \
+    # 1/2 at EP 2); receivers, or half each (split); and 32 SMs (more bytes in flight).
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_selfrecv,standard_selfsplit,standard_sms32,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_selfrecv,standard_selfsplit,decode} \
       timeout 200 bash tools/gpu_check.sh | tail -64
     ;;
   fab)

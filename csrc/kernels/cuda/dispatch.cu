@@ -264,12 +264,20 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.dst_major = order_dst_major();
   {
     // Who copies the own rows x -> recv_x (a choice of this rank alone): the receiver warps
-    // ("recv") or the senders with bulk copies ("send"). Unset: the receivers up to
-    // kSelfRecvMaxTokens tokens, where the senders' items are few and serial, else the senders
-    // (runs 18-20: decode N = 128 faster with "recv", the standard N = 4096 with "send").
+    // ("recv"), the senders with bulk copies ("send"), or both, chunk by chunk ("split": the
+    // senders' pipes also carry the remote rows, the receivers' copies are latency-bound).
+    // Unset: the receivers up to kSelfRecvMaxTokens tokens, where the senders' items are few and
+    // serial, else the senders (runs 18-20: decode N = 128 faster with "recv", the standard N =
+    // 4096 with "send", both with 32-row chunks).
     constexpr int64_t kSelfRecvMaxTokens = 512;
     const char* v = std::getenv("FUSED_A2A_CUDA_SELF");
-    p.self_recv = v ? std::strcmp(v, "recv") == 0 : a.num_tokens <= kSelfRecvMaxTokens;
+    if (v && std::strcmp(v, "split") == 0) {
+      p.own_rows = kOwnSplit;
+    } else if (v) {
+      p.own_rows = std::strcmp(v, "recv") == 0 ? kOwnByReceivers : kOwnBySenders;
+    } else {
+      p.own_rows = a.num_tokens <= kSelfRecvMaxTokens ? kOwnByReceivers : kOwnBySenders;
+    }
   }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;

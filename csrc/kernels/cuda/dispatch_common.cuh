@@ -7,13 +7,31 @@
 
 namespace fa2a::cuda::dispatch_impl {
 
+// Who copies this rank's own rows x -> recv_x (FUSED_A2A_CUDA_SELF=send|recv|split): the sender
+// warps with bulk copies, the receiver warps, or both (own chunk c: receivers when c is even).
+// Each own chunk is copied by exactly one role (tests/cuda_host/own_rows_check.cu).
+enum OwnRows : int { kOwnBySenders = 0, kOwnByReceivers = 1, kOwnSplit = 2 };
+__host__ __device__ __forceinline__ bool own_chunk_by_senders(int mode, long long chunk) {
+  return mode == kOwnBySenders || (mode == kOwnSplit && (chunk & 1));
+}
+__host__ __device__ __forceinline__ bool own_chunk_by_receivers(int mode, long long chunk) {
+  return mode == kOwnByReceivers || (mode == kOwnSplit && !(chunk & 1));
+}
+// Whether a role has any own chunk (the senders' own column, the receivers' own row count).
+__host__ __device__ __forceinline__ bool senders_have_own(int mode) {
+  return mode != kOwnByReceivers;
+}
+__host__ __device__ __forceinline__ bool receivers_have_own(int mode) {
+  return mode != kOwnBySenders;
+}
+
 struct DispatchParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
   bool static_mode, idx64, tma;
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool dst_major;
-  bool self_recv;  // own rows copied to recv_x by the receiver warps, not the senders
+  int own_rows;  // who copies the own rows x -> recv_x: an OwnRows value
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;

@@ -42,9 +42,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   bool ok = true;
   // One item of this warp: chunk c of destination d in round k (if it exists).
   auto item = [&](long long k, int d, long long c) {
-    if (d == r) {  // own rows (only when the senders copy them): straight to recv_x, round 0
+    if (d == r) {  // own rows (the chunks the senders copy): straight to recv_x, round 0
       const long long j0 = c * self_cr;
-      if (k != 0 || j0 >= sh.dkept[r]) return;
+      if (k != 0 || j0 >= sh.dkept[r] || !own_chunk_by_senders(p.own_rows, c)) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
       for (int i = 0; i < n; ++i) {
         const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
@@ -122,17 +122,19 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     }
   };
   for (long long k = 0; k < nrounds && ok; ++k) {
-    // Own chunks are items of the senders only when they copy the own rows (FUSED_A2A_CUDA_SELF).
-    long long maxc = (k == 0 && !p.self_recv) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
+    // Own chunks are items of the senders only when they copy (some of) the own rows
+    // (FUSED_A2A_CUDA_SELF).
+    const bool own_col = senders_have_own(p.own_rows);
+    long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
       if (d != r)
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
     // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
-    // r itself only when the senders copy the own rows), dealt round-robin: this warp visits
+    // r itself only when the senders copy own rows), dealt round-robin: this warp visits
     // its own items only. Walking every item of the round in every warp cost ~1000 cycles an
     // item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
-    const int cols = p.self_recv ? G - 1 : G;
+    const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
     for (long long idx = gw; idx < rect && ok; idx += nsw) {
       const RectItem it = rect_item(idx, maxc, cols, p.dst_major);
@@ -182,9 +184,9 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
   tr.add(3, t_phase);
   const long long remote = sh.kept_total - sh.kept[r];
-  // Own rows (p.self_recv): chunks of CR rows x -> recv_x, dealt with the remote chunks of round
-  // 0 in the same order, so the local copy overlaps the transfer and the senders only push.
-  const long long own = p.self_recv ? sh.dkept[r] : 0;
+  // Own rows (unless the senders copy them all): chunks of CR rows x -> recv_x, dealt with the
+  // remote chunks of round 0 in the same order, so the local copy overlaps the transfer.
+  const long long own = receivers_have_own(p.own_rows) ? sh.dkept[r] : 0;
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
@@ -195,7 +197,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     auto item = [&](int s, long long c) {  // one item of this warp, if it exists
       if (s == r) {
         const long long j0 = c * CR;
-        if (k != 0 || j0 >= own) return;
+        if (k != 0 || j0 >= own || !own_chunk_by_receivers(p.own_rows, c)) return;
         const int n = static_cast<int>(min(static_cast<long long>(CR), own - j0));
         const long long t_own = WarpTrace::now();
         if (!ablated(p, 1)) copy_own_chunk(p, j0, sh.poff[r] + j0, n, lane, s_hist);
