@@ -73,14 +73,22 @@ def _rank_cases(rank, world, cases):
     return results
 
 
-def _results(world, rows):
+# Buffers: 8 tokens a round (many rounds), the default, and 8 rows with the combine's rounds
+# overlapped (FUSED_A2A_HYBRID_PIPELINE=1: two half slots, round k + 1 sent before round k is
+# reduced).
+BUFFERS = {
+    "rows8": {"FUSED_A2A_BUFFER_ROWS": "8"},
+    "default-buffer": {},
+    "rows8-pipelined": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_PIPELINE": "1"},
+}
+
+
+def _results(world, buffer):
     import test_torch_hybrid as T
 
-    env = dict(GPU_ENV)
-    if rows:
-        env["FUSED_A2A_BUFFER_ROWS"] = str(rows)
+    env = dict(GPU_ENV, **BUFFERS[buffer])
     return run_once(
-        ("gpu-hybrid", world, rows),
+        ("gpu-hybrid", world, buffer),
         lambda: run_ranks(_rank_cases, world, T.WORLD_CASES[world], timeout=600, env=env),
     )
 
@@ -98,11 +106,11 @@ def _cases():
     return [(w, c) for w in (2, 4) for c in T.WORLD_CASES.get(w, ())]
 
 
-@pytest.mark.parametrize("rows", [8, None], ids=["rows8", "default-buffer"])
+@pytest.mark.parametrize("buffer", list(BUFFERS))
 @pytest.mark.parametrize("world,case", _cases(), ids=lambda v: getattr(v, "name", str(v)))
-def test_torch_gpu_hybrid(world, case, rows):
+def test_torch_gpu_hybrid(world, case, buffer):
     _need(world)
-    per_rank = [_results(world, rows)[r][case.name] for r in range(world)]
+    per_rank = [_results(world, buffer)[r][case.name] for r in range(world)]
     for r, res in enumerate(per_rank):
         for where in ("cuda", "cpu"):
             assert "error" not in res[where], f"rank {r} {where}:\n{res[where].get('error')}"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The next GPU session's calls (plan in benchmarks/NOTES.md, "Next GPU session"), best on
 # nvidia-h100-x4 (2 GPUs also work: the 3- and 4-GPU cases skip). One call per part:
-#   OUT=... PART=tests bash tools/gpu_next.sh   # ~7 min: build; every GPU test (normal mode in
-#       both own-row paths, HybridEP, faults, concurrency): session 5's refactor (one dispatch
-#       kernel, rect_item) was checked on CPU and in SASS only
-#   OUT=... PART=perf bash tools/gpu_next.sh    # ~6 min: build; bench at EP = all GPUs and EP 2
-#       (standard, decode, N = 1024, own rows by senders / receivers); traces of the current
-#       kernel with run 12's ablations; fused-a2a bench --ranks all GPUs
-# (Session 4's plan of the same name ran in session 5 as run 15: results/2026-11-26_h100x2_s5.)
+#   PART=verify (~4 min): build; the normal-mode tests of both frontends (own rows by default,
+#       senders, split), JAX HybridEP; bench A/B at EP = all GPUs and EP 2 (own rows, 32 SMs)
+#   PART=hyb (~4 min): build; torch HybridEP GPU tests (incl. the pipelined combine); HybridEP
+#       bench at N = 4096 with FUSED_A2A_HYBRID_PIPELINE=0 / 1
+#   PART=fab (~4 min): the whole fused-a2a bench --ranks all GPUs
+#   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
+#   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
+# Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -51,15 +52,17 @@ case "${PART:-tests}" in
     echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
     grep -vE '^\[' "$OUT/fab.log" | tail -40
     ;;
-  hyb)  # session 6: the torch HybridEP buffer's rows (4096 on GPUs whatever the first N)
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
+  hyb)  # HybridEP: the torch GPU tests (incl. the pipelined combine), then the combine A/B
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" PYTEST_K="torch" \
       bash tools/gpu_check.sh | grep -E "tests:|FAILED"
-    for fan in 1 8; do
-      FUSED_A2A_HYBRID_FANOUT=$fan timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-        --mode hybrid --frontend torch --out "$OUT/hyb_fan$fan" >"$OUT/hyb_fan$fan.log" 2>&1
-      echo "hybrid bench, FUSED_A2A_HYBRID_FANOUT=$fan: rc=$?"
-      grep -E "^torch" "$OUT/hyb_fan$fan.log" | cut -c1-75
+    # FUSED_A2A_HYBRID_PIPELINE=1: two half slots, round k + 1 sent while round k is reduced
+    # (session 6, unmeasured); run 26 without it: combine 2518 us at EP 4, N = 4096.
+    for pipe in 0 1; do
+      FUSED_A2A_HYBRID_PIPELINE=$pipe timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode hybrid --frontend all --out "$OUT/hyb_pipe$pipe" >"$OUT/hyb_pipe$pipe.log" 2>&1
+      echo "hybrid bench, FUSED_A2A_HYBRID_PIPELINE=$pipe: rc=$?"
+      grep -E "^(torch|jax)" "$OUT/hyb_pipe$pipe.log" | cut -c1-75
     done
     ;;
   *) echo "PART must be tests, perf, verify, fab or hyb" >&2; exit 2 ;;

@@ -75,11 +75,14 @@ struct Comm {
 
 // Block-wide steps of one message; `fail` is a shared flag, every thread returns its value
 // after a __syncthreads (so the whole block leaves together).
-__device__ inline bool send_begin(const Comm& c, unsigned long long m, int* fail) {
+// `lag`: messages that may be unread by a peer when this one is written (1: the slot holds one
+// message; 2: two halves, see grid_send).
+__device__ inline bool send_begin(const Comm& c, unsigned long long m, int* fail,
+                                  unsigned long long lag = 1) {
   const WaitCtx ctx = c.wait_ctx();
   Ctrl* mine = ctrl_of(c.peers[c.rank]);
   for (int d = threadIdx.x; d < c.num_ranks; d += blockDim.x) {
-    if (!wait_flag(&mine->ack[d], m - 1, ctx, kPhaseRound, d)) *fail = 1;
+    if (!wait_flag(&mine->ack[d], m > lag ? m - lag : 0ull, ctx, kPhaseRound, d)) *fail = 1;
   }
   __syncthreads();
   return *fail == 0;
@@ -176,6 +179,32 @@ __device__ inline bool grid_message(const Comm& c, unsigned long long& m, unsign
   return true;
 }
 
+// The two halves of a message, for kernels that send message m + 1 (into the other half of each
+// slot) before reading message m: grid_send waits until every peer has read message m - 1 (the
+// one in this half), writes, publishes; grid_recv waits for message m's data, reads, acks. The
+// sends of a block and its receives are interleaved send(k + 1), recv(k), so the arrival
+// counters still see every block's arrival for one message before any for the next (a block's
+// send(k + 2) waits for its own rank's ack of k, i.e. every local block's recv(k)).
+template <typename Send>
+__device__ inline bool grid_send(const Comm& c, unsigned long long& m, unsigned int& q, int* fail,
+                                 Send&& send) {
+  ++m;
+  ++q;
+  if (!send_begin(c, m, fail, 2)) return false;
+  send();
+  grid_send_end(c, m, q * gridDim.x);
+  return true;
+}
+template <typename Recv>
+__device__ inline bool grid_recv(const Comm& c, unsigned long long& m, unsigned int& q, int* fail,
+                                 Recv&& recv) {
+  ++m;
+  ++q;
+  if (!recv_begin(c, m, fail)) return false;
+  recv();
+  grid_recv_end(c, m, q * gridDim.x);
+  return true;
+}
 // The grid's empty first message (see enter).
 __device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
                                   int* fail) {

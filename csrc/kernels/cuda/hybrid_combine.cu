@@ -37,6 +37,7 @@ struct CombineParams {
   const int32_t* row_token;
   const int32_t* meta;
   long long slot_rows;    // positions of one slot
+  bool pipelined;         // FUSED_A2A_HYBRID_PIPELINE=1: two half slots, rounds overlapped
   const int32_t* rowmap;  // [G*N, L] from rowmap_kernel
   void* out;
   float* out_probs;
@@ -80,10 +81,10 @@ __global__ void rowmap_kernel(const int32_t* row_token, const int32_t* src_exper
 
 // Sender side of (source s, token t at round position k): all F positions of t in this rank's
 // slot on s. One warp.
-__device__ inline void send_token(const Comm& c, const CombineParams& p, int s, int t, int k, int F,
-                                  unsigned long long m, bool bad, int lane) {
+__device__ inline void send_token(const Comm& c, const CombineParams& p, size_t half, int s, int t,
+                                  int k, int F, unsigned long long m, bool bad, int lane) {
   const int L = p.L;
-  uint8_t* base = c.slot_on(s) + static_cast<size_t>(k) * F * p.stride;
+  uint8_t* base = c.slot_on(s) + half + static_cast<size_t>(k) * F * p.stride;
   const size_t g = static_cast<size_t>(s) * p.N + t;
   int count = 0;
   for (int j0 = 0; j0 < L && !bad; j0 += 32) {
@@ -151,11 +152,11 @@ __device__ __forceinline__ int4 pack_vec(const float* acc, int code) {
 // (rank ascending, then position = j ascending), fp32 from 0.0f, one rounding. One warp. own:
 // this rank's data region (addresses are arithmetic: no table load per row).
 __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const uint8_t* own,
-                                    int t, int k, int F, unsigned int tag, int lane) {
+                                    size_t half, int t, int k, int F, unsigned int tag, int lane) {
   const int G = c.num_ranks, L = p.L, E = G * L;
   const int pairs = G * F;
   auto position = [&](int i) {  // pair i = (rank i / F, position i % F)
-    return own + static_cast<size_t>(i / F) * c.slot_bytes +
+    return own + static_cast<size_t>(i / F) * c.slot_bytes + half +
            (static_cast<size_t>(k) * F + i % F) * p.stride;
   };
   auto present = [&](const uint8_t* at, int i) {
@@ -214,6 +215,9 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const
   }
 }
 
+// kPipelined: a separate instantiation, so that the default kernel's registers stay as they were
+// (the pipelined loop spills).
+template <bool kPipelined>
 __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams p) {
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
   __shared__ int s_fail, s_bad, s_last;
@@ -228,31 +232,56 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   const bool bad = s_bad != 0;
   const uint8_t* own = c.peers[c.rank] + kControlBytes;
   const int F = max(1, p.meta[kHybridMetaMaxFanout]);
-  const long long T = max(1ll, p.slot_rows / F);
+  // Pipelined (FUSED_A2A_HYBRID_PIPELINE=1): each slot in two halves, round k in half k % 2, and
+  // round k + 1 sent before round k is reduced, so one round's transfer overlaps the previous
+  // round's reduction. Every rank decides alike (same slot size, F from the notify).
+  const size_t half_bytes = (c.slot_bytes / 2) & ~static_cast<size_t>(15);
+  const bool pipe = kPipelined && static_cast<long long>(half_bytes / p.stride) >= F;
+  const long long T =
+      max(1ll, (pipe ? static_cast<long long>(half_bytes / p.stride) : p.slot_rows) / F);
   // meta NumTokens -1: the dispatch's notify found the ranks disagreeing (on every rank): no
   // rounds anywhere, zeros out.
   const bool group_bad = p.meta[kHybridMetaNumTokens] == -1;
   const long long rounds = group_bad ? 0 : (static_cast<long long>(p.N) + T - 1) / T;
+  const auto tokens_of = [&](long long round) {
+    return static_cast<int>(min(static_cast<long long>(p.N), (round + 1) * T) - round * T);
+  };
+  const auto half_of = [&](long long round) { return pipe ? (round & 1) * half_bytes : 0; };
+  auto send_round = [&](long long round, unsigned long long msg) {
+    const long long t0 = round * T;
+    const int n = tokens_of(round);
+    for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
+      const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
+      send_token(c, p, half_of(round), s, static_cast<int>(t0 + k), k, F, msg, bad, lane);
+    }
+  };
+  auto recv_round = [&](long long round, unsigned long long msg) {
+    const long long t0 = round * T;
+    for (long long k = gw; k < tokens_of(round); k += nwarps) {
+      reduce_token(c, p, own, half_of(round), static_cast<int>(t0 + k), static_cast<int>(k), F,
+                   static_cast<unsigned int>(msg), lane);
+    }
+  };
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  for (long long round = 0; ok && round < rounds; ++round) {
-    const long long t0 = round * T;
-    const int n = static_cast<int>(min(static_cast<long long>(p.N), t0 + T) - t0);
-    ok = grid_message(
-        c, m, q, &s_fail,
-        [&] {
-          for (long long w = gw; w < static_cast<long long>(n) * G; w += nwarps) {
-            const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
-            send_token(c, p, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
-          }
-        },
-        [&] {
-          for (long long k = gw; k < n; k += nwarps) {
-            reduce_token(c, p, own, static_cast<int>(t0 + k), static_cast<int>(k), F,
-                         static_cast<unsigned int>(m), lane);
-          }
-        });
+  if (!pipe) {
+    for (long long round = 0; ok && round < rounds; ++round) {
+      ok = grid_message(
+          c, m, q, &s_fail, [&] { send_round(round, m); }, [&] { recv_round(round, m); });
+    }
+  } else if (kPipelined) {
+    // Message numbers: round k is message m0 + 1 + k for its sender and its receivers alike.
+    unsigned long long m_sent = m, m_read = m;
+    unsigned int q_sent = q, q_read = q;
+    if (ok && rounds > 0)
+      ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(0, m_sent); });
+    for (long long round = 0; ok && round < rounds; ++round) {
+      if (round + 1 < rounds)
+        ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(round + 1, m_sent); });
+      if (ok) ok = grid_recv(c, m_read, q_read, &s_fail, [&] { recv_round(round, m_read); });
+    }
+    m = m_read;
   }
   if (ok && group_bad) {
     for (long long t = gw; t < p.N; t += nwarps) {
@@ -294,6 +323,7 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.row_token = a.row_token;
   p.meta = a.meta;
   p.slot_rows = static_cast<long long>(c.slot_bytes / p.stride);
+  p.pipelined = hybrid_pipeline_env();
   FA2A_CHECK(p.slot_rows >= L, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,
              " bytes) cannot hold one token's ", L, " rows of ", p.stride,
              " bytes; create the buffer with more bytes (init_hybrid_ep_buffer)");
@@ -318,7 +348,11 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
                                             a.pad_multiple, G, L, num_ids, scratch.ordinal);
     check_launch("hybrid combine row map");
   }
-  combine_kernel<<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
+  if (p.pipelined) {
+    combine_kernel<true><<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
+  } else {
+    combine_kernel<false><<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
+  }
   check_launch("hybrid combine");
 }
 

@@ -296,6 +296,8 @@ int chunk_rows_env() {
   return v > 0 ? v : 8;
 }
 
+bool hybrid_pipeline_env() { return env_int("FUSED_A2A_HYBRID_PIPELINE", 0) != 0; }
+
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
 bool order_dst_major() {

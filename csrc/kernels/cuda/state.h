@@ -116,9 +116,10 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
                            size_t per_send_warp, size_t per_recv_warp);
 
 unsigned long long timeout_ns();
-int chunk_rows_env();    // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 32
-bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
-int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
+int chunk_rows_env();        // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP combine rounds overlapped
+bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
+int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 
