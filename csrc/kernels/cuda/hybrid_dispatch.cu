@@ -256,6 +256,11 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   }
 }
 
+// kPipelined (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
+// rows_per_round / 2 rows, round k in half k % 2, and round k + 1 sent before round k is
+// received, so one round's transfer overlaps the previous round's permute. A separate
+// instantiation, so that the default kernel's registers stay as they were.
+template <bool kPipelined>
 __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
@@ -290,34 +295,54 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     s_total = total;
     long long n = p.N;
     if (p.rounds_from_notify) n = ctrl_of(c.peers[c.rank])->group_tokens;
-    s_rounds = (n + p.rows_per_round - 1) / p.rows_per_round;
+    const long long round_rows = kPipelined ? p.rows_per_round / 2 : p.rows_per_round;
+    s_rounds = (n + round_rows - 1) / round_rows;
     // The notify's group-wide verdict that the ranks disagree (every rank sees it, and their
     // round sizes may differ): no rounds on any rank.
     if (p.meta[kHybridMetaNumTokens] == -1) s_rounds = 0;
   }
   __syncthreads();
   const bool bad = s_bad != 0;
-  const int T = p.rows_per_round;
+  const int T = kPipelined ? p.rows_per_round / 2 : p.rows_per_round;
+  const auto items_of = [&](long long round) {
+    const long long t0 = round * T;
+    const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
+    return max(0ll, t1 - t0) * G;
+  };
+  // Slot row of round position k: the round's half first (pipelined).
+  const auto slot_row = [&](long long round, int k) {
+    return kPipelined ? static_cast<int>((round & 1) * T) + k : k;
+  };
+  auto send_round = [&](long long round) {    // destination innermost: consecutive warps write
+    const long long items = items_of(round);  // to different peers
+    for (long long w = gw; w < items; w += nwarps) {
+      const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
+      send_item(c, p, round * T + k, slot_row(round, k), d, lane);
+    }
+  };
+  auto recv_round = [&](long long round) {
+    const long long items = items_of(round);
+    for (long long w = gw; w < items; w += nwarps) {
+      recv_item(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)), lane);
+    }
+  };
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  for (long long round = 0; ok && round < s_rounds; ++round) {
-    const long long t0 = round * T;
-    const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
-    const long long items = max(0ll, t1 - t0) * G;
-    ok = grid_message(
-        c, m, q, &s_fail,
-        [&] {  // destination innermost: consecutive warps write to different peers
-          for (long long w = gw; w < items; w += nwarps) {
-            const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
-            send_item(c, p, t0 + k, k, d, lane);
-          }
-        },
-        [&] {
-          for (long long w = gw; w < items; w += nwarps) {
-            recv_item(c, p, seg, static_cast<int>(w % G), static_cast<int>(w / G), lane);
-          }
-        });
+  if (!kPipelined) {
+    for (long long round = 0; ok && round < s_rounds; ++round) {
+      ok = grid_message(c, m, q, &s_fail, [&] { send_round(round); }, [&] { recv_round(round); });
+    }
+  } else {
+    unsigned long long m_sent = m, m_read = m;
+    unsigned int q_sent = q, q_read = q;
+    if (ok && s_rounds > 0) ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(0); });
+    for (long long round = 0; ok && round < s_rounds; ++round) {
+      if (round + 1 < s_rounds)
+        ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(round + 1); });
+      if (ok) ok = grid_recv(c, m_read, q_read, &s_fail, [&] { recv_round(round); });
+    }
+    m = m_read;
   }
   // Padding rows of each expert and the tail past the padded total: zeros.
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
@@ -437,12 +462,14 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   }
   const size_t E = static_cast<size_t>(a.num_experts);
   const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
+  const bool pipelined = hybrid_pipeline_env() && p.rows_per_round >= 2;
+  auto* kernel = pipelined ? data_kernel<true> : data_kernel<false>;
   if (smem > 48 * 1024) {
-    FA2A_CUDA_CHECK(cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
                     "hybrid dispatch shared memory");
   }
-  data_kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
+  kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
   check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
 }
 
