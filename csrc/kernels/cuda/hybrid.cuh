@@ -162,35 +162,20 @@ __device__ inline void grid_recv_end(const Comm& c, unsigned long long m, unsign
   }
 }
 
-// One message of the grid: m and q (the kernel's message counter) advanced; acks awaited, this
-// block's share written by send(), published; data awaited, this block's share read by recv(),
-// acknowledged. False (the block leaves) on a timeout or abort.
-template <typename Send, typename Recv>
-__device__ inline bool grid_message(const Comm& c, unsigned long long& m, unsigned int& q,
-                                    int* fail, Send&& send, Recv&& recv) {
-  ++m;
-  ++q;
-  if (!send_begin(c, m, fail)) return false;
-  send();
-  grid_send_end(c, m, q * gridDim.x);
-  if (!recv_begin(c, m, fail)) return false;
-  recv();
-  grid_recv_end(c, m, q * gridDim.x);
-  return true;
-}
-
-// The two halves of a message, for kernels that send message m + 1 (into the other half of each
-// slot) before reading message m: grid_send waits until every peer has read message m - 1 (the
-// one in this half), writes, publishes; grid_recv waits for message m's data, reads, acks. The
-// sends of a block and its receives are interleaved send(k + 1), recv(k), so the arrival
-// counters still see every block's arrival for one message before any for the next (a block's
-// send(k + 2) waits for its own rank's ack of k, i.e. every local block's recv(k)).
+// The halves of a message of the grid (m and q, the kernel's message counter, advanced by
+// each): grid_send waits until every peer has read message m - lag (lag 1: the slot holds one
+// message; 2: two halves, the message two back is the one in this half), writes this block's
+// share with send(), publishes; grid_recv waits for message m's data, reads this block's share
+// with recv(), acknowledges. False (the block leaves) on a timeout or abort. Kernels with two
+// halves interleave send(k + 1), recv(k): the arrival counters still see every block's arrival
+// for one message before any for the next (a block's send(k + 2) waits for its own rank's ack of
+// k, i.e. every local block's recv(k)).
 template <typename Send>
 __device__ inline bool grid_send(const Comm& c, unsigned long long& m, unsigned int& q, int* fail,
-                                 Send&& send) {
+                                 Send&& send, unsigned long long lag = 2) {
   ++m;
   ++q;
-  if (!send_begin(c, m, fail, 2)) return false;
+  if (!send_begin(c, m, fail, lag)) return false;
   send();
   grid_send_end(c, m, q * gridDim.x);
   return true;
@@ -204,6 +189,14 @@ __device__ inline bool grid_recv(const Comm& c, unsigned long long& m, unsigned 
   recv();
   grid_recv_end(c, m, q * gridDim.x);
   return true;
+}
+// One whole message (one slot): send, then receive.
+template <typename Send, typename Recv>
+__device__ inline bool grid_message(const Comm& c, unsigned long long& m, unsigned int& q,
+                                    int* fail, Send&& send, Recv&& recv) {
+  unsigned long long m_read = m;
+  unsigned int q_read = q;
+  return grid_send(c, m, q, fail, send, 1) && grid_recv(c, m_read, q_read, fail, recv);
 }
 // The grid's empty first message (see enter).
 __device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
