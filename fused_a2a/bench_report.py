@@ -7,6 +7,8 @@ A row is one op of one implementation at one N. Metrics (BENCHMARKS.md):
   rows for every implementation: one row per (token, destination rank)) / time, averaged over
   ranks; for combine the same bytes / combine time;
 - ``wire_gbps``: the remote rows only (what crossed the link) / time;
+- ``host_us``: host time per call, the slowest rank: torch, the call itself (enqueueing, and any
+  host sync inside it); JAX, a one-iteration call of the jitted program minus one iteration;
 - ``sms``: SMs the communication kernels use (GPU), None where unknown or on CPU;
 - ``vs``: for each peer, peer time / this time for the op in the same direction (> 1: faster than
   the peer). Dispatch and combine backward move data like combine and dispatch respectively.
@@ -81,7 +83,7 @@ def make_rows(frontend: str, unit_info: dict, merged: list[dict], ranks: int, de
         for op in OPS:
             if op not in ops:
                 continue
-            us, ok = ops[op]
+            (us, host_us), ok = ops[op]
             us = float(us)
             recv_b, remote_b = (
                 res[k] * BYTES_FACTOR.get(op, 1) for k in ("recv_bytes", "remote_bytes")
@@ -91,6 +93,7 @@ def make_rows(frontend: str, unit_info: dict, merged: list[dict], ranks: int, de
                     **base,
                     "op": op,
                     "time_us": us,
+                    "host_us": float(host_us),
                     "gbps": recv_b / us / 1e3 if us > 0 else None,
                     "wire_gbps": remote_b / us / 1e3 if us > 0 else None,
                     "recv_bytes": recv_b,
@@ -125,7 +128,9 @@ def merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
             if op == "sms":
                 ops[op] = first["ops"][op]
                 continue
-            ops[op] = (max(e["ops"][op][0] for e in entries), all(e["ops"][op][1] for e in entries))
+            timings = [e["ops"][op][0] for e in entries]  # (device_us, host_us) per rank
+            ok = all(e["ops"][op][1] for e in entries)
+            ops[op] = ((max(t[0] for t in timings), max(t[1] for t in timings)), ok)
         res["ops"] = ops
         for key in ("recv_bytes", "remote_bytes"):
             res[key] = sum(e[key] for e in entries) / len(entries)
@@ -152,8 +157,8 @@ def format_table(rows: list[dict], tokens: int) -> str:
     sel = [r for r in rows if r["tokens"] == tokens]
     peer_names = sorted({peer_short(r) for r in sel if r["peer"]})
     head = (
-        f"{'implementation':34} {'op':12} {'time us':>9} {'GB/s':>8} {'wire GB/s':>9} "
-        f"{'SMs':>4} "
+        f"{'implementation':34} {'op':12} {'time us':>9} {'host us':>8} {'GB/s':>8} "
+        f"{'wire GB/s':>9} {'SMs':>4} "
         + " ".join(f"{'vs ' + p:>{max(14, len(p) + 3)}}" for p in peer_names)
         + "  verified"
     )
@@ -165,7 +170,8 @@ def format_table(rows: list[dict], tokens: int) -> str:
             cells.append(f"{_fmt(v, '.2f') + ('x' if v else ''):>{max(14, len(p) + 3)}}")
         ratios = " ".join(cells)
         lines.append(
-            f"{impl_label(r):34} {r['op']:12} {r['time_us']:>9.1f} {_fmt(r['gbps'], '8.2f'):>8} "
+            f"{impl_label(r):34} {r['op']:12} {r['time_us']:>9.1f} "
+            f"{_fmt(r.get('host_us'), '8.1f'):>8} {_fmt(r['gbps'], '8.2f'):>8} "
             f"{_fmt(r['wire_gbps'], '9.2f'):>9} {_fmt(r['sms'], 'd'):>4} {ratios}  "
             f"{'yes' if r['verified'] else 'NO'}"
         )
@@ -246,15 +252,16 @@ def markdown(doc: dict, source: str = "") -> str:
             f"{head}: N={n}, H={cfg.get('hidden')}, top-{cfg.get('topk')} of "
             f"{cfg.get('experts')}, {cfg.get('dtype')}",
             "",
-            "| implementation | op | time (us) | GB/s | wire GB/s | SMs | "
+            "| implementation | op | time (us) | host (us) | GB/s | wire GB/s | SMs | "
             + "".join(f"vs {p} | " for p in peers)
             + "verified |",
-            "| --- " * (7 + len(peers)) + "|",
+            "| --- " * (8 + len(peers)) + "|",
         ]
         for r in sel:
             ratios = "".join(f"{_fmt(r['vs'].get(p), '.2f')} | " for p in peers)
             lines.append(
-                f"| {impl_label(r)} | {r['op']} | {r['time_us']:.1f} | {_fmt(r['gbps'], '.1f')} "
+                f"| {impl_label(r)} | {r['op']} | {r['time_us']:.1f} "
+                f"| {_fmt(r.get('host_us'), '.1f')} | {_fmt(r['gbps'], '.1f')} "
                 f"| {_fmt(r['wire_gbps'], '.1f')} | {_fmt(r['sms'], 'd')} | {ratios}"
                 f"{'yes' if r['verified'] else 'NO'} |"
             )

@@ -53,18 +53,19 @@ def to_numpy(t, like: np.dtype | None = None) -> np.ndarray:
 
 
 class Timer:
-    """Median time per call in microseconds: CUDA events around every call on GPU (after a
-    synchronize and a barrier), perf_counter on CPU."""
+    """(device_us, host_us) per call, medians: the device time with CUDA events around every call
+    on GPU (after a synchronize and a barrier), perf_counter on CPU; the host time of the call
+    itself (enqueueing, and any host sync inside it; on CPU the same as the device time)."""
 
     def __init__(self, device, iters: int, warmup: int):
         self.device, self.iters, self.warmup = device, iters, warmup
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn) -> tuple[float, float]:
         import torch
         import torch.distributed as dist
 
         if self.iters <= 0:  # check: correctness only
-            return 0.0
+            return 0.0, 0.0
         for _ in range(self.warmup):
             fn()
         if self.device.type == "cuda":
@@ -74,19 +75,23 @@ class Timer:
                 (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 for _ in range(self.iters)
             ]
+            host = []
             for start, stop in events:
                 start.record()
+                t0 = time.perf_counter()
                 fn()
+                host.append((time.perf_counter() - t0) * 1e6)
                 stop.record()
             torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+            device = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+            return device, statistics.median(host)
         dist.barrier()
         times = []
         for _ in range(self.iters):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
+        return statistics.median(times), statistics.median(times)
 
 
 class Ctx:
