@@ -91,7 +91,8 @@ class Timer:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times), statistics.median(times)
+        median = statistics.median(times)
+        return median, median
 
 
 class Ctx:

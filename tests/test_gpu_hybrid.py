@@ -73,9 +73,9 @@ def _rank_cases(rank, world, cases):
     return results
 
 
-# Buffers: 8 tokens a round (many rounds), the default, and 8 rows with the combine's rounds
-# overlapped (FUSED_A2A_HYBRID_PIPELINE=1: two half slots, round k + 1 sent before round k is
-# reduced).
+# Buffers: 8 tokens a round (many rounds), the default, and 8 rows with the rounds of dispatch,
+# cached dispatch and combine overlapped (FUSED_A2A_HYBRID_PIPELINE=1: two half slots, round
+# k + 1 sent before round k is read).
 BUFFERS = {
     "rows8": {"FUSED_A2A_BUFFER_ROWS": "8"},
     "default-buffer": {},

@@ -180,9 +180,10 @@ def _dispatch(x, topk_idx, topk_weights, num_experts, group):
         -1,
         _num_sms,
     )
-    recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, per_expert_host = out
+    # tokens_per_expert: int64 on the CPU, from the count exchange (the op's 9th output)
+    recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, tokens_per_expert = out
     handle = DispatchHandle(topk_idx, counts, src_token, stats, num_experts, x.shape[0])
-    return recv_x, recv_idx.to(topk_idx.dtype), recv_w, per_expert_host, handle
+    return recv_x, recv_idx.to(topk_idx.dtype), recv_w, tokens_per_expert, handle
 
 
 def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):
@@ -235,12 +236,11 @@ class FusedDispatch(torch.autograd.Function):
         _check_flags(async_finish, allocate_on_comm_stream)
         _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group)
         with _comm_stream(x.device, async_finish) as stream:
-            recv_x, recv_idx, recv_probs, per_expert, handle = _dispatch(
+            recv_x, recv_idx, recv_probs, tokens_per_expert, handle = _dispatch(
                 x, token_indices, token_probs, num_experts, group
             )
             _record((recv_x, recv_idx, recv_probs, *handle[:4]), stream)
         ctx.group, ctx.handle, ctx.async_finish = group, handle, async_finish
-        tokens_per_expert = per_expert  # int64 on the CPU, from the count exchange
         if token_probs is None:
             recv_probs = None
         return recv_x, recv_idx, recv_probs, tokens_per_expert, handle

@@ -504,7 +504,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   LaunchConfig cfg = launch_config(st, a.num_sms, rb, 0, 3 * sizeof(int) * kMaxRanks,
                                    2 * sizeof(void*) * kMaxRanks);
   p.flags_per_region = kNumFlags / std::max(G - 1, 1);
-  p.chunk = cfg.chunk_rows > 0 ? cfg.chunk_rows : 8;  // the largest chunk (rows)
+  p.chunk = chunk_rows_env();  // the largest chunk (rows)
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

@@ -114,31 +114,43 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
   return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
 }
 
-// The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), 32 x kMetaBatch
-// words at a time: every word's loads are issued before any is emitted, so the warp waits about
-// one load latency per batch. One word per round cost a latency per 32 words: ~20 a 32-row chunk,
-// 68-156 us per sender warp at EP 4 (run 22 trace, meta_cycles). emit(row, word index, value).
+// Words [0, words) of metadata, 32 x kMetaBatch at a time: every word's loads are issued before
+// any is used, so the warp waits about one load latency per batch. One word per round cost a
+// latency per 32 words: ~20 a 32-row chunk, 68-156 us per sender warp at EP 4 (run 22 trace,
+// meta_cycles). load(i) runs in every lane, also for i >= words (it may shuffle; its value is
+// dropped there); emit(i, value) only for i < words.
 constexpr int kMetaBatch = 4;
+template <typename Load, typename Emit>
+__device__ __forceinline__ void batched_words(int words, int lane, Load&& load, Emit&& emit) {
+  for (int i0 = 0; i0 < words; i0 += 32 * kMetaBatch) {
+    uint32_t v[kMetaBatch];
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u) v[u] = load(i0 + u * 32 + lane);
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u) {
+      const int i = i0 + u * 32 + lane;
+      if (i < words) emit(i, v[u]);
+    }
+  }
+}
+
+// The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), batched
+// (batched_words). emit(row, word index, value).
 template <typename Emit>
 __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, int nb, int d,
                                            int lane, Emit&& emit) {
   const int M = p.meta_words, words = nb * M;
-  for (int i0 = 0; i0 < words; i0 += 32 * kMetaBatch) {
-    uint32_t v[kMetaBatch];
-#pragma unroll
-    for (int u = 0; u < kMetaBatch; ++u) {
-      const int i = i0 + u * 32 + lane;
-      const int row = min(i / M, nb - 1);
-      const int t = __shfl_sync(0xffffffffu, token, row);
-      v[u] = i < words ? meta_word(p, t, d, i - row * M) : 0u;
-    }
-#pragma unroll
-    for (int u = 0; u < kMetaBatch; ++u) {
-      const int i = i0 + u * 32 + lane;
-      const int row = i / M;
-      if (i < words) emit(row, i - row * M, v[u]);
-    }
-  }
+  batched_words(
+      words, lane,
+      [&](int i) {
+        const int row = min(i / M, nb - 1);
+        const int t = __shfl_sync(0xffffffffu, token, row);
+        return i < words ? meta_word(p, t, d, i - row * M) : 0u;
+      },
+      [&](int i, uint32_t v) {
+        const int row = i / M;
+        emit(row, i - row * M, v);
+      });
 }
 
 // The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared
@@ -219,7 +231,6 @@ struct WarpTrace {
   unsigned long long v[kTraceSlots] = {};
   __device__ static long long now() { return clock64(); }
   __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
-  __device__ void set(int slot, unsigned long long value) { v[slot] = value; }
   // The time since t0 (kernel start, globaltimer ns); no timer read in untraced builds.
   __device__ void stamp(int slot, unsigned long long t0) { v[slot] = globaltimer() - t0; }
   __device__ void count(int slot) { v[slot] += 1; }
@@ -231,7 +242,6 @@ struct WarpTrace {
 #else
   __device__ static long long now() { return 0; }
   __device__ void add(int, long long) {}
-  __device__ void set(int, unsigned long long) {}
   __device__ void stamp(int, unsigned long long) {}
   __device__ void count(int) {}
   __device__ void flush(const DispatchParams&, int, int) {}

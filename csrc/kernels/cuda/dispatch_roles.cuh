@@ -121,10 +121,10 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       warp_release_flag(flag, v, lane);
     }
   };
+  // Own chunks are items of the senders only when they copy (some of) the own rows
+  // (FUSED_A2A_CUDA_SELF).
+  const bool own_col = senders_have_own(p.own_rows);
   for (long long k = 0; k < nrounds && ok; ++k) {
-    // Own chunks are items of the senders only when they copy (some of) the own rows
-    // (FUSED_A2A_CUDA_SELF).
-    const bool own_col = senders_have_own(p.own_rows);
     long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
       if (d != r)
@@ -221,20 +221,13 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
-      // The chunk's records, kMetaBatch words a lane loaded before any is scattered: one load
-      // latency per 32 x kMetaBatch words (meta_words).
-      for (int i0 = 0; i0 < n * M && !ablated(p, 1); i0 += 32 * kMetaBatch) {
-        uint32_t v[kMetaBatch];
-#pragma unroll
-        for (int u = 0; u < kMetaBatch; ++u) {
-          const int i = i0 + u * 32 + lane;
-          v[u] = i < n * M ? __ldcg(ms + i) : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < kMetaBatch; ++u) {
-          const int i = i0 + u * 32 + lane, row = i / M;
-          if (i < n * M) scatter_meta(p, P + row, i - row * M, v[u], s_hist);
-        }
+      if (!ablated(p, 1)) {  // the chunk's records, batched (batched_words)
+        batched_words(
+            n * M, lane, [&](int i) { return i < n * M ? __ldcg(ms + i) : 0u; },
+            [&](int i, uint32_t v) {
+              const int row = i / M;
+              scatter_meta(p, P + row, i - row * M, v, s_hist);
+            });
       }
       tr.add(1, t_copy);
       tr.count(7);

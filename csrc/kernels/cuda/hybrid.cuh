@@ -198,6 +198,35 @@ __device__ inline bool grid_message(const Comm& c, unsigned long long& m, unsign
   unsigned int q_read = q;
   return grid_send(c, m, q, fail, send, 1) && grid_recv(c, m_read, q_read, fail, recv);
 }
+// A kernel's rounds, round k being message m0 + 1 + k for its sender and its receivers alike:
+// send_round(k, m) writes this block's share of round k, recv_round(k, m) reads it. One whole
+// message per round, or (kTwoHalves: each slot in two halves, round k in half k % 2) round k + 1
+// sent before round k is read, so one round's transfer overlaps the previous round's reading.
+template <bool kTwoHalves, typename SendRound, typename RecvRound>
+__device__ inline bool grid_rounds(const Comm& c, unsigned long long& m, unsigned int& q, int* fail,
+                                   long long rounds, SendRound&& send_round,
+                                   RecvRound&& recv_round) {
+  if constexpr (!kTwoHalves) {
+    for (long long round = 0; round < rounds; ++round) {
+      if (!grid_message(
+              c, m, q, fail, [&] { send_round(round, m); }, [&] { recv_round(round, m); }))
+        return false;
+    }
+    return true;
+  } else {
+    unsigned long long m_sent = m, m_read = m;
+    unsigned int q_sent = q, q_read = q;
+    bool ok = rounds == 0 || grid_send(c, m_sent, q_sent, fail, [&] { send_round(0, m_sent); });
+    for (long long round = 0; ok && round < rounds; ++round) {
+      if (round + 1 < rounds)
+        ok = grid_send(c, m_sent, q_sent, fail, [&] { send_round(round + 1, m_sent); });
+      if (ok) ok = grid_recv(c, m_read, q_read, fail, [&] { recv_round(round, m_read); });
+    }
+    m = m_read;
+    q = q_read;
+    return ok;
+  }
+}
 // The grid's empty first message (see enter).
 __device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
                                   int* fail) {

@@ -265,23 +265,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  if (!pipe) {
-    for (long long round = 0; ok && round < rounds; ++round) {
-      ok = grid_message(
-          c, m, q, &s_fail, [&] { send_round(round, m); }, [&] { recv_round(round, m); });
-    }
-  } else if (kPipelined) {
-    // Message numbers: round k is message m0 + 1 + k for its sender and its receivers alike.
-    unsigned long long m_sent = m, m_read = m;
-    unsigned int q_sent = q, q_read = q;
-    if (ok && rounds > 0)
-      ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(0, m_sent); });
-    for (long long round = 0; ok && round < rounds; ++round) {
-      if (round + 1 < rounds)
-        ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(round + 1, m_sent); });
-      if (ok) ok = grid_recv(c, m_read, q_read, &s_fail, [&] { recv_round(round, m_read); });
-    }
-    m = m_read;
+  if (ok) {
+    ok = pipe ? grid_rounds<kPipelined>(c, m, q, &s_fail, rounds, send_round, recv_round)
+              : grid_rounds<false>(c, m, q, &s_fail, rounds, send_round, recv_round);
   }
   if (ok && group_bad) {
     for (long long t = gw; t < p.N; t += nwarps) {

@@ -313,14 +313,15 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   const auto slot_row = [&](long long round, int k) {
     return kPipelined ? static_cast<int>((round & 1) * T) + k : k;
   };
-  auto send_round = [&](long long round) {    // destination innermost: consecutive warps write
-    const long long items = items_of(round);  // to different peers
+  // Destination innermost: consecutive warps write to different peers.
+  auto send_round = [&](long long round, unsigned long long) {
+    const long long items = items_of(round);
     for (long long w = gw; w < items; w += nwarps) {
       const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
       send_item(c, p, round * T + k, slot_row(round, k), d, lane);
     }
   };
-  auto recv_round = [&](long long round) {
+  auto recv_round = [&](long long round, unsigned long long) {
     const long long items = items_of(round);
     for (long long w = gw; w < items; w += nwarps) {
       recv_item(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)), lane);
@@ -329,21 +330,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  if (!kPipelined) {
-    for (long long round = 0; ok && round < s_rounds; ++round) {
-      ok = grid_message(c, m, q, &s_fail, [&] { send_round(round); }, [&] { recv_round(round); });
-    }
-  } else {
-    unsigned long long m_sent = m, m_read = m;
-    unsigned int q_sent = q, q_read = q;
-    if (ok && s_rounds > 0) ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(0); });
-    for (long long round = 0; ok && round < s_rounds; ++round) {
-      if (round + 1 < s_rounds)
-        ok = grid_send(c, m_sent, q_sent, &s_fail, [&] { send_round(round + 1); });
-      if (ok) ok = grid_recv(c, m_read, q_read, &s_fail, [&] { recv_round(round); });
-    }
-    m = m_read;
-  }
+  if (ok) ok = grid_rounds<kPipelined>(c, m, q, &s_fail, s_rounds, send_round, recv_round);
   // Padding rows of each expert and the tail past the padded total: zeros.
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
   for (int j = -1; ok && j < L; ++j) {

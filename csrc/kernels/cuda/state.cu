@@ -245,7 +245,6 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
   c.recv_warps = std::min(c.recv_warps, kMaxThreads / 32 - c.send_warps);
   const char* copy = std::getenv("FUSED_A2A_CUDA_COPY");
   c.tma = !(copy && std::strcmp(copy, "simt") == 0);
-  c.chunk_rows = std::max(0, env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0));
   const char* fence = std::getenv("FUSED_A2A_CUDA_FLAG_FENCE");
   c.flag_fence_sc = !(fence && std::strcmp(fence, "release") == 0);
   const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
@@ -288,7 +287,7 @@ void check_aligned(const void* p, const char* name) {
              " must be 16-byte aligned for the CUDA backend, got address ", p);
 }
 
-int chunk_rows_env() {
+int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
   const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
   // Run 3 (EP 2) chose 32 over 8 while every sender warp walked every item of a round; with the
   // per-warp item deal (rect_item) run 22 (4x H200, EP 4) measured 8 rows 656 us, 16 686, 32 776:

@@ -103,7 +103,6 @@ struct LaunchConfig {
   int stages = 3;
   uint32_t stage_bytes = 0;
   bool tma = true;
-  int chunk_rows = 0;  // 0: automatic
   // A fence.sc.sys before each chunk flag besides the release store (FUSED_A2A_CUDA_FLAG_FENCE:
   // "sc", the default, or "release").
   bool flag_fence_sc = true;
@@ -117,7 +116,7 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
 
 unsigned long long timeout_ns();
 int chunk_rows_env();        // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
-bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP combine rounds overlapped
+bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 void check_launch(const char* what);
