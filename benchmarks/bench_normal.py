@@ -41,6 +41,11 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms12": _case(sms=12),
     "standard_sms16": _case(sms=16),
     "standard_sms32": _case(sms=32),
+    "standard_sms48": _case(sms=48),
+    "standard_sms64": _case(sms=64),
+    "standard_u16": _case(RECV_UNROLL="16"),
+    "standard_sms48_u16": _case(sms=48, RECV_UNROLL="16"),
+    "standard_selfrecv_u16": _case(SELF="recv", RECV_UNROLL="16"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

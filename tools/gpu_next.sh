@@ -65,5 +65,19 @@ case "${PART:-tests}" in
       grep -E "^(torch|jax)" "$OUT/hyb_pipe$pipe.log" | cut -c1-75
     done
     ;;
-  *) echo "PART must be tests, perf, verify, fab or hyb" >&2; exit 2 ;;
+  s7)  # session 7: the JAX timing loop (HLO check), SM counts and the receivers' copy depth, traces
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*t_(combine|dispatch_bwd).*" \
+      timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend all \
+      --out "$OUT/fabn" >"$OUT/fabn.log" 2>&1
+    echo "normal bench, N = 4096: rc=$?"
+    grep -E "^(torch|jax)" "$OUT/fabn.log" | cut -c1-75
+    python3 tools/hlo_loop_check.py "$OUT/hlo" | tee -a "$OUT/summary.txt"
+    rm -rf "$OUT/hlo"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_u16,standard_sms32,standard_sms48,standard_sms64,standard_sms48_u16,standard_selfrecv_u16} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_u16,standard_sms48} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    TRACE_CASES=${TRACE_CASES:-standard,standard_selfrecv} bash tools/gpu_diag_trace.sh
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb or s7" >&2; exit 2 ;;
 esac

@@ -193,13 +193,14 @@ __device__ inline bool wait_flag(const unsigned long long* flag, unsigned long l
 __device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
 
 // Whole warp copies `bytes` (multiple of 16): coherent loads (data written by peers), plain
-// stores. Eight 16-byte loads in flight per lane.
+// stores. U 16-byte loads in flight per lane (8 by default; 16 doubles the bytes in flight of a
+// latency-bound copy, at the cost of 32 more registers).
+template <int U = 8>
 __device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, int lane) {
   const int4* s = reinterpret_cast<const int4*>(src);
   int4* d = reinterpret_cast<int4*>(dst);
   const size_t n = bytes / 16;
   size_t i = lane;
-  constexpr int U = 8;
   for (; i + (U - 1) * 32 < n; i += U * 32) {
     int4 v[U];
 #pragma unroll

@@ -32,6 +32,9 @@ namespace {
 
 using namespace dispatch_impl;
 
+// kCopyUnroll: 16-byte loads in flight per lane of the receivers' copy to recv_x (8, or 16 with
+// FUSED_A2A_CUDA_RECV_UNROLL=16: a second instantiation, so the default keeps its registers).
+template <int kCopyUnroll>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -135,7 +138,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if (warp < p.send_warps) {
         sender_role(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
-        receiver_role(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+        receiver_role<kCopyUnroll>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
   }
@@ -292,10 +295,11 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  FA2A_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto kernel = recv_unroll_env() == 16 ? dispatch_kernel<16> : dispatch_kernel<8>;
+  FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  dispatch_kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
+  kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
   check_launch("dispatch");
 }
 

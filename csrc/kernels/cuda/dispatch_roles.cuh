@@ -167,6 +167,7 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
   }
 }
 
+template <int kCopyUnroll>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -218,7 +219,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR;
       const long long P = sh.poff[s] + j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      if (!ablated(p, 1)) warp_copy_cg(p.recv_x + P * rb, src, n * rb, lane);
+      if (!ablated(p, 1)) warp_copy_cg<kCopyUnroll>(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
       if (!ablated(p, 1)) {  // the chunk's records, batched (batched_words)

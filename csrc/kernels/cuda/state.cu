@@ -299,6 +299,8 @@ bool hybrid_pipeline_env() { return env_int("FUSED_A2A_HYBRID_PIPELINE", 0) != 0
 
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
+int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
+
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
   return v && std::strcmp(v, "dst") == 0;

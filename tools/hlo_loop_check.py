@@ -1,0 +1,58 @@
+"""Checks, in XLA's optimized HLO dumps of the JAX bench's timing loops, that every loop body still
+calls fused_a2a (the op was not hoisted out of the loop or removed) and lists the copies in it.
+
+    python tools/hlo_loop_check.py DUMP_DIR   (files *after_optimizations.txt of --xla_dump_to)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+
+def computations(text: str) -> dict[str, str]:
+    """name -> body text of each HLO computation."""
+    out, name, lines = {}, None, []
+    for line in text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m and not line.startswith(" "):
+            name, lines = m.group(1), []
+        elif line.startswith("}") and name:
+            out[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return out
+
+
+def check(path: Path) -> bool | None:
+    """True / False: every loop body calls fused_a2a or not; None: no loop in this module."""
+    text = path.read_text()
+    comps = computations(text)
+    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", text))
+    if not bodies:
+        return None
+    ok = True
+    for body in sorted(bodies):
+        code = comps.get(body, "")
+        calls = len(re.findall(r"custom_call_target=\"fa2a_", code))
+        copies = re.findall(r"= (\S+) copy\(", code)
+        print(f"{path.name}: loop {body}: {calls} fused_a2a call(s), copies {copies or 'none'}")
+        ok &= calls > 0
+    return ok
+
+
+def main() -> int:
+    files = sorted(Path(sys.argv[1]).glob("*after_optimizations.txt"))
+    if not files:
+        print(f"hlo_loop_check: no *after_optimizations.txt under {sys.argv[1]}")
+        return 1
+    results = [r for r in (check(f) for f in files) if r is not None]
+    good = bool(results) and all(results)
+    print("hlo_loop_check:", "ok" if good else "FAILED (no loop, or a loop without its op)")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
