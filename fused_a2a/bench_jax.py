@@ -11,12 +11,15 @@ Units: fused_a2a normal mode (jax_fused_a2a.dispatch / combine), fused_a2a Hybri
 CPU (XLA:CPU does not implement ragged_all_to_all). Every output is checked bit for bit against
 ``fused_a2a.routing.Expected``.
 
-Timing: each op runs R times in a loop inside one jitted shard_map (every iteration depends on
-the previous one through one element, so nothing is hoisted); the time per op is
-(T(1 + iters) - T(1)) / iters with T the median wall time of `reps` calls, which cancels the host
-overhead of a call and the set-up (e.g. the forward pass whose VJP a backward loop replays). When
-that difference is lost in the noise (tiny cases), T(1 + iters) / (1 + iters) is reported instead
-(an upper bound).
+Timing: each op runs R times in a loop inside one jitted shard_map (every call depends on the
+previous one, so nothing is hoisted); the time per op is (T(1 + iters) - T(1)) / iters with T the
+median wall time of `reps` calls, which cancels the host overhead of a call and the set-up (e.g.
+the forward pass whose VJP a backward loop replays). When that difference is lost in the noise
+(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). XLA's GPU while
+loop waits on the host for its condition every iteration, so each call also pays the devices'
+start skew (a collective waits for the latest device); several calls per iteration would hide it,
+but XLA merges identical calls once the optimization barrier that chains them is gone (seen in
+the CPU HLO), hence one.
 """
 
 from __future__ import annotations
@@ -105,23 +108,39 @@ class Bench:
 
 def _loop(count, op, carry):
     """(carry, first element of the last op(carry)) after `count` calls of op(carry), each call
-    waiting for the one before, at no cost to the timed loop."""
+    waiting for the one before, at no cost to the timed loop.
+
+    FUSED_A2A_BENCH_JAX_LOOP=dus chains the calls as session 6 did instead (the first element of
+    the carry replaced by itself unless the op's first element is NaN), for an A/B."""
+    import os
+
     import jax
+    import jax.numpy as jnp
     from jax import lax
 
-    def body(_, state):
-        c, _ = state
+    dus = os.environ.get("FUSED_A2A_BENCH_JAX_LOOP") == "dus"
+
+    def step(c):
         first = op(c).reshape(-1)[:1]
+        # Varying over the mesh axis like the carry, whatever the op returns (a select that
+        # XLA folds away).
+        first = jnp.where(False, c.reshape(-1)[:1].astype(first.dtype), first)
+        if dus:
+            start = (0,) * c.ndim
+            head = lax.dynamic_slice(c, start, (1,) * c.ndim)
+            keep = jnp.where(jnp.isnan(first[0]), jnp.zeros_like(head), head)
+            return lax.dynamic_update_slice(c, keep, start), first
         # An optimization barrier returns its operands unchanged (no copy) and hides that the
-        # carry passes through, so the op stays in the loop and the next call waits for this one.
-        # The first element rides along as loop state so that the op is not dead code. A
-        # one-element dynamic_update_slice of the carry (session 6) still cost a pass over the
-        # carry each iteration on the GPU: the JAX combine and dispatch VJP (carries ~235 MB at
-        # the standard case) ran ~200 us slower than their kernels (run 27).
+        # carry passes through, so the op stays in the loop; the first element rides along as
+        # loop state so that the op is not dead code. The session-6 chaining (dus) cost a pass
+        # over the carry each iteration on the GPU: the JAX combine and dispatch VJP (carries
+        # ~235 MB at the standard case) ran ~200 us slower than their kernels (run 28 vs 29).
         return lax.optimization_barrier((c, first))
 
-    # The initial element is the carry's own (any value; taken from the carry so that it varies
-    # over the mesh axis like the op's result does).
+    def body(_, state):
+        return step(state[0])
+
+    # The initial element is the carry's own (any value).
     first = carry.reshape(-1)[:1].astype(jax.eval_shape(op, carry).dtype)
     return lax.fori_loop(0, count, body, (carry, first))
 

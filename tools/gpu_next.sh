@@ -79,5 +79,21 @@ case "${PART:-tests}" in
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     TRACE_CASES=${TRACE_CASES:-standard,standard_selfrecv} bash tools/gpu_diag_trace.sh
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb or s7" >&2; exit 2 ;;
+  s7b)  # session 7: the JAX timing loop's chaining A/B (barrier / session 6's dus), then the fab
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for loop in barrier dus; do
+      FUSED_A2A_BENCH_JAX_LOOP=$loop XLA_FLAGS="--xla_dump_to=$OUT/hlo_$loop --xla_dump_hlo_as_text \
+        --xla_dump_hlo_module_re=.*t_(combine|dispatch|fwd).*" timeout 120 fused-a2a bench \
+        --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --out "$OUT/jax_$loop" \
+        >"$OUT/jax_$loop.log" 2>&1
+      echo "JAX normal bench, loop $loop: rc=$?"
+      grep -E "^jax" "$OUT/jax_$loop.log" | cut -c1-75
+      python3 tools/hlo_loop_check.py "$OUT/hlo_$loop" | tee -a "$OUT/summary.txt"
+      rm -rf "$OUT/hlo_$loop"
+    done
+    timeout "${STEP_TIMEOUT_FAB:-290}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
+    grep -vE '^\[' "$OUT/fab.log" | head -32
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, s7 or s7b" >&2; exit 2 ;;
 esac
