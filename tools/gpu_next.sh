@@ -77,6 +77,7 @@ case "${PART:-tests}" in
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_u16,standard_sms32,standard_sms48,standard_sms64,standard_sms48_u16,standard_selfrecv_u16} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_u16,standard_sms48} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"  # the trace step writes its own bench.json
     TRACE_CASES=${TRACE_CASES:-standard,standard_selfrecv} bash tools/gpu_diag_trace.sh
     ;;
   s7b)  # session 7: the JAX timing loop's chaining A/B (barrier / session 6's dus), then the fab

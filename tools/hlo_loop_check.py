@@ -1,5 +1,6 @@
 """Checks, in XLA's optimized HLO dumps of the JAX bench's timing loops, that every loop body still
-calls fused_a2a (the op was not hoisted out of the loop or removed) and lists the copies in it.
+calls the timed op (a fused_a2a custom call, or the peer's all-to-all: not hoisted out of the
+loop, not removed) and lists the copies in it.
 
     python tools/hlo_loop_check.py DUMP_DIR   (files *after_optimizations.txt of --xla_dump_to)
 """
@@ -27,7 +28,7 @@ def computations(text: str) -> dict[str, str]:
 
 
 def check(path: Path) -> bool | None:
-    """True / False: every loop body calls fused_a2a or not; None: no loop in this module."""
+    """True / False: every loop body calls the timed op or not; None: no loop in this module."""
     text = path.read_text()
     comps = computations(text)
     bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", text))
@@ -36,9 +37,9 @@ def check(path: Path) -> bool | None:
     ok = True
     for body in sorted(bodies):
         code = comps.get(body, "")
-        calls = len(re.findall(r"custom_call_target=\"fa2a_", code))
+        calls = len(re.findall(r"custom_call_target=\"fa2a_|\ball-to-all(?:-start)?\(", code))
         copies = re.findall(r"= (\S+) copy\(", code)
-        print(f"{path.name}: loop {body}: {calls} fused_a2a call(s), copies {copies or 'none'}")
+        print(f"{path.name}: loop {body}: {calls} timed op call(s), copies {copies or 'none'}")
         ok &= calls > 0
     return ok
 
