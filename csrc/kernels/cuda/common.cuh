@@ -23,6 +23,7 @@ struct LocalState {
   unsigned int abort;             // set on a timeout: later waits and kernels bail out
   unsigned int error_phase;       // first timeout: phase code
   unsigned long long error_mask;  // ranks waited for when timing out
+  unsigned int items_claimed;     // dispatch sender items claimed (FUSED_A2A_CUDA_CLAIM=1)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange

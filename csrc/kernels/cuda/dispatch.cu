@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   if (tid == 0) {
     ls->round_done = 0;
     ls->blocks_done = 0;
+    ls->items_claimed = 0;  // every warp of this op is past its last claim
     __threadfence();
     *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
   }
@@ -282,6 +283,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
       p.own_rows = a.num_tokens <= kSelfRecvMaxTokens ? kOwnByReceivers : kOwnBySenders;
     }
   }
+  p.claim_items = claim_items_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

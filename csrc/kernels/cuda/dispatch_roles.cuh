@@ -124,6 +124,21 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // Own chunks are items of the senders only when they copy (some of) the own rows
   // (FUSED_A2A_CUDA_SELF).
   const bool own_col = senders_have_own(p.own_rows);
+  // Items are numbered across rounds (round k's rect after round k - 1's). Dealt: warp gw takes
+  // gw, gw + nsw, ...; with 4 columns and nsw a multiple of 4 that is one column (destination,
+  // or the own rows) per warp, and the warps' loads differ (run 30: 14-20 chunks, ~100 us apart).
+  // Claimed (FUSED_A2A_CUDA_CLAIM=1): each warp takes the next unclaimed item from a counter in
+  // this rank's control region, which the op's last block resets; items are still claimed in
+  // order, so every item of round k is claimed before any of round k + 1.
+  unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
+  auto next_item = [&](long long q) -> long long {
+    if (!p.claim_items) return q + nsw;
+    unsigned int v = 0;
+    if (lane == 0) v = atomicAdd(claim_counter, 1u);
+    return static_cast<long long>(__shfl_sync(0xffffffffu, v, 0));
+  };
+  long long q = p.claim_items ? next_item(0) : gw;  // this warp's next item
+  long long round_base = 0;                         // number of round k's first item
   for (long long k = 0; k < nrounds && ok; ++k) {
     long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
@@ -136,10 +151,11 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     // item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
     const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
-    for (long long idx = gw; idx < rect && ok; idx += nsw) {
-      const RectItem it = rect_item(idx, maxc, cols, p.dst_major);
+    for (; q - round_base < rect && ok; q = next_item(q)) {
+      const RectItem it = rect_item(q - round_base, maxc, cols, p.dst_major);
       item(k, (r + 1 + it.col) % G, it.chunk);
     }
+    round_base += rect;
   }
   tr.add(9, t_loop);
   const long long t_drain = WarpTrace::now();

@@ -301,6 +301,8 @@ int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
 int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
 
+bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 0) != 0; }
+
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
   return v && std::strcmp(v, "dst") == 0;
