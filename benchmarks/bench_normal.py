@@ -47,9 +47,11 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms48_u16": _case(sms=48, RECV_UNROLL="16"),
     "standard_selfrecv_u16": _case(SELF="recv", RECV_UNROLL="16"),
     "standard_claim": _case(CLAIM="1"),
+    "standard_dealt": _case(CLAIM="0"),
     "standard_claim_selfrecv": _case(CLAIM="1", SELF="recv"),
-    "standard_claim_sms48": _case(sms=48, CLAIM="1"),
+    "standard_sms48_dealt": _case(sms=48, CLAIM="0"),
     "decode_claim": _case(n=128, CLAIM="1"),
+    "decode_dealt": _case(n=128, CLAIM="0"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

@@ -83,13 +83,13 @@ def _rank_suite(rank, world, cases):
 
 # Who copies the dispatch's own rows: by default the receiver warps up to 512 tokens (every suite
 # case) and the senders above; "senders" forces the senders' path on the same cases, "split"
-# both, chunk by chunk; "claimed": the senders', with items claimed from a counter instead of
-# dealt round-robin (FUSED_A2A_CUDA_CLAIM).
+# both, chunk by chunk; "dealt": the senders', with items dealt round-robin to the sender warps
+# instead of claimed from a counter (FUSED_A2A_CUDA_CLAIM=0; claiming is the default).
 OWN_ROWS = {
     "default": {},
     "senders": {"FUSED_A2A_CUDA_SELF": "send"},
     "split": {"FUSED_A2A_CUDA_SELF": "split"},
-    "claimed": {"FUSED_A2A_CUDA_SELF": "send", "FUSED_A2A_CUDA_CLAIM": "1"},
+    "dealt": {"FUSED_A2A_CUDA_SELF": "send", "FUSED_A2A_CUDA_CLAIM": "0"},
 }
 
 
@@ -456,8 +456,8 @@ DETERMINISM_CONFIGS = (
     (8, 1, {**OWN_ROWS["senders"], "FUSED_A2A_CUDA_ORDER": "dst"}),
     (32, 64, OWN_ROWS["senders"]),
     (16, 2, OWN_ROWS["split"]),
-    (8, 1, OWN_ROWS["claimed"]),
-    (2, 3, {"FUSED_A2A_CUDA_CLAIM": "1"}),
+    (8, 1, OWN_ROWS["dealt"]),
+    (2, 3, {"FUSED_A2A_CUDA_CLAIM": "0"}),
 )
 
 

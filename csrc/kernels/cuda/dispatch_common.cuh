@@ -31,7 +31,7 @@ struct DispatchParams {
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool dst_major;
-  bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM=1), else dealt
+  bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
   int own_rows;      // who copies the own rows x -> recv_x: an OwnRows value
   const uint8_t* x;
   const float* x_scales;

@@ -124,12 +124,13 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // Own chunks are items of the senders only when they copy (some of) the own rows
   // (FUSED_A2A_CUDA_SELF).
   const bool own_col = senders_have_own(p.own_rows);
-  // Items are numbered across rounds (round k's rect after round k - 1's). Dealt: warp gw takes
-  // gw, gw + nsw, ...; with 4 columns and nsw a multiple of 4 that is one column (destination,
-  // or the own rows) per warp, and the warps' loads differ (run 30: 14-20 chunks, ~100 us apart).
-  // Claimed (FUSED_A2A_CUDA_CLAIM=1): each warp takes the next unclaimed item from a counter in
-  // this rank's control region, which the op's last block resets; items are still claimed in
-  // order, so every item of round k is claimed before any of round k + 1.
+  // Items are numbered across rounds (round k's rect after round k - 1's). Claimed (default):
+  // each warp takes the next unclaimed item from a counter in this rank's control region, which
+  // the op's last block resets; items are claimed in order, so every item of round k is claimed
+  // before any of round k + 1. Dealt (FUSED_A2A_CUDA_CLAIM=0): warp gw takes gw, gw + nsw, ...;
+  // with 4 columns and nsw a multiple of 4 that is one column (destination, or the own rows) per
+  // warp, and the warps' loads differ (run 30: 14-20 chunks, ~100 us apart). Run 32: standard
+  // static dispatch 668 us dealt, 576 claimed, NCCL 568 in the same call.
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
   auto next_item = [&](long long q) -> long long {
     if (!p.claim_items) return q + nsw;

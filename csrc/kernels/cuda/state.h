@@ -120,7 +120,7 @@ bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds ove
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
-bool claim_items_env();      // FUSED_A2A_CUDA_CLAIM=1: dispatch senders claim items dynamically
+bool claim_items_env();      // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 
