@@ -52,6 +52,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms48_dealt": _case(sms=48, CLAIM="0"),
     "decode_claim": _case(n=128, CLAIM="1"),
     "decode_dealt": _case(n=128, CLAIM="0"),
+    "standard_cclaim": _case(COMBINE_CLAIM="1"),
+    "decode_cclaim": _case(n=128, COMBINE_CLAIM="1"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

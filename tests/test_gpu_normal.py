@@ -458,6 +458,8 @@ DETERMINISM_CONFIGS = (
     (16, 2, OWN_ROWS["split"]),
     (8, 1, OWN_ROWS["dealt"]),
     (2, 3, {"FUSED_A2A_CUDA_CLAIM": "0"}),
+    (2, 3, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "1"}),
+    (16, 8, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "1"}),
 )
 
 

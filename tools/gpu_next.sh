@@ -96,12 +96,12 @@ case "${PART:-tests}" in
     echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
     grep -vE '^\[' "$OUT/fab.log" | head -32
     ;;
-  claim)  # claimed vs dealt sender items (FUSED_A2A_CUDA_CLAIM, run 32): tests, then the A/B
+  claim)  # claimed vs dealt sender items (FUSED_A2A_CUDA_CLAIM, run 32; COMBINE_CLAIM): tests, A/B
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="dealt or default or same_bits" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_dealt,standard_claim_selfrecv,decode,decode_dealt} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_dealt,standard_cclaim,standard_claim_selfrecv,decode,decode_dealt,decode_cclaim} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 150 bash tools/gpu_check.sh \
       | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     ;;

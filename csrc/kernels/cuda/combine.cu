@@ -26,6 +26,7 @@ namespace {
 struct CombineParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens;
   bool idx64, tma, owner_only;
+  bool claim_items;  // senders claim items (FUSED_A2A_CUDA_COMBINE_CLAIM=1), else dealt
   size_t row_bytes;
   const uint8_t* y;
   const float* weights;
@@ -106,6 +107,9 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
   int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
   bool ok = true;
+  unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
+  long long q = next_item(p.claim_items, claim_counter, gw - nsw, nsw, lane);  // this warp's item
+  long long round_base = 0;  // number of round k's first item
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
     // Rows of each destination's tokens in its window k: [jlo, jhi) of that source's segment.
     for (int d = lane; d < G; d += 32) {
@@ -117,10 +121,11 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     int maxc = 0;
     for (int d = 0; d < G; ++d) maxc = max(maxc, (jhi[d] - jlo[d] + sh.dcr[d] - 1) / sh.dcr[d]);
     // The round's items as a maxc x (G - 1) rectangle (destinations r + 1, r + 2, ... as
-    // columns), dealt round-robin: this warp visits its own items only (see dispatch_roles.cuh).
+    // columns), dealt round-robin or claimed (FUSED_A2A_CUDA_COMBINE_CLAIM=1; see next_item).
     const long long rect = static_cast<long long>(maxc) * (G - 1);
-    for (long long idx = gw; idx < rect && ok; idx += nsw) {
-      const RectItem it = rect_item(idx, maxc, G - 1, false);
+    if (!p.claim_items) q = round_base + gw;  // dealt: every round from the warp's own column
+    for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
+      const RectItem it = rect_item(q - round_base, maxc, G - 1, false);
       const int c = static_cast<int>(it.chunk);
       const int d = (r + 1 + it.col) % G;
       const int cr = sh.dcr[d];
@@ -162,6 +167,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
         warp_release_flag(flag, v, lane);
       }
     }
+    round_base += rect;
     __syncwarp();
   }
   if (p.tma && lane == 0) pipe.drain();
@@ -443,6 +449,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     __threadfence();
     ls->round_done = 0;
     ls->blocks_done = 0;
+    ls->items_claimed = 0;  // every warp of this op is past its last claim
     __threadfence();
     *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
   }
@@ -505,6 +512,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
                                    2 * sizeof(void*) * kMaxRanks);
   p.flags_per_region = kNumFlags / std::max(G - 1, 1);
   p.chunk = chunk_rows_env();  // the largest chunk (rows)
+  p.claim_items = combine_claim_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

@@ -23,7 +23,7 @@ struct LocalState {
   unsigned int abort;             // set on a timeout: later waits and kernels bail out
   unsigned int error_phase;       // first timeout: phase code
   unsigned long long error_mask;  // ranks waited for when timing out
-  unsigned int items_claimed;     // dispatch sender items claimed (FUSED_A2A_CUDA_CLAIM=1)
+  unsigned int items_claimed;     // sender items claimed by the running op (ItemCursor)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
@@ -462,6 +462,20 @@ struct TmaPipe {
     pend_groups = stored >= n ? groups : 0;
   }
 };
+
+// A sender warp's next item number after q (items are a round's chunks, each round's numbered
+// after the previous round's; start with q = -stride when dealt, anything when claimed). Claimed:
+// lane 0 takes the next number from a per-rank counter (LocalState::items_claimed, reset by the
+// op's last block) and broadcasts it, so a warp that drew small or local items takes more of them.
+// Dealt: q + stride, which with stride a multiple of the columns pins a warp to one column. The
+// numbers grow along each warp's walk, so every item of round k is taken before any of round k + 1.
+__device__ __forceinline__ long long next_item(bool claim, unsigned int* counter, long long q,
+                                               int stride, int lane) {
+  if (!claim) return q + stride;
+  unsigned int v = 0;
+  if (lane == 0) v = atomicAdd(counter, 1u);
+  return static_cast<long long>(__shfl_sync(0xffffffffu, v, 0));
+}
 
 // Publish a chunk copied by the whole warp with plain stores: every lane's stores become visible
 // system-wide before the flag.

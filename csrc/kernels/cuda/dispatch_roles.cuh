@@ -124,22 +124,11 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // Own chunks are items of the senders only when they copy (some of) the own rows
   // (FUSED_A2A_CUDA_SELF).
   const bool own_col = senders_have_own(p.own_rows);
-  // Items are numbered across rounds (round k's rect after round k - 1's). Claimed (default):
-  // each warp takes the next unclaimed item from a counter in this rank's control region, which
-  // the op's last block resets; items are claimed in order, so every item of round k is claimed
-  // before any of round k + 1. Dealt (FUSED_A2A_CUDA_CLAIM=0): warp gw takes gw, gw + nsw, ...;
-  // with 4 columns and nsw a multiple of 4 that is one column (destination, or the own rows) per
-  // warp, and the warps' loads differ (run 30: 14-20 chunks, ~100 us apart). Run 32: standard
-  // static dispatch 668 us dealt, 576 claimed, NCCL 568 in the same call.
+  // Items claimed by default (run 32: standard static dispatch 668 us dealt, 576 claimed, NCCL 568
+  // in the same call); FUSED_A2A_CUDA_CLAIM=0 deals them (next_item).
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
-  auto next_item = [&](long long q) -> long long {
-    if (!p.claim_items) return q + nsw;
-    unsigned int v = 0;
-    if (lane == 0) v = atomicAdd(claim_counter, 1u);
-    return static_cast<long long>(__shfl_sync(0xffffffffu, v, 0));
-  };
-  long long q = p.claim_items ? next_item(0) : gw;  // this warp's next item
-  long long round_base = 0;                         // number of round k's first item
+  long long q = next_item(p.claim_items, claim_counter, gw - nsw, nsw, lane);  // this warp's item
+  long long round_base = 0;  // number of round k's first item
   for (long long k = 0; k < nrounds && ok; ++k) {
     long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
@@ -152,7 +141,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     // item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
     const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
-    for (; q - round_base < rect && ok; q = next_item(q)) {
+    for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
       const RectItem it = rect_item(q - round_base, maxc, cols, p.dst_major);
       item(k, (r + 1 + it.col) % G, it.chunk);
     }

@@ -303,6 +303,8 @@ int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
+bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 0) != 0; }
+
 bool order_dst_major() {
   const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
   return v && std::strcmp(v, "dst") == 0;
