@@ -203,16 +203,6 @@ def _bytes_per_value(dtype: torch.dtype) -> int:
     return max(torch.empty((), dtype=dtype).element_size(), 2)
 
 
-def _default_rows(platform: int) -> int:
-    """Tokens per round of a new buffer (CUDA: this; CPU: min(seq_len, this))."""
-    import os
-
-    text = os.environ.get("FUSED_A2A_BUFFER_ROWS")
-    if text:
-        return max(1, int(text))
-    return 4096 if platform == PLATFORM_CUDA else 256
-
-
 def _create(group, device, rows=None, **config) -> HybridEPBuffer:
     """Collective. ``config``: the HybridEPBuffer fields after ``buffer``. Ranks may ask for
     different sizes (lazy init from unequal N): the all-gathered maximum is used, so that every
@@ -225,7 +215,7 @@ def _create(group, device, rows=None, **config) -> HybridEPBuffer:
         # made lazily by a first call with N = 128 left the N = 4096 combine at 256 rounds, 11.8
         # ms against 2.9 ms with 4096 rows (run 25, 4x H200). CPUs: min(seq_len, default) keeps
         # small tests at several rounds.
-        rows = _default_rows(platform)
+        rows = core.default_buffer_rows(platform)  # tokens a round (CPU: at most seq_len)
         if platform != PLATFORM_CUDA:
             rows = max(1, min(int(config["seq_len"]), rows))
     size = core.hybrid_buffer_bytes(

@@ -140,6 +140,10 @@ void register_core(py::module_& m) {
   m.def("timeout_seconds", &timeout_seconds);
   m.def("recommended_buffer_bytes", &recommended_buffer_bytes, py::arg("hidden_bytes"),
         py::arg("num_ranks"), py::arg("platform"), py::arg("rows") = 0);
+  m.def(
+      "default_buffer_rows",
+      [](int platform) { return default_rows(static_cast<Platform>(platform)); },
+      py::arg("platform"), "Rows per slot a new buffer is sized for (FUSED_A2A_BUFFER_ROWS).");
 
   m.def(
       "buffer_create",
