@@ -15,11 +15,12 @@ Timing: each op runs R times in a loop inside one jitted shard_map (every call d
 previous one, so nothing is hoisted); the time per op is (T(1 + iters) - T(1)) / iters with T the
 median wall time of `reps` calls, which cancels the host overhead of a call and the set-up (e.g.
 the forward pass whose VJP a backward loop replays). When that difference is lost in the noise
-(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). XLA's GPU while
-loop waits on the host for its condition every iteration, so each call also pays the devices'
-start skew (a collective waits for the latest device); several calls per iteration would hide it,
-but XLA merges identical calls once the optimization barrier that chains them is gone (seen in
-the CPU HLO), hence one.
+(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). On GPUs the JAX
+figures moved by about +-60 us between calls (session 7), unlike torch's: likely the while loop,
+whose every iteration can wait on the host for its condition, so that each call also pays the
+devices' start skew. FUSED_A2A_BENCH_JAX_UNROLL=k chains k calls per iteration (R x k calls, time
+divided by k) to hide it, if XLA keeps the k calls apart: on CPU it merges them once the
+optimization barriers that chain them are gone (tools/hlo_loop_check.py --calls k checks).
 """
 
 from __future__ import annotations
@@ -99,16 +100,24 @@ class Bench:
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
 
+        k = _unroll()
         short, long = wall(1), wall(1 + iters)
-        per_op = (long - short) / iters
-        if per_op <= 0.02 * long / (1 + iters):  # lost in the noise (tiny case): upper bound
-            per_op = long / (1 + iters)
-        return per_op * 1e6, max(0.0, short - per_op) * 1e6
+        per_op = (long - short) / (iters * k)
+        if per_op <= 0.02 * long / ((1 + iters) * k):  # lost in the noise (tiny case): upper bound
+            per_op = long / ((1 + iters) * k)
+        return per_op * 1e6, max(0.0, short - k * per_op) * 1e6
+
+
+def _unroll() -> int:
+    """Calls chained per loop iteration (FUSED_A2A_BENCH_JAX_UNROLL, default 1)."""
+    import os
+
+    return max(1, int(os.environ.get("FUSED_A2A_BENCH_JAX_UNROLL", "1")))
 
 
 def _loop(count, op, carry):
-    """(carry, first element of the last op(carry)) after `count` calls of op(carry), each call
-    waiting for the one before, at no cost to the timed loop.
+    """(carry, first element of the last op(carry)) after `count` x _unroll() calls of op(carry),
+    each call waiting for the one before, at no cost to the timed loop.
 
     FUSED_A2A_BENCH_JAX_LOOP=dus chains the calls as session 6 did instead (the first element of
     the carry replaced by itself unless the op's first element is NaN), for an A/B."""
@@ -134,11 +143,14 @@ def _loop(count, op, carry):
         # carry passes through, so the op stays in the loop; the first element rides along as
         # loop state so that the op is not dead code. The session-6 chaining (dus) cost a pass
         # over the carry each iteration on the GPU: the JAX combine and dispatch VJP (carries
-        # ~235 MB at the standard case) ran ~200 us slower than their kernels (run 28 vs 29).
+        # ~235 MB at the standard case) ran 130-160 us slower than with the barrier (run 31).
         return lax.optimization_barrier((c, first))
 
     def body(_, state):
-        return step(state[0])
+        c = state[0]
+        for _ in range(_unroll()):
+            c, first = step(c)
+        return c, first
 
     # The initial element is the carry's own (any value).
     first = carry.reshape(-1)[:1].astype(jax.eval_shape(op, carry).dtype)

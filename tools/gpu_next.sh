@@ -105,5 +105,18 @@ case "${PART:-tests}" in
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 150 bash tools/gpu_check.sh \
       | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b or claim" >&2; exit 2 ;;
+  jaxloop)  # JAX timing loop: 1 vs 4 chained calls an iteration (FUSED_A2A_BENCH_JAX_UNROLL), twice
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for unroll in 1 4 1 4; do
+      FUSED_A2A_BENCH_JAX_UNROLL=$unroll XLA_FLAGS="--xla_dump_to=$OUT/hlo_$unroll \
+        --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*t_(combine|dispatch).*" timeout 120 \
+        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --no-peers \
+        --out "$OUT/jax_u$unroll" >"$OUT/jax_u$unroll.log" 2>&1
+      echo "JAX normal bench, unroll $unroll: rc=$?"
+      grep -E "^jax" "$OUT/jax_u$unroll.log" | cut -c1-75
+      python3 tools/hlo_loop_check.py "$OUT/hlo_$unroll" --calls "$unroll" | tail -1
+      rm -rf "$OUT/hlo_$unroll"
+    done
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim or jaxloop" >&2; exit 2 ;;
 esac
