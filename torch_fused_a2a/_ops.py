@@ -117,8 +117,14 @@ def dispatch(
     dynamic = capacity < 0
     counts_host = torch.empty(0, dtype=torch.int64)
     if dynamic:
+        # The count exchange writes num_recv, num_dropped, group_max_tokens and tokens_per_expert
+        # into host memory too (pinned on GPUs: the kernel writes it), so the sync inside
+        # dispatch_notify is the only one: no copy back, no second sync while the GPU idles.
+        pinned = device.type == "cuda"
+        head = torch.empty(3 + num_local, dtype=torch.int32, pin_memory=pinned)
+        args.host_counts = head.data_ptr()
         core.dispatch_notify(group_id, rank, stream, args)
-        capacity, counts_host = _counts_to_host(stats, tokens_per_expert)
+        capacity, counts_host = int(head[0]), head[3:].to(torch.int64)
     recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
@@ -143,19 +149,6 @@ def dispatch(
         stats,
         counts_host,
     )
-
-
-def _counts_to_host(stats: torch.Tensor, tokens_per_expert: torch.Tensor) -> tuple:
-    """num_recv and tokens_per_expert (int64, CPU) after the count exchange, with one sync (a
-    second one after the data kernel, for tokens_per_expert alone, left the GPU idle while the
-    host caught up; upstream DeepEP also returns the counts of its notify)."""
-    if stats.device.type != "cuda":
-        return int(stats[0]), tokens_per_expert.to(torch.int64)
-    head = torch.empty(3 + tokens_per_expert.numel(), dtype=torch.int32, pin_memory=True)
-    head[:3].copy_(stats, non_blocking=True)
-    head[3:].copy_(tokens_per_expert, non_blocking=True)
-    torch.cuda.current_stream(stats.device).synchronize()
-    return int(head[0]), head[3:].to(torch.int64)
 
 
 @dispatch.register_fake

@@ -70,6 +70,7 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(DispatchArgs, num_recv, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, num_dropped, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, group_max_tokens, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, host_counts, int32_t)
       .def_readwrite("num_sms", &DispatchArgs::num_sms)
       .def_readwrite("call_tag", &DispatchArgs::call_tag);
 

@@ -65,6 +65,11 @@ struct DispatchArgs {
   int32_t* num_recv = nullptr;
   int32_t* num_dropped = nullptr;
   int32_t* group_max_tokens = nullptr;
+  // dispatch_notify only, optional: [3 + L] i32 in host memory the device can write (CUDA:
+  // pinned, e.g. cudaHostAlloc; CPU: any), filled with num_recv, num_dropped (0),
+  // group_max_tokens and tokens_per_expert by the time the call returns, so that the caller sizes
+  // its outputs without a device-to-host copy and a second sync.
+  int32_t* host_counts = nullptr;
 
   int num_sms = 0;        // CUDA: SMs the communication kernels may use (0: the default, 24)
   uint64_t call_tag = 0;  // the frontend's id of the call site (0: none); ranks must agree

@@ -190,6 +190,12 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a) {
   FA2A_CHECK(disagreement.empty(), disagreement);
   *a.num_recv = static_cast<int32_t>(total);
   *a.group_max_tokens = static_cast<int32_t>(group_max);
+  if (a.host_counts) {
+    a.host_counts[0] = *a.num_recv;
+    a.host_counts[1] = 0;
+    a.host_counts[2] = *a.group_max_tokens;
+    std::copy(a.tokens_per_expert, a.tokens_per_expert + num_local, a.host_counts + 3);
+  }
 }
 
 void dispatch_data(Buffer& buffer, const DispatchArgs& a) {

@@ -1,6 +1,7 @@
 // dispatch_notify on CUDA (the dynamic path's phase 1): one block exchanges the token counts and
 // per-expert counts with every peer, writes the true recv_src_counts, tokens_per_expert, num_recv
-// and group_max_tokens, and the host waits for it (the caller sizes the outputs from num_recv).
+// and group_max_tokens (and host_counts, if given), and the host waits for it (the caller sizes
+// the outputs from num_recv).
 #include <algorithm>
 #include <mutex>
 
@@ -17,7 +18,7 @@ namespace {
 __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, int lpr, int N,
                               const int* cum, const int* ecount, int* recv_src_counts,
                               int* tokens_per_expert, int* num_recv, int* num_dropped,
-                              int* group_max, HostError* host_error,
+                              int* group_max, int* host_counts, HostError* host_error,
                               unsigned long long timeout_ns) {
   __shared__ int s_cnt[kMaxRanks], s_ntok[kMaxRanks];
   __shared__ unsigned long long s_seq;
@@ -60,6 +61,7 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     int v = 0;
     for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * lpr + j]);
     tokens_per_expert[j] = v;
+    if (host_counts) host_counts[3 + j] = v;
   }
   for (int s = tid; s < G; s += blockDim.x) recv_src_counts[s] = s_cnt[s];
   if (tid == 0) {
@@ -72,6 +74,11 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     if (num_recv) *num_recv = static_cast<int>(total);
     if (num_dropped) *num_dropped = 0;
     if (group_max) *group_max = m;
+    if (host_counts) {
+      host_counts[0] = static_cast<int>(total);
+      host_counts[1] = 0;
+      host_counts[2] = m;
+    }
   }
   __syncthreads();
   if (tid == 0) *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = s_seq + 1;
@@ -92,17 +99,34 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
   CudaState& st = cuda_state(buffer);
   check_no_error(st, buffer);
   const int lpr = a.num_experts / G;
+  // host_counts: written by the kernel when it can (pinned memory, UVA), else copied after the
+  // sync below (e.g. memory pinned by cudaHostRegister on a device that cannot use the pointer).
+  const bool direct = a.host_counts && device_writable_host(a.host_counts);
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
   launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
                     a.num_topk, a.num_experts, G, scratch, false, s);
-  notify_kernel<<<1, 256, 0, s>>>(reinterpret_cast<uint8_t* const*>(buffer.peer_table()),
-                                  buffer.rank(), G, lpr, static_cast<int>(a.num_tokens),
-                                  scratch.cum, scratch.ecount, a.recv_src_counts,
-                                  a.tokens_per_expert, a.num_recv, a.num_dropped,
-                                  a.group_max_tokens, st.host_error, timeout_ns());
+  notify_kernel<<<1, 256, 0, s>>>(
+      reinterpret_cast<uint8_t* const*>(buffer.peer_table()), buffer.rank(), G, lpr,
+      static_cast<int>(a.num_tokens), scratch.cum, scratch.ecount, a.recv_src_counts,
+      a.tokens_per_expert, a.num_recv, a.num_dropped, a.group_max_tokens,
+      direct ? a.host_counts : nullptr, st.host_error, timeout_ns());
   check_launch("dispatch_notify");
   sync_and_check(st, buffer, s, "dispatch_notify");
+  if (a.host_counts && !direct) {
+    auto fetch = [&](int32_t* dst, const int32_t* src, size_t n) {
+      if (src) {
+        FA2A_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(int32_t), cudaMemcpyDeviceToHost),
+                        "dispatch_notify: copying the counts to host_counts");
+      } else {
+        std::fill(dst, dst + n, 0);
+      }
+    };
+    fetch(a.host_counts, a.num_recv, 1);
+    a.host_counts[1] = 0;
+    fetch(a.host_counts + 2, a.group_max_tokens, 1);
+    fetch(a.host_counts + 3, a.tokens_per_expert, lpr);
+  }
 }
 
 }  // namespace fa2a::cuda

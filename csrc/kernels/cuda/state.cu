@@ -287,6 +287,13 @@ void check_aligned(const void* p, const char* name) {
              " must be 16-byte aligned for the CUDA backend, got address ", p);
 }
 
+bool device_writable_host(const void* p) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer == p;
+}
+
 int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
   const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
   // Run 3 (EP 2) chose 32 over 8 while every sender warp walked every item of a round; with the

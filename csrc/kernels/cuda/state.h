@@ -124,6 +124,8 @@ bool claim_items_env();      // FUSED_A2A_CUDA_CLAIM (default 1): senders claim 
 bool combine_claim_env();    // FUSED_A2A_CUDA_COMBINE_CLAIM=1: the combine's senders claim items
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
+// p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
+bool device_writable_host(const void* p);
 
 // Extra entry points for the bindings (not part of ops.h): the text of a pending timeout on this
 // buffer ("" if none), and the device's SM count.
