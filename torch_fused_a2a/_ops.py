@@ -94,7 +94,7 @@ def dispatch(
     tokens_per_expert_host). capacity < 0: exactly the received rows, found by one host sync
     after the count exchange, which also brings tokens_per_expert_host ([L] int64 on the CPU, as
     Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert)
-    while the rows are still moving; else a static row count, no sync, and an empty
+    before the data phase starts; else a static row count, no sync, and an empty
     tokens_per_expert_host."""
     device = x.device
     num_tokens, hidden = x.shape

@@ -23,7 +23,7 @@ struct LocalState {
   unsigned int abort;             // set on a timeout: later waits and kernels bail out
   unsigned int error_phase;       // first timeout: phase code
   unsigned long long error_mask;  // ranks waited for when timing out
-  unsigned int items_claimed;     // sender items claimed by the running op (ItemCursor)
+  unsigned int items_claimed;     // sender items claimed by the running op (next_item)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
@@ -307,9 +307,9 @@ __device__ __forceinline__ void bulk_wait() {
 }
 
 // Item idx of a round's rows x cols rectangle of (chunk, peer column) items, chunk-major (the
-// columns innermost: every peer's chunk c before any chunk c + 1) or column-major. The kernels'
-// warps take idx = warp, warp + warps, ...: each visits only its own items (benchmarks/NOTES.md,
-// session 5). Host-callable for tests/cuda_host/rect_items_check.cu.
+// columns innermost: every peer's chunk c before any chunk c + 1) or column-major. Each warp
+// visits only its own items (benchmarks/NOTES.md, session 5): idx = warp, warp + warps, ..., or
+// the numbers it claims (next_item). Host-callable for tests/cuda_host/rect_items_check.cu.
 struct RectItem {
   long long chunk;
   int col;
@@ -464,7 +464,7 @@ struct TmaPipe {
 };
 
 // A sender warp's next item number after q (items are a round's chunks, each round's numbered
-// after the previous round's; start with q = -stride when dealt, anything when claimed). Claimed:
+// after the previous round's; start from q = first - stride, first the warp's dealt item). Claimed:
 // lane 0 takes the next number from a per-rank counter (LocalState::items_claimed, reset by the
 // op's last block) and broadcasts it, so a warp that drew small or local items takes more of them.
 // Dealt: q + stride, which with stride a multiple of the columns pins a warp to one column. The

@@ -136,9 +136,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
     // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
-    // r itself only when the senders copy own rows), dealt round-robin: this warp visits
-    // its own items only. Walking every item of the round in every warp cost ~1000 cycles an
-    // item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
+    // r itself only when the senders copy own rows), claimed or dealt (next_item): this warp
+    // visits its own items only. Walking every item of the round in every warp cost ~1000 cycles
+    // an item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
     const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
     for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
