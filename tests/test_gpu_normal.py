@@ -84,12 +84,17 @@ def _rank_suite(rank, world, cases):
 # Who copies the dispatch's own rows: by default the receiver warps up to 512 tokens (every suite
 # case) and the senders above; "senders" forces the senders' path on the same cases, "split"
 # both, chunk by chunk; "dealt": the senders', with items dealt round-robin to the sender warps
-# instead of claimed from a counter (FUSED_A2A_CUDA_CLAIM=0; claiming is the default).
+# instead of claimed from a counter, in the dispatch and the combine (FUSED_A2A_CUDA_CLAIM=0,
+# FUSED_A2A_CUDA_COMBINE_CLAIM=0; claiming is the default of both).
 OWN_ROWS = {
     "default": {},
     "senders": {"FUSED_A2A_CUDA_SELF": "send"},
     "split": {"FUSED_A2A_CUDA_SELF": "split"},
-    "dealt": {"FUSED_A2A_CUDA_SELF": "send", "FUSED_A2A_CUDA_CLAIM": "0"},
+    "dealt": {
+        "FUSED_A2A_CUDA_SELF": "send",
+        "FUSED_A2A_CUDA_CLAIM": "0",
+        "FUSED_A2A_CUDA_COMBINE_CLAIM": "0",
+    },
 }
 
 
@@ -458,8 +463,8 @@ DETERMINISM_CONFIGS = (
     (16, 2, OWN_ROWS["split"]),
     (8, 1, OWN_ROWS["dealt"]),
     (2, 3, {"FUSED_A2A_CUDA_CLAIM": "0"}),
-    (2, 3, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "1"}),
-    (16, 8, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "1"}),
+    (2, 3, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "0"}),
+    (16, 8, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "0", "FUSED_A2A_CUDA_CLAIM": "0"}),
 )
 
 

@@ -26,7 +26,7 @@ namespace {
 struct CombineParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens;
   bool idx64, tma, owner_only;
-  bool claim_items;  // senders claim items (FUSED_A2A_CUDA_COMBINE_CLAIM=1), else dealt
+  bool claim_items;  // senders claim items (FUSED_A2A_CUDA_COMBINE_CLAIM, default 1), else dealt
   size_t row_bytes;
   const uint8_t* y;
   const float* weights;
@@ -121,7 +121,8 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     int maxc = 0;
     for (int d = 0; d < G; ++d) maxc = max(maxc, (jhi[d] - jlo[d] + sh.dcr[d] - 1) / sh.dcr[d]);
     // The round's items as a maxc x (G - 1) rectangle (destinations r + 1, r + 2, ... as
-    // columns), dealt round-robin or claimed (FUSED_A2A_CUDA_COMBINE_CLAIM=1; see next_item).
+    // columns), dealt round-robin or claimed (default; FUSED_A2A_CUDA_COMBINE_CLAIM=0 deals them;
+    // see next_item).
     const long long rect = static_cast<long long>(maxc) * (G - 1);
     if (!p.claim_items) q = round_base + gw;  // dealt: every round from the warp's own column
     for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
