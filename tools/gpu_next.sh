@@ -118,5 +118,18 @@ case "${PART:-tests}" in
       rm -rf "$OUT/hlo_$unroll"
     done
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim or jaxloop" >&2; exit 2 ;;
+  s8)  # session 8: the whole bench (both frontends, issue 4's figures), then issue 7's sweep
+    timeout "${STEP_TIMEOUT_FAB:-270}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
+    grep -vE '^\[' "$OUT/fab.log" | head -40
+    for ranks in "$NGPU" 2; do  # tokens per rank 128 ... 8192, normal mode, torch, with peers
+      timeout "${STEP_TIMEOUT_SWEEP:-140}" fused-a2a bench --ranks "$ranks" --mode normal \
+        --frontend torch --tokens 128 512 1024 2048 4096 8192 --out "$OUT/sweep_ep$ranks" \
+        >"$OUT/sweep_ep$ranks.log" 2>&1
+      echo "sweep EP $ranks: rc=$?" | tee -a "$OUT/summary.txt"
+      grep -vE '^\[' "$OUT/sweep_ep$ranks.log" | tail -30
+    done
+    rm -f "$OUT"/*.log  # the device tool returns 8 files at most: the JSON and plots matter
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop or s8" >&2; exit 2 ;;
 esac
