@@ -54,6 +54,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_dealt": _case(n=128, CLAIM="0"),
     "standard_cclaim": _case(COMBINE_CLAIM="1"),
     "decode_cclaim": _case(n=128, COMBINE_CLAIM="1"),
+    "standard_cdealt": _case(COMBINE_CLAIM="0"),  # the combine's default is claiming (session 8)
+    "decode_cdealt": _case(n=128, COMBINE_CLAIM="0"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)
@@ -103,17 +105,17 @@ for _sw, _rw, _kb, _cr in (
     CASES[f"tune_s{_sw}_r{_rw}_kb{_kb}_cr{_cr}"] = _case(
         SEND_WARPS=str(_sw), RECV_WARPS=str(_rw), STAGE_KB=str(_kb), CHUNK_ROWS=str(_cr)
     )
-KNOBS = (
-    "FUSED_A2A_CUDA_ORDER",
-    "FUSED_A2A_CUDA_SELF",
-    "FUSED_A2A_CUDA_COPY",
-    "FUSED_A2A_CUDA_SEND_WARPS",
-    "FUSED_A2A_CUDA_RECV_WARPS",
-    "FUSED_A2A_CUDA_STAGE_KB",
-    "FUSED_A2A_CUDA_CHUNK_ROWS",
-    "FUSED_A2A_CUDA_FLAG_FENCE",
-    "FUSED_A2A_CUDA_ABLATE",
-)
+# The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
+# own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
+# missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).
+BASE_KNOBS = {key: value for key, value in os.environ.items() if key.startswith("FUSED_A2A_CUDA_")}
+
+
+def _set_case_env(env: dict) -> None:
+    for key in [key for key in os.environ if key.startswith("FUSED_A2A_CUDA_")]:
+        del os.environ[key]
+    os.environ.update(BASE_KNOBS)
+    os.environ.update(env)
 
 
 def _events_median(fn, iters, warmup):
@@ -172,11 +174,9 @@ def _routing(n, e, k, rank, device):
 def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     import torch_fused_a2a as tfa
 
-    for key in KNOBS:
-        os.environ.pop(key, None)
     env = dict(cfg.get("env", {}))
     ablate = env.pop("FUSED_A2A_CUDA_ABLATE", None)  # only around the timed dispatches
-    os.environ.update(env)
+    _set_case_env(env)
     device = torch.device("cuda", rank)
     n, h, k, e, sms = cfg["n"], cfg["h"], cfg["k"], cfg["e"], cfg["sms"]
     group = dist.group.WORLD
