@@ -1,0 +1,168 @@
+"""Host-side cost of the torch frontend's calls (where the small-N figures of `fused-a2a bench`
+go: at N <= 2048 the torch ops took 300-550 us a call on 4x H100 against 60-100 us on the GPU in
+CUDA graphs, session 8, run 35).
+
+    python benchmarks/host_profile.py [--world 4] [--tokens 128] [--calls 200] [--out FILE]
+
+One process per rank (GPUs when present, else CPU ranks over gloo). Per op, rank 0 reports:
+  host_us  the mean time a call takes to return (no sync inside the timed loop: for an op that
+           does not sync, the host's own cost; the dynamic dispatch syncs once per call);
+  wall_us  the mean time per call of the same loop including the final sync;
+and cProfile's top functions by own time over the same calls. Every rank runs the same loops (the
+ops are collective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_calls(fn, calls, device, group):
+    for _ in range(10):
+        fn()
+    _sync(device)
+    dist.barrier(group)
+    host = 0.0
+    start = time.perf_counter()
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        host += time.perf_counter() - t0
+    _sync(device)
+    wall = time.perf_counter() - start
+    return host / calls * 1e6, wall / calls * 1e6
+
+
+def _profile(fn, calls, device, group, top):
+    dist.barrier(group)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    _sync(device)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def _ops(args, rank, world, device, group):
+    import torch_fused_a2a as tfa
+    from torch_fused_a2a import fused_a2a as megatron
+
+    n, h, k, e = args.tokens, args.hidden, args.topk, args.experts
+    gen = torch.Generator().manual_seed(1000 + rank)
+    idx = torch.topk(torch.rand(n, e, generator=gen), k, dim=1).indices.to(device)
+    w = torch.rand(n, k, generator=gen).to(device)
+    x = torch.randn(n, h, generator=gen).to(torch.bfloat16).to(device)
+    buf = tfa.get_buffer(group, tfa.get_hidden_bytes(x), device)
+    ops, gid, grank, sms = torch.ops.fused_a2a, buf.group_id, buf.rank, 24
+    rx, _, _, _, counts, src, _, stats, _ = ops.dispatch(
+        x, None, idx, w, e, gid, grank, world, -1, sms
+    )
+    cap, y = rx.shape[0], rx.clone()
+    xg = x.clone().requires_grad_(True)
+    handle = megatron.fused_dispatch(xg, idx, w, e, group)[4]
+    return {
+        "op static dispatch": lambda: ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms),
+        "op dynamic dispatch": lambda: ops.dispatch(x, None, idx, w, e, gid, grank, world, -1, sms),
+        "op cached dispatch": lambda: ops.cached_dispatch(
+            x, idx, counts, src, stats, e, gid, grank, sms
+        ),
+        "op combine": lambda: ops.combine(
+            y, None, idx, counts, src, stats, e, n, False, gid, grank, sms
+        ),
+        "fused_dispatch": lambda: megatron.fused_dispatch(x, idx, w, e, group),
+        "fused_dispatch (grad)": lambda: megatron.fused_dispatch(xg, idx, w, e, group),
+        "fused_combine": lambda: megatron.fused_combine(y, group, handle),
+        "get_buffer": lambda: tfa.get_buffer(group, tfa.get_hidden_bytes(x), device),
+        "torch.empty x1": lambda: torch.empty((cap, h), dtype=x.dtype, device=device),
+        "torch.zeros x1": lambda: torch.zeros(8, dtype=torch.int32, device=device),
+    }
+
+
+def _worker(rank, world, port, args, queue):
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args.cpu
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        **({"device_id": device} if cuda else {}),
+    )
+    group = dist.group.WORLD
+    result = {"device": str(device), "world": world, "tokens": args.tokens, "ops": {}}
+    for name, fn in _ops(args, rank, world, device, group).items():
+        host_us, wall_us = _time_calls(fn, args.calls, device, group)
+        profile = _profile(fn, args.calls, device, group, args.top)
+        result["ops"][name] = {"host_us": round(host_us, 1), "wall_us": round(wall_us, 1)}
+        if rank == 0:
+            print(f"{name:24s} host {host_us:8.1f} us  wall {wall_us:8.1f} us", flush=True)
+            if args.profiles and not name.startswith("torch."):
+                result["ops"][name]["profile"] = profile
+                print(profile, flush=True)
+    if rank == 0:
+        queue.put(result)
+    dist.barrier(group)
+    dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=max(torch.cuda.device_count(), 2))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--top", type=int, default=14, help="cProfile rows per op")
+    parser.add_argument("--profiles", type=int, default=1, help="0: timings only")
+    parser.add_argument("--cpu", action="store_true", help="CPU ranks even with GPUs")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    for var, val in (
+        ("NCCL_NVLS_ENABLE", "0"),
+        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+        ("NVSHMEM_DISABLE_NVLS", "1"),
+    ):
+        os.environ[var] = val
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
+        for r in range(args.world)
+    ]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=600)
+    for p in procs:
+        p.join(60)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
