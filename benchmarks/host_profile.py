@@ -64,6 +64,7 @@ def _profile(fn, calls, device, group, top):
 
 def _ops(args, rank, world, device, group):
     import torch_fused_a2a as tfa
+    from torch_fused_a2a import _ops
     from torch_fused_a2a import fused_a2a as megatron
 
     n, h, k, e = args.tokens, args.hidden, args.topk, args.experts
@@ -91,6 +92,14 @@ def _ops(args, rank, world, device, group):
         "fused_dispatch": lambda: megatron.fused_dispatch(x, idx, w, e, group),
         "fused_dispatch (grad)": lambda: megatron.fused_dispatch(xg, idx, w, e, group),
         "fused_combine": lambda: megatron.fused_combine(y, group, handle),
+        # The op's Python body without torch.library's wrapper (CustomOpDef._init_fn): the
+        # difference to "op static dispatch" is the custom-op layer's cost.
+        "raw static dispatch": lambda: _ops.dispatch._init_fn(
+            x, None, idx, w, e, gid, grank, world, cap, sms
+        ),
+        "raw combine": lambda: _ops.combine._init_fn(
+            y, None, idx, counts, src, stats, e, n, False, gid, grank, sms
+        ),
         "get_buffer": lambda: tfa.get_buffer(group, tfa.get_hidden_bytes(x), device),
         "torch.empty x1": lambda: torch.empty((cap, h), dtype=x.dtype, device=device),
         "torch.zeros x1": lambda: torch.zeros(8, dtype=torch.int32, device=device),
