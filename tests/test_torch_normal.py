@@ -197,6 +197,9 @@ def _rank_normal(rank, world, cases):
             results[case.name] = _run_case(tfa, group, dist.get_rank(group), rank // size, case)
         except Exception:
             results[case.name] = {"error": traceback.format_exc()}
+    from torch_fused_a2a import _ops
+
+    results["_routes"] = dict(_ops.ROUTE_COUNTS)
     return results
 
 
@@ -282,6 +285,32 @@ def test_dispatch_backward(world, case):
             # the op really did send gradients into slots a rank does not own
             non_owned = [g[d["recv_topk_idx"] < 0] for g, d in zip(g_recv_w, disp, strict=True)]
             assert any((v != 0).any() for v in non_owned)
+
+
+def test_op_layer_route_same_bits():
+    """Eager calls run the ops' bodies directly (_ops.run); FUSED_A2A_TORCH_DIRECT=0 sends them
+    through torch.library. Both routes give the same bits for every G = 2 case, and each run
+    really took its route."""
+    direct = run_once(
+        ("normal", 2), lambda: run_ranks(_rank_normal, 2, WORLD_CASES[2], timeout=300)
+    )
+    layered = run_once(
+        ("normal-op-layer", 2),
+        lambda: run_ranks(
+            _rank_normal, 2, WORLD_CASES[2], timeout=300, env={"FUSED_A2A_TORCH_DIRECT": "0"}
+        ),
+    )
+    for r in range(2):
+        assert direct[r]["_routes"]["op"] == 0 and direct[r]["_routes"]["direct"] > 0
+        assert layered[r]["_routes"]["direct"] == 0 and layered[r]["_routes"]["op"] > 0
+        for case in WORLD_CASES[2]:
+            got, exp = layered[r][case.name], direct[r][case.name]
+            assert "error" not in got and "error" not in exp, (got.get("error"), exp.get("error"))
+            for key, value in exp.items():
+                if isinstance(value, np.ndarray):
+                    assert_bitwise_equal(got[key], value, f"rank {r} {case.name} {key}")
+                else:
+                    assert got[key] == value, (r, case.name, key)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import fused_a2a_core as core
 from fused_a2a._common import PLATFORM_CUDA
+from torch_fused_a2a import _ops
 from torch_fused_a2a._buffers import Buffer, create_buffer, default_device
 
 _buffer: Buffer | None = None
@@ -168,7 +169,8 @@ def _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group) ->
 def _dispatch(x, topk_idx, topk_weights, num_experts, group):
     """The dynamic dispatch (exact row count, one host sync after the count exchange)."""
     buffer = get_buffer(group, get_hidden_bytes(x), x.device)
-    out = torch.ops.fused_a2a.dispatch(
+    out = _ops.run(
+        _ops.dispatch,
         x,
         None,
         topk_idx,
@@ -188,7 +190,8 @@ def _dispatch(x, topk_idx, topk_weights, num_experts, group):
 
 def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):
     buffer = get_buffer(group, get_hidden_bytes(y), y.device)
-    return torch.ops.fused_a2a.combine(
+    return _ops.run(
+        _ops.combine,
         y,
         weights,
         handle.topk_idx,
@@ -206,7 +209,8 @@ def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):
 
 def _cached_dispatch(x, handle: DispatchHandle, group):
     buffer = get_buffer(group, get_hidden_bytes(x), x.device)
-    return torch.ops.fused_a2a.cached_dispatch(
+    return _ops.run(
+        _ops.cached_dispatch,
         x,
         handle.topk_idx,
         handle.recv_src_counts,
