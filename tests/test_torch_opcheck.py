@@ -72,3 +72,25 @@ def test_opcheck_custom_ops():
         "cached_dispatch",
         "layout",
     ]
+
+
+def test_direct_route_only_in_plain_eager(monkeypatch):
+    """_ops.run skips torch.library's layer only where nothing traces or needs autograd."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torch_fused_a2a import _ops
+
+    plain = torch.zeros(4, 8)
+    assert _ops._direct((plain, None, 3))
+    needs_grad = torch.zeros(4, 8, requires_grad=True)
+    assert not _ops._direct((needs_grad,))
+    with torch.no_grad():
+        assert _ops._direct((needs_grad,))  # inside autograd.Function.forward / backward
+    with FakeTensorMode():
+        assert not _ops._direct((torch.zeros(4, 8),))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _ops._direct((plain,))
+    monkeypatch.undo()
+    monkeypatch.setenv("FUSED_A2A_TORCH_DIRECT", "0")
+    assert not _ops._direct((plain,))
