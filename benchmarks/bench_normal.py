@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 
 
 def _case(n=4096, sms=24, **env):
@@ -416,27 +415,8 @@ def main():
     parser.add_argument("--graphs", type=int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    for var, val in (
-        ("NCCL_NVLS_ENABLE", "0"),
-        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-        ("NVSHMEM_DISABLE_NVLS", "1"),
-    ):
-        os.environ[var] = val
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     start = time.time()
-    procs = [
-        ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
-        for r in range(args.world)
-    ]
-    for p in procs:
-        p.start()
-    results = queue.get(timeout=3000)
-    for p in procs:
-        p.join(120)
+    results = spawn_ranks(_worker, args.world, args, timeout=3000)
     meta = dict(
         world=args.world,
         device=torch.cuda.get_device_name(0),

@@ -18,14 +18,12 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import spawn_ranks
 
 
 def _sync(device):
@@ -148,26 +146,7 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="CPU ranks even with GPUs")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    for var, val in (
-        ("NCCL_NVLS_ENABLE", "0"),
-        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-        ("NVSHMEM_DISABLE_NVLS", "1"),
-    ):
-        os.environ[var] = val
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
-        for r in range(args.world)
-    ]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join(60)
+    result = spawn_ranks(_worker, args.world, args, timeout=600)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load_bench(monkeypatch):
     monkeypatch.setenv("FUSED_A2A_CUDA_TRACE", "1")  # set before the bench starts: kept
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # its helper module
     spec = importlib.util.spec_from_file_location(
         "bench_normal_under_test", os.path.join(ROOT, "benchmarks", "bench_normal.py")
     )
