@@ -171,12 +171,11 @@ def dispatch(
     recv_topk_idx = torch.empty((capacity, num_topk), dtype=torch.int32, device=device)
     weight_cols = num_topk if topk_weights is not None else 0
     recv_topk_weights = torch.empty((capacity, weight_cols), dtype=torch.float32, device=device)
-    # One spare element so that the pointer is valid even with capacity 0.
-    recv_src_token = torch.empty(capacity + 1, dtype=torch.int32, device=device)
+    recv_src_token = torch.empty(capacity, dtype=torch.int32, device=device)
     args.capacity = capacity
     args.recv_x, args.recv_x_scales = _out(recv_x), _out(recv_x_scales)
     args.recv_topk_idx, args.recv_topk_weights = _out(recv_topk_idx), _out(recv_topk_weights)
-    args.recv_src_token = recv_src_token.data_ptr()
+    args.recv_src_token = _ptr(recv_src_token)  # a placeholder when empty: present, not written
     (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
     return (
         recv_x,
@@ -184,7 +183,7 @@ def dispatch(
         recv_topk_idx,
         recv_topk_weights,
         recv_src_counts,
-        recv_src_token[:capacity].clone(),
+        recv_src_token,
         tokens_per_expert,
         stats,
         counts_host,
