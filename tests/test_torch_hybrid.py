@@ -205,6 +205,9 @@ def _rank_cases(rank, world, cases):
             results[case.name] = _run_case(tfa, dist.group.WORLD, rank, world, case)
         except Exception:
             results[case.name] = {"error": traceback.format_exc()}
+    from torch_fused_a2a import _ops
+
+    results["_routes"] = dict(_ops.ROUTE_COUNTS)
     return results
 
 
@@ -226,6 +229,36 @@ def _results(world, case):
     if errors:
         pytest.fail("\n".join(errors))
     return per_rank
+
+
+def test_op_layer_route_same_bits():
+    """As tests/test_torch_normal.py's: the HybridEP Functions' direct calls of the ops' bodies
+    and FUSED_A2A_TORCH_DIRECT=0's calls through torch.library give the same bits (G = 2)."""
+    direct = run_once(
+        ("cases", 2), lambda: run_ranks(_rank_cases, 2, WORLD_CASES[2], timeout=300, env=ENV)
+    )
+    layered = run_once(
+        ("cases-op-layer", 2),
+        lambda: run_ranks(
+            _rank_cases,
+            2,
+            WORLD_CASES[2],
+            timeout=300,
+            env={**ENV, "FUSED_A2A_TORCH_DIRECT": "0"},
+        ),
+    )
+    for r in range(2):
+        assert direct[r]["_routes"]["op"] == 0 and direct[r]["_routes"]["direct"] > 0
+        assert layered[r]["_routes"]["direct"] == 0 and layered[r]["_routes"]["op"] > 0
+        for case in WORLD_CASES[2]:
+            got, exp = layered[r][case.name], direct[r][case.name]
+            assert "error" not in got and "error" not in exp, (got.get("error"), exp.get("error"))
+            assert got.keys() == exp.keys()
+            for key, value in exp.items():
+                if isinstance(value, np.ndarray):
+                    assert_bitwise_equal(got[key], value, f"rank {r} {case.name} {key}")
+                else:
+                    assert got[key] == value, (r, case.name, key)
 
 
 @pytest.mark.parametrize("world,case", ALL_CASES, ids=CASE_IDS)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import fused_a2a_core as core
 from fused_a2a._common import PLATFORM_CUDA
-from torch_fused_a2a import _hybrid_ops  # noqa: F401  (registers torch.ops.fused_a2a.hybrid_*)
+from torch_fused_a2a import _hybrid_ops, _ops  # _hybrid_ops registers torch.ops.fused_a2a.hybrid_*
 from torch_fused_a2a._buffers import Buffer, create_buffer, default_device, platform_of
 
 _DEFAULT_NUM_SMS = 24
@@ -341,21 +341,20 @@ def _dispatch(
     pad = int(pad_multiple or 0)
     rows = -1 if num_permuted_tokens is None else int(num_permuted_tokens)
     b = buf.buffer
-    hidden, out_probs, scales, counts, row_token, per_expert, meta = (
-        torch.ops.fused_a2a.hybrid_dispatch(
-            x,
-            scaling_factor,
-            routing_map,
-            probs,
-            num_local_experts,
-            pad,
-            rows,
-            quantize,
-            b.group_id,
-            b.rank,
-            b.num_ranks,
-            num_sms_dispatch,
-        )
+    hidden, out_probs, scales, counts, row_token, per_expert, meta = _ops.run(
+        _hybrid_ops.hybrid_dispatch,
+        x,
+        scaling_factor,
+        routing_map,
+        probs,
+        num_local_experts,
+        pad,
+        rows,
+        quantize,
+        b.group_id,
+        b.rank,
+        b.num_ranks,
+        num_sms_dispatch,
     )
     handle = HybridEPHandle(
         routing_map,
@@ -385,7 +384,8 @@ def _combine(y, handle: HybridEPHandle, probs=None, num_sms=None):
         _DEFAULT_NUM_SMS,
     )
     b = buf.buffer
-    return torch.ops.fused_a2a.hybrid_combine(
+    return _ops.run(
+        _hybrid_ops.hybrid_combine,
         y,
         probs,
         handle.src_expert_counts,
@@ -412,7 +412,8 @@ def _cached_dispatch(x, handle: HybridEPHandle):
         _DEFAULT_NUM_SMS,
     )
     b = buf.buffer
-    return torch.ops.fused_a2a.hybrid_cached_dispatch(
+    return _ops.run(
+        _hybrid_ops.hybrid_cached_dispatch,
         x,
         handle.routing_map,
         handle.src_expert_counts,
