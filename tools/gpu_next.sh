@@ -131,5 +131,23 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT"/*.log  # the device tool returns 8 files at most: the JSON and plots matter
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop or s8" >&2; exit 2 ;;
+  s9)  # session 9 (~6 min): the torch host path (session 8's _ops.run): GPU tests, then the A/B
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py" \
+      PYTEST_K="${S9_K:-torch_gpu_matches or torch_gpu_hybrid or torch_vs_jax or cuda_graph}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -4
+    for direct in 1 0; do  # 0: every call through torch.library (session 8's route)
+      FUSED_A2A_TORCH_DIRECT=$direct timeout 90 python3 benchmarks/host_profile.py \
+        --world "$NGPU" --tokens 128 --profiles 0 --out "$OUT/host_direct$direct.json" 2>&1 | tail -12
+      FUSED_A2A_TORCH_DIRECT=$direct timeout 120 fused-a2a bench --ranks "$NGPU" --mode normal \
+        --frontend torch --tokens 128 1024 4096 --out "$OUT/fab_direct$direct" \
+        >"$OUT/fab_direct$direct.log" 2>&1
+      echo "torch normal bench, FUSED_A2A_TORCH_DIRECT=$direct: rc=$?"
+      grep -vE '^\[' "$OUT/fab_direct$direct.log" | tail -12
+      rm -f "$OUT/fab_direct$direct/bench.png"
+    done
+    rm -f "$OUT"/*.log "$OUT/build.log"  # 8 files come back at most
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop, s8 or s9" >&2; exit 2 ;;
 esac
