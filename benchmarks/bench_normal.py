@@ -26,10 +26,14 @@ import torch.distributed as dist
 from _spawn import spawn_ranks
 
 
-def _case(n=4096, sms=24, **env):
+def _case(n=4096, sms=24, fp8=False, **env):
     """The standard case's shape (H=7168, top-8 of 256) with N tokens, sms SMs and env knobs
-    (keyword names without the FUSED_A2A_CUDA_ prefix)."""
+    (keyword names without the FUSED_A2A_CUDA_ prefix). fp8: the dispatches send e4m3 rows with
+    one f32 scale per 128 values (DeepEP's FP8 dispatch; the combine has no FP8 form, so those
+    cases time the dispatches and NCCL only)."""
     case = dict(n=n, h=7168, k=8, e=256, sms=sms)
+    if fp8:
+        case["fp8"] = True
     if env:
         case["env"] = {"FUSED_A2A_CUDA_" + key: value for key, value in env.items()}
     return case
@@ -53,7 +57,9 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_dealt": _case(n=128, CLAIM="0"),
     "standard_cclaim": _case(COMBINE_CLAIM="1"),
     "decode_cclaim": _case(n=128, COMBINE_CLAIM="1"),
-    "standard_cdealt": _case(COMBINE_CLAIM="0"),  # the combine's default is claiming (session 8)
+    "standard_cdealt": _case(COMBINE_CLAIM="0"),
+    "standard_fp8": _case(fp8=True),  # issue 7: FP8 dispatch >= 1.25x DeepEP's FP8 figure
+    "decode_fp8": _case(n=128, fp8=True),  # the combine's default is claiming (session 8)
     "decode_cdealt": _case(n=128, COMBINE_CLAIM="0"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
@@ -162,6 +168,12 @@ def _graph_time(fn, reps, replays):
     return statistics.median(times)
 
 
+def _block_amax(x):
+    """[N, H / 128] f32: the largest magnitude of each 128-value block of each row (the FP8
+    cases' scales: a function of the row, so a receiver can recompute them)."""
+    return x.float().view(x.shape[0], -1, 128).abs().amax(-1)
+
+
 def _routing(n, e, k, rank, device):
     gen = torch.Generator(device=device).manual_seed(1000 + rank)
     scores = torch.rand(n, e, device=device, generator=gen)
@@ -193,14 +205,17 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     own = int(counts[rank].item())
     y = rx.clone()
 
+    fp8 = bool(cfg.get("fp8"))
+    x_send, scales = (x.to(torch.float8_e4m3fn), _block_amax(x)) if fp8 else (x, None)
+
     def static_dispatch():
-        ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms)
+        ops.dispatch(x_send, scales, idx, w, e, gid, grank, world, cap, sms)
 
     def cached_dispatch():
         ops.cached_dispatch(x, idx, counts, src, stats, e, gid, grank, sms)
 
     def dynamic_dispatch():
-        ops.dispatch(x, None, idx, w, e, gid, grank, world, -1, sms)
+        ops.dispatch(x_send, scales, idx, w, e, gid, grank, world, -1, sms)
 
     def combine():
         ops.combine(y, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
@@ -209,11 +224,14 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     owners = torch.where(idx >= 0, idx // (e // world), -1)
     in_rank = torch.stack([(owners == d).any(1) for d in range(world)], 1)
     send_idx = torch.cat([torch.nonzero(in_rank[:, d]).flatten() for d in range(world)])
-    send = x.index_select(0, send_idx)
+    rows = x  # FP8: each row's e4m3 bytes and its scales' bytes, as one uint8 row
+    if fp8:
+        rows = torch.cat([x_send.view(torch.uint8), scales.view(torch.uint8)], 1)
+    send = rows.index_select(0, send_idx)
     in_splits = in_rank.sum(0).to(torch.int64)
     out_splits = torch.empty_like(in_splits)
     dist.all_to_all_single(out_splits, in_splits)
-    recv = torch.empty(int(out_splits.sum()), h, dtype=x.dtype, device=device)
+    recv = torch.empty(int(out_splits.sum()), rows.shape[1], dtype=rows.dtype, device=device)
     in_l, out_l = in_splits.tolist(), out_splits.tolist()
 
     def nccl_a2a():
@@ -229,7 +247,7 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         env=cfg.get("env", {}),
         num_recv=cap,
         own_rows=own,
-        row_bytes=h * 2,
+        row_bytes=rows.shape[1] * rows.element_size(),
     )
     if ablate:
         static_dispatch, cached_dispatch, dynamic_dispatch = (
@@ -242,17 +260,26 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         dynamic_dispatch=dynamic_dispatch,
         nccl_a2a=nccl_a2a,
     )
+    if fp8:  # the bf16 ops would be timed against FP8 row bytes
+        del timed["cached_dispatch"], timed["combine"]
     for key, fn in timed.items():
         res[f"{key}_us"] = _events_median(fn, iters, warmup)
     if graphs:
         for key in ("static_dispatch", "cached_dispatch", "combine"):
-            res[f"{key}_graph_us"] = _graph_time(timed[key], 10, 5)
+            if key in timed:
+                res[f"{key}_graph_us"] = _graph_time(timed[key], 10, 5)
     # correctness spot check: combine(dispatch(x)) == count * x, exactly
     rx2 = ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms)[0]
     out, _ = ops.combine(rx2, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
     cnt = in_rank.sum(1).float()
     expect = ((x.float() * cnt[:, None]) + 0.0).to(torch.bfloat16)
     res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
+    if fp8:  # FP8 rows and scales arrive as the bf16 rows do, converted on the sender
+        rx8, rs8 = ops.dispatch(x_send, scales, idx, w, e, gid, grank, world, cap, sms)[:2]
+        same_rows = torch.equal(
+            rx8.view(torch.uint8), rx2.to(torch.float8_e4m3fn).view(torch.uint8)
+        )
+        res["exact"] &= bool(same_rows and torch.equal(rs8, _block_amax(rx2)))
     if os.environ.get("FUSED_A2A_CUDA_TRACE"):
         res["trace"] = _trace_one(static_dispatch, gid, grank, sms)
     if os.environ.get("FA2A_BENCH_KERNELS"):

@@ -147,6 +147,9 @@ case "${PART:-tests}" in
       grep -vE '^\[' "$OUT/fab_direct$direct.log" | tail -12
       rm -f "$OUT/fab_direct$direct/bench.png"
     done
+    # Issue 7's FP8 target (normal mode, first measurement): e4m3 rows + 1x128 scales vs bf16
+    STEPS=bench BENCH_CASES=standard,standard_fp8,decode_fp8 BENCH_CASES_EP2= timeout 120 \
+      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |nccl"
     rm -f "$OUT"/*.log "$OUT/build.log"  # 8 files come back at most
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop, s8 or s9" >&2; exit 2 ;;
