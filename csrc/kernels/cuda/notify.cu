@@ -99,33 +99,27 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
   CudaState& st = cuda_state(buffer);
   check_no_error(st, buffer);
   const int lpr = a.num_experts / G;
-  // host_counts: written by the kernel when it can (pinned memory, UVA), else copied after the
-  // sync below (e.g. memory pinned by cudaHostRegister on a device that cannot use the pointer).
+  // host_counts: written by the kernel when it can (pinned memory, UVA), else into device scratch
+  // and copied after the sync below (e.g. memory pinned by cudaHostRegister on a device that
+  // cannot use the pointer); the same values either way.
   const bool direct = a.host_counts && device_writable_host(a.host_counts);
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
+  int* counts_out = a.host_counts ? (direct ? a.host_counts : scratch.counts_stage) : nullptr;
   launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
                     a.num_topk, a.num_experts, G, scratch, false, s);
-  notify_kernel<<<1, 256, 0, s>>>(
-      reinterpret_cast<uint8_t* const*>(buffer.peer_table()), buffer.rank(), G, lpr,
-      static_cast<int>(a.num_tokens), scratch.cum, scratch.ecount, a.recv_src_counts,
-      a.tokens_per_expert, a.num_recv, a.num_dropped, a.group_max_tokens,
-      direct ? a.host_counts : nullptr, st.host_error, timeout_ns());
+  notify_kernel<<<1, 256, 0, s>>>(reinterpret_cast<uint8_t* const*>(buffer.peer_table()),
+                                  buffer.rank(), G, lpr, static_cast<int>(a.num_tokens),
+                                  scratch.cum, scratch.ecount, a.recv_src_counts,
+                                  a.tokens_per_expert, a.num_recv, a.num_dropped,
+                                  a.group_max_tokens, counts_out, st.host_error, timeout_ns());
   check_launch("dispatch_notify");
   sync_and_check(st, buffer, s, "dispatch_notify");
   if (a.host_counts && !direct) {
-    auto fetch = [&](int32_t* dst, const int32_t* src, size_t n) {
-      if (src) {
-        FA2A_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(int32_t), cudaMemcpyDeviceToHost),
-                        "dispatch_notify: copying the counts to host_counts");
-      } else {
-        std::fill(dst, dst + n, 0);
-      }
-    };
-    fetch(a.host_counts, a.num_recv, 1);
-    a.host_counts[1] = 0;
-    fetch(a.host_counts + 2, a.group_max_tokens, 1);
-    fetch(a.host_counts + 3, a.tokens_per_expert, lpr);
+    FA2A_CUDA_CHECK(
+        cudaMemcpy(a.host_counts, scratch.counts_stage,
+                   static_cast<size_t>(3 + lpr) * sizeof(int32_t), cudaMemcpyDeviceToHost),
+        "dispatch_notify: copying the counts to host_counts");
   }
 }
 

@@ -211,7 +211,8 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t hist_b = align(static_cast<size_t>(e) * 4);
   const size_t ordinal_b = align(static_cast<size_t>(n) * static_cast<size_t>(e) * 4);
   const size_t fanout_b = align(4);
-  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b + fanout_b;
+  const size_t stage_b = align(static_cast<size_t>(3 + e) * 4);
+  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b + fanout_b + stage_b;
   void* mem = nullptr;
   FA2A_CUDA_CHECK(cudaMalloc(&mem, total), "cudaMalloc (routing scratch)");
   FA2A_CUDA_CHECK(cudaMemset(mem, 0, total), "cudaMemset (routing scratch)");
@@ -227,6 +228,7 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.hist = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b);
   st.scratch.ordinal = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b);
   st.scratch.fanout = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b + ordinal_b);
+  st.scratch.counts_stage = reinterpret_cast<int*>(base + total - stage_b);
   return st.scratch;
 }
 

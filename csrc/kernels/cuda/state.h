@@ -52,6 +52,8 @@ struct Scratch {
   int* hist = nullptr;
   int* ordinal = nullptr;
   int* fanout = nullptr;
+  int* counts_stage = nullptr;  // [3 + E] the count exchange's host counts, when the host
+                                // memory is not device-writable (copied after the sync)
 };
 
 // Dispatch trace (FUSED_A2A_CUDA_TRACE=1): host-mapped, kTraceWarps slots of kTraceSlots u64
