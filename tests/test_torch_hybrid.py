@@ -26,7 +26,7 @@ import reference as R
 import torch
 from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
-from torch_utils import DTYPES, from_numpy, to_numpy
+from torch_utils import DTYPES, assert_same_routes, from_numpy, to_numpy
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 ENV = {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_TIMEOUT_S": "60"}
@@ -247,18 +247,7 @@ def test_op_layer_route_same_bits():
             env={**ENV, "FUSED_A2A_TORCH_DIRECT": "0"},
         ),
     )
-    for r in range(2):
-        assert direct[r]["_routes"]["op"] == 0 and direct[r]["_routes"]["direct"] > 0
-        assert layered[r]["_routes"]["direct"] == 0 and layered[r]["_routes"]["op"] > 0
-        for case in WORLD_CASES[2]:
-            got, exp = layered[r][case.name], direct[r][case.name]
-            assert "error" not in got and "error" not in exp, (got.get("error"), exp.get("error"))
-            assert got.keys() == exp.keys()
-            for key, value in exp.items():
-                if isinstance(value, np.ndarray):
-                    assert_bitwise_equal(got[key], value, f"rank {r} {case.name} {key}")
-                else:
-                    assert got[key] == value, (r, case.name, key)
+    assert_same_routes(direct, layered, WORLD_CASES[2])
 
 
 @pytest.mark.parametrize("world,case", ALL_CASES, ids=CASE_IDS)

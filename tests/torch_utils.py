@@ -30,3 +30,23 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     if a.dtype == BF16:
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(a.copy())
+
+
+def assert_same_routes(direct: list, layered: list, cases) -> None:
+    """The per-rank results of one suite run twice, through _ops.run's direct route and with
+    FUSED_A2A_TORCH_DIRECT=0 (torch.library's route): each run took only its own route, and every
+    case's results (arrays bitwise, other values equal) are the same."""
+    from reference import assert_bitwise_equal
+
+    for r, (d, lay) in enumerate(zip(direct, layered, strict=True)):
+        assert d["_routes"]["op"] == 0 and d["_routes"]["direct"] > 0, d["_routes"]
+        assert lay["_routes"]["direct"] == 0 and lay["_routes"]["op"] > 0, lay["_routes"]
+        for case in cases:
+            got, exp = lay[case.name], d[case.name]
+            assert "error" not in got and "error" not in exp, (got.get("error"), exp.get("error"))
+            assert got.keys() == exp.keys(), (r, case.name)
+            for key, value in exp.items():
+                if isinstance(value, np.ndarray):
+                    assert_bitwise_equal(got[key], value, f"rank {r} {case.name} {key}")
+                else:
+                    assert got[key] == value, (r, case.name, key)
