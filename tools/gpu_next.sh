@@ -17,7 +17,7 @@ NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 case "${PART:-tests}" in
   tests)
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
       bash tools/gpu_check.sh
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
     ;;
@@ -133,7 +133,7 @@ case "${PART:-tests}" in
     ;;
   s9)  # session 9 (~6 min): the torch host path (session 8's _ops.run): GPU tests, then the A/B
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py" \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py" \
       PYTEST_K="${S9_K:-torch_gpu_matches or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -4

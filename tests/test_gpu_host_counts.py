@@ -1,0 +1,103 @@
+"""The count exchange's host counts on CUDA GPUs (`DispatchArgs::host_counts`, what the torch
+dynamic dispatch reads after its one sync): pinned host memory, which the notify kernel writes
+through UVA, and pageable memory, which goes through device scratch and one copy after the sync.
+Both must give [num_recv, 0, group_max_tokens, tokens_per_expert...] as counted here from the
+routing. Skipped unless at least two CUDA GPUs are visible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import gpu_count
+from mp import run_ranks
+from test_gpu_normal import GPU_ENV, _need
+
+pytestmark = pytest.mark.gpu
+
+
+def _rank_host_counts(rank, world):
+    """dispatch_notify's host counts through the raw core: pinned memory (the kernel writes it)
+    and pageable memory (written into device scratch, copied after the sync). Each notify is
+    followed by its data phase."""
+    import torch
+    import torch.distributed as dist
+
+    import fused_a2a_core as core
+    import torch_fused_a2a as tfa
+    from fused_a2a._common import DTYPE_BF16, DTYPE_I64
+
+    torch.cuda.set_device(rank)
+    n, h, k, e = _host_counts_tokens(rank), 256, 4, 8 * world
+    x, idx = (t.cuda() for t in _host_counts_inputs(rank, world))
+    buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+    lpr = e // world
+    stream = torch.cuda.current_stream().cuda_stream
+    out = {}
+    for name, pinned in (("pinned", True), ("pageable", False)):
+        counts = torch.zeros(world, dtype=torch.int32, device="cuda")
+        per_expert = torch.zeros(lpr, dtype=torch.int32, device="cuda")
+        stats = torch.zeros(3, dtype=torch.int32, device="cuda")
+        host = torch.full((3 + lpr,), -7, dtype=torch.int32, pin_memory=pinned)
+        args = core.DispatchArgs()
+        args.x, args.x_dtype, args.num_tokens, args.hidden = x.data_ptr(), DTYPE_BF16, n, h
+        args.topk_idx, args.idx_dtype, args.num_topk = idx.data_ptr(), DTYPE_I64, k
+        args.num_experts = e
+        args.recv_src_counts, args.tokens_per_expert = counts.data_ptr(), per_expert.data_ptr()
+        args.num_recv, args.num_dropped = stats.data_ptr(), stats.data_ptr() + 4
+        args.group_max_tokens = stats.data_ptr() + 8
+        args.host_counts = host.data_ptr()
+        core.dispatch_notify(buf.group_id, buf.rank, stream, args)
+        num_recv = int(host[0])
+        recv_x = torch.empty((max(num_recv, 1), h), dtype=x.dtype, device="cuda")
+        src_token = torch.empty(max(num_recv, 1), dtype=torch.int32, device="cuda")
+        args.capacity, args.recv_x = num_recv, recv_x.data_ptr()
+        args.recv_src_token = src_token.data_ptr()
+        core.dispatch_data(buf.group_id, buf.rank, stream, args)
+        torch.cuda.synchronize()
+        out[name] = dict(
+            host=host.numpy().copy(),
+            counts=counts.cpu().numpy(),
+            per_expert=per_expert.cpu().numpy(),
+            stats=stats.cpu().numpy(),
+        )
+    return out
+
+
+def _host_counts_tokens(rank: int) -> int:  # N of each rank (unequal, so group_max means something)
+    return 37 + 11 * rank
+
+
+def _host_counts_inputs(rank: int, world: int):
+    """(x [N, 256] bf16, topk_idx [N, 4] int64 of 8 * world experts, distinct per token) on the
+    CPU, the same in the rank and in the parent's check."""
+    import torch
+
+    gen = torch.Generator().manual_seed(40 + rank)
+    n, e = _host_counts_tokens(rank), 8 * world
+    x = torch.randn(n, 256, generator=gen).to(torch.bfloat16)
+    return x, torch.argsort(torch.rand(n, e, generator=gen), 1)[:, :4].contiguous()
+
+
+def test_host_counts_pinned_and_pageable_agree():
+    """The count exchange's host counts [num_recv, 0, group_max, tokens_per_expert...] are the
+    same whether the kernel writes pinned memory or they go through device scratch (pageable
+    memory), and they match the device outputs and the routing counted here."""
+    g = min(4, gpu_count())
+    _need(2)
+    res = run_ranks(_rank_host_counts, g, timeout=300, env=GPU_ENV)
+    idxs = [_host_counts_inputs(s, g)[1].numpy() for s in range(g)]
+    lpr = 8  # 8 * g experts
+    group_max = max(_host_counts_tokens(s) for s in range(g))
+    for r, out in enumerate(res):
+        owners = [idx // lpr == r for idx in idxs]
+        want_counts = np.array([int(o.any(1).sum()) for o in owners], np.int32)
+        want_experts = np.array(
+            [sum(int((idx == r * lpr + j).sum()) for idx in idxs) for j in range(lpr)], np.int32
+        )
+        want_host = np.concatenate([[want_counts.sum(), 0, group_max], want_experts])
+        for name in ("pinned", "pageable"):
+            got = out[name]
+            assert (got["counts"] == want_counts).all(), (r, name, got, want_counts)
+            assert (got["per_expert"] == want_experts).all(), (r, name, got, want_experts)
+            assert (got["host"] == want_host).all(), (r, name, got["host"], want_host)
+            assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
