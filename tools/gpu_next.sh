@@ -134,7 +134,7 @@ case "${PART:-tests}" in
   s9)  # session 9 (~6 min): the torch host path (session 8's _ops.run): GPU tests, then the A/B
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="${S9_K:-torch_gpu_matches or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts}" \
+      PYTEST_K="${S9_K:-(torch_gpu_matches and default) or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -4
     for direct in 1 0; do  # 0: every call through torch.library (session 8's route)
