@@ -100,10 +100,29 @@ def _check_experts(num_experts, num_ranks: int, op: str) -> int:
     return e
 
 
-def check_dispatch(x, topk_idx, topk_weights, num_experts, g: int, max_recv_tokens):
+def check_dispatch(x, topk_idx, topk_weights, num_experts, g: int, max_recv_tokens, x_scales=None):
     op = "dispatch"
     e = _check_experts(num_experts, g, op)
-    _check_rows(x, "x", op)
+    if hasattr(x, "dtype") and _dtype(x) == _E4M3:  # FP8 rows with their 1x128 block scales
+        if x.ndim != 2:
+            raise ValueError(f"fused_a2a.{op}: x must be 2-D [N, H], got shape {tuple(x.shape)}")
+        n, h = (int(d) for d in x.shape)
+        if h == 0 or h % FP8_BLOCK:
+            raise ValueError(
+                f"fused_a2a.{op}: FP8 rows need H % {FP8_BLOCK} == 0, got x shape {(n, h)}"
+            )
+        if x_scales is None:
+            raise ValueError(
+                f"fused_a2a.{op}: x of dtype float8_e4m3fn needs x_scales [N, H/128] float32 "
+                "(its per 1x128 block scales)"
+            )
+        _check_f32(x_scales, "x_scales", op, (n, h // FP8_BLOCK), "[N, H/128]")
+    else:
+        _check_rows(x, "x", op)
+        if x_scales is not None:
+            raise ValueError(
+                f"fused_a2a.{op}: x_scales is only for float8_e4m3fn x, x is {_dtype(x)}"
+            )
     topk_idx = _check_index(topk_idx, "topk_idx", op, e)
     n = int(x.shape[0])
     if n < 1:

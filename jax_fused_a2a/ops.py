@@ -11,6 +11,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _ffi
@@ -23,6 +24,8 @@ from ._checks import (
     rank_and_sub,
     unify_vma,
 )
+
+_E4M3 = np.dtype(jnp.float8_e4m3fn)
 
 
 class DispatchHandle(NamedTuple):
@@ -47,6 +50,7 @@ class Dispatched(NamedTuple):
     num_recv_tokens: jax.Array  # [] int32 rows sent to this rank (true count, before dropping)
     handle: DispatchHandle
     num_dropped: jax.Array  # [] int32 rows dropped because num_recv > max_recv_tokens
+    recv_x_scales: jax.Array | None = None  # [C, H/128] float32 with FP8 rows (zeros past the end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,7 @@ class _Cfg:
     num_experts: int
     num_ranks: int
     capacity: int
+    fp8_rows: bool = False  # dispatch: x is float8_e4m3fn with x_scales
 
 
 def _like(ref, shape, dtype):
@@ -65,17 +70,22 @@ def _like(ref, shape, dtype):
 # Raw calls (no autodiff)
 
 
-def _dispatch_call(cfg: _Cfg, x, topk_idx, topk_weights):
+def _dispatch_call(cfg: _Cfg, x, x_scales, topk_idx, topk_weights):
+    """-> the 9 results of fa2a_dispatch (recv_x, recv_topk_idx, recv_topk_weights, then the
+    handle's arrays: _handle_of), then recv_x_scales (None without FP8 rows)."""
     n, h = x.shape
     k = topk_idx.shape[1]
     c, g, el = cfg.capacity, cfg.num_ranks, cfg.num_experts // cfg.num_ranks
     rank, sub = rank_and_sub(cfg.axis_name, like=x)
     i32 = np.int32
+    fp8 = x_scales is not None
+    scales_out = [_like(x, (c, x_scales.shape[1]), np.float32)] if fp8 else []
     outs = _ffi.call(
-        "fa2a_dispatch",
-        [rank, sub, x, topk_idx, topk_weights],
+        "fa2a_dispatch_fp8" if fp8 else "fa2a_dispatch",
+        [rank, sub, x, *([x_scales] if fp8 else []), topk_idx, topk_weights],
         [
             _like(x, (c, h), x.dtype),  # recv_x
+            *scales_out,  # recv_x_scales
             _like(x, (c, k), i32),  # recv_topk_idx
             _like(x, (c, k), np.float32),  # recv_topk_weights
             _like(x, (g,), i32),  # recv_src_counts
@@ -89,7 +99,9 @@ def _dispatch_call(cfg: _Cfg, x, topk_idx, topk_weights):
         group=(cfg.axis_name, hidden_bytes(x), k),
     )
     del n
-    return tuple(outs)
+    if fp8:
+        return (outs[0], *outs[2:], outs[1])
+    return (*outs, None)
 
 
 def _cached_dispatch_call(cfg: _Cfg, x, handle: DispatchHandle):
@@ -150,24 +162,29 @@ def _combine_call(cfg: _Cfg, y, handle: DispatchHandle, weights=None, owner_only
 
 
 def _handle_of(topk_idx, outs) -> DispatchHandle:
-    _, _, _, counts, src_token, tpe, num_recv, num_dropped, gmax = outs
+    _, _, _, counts, src_token, tpe, num_recv, num_dropped, gmax, _ = outs
     return DispatchHandle(topk_idx, counts, src_token, gmax, tpe, num_recv, num_dropped)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dispatch_vjp(cfg, x, topk_idx, topk_weights):
-    return _dispatch_call(cfg, x, topk_idx, topk_weights)
+def _dispatch_vjp(cfg, x, x_scales, topk_idx, topk_weights):
+    return _dispatch_call(cfg, x, x_scales, topk_idx, topk_weights)
 
 
-def _dispatch_fwd(cfg, x, topk_idx, topk_weights):
-    outs = _dispatch_call(cfg, x, topk_idx, topk_weights)
+def _dispatch_fwd(cfg, x, x_scales, topk_idx, topk_weights):
+    outs = _dispatch_call(cfg, x, x_scales, topk_idx, topk_weights)
     return outs, _handle_of(topk_idx, outs)
 
 
 def _dispatch_bwd(cfg, handle, cts):
+    """dx = combine(d recv_x); FP8 rows are straight-through as in HybridEP: d recv_x is combined
+    in bfloat16 and rounded to e4m3, and the scales get no gradient."""
     ct_x, ct_w = cts[0], cts[2]
+    fp8 = cfg.fp8_rows
+    if fp8:
+        ct_x = ct_x.astype(jnp.bfloat16)
     dx, dw = _combine_call(cfg, ct_x, handle, weights=ct_w, owner_only=True)
-    return dx, None, dw
+    return (dx.astype(_E4M3) if fp8 else dx), None, None, dw
 
 
 _dispatch_vjp.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -203,11 +220,13 @@ def dispatch(
     axis_name: str,
     max_recv_tokens: int | None = None,
     check: bool = False,
+    x_scales=None,
 ) -> Dispatched:
     """Send each token to the ranks owning its experts (DeepEP normal-mode dispatch).
 
     Args:
-      x: [N, H] bfloat16, float16 or float32 tokens of this rank (H * itemsize a multiple of 16).
+      x: [N, H] bfloat16, float16 or float32 tokens of this rank (H * itemsize a multiple of 16),
+        or float8_e4m3fn rows with their `x_scales` (H % 128 == 0).
       topk_idx: [N, K] int32/int64 expert of each slot, -1 = none, else in [0, num_experts).
       topk_weights: [N, K] float32 routing weights (carried to the owning rank).
       num_experts: E, a multiple of the EP group size G (rank r owns experts [r*L, (r+1)*L)).
@@ -216,18 +235,27 @@ def dispatch(
         past C are dropped (highest source rank / token first) and counted in `num_dropped`.
       check: if True, a dropped row is an error raised through `jax.experimental.checkify` (wrap
         the jitted function with `checkify.checkify`).
+      x_scales: [N, H/128] float32 per 1x128 block scales of a float8_e4m3fn x (DeepEP's FP8
+        dispatch); they arrive in `recv_x_scales`, moved as they are.
 
     Returns:
       Dispatched(recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, num_recv_tokens,
-      handle, num_dropped). Gradients flow to x and topk_weights.
+      handle, num_dropped, recv_x_scales). Gradients flow to x and topk_weights; with FP8 rows, x
+      gets d recv_x combined in bfloat16 and rounded to e4m3 (straight-through, as HybridEP), and
+      x_scales none.
     """
     g = axis_size(axis_name, "dispatch")
     x, topk_idx, topk_weights, capacity = check_dispatch(
-        x, topk_idx, topk_weights, num_experts, g, max_recv_tokens
+        x, topk_idx, topk_weights, num_experts, g, max_recv_tokens, x_scales
     )
-    x, topk_idx, topk_weights = unify_vma(axis_name, x, topk_idx, topk_weights)
-    cfg = _Cfg(axis_name, int(num_experts), g, capacity)
-    outs = _dispatch_vjp(cfg, x, topk_idx, topk_weights)
+    if x_scales is None:
+        x, topk_idx, topk_weights = unify_vma(axis_name, x, topk_idx, topk_weights)
+    else:
+        x, x_scales, topk_idx, topk_weights = unify_vma(
+            axis_name, x, x_scales, topk_idx, topk_weights
+        )
+    cfg = _Cfg(axis_name, int(num_experts), g, capacity, x_scales is not None)
+    outs = _dispatch_vjp(cfg, x, x_scales, topk_idx, topk_weights)
     handle = _handle_of(topk_idx, outs)
     recv_x, recv_idx, recv_w, *_ = outs
     num_dropped = handle.num_dropped[0]
@@ -249,6 +277,7 @@ def dispatch(
         num_recv,
         handle,
         num_dropped,
+        outs[9],
     )
 
 

@@ -180,6 +180,58 @@ def run_normal_case(mesh, case):
         assert res[1]["num_recv"] == 0, "rank 1 should receive nothing"
 
 
+def run_fp8_case(mesh, case):
+    """FP8 rows (e4m3 + 1x128 f32 scales, tests/reference.py's quantisation): rows and scales
+    moved bit for bit, and the straight-through backward (d recv_x combined in bfloat16, rounded
+    to e4m3; the scales get no gradient)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    import jax_fused_a2a as fa
+
+    g = mesh.devices.size
+    routing, k, num_local = case["routing"], 2, 3
+    n, h, e, cap = case.get("n", 20), 256, g * num_local, case.get("capacity")
+    if routing == "overflow" and cap is None:
+        cap = max(1, n // 2)
+    xs, idxs, ws = make_inputs(g, n, h, k, num_local, DTYPES["bf16"], routing, case["seed"])
+    quantised = [ref.fp8_quantize(x) for x in xs]
+    xq, xs_scales = [q for q, _ in quantised], [s for _, s in quantised]
+    c = g * n if cap is None else cap
+    rng = np.random.default_rng(case["seed"] + 1)
+    e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+    g_rx = [(rng.standard_normal((c, h)) * 0.5).astype(np.float32).astype(e4m3) for _ in range(g)]
+    g_rw = [rng.standard_normal((c, k)).astype(np.float32) for _ in range(g)]
+    kw = dict(num_experts=e, axis_name="ep", max_recv_tokens=cap)
+
+    def body(x, sc, idx, w, grx, grw):
+        d = fa.dispatch(x, idx, w, x_scales=sc, **kw)
+        _, vjp = jax.vjp(
+            lambda x_, s_, w_: fa.dispatch(x_, idx, w_, x_scales=s_, **kw)[0:3:2], x, sc, w
+        )
+        dx, dsc, dw = vjp((grx, grw))
+        return d.recv_x, d.recv_x_scales, d.recv_topk_idx, d.recv_topk_weights, dx, dsc, dw
+
+    spec = P("ep")
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 6, out_specs=(spec,) * 7))
+    args = (np.concatenate(a) for a in (xq, xs_scales, idxs, ws, g_rx, g_rw))
+    outs = f(*(to_global(mesh, a) for a in args))
+    rx, rsc, ridx, rw, dx, dsc, dw = (split(o, g) for o in outs)
+    res = ref.dispatch(quantised, idxs, ws, e, capacity=c)  # recv_x: (data, scales)
+    g_rx_bf16 = [a.astype(np.float32).astype(DTYPES["bf16"]) for a in g_rx]
+    ref_dx, ref_dw = ref.dispatch_backward(g_rx_bf16, g_rw, res, idxs)
+    for r in range(g):
+        eq(rx[r], res[r]["recv_x"][0], f"fp8 recv_x[{r}]")
+        eq(rsc[r], res[r]["recv_x"][1], f"fp8 recv_x_scales[{r}]")
+        eq(ridx[r], res[r]["recv_topk_idx"].astype(np.int32), f"recv_topk_idx[{r}]")
+        eq(rw[r], res[r]["recv_topk_weights"], f"recv_topk_weights[{r}]")
+        eq(dx[r], ref_dx[r].astype(e4m3), f"fp8 straight-through dx[{r}]")
+        eq(dsc[r], np.zeros_like(xs_scales[r]), f"fp8 d x_scales[{r}]")
+        eq(dw[r], ref_dw[r], f"dispatch vjp dtopk_weights[{r}]")
+    if routing == "overflow":
+        assert sum(x["num_dropped"] for x in res) > 0, "overflow case dropped nothing"
+
+
 def normal_cases(g):
     cases = {}
     seed = 100 * g
@@ -192,6 +244,8 @@ def normal_cases(g):
     cases[f"G{g}-f32-capacity-exact"] = dict(
         dtype="f32", routing="random", seed=seed + 2, capacity=24
     )
+    for i, routing in enumerate(("random", "overflow")):  # FP8 rows: run_fp8_case
+        cases[f"G{g}-e4m3-{routing}"] = dict(fp8=True, routing=routing, seed=seed + 3 + i)
     return cases
 
 
@@ -202,7 +256,7 @@ def suite_normal(g):
     mesh = Mesh(np.array(jax.devices()[:g]), ("ep",))
     results = {}
     for name, case in normal_cases(g).items():
-        results[name] = _run(run_normal_case, mesh, case)
+        results[name] = _run(run_fp8_case if case.get("fp8") else run_normal_case, mesh, case)
     return results
 
 

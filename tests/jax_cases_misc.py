@@ -196,6 +196,8 @@ def case_bad_inputs():
         return lambda: jax.jit(f).trace(x, idx, w)
 
     x16 = x.astype(jnp.float16)
+    x8 = np.zeros((16, 128), jnp.float8_e4m3fn)
+    sc8 = np.ones((8, 1), np.float32)  # closed over: the per-rank shape
     cases = [
         (
             trace_dispatch(x[:, 0], idx, w, nspec=(P("ep"), P("ep"), P("ep"))),
@@ -212,6 +214,20 @@ def case_bad_inputs():
         (trace_dispatch(x, idx, w, num_experts=4.0), TypeError, ["num_experts"]),
         (trace_dispatch(x, idx, w, max_recv_tokens=0), ValueError, ["max_recv_tokens", "0"]),
         (trace_dispatch(x, idx, w, axis_name="nope"), ValueError, ["axis_name 'nope'"]),
+        # FP8 rows (x float8_e4m3fn with x_scales [N, H/128] float32; N = 8 a rank here)
+        (trace_dispatch(x8, idx, w), ValueError, ["float8_e4m3fn needs x_scales", "[N, H/128]"]),
+        (trace_dispatch(x, idx, w, x_scales=sc8), ValueError, ["x_scales is only for", "bfloat16"]),
+        (trace_dispatch(x8[:, :64], idx, w, x_scales=sc8), ValueError, ["H % 128", "(8, 64)"]),
+        (
+            trace_dispatch(x8, idx, w, x_scales=np.ones((8, 2), np.float32)),
+            ValueError,
+            ["x_scales must have shape [N, H/128] = (8, 1)", "(8, 2)"],
+        ),
+        (
+            trace_dispatch(x8, idx, w, x_scales=sc8.astype(jnp.bfloat16)),
+            TypeError,
+            ["x_scales must be float32", "bfloat16"],
+        ),
         (
             lambda: fa.dispatch(x, idx, w, num_experts=4, axis_name="ep"),
             ValueError,

@@ -104,13 +104,22 @@ DispatchArgs dispatch_inputs(const Buf& x, const Buf& topk_idx) {
   return a;
 }
 
-ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf topk_idx, Buf topk_weights,
-                         Ret recv_x, Ret recv_topk_idx, Ret recv_topk_weights, Ret src_counts,
-                         Ret src_token, Ret tokens_per_expert, Ret num_recv, Ret num_dropped,
-                         Ret group_max_tokens, int64_t group_id, int64_t num_experts) {
+// FP8 rows (x_scales != nullptr): x is e4m3 [N,H] with x_scales [N,H/128] f32, and the scales
+// arrive in recv_x_scales [C,H/128] f32, moved like the rows.
+ffi::Error dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, const Buf* x_scales,
+                         Buf topk_idx, Buf topk_weights, Ret recv_x, Ret* recv_x_scales,
+                         Ret recv_topk_idx, Ret recv_topk_weights, Ret src_counts, Ret src_token,
+                         Ret tokens_per_expert, Ret num_recv, Ret num_dropped, Ret group_max_tokens,
+                         int64_t group_id, int64_t num_experts) {
   return guarded("dispatch", [&] {
     auto buffer = resolve(w, group_id, rank, sub);
     DispatchArgs a = dispatch_inputs(x, topk_idx);
+    if (x_scales != nullptr) {
+      expect_dtype(*x_scales, ffi::DataType::F32, "x_scales");
+      a.x_scales = static_cast<const float*>(x_scales->untyped_data());
+      expect_dtype(**recv_x_scales, ffi::DataType::F32, "recv_x_scales");
+      a.recv_x_scales = static_cast<float*>((*recv_x_scales)->untyped_data());
+    }
     expect_dtype(topk_weights, ffi::DataType::F32, "topk_weights");
     a.topk_weights = static_cast<const float*>(topk_weights.untyped_data());
     a.num_experts = static_cast<int>(num_experts);
@@ -218,6 +227,10 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, const Buf* wei
       .Attr<int64_t>("num_ranks")
 #define FA2A_DISPATCH_BINDING(B) \
   FA2A_COLLECTIVE_ATTRS(FA2A_RETS4(FA2A_RETS4(FA2A_ARGS4(B).Arg<Buf>()).Ret<Buf>()))
+// dispatch FP8: rank, sub, x, x_scales, topk_idx, topk_weights -> recv_x, recv_x_scales, then the
+// dispatch's other results
+#define FA2A_DISPATCH_FP8_BINDING(B) \
+  FA2A_COLLECTIVE_ATTRS(FA2A_RETS2(FA2A_RETS4(FA2A_RETS4(FA2A_ARGS2(FA2A_ARGS4(B))))))
 #define FA2A_CACHED_DISPATCH_BINDING(B) \
   FA2A_COLLECTIVE_ATTRS(FA2A_RETS4(FA2A_RETS2(FA2A_ARGS2(FA2A_ARGS4(B))).Ret<Buf>()))
 #define FA2A_COMBINE_BINDING(B) \
@@ -234,7 +247,14 @@ ffi::Error layout_cpu(Buf idx, Ret a, Ret b, Ret c, int64_t e, int64_t g) {
 }
 ffi::Error dispatch_cpu(Buf rank, Buf sub, Buf x, Buf idx, Buf wts, Ret rx, Ret ri, Ret rw, Ret sc,
                         Ret st, Ret tpe, Ret nr, Ret nd, Ret gm, int64_t gid, int64_t e) {
-  return dispatch_impl(kCpu, rank, sub, x, idx, wts, rx, ri, rw, sc, st, tpe, nr, nd, gm, gid, e);
+  return dispatch_impl(kCpu, rank, sub, x, nullptr, idx, wts, rx, nullptr, ri, rw, sc, st, tpe, nr,
+                       nd, gm, gid, e);
+}
+ffi::Error dispatch_fp8_cpu(Buf rank, Buf sub, Buf x, Buf xs, Buf idx, Buf wts, Ret rx, Ret rxs,
+                            Ret ri, Ret rw, Ret sc, Ret st, Ret tpe, Ret nr, Ret nd, Ret gm,
+                            int64_t gid, int64_t e) {
+  return dispatch_impl(kCpu, rank, sub, x, &xs, idx, wts, rx, &rxs, ri, rw, sc, st, tpe, nr, nd, gm,
+                       gid, e);
 }
 ffi::Error cached_dispatch_cpu(Buf rank, Buf sub, Buf x, Buf idx, Buf sci, Buf gmi, Ret rx, Ret sc,
                                Ret gm, Ret st, Ret tpe, Ret nr, Ret nd, int64_t gid, int64_t e) {
@@ -255,6 +275,8 @@ ffi::Error combine_w_cpu(Buf rank, Buf sub, Buf y, Buf w, Buf sc, Buf st, Buf gm
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_layout_cpu, layout_cpu, FA2A_LAYOUT_BINDING(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_cpu, dispatch_cpu,
                               FA2A_DISPATCH_BINDING(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_fp8_cpu, dispatch_fp8_cpu,
+                              FA2A_DISPATCH_FP8_BINDING(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_cached_dispatch_cpu, cached_dispatch_cpu,
                               FA2A_CACHED_DISPATCH_BINDING(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_combine_cpu, combine_cpu,
@@ -273,8 +295,14 @@ ffi::Error layout_cuda(cudaStream_t s, int32_t dev, Buf idx, Ret a, Ret b, Ret c
 ffi::Error dispatch_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf x, Buf idx, Buf wts,
                          Ret rx, Ret ri, Ret rw, Ret sc, Ret st, Ret tpe, Ret nr, Ret nd, Ret gm,
                          int64_t gid, int64_t e) {
-  return dispatch_impl(cuda_where(s, dev), rank, sub, x, idx, wts, rx, ri, rw, sc, st, tpe, nr, nd,
-                       gm, gid, e);
+  return dispatch_impl(cuda_where(s, dev), rank, sub, x, nullptr, idx, wts, rx, nullptr, ri, rw, sc,
+                       st, tpe, nr, nd, gm, gid, e);
+}
+ffi::Error dispatch_fp8_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf x, Buf xs, Buf idx,
+                             Buf wts, Ret rx, Ret rxs, Ret ri, Ret rw, Ret sc, Ret st, Ret tpe,
+                             Ret nr, Ret nd, Ret gm, int64_t gid, int64_t e) {
+  return dispatch_impl(cuda_where(s, dev), rank, sub, x, &xs, idx, wts, rx, &rxs, ri, rw, sc, st,
+                       tpe, nr, nd, gm, gid, e);
 }
 ffi::Error cached_dispatch_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf x, Buf idx,
                                 Buf sci, Buf gmi, Ret rx, Ret sc, Ret gm, Ret st, Ret tpe, Ret nr,
@@ -300,6 +328,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_layout_cuda, layout_cuda,
                               FA2A_LAYOUT_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_cuda, dispatch_cuda,
                               FA2A_DISPATCH_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_fp8_cuda, dispatch_fp8_cuda,
+                              FA2A_DISPATCH_FP8_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_cached_dispatch_cuda, cached_dispatch_cuda,
                               FA2A_CACHED_DISPATCH_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_combine_cuda, combine_cuda,
@@ -322,6 +352,7 @@ struct Target {
 const Target kTargets[] = {
     {"fa2a_layout", "cpu", fa2a_layout_cpu},
     {"fa2a_dispatch", "cpu", fa2a_dispatch_cpu},
+    {"fa2a_dispatch_fp8", "cpu", fa2a_dispatch_fp8_cpu},
     {"fa2a_cached_dispatch", "cpu", fa2a_cached_dispatch_cpu},
     {"fa2a_combine", "cpu", fa2a_combine_cpu},
     {"fa2a_combine_weighted", "cpu", fa2a_combine_weighted_cpu},
@@ -331,6 +362,7 @@ const Target kTargets[] = {
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
     {"fa2a_layout", "CUDA", fa2a_layout_cuda},
     {"fa2a_dispatch", "CUDA", fa2a_dispatch_cuda},
+    {"fa2a_dispatch_fp8", "CUDA", fa2a_dispatch_fp8_cuda},
     {"fa2a_cached_dispatch", "CUDA", fa2a_cached_dispatch_cuda},
     {"fa2a_combine", "CUDA", fa2a_combine_cuda},
     {"fa2a_combine_weighted", "CUDA", fa2a_combine_weighted_cuda},
