@@ -131,10 +131,11 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT"/*.log  # the device tool returns 8 files at most: the JSON and plots matter
     ;;
-  s9)  # session 9 (~6 min): the torch host path (session 8's _ops.run): GPU tests, then the A/B
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
+  s9)  # session 9 (~7 min): session 8's CPU-only changes on GPUs (torch direct route, host
+    # counts, JAX FP8 normal dispatch in jax_gpu_suite), then the torch host-path A/B and FP8 bench
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="${S9_K:-(torch_gpu_matches and default) or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts}" \
+      PYTEST_K="${S9_K:-(torch_gpu_matches and default) or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts or jax_gpu_suite}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -4
     for direct in 1 0; do  # 0: every call through torch.library (session 8's route)
