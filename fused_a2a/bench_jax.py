@@ -241,13 +241,53 @@ def fused_normal(b: Bench, exp: Expected) -> dict:
         _, vjp = jax.vjp(lambda y: fa.combine(y, d.handle, axis_name="ep"), d.recv_x)
         return _loop(n, lambda c: vjp(c)[0], x)
 
-    return {
+    ops = {
         "dispatch": (b.time_loop(b.smap(t_dispatch, 3, True), (x, idx, w)), ok_d),
         "combine": (b.time_loop(b.smap(t_combine, 3, True), (x, idx, w)), ok_c),
         "dispatch_bwd": (b.time_loop(b.smap(t_dispatch_bwd, 5, True), (x, idx, w, gx, gw)), ok_db),
         "combine_bwd": (b.time_loop(b.smap(t_combine_bwd, 3, True), (x, idx, w)), ok_cb),
         "sms": 24 if b.platform == "gpu" else None,
     }
+    h = exp.inputs[0][0].shape[1]
+    if np.dtype(exp.inputs[0][0].dtype) == DTYPES["bf16"] and h % 128 == 0:
+        ops["dispatch_fp8"] = _normal_fp8(b, exp, idx, w, h)
+    return ops
+
+
+def _normal_fp8(b: Bench, exp: Expected, idx, w, h: int):
+    """Normal-mode dispatch of e4m3 rows with their 1x128 f32 scales (x_scales=), checked as data
+    movement: the e4m3 bytes land where a bf16 dispatch puts the same bytes as integers 0..126,
+    the scales where an f32 dispatch puts them (rows padded to 16 bytes)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    import jax_fused_a2a as fa
+
+    g, e, nsc = b.g, exp.e, h // 128
+    rng = np.random.default_rng(4321)
+    bits = [rng.integers(0, 0x7F, (exp.n, h), dtype=np.uint8) for _ in range(g)]  # finite e4m3
+    scales = [rng.random((exp.n, nsc), dtype=np.float32) for _ in range(g)]
+    padded = [np.pad(s, ((0, 0), (0, -nsc % 4))) for s in scales]
+    x8 = b.put([a.view(ml_dtypes.float8_e4m3fn) for a in bits])
+    carried = b.put([a.astype(np.float32).astype(DTYPES["bf16"]) for a in bits])
+    s8, sp = b.put(scales), b.put(padded)
+    kw = dict(num_experts=e, axis_name="ep")
+
+    def check(x8, carried, s8, sp, idx, w):
+        d8 = fa.dispatch(x8, idx, w, x_scales=s8, **kw)
+        rows = jax.lax.bitcast_convert_type(d8.recv_x, jnp.uint8)
+        want_rows = fa.dispatch(carried, idx, w, **kw).recv_x.astype(jnp.uint8)
+        want_scales = fa.dispatch(sp, idx, w, **kw).recv_x[:, :nsc]
+        ok = jnp.all(rows == want_rows) & jnp.all(d8.recv_x_scales == want_scales)
+        return ok[None]
+
+    ok = bool(np.all(np.asarray(b.smap(check, 6)(x8, carried, s8, sp, idx, w))))
+
+    def t_dispatch(n, x8, s8, idx, w):
+        return _loop(n, lambda w: fa.dispatch(x8, idx, w, x_scales=s8, **kw).recv_x, w)
+
+    return b.time_loop(b.smap(t_dispatch, 4, True), (x8, s8, idx, w)), ok
 
 
 def fused_hybrid(b: Bench, exp: Expected) -> dict:

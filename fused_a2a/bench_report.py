@@ -12,7 +12,8 @@ A row is one op of one implementation at one N. Metrics (BENCHMARKS.md):
 - ``sms``: SMs the communication kernels use (GPU), None where unknown or on CPU;
 - ``vs``: for each peer, peer time / this time for the op in the same direction (> 1: faster than
   the peer). Dispatch and combine backward move data like combine and dispatch respectively.
-- ``dispatch_fp8`` (HybridEP, bf16 runs): e4m3 rows with 1x128 f32 scales; bytes counted as moved.
+- ``dispatch_fp8`` (normal mode and HybridEP, bf16 runs): e4m3 rows with 1x128 f32 scales; bytes
+  counted as moved.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ DIRECTION = {
     "dispatch_bwd": "combine",
     "dispatch_fp8": "dispatch",
 }
-# dispatch_fp8 (HybridEP, bf16 runs only): e4m3 rows + one f32 scale per 128 values, so its bytes
+# dispatch_fp8 (bf16 runs only): e4m3 rows + one f32 scale per 128 values, so its bytes
 # are (1 + 4 / 128) / 2 of the bf16 rows'; its ratios compare times with the peers' bf16 dispatch.
 BYTES_FACTOR = {"dispatch_fp8": (1 + 4 / 128) / 2}
 

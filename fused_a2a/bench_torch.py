@@ -148,13 +148,57 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
 
     ok_cb = _eq(combine_bwd()[0], want_x)
     t = ctx.timer
-    return {
+    ops = {
         "dispatch": (t(lambda: tfa.fused_dispatch(x, idx, w, e, grp)), ok_d),
         "combine": (t(lambda: tfa.fused_combine(recv_x, grp, handle)), ok_c),
         "dispatch_bwd": (t(dispatch_bwd), ok_db),
         "combine_bwd": (t(combine_bwd), ok_cb),
         "sms": tfa._num_sms if ctx.device.type == "cuda" else None,
     }
+    if x.dtype == torch.bfloat16 and x.shape[1] % 128 == 0:
+        ops["dispatch_fp8"] = _normal_fp8(ctx, x.shape, idx, w, e)
+    return ops
+
+
+def _fp8_rows(ctx: Ctx, shape):
+    """(e4m3 rows of finite values, the same bytes as bf16 integers 0..126, 1x128 f32 scales, the
+    scales padded to 16-byte rows): FP8 dispatches are checked as data movement against the same
+    bytes carried exactly by a bf16 dispatch."""
+    import torch
+
+    (n, h), dev = shape, ctx.device
+    gen = torch.Generator().manual_seed(4321 + ctx.rank)
+    bits = torch.randint(0, 0x7F, (n, h), generator=gen, dtype=torch.uint8)  # finite e4m3
+    nsc = h // 128
+    scales = torch.rand(n, nsc, generator=gen)
+    padded = torch.zeros(n, -(-nsc // 4) * 4)
+    padded[:, :nsc] = scales
+    return (
+        bits.view(torch.float8_e4m3fn).to(dev),
+        bits.to(torch.bfloat16).to(dev),
+        scales.to(dev),
+        padded.to(dev),
+    )
+
+
+def _normal_fp8(ctx: Ctx, shape, idx, w, e):
+    """Normal-mode dispatch of e4m3 rows with their 1x128 f32 scales (the op
+    torch.ops.fused_a2a.dispatch: Megatron's fused_dispatch takes one tensor), exact size."""
+    import torch
+
+    import torch_fused_a2a as tfa
+
+    x8, carried_x, scales, padded = _fp8_rows(ctx, shape)
+    buf = tfa.get_buffer(ctx.group, tfa.get_hidden_bytes(carried_x), ctx.device)
+    args = (idx, w, e, buf.group_id, buf.rank, buf.num_ranks, -1, tfa._num_sms)
+    ops = torch.ops.fused_a2a
+    got_x, got_s = ops.dispatch(x8, scales, *args)[:2]
+    carried = ops.dispatch(carried_x, None, *args)[0]
+    want_s = ops.dispatch(padded, None, *args)[0][:, : scales.shape[1]]
+    ok = torch.equal(got_x.view(torch.uint8).cpu(), carried.cpu().to(torch.uint8)) and torch.equal(
+        got_s.cpu(), want_s.cpu()
+    )
+    return ctx.timer(lambda: ops.dispatch(x8, scales, *args)), ok
 
 
 def _fused_hybrid(ctx: Ctx, exp: Expected) -> dict:
@@ -212,16 +256,11 @@ def _hybrid_fp8(ctx: Ctx, shape, rm, probs, lpr):
 
     import torch_fused_a2a as tfa
 
-    (n, h), grp, dev = shape, ctx.group, ctx.device
-    gen = torch.Generator().manual_seed(4321 + ctx.rank)
-    bits = torch.randint(0, 0x7F, (n, h), generator=gen, dtype=torch.uint8)  # finite e4m3
-    x8 = bits.view(torch.float8_e4m3fn).to(dev)
-    nsc = h // 128
-    scales = torch.rand(n, nsc, generator=gen).to(dev)
+    grp = ctx.group
+    x8, carried_x, scales, padded = _fp8_rows(ctx, shape)
+    nsc = scales.shape[1]
     h8, _, s8, _, _ = tfa.hybrid_ep_dispatch(x8, rm, probs, grp, lpr, scaling_factor=scales)
-    carried = tfa.hybrid_ep_dispatch(bits.to(torch.bfloat16).to(dev), rm, probs, grp, lpr)[0]
-    padded = torch.zeros(n, -(-nsc // 4) * 4, device=dev)
-    padded[:, :nsc] = scales
+    carried = tfa.hybrid_ep_dispatch(carried_x, rm, probs, grp, lpr)[0]
     want_s = tfa.hybrid_ep_dispatch(padded, rm, probs, grp, lpr)[0][:, :nsc]
     ok = torch.equal(h8.view(torch.uint8).cpu(), carried.cpu().to(torch.uint8)) and torch.equal(
         s8.cpu(), want_s.cpu()
