@@ -106,23 +106,10 @@ def check_dispatch(x, topk_idx, topk_weights, num_experts, g: int, max_recv_toke
     if hasattr(x, "dtype") and _dtype(x) == _E4M3:  # FP8 rows with their 1x128 block scales
         if x.ndim != 2:
             raise ValueError(f"fused_a2a.{op}: x must be 2-D [N, H], got shape {tuple(x.shape)}")
-        n, h = (int(d) for d in x.shape)
-        if h == 0 or h % FP8_BLOCK:
-            raise ValueError(
-                f"fused_a2a.{op}: FP8 rows need H % {FP8_BLOCK} == 0, got x shape {(n, h)}"
-            )
-        if x_scales is None:
-            raise ValueError(
-                f"fused_a2a.{op}: x of dtype float8_e4m3fn needs x_scales [N, H/128] float32 "
-                "(its per 1x128 block scales)"
-            )
-        _check_f32(x_scales, "x_scales", op, (n, h // FP8_BLOCK), "[N, H/128]")
+        _check_fp8_rows(x, x_scales, "x_scales", op)
     else:
         _check_rows(x, "x", op)
-        if x_scales is not None:
-            raise ValueError(
-                f"fused_a2a.{op}: x_scales is only for float8_e4m3fn x, x is {_dtype(x)}"
-            )
+        _check_no_scales(x, x_scales, "x_scales", op)
     topk_idx = _check_index(topk_idx, "topk_idx", op, e)
     n = int(x.shape[0])
     if n < 1:
@@ -280,6 +267,28 @@ _E4M3 = np.dtype(jnp.float8_e4m3fn)
 FP8_BLOCK = 128
 
 
+def _check_fp8_rows(x, scales, scales_name: str, op: str):
+    """float8_e4m3fn x [N, H] (2-D, checked by the caller) with its per 1x128 block scales."""
+    n, h = (int(d) for d in x.shape)
+    if h == 0 or h % FP8_BLOCK:
+        raise ValueError(
+            f"fused_a2a.{op}: FP8 rows need H % {FP8_BLOCK} == 0, got x shape {(n, h)}"
+        )
+    if scales is None:
+        raise ValueError(
+            f"fused_a2a.{op}: x of dtype float8_e4m3fn needs {scales_name} [N, H/128] float32 "
+            "(its per 1x128 block scales)"
+        )
+    _check_f32(scales, scales_name, op, (n, h // FP8_BLOCK), "[N, H/128]")
+
+
+def _check_no_scales(x, scales, scales_name: str, op: str):
+    if scales is not None:
+        raise ValueError(
+            f"fused_a2a.{op}: {scales_name} is only for float8_e4m3fn x, x is {_dtype(x)}"
+        )
+
+
 def _check_bool_flag(value, name: str, op: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"fused_a2a.{op}: {name} must be a Python bool, got {value!r}")
@@ -326,22 +335,10 @@ def check_hybrid_dispatch(
                 f"fused_a2a.{op}: x is already float8_e4m3fn; fp8=True quantises bfloat16, "
                 "float16 or float32 rows (pass e4m3 rows with their scaling_factor, fp8=False)"
             )
-        if scaling_factor is None:
-            raise ValueError(
-                f"fused_a2a.{op}: x of dtype float8_e4m3fn needs scaling_factor [N, H/128] "
-                "float32 (its per 1x128 block scales)"
-            )
-        if h % FP8_BLOCK:
-            raise ValueError(
-                f"fused_a2a.{op}: FP8 rows need H % {FP8_BLOCK} == 0, got x shape {(n, h)}"
-            )
-        _check_f32(scaling_factor, "scaling_factor", op, (n, h // FP8_BLOCK), "[N, H/128]")
+        _check_fp8_rows(x, scaling_factor, "scaling_factor", op)
     else:
         _check_rows(x, "x", op)
-        if scaling_factor is not None:
-            raise ValueError(
-                f"fused_a2a.{op}: scaling_factor is only for float8_e4m3fn x, x is {_dtype(x)}"
-            )
+        _check_no_scales(x, scaling_factor, "scaling_factor", op)
         if fp8 and h % FP8_BLOCK:
             raise ValueError(
                 f"fused_a2a.{op}: fp8=True needs the hidden size H % {FP8_BLOCK} == 0 "
