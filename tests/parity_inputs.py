@@ -22,6 +22,19 @@ def make(rank: int, n: int, h: int, k: int, e: int, dtype_name: str, seed: int) 
     }
 
 
+def make_fp8(rank: int, n: int, h: int, k: int, e: int, seed: int) -> dict:
+    """FP8 rows of one rank: x [N,H] e4m3 (finite values: bits 0..126, as uint8), x_scales
+    [N,H/128] f32, topk_idx [N,K] int32 with -1 slots, topk_weights [N,K] f32."""
+    rng = np.random.default_rng([seed, rank, 8])
+    base = make(rank, n, h, k, e, "f32", seed)
+    return {
+        "x_bits": rng.integers(0, 0x7F, (n, h), dtype=np.uint8),
+        "x_scales": rng.random((n, h // 128)).astype(np.float32),
+        "topk_idx": base["topk_idx"],
+        "topk_weights": base["topk_weights"],
+    }
+
+
 def make_hybrid(rank: int, n: int, h: int, e: int, p: int, dtype_name: str, seed: int) -> dict:
     """HybridEP inputs of one rank: x [N,H] (dtype), routing_map [N,E] bool (2 experts per token,
     some tokens routed nowhere), probs [N,E] f32, and the upstream gradients of the loss

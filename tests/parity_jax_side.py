@@ -23,9 +23,43 @@ import parity_inputs  # noqa: E402
 import jax_fused_a2a as fa  # noqa: E402
 
 
+def _save(out_path, names, result) -> None:
+    arrays = {}
+    for name, value in zip(names, result, strict=True):
+        value = np.asarray(value)
+        if value.dtype.itemsize == 2 and value.dtype.kind not in "iuf":
+            value = value.view(np.uint16)  # bfloat16: npz stores it as raw void
+        for r, block in enumerate(np.split(value, G)):
+            arrays[f"{name}_{r}"] = block
+    np.savez(out_path, **arrays)
+
+
+def main_fp8(n, h, k, e, seed, out_path) -> None:
+    """FP8 rows (dtype "e4m3"): the forward outputs, e4m3 rows as their uint8 bits."""
+    per_rank = [parity_inputs.make_fp8(r, n, h, k, e, seed) for r in range(G)]
+    cat = {key: np.concatenate([p[key] for p in per_rank]) for key in per_rank[0]}
+    mesh = Mesh(np.array(jax.devices()[:G]), ("ep",))
+
+    def step(bits, scales, idx, w):
+        x = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+        d = fa.dispatch(x, idx, w, num_experts=e, axis_name="ep", x_scales=scales)
+        rows = jax.lax.bitcast_convert_type(d.recv_x, jnp.uint8)
+        return (rows, d.recv_x_scales, d.recv_topk_idx, d.recv_topk_weights, d.tokens_per_expert,
+                d.num_recv_tokens[None])  # fmt: skip
+
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    result = fn(cat["x_bits"], cat["x_scales"], cat["topk_idx"], cat["topk_weights"])
+    names = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
+             "tokens_per_expert", "num_recv")  # fmt: skip
+    _save(out_path, names, result)
+
+
 def main() -> None:
     _, _, n, h, k, e, dtype_name, seed, out_path = sys.argv
     n, h, k, e, seed = int(n), int(h), int(k), int(e), int(seed)
+    if dtype_name == "e4m3":
+        main_fp8(n, h, k, e, seed, out_path)
+        return
     per_rank = [parity_inputs.make(r, n, h, k, e, dtype_name, seed) for r in range(G)]
     cat = {key: np.concatenate([p[key] for p in per_rank]) for key in per_rank[0]}
     mesh = Mesh(np.array(jax.devices()[:G]), ("ep",))
@@ -59,14 +93,7 @@ def main() -> None:
         "dx",
         "dweights",
     )
-    arrays = {}
-    for name, value in zip(names, result, strict=True):
-        value = np.asarray(value)
-        if value.dtype.itemsize == 2 and value.dtype.kind not in "iuf":
-            value = value.view(np.uint16)  # bfloat16: npz stores it as raw void
-        for r, block in enumerate(np.split(value, G)):
-            arrays[f"{name}_{r}"] = block
-    np.savez(out_path, **arrays)
+    _save(out_path, names, result)
 
 
 if __name__ == "__main__":
