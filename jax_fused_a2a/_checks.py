@@ -214,9 +214,12 @@ def _pvary(x, axes):
 
 def unify_vma(axis_name: str, *xs):
     """Make every operand varying over the same manual axes (those of any operand, plus the EP
-    axis when check_vma is on), as the FFI call's type rule requires."""
-    target = frozenset().union(*(vma_of(x) for x in xs)) | vma_of(jax.lax.axis_index(axis_name))
-    return tuple(_pvary(x, target - vma_of(x)) for x in xs)
+    axis when check_vma is on), as the FFI call's type rule requires. None operands (absent
+    optional inputs) stay None."""
+    present = [x for x in xs if x is not None]
+    target = frozenset().union(*(vma_of(x) for x in present))
+    target |= vma_of(jax.lax.axis_index(axis_name))
+    return tuple(None if x is None else _pvary(x, target - vma_of(x)) for x in xs)
 
 
 def _other_axes(axis_name: str):

@@ -333,10 +333,8 @@ def hybrid_dispatch(
         x, routing_map, probs, scaling_factor, g, num_local_experts, num_permuted_tokens,
         pad_multiple, fp8, check,
     )  # fmt: skip
-    present = [a for a in (x, scaling_factor, routing_map, probs) if a is not None]
-    unified = iter(unify_vma(axis_name, *present))
-    x, scaling_factor, routing_map, probs = (
-        None if a is None else next(unified) for a in (x, scaling_factor, routing_map, probs)
+    x, scaling_factor, routing_map, probs = unify_vma(
+        axis_name, x, scaling_factor, routing_map, probs
     )
     cfg = _Cfg(axis_name, g, el, pad, rows, fp8, np.dtype(x.dtype), probs is not None)
     outs = _dispatch_vjp(cfg, x, scaling_factor, routing_map, probs)
@@ -381,9 +379,8 @@ def hybrid_combine(y, handle: HybridHandle, *, axis_name: str, probs=None):
     g = axis_size(axis_name, "hybrid_combine")
     el = check_hybrid_combine(y, handle, probs, g, HybridHandle)
     leaves, treedef = jax.tree.flatten(handle)
-    y, *rest = unify_vma(axis_name, y, *leaves, *(() if probs is None else (probs,)))
-    handle = jax.tree.unflatten(treedef, rest[: len(leaves)])
-    probs = None if probs is None else rest[-1]
+    y, probs, *leaves = unify_vma(axis_name, y, probs, *leaves)
+    handle = jax.tree.unflatten(treedef, leaves)
     cfg = _Cfg(
         axis_name, g, el, handle.pad_multiple, handle.num_permuted_tokens, False,
         np.dtype(y.dtype), probs is not None,

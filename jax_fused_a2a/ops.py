@@ -248,12 +248,7 @@ def dispatch(
     x, topk_idx, topk_weights, capacity = check_dispatch(
         x, topk_idx, topk_weights, num_experts, g, max_recv_tokens, x_scales
     )
-    if x_scales is None:
-        x, topk_idx, topk_weights = unify_vma(axis_name, x, topk_idx, topk_weights)
-    else:
-        x, x_scales, topk_idx, topk_weights = unify_vma(
-            axis_name, x, x_scales, topk_idx, topk_weights
-        )
+    x, x_scales, topk_idx, topk_weights = unify_vma(axis_name, x, x_scales, topk_idx, topk_weights)
     cfg = _Cfg(axis_name, int(num_experts), g, capacity, x_scales is not None)
     outs = _dispatch_vjp(cfg, x, x_scales, topk_idx, topk_weights)
     handle = _handle_of(topk_idx, outs)
