@@ -57,10 +57,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_dealt": _case(n=128, CLAIM="0"),
     "standard_cclaim": _case(COMBINE_CLAIM="1"),
     "decode_cclaim": _case(n=128, COMBINE_CLAIM="1"),
-    "standard_cdealt": _case(COMBINE_CLAIM="0"),
-    "standard_fp8": _case(fp8=True),  # issue 7: FP8 dispatch >= 1.25x DeepEP's FP8 figure
-    "decode_fp8": _case(n=128, fp8=True),  # the combine's default is claiming (session 8)
+    "standard_cdealt": _case(COMBINE_CLAIM="0"),  # the combine's default is claiming (session 8)
     "decode_cdealt": _case(n=128, COMBINE_CLAIM="0"),
+    "standard_fp8": _case(fp8=True),  # issue 7: FP8 dispatch >= 1.25x DeepEP's FP8 figure
+    "decode_fp8": _case(n=128, fp8=True),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

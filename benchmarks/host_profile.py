@@ -120,11 +120,12 @@ def _worker(rank, world, port, args, queue):
     result = {"device": str(device), "world": world, "tokens": args.tokens, "ops": {}}
     for name, fn in _ops(args, rank, world, device, group).items():
         host_us, wall_us = _time_calls(fn, args.calls, device, group)
-        profile = _profile(fn, args.calls, device, group, args.top)
         result["ops"][name] = {"host_us": round(host_us, 1), "wall_us": round(wall_us, 1)}
         if rank == 0:
             print(f"{name:24s} host {host_us:8.1f} us  wall {wall_us:8.1f} us", flush=True)
-            if args.profiles and not name.startswith("torch."):
+        if args.profiles and not name.startswith("torch."):  # every rank: the ops are collective
+            profile = _profile(fn, args.calls, device, group, args.top)
+            if rank == 0:
                 result["ops"][name]["profile"] = profile
                 print(profile, flush=True)
     if rank == 0:
