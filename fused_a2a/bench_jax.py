@@ -33,7 +33,7 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import DTYPES, Expected, same_bits
+from fused_a2a.routing import DTYPES, Expected, fp8_rows, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "a2a")
 
@@ -265,13 +265,10 @@ def _normal_fp8(b: Bench, exp: Expected, idx, w, h: int):
     import jax_fused_a2a as fa
 
     g, e, nsc = b.g, exp.e, h // 128
-    rng = np.random.default_rng(4321)
-    bits = [rng.integers(0, 0x7F, (exp.n, h), dtype=np.uint8) for _ in range(g)]  # finite e4m3
-    scales = [rng.random((exp.n, nsc), dtype=np.float32) for _ in range(g)]
-    padded = [np.pad(s, ((0, 0), (0, -nsc % 4))) for s in scales]
+    bits, scales, padded = zip(*(fp8_rows(exp.n, h, 4321 + r) for r in range(g)), strict=True)
     x8 = b.put([a.view(ml_dtypes.float8_e4m3fn) for a in bits])
     carried = b.put([a.astype(np.float32).astype(DTYPES["bf16"]) for a in bits])
-    s8, sp = b.put(scales), b.put(padded)
+    s8, sp = b.put(list(scales)), b.put(list(padded))
     kw = dict(num_experts=e, axis_name="ep")
 
     def check(x8, carried, s8, sp, idx, w):

@@ -20,7 +20,7 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import Expected, same_bits
+from fused_a2a.routing import Expected, fp8_rows, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "fused_normal_permute", "a2a", "deep_ep")
 
@@ -161,21 +161,15 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
 
 
 def _fp8_rows(ctx: Ctx, shape):
-    """(e4m3 rows of finite values, the same bytes as bf16 integers 0..126, 1x128 f32 scales, the
-    scales padded to 16-byte rows): FP8 dispatches are checked as data movement against the same
-    bytes carried exactly by a bf16 dispatch."""
+    """(e4m3 rows, the same bytes as bf16 integers, scales, padded scales) of this rank on its
+    device (routing.fp8_rows)."""
     import torch
 
-    (n, h), dev = shape, ctx.device
-    gen = torch.Generator().manual_seed(4321 + ctx.rank)
-    bits = torch.randint(0, 0x7F, (n, h), generator=gen, dtype=torch.uint8)  # finite e4m3
-    nsc = h // 128
-    scales = torch.rand(n, nsc, generator=gen)
-    padded = torch.zeros(n, -(-nsc // 4) * 4)
-    padded[:, :nsc] = scales
+    row_bits, scales, padded = (torch.from_numpy(a) for a in fp8_rows(*shape, 4321 + ctx.rank))
+    dev = ctx.device
     return (
-        bits.view(torch.float8_e4m3fn).to(dev),
-        bits.to(torch.bfloat16).to(dev),
+        row_bits.view(torch.float8_e4m3fn).to(dev),
+        row_bits.to(torch.bfloat16).to(dev),
         scales.to(dev),
         padded.to(dev),
     )

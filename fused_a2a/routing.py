@@ -52,6 +52,17 @@ def to_routing_map(topk_idx: np.ndarray, topk_weights: np.ndarray, num_experts: 
     return routing_map, probs
 
 
+def fp8_rows(n: int, h: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FP8 bench inputs of one rank, checked as data movement: (bits [n, h] uint8, finite e4m3
+    values 0..126, which a bf16 dispatch carries exactly as integers; scales [n, h/128] f32;
+    the scales padded with zeros to 16-byte rows, which an f32 dispatch can move)."""
+    rng = np.random.default_rng(seed)
+    nsc = h // 128
+    row_bits = rng.integers(0, 0x7F, (n, h), dtype=np.uint8)
+    scales = rng.random((n, nsc), dtype=np.float32)
+    return row_bits, scales, np.pad(scales, ((0, 0), (0, -nsc % 4)))
+
+
 def bits(a: np.ndarray) -> np.ndarray:
     """The raw bits of a float array (for exact comparison, -0.0 and NaN included)."""
     a = np.ascontiguousarray(a)
