@@ -395,6 +395,94 @@ def test_static_big_rows(rows):
             assert sum(d["num_dropped"] for d in disp) > 0
 
 
+def _rank_fp8(rank, world, cases):
+    """FP8 rows (e4m3 + 1x128 f32 scales, tests/reference.py's quantisation) through the static
+    dispatch op: rows, scales, indices, weights and counts."""
+    import torch
+    from torch_utils import to_numpy
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    out = {}
+    for name, (ns, h, k, e, cap, seed) in cases.items():
+        rng = np.random.default_rng([seed, rank])
+        n = ns[rank]
+        xq, xs = R.fp8_quantize(rng.standard_normal((n, h)).astype(np.float32))
+        x = torch.from_numpy(xq.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+        scales = torch.from_numpy(xs).cuda()
+        idx = np.stack([rng.permutation(e)[:k] for _ in range(n)]).reshape(n, k).astype(np.int64)
+        idx[rng.random((n, k)) < 0.1] = -1
+        w = rng.random((n, k)).astype(np.float32)
+        import torch.distributed as dist
+
+        buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+        rx, rsc, ridx, rw, _, _, tpe, stats, _ = torch.ops.fused_a2a.dispatch(
+            x,
+            scales,
+            torch.from_numpy(idx).cuda(),
+            torch.from_numpy(w).cuda(),
+            e,
+            buf.group_id,
+            buf.rank,
+            buf.num_ranks,
+            cap,
+            0,
+        )
+        out[name] = dict(
+            xq=xq.view(np.uint8),
+            xs=xs,
+            idx=idx,
+            w=w,
+            rx=to_numpy(rx.view(torch.uint8)),
+            rsc=to_numpy(rsc),
+            ridx=to_numpy(ridx),
+            rw=to_numpy(rw),
+            tpe=to_numpy(tpe),
+            stats=to_numpy(stats),
+        )
+    return out
+
+
+FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders copy own rows
+    "fp8_h7168_k8": ((700, 513, 3, 650), 7168, 8, 64, 2400, 11),
+    "fp8_h1024_k4_drop": ((600, 40, 0, 700), 1024, 4, 32, 500, 12),
+}
+
+
+@pytest.mark.parametrize("own", ["default", "recv", "split"])
+@pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
+def test_static_fp8_rows(rows, own):
+    """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows."""
+    g = 4 if gpu_count() >= 4 else 2
+    _need(g)
+    cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
+    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
+    if own != "default":
+        env["FUSED_A2A_CUDA_SELF"] = own
+    res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
+    e4m3 = np.dtype(R.E4M3)
+    for name, (_, _h, _k, e, cap, _) in cases.items():
+        per = [res[r][name] for r in range(g)]
+        xs = [(p["xq"].view(e4m3), p["xs"]) for p in per]
+        disp = R.dispatch(xs, [p["idx"] for p in per], [p["w"] for p in per], e, capacity=cap)
+        for r in range(g):
+            tag = f"{name} rank {r} rows={rows} own={own}"
+            rx, rsc = disp[r]["recv_x"]
+            assert_bitwise_equal(per[r]["rx"], rx.view(np.uint8), f"{tag} recv_x")
+            assert_bitwise_equal(per[r]["rsc"], rsc, f"{tag} recv scales")
+            assert_bitwise_equal(
+                per[r]["ridx"], disp[r]["recv_topk_idx"].astype(np.int32), f"{tag} idx"
+            )
+            assert_bitwise_equal(per[r]["rw"], disp[r]["recv_topk_weights"], f"{tag} w")
+            assert_bitwise_equal(
+                per[r]["tpe"], disp[r]["tokens_per_expert"].astype(np.int32), f"{tag} tpe"
+            )
+            assert list(per[r]["stats"][:2]) == [disp[r]["num_kept"], disp[r]["num_dropped"]], tag
+        if name.endswith("drop"):
+            assert sum(d["num_dropped"] for d in disp) > 0
+
+
 # ----------------------------------------------------------------------------- stress, graphs
 
 

@@ -234,6 +234,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.meta_words = (p.meta_real + 3) & ~3;
   p.x = static_cast<const uint8_t*>(a.x);
   p.x_scales = a.x_scales;
+  p.scales_vec = pr.nsc > 0 && pr.nsc % 4 == 0 &&
+                 reinterpret_cast<std::uintptr_t>(a.x_scales) % alignof(float4) == 0;
   p.topk_idx = a.topk_idx;
   p.topk_w = a.topk_weights;
   p.capacity = a.capacity;

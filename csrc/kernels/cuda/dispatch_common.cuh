@@ -30,6 +30,7 @@ struct DispatchParams {
   bool static_mode, idx64, tma;
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
+  bool scales_vec;  // x_scales rows load as float4 (nsc % 4 == 0, 16-byte aligned pointer)
   bool dst_major;
   bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
   int own_rows;      // who copies the own rows x -> recv_x: an OwnRows value
@@ -136,22 +137,58 @@ __device__ __forceinline__ void batched_words(int words, int lane, Load&& load, 
 }
 
 // The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), batched
-// (batched_words). emit(row, word index, value).
+// (batched_words); the words past meta_real (padding) are not emitted. emit(row, word index,
+// value). FP8 scales (p.scales_vec): 16-byte loads, the first batch issued before the other
+// words' loads so that both wait about one latency together (run 39: FP8 records as single words
+// cost 316K cycles a sender warp, twice bf16's).
 template <typename Emit>
 __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, int nb, int d,
                                            int lane, Emit&& emit) {
-  const int M = p.meta_words, words = nb * M;
+  const int head = p.scales_vec ? 1 + 2 * p.num_topk : p.meta_real;  // words a row, word by word
+  const int vpr = p.nsc / 4, vecs = p.scales_vec ? nb * vpr : 0;     // 16-byte scale loads
+  auto load_vec = [&](int i) {
+    const int row = min(i / max(vpr, 1), nb - 1);
+    const int t = __shfl_sync(0xffffffffu, token, row);
+    const float4* src =
+        reinterpret_cast<const float4*>(p.x_scales + static_cast<size_t>(t) * p.nsc);
+    return i < vecs ? __ldg(src + (i - row * vpr)) : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  auto emit_vec = [&](int i, const float4& v) {
+    const int row = i / vpr, w = head + 4 * (i - row * vpr);
+    emit(row, w, __float_as_uint(v.x));
+    emit(row, w + 1, __float_as_uint(v.y));
+    emit(row, w + 2, __float_as_uint(v.z));
+    emit(row, w + 3, __float_as_uint(v.w));
+  };
+  float4 first[kMetaBatch];
+  if (vecs > 0) {
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u) first[u] = load_vec(u * 32 + lane);
+  }
+  const int words = nb * head;
   batched_words(
       words, lane,
       [&](int i) {
-        const int row = min(i / M, nb - 1);
+        const int row = min(i / head, nb - 1);
         const int t = __shfl_sync(0xffffffffu, token, row);
-        return i < words ? meta_word(p, t, d, i - row * M) : 0u;
+        return i < words ? meta_word(p, t, d, i - row * head) : 0u;
       },
       [&](int i, uint32_t v) {
-        const int row = i / M;
-        emit(row, i - row * M, v);
+        const int row = i / head;
+        emit(row, i - row * head, v);
       });
+  if (vecs == 0) return;
+#pragma unroll
+  for (int u = 0; u < kMetaBatch; ++u)
+    if (u * 32 + lane < vecs) emit_vec(u * 32 + lane, first[u]);
+  for (int i0 = 32 * kMetaBatch; i0 < vecs; i0 += 32 * kMetaBatch) {
+    float4 v[kMetaBatch];
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u) v[u] = load_vec(i0 + u * 32 + lane);
+#pragma unroll
+    for (int u = 0; u < kMetaBatch; ++u)
+      if (i0 + u * 32 + lane < vecs) emit_vec(i0 + u * 32 + lane, v[u]);
+  }
 }
 
 // The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared

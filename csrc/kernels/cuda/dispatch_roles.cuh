@@ -6,6 +6,32 @@
 
 namespace fa2a::cuda::dispatch_impl {
 
+// The metadata of own rows list[0, n) straight into the outputs of recv_x rows [P0, P0 + n).
+__device__ __forceinline__ void own_chunk_meta(const DispatchParams& p, const int* list,
+                                               long long P0, int n, int lane, int* s_hist) {
+  for (int b = 0; b < n; b += 32) {
+    const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+    meta_words(p, token, min(32, n - b), p.rank, lane,
+               [&](int row, int w, uint32_t v) { scatter_meta(p, P0 + b + row, w, v, s_hist); });
+  }
+}
+
+// Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included,
+// by the warp's lanes (no bulk copies).
+__device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
+                                               int n, int lane, int* s_hist) {
+  const size_t rb = p.row_bytes;
+  const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
+  for (int b = 0; b < n; b += 32) {
+    const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+    for (int i = 0; i < min(32, n - b); ++i) {
+      const int t = __shfl_sync(0xffffffffu, token, i);
+      warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+    }
+  }
+  own_chunk_meta(p, list, P0, n, lane, s_hist);
+}
+
 // Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
 // Interleaved order (default): the destination innermost, so the warps write to every peer at
 // once and chunk c of every source reaches a receiver at about the same time. Destination-major
@@ -46,16 +72,27 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       const long long j0 = c * self_cr;
       if (k != 0 || j0 >= sh.dkept[r] || !own_chunk_by_senders(p.own_rows, c)) return;
       const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
-      for (int i = 0; i < n; ++i) {
-        const int t = __ldg(p.send_list + static_cast<size_t>(r) * N + j0 + i);
-        const long long P = sh.poff[r] + j0 + i;
-        if (p.tma) {
-          if (lane == 0) pipe.push_span(p.recv_x + P * rb, p.x + t * rb, rb);
-        } else {
-          warp_copy_ro(p.recv_x + P * rb, p.x + t * rb, rb, lane);
-        }
-        for (int w = lane; w < M; w += 32) scatter_meta(p, P, w, meta_word(p, t, r, w), s_hist);
+      const long long P0 = sh.poff[r] + j0;
+      if (!p.tma) {
+        copy_own_chunk(p, j0, P0, n, lane, s_hist);
+        return;
       }
+      // As a remote chunk: the records in batches (one load latency per batch, not two a row:
+      // run 39's untraced ~340K cycles a sender warp were these rows), then lane 0 pushes the
+      // rows back to back.
+      const int* list = p.send_list + static_cast<size_t>(r) * N + j0;
+      long long t_phase = WarpTrace::now();
+      own_chunk_meta(p, list, P0, n, lane, s_hist);
+      tr.add(2, t_phase);
+      if (lane == 0) {
+        t_phase = WarpTrace::now();
+        for (int i = 0; i < n; ++i) {
+          const size_t t = __ldg(list + i);  // an L1 hit: own_chunk_meta loaded the list
+          pipe.push_span(p.recv_x + (P0 + i) * rb, p.x + t * rb, rb);
+        }
+        tr.add(3, t_phase);
+      }
+      __syncwarp();
       return;
     }
     const int cr = sh.dcr[d];
@@ -154,23 +191,6 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   tr.add(5, t_drain);
   tr.stamp(6, sh.t0);
   tr.flush(p, warp, lane);
-}
-
-// Own rows [j0, j0 + n) of this rank's send list -> recv_x rows [P0, P0 + n), metadata included.
-__device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long long j0, long long P0,
-                                               int n, int lane, int* s_hist) {
-  const size_t rb = p.row_bytes;
-  const int* list = p.send_list + static_cast<size_t>(p.rank) * p.num_tokens + j0;
-  for (int b = 0; b < n; b += 32) {
-    const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
-    const int nb = min(32, n - b);
-    for (int i = 0; i < nb; ++i) {
-      const int t = __shfl_sync(0xffffffffu, token, i);
-      warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
-    }
-    meta_words(p, token, nb, p.rank, lane,
-               [&](int row, int w, uint32_t v) { scatter_meta(p, P0 + b + row, w, v, s_hist); });
-  }
 }
 
 template <int kCopyUnroll>
