@@ -411,7 +411,7 @@ def _rank_fp8(rank, world, cases):
         xq, xs = R.fp8_quantize(rng.standard_normal((n, h)).astype(np.float32))
         x = torch.from_numpy(xq.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
         scales = torch.from_numpy(xs).cuda()
-        idx = np.stack([rng.permutation(e)[:k] for _ in range(n)]).reshape(n, k).astype(np.int64)
+        idx = np.array([rng.permutation(e)[:k] for _ in range(n)], np.int64).reshape(n, k)
         idx[rng.random((n, k)) < 0.1] = -1
         w = rng.random((n, k)).astype(np.float32)
         import torch.distributed as dist
