@@ -60,9 +60,6 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_cdealt": _case(COMBINE_CLAIM="0"),  # the combine's default is claiming (session 8)
     "decode_cdealt": _case(n=128, COMBINE_CLAIM="0"),
     "standard_fp8": _case(fp8=True),  # issue 7: FP8 dispatch >= 1.25x DeepEP's FP8 figure
-    # The senders prefetch the next item's records into L2 (default; session 9) or not
-    "standard_nopf": _case(META_PREFETCH="0"),
-    "standard_fp8_nopf": _case(fp8=True, META_PREFETCH="0"),
     "decode_fp8": _case(n=128, fp8=True),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512

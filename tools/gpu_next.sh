@@ -153,15 +153,15 @@ case "${PART:-tests}" in
       bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |nccl"
     rm -f "$OUT"/*.log "$OUT/build.log"  # 8 files come back at most
     ;;
-  s9b)  # session 9: the senders' own rows batched, FP8 16-byte scale loads (371758c), the
-    # records' inputs prefetched (META_PREFETCH): tests, bench A/B, traces
+  s9b)  # session 9: the senders' own rows batched, FP8 16-byte scale loads (371758c): tests,
+    # bench, traces
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
       PYTEST_K="${S9B_K:-fp8_rows or big_rows or (torch_gpu_matches and (senders or split or dealt)) or jax_gpu_suite or same_bits or cuda_graph}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_nopf,standard_fp8,standard_fp8_nopf,decode,decode_fp8} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopf,standard_fp8} timeout 200 bash tools/gpu_check.sh \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,decode,decode_fp8} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8} timeout 200 bash tools/gpu_check.sh \
       | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 200 bash tools/gpu_diag_trace.sh

@@ -32,9 +32,8 @@ struct DispatchParams {
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool scales_vec;  // x_scales rows load as float4 (nsc % 4 == 0, 16-byte aligned pointer)
   bool dst_major;
-  bool claim_items;    // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
-  bool meta_prefetch;  // senders prefetch the next item's records (FUSED_A2A_CUDA_META_PREFETCH)
-  int own_rows;        // who copies the own rows x -> recv_x: an OwnRows value
+  bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
+  int own_rows;      // who copies the own rows x -> recv_x: an OwnRows value
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -203,23 +202,6 @@ __device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const 
     meta_words(p, token, nb, d, lane,
                [&](int row, int w, uint32_t v) { out[(b + row) * M + w] = v; });
   }
-}
-
-// Brings [p, p + bytes) into L2, kept there in preference to the streaming rows.
-__device__ __forceinline__ void prefetch_l2(const void* ptr, size_t bytes) {
-  const char* c = static_cast<const char*>(ptr);
-  for (size_t off = 0; off < bytes; off += 128)
-    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(c + off));
-  if (bytes) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(c + bytes - 1));
-}
-
-// The inputs that the records of token t read (meta_word): its topk_idx, topk_weights and scale
-// rows, into L2.
-__device__ __forceinline__ void prefetch_token_inputs(const DispatchParams& p, int t) {
-  const size_t K = static_cast<size_t>(p.num_topk), ib = p.idx64 ? 8 : 4;
-  prefetch_l2(static_cast<const uint8_t*>(p.topk_idx) + t * K * ib, K * ib);
-  if (p.topk_w) prefetch_l2(p.topk_w + t * K, K * 4);
-  if (p.nsc) prefetch_l2(p.x_scales + static_cast<size_t>(t) * p.nsc, p.nsc * 4u);
 }
 
 // Writes metadata word w of received row P into the outputs.

@@ -66,30 +66,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const int self_cr = sh.cr_recv;
   int chunks_done = 0;
   bool ok = true;
-  // The send-list rows [j0, j0 + n) of chunk c of destination d in round k (n = 0: none).
-  auto chunk_rows = [&](long long k, int d, long long c, long long& j0) -> int {
-    if (d == r) {
-      j0 = c * self_cr;
-      if (k != 0 || j0 >= sh.dkept[r] || !own_chunk_by_senders(p.own_rows, c)) return 0;
-      return static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
-    }
-    const int cr = sh.dcr[d];
-    const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
-    j0 = sg.lo + c * cr;
-    return j0 < sg.hi ? static_cast<int>(min(static_cast<long long>(cr), sg.hi - j0)) : 0;
-  };
-  // While lane 0 pushes this item's rows, lanes 1-31 bring the records' inputs of the next item
-  // (claimed ahead: dn, cn; dn < 0 if none in this round) into L2, so that staging them waits an
-  // L2 latency instead of a loaded HBM one (runs 39-40: ~4K cycles a batch, 3 a chunk).
-  auto prefetch_next = [&](long long k, int dn, long long cn) {
-    if (!p.meta_prefetch || dn < 0 || lane == 0) return;
-    long long j0 = 0;
-    const int n = chunk_rows(k, dn, cn, j0);
-    if (lane - 1 < n)
-      prefetch_token_inputs(p, __ldg(p.send_list + static_cast<size_t>(dn) * N + j0 + lane - 1));
-  };
   // One item of this warp: chunk c of destination d in round k (if it exists).
-  auto item = [&](long long k, int d, long long c, int dn, long long cn) {
+  auto item = [&](long long k, int d, long long c) {
     if (d == r) {  // own rows (the chunks the senders copy): straight to recv_x, round 0
       const long long j0 = c * self_cr;
       if (k != 0 || j0 >= sh.dkept[r] || !own_chunk_by_senders(p.own_rows, c)) return;
@@ -113,8 +91,6 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
           pipe.push_span(p.recv_x + (P0 + i) * rb, p.x + t * rb, rb);
         }
         tr.add(3, t_phase);
-      } else {
-        prefetch_next(k, dn, cn);
       }
       __syncwarp();
       return;
@@ -170,8 +146,6 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         pipe.end_chunk(flag, v);
         tr.add(4, t_phase);
         tr.count(7);
-      } else {
-        prefetch_next(k, dn, cn);
       }
       __syncwarp();
       ++chunks_done;
@@ -204,14 +178,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     // an item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
     const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
-    while (q - round_base < rect && ok) {
-      // The next item is claimed before this one runs, so its records can be prefetched.
-      const long long qn = next_item(p.claim_items, claim_counter, q, nsw, lane);
+    for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
       const RectItem it = rect_item(q - round_base, maxc, cols, p.dst_major);
-      RectItem nx{0, -1};
-      if (qn - round_base < rect) nx = rect_item(qn - round_base, maxc, cols, p.dst_major);
-      item(k, (r + 1 + it.col) % G, it.chunk, nx.col < 0 ? -1 : (r + 1 + nx.col) % G, nx.chunk);
-      q = qn;
+      item(k, (r + 1 + it.col) % G, it.chunk);
     }
     round_base += rect;
   }

@@ -312,8 +312,6 @@ int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
-bool meta_prefetch_env() { return env_int("FUSED_A2A_CUDA_META_PREFETCH", 1) != 0; }
-
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 

@@ -123,7 +123,6 @@ bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
 bool claim_items_env();      // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
-bool meta_prefetch_env();    // FUSED_A2A_CUDA_META_PREFETCH (default 1): dispatch_roles.cuh
 bool combine_claim_env();    // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
