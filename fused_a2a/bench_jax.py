@@ -15,12 +15,14 @@ Timing: each op runs R times in a loop inside one jitted shard_map (every call d
 previous one, so nothing is hoisted); the time per op is (T(1 + iters) - T(1)) / iters with T the
 median wall time of `reps` calls, which cancels the host overhead of a call and the set-up (e.g.
 the forward pass whose VJP a backward loop replays). When that difference is lost in the noise
-(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). On GPUs the JAX
-figures moved by about +-60 us between calls (session 7), unlike torch's: likely the while loop,
-whose every iteration can wait on the host for its condition, so that each call also pays the
-devices' start skew. FUSED_A2A_BENCH_JAX_UNROLL=k chains k calls per iteration (R x k calls, time
-divided by k) to hide it, if XLA keeps the k calls apart: on CPU it merges them once the
-optimization barriers that chain them are gone (tools/hlo_loop_check.py --calls k checks).
+(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). Each loop count is
+its own compiled program (Bench.smap), so XLA knows the trip count: up to session 9 the count was
+a runtime operand, and XLA:GPU then synchronises the stream on the host to test the condition of
+every iteration, so each call also paid a host round trip and the devices' start skew (the JAX
+figures moved by 60-95 us between runs, sessions 7-9). FUSED_A2A_BENCH_JAX_UNROLL=k chains k calls
+per iteration (R x k calls, time divided by k), if XLA keeps the k calls apart: it does not (on CPU
+and, in session 9's run 42, on GPU it drops them once the optimization barriers that chain them
+are gone; tools/hlo_loop_check.py --calls k checks).
 """
 
 from __future__ import annotations
@@ -71,27 +73,52 @@ class Bench:
         return np.split(a, self.g, axis=0)
 
     def smap(self, fn, n_args: int, loop: bool = False):
-        """jit(shard_map(fn)) with every argument split over the EP axis (a leading loop count,
-        if `loop`, replicated)."""
+        """jit(shard_map(fn)) with every argument split over the EP axis. With `loop`, fn's first
+        argument is the loop count, a Python int: prog(count, *args) compiles one program per
+        count, so that XLA knows each loop's trip count. A while loop whose count is a runtime
+        value makes XLA:GPU copy the condition to the host and synchronise the stream on every
+        iteration (WhileThunk); a known trip count runs the body that many times without.
+        FUSED_A2A_BENCH_JAX_COUNT=runtime passes the count as an operand instead (the A/B)."""
+        import functools
+        import os
+
         import jax
+        import jax.numpy as jnp
         from jax.sharding import PartitionSpec as P
 
-        specs = ((P(),) if loop else ()) + (P("ep"),) * n_args
-        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=P("ep")))
+        specs = (P("ep"),) * n_args
+
+        def compiled(f):
+            return jax.jit(jax.shard_map(f, mesh=self.mesh, in_specs=specs, out_specs=P("ep")))
+
+        if not loop:
+            return compiled(fn)
+        if os.environ.get("FUSED_A2A_BENCH_JAX_COUNT") == "runtime":  # the A/B: as up to session 9
+            looped = jax.jit(
+                jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) + specs, out_specs=P("ep"))
+            )
+            return lambda count, *args: looped(jnp.asarray(count, jnp.int32), *args)
+        programs = {}
+
+        def prog(count: int, *args):
+            if count not in programs:
+                programs[count] = compiled(functools.partial(fn, count))
+            return programs[count](*args)
+
+        prog.programs = programs  # count -> jitted program (tests read their HLO)
+        return prog
 
     def time_loop(self, prog, args) -> tuple[float, float]:
         """(device_us, host_us): microseconds per iteration of a looped program prog(R, *args),
         and what a one-iteration call costs beyond that iteration (dispatching the jitted call,
         its launches and the wait for its result)."""
         import jax
-        import jax.numpy as jnp
 
         iters, reps = self.spec["iters"], self.spec["reps"]
         if iters <= 0:  # check: correctness only
             return 0.0, 0.0
 
-        def wall(r):
-            count = jnp.asarray(r, jnp.int32)
+        def wall(count):
             jax.block_until_ready(prog(count, *args))  # compile / warm up
             times = []
             for _ in range(reps):
