@@ -110,6 +110,13 @@ for _sw, _rw, _kb, _cr in (
     CASES[f"tune_s{_sw}_r{_rw}_kb{_kb}_cr{_cr}"] = _case(
         SEND_WARPS=str(_sw), RECV_WARPS=str(_rw), STAGE_KB=str(_kb), CHUNK_ROWS=str(_cr)
     )
+# Loads ahead of the stores in the senders' bulk-copy rings (FUSED_A2A_CUDA_LOADS_AHEAD, session 9):
+# FP8 rows (7 KB, 7 stages a warp) keep 5 loads and 2 stores in flight by default, half the
+# store bytes of bf16 rows (14 KB, 3 stages); 7 KB stages for bf16 likewise (run 34: 593 vs 582 us).
+for _a in (1, 2, 3):
+    CASES[f"standard_fp8_a{_a}"] = _case(fp8=True, LOADS_AHEAD=str(_a))
+    CASES[f"standard_kb7_a{_a}"] = _case(STAGE_KB="7", LOADS_AHEAD=str(_a))
+CASES["standard_kb7"] = _case(STAGE_KB="7")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

@@ -450,15 +450,19 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 }
 
 
-@pytest.mark.parametrize("own", ["default", "recv", "split"])
+@pytest.mark.parametrize("own", ["default", "recv", "split", "loads_ahead2"])
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
-    """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows."""
+    """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows;
+    "loads_ahead2": the senders' rings (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores
+    in flight (FUSED_A2A_CUDA_LOADS_AHEAD)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
     env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
-    if own != "default":
+    if own == "loads_ahead2":
+        env["FUSED_A2A_CUDA_LOADS_AHEAD"] = "2"
+    elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
     e4m3 = np.dtype(R.E4M3)
@@ -553,6 +557,11 @@ DETERMINISM_CONFIGS = (
     (2, 3, {"FUSED_A2A_CUDA_CLAIM": "0"}),
     (2, 3, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "0"}),
     (16, 8, {"FUSED_A2A_CUDA_COMBINE_CLAIM": "0", "FUSED_A2A_CUDA_CLAIM": "0"}),
+    # The bulk-copy rings (16 stages of these 512-byte rows) with 1-3 loads ahead of their
+    # stores instead of 14, i.e. 13-15 stores in flight, also with the senders copying own rows.
+    (24, 8, {"FUSED_A2A_CUDA_LOADS_AHEAD": "1", "FUSED_A2A_CUDA_STAGE_KB": "1"}),
+    (16, 2, {"FUSED_A2A_CUDA_LOADS_AHEAD": "2", **OWN_ROWS["senders"]}),
+    (8, 1, {"FUSED_A2A_CUDA_LOADS_AHEAD": "3", "FUSED_A2A_CUDA_STAGE_KB": "2"}),
 )
 
 

@@ -177,5 +177,17 @@ case "${PART:-tests}" in
     TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 200 bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"  # tests.log stays (8 files back at most)
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop, s8, s9 or s9b" >&2; exit 2 ;;
+  s10)  # session 10: the senders' rings with fewer loads ahead of their stores (LOADS_AHEAD):
+    # its GPU tests, then the A/B (NOTES, next steps after session 9, 1a)
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
+      PYTEST_K="${S10_K:-fp8_rows or same_bits or (torch_gpu_matches and senders)}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_a1,standard_fp8_a2,standard_fp8_a3,standard_kb7,standard_kb7_a1,standard_kb7_a2,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8,standard_fp8_a2,standard_kb7_a1} \
+      timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop, s8, s9, s9b or s10" >&2; exit 2 ;;
 esac

@@ -47,6 +47,7 @@ struct CombineParams {
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
   bool flag_fence_sc;
+  int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
 };
 
 struct Shared {
@@ -101,7 +102,8 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
   if (p.tma && lane == 0) {
-    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc);
+    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc,
+              p.loads_ahead);
   }
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
@@ -520,6 +522,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.loads_ahead = cfg.loads_ahead;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));

@@ -301,6 +301,24 @@ __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
 }
 
+// bulk_wait_read<N> for a run-time N (0..kMaxStages - 1; larger waits for every group).
+__device__ __forceinline__ void bulk_wait_read_upto(uint32_t n) {
+  switch (n) {
+      // clang-format off
+    case 1: bulk_wait_read<1>(); break;   case 2: bulk_wait_read<2>(); break;
+    case 3: bulk_wait_read<3>(); break;   case 4: bulk_wait_read<4>(); break;
+    case 5: bulk_wait_read<5>(); break;   case 6: bulk_wait_read<6>(); break;
+    case 7: bulk_wait_read<7>(); break;   case 8: bulk_wait_read<8>(); break;
+    case 9: bulk_wait_read<9>(); break;   case 10: bulk_wait_read<10>(); break;
+    case 11: bulk_wait_read<11>(); break; case 12: bulk_wait_read<12>(); break;
+    case 13: bulk_wait_read<13>(); break; case 14: bulk_wait_read<14>(); break;
+    // clang-format on
+    default:
+      bulk_wait_read<0>();
+      break;
+  }
+}
+
 template <int N>
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
@@ -325,8 +343,10 @@ constexpr int kMaxThreads = 512;  // threads of a communication block (send + re
 constexpr uint32_t kFlagLag = 4;  // store groups issued after a chunk before its flag is released
 
 // One warp's ring of S shared-memory stages; only lane 0 calls its methods. Piece n is loaded
-// into stage n % S; its store is issued when piece n + S - 2 is pushed, so S - 2 loads and up to
-// two stores are in flight. Requires S >= 3.
+// into stage n % S; its store is issued when piece n + A is pushed (A loads ahead, 1 <= A <= S - 2;
+// default S - 2), so A loads and up to S - A stores are in flight. Requires S >= 3. The store
+// bytes in flight bound a warp's NVLink rate: 2 x 14 KB for bf16 rows at H = 7168 (S = 3), but
+// only 2 x 7 KB for FP8 rows (S = 7) unless A is lowered (FUSED_A2A_CUDA_LOADS_AHEAD).
 // Staged stores (metadata the warp wrote to shared memory) are separate bulk groups issued at
 // once, without waiting for the loads in flight, so a chunk end never drains the ring.
 // A finished chunk's flag is released kFlagLag store groups after the chunk's last group (once
@@ -342,6 +362,7 @@ struct TmaPipe {
   uint32_t* lens;  // S lengths (shared memory)
   uint32_t stage_bytes;
   uint32_t stages;
+  uint32_t lead;                  // loads ahead of the stores (A)
   uint32_t n;                     // pieces pushed (loads issued)
   uint32_t stored;                // pieces whose store was issued
   uint32_t groups;                // bulk store groups committed (piece stores and staged stores)
@@ -353,7 +374,8 @@ struct TmaPipe {
   bool sys_fence;        // a fence.sc.sys before each flag (FUSED_A2A_CUDA_FLAG_FENCE=sc)
 
   // base: tma_pipe_bytes(sb, S) bytes of shared memory, 128-byte aligned (sb a multiple of 16).
-  __device__ void init(uint8_t* base, uint32_t sb, uint32_t S, bool fence_sc) {
+  // loads_ahead: A (0 or out of range: S - 2).
+  __device__ void init(uint8_t* base, uint32_t sb, uint32_t S, bool fence_sc, int loads_ahead) {
     const size_t data = static_cast<size_t>(S) * sb;
     smem = base;
     bars = reinterpret_cast<uint64_t*>(base + data);
@@ -361,6 +383,7 @@ struct TmaPipe {
     lens = reinterpret_cast<uint32_t*>(base + data + 16 * S);
     stage_bytes = sb;
     stages = S;
+    lead = loads_ahead >= 1 && static_cast<uint32_t>(loads_ahead) <= S - 2 ? loads_ahead : S - 2;
     n = 0;
     stored = 0;
     groups = 0;
@@ -409,17 +432,18 @@ struct TmaPipe {
   __device__ __forceinline__ void push(void* dst, const void* src, uint32_t bytes) {
     const uint32_t s = n % stages;
     if (n >= stages) {
-      // Stage s held piece n - S, stored at push(n - 2) (or earlier), and piece n - S + 1 was
-      // stored after it: only newer groups than that one may still read shared memory.
+      // Stage s held piece n - S, stored at push(n - S + A) or earlier; the S - A - 1 pieces
+      // after it up to n - A - 1 were stored after it: only groups newer than those may still
+      // read shared memory when piece n - S's has.
       while (stored + stages <= n) store_one();
-      bulk_wait_read<1>();
+      bulk_wait_read_upto(stages - lead - 1);
     }
     dsts[s] = reinterpret_cast<uint8_t*>(dst);
     lens[s] = bytes;
     mbar_expect_tx(&bars[s], bytes);
     bulk_load(smem + static_cast<size_t>(s) * stage_bytes, src, bytes, &bars[s]);
     ++n;
-    while (stored + (stages - 2) < n) store_one();
+    while (stored + lead < n) store_one();
   }
 
   // Pushes a contiguous span as pieces of at most stage_bytes.

@@ -292,6 +292,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,

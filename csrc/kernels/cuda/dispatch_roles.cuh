@@ -55,7 +55,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
   if (p.tma && lane == 0) {
-    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc);
+    pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc,
+              p.loads_ahead);
   }
   __syncwarp();
   long long nrounds = 1;

@@ -108,6 +108,8 @@ struct LaunchConfig {
   // A fence.sc.sys before each chunk flag besides the release store (FUSED_A2A_CUDA_FLAG_FENCE:
   // "sc", the default, or "release").
   bool flag_fence_sc = true;
+  int loads_ahead =
+      0;  // TmaPipe's loads ahead of its stores (FUSED_A2A_CUDA_LOADS_AHEAD; 0: S - 2)
 };
 // Blocks of a communication kernel: num_sms (0: 24; FUSED_A2A_CUDA_BLOCKS overrides), at most
 // the device's SMs.
