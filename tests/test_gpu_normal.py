@@ -356,6 +356,15 @@ def _rank_static(rank, world, cases):
     return out
 
 
+def _check_static_dispatch(got, want, tag):
+    """A static dispatch's indices, weights, tokens per expert and kept / dropped counts (one rank)
+    against the reference's."""
+    assert_bitwise_equal(got["ridx"], want["recv_topk_idx"].astype(np.int32), f"{tag} idx")
+    assert_bitwise_equal(got["rw"], want["recv_topk_weights"], f"{tag} w")
+    assert_bitwise_equal(got["tpe"], want["tokens_per_expert"].astype(np.int32), f"{tag} tpe")
+    assert list(got["stats"][:2]) == [want["num_kept"], want["num_dropped"]], tag
+
+
 STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
     "h7168_k8_exact": ((300, 257, 1, 300), 7168, 8, 64, 1200, 1),
     "h7168_k8_drop": ((300, 257, 1, 300), 7168, 8, 64, 350, 2),
@@ -381,14 +390,7 @@ def test_static_big_rows(rows):
         for r in range(g):
             tag = f"{name} rank {r} rows={rows}"
             assert_bitwise_equal(per[r]["rx"], disp[r]["recv_x"], f"{tag} recv_x")
-            assert_bitwise_equal(
-                per[r]["ridx"], disp[r]["recv_topk_idx"].astype(np.int32), f"{tag} idx"
-            )
-            assert_bitwise_equal(per[r]["rw"], disp[r]["recv_topk_weights"], f"{tag} w")
-            assert_bitwise_equal(
-                per[r]["tpe"], disp[r]["tokens_per_expert"].astype(np.int32), f"{tag} tpe"
-            )
-            assert list(per[r]["stats"][:2]) == [disp[r]["num_kept"], disp[r]["num_dropped"]], tag
+            _check_static_dispatch(per[r], disp[r], tag)
             assert_bitwise_equal(per[r]["out"], outs[r], f"{tag} out")
             assert_bitwise_equal(per[r]["ow"], ows[r], f"{tag} out weights")
         if name.endswith("drop"):
@@ -475,14 +477,7 @@ def test_static_fp8_rows(rows, own):
             rx, rsc = disp[r]["recv_x"]
             assert_bitwise_equal(per[r]["rx"], rx.view(np.uint8), f"{tag} recv_x")
             assert_bitwise_equal(per[r]["rsc"], rsc, f"{tag} recv scales")
-            assert_bitwise_equal(
-                per[r]["ridx"], disp[r]["recv_topk_idx"].astype(np.int32), f"{tag} idx"
-            )
-            assert_bitwise_equal(per[r]["rw"], disp[r]["recv_topk_weights"], f"{tag} w")
-            assert_bitwise_equal(
-                per[r]["tpe"], disp[r]["tokens_per_expert"].astype(np.int32), f"{tag} tpe"
-            )
-            assert list(per[r]["stats"][:2]) == [disp[r]["num_kept"], disp[r]["num_dropped"]], tag
+            _check_static_dispatch(per[r], disp[r], tag)
         if name.endswith("drop"):
             assert sum(d["num_dropped"] for d in disp) > 0
 
