@@ -353,7 +353,7 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
           float v = 0.0f;
           if (p.owner_only) {
             const long long ex = load_idx(p.topk_idx, p.idx64, t * K + kk);
-            const int o = (ex >= 0 && ex < p.num_experts) ? static_cast<int>(ex / p.lpr) : -1;
+            const int o = owner_of(ex, p.num_experts, p.lpr);
             const bool have = o >= 0 && ((valid_bits[o >> 5] >> (o & 31)) & 1u);
             if (have && wsrc[o]) v = __ldcg(wsrc[o] + kk);
           } else {

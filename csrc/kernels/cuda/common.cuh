@@ -577,6 +577,13 @@ __device__ inline bool warp_wait_flag(const unsigned long long* flag, unsigned l
   return ok != 0;
 }
 
+// Rank of expert e, or -1 for "no expert" (-1 and, defensively, anything out of range). 32-bit
+// division: e < num_experts fits an int, and a 64-bit division is a long subroutine (it ran once
+// per metadata word in the dispatch's senders).
+__device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
+  return (e >= 0 && e < num_experts) ? static_cast<int>(e) / lpr : -1;
+}
+
 // Index loads (int32 or int64 topk_idx).
 __device__ __forceinline__ long long load_idx(const void* p, bool idx64, long long i) {
   return idx64 ? __ldg(reinterpret_cast<const long long*>(p) + i)

@@ -95,10 +95,6 @@ __host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool 
   return l;
 }
 
-__device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
-  return (e >= 0 && e < num_experts) ? static_cast<int>(e / lpr) : -1;
-}
-
 // Metadata word w of token t as sent to rank d: [src token][K local idx][K weights][scales].
 __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, int d, int w) {
   const int K = p.num_topk;

@@ -11,12 +11,6 @@ namespace {
 
 constexpr int kScanThreads = 512;
 
-// Rank of expert e, or -1 for "no expert" (-1 and, defensively, anything out of range).
-__device__ __forceinline__ int owner_of(long long e, int num_experts, int lpr) {
-  // 32-bit division: e < num_experts fits an int (64-bit division is a long subroutine).
-  return (e >= 0 && e < num_experts) ? static_cast<int>(e) / lpr : -1;
-}
-
 __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_tokens, int num_topk,
                               int num_experts, int num_ranks, int32_t* per_rank,
                               int32_t* per_expert, uint8_t* in_rank) {
