@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   const size_t per_warp = (tma_pipe_bytes(a.stage_bytes, a.stages) + 255) & ~size_t(127);
   uint8_t* base = smem + per_warp * warp;
   TmaPipe pipe;
-  if (a.tma && lane == 0) pipe.init(base, a.stage_bytes, a.stages, false);
+  if (a.tma && lane == 0) pipe.init(base, a.stage_bytes, a.stages, false, 0);  // S - 2 loads ahead
   __syncwarp();
   const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;
   const size_t items = chunks * a.npeers;
