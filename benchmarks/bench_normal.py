@@ -117,6 +117,11 @@ for _a in (1, 2, 3):
     CASES[f"standard_fp8_a{_a}"] = _case(fp8=True, LOADS_AHEAD=str(_a))
     CASES[f"standard_kb7_a{_a}"] = _case(STAGE_KB="7", LOADS_AHEAD=str(_a))
 CASES["standard_kb7"] = _case(STAGE_KB="7")
+# The receivers copy a chunk in row slices, several warps a chunk (FUSED_A2A_CUDA_RECV_ROWS,
+# session 9): the copy after the last flag was one warp's (run 41: 33-48 us a chunk).
+for _rr in (1, 2, 4):
+    CASES[f"standard_rr{_rr}"] = _case(RECV_ROWS=str(_rr))
+CASES["decode_rr1"] = _case(n=128, RECV_ROWS="1")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

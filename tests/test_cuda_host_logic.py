@@ -5,6 +5,8 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
   of a round once, each warp the round-robin share of the chunk- or column-major order.
 - own_rows_check.cu: who copies the dispatch's own rows (senders, receivers, or split chunk by
   chunk): every own chunk by exactly one role.
+- recv_slices_check.cu: the dispatch receivers' row slices of a chunk (FUSED_A2A_CUDA_RECV_ROWS)
+  cover every row of a stream exactly once, each inside its chunk.
 
 Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
 against the kernel headers (a header change broke it once, unnoticed until a GPU run).
@@ -48,7 +50,7 @@ def _build(source, exe):
     assert build.returncode == 0, build.stdout + build.stderr
 
 
-@pytest.mark.parametrize("program", ["rect_items_check", "own_rows_check"])
+@pytest.mark.parametrize("program", ["rect_items_check", "own_rows_check", "recv_slices_check"])
 def test_cuda_host_program(program, tmp_path):
     exe = tmp_path / program
     _build(os.path.join(HERE, "cuda_host", program + ".cu"), exe)

@@ -557,6 +557,11 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_LOADS_AHEAD": "1", "FUSED_A2A_CUDA_STAGE_KB": "1"}),
     (16, 2, {"FUSED_A2A_CUDA_LOADS_AHEAD": "2", **OWN_ROWS["senders"]}),
     (8, 1, {"FUSED_A2A_CUDA_LOADS_AHEAD": "3", "FUSED_A2A_CUDA_STAGE_KB": "2"}),
+    # The receivers copy a chunk in row slices (several warps a chunk): own rows by the
+    # receivers (the default here), split, and 64-row chunks in slices of 5 (a short last one).
+    (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "1"}),
+    (16, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "3", **OWN_ROWS["split"]}),
+    (32, 64, {"FUSED_A2A_CUDA_RECV_ROWS": "5"}),
 )
 
 

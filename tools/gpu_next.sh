@@ -177,19 +177,20 @@ case "${PART:-tests}" in
     TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 200 bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"  # tests.log stays (8 files back at most)
     ;;
-  s10)  # session 10 (~8 min): the senders' rings with fewer loads ahead of their stores
-    # (LOADS_AHEAD): its GPU tests, the A/B (NOTES, next steps after session 9, 1a), traces
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
+  s10)  # session 10 (~9 min): the senders' rings with fewer loads ahead of their stores
+    # (LOADS_AHEAD) and the receivers' row slices (RECV_ROWS): GPU tests, the A/B (NOTES, next
+    # steps after session 9, 1a and 2), traces
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-180} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S10_K:-fp8_rows or same_bits or (torch_gpu_matches and senders)}" \
+      PYTEST_K="${S10_K:-fp8_rows or same_bits or (torch_gpu_matches and senders and g4)}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_a1,standard_fp8_a2,standard_fp8_a3,standard_kb7,standard_kb7_a1,standard_kb7_a2,decode} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8,standard_fp8_a2,standard_kb7_a1} \
-      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_a1,standard_fp8_a2,standard_fp8_a3,standard_kb7,standard_kb7_a1,standard_rr1,standard_rr2,decode,decode_rr1} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8,standard_fp8_a2,standard_kb7_a1,standard_rr2} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     # Is the senders' metadata phase instruction-bound? (NOTES, next steps after session 9, 1d)
-    TRACE_CASES=${TRACE_CASES:-standard,standard_abl_meta,standard_fp8} timeout 150 \
+    TRACE_CASES=${TRACE_CASES:-standard,standard_abl_meta,standard_fp8} timeout 130 \
       bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"
     ;;

@@ -34,6 +34,7 @@ struct DispatchParams {
   bool dst_major;
   bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
   int own_rows;      // who copies the own rows x -> recv_x: an OwnRows value
+  int recv_rows;     // rows of a receiver item (FUSED_A2A_CUDA_RECV_ROWS; 0: a whole chunk)
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -282,6 +283,21 @@ struct WarpTrace {
   __device__ void flush(const DispatchParams&, int, int) {}
 #endif
 };
+
+// A receiver item: rows [a, a + rs) of the chunk whose rows start at jc (cr rows at most; the
+// stream ends at row end): its first row j0 and its n rows (0: none). Host-callable for
+// tests/cuda_host/recv_slices_check.cu.
+struct RowSlice {
+  long long j0;
+  int n;
+};
+__host__ __device__ __forceinline__ RowSlice chunk_slice(long long jc, long long end, int cr,
+                                                         int rs, int a) {
+  const long long hi = jc + cr < end ? jc + cr : end;
+  const long long j0 = jc + a;
+  if (j0 >= hi) return RowSlice{j0, 0};
+  return RowSlice{j0, static_cast<int>(hi - j0 < rs ? hi - j0 : rs)};
+}
 
 __host__ __device__ __forceinline__ long long chunks_of(const Segment& sg, int cr) {
   return sg.hi > sg.lo ? (sg.hi - sg.lo + cr - 1) / cr : 0;

@@ -311,6 +311,8 @@ int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
 int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
 
+int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 0); }
+
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.

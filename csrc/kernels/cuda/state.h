@@ -124,8 +124,9 @@ bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds ove
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
-bool claim_items_env();      // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
-bool combine_claim_env();    // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
+int recv_rows_env();       // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (0: chunk)
+bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
+bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
