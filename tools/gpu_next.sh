@@ -8,7 +8,10 @@
 #   PART=fab (~4 min): the whole fused-a2a bench --ranks all GPUs
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
-# Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git).
+#   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
+#   PART=s10 (~9 min): the knobs of session 9 (LOADS_AHEAD, RECV_ROWS): GPU tests, A/B, traces
+# Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -65,46 +68,6 @@ case "${PART:-tests}" in
       grep -E "^(torch|jax)" "$OUT/hyb_pipe$pipe.log" | cut -c1-75
     done
     ;;
-  s7)  # session 7: the JAX timing loop (HLO check), SM counts and the receivers' copy depth, traces
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*t_(combine|dispatch_bwd).*" \
-      timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend all \
-      --out "$OUT/fabn" >"$OUT/fabn.log" 2>&1
-    echo "normal bench, N = 4096: rc=$?"
-    grep -E "^(torch|jax)" "$OUT/fabn.log" | cut -c1-75
-    python3 tools/hlo_loop_check.py "$OUT/hlo" | tee -a "$OUT/summary.txt"
-    rm -rf "$OUT/hlo"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_u16,standard_sms32,standard_sms48,standard_sms64,standard_sms48_u16,standard_selfrecv_u16} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_u16,standard_sms48} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"  # the trace step writes its own bench.json
-    TRACE_CASES=${TRACE_CASES:-standard,standard_selfrecv} bash tools/gpu_diag_trace.sh
-    ;;
-  s7b)  # session 7: the JAX timing loop's chaining A/B (barrier / session 6's dus), then the fab
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for loop in barrier dus; do
-      FUSED_A2A_BENCH_JAX_LOOP=$loop XLA_FLAGS="--xla_dump_to=$OUT/hlo_$loop --xla_dump_hlo_as_text \
-        --xla_dump_hlo_module_re=.*t_(combine|dispatch|fwd).*" timeout 120 fused-a2a bench \
-        --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --out "$OUT/jax_$loop" \
-        >"$OUT/jax_$loop.log" 2>&1
-      echo "JAX normal bench, loop $loop: rc=$?"
-      grep -E "^jax" "$OUT/jax_$loop.log" | cut -c1-75
-      python3 tools/hlo_loop_check.py "$OUT/hlo_$loop" | tee -a "$OUT/summary.txt"
-      rm -rf "$OUT/hlo_$loop"
-    done
-    timeout "${STEP_TIMEOUT_FAB:-290}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
-    grep -vE '^\[' "$OUT/fab.log" | head -32
-    ;;
-  claim)  # claimed vs dealt sender items (FUSED_A2A_CUDA_CLAIM, run 32; COMBINE_CLAIM): tests, A/B
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="dealt or default or same_bits" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_dealt,standard_cclaim,standard_claim_selfrecv,decode,decode_dealt,decode_cclaim} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 150 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch|combine |nccl"
-    ;;
   jaxloop)  # JAX timing loop: trip count known to XLA (default since session 9) vs a runtime
     # operand (FUSED_A2A_BENCH_JAX_COUNT=runtime: a host sync per iteration on GPU), twice each.
     # Prediction: the static loops match torch's figures (combine ~540 us at EP 4 on H100, run 35)
@@ -128,55 +91,6 @@ case "${PART:-tests}" in
     grep -E "^torch" "$OUT/torch.log" | cut -c1-75
     rm -f "$OUT"/*/bench.png "$OUT/build.log"  # 8 files come back at most
     ;;
-  s8)  # session 8: the whole bench (both frontends, issue 4's figures), then issue 7's sweep
-    timeout "${STEP_TIMEOUT_FAB:-270}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
-    grep -vE '^\[' "$OUT/fab.log" | head -40
-    for ranks in "$NGPU" 2; do  # tokens per rank 128 ... 8192, normal mode, torch, with peers
-      timeout "${STEP_TIMEOUT_SWEEP:-140}" fused-a2a bench --ranks "$ranks" --mode normal \
-        --frontend torch --tokens 128 512 1024 2048 4096 8192 --out "$OUT/sweep_ep$ranks" \
-        >"$OUT/sweep_ep$ranks.log" 2>&1
-      echo "sweep EP $ranks: rc=$?" | tee -a "$OUT/summary.txt"
-      grep -vE '^\[' "$OUT/sweep_ep$ranks.log" | tail -30
-    done
-    rm -f "$OUT"/*.log  # the device tool returns 8 files at most: the JSON and plots matter
-    ;;
-  s9)  # session 9 (~7 min): session 8's CPU-only changes on GPUs (torch direct route, host
-    # counts, JAX FP8 normal dispatch in jax_gpu_suite), then the torch host-path A/B and FP8 bench
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="${S9_K:-(torch_gpu_matches and default) or torch_gpu_hybrid or torch_vs_jax or cuda_graph or host_counts or jax_gpu_suite}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -4
-    for direct in 1 0; do  # 0: every call through torch.library (session 8's route)
-      FUSED_A2A_TORCH_DIRECT=$direct timeout 90 python3 benchmarks/host_profile.py \
-        --world "$NGPU" --tokens 128 --profiles 0 --out "$OUT/host_direct$direct.json" 2>&1 | tail -12
-      FUSED_A2A_TORCH_DIRECT=$direct timeout 120 fused-a2a bench --ranks "$NGPU" --mode normal \
-        --frontend torch --tokens 128 1024 4096 --out "$OUT/fab_direct$direct" \
-        >"$OUT/fab_direct$direct.log" 2>&1
-      echo "torch normal bench, FUSED_A2A_TORCH_DIRECT=$direct: rc=$?"
-      grep -vE '^\[' "$OUT/fab_direct$direct.log" | tail -12
-      rm -f "$OUT/fab_direct$direct/bench.png"
-    done
-    # Issue 7's FP8 target (normal mode, first measurement): e4m3 rows + 1x128 scales vs bf16
-    STEPS=bench BENCH_CASES=standard,standard_fp8,decode_fp8 BENCH_CASES_EP2= timeout 120 \
-      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |nccl"
-    rm -f "$OUT"/*.log "$OUT/build.log"  # 8 files come back at most
-    ;;
-  s9b)  # session 9: the senders' own rows batched, FP8 16-byte scale loads (371758c): tests,
-    # bench, traces
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S9B_K:-fp8_rows or big_rows or (torch_gpu_matches and (senders or split or dealt)) or jax_gpu_suite or same_bits or cuda_graph}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,decode,decode_fp8} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8} timeout 200 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 200 bash tools/gpu_diag_trace.sh
-    rm -f "$OUT/build.log"  # tests.log stays (8 files back at most)
-    ;;
   s10)  # session 10 (~9 min): the senders' rings with fewer loads ahead of their stores
     # (LOADS_AHEAD) and the receivers' row slices (RECV_ROWS): GPU tests, the A/B (NOTES, next
     # steps after session 9, 1a and 2), traces
@@ -194,5 +108,5 @@ case "${PART:-tests}" in
       bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, s7, s7b, claim, jaxloop, s8, s9, s9b or s10" >&2; exit 2 ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s10" >&2; exit 2 ;;
 esac
