@@ -9,7 +9,11 @@ One process per rank (GPUs when present, else CPU ranks over gloo). Per op, rank
            does not sync, the host's own cost; the dynamic dispatch syncs once per call);
   wall_us  the mean time per call of the same loop including the final sync;
 and cProfile's top functions by own time over the same calls. Every rank runs the same loops (the
-ops are collective).
+ops are collective). --repeat R times every op R times and reports the medians (the runs' values
+too). The Megatron helpers (fused_dispatch, fused_combine) are timed on both torch routes in the
+same process, alternating: "[direct]" (the op bodies called directly in eager mode, the default)
+and "[op route]" (FUSED_A2A_TORCH_DIRECT=0: every call through torch.library). Session 9's A/B ran
+the routes in two processes, whose figures moved by 15-25 us for the ops neither route touches.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
+import statistics
 import time
 
 import torch
@@ -104,6 +110,38 @@ def _ops(args, rank, world, device, group):
     }
 
 
+# The rows whose torch route FUSED_A2A_TORCH_DIRECT picks (torch_fused_a2a/_ops.py, run): timed
+# under both values, alternating.
+ROUTES = {"[direct]": "1", "[op route]": "0"}
+ROUTED = ("fused_dispatch", "fused_dispatch (grad)", "fused_combine")
+
+
+def _timed(fn, calls, repeat, device, group, route=None):
+    """[(host_us, wall_us)] of `repeat` runs of one op, under FUSED_A2A_TORCH_DIRECT=route if
+    given (restored afterwards)."""
+    before = os.environ.get("FUSED_A2A_TORCH_DIRECT")
+    try:
+        if route is not None:
+            os.environ["FUSED_A2A_TORCH_DIRECT"] = route
+        return [_time_calls(fn, calls, device, group) for _ in range(max(1, repeat))]
+    finally:
+        if before is None:
+            os.environ.pop("FUSED_A2A_TORCH_DIRECT", None)
+        else:
+            os.environ["FUSED_A2A_TORCH_DIRECT"] = before
+
+
+def _summary(runs):
+    """Medians over the runs, and the runs' values."""
+    host, wall = [round(r[0], 1) for r in runs], [round(r[1], 1) for r in runs]
+    return {
+        "host_us": round(statistics.median(host), 1),
+        "wall_us": round(statistics.median(wall), 1),
+        "host_us_runs": host,
+        "wall_us_runs": wall,
+    }
+
+
 def _worker(rank, world, port, args, queue):
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args.cpu
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -119,10 +157,22 @@ def _worker(rank, world, port, args, queue):
     group = dist.group.WORLD
     result = {"device": str(device), "world": world, "tokens": args.tokens, "ops": {}}
     for name, fn in _ops(args, rank, world, device, group).items():
-        host_us, wall_us = _time_calls(fn, args.calls, device, group)
-        result["ops"][name] = {"host_us": round(host_us, 1), "wall_us": round(wall_us, 1)}
+        if name in ROUTED:  # both routes, alternating run by run
+            runs = {label: [] for label in ROUTES}
+            for _ in range(max(1, args.repeat)):
+                for label, route in ROUTES.items():
+                    runs[label] += _timed(fn, args.calls, 1, device, group, route)
+            rows = {f"{name} {label}": _summary(r) for label, r in runs.items()}
+        else:
+            rows = {name: _summary(_timed(fn, args.calls, args.repeat, device, group))}
+        result["ops"].update(rows)
         if rank == 0:
-            print(f"{name:24s} host {host_us:8.1f} us  wall {wall_us:8.1f} us", flush=True)
+            for row, t in rows.items():
+                print(
+                    f"{row:36s} host {t['host_us']:8.1f} us  wall {t['wall_us']:8.1f} us"
+                    f"  (runs: host {t['host_us_runs']})",
+                    flush=True,
+                )
         if args.profiles and not name.startswith("torch."):  # every rank: the ops are collective
             profile = _profile(fn, args.calls, device, group, args.top)
             if rank == 0:
@@ -142,6 +192,7 @@ def main():
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per op; medians reported")
     parser.add_argument("--top", type=int, default=14, help="cProfile rows per op")
     parser.add_argument("--profiles", type=int, default=1, help="0: timings only")
     parser.add_argument("--cpu", action="store_true", help="CPU ranks even with GPUs")

@@ -89,7 +89,10 @@ case "${PART:-tests}" in
       --no-peers --out "$OUT/torch" >"$OUT/torch.log" 2>&1
     echo "torch normal bench (same machine): rc=$?"
     grep -E "^torch" "$OUT/torch.log" | cut -c1-75
-    rm -f "$OUT"/*/bench.png "$OUT/build.log"  # 8 files come back at most
+    # The torch routes' host cost, both in one process, 3 runs each (NOTES, after session 9, 3)
+    timeout 120 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 128 --profiles 0 \
+      --repeat 3 --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw)"
+    rm -f "$OUT"/*/bench.png "$OUT/build.log" "$OUT/jax_runtime.log"  # 8 files come back at most
     ;;
   s10)  # session 10 (~9 min): the senders' rings with fewer loads ahead of their stores
     # (LOADS_AHEAD) and the receivers' row slices (RECV_ROWS): GPU tests, the A/B (NOTES, next

@@ -1,0 +1,30 @@
+"""benchmarks/host_profile.py on CPU ranks: every op timed --repeat times (medians and the runs),
+and the Megatron helpers under both torch routes (FUSED_A2A_TORCH_DIRECT=1 / 0) in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_host_profile_times_both_routes(tmp_path):
+    out = tmp_path / "hp.json"
+    cmd = [
+        sys.executable, os.path.join(ROOT, "benchmarks", "host_profile.py"), "--cpu",
+        "--world", "2", "--tokens", "8", "--hidden", "256", "--experts", "16", "--topk", "2",
+        "--calls", "3", "--profiles", "0", "--repeat", "2", "--out", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_A2A_TORCH_DIRECT"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ops = json.loads(out.read_text())["ops"]
+    for helper in ("fused_dispatch", "fused_dispatch (grad)", "fused_combine"):
+        assert helper not in ops, helper
+        for route in ("[direct]", "[op route]"):
+            row = ops[f"{helper} {route}"]
+            assert len(row["host_us_runs"]) == 2 and row["host_us"] > 0, row
+    assert len(ops["op combine"]["wall_us_runs"]) == 2
