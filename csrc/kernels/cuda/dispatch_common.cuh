@@ -158,11 +158,12 @@ __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, i
     emit(row, w + 2, __float_as_uint(v.z));
     emit(row, w + 3, __float_as_uint(v.w));
   };
-  float4 first[kMetaBatch];
-  if (vecs > 0) {
+  auto load_batch = [&](int i0, float4* v) {
 #pragma unroll
-    for (int u = 0; u < kMetaBatch; ++u) first[u] = load_vec(u * 32 + lane);
-  }
+    for (int u = 0; u < kMetaBatch; ++u) v[u] = load_vec(i0 + u * 32 + lane);
+  };
+  float4 v[kMetaBatch];
+  if (vecs > 0) load_batch(0, v);
   const int words = nb * head;
   batched_words(
       words, lane,
@@ -175,14 +176,8 @@ __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, i
         const int row = i / head;
         emit(row, i - row * head, v);
       });
-  if (vecs == 0) return;
-#pragma unroll
-  for (int u = 0; u < kMetaBatch; ++u)
-    if (u * 32 + lane < vecs) emit_vec(u * 32 + lane, first[u]);
-  for (int i0 = 32 * kMetaBatch; i0 < vecs; i0 += 32 * kMetaBatch) {
-    float4 v[kMetaBatch];
-#pragma unroll
-    for (int u = 0; u < kMetaBatch; ++u) v[u] = load_vec(i0 + u * 32 + lane);
+  for (int i0 = 0; i0 < vecs; i0 += 32 * kMetaBatch) {
+    if (i0 > 0) load_batch(i0, v);  // batch 0 was loaded before the other words
 #pragma unroll
     for (int u = 0; u < kMetaBatch; ++u)
       if (i0 + u * 32 + lane < vecs) emit_vec(i0 + u * 32 + lane, v[u]);

@@ -70,10 +70,11 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // One item of this warp: chunk c of destination d in round k (if it exists).
   auto item = [&](long long k, int d, long long c) {
     if (d == r) {  // own rows (the chunks the senders copy): straight to recv_x, round 0
-      const long long j0 = c * self_cr;
-      if (k != 0 || j0 >= sh.dkept[r] || !own_chunk_by_senders(p.own_rows, c)) return;
-      const int n = static_cast<int>(min(static_cast<long long>(self_cr), sh.dkept[r] - j0));
-      const long long P0 = sh.poff[r] + j0;
+      if (k != 0 || !own_chunk_by_senders(p.own_rows, c)) return;
+      const RowSlice own = chunk_slice(c * self_cr, sh.dkept[r], self_cr, self_cr, 0);
+      if (own.n == 0) return;
+      const long long j0 = own.j0, P0 = sh.poff[r] + j0;
+      const int n = own.n;
       if (!p.tma) {
         copy_own_chunk(p, j0, P0, n, lane, s_hist);
         return;
