@@ -26,14 +26,18 @@ import torch.distributed as dist
 from _spawn import spawn_ranks
 
 
-def _case(n=4096, sms=24, fp8=False, **env):
+def _case(n=4096, sms=24, fp8=False, worst_cap=False, **env):
     """The standard case's shape (H=7168, top-8 of 256) with N tokens, sms SMs and env knobs
     (keyword names without the FUSED_A2A_CUDA_ prefix). fp8: the dispatches send e4m3 rows with
     one f32 scale per 128 values (DeepEP's FP8 dispatch; the combine has no FP8 form, so those
-    cases time the dispatches and NCCL only)."""
+    cases time the dispatches and NCCL only). worst_cap: the static dispatch's capacity is
+    world x N rows, as the JAX frontend's (the rows past those received are zeroed), instead of
+    the rows received."""
     case = dict(n=n, h=7168, k=8, e=256, sms=sms)
     if fp8:
         case["fp8"] = True
+    if worst_cap:
+        case["worst_cap"] = True
     if env:
         case["env"] = {"FUSED_A2A_CUDA_" + key: value for key, value in env.items()}
     return case
@@ -122,6 +126,14 @@ CASES["standard_kb7"] = _case(STAGE_KB="7")
 for _rr in (1, 2, 4):
     CASES[f"standard_rr{_rr}"] = _case(RECV_ROWS=str(_rr))
 CASES["decode_rr1"] = _case(n=128, RECV_ROWS="1")
+# Session 10: the route scan in one block per destination (the scan before session 10) against
+# the two-pass default; the metadata records precomputed by their own kernel (RECORDS=1); the
+# JAX frontend's capacity (world x N rows, the padding zeroed by the receivers).
+for _name, _base in (("standard", {}), ("decode", dict(n=128)), ("standard_fp8", dict(fp8=True))):
+    CASES[_name + "_scanblock"] = _case(**_base, SCAN="block")
+    CASES[_name + "_rec"] = _case(**_base, RECORDS="1")
+CASES["standard_rec_rr2"] = _case(RECORDS="1", RECV_ROWS="2")
+CASES["standard_worstcap"] = _case(worst_cap=True)
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).
@@ -213,9 +225,9 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     rx, _, ridx, rw, counts, src, tpe, stats, _ = ops.dispatch(
         x, None, idx, w, e, gid, grank, world, -1, sms
     )
-    cap = rx.shape[0]
-    own = int(counts[rank].item())
     y = rx.clone()
+    cap = world * n if cfg.get("worst_cap") else rx.shape[0]
+    own = int(counts[rank].item())
 
     fp8 = bool(cfg.get("fp8"))
     x_send, scales = (x.to(torch.float8_e4m3fn), _block_amax(x)) if fp8 else (x, None)
@@ -282,10 +294,15 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
                 res[f"{key}_graph_us"] = _graph_time(timed[key], 10, 5)
     # correctness spot check: combine(dispatch(x)) == count * x, exactly
     rx2 = ops.dispatch(x, None, idx, w, e, gid, grank, world, cap, sms)[0]
-    out, _ = ops.combine(rx2, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
+    rows_recv = y.shape[0]  # worst_cap: the rows past these are the zeroed padding
+    out, _ = ops.combine(
+        rx2[:rows_recv], None, idx, counts, src, stats, e, n, False, gid, grank, sms
+    )
+    res["exact_padding"] = bool(not torch.any(rx2[rows_recv:].view(torch.int16)))
     cnt = in_rank.sum(1).float()
     expect = ((x.float() * cnt[:, None]) + 0.0).to(torch.bfloat16)
     res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
+    res["exact"] &= res.pop("exact_padding")
     if fp8:  # FP8 rows and scales arrive as the bf16 rows do, converted on the sender
         rx8, rs8 = ops.dispatch(x_send, scales, idx, w, e, gid, grank, world, cap, sms)[:2]
         same_rows = torch.equal(

@@ -95,6 +95,14 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_CLAIM": "0",
         "FUSED_A2A_CUDA_COMBINE_CLAIM": "0",
     },
+    # The dispatch's metadata records precomputed by their own kernel (FUSED_A2A_CUDA_RECORDS=1,
+    # session 10), own rows by the senders (records pushed as bulk pieces) and the route scan in
+    # one block per destination (FUSED_A2A_CUDA_SCAN=block, the scan before session 10).
+    "records": {
+        "FUSED_A2A_CUDA_SELF": "send",
+        "FUSED_A2A_CUDA_RECORDS": "1",
+        "FUSED_A2A_CUDA_SCAN": "block",
+    },
 }
 
 
@@ -452,18 +460,21 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 }
 
 
-@pytest.mark.parametrize("own", ["default", "recv", "split", "loads_ahead2"])
+@pytest.mark.parametrize("own", ["default", "recv", "split", "loads_ahead2", "records"])
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
     """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows;
     "loads_ahead2": the senders' rings (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores
-    in flight (FUSED_A2A_CUDA_LOADS_AHEAD)."""
+    in flight (FUSED_A2A_CUDA_LOADS_AHEAD); "records": the records precomputed by their own kernel
+    (FUSED_A2A_CUDA_RECORDS=1), pushed as bulk pieces, and read by the own rows' scatter."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
     env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
     if own == "loads_ahead2":
         env["FUSED_A2A_CUDA_LOADS_AHEAD"] = "2"
+    elif own == "records":
+        env["FUSED_A2A_CUDA_RECORDS"] = "1"
     elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
@@ -562,6 +573,11 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "1"}),
     (16, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "3", **OWN_ROWS["split"]}),
     (32, 64, {"FUSED_A2A_CUDA_RECV_ROWS": "5"}),
+    # Precomputed metadata records (own rows by the receivers here, then by the senders), and the
+    # route scan in one block per destination against the two-pass default (session 10).
+    (24, 8, {"FUSED_A2A_CUDA_RECORDS": "1"}),
+    (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
+    (8, 1, {"FUSED_A2A_CUDA_SCAN": "block"}),
 )
 
 

@@ -10,6 +10,9 @@
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
 #   PART=s10 (~9 min): the knobs of session 9 (LOADS_AHEAD, RECV_ROWS): GPU tests, A/B, traces
+#   PART=s10b (~7 min): session 10's two-pass route scan and precomputed records: a clean build,
+#       GPU tests, the bench A/B twice at EP 4 and once at EP 2
+#   PART=s10c (~4 min): traces of the records; the whole bench at N = 4096, both frontends + NCCL
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b) are in git history.
 set -uo pipefail
@@ -111,5 +114,34 @@ case "${PART:-tests}" in
       bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s10" >&2; exit 2 ;;
+  s10b)  # session 10: the two-pass route scan (default) against SCAN=block, the records kernel
+    # (RECORDS=1), receiver slices of 2 rows, the JAX frontend's capacity; the A/B twice at EP 4.
+    # Every source is touched first: the device keeps build/ between calls and the copied
+    # sources may carry older times than its outputs (session 10's first builds took 4 s).
+    find csrc -type f -exec touch {} +
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
+      PYTEST_K="${S10B_K:-fp8_rows or same_bits or (torch_gpu_matches and (records or default) and g4) or jax_gpu_suite}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
+    for rep in 1 2; do
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_scanblock,standard_rec,standard_rr2,standard_rec_rr2,standard_worstcap,standard_fp8,standard_fp8_rec,standard_fp8_scanblock,decode,decode_scanblock,decode_rec} \
+        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_scanblock,standard_rec,standard_rr2,standard_fp8,standard_fp8_rec}") \
+        timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+      mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"
+    done
+    rm -f "$OUT/build.log"
+    ;;
+  s10c)  # session 10: traces with the records; then the whole bench at N = 4096 (both frontends and
+    # the peers in one run: issue 4's figures)
+    TRACE_CASES=${TRACE_CASES:-standard,standard_rec,standard_fp8_rec} timeout 170 \
+      bash tools/gpu_diag_trace.sh
+    mv "$OUT/bench.json" "$OUT/trace.json"
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
+    grep -vE '^\[' "$OUT/fab.log" | tail -24
+    rm -f "$OUT/build.log" "$OUT"/fab/*.png
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s10, s10b or s10c" >&2; exit 2 ;;
 esac

@@ -52,6 +52,10 @@ struct DispatchParams {
   int* group_max;
   const int* cum;
   const int* send_list;
+  // records[(d * N + j) * M + w]: word w of the record of the j-th token routed to rank d, the
+  // words meta_word gives (dispatch_records_kernel; FUSED_A2A_CUDA_RECORDS=1), or null: the
+  // senders compute them per chunk.
+  const uint32_t* records;
   int* hist;
   uint8_t* const* peers;
   HostError* host_error;

@@ -6,9 +6,23 @@
 
 namespace fa2a::cuda::dispatch_impl {
 
-// The metadata of own rows list[0, n) straight into the outputs of recv_x rows [P0, P0 + n).
+// The metadata of own rows j0 + [0, n) of this rank's send list (list = send_list + r * N + j0)
+// straight into the outputs of recv_x rows [P0, P0 + n): from the precomputed records when there
+// are (coalesced loads, batched as the receivers' window records), else computed here.
 __device__ __forceinline__ void own_chunk_meta(const DispatchParams& p, const int* list,
-                                               long long P0, int n, int lane, int* s_hist) {
+                                               long long j0, long long P0, int n, int lane,
+                                               int* s_hist) {
+  const int M = p.meta_words;
+  if (p.records) {
+    const uint32_t* rec = p.records + (static_cast<size_t>(p.rank) * p.num_tokens + j0) * M;
+    batched_words(
+        n * M, lane, [&](int i) { return i < n * M ? __ldg(rec + i) : 0u; },
+        [&](int i, uint32_t v) {
+          const int row = i / M;
+          scatter_meta(p, P0 + row, i - row * M, v, s_hist);
+        });
+    return;
+  }
   for (int b = 0; b < n; b += 32) {
     const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
     meta_words(p, token, min(32, n - b), p.rank, lane,
@@ -29,7 +43,7 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
       warp_copy_ro(p.recv_x + (P0 + b + i) * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
     }
   }
-  own_chunk_meta(p, list, P0, n, lane, s_hist);
+  own_chunk_meta(p, list, j0, P0, n, lane, s_hist);
 }
 
 // Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
@@ -84,7 +98,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       // rows back to back.
       const int* list = p.send_list + static_cast<size_t>(r) * N + j0;
       long long t_phase = WarpTrace::now();
-      own_chunk_meta(p, list, P0, n, lane, s_hist);
+      own_chunk_meta(p, list, j0, P0, n, lane, s_hist);
       tr.add(2, t_phase);
       if (lane == 0) {
         t_phase = WarpTrace::now();
@@ -117,7 +131,31 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-    if (p.tma) {
+    if (p.tma && p.records) {
+      // Precomputed records: the chunk's tokens into the staging buffer (one coalesced load per
+      // 32 rows; only lane 0 reads them, so no bulk read to wait for), then lane 0 pushes the
+      // chunk's records (one piece, or a few) and its rows back to back.
+      uint32_t* tokens = staging + (chunks_done & 1) * staging_words;
+      long long t_phase = WarpTrace::now();
+      const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+      for (int i = lane; i < n; i += 32) tokens[i] = static_cast<uint32_t>(__ldg(list + i));
+      __syncwarp();
+      tr.add(2, t_phase);
+      if (lane == 0) {
+        t_phase = WarpTrace::now();
+        pipe.push_span(dmeta, p.records + (static_cast<size_t>(d) * N + j0) * M,
+                       static_cast<size_t>(n) * M * 4);
+        for (int i = 0; i < n && !ablated(p, 4); ++i)
+          pipe.push_span(dbase + (slot0 + i) * rb, p.x + static_cast<size_t>(tokens[i]) * rb, rb);
+        tr.add(3, t_phase);
+        t_phase = WarpTrace::now();
+        pipe.end_chunk(flag, v);
+        tr.add(4, t_phase);
+        tr.count(7);
+      }
+      __syncwarp();
+      ++chunks_done;
+    } else if (p.tma) {
       // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
       // issues the chunk's row copies back to back, with no global load between them.
       uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;

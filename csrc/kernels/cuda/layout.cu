@@ -1,4 +1,7 @@
 // layout (the public op) and the route scan that dispatch and combine start with.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cub/block/block_scan.cuh>
 
 #include "fused_a2a/errors.h"
@@ -40,11 +43,12 @@ __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_toke
     if (s_rank[i]) atomicAdd(&per_rank[i], s_rank[i]);
 }
 
-// One block per destination rank d: cum[d][t] (tokens before t routed to d), cum[d][N], the send
+// The route scan in one block per destination rank d (FUSED_A2A_CUDA_SCAN=block; the default
+// until session 10, kept for the A/B): cum[d][t] (tokens before t routed to d), cum[d][N], the send
 // list of d, and the (token, slot) pairs per expert of d. Tiles of kScanTile tokens: the routed
-// flags of a tile are computed with coalesced index loads (consecutive tokens on consecutive
-// threads) into shared memory, then each thread scans kScanTile / kScanThreads consecutive flags.
-// (Each thread used to load its own consecutive tokens' indices, twice: 39 us at N = 4096.)
+// flags of a tile are computed with coalesced index loads into shared memory, then each thread
+// scans kScanTile / kScanThreads consecutive flags. Run 12: 21 us at N = 4096, 8 dependent rounds
+// of index loads in 4 blocks.
 constexpr int kScanTile = kScanThreads * 8;
 
 __global__ void __launch_bounds__(kScanThreads)
@@ -98,6 +102,99 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int j = threadIdx.x; j < lpr; j += blockDim.x) ecount[d * lpr + j] = s_ecount[j];
 }
 
+// The route scan in two passes over tiles of `per` x kScanThreads tokens (at most kMaxScanTiles
+// tiles), each pass one round of loads per block instead of the single block's 8 dependent rounds.
+// Pass 1, one block a tile: each token's destination mask (bit d: routed to rank d) into
+// scratch.masks, the tile's tokens per destination and pairs per expert into
+// tile_count[tile][d] / tile_ecount[tile][e]. Token t of round u is t0 + u * kScanThreads + tid,
+// so the index loads of a round are coalesced across the block.
+__global__ void __launch_bounds__(kScanThreads)
+    route_mask_kernel(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
+                      int num_experts, int num_ranks, int per, unsigned long long* masks,
+                      int* tile_count, int* tile_ecount) {
+  extern __shared__ int s_ecount[];  // num_experts
+  __shared__ int s_count[kMaxRanks];
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
+  for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
+  __syncthreads();
+  const int lpr = num_experts / num_ranks;
+  const int t0 = blockIdx.x * kScanThreads * per;
+  for (int u = 0; u < per; ++u) {
+    const int t = t0 + u * kScanThreads + tid;
+    unsigned long long mask = 0;
+    if (t < num_tokens) {
+      for (int k = 0; k < num_topk; ++k) {
+        const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
+        const int o = owner_of(e, num_experts, lpr);
+        if (o >= 0) {
+          mask |= 1ull << o;
+          atomicAdd(&s_ecount[static_cast<int>(e)], 1);
+        }
+      }
+      masks[t] = mask;
+    }
+    for (int d = 0; d < num_ranks; ++d) {  // warp-aggregated counts per destination
+      const int c = __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1ull));
+      if (lane == 0 && c) atomicAdd(&s_count[d], c);
+    }
+  }
+  __syncthreads();
+  for (int d = tid; d < num_ranks; d += blockDim.x)
+    tile_count[blockIdx.x * kMaxRanks + d] = s_count[d];
+  for (int e = tid; e < num_experts; e += blockDim.x)
+    tile_ecount[static_cast<size_t>(blockIdx.x) * num_experts + e] = s_ecount[e];
+}
+
+// Pass 2, one block a tile: the tile's offset per destination from the earlier tiles' counts,
+// then per destination a block scan of the routed flags of each round of kScanThreads tokens:
+// cum[d][t], the send list, cum[d][N] (last tile); and ecount (the tiles' sums, experts spread
+// over the blocks).
+__global__ void __launch_bounds__(kScanThreads)
+    route_list_kernel(int num_tokens, int num_experts, int num_ranks, int per,
+                      const unsigned long long* masks, const int* tile_count,
+                      const int* tile_ecount, int* cum, int* send_list, int* ecount) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  __shared__ int s_base[kMaxRanks];
+  const int tid = threadIdx.x, tiles = gridDim.x;
+  for (int d = tid; d < num_ranks; d += blockDim.x) {
+    int before = 0;
+    for (int j = 0; j < static_cast<int>(blockIdx.x); ++j) before += tile_count[j * kMaxRanks + d];
+    s_base[d] = before;
+  }
+  for (int e = blockIdx.x * blockDim.x + tid; e < num_experts; e += tiles * blockDim.x) {
+    int sum = 0;
+    for (int j = 0; j < tiles; ++j) sum += tile_ecount[static_cast<size_t>(j) * num_experts + e];
+    ecount[e] = sum;
+  }
+  __syncthreads();
+  const int t0 = blockIdx.x * kScanThreads * per;
+  for (int d = 0; d < num_ranks; ++d) {
+    int* my_cum = cum + static_cast<size_t>(d) * (num_tokens + 1);
+    int* my_list = send_list ? send_list + static_cast<size_t>(d) * num_tokens : nullptr;
+    int base = s_base[d];
+    for (int u = 0; u < per; ++u) {
+      const int t = t0 + u * kScanThreads + tid;
+      const int routed = t < num_tokens ? static_cast<int>((masks[t] >> d) & 1ull) : 0;
+      int run = 0, total = 0;
+      Scan(temp).ExclusiveSum(routed, run, total);
+      if (t < num_tokens) {
+        my_cum[t] = base + run;
+        if (routed && my_list) my_list[base + run] = t;
+      }
+      base += total;
+      __syncthreads();  // temp is reused by the next scan
+    }
+    if (blockIdx.x == tiles - 1 && tid == 0) my_cum[num_tokens] = base;
+  }
+}
+
+bool scan_in_one_block() {  // FUSED_A2A_CUDA_SCAN=block: the single-block scan (A/B)
+  const char* v = std::getenv("FUSED_A2A_CUDA_SCAN");
+  return v && std::strcmp(v, "block") == 0;
+}
+
 }  // namespace
 
 int stream_device(cudaStream_t stream) {
@@ -108,14 +205,40 @@ int stream_device(cudaStream_t stream) {
   return device;
 }
 
+ScanTiles scan_tiles(int num_tokens) {
+  const int cover = kScanThreads * kMaxScanTiles;  // tokens of kMaxScanTiles one-token tiles
+  ScanTiles st;
+  st.per = std::max(1, (num_tokens + cover - 1) / cover);
+  st.tiles = std::max(1, (num_tokens + kScanThreads * st.per - 1) / (kScanThreads * st.per));
+  return st;
+}
+
 void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                        int num_experts, int num_ranks, const Scratch& scratch, bool want_list,
                        cudaStream_t stream) {
-  const int lpr = num_experts / num_ranks;
-  route_scan_kernel<<<num_ranks, kScanThreads, sizeof(int) * lpr, stream>>>(
-      topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, scratch.cum,
-      want_list ? scratch.send_list : nullptr, scratch.ecount);
-  check_launch("route scan");
+  int* list = want_list ? scratch.send_list : nullptr;
+  if (scan_in_one_block()) {
+    const int lpr = num_experts / num_ranks;
+    route_scan_kernel<<<num_ranks, kScanThreads, sizeof(int) * lpr, stream>>>(
+        topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, scratch.cum, list,
+        scratch.ecount);
+    check_launch("route scan");
+    return;
+  }
+  const ScanTiles st = scan_tiles(num_tokens);
+  FA2A_CHECK(st.tiles <= kMaxScanTiles, "route scan: ", st.tiles, " tiles for ", num_tokens,
+             " tokens exceed ", kMaxScanTiles);
+  const size_t ecount_smem = sizeof(int) * static_cast<size_t>(num_experts);
+  FA2A_CHECK(ecount_smem <= 48 * 1024, "route scan: num_experts=", num_experts,
+             " exceeds the CUDA backend's limit of ", 48 * 1024 / sizeof(int));
+  route_mask_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
+      topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
+      scratch.tile_count, scratch.tile_ecount);
+  check_launch("route scan (masks)");
+  route_list_kernel<<<st.tiles, kScanThreads, 0, stream>>>(
+      num_tokens, num_experts, num_ranks, st.per, scratch.masks, scratch.tile_count,
+      scratch.tile_ecount, scratch.cum, list, scratch.ecount);
+  check_launch("route scan (lists)");
 }
 
 void layout(Stream stream, const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,

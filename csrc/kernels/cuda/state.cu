@@ -26,6 +26,7 @@ CudaState::~CudaState() {
   if (trace) (void)cudaFreeHost(trace);
   if (peer_table) (void)cudaFree(peer_table);
   if (scratch_mem) (void)cudaFree(scratch_mem);
+  if (records) (void)cudaFree(records);
   for (void* p : retired) (void)cudaFree(p);
   (void)cudaGetLastError();
   if (previous >= 0) (void)cudaSetDevice(previous);
@@ -211,8 +212,14 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t hist_b = align(static_cast<size_t>(e) * 4);
   const size_t ordinal_b = align(static_cast<size_t>(n) * static_cast<size_t>(e) * 4);
   const size_t fanout_b = align(4);
+  const size_t masks_b = align(static_cast<size_t>(n) * 8);
+  const size_t tile_count_b = align(static_cast<size_t>(kMaxScanTiles) * kMaxRanks * 4);
+  const size_t tile_ecount_b = align(static_cast<size_t>(kMaxScanTiles) * e * 4);
   const size_t stage_b = align(static_cast<size_t>(3 + e) * 4);
-  const size_t total = cum_b + list_b + ecount_b + hist_b + ordinal_b + fanout_b + stage_b;
+  const size_t sizes[] = {cum_b,    list_b,  ecount_b,     hist_b,        ordinal_b,
+                          fanout_b, masks_b, tile_count_b, tile_ecount_b, stage_b};
+  size_t total = 0;
+  for (size_t b : sizes) total += b;
   void* mem = nullptr;
   FA2A_CUDA_CHECK(cudaMalloc(&mem, total), "cudaMalloc (routing scratch)");
   FA2A_CUDA_CHECK(cudaMemset(mem, 0, total), "cudaMemset (routing scratch)");
@@ -221,15 +228,38 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch_bytes = total;
   st.cap_tokens = n;
   st.cap_experts = e;
-  auto* base = static_cast<uint8_t*>(mem);
-  st.scratch.cum = reinterpret_cast<int*>(base);
-  st.scratch.send_list = reinterpret_cast<int*>(base + cum_b);
-  st.scratch.ecount = reinterpret_cast<int*>(base + cum_b + list_b);
-  st.scratch.hist = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b);
-  st.scratch.ordinal = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b);
-  st.scratch.fanout = reinterpret_cast<int*>(base + cum_b + list_b + ecount_b + hist_b + ordinal_b);
-  st.scratch.counts_stage = reinterpret_cast<int*>(base + total - stage_b);
+  uint8_t* next = static_cast<uint8_t*>(mem);
+  auto take = [&](size_t bytes) {  // consecutive regions in the order of sizes[]
+    uint8_t* at = next;
+    next += bytes;
+    return at;
+  };
+  st.scratch.cum = reinterpret_cast<int*>(take(cum_b));
+  st.scratch.send_list = reinterpret_cast<int*>(take(list_b));
+  st.scratch.ecount = reinterpret_cast<int*>(take(ecount_b));
+  st.scratch.hist = reinterpret_cast<int*>(take(hist_b));
+  st.scratch.ordinal = reinterpret_cast<int*>(take(ordinal_b));
+  st.scratch.fanout = reinterpret_cast<int*>(take(fanout_b));
+  st.scratch.masks = reinterpret_cast<unsigned long long*>(take(masks_b));
+  st.scratch.tile_count = reinterpret_cast<int*>(take(tile_count_b));
+  st.scratch.tile_ecount = reinterpret_cast<int*>(take(tile_ecount_b));
+  st.scratch.counts_stage = reinterpret_cast<int*>(take(stage_b));
   return st.scratch;
+}
+
+uint32_t* ensure_records(CudaState& st, size_t words, cudaStream_t stream) {
+  if (words <= st.records_words && st.records) return st.records;
+  FA2A_CHECK_RUNTIME(!capturing(stream), "fused_a2a CUDA: the dispatch needs more record memory (",
+                     words,
+                     " words) than earlier calls, which cannot be allocated while a CUDA "
+                     "graph is being captured: run the op once with these sizes before capturing");
+  const size_t want = std::max(words, st.records_words * 2);
+  void* mem = nullptr;
+  FA2A_CUDA_CHECK(cudaMalloc(&mem, want * 4), "cudaMalloc (dispatch records)");
+  if (st.records) st.retired.push_back(st.records);
+  st.records = static_cast<uint32_t*>(mem);
+  st.records_words = want;
+  return st.records;
 }
 
 int comm_blocks(const CudaState& st, int num_sms) {
@@ -312,6 +342,8 @@ int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
 
 int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 0); }
+
+bool records_env() { return env_int("FUSED_A2A_CUDA_RECORDS", 0) != 0; }
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 

@@ -45,6 +45,10 @@ class DeviceGuard {
 //   hist [Lcap]: per-local-expert counts accumulated by the blocks of one kernel (kept at 0)
 //   ordinal [N*E]: HybridEP, token t's ordinal among this rank's tokens routed to expert e, or -1
 //   fanout [1]: HybridEP, the largest number of one rank's experts picked by one token
+//   masks [N], tile_count [kMaxScanTiles][kMaxRanks], tile_ecount [kMaxScanTiles][E]: the route
+//   scan's first pass (per token, the ranks it is routed to; per tile, tokens per rank and pairs
+//   per expert), read by its second pass
+constexpr int kMaxScanTiles = 64;
 struct Scratch {
   int* cum = nullptr;
   int* send_list = nullptr;
@@ -52,6 +56,9 @@ struct Scratch {
   int* hist = nullptr;
   int* ordinal = nullptr;
   int* fanout = nullptr;
+  unsigned long long* masks = nullptr;
+  int* tile_count = nullptr;
+  int* tile_ecount = nullptr;
   int* counts_stage = nullptr;  // [3 + E] the count exchange's host counts, when the host
                                 // memory is not device-writable (copied after the sync)
 };
@@ -81,6 +88,8 @@ struct CudaState {
   int64_t cap_tokens = -1;
   int cap_experts = -1;
   Scratch scratch;
+  uint32_t* records = nullptr;  // dispatch metadata records [G][N][M] (ensure_records)
+  size_t records_words = 0;
   std::vector<void*> retired;  // outgrown scratch, kept alive for captured graphs
   ~CudaState();
 };
@@ -96,6 +105,9 @@ void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const ch
 // Scratch for N tokens, E experts (grows; never while the stream is being captured).
 const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
                               cudaStream_t stream);
+
+// The dispatch's precomputed metadata records, `words` 32-bit words (grows like the scratch).
+uint32_t* ensure_records(CudaState& st, size_t words, cudaStream_t stream);
 
 // Launch shape of the communication kernels.
 struct LaunchConfig {
@@ -124,7 +136,9 @@ bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds ove
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
-int recv_rows_env();       // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (0: chunk)
+int recv_rows_env();
+bool records_env();  // FUSED_A2A_CUDA_RECORDS=1: dispatch records precomputed (dispatch.cu) //
+                     // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (0: chunk)
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
