@@ -134,6 +134,12 @@ for _name, _base in (("standard", {}), ("decode", dict(n=128)), ("standard_fp8",
     CASES[_name + "_rec"] = _case(**_base, RECORDS="1")
 CASES["standard_rec_rr2"] = _case(RECORDS="1", RECV_ROWS="2")
 CASES["standard_worstcap"] = _case(worst_cap=True)
+# The defaults chosen after session 10's runs, against the former ones: receiver items of whole
+# chunks (RECV_ROWS=0), FP8 records computed by the senders (RECORDS=0), the two-pass scan at
+# N = 128 (SCAN=tiles).
+CASES["standard_rr0"] = _case(RECV_ROWS="0")
+CASES["standard_fp8_rec0"] = _case(fp8=True, RECORDS="0")
+CASES["decode_scantiles"] = _case(n=128, SCAN="tiles")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

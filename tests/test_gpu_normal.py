@@ -96,12 +96,13 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_COMBINE_CLAIM": "0",
     },
     # The dispatch's metadata records precomputed by their own kernel (FUSED_A2A_CUDA_RECORDS=1,
-    # session 10), own rows by the senders (records pushed as bulk pieces) and the route scan in
-    # one block per destination (FUSED_A2A_CUDA_SCAN=block, the scan before session 10).
+    # session 10; by default for FP8 rows above 512 tokens only), own rows by the senders (records
+    # pushed as bulk pieces), and the route scan in two passes (FUSED_A2A_CUDA_SCAN=tiles; by
+    # default above 1024 tokens only, so these cases would take the one-block scan).
     "records": {
         "FUSED_A2A_CUDA_SELF": "send",
         "FUSED_A2A_CUDA_RECORDS": "1",
-        "FUSED_A2A_CUDA_SCAN": "block",
+        "FUSED_A2A_CUDA_SCAN": "tiles",
     },
 }
 
@@ -460,13 +461,17 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 }
 
 
-@pytest.mark.parametrize("own", ["default", "recv", "split", "loads_ahead2", "records"])
+@pytest.mark.parametrize(
+    "own", ["default", "recv", "split", "loads_ahead2", "records", "no_records"]
+)
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
     """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows;
     "loads_ahead2": the senders' rings (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores
     in flight (FUSED_A2A_CUDA_LOADS_AHEAD); "records": the records precomputed by their own kernel
-    (FUSED_A2A_CUDA_RECORDS=1), pushed as bulk pieces, and read by the own rows' scatter."""
+    on every rank (FUSED_A2A_CUDA_RECORDS=1; by default on the ranks with over 512 tokens),
+    pushed as bulk pieces and read by the own rows' scatter, with the two-pass route scan;
+    "no_records": computed by the senders on every rank (FUSED_A2A_CUDA_RECORDS=0)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
@@ -474,7 +479,9 @@ def test_static_fp8_rows(rows, own):
     if own == "loads_ahead2":
         env["FUSED_A2A_CUDA_LOADS_AHEAD"] = "2"
     elif own == "records":
-        env["FUSED_A2A_CUDA_RECORDS"] = "1"
+        env.update(FUSED_A2A_CUDA_RECORDS="1", FUSED_A2A_CUDA_SCAN="tiles")
+    elif own == "no_records":
+        env["FUSED_A2A_CUDA_RECORDS"] = "0"
     elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
@@ -573,11 +580,13 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "1"}),
     (16, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "3", **OWN_ROWS["split"]}),
     (32, 64, {"FUSED_A2A_CUDA_RECV_ROWS": "5"}),
-    # Precomputed metadata records (own rows by the receivers here, then by the senders), and the
-    # route scan in one block per destination against the two-pass default (session 10).
+    # Precomputed metadata records (own rows by the receivers here, then by the senders), the
+    # route scan in two passes against the one-block default of these 300 tokens, and receiver
+    # items of whole chunks against the 2-row default (session 10).
     (24, 8, {"FUSED_A2A_CUDA_RECORDS": "1"}),
     (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
-    (8, 1, {"FUSED_A2A_CUDA_SCAN": "block"}),
+    (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles"}),
+    (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "0", "FUSED_A2A_CUDA_SCAN": "tiles"}),
 )
 
 

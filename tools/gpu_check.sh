@@ -49,6 +49,12 @@ if has build; then
   # The image's g++ (/opt/gcc) links part of libstdc++ statically next to the system's shared
   # one; ostream formatting of numbers then crashed inside our module. Link all of libstdc++
   # statically with its symbols hidden (FA2A_STATIC_LIBSTDCXX=0 turns this off).
+  # CMAKE_CUDA_FLAGS always set: build/ stays on the device between calls and its CMake cache
+  # kept the diagnostic build's flags (tools/gpu_diag_trace.sh) for a later plain build, which
+  # then rebuilt nothing (session 10: the benches after a trace ran the traced kernels).
+  if [[ "${CMAKE_ARGS:-}" != *CMAKE_CUDA_FLAGS* ]]; then
+    export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_FLAGS="
+  fi
   if [[ "${FA2A_STATIC_LIBSTDCXX:-1}" == 1 ]]; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_MODULE_LINKER_FLAGS=-static-libstdc++\ -static-libgcc\ -Wl,--exclude-libs,ALL"
   fi

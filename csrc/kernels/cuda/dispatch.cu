@@ -320,7 +320,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
-  if (p.tma && records_env() && p.num_tokens > 0) {
+  if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
     const size_t words = static_cast<size_t>(G) * p.num_tokens * p.meta_words;
     uint32_t* records = ensure_records(*pr.st, words, s);
     p.records = records;

@@ -43,12 +43,11 @@ __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_toke
     if (s_rank[i]) atomicAdd(&per_rank[i], s_rank[i]);
 }
 
-// The route scan in one block per destination rank d (FUSED_A2A_CUDA_SCAN=block; the default
-// until session 10, kept for the A/B): cum[d][t] (tokens before t routed to d), cum[d][N], the send
-// list of d, and the (token, slot) pairs per expert of d. Tiles of kScanTile tokens: the routed
-// flags of a tile are computed with coalesced index loads into shared memory, then each thread
-// scans kScanTile / kScanThreads consecutive flags. Run 12: 21 us at N = 4096, 8 dependent rounds
-// of index loads in 4 blocks.
+// The route scan in one block per destination rank d (small N, or FUSED_A2A_CUDA_SCAN=block):
+// cum[d][t] (tokens before t routed to d), cum[d][N], the send list of d, and the (token, slot)
+// pairs per expert of d. Tiles of kScanTile tokens: the routed flags of a tile are computed with
+// coalesced index loads into shared memory, then each thread scans kScanTile / kScanThreads
+// consecutive flags. Run 12: 21 us at N = 4096, 8 dependent rounds of index loads in 4 blocks.
 constexpr int kScanTile = kScanThreads * 8;
 
 __global__ void __launch_bounds__(kScanThreads)
@@ -190,9 +189,17 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-bool scan_in_one_block() {  // FUSED_A2A_CUDA_SCAN=block: the single-block scan (A/B)
+// Which scan: FUSED_A2A_CUDA_SCAN=block / tiles, else one block per destination up to
+// kBlockScanMaxTokens tokens (a round or two of index loads, one launch) and two passes above.
+// Session 10 (4x H200, EP 4, two runs): two passes took the standard case (N = 4096) from 579 to
+// 567 us (dispatch) and 558 to 547 us (combine), EP 2 280 -> 265 us; decode (N = 128, CUDA
+// graphs) lost 1-7 us to the second launch.
+constexpr int kBlockScanMaxTokens = 1024;
+bool scan_in_one_block(int num_tokens) {
   const char* v = std::getenv("FUSED_A2A_CUDA_SCAN");
-  return v && std::strcmp(v, "block") == 0;
+  if (v && std::strcmp(v, "block") == 0) return true;
+  if (v && std::strcmp(v, "tiles") == 0) return false;
+  return num_tokens <= kBlockScanMaxTokens;
 }
 
 }  // namespace
@@ -217,7 +224,7 @@ void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num
                        int num_experts, int num_ranks, const Scratch& scratch, bool want_list,
                        cudaStream_t stream) {
   int* list = want_list ? scratch.send_list : nullptr;
-  if (scan_in_one_block()) {
+  if (scan_in_one_block(num_tokens)) {
     const int lpr = num_experts / num_ranks;
     route_scan_kernel<<<num_ranks, kScanThreads, sizeof(int) * lpr, stream>>>(
         topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, scratch.cum, list,

@@ -341,9 +341,21 @@ int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
 int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
 
-int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 0); }
+// Session 10: 2-row slices took the standard static dispatch from 587.7 to 582.0 us (4x H100)
+// and from 566.6 to 562.0 us (4x H200, two runs); 1-row slices lost (712.8 us: items and flag
+// waits per row).
+int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 2); }
 
-bool records_env() { return env_int("FUSED_A2A_CUDA_RECORDS", 0) != 0; }
+// Session 10 (4x H200, EP 4): the records kernel took the FP8 standard dispatch from 425.5 to
+// 390 us (the senders' metadata phase fell from ~270K to ~85-155K cycles a warp), but the bf16
+// one from 566.6 to 577 us (its senders are bound by the link, so the kernel's own time adds) and
+// decode (CUDA graphs) from 63-70 to 74-76 us. Default: FP8 rows above kSelfRecvMaxTokens-like
+// sizes only.
+bool records_env(bool fp8, int64_t num_tokens) {
+  const int v = env_int("FUSED_A2A_CUDA_RECORDS", -1);
+  if (v >= 0) return v != 0;
+  return fp8 && num_tokens > 512;
+}
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 

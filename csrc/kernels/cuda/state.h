@@ -136,9 +136,11 @@ bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds ove
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
 int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
+// FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (default 2; 0: the whole chunk)
 int recv_rows_env();
-bool records_env();  // FUSED_A2A_CUDA_RECORDS=1: dispatch records precomputed (dispatch.cu) //
-                     // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (0: chunk)
+// FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
+// unset: for FP8 rows above 512 tokens.
+bool records_env(bool fp8, int64_t num_tokens);
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
