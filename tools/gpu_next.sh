@@ -13,6 +13,8 @@
 #   PART=s10b (~7 min): session 10's two-pass route scan and precomputed records: a clean build,
 #       GPU tests, the bench A/B twice at EP 4 and once at EP 2
 #   PART=s10c (~4 min): traces of the records; the whole bench at N = 4096, both frontends + NCCL
+#   PART=s10d (~5 min): session 10's defaults (two-pass scan above 1024 tokens, 2-row receiver
+#       items, FP8 records): GPU tests, the A/B against the former defaults, the whole bench
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b) are in git history.
 set -uo pipefail
@@ -143,5 +145,20 @@ case "${PART:-tests}" in
     grep -vE '^\[' "$OUT/fab.log" | tail -24
     rm -f "$OUT/build.log" "$OUT"/fab/*.png
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s10, s10b or s10c" >&2; exit 2 ;;
+  s10d)  # session 10's defaults: tests, the A/B against the former ones, the whole bench (N = 4096)
+    find csrc -type f -exec touch {} +
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
+      PYTEST_K="${S10D_K:-(fp8_rows and (default or records)) or same_bits or (torch_gpu_matches and default and g4) or torch_vs_jax}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rr0,standard_worstcap,standard_sms32,standard_fp8,standard_fp8_rec0,decode,decode_scantiles} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rr0,standard_fp8} \
+      timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
+    grep -vE '^\[' "$OUT/fab.log" | tail -17
+    rm -f "$OUT/build.log" "$OUT"/fab/*.png
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s10-s10d" >&2; exit 2 ;;
 esac
