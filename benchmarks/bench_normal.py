@@ -140,6 +140,10 @@ CASES["standard_worstcap"] = _case(worst_cap=True)
 CASES["standard_rr0"] = _case(RECV_ROWS="0")
 CASES["standard_fp8_rec0"] = _case(fp8=True, RECORDS="0")
 CASES["decode_scantiles"] = _case(n=128, SCAN="tiles")
+# Padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO=wait, session 10)
+CASES["standard_worstcap_zw"] = _case(worst_cap=True, ZERO="wait")
+CASES["decode_worstcap"] = _case(n=128, worst_cap=True)
+CASES["decode_worstcap_zw"] = _case(n=128, worst_cap=True, ZERO="wait")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

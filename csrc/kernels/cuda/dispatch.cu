@@ -311,6 +311,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   }
   p.claim_items = claim_items_env();
   p.recv_rows = recv_rows_env();
+  p.zero_while_waiting = zero_while_waiting_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

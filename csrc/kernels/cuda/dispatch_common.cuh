@@ -32,9 +32,10 @@ struct DispatchParams {
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool scales_vec;  // x_scales rows load as float4 (nsc % 4 == 0, 16-byte aligned pointer)
   bool dst_major;
-  bool claim_items;  // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
-  int own_rows;      // who copies the own rows x -> recv_x: an OwnRows value
-  int recv_rows;     // rows of a receiver item (FUSED_A2A_CUDA_RECV_ROWS; 0: a whole chunk)
+  bool claim_items;         // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
+  int own_rows;             // who copies the own rows x -> recv_x: an OwnRows value
+  int recv_rows;            // rows of a receiver item (FUSED_A2A_CUDA_RECV_ROWS; 0: a whole chunk)
+  bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;

@@ -251,9 +251,24 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   WarpTrace tr;
   tr.stamp(8, sh.t0);
   const long long t_loop = WarpTrace::now();
+  // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed here,
+  // before the first flag, or (FUSED_A2A_CUDA_ZERO=wait) one at a time while a chunk's flag is
+  // not up yet and the rest after the loop, so that the zeroing fills the flag waits (a capacity
+  // of 4 x N rows, JAX's default, cost the static dispatch 10.5 us in run 46).
+  long long zero_next = sh.kept_total + gr;
   long long t_phase = WarpTrace::now();
-  for (long long P = sh.kept_total + gr; P < p.capacity; P += nrw) zero_row(p, P, lane);
+  if (!p.zero_while_waiting)
+    for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);
   tr.add(3, t_phase);
+  auto zero_until_up = [&](const unsigned long long* flag, unsigned long long target) {
+    while (zero_next < p.capacity) {
+      int up = 0;
+      if (lane == 0) up = ld_relaxed_sys(flag) >= target ? 1 : 0;
+      if (__shfl_sync(0xffffffffu, up, 0)) return;
+      zero_row(p, zero_next, lane);
+      zero_next += nrw;
+    }
+  };
   const long long remote = sh.kept_total - sh.kept[r];
   // Own rows (unless the senders copy them all): chunks of CR rows x -> recv_x, dealt with the
   // remote chunks of round 0 in the same order, so the local copy overlaps the transfer.
@@ -279,9 +294,14 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const Segment sg = segment(sh.qoff[s], sh.kept[s], k, R, CR, s);
       const RowSlice sl = chunk_slice(sg.lo + c * CR, sg.hi, CR, RS, a);
       if (sl.n == 0) return;
+      const unsigned long long* flag = chunk_flag(ctrl, sg.base + static_cast<int>(c));
+      if (p.zero_while_waiting) {
+        const long long t_zero = WarpTrace::now();
+        zero_until_up(flag, e);
+        tr.add(3, t_zero);
+      }
       const long long t_wait = WarpTrace::now();
-      ok = warp_wait_flag(chunk_flag(ctrl, sg.base + static_cast<int>(c)), e, ctx, kPhaseData, s,
-                          lane);
+      ok = warp_wait_flag(flag, e, ctx, kPhaseData, s, lane);
       tr.add(0, t_wait);
       if (!ok) return;
       tr.stamp(5, sh.t0);  // the latest flag: the copy after it is this warp's tail
@@ -318,6 +338,9 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       tr.add(4, t_round);
     }
   }
+  t_phase = WarpTrace::now();
+  for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);  // (ZERO=wait)
+  tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);
   tr.flush(p, p.send_warps + rwarp, lane);

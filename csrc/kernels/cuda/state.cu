@@ -357,6 +357,11 @@ bool records_env(bool fp8, int64_t num_tokens) {
   return fp8 && num_tokens > 512;
 }
 
+bool zero_while_waiting_env() {
+  const char* v = std::getenv("FUSED_A2A_CUDA_ZERO");
+  return v && std::strcmp(v, "wait") == 0;
+}
+
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.

@@ -141,6 +141,9 @@ int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
 // unset: for FP8 rows above 512 tokens.
 bool records_env(bool fp8, int64_t num_tokens);
+// FUSED_A2A_CUDA_ZERO=wait: the dispatch receivers zero the padding rows during flag waits
+// (default: before their first item; session 10, not yet measured).
+bool zero_while_waiting_env();
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
