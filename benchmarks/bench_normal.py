@@ -144,6 +144,10 @@ CASES["decode_scantiles"] = _case(n=128, SCAN="tiles")
 CASES["standard_worstcap_zw"] = _case(worst_cap=True, ZERO="wait")
 CASES["decode_worstcap"] = _case(n=128, worst_cap=True)
 CASES["decode_worstcap_zw"] = _case(n=128, worst_cap=True, ZERO="wait")
+# The static dispatch without a round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify, session 10)
+CASES["standard_lay"] = _case(LAYOUT="notify")
+CASES["decode_lay"] = _case(n=128, LAYOUT="notify")
+CASES["standard_fp8_lay"] = _case(fp8=True, LAYOUT="notify")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

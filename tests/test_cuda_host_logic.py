@@ -7,6 +7,8 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
   chunk): every own chunk by exactly one role.
 - recv_slices_check.cu: the dispatch receivers' row slices of a chunk (FUSED_A2A_CUDA_RECV_ROWS)
   cover every row of a stream exactly once, each inside its chunk.
+- layout_notify_check.cu: a sender's view of a receiver's placement of its rows
+  (FUSED_A2A_CUDA_LAYOUT=notify) equals the receiver's own and a row-by-row placement.
 
 Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
 against the kernel headers (a header change broke it once, unnoticed until a GPU run).
@@ -50,7 +52,9 @@ def _build(source, exe):
     assert build.returncode == 0, build.stdout + build.stderr
 
 
-@pytest.mark.parametrize("program", ["rect_items_check", "own_rows_check", "recv_slices_check"])
+@pytest.mark.parametrize(
+    "program", ["rect_items_check", "own_rows_check", "recv_slices_check", "layout_notify_check"]
+)
 def test_cuda_host_program(program, tmp_path):
     exe = tmp_path / program
     _build(os.path.join(HERE, "cuda_host", program + ".cu"), exe)

@@ -381,18 +381,25 @@ STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
 }
 
 
-@pytest.mark.parametrize("zero", ["start", "wait"])
+STATIC_VARIANTS = {  # session 10's opt-in static paths
+    "default": {},
+    "zero_wait": {"FUSED_A2A_CUDA_ZERO": "wait"},
+    "layout_notify": {"FUSED_A2A_CUDA_LAYOUT": "notify"},
+}
+
+
+@pytest.mark.parametrize("variant", list(STATIC_VARIANTS))
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
-def test_static_big_rows(rows, zero):
+def test_static_big_rows(rows, variant):
     """Static dispatch and combine of 14 KB rows, incl. padding rows (capacity above the rows
-    received) zeroed before the receivers' first item or, with FUSED_A2A_CUDA_ZERO=wait, during
-    their flag waits (session 10)."""
+    received) and dropped rows (capacity below), one round or many. "zero_wait": the padding
+    zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO=wait); "layout_notify": the
+    senders place their rows from every rank's count row, no round-0 ready message
+    (FUSED_A2A_CUDA_LAYOUT=notify)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
-    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
-    if zero == "wait":
-        env["FUSED_A2A_CUDA_ZERO"] = "wait"
+    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows, **STATIC_VARIANTS[variant])
     res = run_ranks(_rank_static, g, cases, timeout=600, env=env)
     for name, (_, _h, k, e, cap, _) in cases.items():
         per = [res[r][name] for r in range(g)]
@@ -468,7 +475,8 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 
 
 @pytest.mark.parametrize(
-    "own", ["default", "recv", "split", "loads_ahead2", "records", "no_records", "zero_wait"]
+    "own",
+    ["default", "recv", "split", "loads_ahead2", "records", "no_records", "zero_wait", "layout"],
 )
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
@@ -490,6 +498,8 @@ def test_static_fp8_rows(rows, own):
         env["FUSED_A2A_CUDA_RECORDS"] = "0"
     elif own == "zero_wait":  # padding rows zeroed during the receivers' flag waits
         env["FUSED_A2A_CUDA_ZERO"] = "wait"
+    elif own == "layout":  # no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify)
+        env["FUSED_A2A_CUDA_LAYOUT"] = "notify"
     elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)

@@ -15,8 +15,9 @@
 #   PART=s10c (~4 min): traces of the records; the whole bench at N = 4096, both frontends + NCCL
 #   PART=s10d (~5 min): session 10's defaults (two-pass scan above 1024 tokens, 2-row receiver
 #       items, FP8 records): GPU tests, the A/B against the former defaults, the whole bench
-#   PART=s11 (~5 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO):
-#       GPU tests, the A/B at the JAX capacity (4 x N), the whole bench
+#   PART=s11 (~6 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO)
+#       and no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify): GPU tests, the A/B twice,
+#       the whole bench with both
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b) are in git history.
 set -uo pipefail
@@ -166,18 +167,18 @@ case "${PART:-tests}" in
     find csrc -type f -exec touch {} +
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S11_K:-big_rows or (fp8_rows and (default or zero_wait)) or same_bits}" \
+      PYTEST_K="${S11_K:-big_rows or (fp8_rows and (default or zero_wait or layout)) or same_bits or jax_gpu_suite}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
     for rep in 1 2; do
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_worstcap,standard_worstcap_zw,decode_worstcap,decode_worstcap_zw} \
-        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard_worstcap,standard_worstcap_zw}") \
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_lay,standard_worstcap,standard_worstcap_zw,decode,decode_lay,decode_worstcap,decode_worstcap_zw,standard_fp8,standard_fp8_lay} \
+        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_lay,standard_worstcap,standard_worstcap_zw}") \
         timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
       mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"
     done
-    FUSED_A2A_CUDA_ZERO=wait timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-      --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096 (ZERO=wait): rc=$?"
+    FUSED_A2A_CUDA_ZERO=wait FUSED_A2A_CUDA_LAYOUT=notify timeout 150 fused-a2a bench \
+      --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU --tokens 4096 (ZERO=wait, LAYOUT=notify): rc=$?"
     grep -vE '^\[' "$OUT/fab.log" | tail -17
     rm -f "$OUT/build.log" "$OUT"/fab/*.png
     ;;

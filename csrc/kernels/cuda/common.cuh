@@ -56,6 +56,24 @@ constexpr size_t kHybridOffset = kExpertOffset + 2 * kMaxExpertsNotify * sizeof(
 constexpr size_t kHybridBytes = 64 + 2 * kMaxRanks * sizeof(unsigned long long);
 static_assert(kHybridOffset + kHybridBytes <= kFlagOffset, "control layout (hybrid)");
 
+// Static dispatch with FUSED_A2A_CUDA_LAYOUT=notify (G <= kLayoutMaxRanks): every rank writes
+// its count row and its receive parameters to every rank, so a sender computes each receiver's
+// placement of its rows itself and round 0 needs no ready message (one NVLink round trip less).
+constexpr int kLayoutMaxRanks = 8;
+struct LayoutSlot {  // source s -> every rank, [parity][s]
+  unsigned long long flag;
+  int count[kLayoutMaxRanks];  // tokens of s routed to each rank
+  int n_tokens;                // N of s
+  int warps2;                  // 2 x s's sender warps (its chunk rows; dispatch.cu)
+  int chunk;                   // s's largest chunk (rows)
+  int pad;
+  long long capacity;  // rows of s's recv_x
+  long long window;    // rows of s's receive window
+};
+constexpr size_t kLayoutOffset = (kHybridOffset + kHybridBytes + 255) & ~size_t(255);
+static_assert(kLayoutOffset + 2 * kLayoutMaxRanks * sizeof(LayoutSlot) <= kFlagOffset,
+              "control layout (layout slots)");
+
 enum MsgKind { kMsgDispatch = 0, kMsgCombine = 1 };
 
 __host__ __device__ inline LocalState* local_state(uint8_t* ctrl) {
@@ -66,6 +84,9 @@ __host__ __device__ inline NotifySlot* notify_slot(uint8_t* ctrl, int parity, in
 }
 __host__ __device__ inline int* notify_experts(uint8_t* ctrl, int parity) {
   return reinterpret_cast<int*>(ctrl + kExpertOffset) + parity * kMaxExpertsNotify;
+}
+__host__ __device__ inline LayoutSlot* layout_slot(uint8_t* ctrl, int parity, int src) {
+  return reinterpret_cast<LayoutSlot*>(ctrl + kLayoutOffset) + parity * kLayoutMaxRanks + src;
 }
 __host__ __device__ inline MsgSlot* msg_slot(uint8_t* ctrl, int kind, int parity, int src) {
   return reinterpret_cast<MsgSlot*>(ctrl + kMsgOffset) + (kind * 2 + parity) * kMaxRanks + src;

@@ -58,8 +58,36 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   const int parity = static_cast<int>(seq & 1ull);
   const unsigned long long e0 = epoch_of(seq, 0);
   if (!sh.fail) {
-    // 1. True counts per source: exchanged here (static) or from the notify / the handle.
-    if (p.static_mode) {
+    // 1. True counts per source: exchanged here (static) or from the notify / the handle. With
+    // the layout notify, every rank's count row and receive parameters go to every rank.
+    const bool lay = p.static_mode && p.layout_notify;
+    if (lay) {
+      if (blockIdx.x == 0) {
+        for (int d = tid; d < G; d += blockDim.x) {
+          LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
+          for (int i = 0; i < G; ++i) slot->count[i] = p.cum[static_cast<size_t>(i) * (N + 1) + N];
+          slot->n_tokens = N;
+          slot->warps2 = 2 * gridDim.x * p.send_warps;
+          slot->chunk = p.chunk;
+          slot->capacity = p.capacity;
+          slot->window = p.window;
+          __threadfence_system();
+          st_release_sys(&slot->flag, e0);
+        }
+      }
+      for (int s = tid; s < G; s += blockDim.x) {
+        LayoutSlot* slot = layout_slot(ctrl, parity, s);
+        if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) sh.fail = 1;
+        const volatile LayoutSlot* v = slot;
+        for (int i = 0; i < G; ++i) sh.lay_count[s][i] = v->count[i];
+        sh.true_cnt[s] = sh.lay_count[s][r];
+        sh.ntok[s] = v->n_tokens;
+        sh.lay_warps2[s] = v->warps2;
+        sh.lay_chunk[s] = v->chunk;
+        sh.lay_capacity[s] = v->capacity;
+        sh.lay_window[s] = v->window;
+      }
+    } else if (p.static_mode) {
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
           NotifySlot* slot = notify_slot(p.peers[d], parity, r);
@@ -80,29 +108,34 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     }
     __syncthreads();
     if (tid == 0) {
-      long long before = 0;
-      for (int s = 0; s < G; ++s) {
-        const long long poff = min(before, p.capacity);
-        sh.poff[s] = static_cast<int>(poff);
-        sh.kept[s] =
-            static_cast<int>(min(static_cast<long long>(sh.true_cnt[s]), p.capacity - poff));
-        before += sh.true_cnt[s];
-      }
-      sh.total = before;
-      sh.kept_total = static_cast<int>(min(before, p.capacity));
-      for (int s = 0; s < G; ++s) sh.qoff[s] = sh.poff[s] - (s > r ? sh.kept[r] : 0);
-      // Chunk rows: about two chunks per sender warp, at most p.chunk, and few enough chunks
-      // for the flags of one window.
-      const long long remote = sh.kept_total - sh.kept[r];
-      const long long warps2 = 2ll * gridDim.x * p.send_warps;
-      long long cr = min(static_cast<long long>(p.chunk), max(1ll, (remote + warps2 - 1) / warps2));
-      const long long used = min(remote, p.window);
-      cr = max(cr, (used + (kNumFlags - kMaxRanks) - 1) / (kNumFlags - kMaxRanks));
-      sh.cr_recv = static_cast<int>(max(cr, 1ll));
+      int kept_total = 0;
+      sh.total = place_sources(sh.true_cnt, G, p.capacity, sh.poff, sh.kept, &kept_total);
+      sh.kept_total = kept_total;
+      for (int s = 0; s < G; ++s) sh.qoff[s] = window_qoff(sh.poff, sh.kept, s, r);
+      sh.cr_recv = window_chunk_rows(sh.kept_total - sh.kept[r], 2ll * gridDim.x * p.send_warps,
+                                     p.chunk, p.window);
     }
     __syncthreads();
-    // 2. Ready: tell every source where its rows go; learn where ours go.
-    if (!sh.fail) {
+    // 2. Ready: tell every source where its rows go; learn where ours go. With the layout
+    // notify, every destination's placement of our rows is computed here (sender_view) instead.
+    if (!sh.fail && lay) {
+      for (int d = tid; d < G; d += blockDim.x) {
+        const int sent = p.cum[static_cast<size_t>(d) * (N + 1) + N];
+        if (d == r) {
+          sh.dqoff[d] = sh.poff[r];
+          sh.dkept[d] = min(sh.kept[r], sent);
+          sh.dcr[d] = sh.cr_recv;
+          continue;
+        }
+        int col[kLayoutMaxRanks];
+        for (int s = 0; s < G; ++s) col[s] = sh.lay_count[s][d];
+        const SenderView v = sender_view(col, G, r, d, sh.lay_capacity[d], sh.lay_warps2[d],
+                                         sh.lay_chunk[d], sh.lay_window[d]);
+        sh.dqoff[d] = v.qoff;
+        sh.dkept[d] = min(v.kept, sent);
+        sh.dcr[d] = max(v.cr, 1);
+      }
+    } else if (!sh.fail) {
       if (blockIdx.x == 0) {
         for (int s = tid; s < G; s += blockDim.x) {
           if (s == r) continue;
@@ -312,6 +345,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.claim_items = claim_items_env();
   p.recv_rows = recv_rows_env();
   p.zero_while_waiting = zero_while_waiting_env();
+  p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

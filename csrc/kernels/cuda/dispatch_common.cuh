@@ -36,6 +36,7 @@ struct DispatchParams {
   int own_rows;             // who copies the own rows x -> recv_x: an OwnRows value
   int recv_rows;            // rows of a receiver item (FUSED_A2A_CUDA_RECV_ROWS; 0: a whole chunk)
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
+  bool layout_notify;  // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -246,10 +247,69 @@ __host__ __device__ __forceinline__ Segment segment(long long qoff, long long ke
   return s;
 }
 
+// A receiver's placement of its sources' rows (protocol step 1): rows from source s land at
+// P = poff[s] + j, kept[s] of them (the capacity drops rows from the end of the source order);
+// returns the rows sent to it (total) and sets kept_total. cnt[s]: rows from source s.
+__host__ __device__ inline long long place_sources(const int* cnt, int G, long long capacity,
+                                                   int* poff, int* kept, int* kept_total) {
+  long long before = 0;
+  for (int s = 0; s < G; ++s) {
+    const long long at = before < capacity ? before : capacity;
+    poff[s] = static_cast<int>(at);
+    const long long room = capacity - at;
+    kept[s] = static_cast<int>(cnt[s] < room ? cnt[s] : room);
+    before += cnt[s];
+  }
+  *kept_total = static_cast<int>(before < capacity ? before : capacity);
+  return before;
+}
+
+// Q offset of source s's rows in receiver d's window: its P offset minus d's own rows (which go
+// straight to recv_x, not through the window) when s > d.
+__host__ __device__ inline int window_qoff(const int* poff, const int* kept, int s, int d) {
+  return poff[s] - (s > d ? kept[d] : 0);
+}
+
+// Chunk rows of a receiver's window: about two chunks per sender warp of the receiver (warps2 =
+// 2 x its sender warps), at most chunk_max, and few enough chunks for the flags of one window.
+__host__ __device__ inline int window_chunk_rows(long long remote, long long warps2, int chunk_max,
+                                                 long long window) {
+  const long long per_warp = (remote + warps2 - 1) / warps2;
+  long long cr = per_warp > 1 ? per_warp : 1;
+  if (cr > chunk_max) cr = chunk_max;
+  const long long used = remote < window ? remote : window;
+  const long long flag_rows = (used + (kNumFlags - kMaxRanks) - 1) / (kNumFlags - kMaxRanks);
+  if (cr < flag_rows) cr = flag_rows;
+  return static_cast<int>(cr > 1 ? cr : 1);
+}
+
+// Where sender r's rows go at receiver d, from d's count column (col[s] = rows s -> d) and d's
+// receive parameters (LayoutSlot), as d computes it for its ready message: Q offset, rows kept,
+// d's chunk rows. Host-checked against the receiver's own computation
+// (tests/cuda_host/layout_notify_check.cu).
+struct SenderView {
+  int qoff, kept, cr;
+};
+__host__ __device__ inline SenderView sender_view(const int* col, int G, int r, int d,
+                                                  long long capacity, long long warps2,
+                                                  int chunk_max, long long window) {
+  int poff[kLayoutMaxRanks], kept[kLayoutMaxRanks], kept_total = 0;
+  place_sources(col, G, capacity, poff, kept, &kept_total);
+  SenderView v;
+  v.qoff = window_qoff(poff, kept, r, d);
+  v.kept = kept[r];
+  v.cr = window_chunk_rows(kept_total - kept[d], warps2, chunk_max, window);
+  return v;
+}
+
 struct Shared {
   int true_cnt[kMaxRanks], kept[kMaxRanks], poff[kMaxRanks], qoff[kMaxRanks];
   int dkept[kMaxRanks], dqoff[kMaxRanks], dcr[kMaxRanks], ntok[kMaxRanks];
   int cr_recv;  // chunk rows of this rank's window (chosen here, sent to the sources)
+  // FUSED_A2A_CUDA_LAYOUT=notify: every source's LayoutSlot (count rows and receive parameters)
+  int lay_count[kLayoutMaxRanks][kLayoutMaxRanks];
+  int lay_warps2[kLayoutMaxRanks], lay_chunk[kLayoutMaxRanks];
+  long long lay_capacity[kLayoutMaxRanks], lay_window[kLayoutMaxRanks];
   long long total;
   int kept_total, fail, last;
   unsigned long long seq;

@@ -362,6 +362,11 @@ bool zero_while_waiting_env() {
   return v && std::strcmp(v, "wait") == 0;
 }
 
+bool layout_notify_env() {
+  const char* v = std::getenv("FUSED_A2A_CUDA_LAYOUT");
+  return v && std::strcmp(v, "notify") == 0;
+}
+
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.

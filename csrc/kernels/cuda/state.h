@@ -144,6 +144,10 @@ bool records_env(bool fp8, int64_t num_tokens);
 // FUSED_A2A_CUDA_ZERO=wait: the dispatch receivers zero the padding rows during flag waits
 // (default: before their first item; session 10, not yet measured).
 bool zero_while_waiting_env();
+// FUSED_A2A_CUDA_LAYOUT=notify: the static dispatch's senders compute each receiver's placement
+// of their rows from every rank's count row (LayoutSlot) instead of waiting for a ready message
+// (session 10, not yet measured).
+bool layout_notify_env();
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
