@@ -9,17 +9,11 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s10 (~9 min): the knobs of session 9 (LOADS_AHEAD, RECV_ROWS): GPU tests, A/B, traces
-#   PART=s10b (~7 min): session 10's two-pass route scan and precomputed records: a clean build,
-#       GPU tests, the bench A/B twice at EP 4 and once at EP 2
-#   PART=s10c (~4 min): traces of the records; the whole bench at N = 4096, both frontends + NCCL
-#   PART=s10d (~5 min): session 10's defaults (two-pass scan above 1024 tokens, 2-row receiver
-#       items, FP8 records): GPU tests, the A/B against the former defaults, the whole bench
 #   PART=s11 (~6 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO)
 #       and no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify): GPU tests, the A/B twice,
 #       the whole bench with both
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
-# of earlier sessions (s7, s7b, claim, s8, s9, s9b) are in git history.
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -102,68 +96,9 @@ case "${PART:-tests}" in
       --repeat 3 --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw)"
     rm -f "$OUT"/*/bench.png "$OUT/build.log" "$OUT/jax_runtime.log"  # 8 files come back at most
     ;;
-  s10)  # session 10 (~9 min): the senders' rings with fewer loads ahead of their stores
-    # (LOADS_AHEAD) and the receivers' row slices (RECV_ROWS): GPU tests, the A/B (NOTES, next
-    # steps after session 9, 1a and 2), traces
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-180} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S10_K:-fp8_rows or same_bits or (torch_gpu_matches and senders and g4)}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -6
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_a1,standard_fp8_a2,standard_fp8_a3,standard_kb7,standard_kb7_a1,standard_rr1,standard_rr2,decode,decode_rr1} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_fp8,standard_fp8_a2,standard_kb7_a1,standard_rr2} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    # Is the senders' metadata phase instruction-bound? (NOTES, next steps after session 9, 1d)
-    TRACE_CASES=${TRACE_CASES:-standard,standard_abl_meta,standard_fp8} timeout 130 \
-      bash tools/gpu_diag_trace.sh
-    rm -f "$OUT/build.log"
-    ;;
-  s10b)  # session 10: the two-pass route scan (default) against SCAN=block, the records kernel
-    # (RECORDS=1), receiver slices of 2 rows, the JAX frontend's capacity; the A/B twice at EP 4.
-    # Every source is touched first: the device keeps build/ between calls and the copied
-    # sources may carry older times than its outputs (session 10's first builds took 4 s).
-    find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-240} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S10B_K:-fp8_rows or same_bits or (torch_gpu_matches and (records or default) and g4) or jax_gpu_suite}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
-    for rep in 1 2; do
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_scanblock,standard_rec,standard_rr2,standard_rec_rr2,standard_worstcap,standard_fp8,standard_fp8_rec,standard_fp8_scanblock,decode,decode_scanblock,decode_rec} \
-        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_scanblock,standard_rec,standard_rr2,standard_fp8,standard_fp8_rec}") \
-        timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-      mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"
-    done
-    rm -f "$OUT/build.log"
-    ;;
-  s10c)  # session 10: traces with the records; then the whole bench at N = 4096 (both frontends and
-    # the peers in one run: issue 4's figures)
-    TRACE_CASES=${TRACE_CASES:-standard,standard_rec,standard_fp8_rec} timeout 170 \
-      bash tools/gpu_diag_trace.sh
-    mv "$OUT/bench.json" "$OUT/trace.json"
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
-    grep -vE '^\[' "$OUT/fab.log" | tail -24
-    rm -f "$OUT/build.log" "$OUT"/fab/*.png
-    ;;
-  s10d)  # session 10's defaults: tests, the A/B against the former ones, the whole bench (N = 4096)
-    find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S10D_K:-(fp8_rows and (default or records)) or same_bits or (torch_gpu_matches and default and g4) or torch_vs_jax}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rr0,standard_worstcap,standard_sms32,standard_fp8,standard_fp8_rec0,decode,decode_scantiles} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rr0,standard_fp8} \
-      timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
-    grep -vE '^\[' "$OUT/fab.log" | tail -17
-    rm -f "$OUT/build.log" "$OUT"/fab/*.png
-    ;;
-  s11)  # padding rows zeroed during the receivers' flag waits (NOTES, next steps after session 10)
+  s11)  # padding rows zeroed during the receivers' flag waits, no round-0 ready message (NOTES,
+    # next steps after session 10, 2a-b). Every source is touched first: the device keeps build/
+    # between calls and the copied sources may carry older times than its outputs.
     find csrc -type f -exec touch {} +
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
@@ -182,5 +117,5 @@ case "${PART:-tests}" in
     grep -vE '^\[' "$OUT/fab.log" | tail -17
     rm -f "$OUT/build.log" "$OUT"/fab/*.png
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s10-s10d or s11" >&2; exit 2 ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11" >&2; exit 2 ;;
 esac

@@ -118,25 +118,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     __syncthreads();
     // 2. Ready: tell every source where its rows go; learn where ours go. With the layout
     // notify, every destination's placement of our rows is computed here (sender_view) instead.
-    if (!sh.fail && lay) {
-      for (int d = tid; d < G; d += blockDim.x) {
-        const int sent = p.cum[static_cast<size_t>(d) * (N + 1) + N];
-        if (d == r) {
-          sh.dqoff[d] = sh.poff[r];
-          sh.dkept[d] = min(sh.kept[r], sent);
-          sh.dcr[d] = sh.cr_recv;
-          continue;
-        }
-        int col[kLayoutMaxRanks];
-        for (int s = 0; s < G; ++s) col[s] = sh.lay_count[s][d];
-        const SenderView v = sender_view(col, G, r, d, sh.lay_capacity[d], sh.lay_warps2[d],
-                                         sh.lay_chunk[d], sh.lay_window[d]);
-        sh.dqoff[d] = v.qoff;
-        sh.dkept[d] = min(v.kept, sent);
-        sh.dcr[d] = max(v.cr, 1);
-      }
-    } else if (!sh.fail) {
-      if (blockIdx.x == 0) {
+    if (!sh.fail) {
+      if (!lay && blockIdx.x == 0) {
         for (int s = tid; s < G; s += blockDim.x) {
           if (s == r) continue;
           MsgSlot* m = msg_slot(p.peers[s], kMsgDispatch, parity, r);
@@ -153,6 +136,16 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           sh.dqoff[d] = sh.poff[r];
           sh.dkept[d] = min(sh.kept[r], sent);
           sh.dcr[d] = sh.cr_recv;
+          continue;
+        }
+        if (lay) {
+          int col[kLayoutMaxRanks];
+          for (int s = 0; s < G; ++s) col[s] = sh.lay_count[s][d];
+          const SenderView v = sender_view(col, G, r, d, sh.lay_capacity[d], sh.lay_warps2[d],
+                                           sh.lay_chunk[d], sh.lay_window[d]);
+          sh.dqoff[d] = v.qoff;
+          sh.dkept[d] = min(v.kept, sent);
+          sh.dcr[d] = max(v.cr, 1);
           continue;
         }
         MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);

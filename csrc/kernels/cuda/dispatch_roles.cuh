@@ -131,54 +131,40 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-    if (p.tma && p.records) {
-      // Precomputed records: the chunk's tokens into the staging buffer (one coalesced load per
-      // 32 rows; only lane 0 reads them, so no bulk read to wait for), then lane 0 pushes the
-      // chunk's records (one piece, or a few) and its rows back to back.
-      uint32_t* tokens = staging + (chunks_done & 1) * staging_words;
-      long long t_phase = WarpTrace::now();
+    if (p.tma) {
+      // The chunk's records first, as one bulk group: precomputed (p.records: one piece through
+      // the ring; the staging buffer holds only the tokens, read by lane 0 alone, so no bulk read
+      // to wait for), or staged here (word 0 of each record is the token). Then lane 0 issues the
+      // chunk's row copies back to back, with no global load between them.
+      uint32_t* stage = staging + (chunks_done & 1) * staging_words;
+      const int stride = p.records ? 1 : M;  // words between two rows' tokens in `stage`
       const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
-      for (int i = lane; i < n; i += 32) tokens[i] = static_cast<uint32_t>(__ldg(list + i));
-      __syncwarp();
-      tr.add(2, t_phase);
-      if (lane == 0) {
-        t_phase = WarpTrace::now();
-        pipe.push_span(dmeta, p.records + (static_cast<size_t>(d) * N + j0) * M,
-                       static_cast<size_t>(n) * M * 4);
-        for (int i = 0; i < n && !ablated(p, 4); ++i)
-          pipe.push_span(dbase + (slot0 + i) * rb, p.x + static_cast<size_t>(tokens[i]) * rb, rb);
-        tr.add(3, t_phase);
-        t_phase = WarpTrace::now();
-        pipe.end_chunk(flag, v);
-        tr.add(4, t_phase);
-        tr.count(7);
-      }
-      __syncwarp();
-      ++chunks_done;
-    } else if (p.tma) {
-      // Metadata first (word 0 of each record is the token), stored as one group; then lane 0
-      // issues the chunk's row copies back to back, with no global load between them.
-      uint32_t* stage_meta = staging + (chunks_done & 1) * staging_words;
       long long t_phase = WarpTrace::now();
-      if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
-      __syncwarp();
-      tr.add(1, t_phase);
-      t_phase = WarpTrace::now();
-      if (ablated(p, 2)) {
-        const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
-        for (int i = lane; i < n; i += 32)
-          stage_meta[i * M] = static_cast<uint32_t>(__ldg(list + i));
-      } else {
-        stage_chunk_meta(p, p.send_list + static_cast<size_t>(d) * N + j0, n, d, stage_meta, lane);
+      if (!p.records) {
+        if (lane == 0) bulk_wait_read<1>();  // this staging buffer's store (2 chunks ago) has read
+        __syncwarp();
+        tr.add(1, t_phase);
+        t_phase = WarpTrace::now();
       }
-      fence_proxy_async_smem();
+      if (p.records || ablated(p, 2)) {
+        for (int i = lane; i < n; i += 32)
+          stage[i * stride] = static_cast<uint32_t>(__ldg(list + i));
+      } else {
+        stage_chunk_meta(p, list, n, d, stage, lane);
+      }
+      if (!p.records) fence_proxy_async_smem();
       __syncwarp();
       tr.add(2, t_phase);
       if (lane == 0) {
         t_phase = WarpTrace::now();
-        pipe.store_staged(dmeta, stage_meta, static_cast<uint32_t>(n * M * 4));
+        const uint32_t record_bytes = static_cast<uint32_t>(n * M * 4);
+        if (p.records) {
+          pipe.push_span(dmeta, p.records + (static_cast<size_t>(d) * N + j0) * M, record_bytes);
+        } else {
+          pipe.store_staged(dmeta, stage, record_bytes);
+        }
         for (int i = 0; i < n && !ablated(p, 4); ++i) {
-          const size_t t = stage_meta[i * M];
+          const size_t t = stage[i * stride];
           pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
         }
         tr.add(3, t_phase);
