@@ -369,7 +369,7 @@ def _kernel_times(fn, calls=10):
 
 TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
 TRACE_RECEIVER = ("flag_wait", "remote_copy", "own_copy", "zero_rows", "round_barrier")
-TRACE_SLOTS = 10  # csrc/kernels/cuda/state.h kTraceSlots
+TRACE_SLOTS = 11  # csrc/kernels/cuda/state.h kTraceSlots
 
 
 def _trace_one(fn, gid, grank, sms):
@@ -403,9 +403,10 @@ def _trace_one(fn, gid, grank, sms):
         out["finish_ns"] = [statistics.mean(r[6] for r in rows), max(r[6] for r in rows)]
         out["chunks"] = [statistics.mean(r[7] for r in rows), max(r[7] for r in rows)]
         out["start_ns"] = [statistics.mean(r[8] for r in rows), max(r[8] for r in rows)]
-        # the role's item loop minus its traced phases (slots 0-4 for both roles; the senders'
-        # drain, slot 5, comes after the loop): time between and around the phases
-        untraced = [r[9] - sum(r[:5]) for r in rows]
+        # the role's item loop minus its traced phases (slots 0-4 for both roles, and the
+        # senders' claims, slot 10; their drain, slot 5, comes after the loop): time between and
+        # around the phases
+        untraced = [r[9] - sum(r[:5]) - r[10] for r in rows]
         out["loop_cycles"] = [statistics.mean(r[9] for r in rows), max(r[9] for r in rows)]
         out["untraced_cycles"] = [statistics.mean(untraced), max(untraced)]
         return out
@@ -422,7 +423,9 @@ def _trace_one(fn, gid, grank, sms):
         ]
         receiver["copy_tail_ns"] = [statistics.mean(tails), max(tails)]
         receiver["kernel_tail_ns"] = max(r[6] for r in receivers) - max(r[5] for r in flagged)
-    return {"sender": stats(senders, TRACE_SENDER), "receiver": receiver}
+    sender = stats(senders, TRACE_SENDER)
+    sender["claim_cycles"] = [statistics.mean(r[10] for r in senders), max(r[10] for r in senders)]
+    return {"sender": sender, "receiver": receiver}
 
 
 def _summarize(per_rank):

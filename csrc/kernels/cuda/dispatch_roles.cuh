@@ -190,8 +190,14 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // Items claimed by default (run 32: standard static dispatch 668 us dealt, 576 claimed, NCCL 568
   // in the same call); FUSED_A2A_CUDA_CLAIM=0 deals them (next_item).
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
-  long long q = next_item(p.claim_items, claim_counter, gw - nsw, nsw, lane);  // this warp's item
-  long long round_base = 0;  // number of round k's first item
+  auto claim = [&](long long after) {  // the next item number (trace slot 10: its cycles)
+    const long long t_claim = WarpTrace::now();
+    const long long next = next_item(p.claim_items, claim_counter, after, nsw, lane);
+    tr.add(10, t_claim);
+    return next;
+  };
+  long long q = claim(gw - nsw);  // this warp's first item
+  long long round_base = 0;       // number of round k's first item
   for (long long k = 0; k < nrounds && ok; ++k) {
     long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
@@ -204,7 +210,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     // an item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
     const int cols = own_col ? G : G - 1;
     const long long rect = maxc * cols;
-    for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
+    for (; q - round_base < rect && ok; q = claim(q)) {
       const RectItem it = rect_item(q - round_base, maxc, cols, p.dst_major);
       item(k, (r + 1 + it.col) % G, it.chunk);
     }

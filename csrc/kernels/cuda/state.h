@@ -71,8 +71,9 @@ struct Scratch {
 // seen after kernel start, 6 finish time after kernel start, 7 chunks. Both: 8 role start (for
 // receivers: the data phase start) after kernel start, 9 the role's item loop in cycles (senders:
 // up to the final drain), so that the time outside the phases above is slot 9 minus their sum.
+// Senders' slot 10: their item claims (next_item; inside slot 9, outside slots 0-4).
 constexpr int kTraceWarps = 64 * 16;
-constexpr int kTraceSlots = 10;
+constexpr int kTraceSlots = 11;
 constexpr int kTraceWords = kTraceWarps * kTraceSlots;
 
 struct CudaState {
