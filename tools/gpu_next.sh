@@ -9,9 +9,9 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s11 (~6 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO)
+#   PART=s11 (~8 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO)
 #       and no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify): GPU tests, the A/B twice,
-#       the whole bench with both
+#       the whole bench with both; traces of standard and FP8 (the senders' claims)
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d) are in git history.
 set -uo pipefail
@@ -115,7 +115,11 @@ case "${PART:-tests}" in
       --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
     echo "fused-a2a bench --ranks $NGPU --tokens 4096 (ZERO=wait, LAYOUT=notify): rc=$?"
     grep -vE '^\[' "$OUT/fab.log" | tail -17
-    rm -f "$OUT/build.log" "$OUT"/fab/*.png
+    rm -f "$OUT"/fab/*.png
+    # Where the FP8 senders' untraced loop time goes: their claims now have their own slot
+    TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 150 bash tools/gpu_diag_trace.sh
+    mv "$OUT/bench.json" "$OUT/trace.json"
+    rm -f "$OUT/build.log"
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11" >&2; exit 2 ;;
 esac
