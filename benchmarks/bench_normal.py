@@ -148,6 +148,9 @@ CASES["decode_worstcap_zw"] = _case(n=128, worst_cap=True, ZERO="wait")
 CASES["standard_lay"] = _case(LAYOUT="notify")
 CASES["decode_lay"] = _case(n=128, LAYOUT="notify")
 CASES["standard_fp8_lay"] = _case(fp8=True, LAYOUT="notify")
+# A chunk's flag released once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)
+CASES["decode_lean"] = _case(n=128, CHUNK_END="lean")
+CASES["standard_lean"] = _case(CHUNK_END="lean")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).

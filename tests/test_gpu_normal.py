@@ -385,6 +385,7 @@ STATIC_VARIANTS = {  # session 10's opt-in static paths
     "default": {},
     "zero_wait": {"FUSED_A2A_CUDA_ZERO": "wait"},
     "layout_notify": {"FUSED_A2A_CUDA_LAYOUT": "notify"},
+    "lean_end": {"FUSED_A2A_CUDA_CHUNK_END": "lean"},
 }
 
 
@@ -395,7 +396,8 @@ def test_static_big_rows(rows, variant):
     received) and dropped rows (capacity below), one round or many. "zero_wait": the padding
     zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO=wait); "layout_notify": the
     senders place their rows from every rank's count row, no round-0 ready message
-    (FUSED_A2A_CUDA_LAYOUT=notify)."""
+    (FUSED_A2A_CUDA_LAYOUT=notify); "lean_end": a chunk's flag released once its own writes are
+    complete (FUSED_A2A_CUDA_CHUNK_END=lean)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -605,6 +607,11 @@ DETERMINISM_CONFIGS = (
     (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles"}),
     (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "0", "FUSED_A2A_CUDA_SCAN": "tiles"}),
+    # A chunk's flag released once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean,
+    # session 10): 1-row chunks (every chunk end finds an earlier one pending), own rows by the
+    # senders too.
+    (8, 1, {"FUSED_A2A_CUDA_CHUNK_END": "lean"}),
+    (16, 2, {"FUSED_A2A_CUDA_CHUNK_END": "lean", **OWN_ROWS["senders"]}),
 )
 
 

@@ -9,9 +9,10 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s11 (~8 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO)
-#       and no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify): GPU tests, the A/B twice,
-#       the whole bench with both; traces of standard and FP8 (the senders' claims)
+#   PART=s11 (~8 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO),
+#       no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify), lean chunk ends
+#       (FUSED_A2A_CUDA_CHUNK_END=lean): GPU tests, the A/B twice, the whole bench with the first
+#       two; traces of standard and FP8 (the senders' claims)
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d) are in git history.
 set -uo pipefail
@@ -106,7 +107,7 @@ case "${PART:-tests}" in
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
     for rep in 1 2; do
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_lay,standard_worstcap,standard_worstcap_zw,decode,decode_lay,decode_worstcap,decode_worstcap_zw,standard_fp8,standard_fp8_lay} \
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_lay,standard_lean,standard_worstcap,standard_worstcap_zw,decode,decode_lay,decode_lean,decode_worstcap,decode_worstcap_zw,standard_fp8,standard_fp8_lay} \
         BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_lay,standard_worstcap,standard_worstcap_zw}") \
         timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
       mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"

@@ -322,28 +322,39 @@ __device__ __forceinline__ void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
 }
 
-// bulk_wait_read<N> for a run-time N (0..kMaxStages - 1; larger waits for every group).
-__device__ __forceinline__ void bulk_wait_read_upto(uint32_t n) {
-  switch (n) {
-      // clang-format off
-    case 1: bulk_wait_read<1>(); break;   case 2: bulk_wait_read<2>(); break;
-    case 3: bulk_wait_read<3>(); break;   case 4: bulk_wait_read<4>(); break;
-    case 5: bulk_wait_read<5>(); break;   case 6: bulk_wait_read<6>(); break;
-    case 7: bulk_wait_read<7>(); break;   case 8: bulk_wait_read<8>(); break;
-    case 9: bulk_wait_read<9>(); break;   case 10: bulk_wait_read<10>(); break;
-    case 11: bulk_wait_read<11>(); break; case 12: bulk_wait_read<12>(); break;
-    case 13: bulk_wait_read<13>(); break; case 14: bulk_wait_read<14>(); break;
-    // clang-format on
-    default:
-      bulk_wait_read<0>();
-      break;
-  }
-}
-
 template <int N>
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 }
+
+// bulk_wait_read<N> (kRead) or bulk_wait<N> for a run-time N (0..14; larger waits for every
+// group, which is stricter, never looser).
+template <bool kRead, int N>
+__device__ __forceinline__ void bulk_wait_n() {
+  if constexpr (kRead) {
+    bulk_wait_read<N>();
+  } else {
+    bulk_wait<N>();
+  }
+}
+template <bool kRead>
+__device__ __forceinline__ void bulk_wait_upto_n(uint32_t n) {
+  switch (n) {
+      // clang-format off
+    case 1: bulk_wait_n<kRead, 1>(); break;   case 2: bulk_wait_n<kRead, 2>(); break;
+    case 3: bulk_wait_n<kRead, 3>(); break;   case 4: bulk_wait_n<kRead, 4>(); break;
+    case 5: bulk_wait_n<kRead, 5>(); break;   case 6: bulk_wait_n<kRead, 6>(); break;
+    case 7: bulk_wait_n<kRead, 7>(); break;   case 8: bulk_wait_n<kRead, 8>(); break;
+    case 9: bulk_wait_n<kRead, 9>(); break;   case 10: bulk_wait_n<kRead, 10>(); break;
+    case 11: bulk_wait_n<kRead, 11>(); break; case 12: bulk_wait_n<kRead, 12>(); break;
+    case 13: bulk_wait_n<kRead, 13>(); break; case 14: bulk_wait_n<kRead, 14>(); break;
+    // clang-format on
+    default:
+      bulk_wait_n<kRead, 0>();
+  }
+}
+__device__ __forceinline__ void bulk_wait_read_upto(uint32_t n) { bulk_wait_upto_n<true>(n); }
+__device__ __forceinline__ void bulk_wait_upto(uint32_t n) { bulk_wait_upto_n<false>(n); }
 
 // Item idx of a round's rows x cols rectangle of (chunk, peer column) items, chunk-major (the
 // columns innermost: every peer's chunk c before any chunk c + 1) or column-major. Each warp
@@ -499,7 +510,17 @@ struct TmaPipe {
   // The pieces pushed and the staged stores issued so far complete a chunk: release `flag` =
   // value once they are written. The caller has made the warp's other stores visible first
   // (fence + __syncwarp).
+  // kLean (FUSED_A2A_CUDA_CHUNK_END=lean, a kernel instantiation of its own: the branch costs the
+  // dispatch kernel ~50 bytes of spills): a pending earlier chunk whose pieces are all stored is
+  // released once its own groups are complete, while the newer groups may still be in flight.
+  // With few pieces a chunk (decode: ~2 rows) the drain waits for the new chunk's writes too
+  // before the old chunk's flag goes up.
+  template <bool kLean = false>
   __device__ __forceinline__ void end_chunk(unsigned long long* flag, unsigned long long value) {
+    if (kLean && pend_flag && pend_groups != 0) {  // its pieces are all stored
+      bulk_wait_upto(groups - pend_groups);        // every group but the newer ones is complete
+      release_pending();
+    }
     if (pend_flag) drain();
     pend_flag = flag;
     pend_value = value;

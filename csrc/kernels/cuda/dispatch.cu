@@ -34,7 +34,9 @@ using namespace dispatch_impl;
 
 // kCopyUnroll: 16-byte loads in flight per lane of the receivers' copy to recv_x (8, or 16 with
 // FUSED_A2A_CUDA_RECV_UNROLL=16: a second instantiation, so the default keeps its registers).
-template <int kCopyUnroll>
+// kLeanEnd: the senders' chunk ends release an earlier chunk as soon as its own writes are
+// complete (FUSED_A2A_CUDA_CHUNK_END=lean, with the default copy unroll only).
+template <int kCopyUnroll, bool kLeanEnd = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 3. Move the rows (ablation bit 8: not at all, which times launch + handshakes + epilogue).
     if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
-        sender_role(p, sh, smem, L, ctx, warp, lane, s_hist);
+        sender_role<kLeanEnd>(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
         receiver_role<kCopyUnroll>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
@@ -346,6 +348,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.loads_ahead = cfg.loads_ahead;
+  p.lean_chunk_end = cfg.lean_chunk_end;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
   if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
@@ -363,7 +366,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  auto kernel = recv_unroll_env() == 16 ? dispatch_kernel<16> : dispatch_kernel<8>;
+  auto kernel = recv_unroll_env() == 16 ? dispatch_kernel<16>
+                : p.lean_chunk_end      ? dispatch_kernel<8, true>
+                                        : dispatch_kernel<8>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");

@@ -52,6 +52,8 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
 // order (FUSED_A2A_CUDA_ORDER=dst): all of one peer's chunks, then the next peer's.
 // Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
 // and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
+// kLeanEnd: TmaPipe::end_chunk<true> (FUSED_A2A_CUDA_CHUNK_END=lean).
+template <bool kLeanEnd>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
@@ -169,7 +171,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         }
         tr.add(3, t_phase);
         t_phase = WarpTrace::now();
-        pipe.end_chunk(flag, v);
+        pipe.template end_chunk<kLeanEnd>(flag, v);
         tr.add(4, t_phase);
         tr.count(7);
       }

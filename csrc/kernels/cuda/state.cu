@@ -280,6 +280,8 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
   const char* fence = std::getenv("FUSED_A2A_CUDA_FLAG_FENCE");
   c.flag_fence_sc = !(fence && std::strcmp(fence, "release") == 0);
   c.loads_ahead = env_int("FUSED_A2A_CUDA_LOADS_AHEAD", 0);
+  const char* chunk_end = std::getenv("FUSED_A2A_CUDA_CHUNK_END");
+  c.lean_chunk_end = chunk_end && std::strcmp(chunk_end, "lean") == 0;
   const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
                        per_recv_warp * c.recv_warps + 128 * c.send_warps;
   const size_t reserve = 8192;  // static shared memory of the kernels, and slack
