@@ -95,11 +95,28 @@ def test_readme_torch_example_runs(tmp_path):
     block = next(b for b in _python_blocks(os.path.join(REPO, "README.md")) if "mp.spawn(main" in b)
     script = tmp_path / "torch_example.py"
     script.write_text(block)
-    env = dict(os.environ, MASTER_PORT=str(free_port()), FUSED_A2A_TIMEOUT_S="60")
-    env.pop("PYTHONUNBUFFERED", None)  # unbuffered, the two ranks' prints can interleave mid-line
-    proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    expected = r"([01]) \(16, 64\) \(16, 64\) \(16, 64\) \(16, 2\) True"
+
+    def run_example():
+        env = dict(os.environ, MASTER_PORT=str(free_port()), FUSED_A2A_TIMEOUT_S="60")
+        env.pop("PYTHONUNBUFFERED", None)  # unbuffered, the ranks' prints can interleave mid-line
+        return subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    proc = run_example()
+    # Once in a clean-clone CI run (session 10), a rank aborted at interpreter exit after both
+    # ranks had printed their correct results and destroyed the process group ("terminate called
+    # without an active exception": a joinable std::thread destroyed at teardown; the project has
+    # none, torch's gloo worker threads do). Such an exit-time abort gets one more run; any
+    # other failure, or a second one, fails the test.
+    exit_abort = (
+        proc.returncode != 0
+        and "terminate called without an active exception" in proc.stderr
+        and sorted(re.findall(expected, proc.stdout)) == ["0", "1"]
     )
+    if exit_abort:
+        proc = run_example()
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    found = re.findall(r"([01]) \(16, 64\) \(16, 64\) \(16, 64\) \(16, 2\) True", proc.stdout)
+    found = re.findall(expected, proc.stdout)
     assert sorted(found) == ["0", "1"], proc.stdout
