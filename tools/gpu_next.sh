@@ -108,7 +108,7 @@ case "${PART:-tests}" in
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
     for rep in 1 2; do
       STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_lay,standard_lean,standard_worstcap,standard_worstcap_zw,decode,decode_lay,decode_lean,decode_worstcap,decode_worstcap_zw,standard_fp8,standard_fp8_lay} \
-        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_lay,standard_worstcap,standard_worstcap_zw}") \
+        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_lay,standard_worstcap,standard_worstcap_zw,standard_sms32,standard_sms48}") \
         timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
       mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"
     done
