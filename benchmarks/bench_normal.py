@@ -48,7 +48,6 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms12": _case(sms=12),
     "standard_sms16": _case(sms=16),
     "standard_sms32": _case(sms=32),
-    "standard_sms48": _case(sms=48),  # issue 7's EP 2 target has no SM bound (NCCL takes its own)
     "standard_sms48": _case(sms=48),
     "standard_sms64": _case(sms=64),
     "standard_u16": _case(RECV_UNROLL="16"),
