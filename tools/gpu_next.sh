@@ -101,7 +101,7 @@ case "${PART:-tests}" in
     # next steps after session 10, 2a-b). Every source is touched first: the device keeps build/
     # between calls and the copied sources may carry older times than its outputs.
     find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
       PYTEST_K="${S11_K:-big_rows or (fp8_rows and (default or zero_wait or layout)) or same_bits or jax_gpu_suite}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
@@ -121,6 +121,8 @@ case "${PART:-tests}" in
     TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 150 bash tools/gpu_diag_trace.sh
     mv "$OUT/bench.json" "$OUT/trace.json"
     rm -f "$OUT/build.log"
+    # One archive: more than the 8 files the device tool brings back
+    (cd "$OUT" && tar czf s11.tgz --remove-files $(ls | grep -v '^s11.tgz$'))
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11" >&2; exit 2 ;;
 esac
