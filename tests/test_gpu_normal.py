@@ -355,14 +355,18 @@ def _rank_static(rank, world, cases):
             idx=to_numpy(idx),
             w=to_numpy(w),
             rx=to_numpy(rx),
-            ridx=to_numpy(ridx),
-            rw=to_numpy(rw),
-            tpe=to_numpy(tpe),
-            stats=to_numpy(stats),
+            **_static_outputs(ridx, rw, tpe, stats),
             out=to_numpy(o),
             ow=to_numpy(ow),
         )
     return out
+
+
+def _static_outputs(ridx, rw, tpe, stats):
+    """A static dispatch's outputs that _check_static_dispatch reads, as NumPy arrays."""
+    from torch_utils import to_numpy
+
+    return dict(ridx=to_numpy(ridx), rw=to_numpy(rw), tpe=to_numpy(tpe), stats=to_numpy(stats))
 
 
 def _check_static_dispatch(got, want, tag):
@@ -462,10 +466,7 @@ def _rank_fp8(rank, world, cases):
             w=w,
             rx=to_numpy(rx.view(torch.uint8)),
             rsc=to_numpy(rsc),
-            ridx=to_numpy(ridx),
-            rw=to_numpy(rw),
-            tpe=to_numpy(tpe),
-            stats=to_numpy(stats),
+            **_static_outputs(ridx, rw, tpe, stats),
         )
     return out
 

@@ -222,6 +222,20 @@ __device__ __forceinline__ void scatter_meta(const DispatchParams& p, long long 
   }
 }
 
+// n records of M = p.meta_words words (load(i): word i, i < n * M; every lane calls it, see
+// batched_words) into the outputs of received rows [P0, P0 + n): a chunk's window records
+// (receivers) or the own rows' precomputed records.
+template <typename Load>
+__device__ __forceinline__ void scatter_records(const DispatchParams& p, int M, int n, long long P0,
+                                                int lane, int* s_hist, Load&& load) {
+  batched_words(
+      n * M, lane, [&](int i) { return i < n * M ? load(i) : 0u; },
+      [&](int i, uint32_t v) {
+        const int row = i / M;
+        scatter_meta(p, P0 + row, i - row * M, v, s_hist);
+      });
+}
+
 __device__ inline void zero_row(const DispatchParams& p, long long P, int lane) {
   if (p.recv_x) warp_zero(p.recv_x + P * p.row_bytes, p.row_bytes, lane);
   const int K = p.num_topk;

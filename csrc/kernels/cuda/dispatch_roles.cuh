@@ -12,15 +12,10 @@ namespace fa2a::cuda::dispatch_impl {
 __device__ __forceinline__ void own_chunk_meta(const DispatchParams& p, const int* list,
                                                long long j0, long long P0, int n, int lane,
                                                int* s_hist) {
-  const int M = p.meta_words;
   if (p.records) {
+    const int M = p.meta_words;
     const uint32_t* rec = p.records + (static_cast<size_t>(p.rank) * p.num_tokens + j0) * M;
-    batched_words(
-        n * M, lane, [&](int i) { return i < n * M ? __ldg(rec + i) : 0u; },
-        [&](int i, uint32_t v) {
-          const int row = i / M;
-          scatter_meta(p, P0 + row, i - row * M, v, s_hist);
-        });
+    scatter_records(p, M, n, P0, lane, s_hist, [&](int i) { return __ldg(rec + i); });
     return;
   }
   for (int b = 0; b < n; b += 32) {
@@ -307,14 +302,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       if (!ablated(p, 1)) warp_copy_cg<kCopyUnroll>(p.recv_x + P * rb, src, n * rb, lane);
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
-      if (!ablated(p, 1)) {  // the chunk's records, batched (batched_words)
-        batched_words(
-            n * M, lane, [&](int i) { return i < n * M ? __ldcg(ms + i) : 0u; },
-            [&](int i, uint32_t v) {
-              const int row = i / M;
-              scatter_meta(p, P + row, i - row * M, v, s_hist);
-            });
-      }
+      if (!ablated(p, 1))  // the chunk's records (written by the peer: coherent loads)
+        scatter_records(p, M, n, P, lane, s_hist, [&](int i) { return __ldcg(ms + i); });
       tr.add(1, t_copy);
       tr.count(7);
     };

@@ -7,13 +7,8 @@
 
 namespace fa2a::cuda {
 
-// cum / send_list / ecount of `scratch` for this rank's routing: two passes over tiles
-// (scan_tiles), or one block per destination with FUSED_A2A_CUDA_SCAN=block.
-struct ScanTiles {
-  int per;    // tokens per thread of a tile
-  int tiles;  // tiles (blocks of each pass), at most kMaxScanTiles
-};
-ScanTiles scan_tiles(int num_tokens);
+// cum / send_list / ecount of `scratch` for this rank's routing: one block per destination up to
+// 1024 tokens, two passes over tiles above (FUSED_A2A_CUDA_SCAN=block|tiles forces one).
 void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                        int num_experts, int num_ranks, const Scratch& scratch, bool want_list,
                        cudaStream_t stream);

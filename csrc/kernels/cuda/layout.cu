@@ -202,6 +202,18 @@ bool scan_in_one_block(int num_tokens) {
   return num_tokens <= kBlockScanMaxTokens;
 }
 
+struct ScanTiles {
+  int per;    // tokens per thread of a tile
+  int tiles;  // tiles (blocks of each pass), at most kMaxScanTiles
+};
+ScanTiles scan_tiles(int num_tokens) {
+  const int cover = kScanThreads * kMaxScanTiles;  // tokens of kMaxScanTiles one-token tiles
+  ScanTiles st;
+  st.per = std::max(1, (num_tokens + cover - 1) / cover);
+  st.tiles = std::max(1, (num_tokens + kScanThreads * st.per - 1) / (kScanThreads * st.per));
+  return st;
+}
+
 }  // namespace
 
 int stream_device(cudaStream_t stream) {
@@ -210,14 +222,6 @@ int stream_device(cudaStream_t stream) {
   (void)cudaGetLastError();
   FA2A_CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice");
   return device;
-}
-
-ScanTiles scan_tiles(int num_tokens) {
-  const int cover = kScanThreads * kMaxScanTiles;  // tokens of kMaxScanTiles one-token tiles
-  ScanTiles st;
-  st.per = std::max(1, (num_tokens + cover - 1) / cover);
-  st.tiles = std::max(1, (num_tokens + kScanThreads * st.per - 1) / (kScanThreads * st.per));
-  return st;
 }
 
 void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
