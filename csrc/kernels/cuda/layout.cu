@@ -1,7 +1,5 @@
 // layout (the public op) and the route scan that dispatch and combine start with.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <cub/block/block_scan.cuh>
 
 #include "fused_a2a/errors.h"
@@ -196,9 +194,8 @@ __global__ void __launch_bounds__(kScanThreads)
 // graphs) lost 1-7 us to the second launch.
 constexpr int kBlockScanMaxTokens = 1024;
 bool scan_in_one_block(int num_tokens) {
-  const char* v = std::getenv("FUSED_A2A_CUDA_SCAN");
-  if (v && std::strcmp(v, "block") == 0) return true;
-  if (v && std::strcmp(v, "tiles") == 0) return false;
+  if (env_is("FUSED_A2A_CUDA_SCAN", "block")) return true;
+  if (env_is("FUSED_A2A_CUDA_SCAN", "tiles")) return false;
   return num_tokens <= kBlockScanMaxTokens;
 }
 

@@ -103,6 +103,11 @@ std::string error_text(const HostError* e) {
 }
 }  // namespace
 
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
+
 CudaState& cuda_state(Buffer& buffer) {
   std::lock_guard<std::mutex> lock(g_state_mutex);
   auto& slot = buffer.backend_state();
@@ -275,13 +280,10 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
       std::max(1, std::min(kMaxThreads / 32 - 1, env_int("FUSED_A2A_CUDA_SEND_WARPS", 4)));
   c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", 12));
   c.recv_warps = std::min(c.recv_warps, kMaxThreads / 32 - c.send_warps);
-  const char* copy = std::getenv("FUSED_A2A_CUDA_COPY");
-  c.tma = !(copy && std::strcmp(copy, "simt") == 0);
-  const char* fence = std::getenv("FUSED_A2A_CUDA_FLAG_FENCE");
-  c.flag_fence_sc = !(fence && std::strcmp(fence, "release") == 0);
+  c.tma = !env_is("FUSED_A2A_CUDA_COPY", "simt");
+  c.flag_fence_sc = !env_is("FUSED_A2A_CUDA_FLAG_FENCE", "release");
   c.loads_ahead = env_int("FUSED_A2A_CUDA_LOADS_AHEAD", 0);
-  const char* chunk_end = std::getenv("FUSED_A2A_CUDA_CHUNK_END");
-  c.lean_chunk_end = chunk_end && std::strcmp(chunk_end, "lean") == 0;
+  c.lean_chunk_end = env_is("FUSED_A2A_CUDA_CHUNK_END", "lean");
   const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
                        per_recv_warp * c.recv_warps + 128 * c.send_warps;
   const size_t reserve = 8192;  // static shared memory of the kernels, and slack
@@ -359,25 +361,16 @@ bool records_env(bool fp8, int64_t num_tokens) {
   return fp8 && num_tokens > 512;
 }
 
-bool zero_while_waiting_env() {
-  const char* v = std::getenv("FUSED_A2A_CUDA_ZERO");
-  return v && std::strcmp(v, "wait") == 0;
-}
+bool zero_while_waiting_env() { return env_is("FUSED_A2A_CUDA_ZERO", "wait"); }
 
-bool layout_notify_env() {
-  const char* v = std::getenv("FUSED_A2A_CUDA_LAYOUT");
-  return v && std::strcmp(v, "notify") == 0;
-}
+bool layout_notify_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "notify"); }
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 
-bool order_dst_major() {
-  const char* v = std::getenv("FUSED_A2A_CUDA_ORDER");
-  return v && std::strcmp(v, "dst") == 0;
-}
+bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 
 int device_sm_count(int device) {
   int v = 0;

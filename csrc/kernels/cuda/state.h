@@ -135,6 +135,7 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
                            size_t per_send_warp, size_t per_recv_warp);
 
 unsigned long long timeout_ns();
+bool env_is(const char* name, const char* value);  // the environment variable is set to value
 int chunk_rows_env();        // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
