@@ -140,14 +140,16 @@ CASES["standard_worstcap"] = _case(worst_cap=True)
 CASES["standard_rr0"] = _case(RECV_ROWS="0")
 CASES["standard_fp8_rec0"] = _case(fp8=True, RECORDS="0")
 CASES["decode_scantiles"] = _case(n=128, SCAN="tiles")
-# Padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO=wait, session 10)
-CASES["standard_worstcap_zw"] = _case(worst_cap=True, ZERO="wait")
+# Session 10's paths, defaults since run 50, against the former ones: the padding rows zeroed
+# before the receivers' first item (ZERO=first; default: during their flag waits), and the static
+# dispatch with a round-0 ready message from each receiver (LAYOUT=ready; default: none, every
+# rank's count row goes to every rank).
+CASES["standard_worstcap_zf"] = _case(worst_cap=True, ZERO="first")
 CASES["decode_worstcap"] = _case(n=128, worst_cap=True)
-CASES["decode_worstcap_zw"] = _case(n=128, worst_cap=True, ZERO="wait")
-# The static dispatch without a round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify, session 10)
-CASES["standard_lay"] = _case(LAYOUT="notify")
-CASES["decode_lay"] = _case(n=128, LAYOUT="notify")
-CASES["standard_fp8_lay"] = _case(fp8=True, LAYOUT="notify")
+CASES["decode_worstcap_zf"] = _case(n=128, worst_cap=True, ZERO="first")
+CASES["standard_ready"] = _case(LAYOUT="ready")
+CASES["decode_ready"] = _case(n=128, LAYOUT="ready")
+CASES["standard_fp8_ready"] = _case(fp8=True, LAYOUT="ready")
 # A chunk's flag released once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)
 CASES["decode_lean"] = _case(n=128, CHUNK_END="lean")
 CASES["standard_lean"] = _case(CHUNK_END="lean")

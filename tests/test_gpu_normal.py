@@ -385,10 +385,10 @@ STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
 }
 
 
-STATIC_VARIANTS = {  # session 10's opt-in static paths
+STATIC_VARIANTS = {  # the static paths besides the default (session 10; defaults since run 50)
     "default": {},
-    "zero_wait": {"FUSED_A2A_CUDA_ZERO": "wait"},
-    "layout_notify": {"FUSED_A2A_CUDA_LAYOUT": "notify"},
+    "zero_first": {"FUSED_A2A_CUDA_ZERO": "first"},
+    "layout_ready": {"FUSED_A2A_CUDA_LAYOUT": "ready"},
     "lean_end": {"FUSED_A2A_CUDA_CHUNK_END": "lean"},
 }
 
@@ -397,11 +397,12 @@ STATIC_VARIANTS = {  # session 10's opt-in static paths
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_big_rows(rows, variant):
     """Static dispatch and combine of 14 KB rows, incl. padding rows (capacity above the rows
-    received) and dropped rows (capacity below), one round or many. "zero_wait": the padding
-    zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO=wait); "layout_notify": the
-    senders place their rows from every rank's count row, no round-0 ready message
-    (FUSED_A2A_CUDA_LAYOUT=notify); "lean_end": a chunk's flag released once its own writes are
-    complete (FUSED_A2A_CUDA_CHUNK_END=lean)."""
+    received) and dropped rows (capacity below), one round or many. The default zeroes the
+    padding during the receivers' flag waits and has the senders place their rows from every
+    rank's count row (no round-0 ready message); "zero_first": the padding zeroed before the
+    receivers' first item (FUSED_A2A_CUDA_ZERO=first); "layout_ready": the senders wait for each
+    receiver's ready message (FUSED_A2A_CUDA_LAYOUT=ready); "lean_end": a chunk's flag released
+    once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -479,7 +480,7 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 
 @pytest.mark.parametrize(
     "own",
-    ["default", "recv", "split", "loads_ahead2", "records", "no_records", "zero_wait", "layout"],
+    ["default", "recv", "split", "loads_ahead2", "records", "no_records", "zero_first", "ready"],
 )
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
@@ -499,10 +500,10 @@ def test_static_fp8_rows(rows, own):
         env.update(FUSED_A2A_CUDA_RECORDS="1", FUSED_A2A_CUDA_SCAN="tiles")
     elif own == "no_records":
         env["FUSED_A2A_CUDA_RECORDS"] = "0"
-    elif own == "zero_wait":  # padding rows zeroed during the receivers' flag waits
-        env["FUSED_A2A_CUDA_ZERO"] = "wait"
-    elif own == "layout":  # no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify)
-        env["FUSED_A2A_CUDA_LAYOUT"] = "notify"
+    elif own == "zero_first":  # padding rows zeroed before the receivers' first item
+        env["FUSED_A2A_CUDA_ZERO"] = "first"
+    elif own == "ready":  # a round-0 ready message from each receiver
+        env["FUSED_A2A_CUDA_LAYOUT"] = "ready"
     elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)

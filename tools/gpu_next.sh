@@ -9,12 +9,10 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s11 (~8 min): padding rows zeroed during the receivers' flag waits (FUSED_A2A_CUDA_ZERO),
-#       no round-0 ready message (FUSED_A2A_CUDA_LAYOUT=notify), lean chunk ends
-#       (FUSED_A2A_CUDA_CHUNK_END=lean): GPU tests, the A/B twice, the whole bench with the first
-#       two; traces of standard and FP8 (the senders' claims)
+#   PART=s11b (~8 min): session 10's zeroing and layout paths as defaults: GPU tests, one A/B
+#       against the former paths with each op's kernel times, the whole bench
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
-# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d) are in git history.
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -97,32 +95,27 @@ case "${PART:-tests}" in
       --repeat 3 --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw)"
     rm -f "$OUT"/*/bench.png "$OUT/build.log" "$OUT/jax_runtime.log"  # 8 files come back at most
     ;;
-  s11)  # padding rows zeroed during the receivers' flag waits, no round-0 ready message (NOTES,
-    # next steps after session 10, 2a-b). Every source is touched first: the device keeps build/
-    # between calls and the copied sources may carry older times than its outputs.
+  s11b)  # session 10's static paths as defaults (run 50): the GPU tests of the defaults and the
+    # former paths, one A/B against the former defaults with each op's kernels (torch.profiler:
+    # where the ~55 us around the senders' loop goes), then the whole bench (issue 4's figures).
+    # Every source is touched first: the device keeps build/ between calls.
     find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-290} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S11_K:-big_rows or (fp8_rows and (default or zero_wait or layout)) or same_bits or jax_gpu_suite}" \
+      PYTEST_K="${S11_K:-(jax_gpu_suite and buffer-4) or bitwise or (torch_gpu_matches and 4-g4 and default and not subgroups) or (big_rows and not lean) or (fp8_rows and (default or ready)) or same_bits}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
-    for rep in 1 2; do
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_lay,standard_lean,standard_worstcap,standard_worstcap_zw,decode,decode_lay,decode_lean,decode_worstcap,decode_worstcap_zw,standard_fp8,standard_fp8_lay} \
-        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_lay,standard_worstcap,standard_worstcap_zw,standard_sms32,standard_sms48}") \
-        timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-      mv "$OUT/bench.json" "$OUT/bench_ab$rep.json"
-    done
-    FUSED_A2A_CUDA_ZERO=wait FUSED_A2A_CUDA_LAYOUT=notify timeout 150 fused-a2a bench \
-      --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096 (ZERO=wait, LAYOUT=notify): rc=$?"
+    FA2A_BENCH_KERNELS=1 STEPS=bench \
+      BENCH_CASES=${BENCH_CASES:-standard,standard_ready,standard_worstcap,standard_worstcap_zf,decode,decode_ready,standard_fp8,standard_fp8_ready} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_ready,standard_sms32} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" \
+      >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
     grep -vE '^\[' "$OUT/fab.log" | tail -17
-    rm -f "$OUT"/fab/*.png
-    # Where the FP8 senders' untraced loop time goes: their claims now have their own slot
-    TRACE_CASES=${TRACE_CASES:-standard,standard_fp8} timeout 150 bash tools/gpu_diag_trace.sh
-    mv "$OUT/bench.json" "$OUT/trace.json"
-    rm -f "$OUT/build.log"
+    rm -f "$OUT"/fab/*.png "$OUT/build.log"
     # One archive: more than the 8 files the device tool brings back
-    (cd "$OUT" && tar czf s11.tgz --remove-files $(ls | grep -v '^s11.tgz$'))
+    (cd "$OUT" && tar czf s11b.tgz --remove-files $(ls | grep -v '^s11b.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11" >&2; exit 2 ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11b" >&2; exit 2 ;;
 esac

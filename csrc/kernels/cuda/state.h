@@ -146,12 +146,13 @@ int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
 // unset: for FP8 rows above 512 tokens.
 bool records_env(bool fp8, int64_t num_tokens);
-// FUSED_A2A_CUDA_ZERO=wait: the dispatch receivers zero the padding rows during flag waits
-// (default: before their first item; session 10, not yet measured).
+// The dispatch receivers zero the padding rows during their flag waits (default since run 50);
+// FUSED_A2A_CUDA_ZERO=first: before their first item.
 bool zero_while_waiting_env();
-// FUSED_A2A_CUDA_LAYOUT=notify: the static dispatch's senders compute each receiver's placement
-// of their rows from every rank's count row (LayoutSlot) instead of waiting for a ready message
-// (session 10, not yet measured).
+// The static dispatch's senders compute each receiver's placement of their rows from every rank's
+// count row (LayoutSlot, G <= kLayoutMaxRanks; default since run 50). FUSED_A2A_CUDA_LAYOUT=ready:
+// they wait for each receiver's ready message instead. Every rank must choose alike: a rank
+// waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
