@@ -50,6 +50,8 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_sms32": _case(sms=32),
     "standard_sms48": _case(sms=48),
     "standard_sms64": _case(sms=64),
+    "standard_sms40": _case(sms=40),
+    "decode_sms48": _case(n=128, sms=48),
     "standard_u16": _case(RECV_UNROLL="16"),
     "standard_sms48_u16": _case(sms=48, RECV_UNROLL="16"),
     "standard_selfrecv_u16": _case(SELF="recv", RECV_UNROLL="16"),
@@ -65,6 +67,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_cdealt": _case(n=128, COMBINE_CLAIM="0"),
     "standard_fp8": _case(fp8=True),  # issue 7: FP8 dispatch >= 1.25x DeepEP's FP8 figure
     "decode_fp8": _case(n=128, fp8=True),
+    # Issue 7's FP8 and EP 2 targets and issue 4's dispatch have no SM bound (session 11)
+    "standard_fp8_sms32": _case(fp8=True, sms=32),
+    "standard_fp8_sms48": _case(fp8=True, sms=48),
+    "standard_fp8_sms64": _case(fp8=True, sms=64),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)
@@ -334,6 +340,7 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         res["kernels"] = {
             key: _kernel_times(timed[key])
             for key in ("static_dispatch", "cached_dispatch", "combine", "nccl_a2a")
+            if key in timed  # the FP8 cases have no cached dispatch or combine
         }
     return res
 

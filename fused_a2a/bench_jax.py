@@ -35,7 +35,7 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import DTYPES, Expected, fp8_rows, same_bits
+from fused_a2a.routing import DTYPES, Expected, fp8_rows, kernel_sms, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "a2a")
 
@@ -273,7 +273,7 @@ def fused_normal(b: Bench, exp: Expected) -> dict:
         "combine": (b.time_loop(b.smap(t_combine, 3, True), (x, idx, w)), ok_c),
         "dispatch_bwd": (b.time_loop(b.smap(t_dispatch_bwd, 5, True), (x, idx, w, gx, gw)), ok_db),
         "combine_bwd": (b.time_loop(b.smap(t_combine_bwd, 3, True), (x, idx, w)), ok_cb),
-        "sms": 24 if b.platform == "gpu" else None,
+        "sms": kernel_sms(0) if b.platform == "gpu" else None,
     }
     h = exp.inputs[0][0].shape[1]
     if np.dtype(exp.inputs[0][0].dtype) == DTYPES["bf16"] and h % 128 == 0:
@@ -393,7 +393,7 @@ def fused_hybrid(b: Bench, exp: Expected) -> dict:
             ok_db,
         ),
         "combine_bwd": (b.time_loop(b.smap(t_combine_bwd, 3, True), (x, rm, probs)), ok_cb),
-        "sms": 24 if b.platform == "gpu" else None,
+        "sms": kernel_sms(0) if b.platform == "gpu" else None,
     }
 
 

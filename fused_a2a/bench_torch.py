@@ -20,7 +20,7 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import Expected, fp8_rows, same_bits
+from fused_a2a.routing import Expected, fp8_rows, kernel_sms, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "fused_normal_permute", "a2a", "deep_ep")
 
@@ -153,7 +153,7 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
         "combine": (t(lambda: tfa.fused_combine(recv_x, grp, handle)), ok_c),
         "dispatch_bwd": (t(dispatch_bwd), ok_db),
         "combine_bwd": (t(combine_bwd), ok_cb),
-        "sms": tfa._num_sms if ctx.device.type == "cuda" else None,
+        "sms": kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None,
     }
     if x.dtype == torch.bfloat16 and x.shape[1] % 128 == 0:
         ops["dispatch_fp8"] = _normal_fp8(ctx, x.shape, idx, w, e)
@@ -372,7 +372,7 @@ def _fused_normal_permute(ctx: Ctx, exp: Expected) -> dict:
     return {
         "dispatch": (t(dispatch), ok_d),
         "combine": (t(combine), ok_c),
-        "sms": tfa._num_sms if ctx.device.type == "cuda" else None,
+        "sms": kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None,
     }
 
 

@@ -11,6 +11,8 @@
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
 #   PART=s11b (~8 min): session 10's zeroing and layout paths as defaults: GPU tests, one A/B
 #       against the former paths with each op's kernel times, the whole bench
+#   PART=s11c (~8 min): SM sweep 24-64 at EP 4 (bf16, FP8, decode; twice) and EP 2, then the whole
+#       bench with the fastest SM count
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11) are in git history.
 set -uo pipefail
@@ -117,5 +119,27 @@ case "${PART:-tests}" in
     # One archive: more than the 8 files the device tool brings back
     (cd "$OUT" && tar czf s11b.tgz --remove-files $(ls | grep -v '^s11b.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s11b" >&2; exit 2 ;;
+  s11c)  # SM sweep (issue 4's dispatch, issue 7's FP8 and EP 2 targets have no SM bound): bf16,
+    # FP8 and decode at EP 4 with 24-64 SMs, twice, and EP 2 once; then the whole bench with the
+    # SM count whose static dispatch was fastest at EP 4 (FUSED_A2A_CUDA_BLOCKS, both frontends).
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for rep in 1 2; do
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms32,standard_sms40,standard_sms48,standard_sms64,standard_fp8,standard_fp8_sms32,standard_fp8_sms48,standard_fp8_sms64,decode,decode_sms48} \
+        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms48,standard_sms64}") \
+        timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+      mv "$OUT/bench.json" "$OUT/bench_sweep$rep.json"
+    done
+    BEST_SMS=$(python3 -c '
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+bf16 = [r for r in rows if "fp8" not in r["case"] and r["n"] == 4096 and "static_dispatch_us" in r]
+print(min(bf16, key=lambda r: r["static_dispatch_us"])["sms"])' "$OUT/bench_sweep1.json")
+    FUSED_A2A_CUDA_BLOCKS=$BEST_SMS timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+      --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU --tokens 4096, $BEST_SMS SMs: rc=$?"
+    grep -vE '^\[' "$OUT/fab.log" | tail -17
+    rm -f "$OUT"/fab/*.png "$OUT/build.log"
+    (cd "$OUT" && tar czf s11c.tgz --remove-files $(ls | grep -v '^s11c.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b or s11c" >&2; exit 2 ;;
 esac
