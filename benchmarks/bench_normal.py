@@ -71,6 +71,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "standard_fp8_sms32": _case(fp8=True, sms=32),
     "standard_fp8_sms48": _case(fp8=True, sms=48),
     "standard_fp8_sms64": _case(fp8=True, sms=64),
+    # FP8 gains with every SM added (run 52: 406 us at 24 SMs, 353 at 64), so its senders are
+    # bound per warp: more sender warps of the same 24 SMs (the rings shrink to fit)
+    "standard_fp8_s6": _case(fp8=True, SEND_WARPS="6", RECV_WARPS="10"),
+    "standard_fp8_s8": _case(fp8=True, SEND_WARPS="8", RECV_WARPS="8"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

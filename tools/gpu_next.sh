@@ -13,6 +13,7 @@
 #       against the former paths with each op's kernel times, the whole bench
 #   PART=s11c (~8 min): SM sweep 24-64 at EP 4 (bf16, FP8, decode; twice) and EP 2, then the whole
 #       bench with the fastest SM count
+#   PART=s11d (~5 min): FP8 with 6 / 8 sender warps, EP 2 with 32 / 64 SMs, traces at 24 / 48 SMs
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11) are in git history.
 set -uo pipefail
@@ -141,5 +142,18 @@ print(min(bf16, key=lambda r: r["static_dispatch_us"])["sms"])' "$OUT/bench_swee
     rm -f "$OUT"/fab/*.png "$OUT/build.log"
     (cd "$OUT" && tar czf s11c.tgz --remove-files $(ls | grep -v '^s11c.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b or s11c" >&2; exit 2 ;;
+  s11d)  # FP8 with more sender warps at 24 SMs (run 52: FP8 gains with every SM, bf16 loses from
+    # 24 SMs up), EP 2 with 32 / 64 SMs again, then traces of bf16 and FP8 at 24 and 48 SMs / 8
+    # sender warps (where the bf16 dispatch loses with more SMs).
+    STEPS=build,bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_s6,standard_fp8_s8,standard_fp8_sms64} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms64} \
+      timeout 240 bash tools/gpu_check.sh | grep -E "build:|^  [a-z]|static_dispatch |combine |nccl"
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"
+    TRACE_CASES=${TRACE_CASES:-standard,standard_sms48,standard_fp8,standard_fp8_s8} \
+      timeout 200 bash tools/gpu_diag_trace.sh
+    mv "$OUT/bench.json" "$OUT/trace.json"
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s11d.tgz --remove-files $(ls | grep -v '^s11d.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b, s11c or s11d" >&2; exit 2 ;;
 esac
