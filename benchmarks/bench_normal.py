@@ -160,6 +160,10 @@ CASES["decode_worstcap_zf"] = _case(n=128, worst_cap=True, ZERO="first")
 CASES["standard_ready"] = _case(LAYOUT="ready")
 CASES["decode_ready"] = _case(n=128, LAYOUT="ready")
 CASES["standard_fp8_ready"] = _case(fp8=True, LAYOUT="ready")
+# Receiver items with an empty own column (the deal before session 11, RECV_COLS=all): with the
+# own rows copied by the senders (N > 512) it idled a quarter of the receiver warps at EP 4.
+CASES["standard_rcall"] = _case(RECV_COLS="all")
+CASES["standard_fp8_rcall"] = _case(fp8=True, RECV_COLS="all")
 # A chunk's flag released once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)
 CASES["decode_lean"] = _case(n=128, CHUNK_END="lean")
 CASES["standard_lean"] = _case(CHUNK_END="lean")

@@ -390,6 +390,8 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "zero_first": {"FUSED_A2A_CUDA_ZERO": "first"},
     "layout_ready": {"FUSED_A2A_CUDA_LAYOUT": "ready"},
     "lean_end": {"FUSED_A2A_CUDA_CHUNK_END": "lean"},
+    # own rows by the senders, so the receivers deal the remote sources only (session 11)
+    "own_senders": {"FUSED_A2A_CUDA_SELF": "send"},
 }
 
 
@@ -402,7 +404,8 @@ def test_static_big_rows(rows, variant):
     rank's count row (no round-0 ready message); "zero_first": the padding zeroed before the
     receivers' first item (FUSED_A2A_CUDA_ZERO=first); "layout_ready": the senders wait for each
     receiver's ready message (FUSED_A2A_CUDA_LAYOUT=ready); "lean_end": a chunk's flag released
-    once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)."""
+    once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean); "own_senders": the senders
+    copy the own rows, so the receiver warps deal only the remote sources' chunks."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}

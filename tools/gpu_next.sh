@@ -155,5 +155,19 @@ print(min(bf16, key=lambda r: r["static_dispatch_us"])["sms"])' "$OUT/bench_swee
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s11d.tgz --remove-files $(ls | grep -v '^s11d.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b, s11c or s11d" >&2; exit 2 ;;
+  s11e)  # receivers deal the remote sources only when the senders copy the own rows (an empty own
+    # column idled 1/4 of the receiver warps at EP 4, 1/2 at EP 2): GPU tests, then the A/B
+    # against the former deal (FUSED_A2A_CUDA_RECV_COLS=all) at EP 4 and EP 2.
+    find csrc -type f -exec touch {} +
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
+      PYTEST_K="${S11_K:-(big_rows and own_senders) or (fp8_rows and default) or same_bits or (torch_gpu_matches and 4-g4_bf16_k8_e64_h7168-senders)}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rcall,standard_fp8,standard_fp8_rcall,standard_sms48} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rcall,standard_sms32} \
+      timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s11e.tgz --remove-files $(ls | grep -v '^s11e.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b, s11c, s11d or s11e" >&2; exit 2 ;;
 esac

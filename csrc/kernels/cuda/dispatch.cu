@@ -339,6 +339,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   }
   p.claim_items = claim_items_env();
   p.recv_rows = recv_rows_env();
+  p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   p.send_warps = cfg.send_warps;

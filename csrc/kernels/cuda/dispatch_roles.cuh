@@ -307,13 +307,16 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       tr.add(1, t_copy);
       tr.count(7);
     };
-    // The round's items as a (maxc x nsub) x G rectangle (sources as columns; a chunk's nsub
-    // row slices next to each other), dealt round-robin: this warp visits its own items only (see
-    // sender_role).
-    const long long rect = maxc * nsub * G;
+    // The round's items as a (maxc x nsub) x cols rectangle (sources r + 1, r + 2, ... as
+    // columns, r itself only when the receivers copy own rows; a chunk's nsub row slices next to
+    // each other), dealt round-robin: this warp visits its own items only (see sender_role).
+    // With nrw a multiple of cols every warp keeps one column, so an empty own column idled a
+    // quarter of the receiver warps at EP 4 and half at EP 2 (session 11's traces).
+    const int cols = receivers_have_own(p.own_rows) || p.recv_own_column ? G : G - 1;
+    const long long rect = maxc * nsub * cols;
     for (long long idx = gr; idx < rect && ok; idx += nrw) {
-      const RectItem it = rect_item(idx, maxc * nsub, G, p.dst_major);
-      item(it.col, it.chunk / nsub, static_cast<int>(it.chunk % nsub) * RS);
+      const RectItem it = rect_item(idx, maxc * nsub, cols, p.dst_major);
+      item((r + 1 + it.col) % G, it.chunk / nsub, static_cast<int>(it.chunk % nsub) * RS);
     }
     if (ok && k + 1 < nrounds) {
       const long long t_round = WarpTrace::now();
