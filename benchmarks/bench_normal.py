@@ -75,6 +75,26 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     # bound per warp: more sender warps of the same 24 SMs (the rings shrink to fit)
     "standard_fp8_s6": _case(fp8=True, SEND_WARPS="6", RECV_WARPS="10"),
     "standard_fp8_s8": _case(fp8=True, SEND_WARPS="8", RECV_WARPS="8"),
+    # The receivers bound those (runs 53, 55: 8 FP8 sender warps finish at ~280 us, the receivers
+    # at ~450): 16 loads in flight per lane of their copy instead of 8 (the RECV_UNROLL=16 kernel)
+    "standard_fp8_u16": _case(fp8=True, RECV_UNROLL="16"),
+    "standard_fp8_s6_u16": _case(fp8=True, SEND_WARPS="6", RECV_WARPS="10", RECV_UNROLL="16"),
+    "standard_fp8_s8_u16": _case(fp8=True, SEND_WARPS="8", RECV_WARPS="8", RECV_UNROLL="16"),
+    "standard_fp8_sms64_u16": _case(fp8=True, sms=64, RECV_UNROLL="16"),
+    "standard_sms32_u16": _case(sms=32, RECV_UNROLL="16"),
+    "standard_sms64_u16": _case(sms=64, RECV_UNROLL="16"),
+    # Receiver items claimed from a counter (RECV_ITEMS=claim), and claimed by the sender warps
+    # too once their own items are sent (=help), session 11
+    "standard_rclaim": _case(RECV_ITEMS="claim"),
+    "standard_rhelp": _case(RECV_ITEMS="help"),
+    "standard_sms48_rhelp": _case(sms=48, RECV_ITEMS="help"),
+    "standard_sms48_rhelp_u16": _case(sms=48, RECV_ITEMS="help", RECV_UNROLL="16"),
+    "standard_fp8_rhelp": _case(fp8=True, RECV_ITEMS="help"),
+    "standard_fp8_s8_rhelp": _case(fp8=True, SEND_WARPS="8", RECV_WARPS="8", RECV_ITEMS="help"),
+    "standard_fp8_s8_rhelp_u16": _case(
+        fp8=True, SEND_WARPS="8", RECV_WARPS="8", RECV_ITEMS="help", RECV_UNROLL="16"
+    ),
+    "decode_rhelp": _case(n=128, RECV_ITEMS="help"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

@@ -392,6 +392,9 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "lean_end": {"FUSED_A2A_CUDA_CHUNK_END": "lean"},
     # own rows by the senders, so the receivers deal the remote sources only (session 11)
     "own_senders": {"FUSED_A2A_CUDA_SELF": "send"},
+    # receiver items claimed; claimed by the senders too once their items are sent (session 11)
+    "recv_claim": {"FUSED_A2A_CUDA_RECV_ITEMS": "claim", "FUSED_A2A_CUDA_SELF": "send"},
+    "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
 }
 
 
@@ -405,7 +408,9 @@ def test_static_big_rows(rows, variant):
     receivers' first item (FUSED_A2A_CUDA_ZERO=first); "layout_ready": the senders wait for each
     receiver's ready message (FUSED_A2A_CUDA_LAYOUT=ready); "lean_end": a chunk's flag released
     once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean); "own_senders": the senders
-    copy the own rows, so the receiver warps deal only the remote sources' chunks."""
+    copy the own rows, so the receiver warps deal only the remote sources' chunks; "recv_claim":
+    the receivers claim their items from a counter (over the rounds); "recv_help": the sender
+    warps claim receiver items too once their own are sent (one-round ops)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -483,7 +488,17 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 
 @pytest.mark.parametrize(
     "own",
-    ["default", "recv", "split", "loads_ahead2", "records", "no_records", "zero_first", "ready"],
+    [
+        "default",
+        "recv",
+        "split",
+        "loads_ahead2",
+        "records",
+        "no_records",
+        "zero_first",
+        "ready",
+        "help",
+    ],
 )
 @pytest.mark.parametrize("rows", ["4096", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
@@ -507,6 +522,8 @@ def test_static_fp8_rows(rows, own):
         env["FUSED_A2A_CUDA_ZERO"] = "first"
     elif own == "ready":  # a round-0 ready message from each receiver
         env["FUSED_A2A_CUDA_LAYOUT"] = "ready"
+    elif own == "help":  # the senders claim receiver items once their own are sent
+        env["FUSED_A2A_CUDA_RECV_ITEMS"] = "help"
     elif own != "default":
         env["FUSED_A2A_CUDA_SELF"] = own
     res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
@@ -617,6 +634,13 @@ DETERMINISM_CONFIGS = (
     # senders too.
     (8, 1, {"FUSED_A2A_CUDA_CHUNK_END": "lean"}),
     (16, 2, {"FUSED_A2A_CUDA_CHUNK_END": "lean", **OWN_ROWS["senders"]}),
+    # Receiver items claimed from a counter, and claimed by the sender warps too once their own
+    # items are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help, session 11), with both own-row
+    # modes and the 16-load copy.
+    (24, 8, {"FUSED_A2A_CUDA_RECV_ITEMS": "claim"}),
+    (8, 1, {"FUSED_A2A_CUDA_RECV_ITEMS": "claim", **OWN_ROWS["senders"]}),
+    (16, 8, {"FUSED_A2A_CUDA_RECV_ITEMS": "help", **OWN_ROWS["senders"]}),
+    (24, 2, {"FUSED_A2A_CUDA_RECV_ITEMS": "help", "FUSED_A2A_CUDA_RECV_UNROLL": "16"}),
 )
 
 

@@ -9,13 +9,10 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s11b (~8 min): session 10's zeroing and layout paths as defaults: GPU tests, one A/B
-#       against the former paths with each op's kernel times, the whole bench
-#   PART=s11c (~8 min): SM sweep 24-64 at EP 4 (bf16, FP8, decode; twice) and EP 2, then the whole
-#       bench with the fastest SM count
-#   PART=s11d (~5 min): FP8 with 6 / 8 sender warps, EP 2 with 32 / 64 SMs, traces at 24 / 48 SMs
+#   PART=s12 (~8 min): receiver items claimed / helped by the senders, 16-load receiver copies:
+#       GPU tests, then the A/B at EP 4 (bf16 24 / 48 SMs, FP8 4 / 8 sender warps, decode) and EP 2
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
-# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11) are in git history.
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -98,76 +95,21 @@ case "${PART:-tests}" in
       --repeat 3 --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw)"
     rm -f "$OUT"/*/bench.png "$OUT/build.log" "$OUT/jax_runtime.log"  # 8 files come back at most
     ;;
-  s11b)  # session 10's static paths as defaults (run 50): the GPU tests of the defaults and the
-    # former paths, one A/B against the former defaults with each op's kernels (torch.profiler:
-    # where the ~55 us around the senders' loop goes), then the whole bench (issue 4's figures).
-    # Every source is touched first: the device keeps build/ between calls.
+  s12)  # the receivers' copy rate (runs 53-55: with more SMs or FP8 sender warps the receivers
+    # finish 40-170 us after the senders): receiver items claimed (RECV_ITEMS=claim), claimed by
+    # the senders too once their items are sent (=help), 16 loads in flight per lane (u16); GPU
+    # tests first (compile-checked only), then the A/B at EP 4 and EP 2.
     find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-290} TEST_TIMEOUT_S=20 \
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S11_K:-(jax_gpu_suite and buffer-4) or bitwise or (torch_gpu_matches and 4-g4 and default and not subgroups) or (big_rows and not lean) or (fp8_rows and (default or ready)) or same_bits}" \
+      PYTEST_K="${S12_K:-(big_rows and recv_) or (fp8_rows and help) or same_bits}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -8
-    FA2A_BENCH_KERNELS=1 STEPS=bench \
-      BENCH_CASES=${BENCH_CASES:-standard,standard_ready,standard_worstcap,standard_worstcap_zf,decode,decode_ready,standard_fp8,standard_fp8_ready} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_ready,standard_sms32} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --out "$OUT/fab" \
-      >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096: rc=$?"
-    grep -vE '^\[' "$OUT/fab.log" | tail -17
-    rm -f "$OUT"/fab/*.png "$OUT/build.log"
-    # One archive: more than the 8 files the device tool brings back
-    (cd "$OUT" && tar czf s11b.tgz --remove-files $(ls | grep -v '^s11b.tgz$'))
-    ;;
-  s11c)  # SM sweep (issue 4's dispatch, issue 7's FP8 and EP 2 targets have no SM bound): bf16,
-    # FP8 and decode at EP 4 with 24-64 SMs, twice, and EP 2 once; then the whole bench with the
-    # SM count whose static dispatch was fastest at EP 4 (FUSED_A2A_CUDA_BLOCKS, both frontends).
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for rep in 1 2; do
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms32,standard_sms40,standard_sms48,standard_sms64,standard_fp8,standard_fp8_sms32,standard_fp8_sms48,standard_fp8_sms64,decode,decode_sms48} \
-        BENCH_CASES_EP2=$([[ $rep == 1 ]] && echo "${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms48,standard_sms64}") \
-        timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-      mv "$OUT/bench.json" "$OUT/bench_sweep$rep.json"
-    done
-    BEST_SMS=$(python3 -c '
-import json, sys
-rows = json.load(open(sys.argv[1]))["results"]
-bf16 = [r for r in rows if "fp8" not in r["case"] and r["n"] == 4096 and "static_dispatch_us" in r]
-print(min(bf16, key=lambda r: r["static_dispatch_us"])["sms"])' "$OUT/bench_sweep1.json")
-    FUSED_A2A_CUDA_BLOCKS=$BEST_SMS timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-      --mode normal --out "$OUT/fab" >"$OUT/fab.log" 2>&1
-    echo "fused-a2a bench --ranks $NGPU --tokens 4096, $BEST_SMS SMs: rc=$?"
-    grep -vE '^\[' "$OUT/fab.log" | tail -17
-    rm -f "$OUT"/fab/*.png "$OUT/build.log"
-    (cd "$OUT" && tar czf s11c.tgz --remove-files $(ls | grep -v '^s11c.tgz$'))
-    ;;
-  s11d)  # FP8 with more sender warps at 24 SMs (run 52: FP8 gains with every SM, bf16 loses from
-    # 24 SMs up), EP 2 with 32 / 64 SMs again, then traces of bf16 and FP8 at 24 and 48 SMs / 8
-    # sender warps (where the bf16 dispatch loses with more SMs).
-    STEPS=build,bench BENCH_CASES=${BENCH_CASES:-standard,standard_fp8,standard_fp8_s6,standard_fp8_s8,standard_fp8_sms64} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms64} \
-      timeout 240 bash tools/gpu_check.sh | grep -E "build:|^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    TRACE_CASES=${TRACE_CASES:-standard,standard_sms48,standard_fp8,standard_fp8_s8} \
-      timeout 200 bash tools/gpu_diag_trace.sh
-    mv "$OUT/bench.json" "$OUT/trace.json"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rhelp,standard_sms32,standard_sms32_u16} \
+      timeout 330 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s11d.tgz --remove-files $(ls | grep -v '^s11d.tgz$'))
+    (cd "$OUT" && tar czf s12.tgz --remove-files $(ls | grep -v '^s12.tgz$'))
     ;;
-  s11e)  # receivers deal the remote sources only when the senders copy the own rows (an empty own
-    # column idled 1/4 of the receiver warps at EP 4, 1/2 at EP 2): GPU tests, then the A/B
-    # against the former deal (FUSED_A2A_CUDA_RECV_COLS=all) at EP 4 and EP 2.
-    find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-150} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S11_K:-(big_rows and own_senders) or (fp8_rows and default) or same_bits or (torch_gpu_matches and 4-g4_bf16_k8_e64_h7168-senders)}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rcall,standard_fp8,standard_fp8_rcall,standard_sms48} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rcall,standard_sms32} \
-      timeout 150 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s11e.tgz --remove-files $(ls | grep -v '^s11e.tgz$'))
-    ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s11b, s11c, s11d or s11e" >&2; exit 2 ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s12" >&2; exit 2 ;;
 esac

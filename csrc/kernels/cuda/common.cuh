@@ -24,6 +24,7 @@ struct LocalState {
   unsigned int error_phase;       // first timeout: phase code
   unsigned long long error_mask;  // ranks waited for when timing out
   unsigned int items_claimed;     // sender items claimed by the running op (next_item)
+  unsigned int recv_claimed;      // dispatch receiver items claimed (FUSED_A2A_CUDA_RECV_ITEMS)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange

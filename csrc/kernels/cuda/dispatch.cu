@@ -35,8 +35,11 @@ using namespace dispatch_impl;
 // kCopyUnroll: 16-byte loads in flight per lane of the receivers' copy to recv_x (8, or 16 with
 // FUSED_A2A_CUDA_RECV_UNROLL=16: a second instantiation, so the default keeps its registers).
 // kLeanEnd: the senders' chunk ends release an earlier chunk as soon as its own writes are
-// complete (FUSED_A2A_CUDA_CHUNK_END=lean, with the default copy unroll only).
-template <int kCopyUnroll, bool kLeanEnd = false>
+// complete (FUSED_A2A_CUDA_CHUNK_END=lean, with the default copy unroll only). kRecvItems: the
+// receivers' items dealt (kRecvDealt), claimed, or claimed by the senders too once their items
+// are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
+// default kernel ~100 / 180 bytes of spills).
+template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -165,8 +168,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
         sender_role<kLeanEnd>(p, sh, smem, L, ctx, warp, lane, s_hist);
+        // FUSED_A2A_CUDA_RECV_ITEMS=help: then the receivers' items still unclaimed (runs 53-55:
+        // with more SMs or sender warps the senders finish 40-170 us before the receivers)
+        if constexpr (kRecvItems == kRecvHelp)
+          receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, -1, lane, s_hist);
       } else {
-        receiver_role<kCopyUnroll>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
+        receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
   }
@@ -203,6 +210,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     ls->round_done = 0;
     ls->blocks_done = 0;
     ls->items_claimed = 0;  // every warp of this op is past its last claim
+    ls->recv_claimed = 0;
     __threadfence();
     *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
   }
@@ -340,6 +348,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.claim_items = claim_items_env();
   p.recv_rows = recv_rows_env();
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
+  p.recv_help = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "help");
+  p.recv_claim = p.recv_help || env_is("FUSED_A2A_CUDA_RECV_ITEMS", "claim");
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   p.send_warps = cfg.send_warps;
@@ -367,9 +377,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  auto kernel = recv_unroll_env() == 16 ? dispatch_kernel<16>
-                : p.lean_chunk_end      ? dispatch_kernel<8, true>
-                                        : dispatch_kernel<8>;
+  const bool u16 = recv_unroll_env() == 16;
+  auto kernel = p.recv_help && u16 ? dispatch_kernel<16, false, kRecvHelp>
+                : p.recv_help      ? dispatch_kernel<8, false, kRecvHelp>
+                : p.recv_claim     ? dispatch_kernel<8, false, kRecvClaim>
+                : u16              ? dispatch_kernel<16>
+                : p.lean_chunk_end ? dispatch_kernel<8, true>
+                                   : dispatch_kernel<8>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");

@@ -25,6 +25,9 @@ __host__ __device__ __forceinline__ bool receivers_have_own(int mode) {
   return mode != kOwnBySenders;
 }
 
+// How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
+constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
+
 struct DispatchParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
   bool static_mode, idx64, tma;
@@ -38,6 +41,10 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
+  // Receiver items claimed from a counter instead of dealt (FUSED_A2A_CUDA_RECV_ITEMS=claim), and
+  // with recv_help (=help) the sender warps claim them too once their own items are sent
+  // (dispatch_kernel's kRecvItems).
+  bool recv_claim, recv_help;
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;

@@ -222,7 +222,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   tr.flush(p, warp, lane);
 }
 
-template <int kCopyUnroll>
+template <int kCopyUnroll, int kRecvItems>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
                               int lane, int* s_hist) {
   const int G = p.num_ranks, r = p.rank;
@@ -233,6 +233,10 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const int RS = p.recv_rows > 0 && p.recv_rows < CR ? p.recv_rows : CR;
   const int nsub = (CR + RS - 1) / RS;
   const size_t rb = p.row_bytes;
+  // rwarp < 0: a sender warp whose own items are sent (FUSED_A2A_CUDA_RECV_ITEMS=help) claims the
+  // items left, in a one-round op only: no padding rows, no round barrier, no trace of its own.
+  constexpr bool kClaim = kRecvItems != kRecvDealt;
+  const bool helper = kRecvItems == kRecvHelp && rwarp < 0;
   const int nrw = gridDim.x * p.recv_warps;
   const int gr = blockIdx.x * p.recv_warps + rwarp;
   const unsigned long long seq = sh.seq;
@@ -244,7 +248,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   // before the first flag, or (FUSED_A2A_CUDA_ZERO=wait) one at a time while a chunk's flag is
   // not up yet and the rest after the loop, so that the zeroing fills the flag waits (a capacity
   // of 4 x N rows, JAX's default, cost the static dispatch 10.5 us in run 46).
-  long long zero_next = sh.kept_total + gr;
+  long long zero_next = helper ? p.capacity : sh.kept_total + gr;
   long long t_phase = WarpTrace::now();
   if (!p.zero_while_waiting)
     for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);
@@ -263,6 +267,12 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   // remote chunks of round 0 in the same order, so the local copy overlaps the transfer.
   const long long own = receivers_have_own(p.own_rows) ? sh.dkept[r] : 0;
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
+  if (helper && nrounds != 1) return;
+  // Claimed items (FUSED_A2A_CUDA_RECV_ITEMS): numbered over the rounds as the senders' are
+  // (next_item), so a warp's claim past round k's items is its first item of round k + 1.
+  unsigned int* claim_counter = &local_state(ctrl)->recv_claimed;
+  long long q = kClaim ? next_item(true, claim_counter, 0, 0, lane) : 0;
+  long long round_base = 0;
   bool ok = true;
   for (long long k = 0; k < nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
@@ -314,9 +324,16 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     // quarter of the receiver warps at EP 4 and half at EP 2 (session 11's traces).
     const int cols = receivers_have_own(p.own_rows) || p.recv_own_column ? G : G - 1;
     const long long rect = maxc * nsub * cols;
-    for (long long idx = gr; idx < rect && ok; idx += nrw) {
+    auto visit = [&](long long idx) {
       const RectItem it = rect_item(idx, maxc * nsub, cols, p.dst_major);
       item((r + 1 + it.col) % G, it.chunk / nsub, static_cast<int>(it.chunk % nsub) * RS);
+    };
+    if constexpr (kClaim) {
+      for (; q - round_base < rect && ok; q = next_item(true, claim_counter, q, 0, lane))
+        visit(q - round_base);
+      round_base += rect;
+    } else {
+      for (long long idx = gr; idx < rect && ok; idx += nrw) visit(idx);
     }
     if (ok && k + 1 < nrounds) {
       const long long t_round = WarpTrace::now();
@@ -329,7 +346,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);
-  tr.flush(p, p.send_warps + rwarp, lane);
+  if (!helper) tr.flush(p, p.send_warps + rwarp, lane);
 }
 
 }  // namespace fa2a::cuda::dispatch_impl
