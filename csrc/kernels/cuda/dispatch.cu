@@ -13,7 +13,10 @@
 // - Handshakes, all in peer memory with system-scope release/acquire, every wait bounded:
 //   notify (sender -> receiver: counts), ready (receiver -> sender: "I am in this op, your rows
 //   go to Q offset a, keep b rows"; later rounds re-release the same slot with a higher epoch once
-//   the receiver drained the window), chunk flags (sender -> receiver).
+//   the receiver drained the window), chunk flags (sender -> receiver). The static dispatch at
+//   G <= kLayoutMaxRanks skips round 0's ready: every rank's count row and receive parameters go
+//   to every rank (LayoutSlot), so each sender computes each receiver's placement (sender_view;
+//   FUSED_A2A_CUDA_LAYOUT=ready restores the message).
 // - Epochs derive from a per-buffer op counter in device memory, bumped by the last block of each
 //   op, so the kernels are CUDA-graph capturable. Payload slots alternate by the op parity.
 #include <algorithm>
