@@ -170,11 +170,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 3. Move the rows (ablation bit 8: not at all, which times launch + handshakes + epilogue).
     if (!sh.fail && !ablated(p, 8)) {
       if (warp < p.send_warps) {
-        sender_role<kLeanEnd>(p, sh, smem, L, ctx, warp, lane, s_hist);
         // FUSED_A2A_CUDA_RECV_ITEMS=help: then the receivers' items still unclaimed (runs 53-55:
         // with more SMs or sender warps the senders finish 40-170 us before the receivers)
-        if constexpr (kRecvItems == kRecvHelp)
-          receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, -1, lane, s_hist);
+        sender_role<kLeanEnd, kCopyUnroll, kRecvItems>(p, sh, smem, L, ctx, warp, lane, s_hist);
       } else {
         receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }

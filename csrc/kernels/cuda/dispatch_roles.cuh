@@ -41,6 +41,10 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
   own_chunk_meta(p, list, j0, P0, n, lane, s_hist);
 }
 
+template <int kCopyUnroll, int kRecvItems>
+__device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
+                              int lane, int* s_hist, TmaPipe* pipe = nullptr);
+
 // Items are (round, chunk c, destination), dealt round-robin to the sender warps of the grid.
 // Interleaved order (default): the destination innermost, so the warps write to every peer at
 // once and chunk c of every source reaches a receiver at about the same time. Destination-major
@@ -48,7 +52,9 @@ __device__ __forceinline__ void copy_own_chunk(const DispatchParams& p, long lon
 // Remote rows: bulk copies x -> peer window; their metadata records are staged in shared memory
 // and bulk-copied too, so a chunk's flag is released once its bulk groups are complete.
 // kLeanEnd: TmaPipe::end_chunk<true> (FUSED_A2A_CUDA_CHUNK_END=lean).
-template <bool kLeanEnd>
+// kRecvItems == kRecvHelp: once its items are sent, the warp claims receiver items (receiver_role
+// with rwarp -1) and copies their rows window -> recv_x through its own bulk-copy ring.
+template <bool kLeanEnd, int kCopyUnroll = 8, int kRecvItems = kRecvDealt>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
@@ -220,11 +226,17 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   tr.add(5, t_drain);
   tr.stamp(6, sh.t0);
   tr.flush(p, warp, lane);
+  if constexpr (kRecvItems == kRecvHelp) {
+    receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, -1, lane, s_hist, p.tma ? &pipe : nullptr);
+    if (p.tma && lane == 0) pipe.drain();  // the helped rows are written before the kernel ends
+    __syncwarp();
+  }
 }
 
+// pipe (helpers only, with bulk copies): lane 0's ring that copies the remote rows.
 template <int kCopyUnroll, int kRecvItems>
 __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx& ctx, int rwarp,
-                              int lane, int* s_hist) {
+                              int lane, int* s_hist, TmaPipe* pipe) {
   const int G = p.num_ranks, r = p.rank;
   const long long R = p.window;
   const int CR = sh.cr_recv, M = p.meta_words;
@@ -309,7 +321,13 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR + a;
       const long long P = sh.poff[s] + sl.j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      if (!ablated(p, 1)) warp_copy_cg<kCopyUnroll>(p.recv_x + P * rb, src, n * rb, lane);
+      if (ablated(p, 1)) {
+      } else if (kRecvItems == kRecvHelp && pipe) {  // the flag wait fenced the async proxy
+        if (lane == 0) pipe->push_span(p.recv_x + P * rb, src, n * rb);
+        __syncwarp();
+      } else {
+        warp_copy_cg<kCopyUnroll>(p.recv_x + P * rb, src, n * rb, lane);
+      }
       const uint32_t* ms =
           reinterpret_cast<const uint32_t*>(ctrl + kControlBytes + R * rb) + slot0 * M;
       if (!ablated(p, 1))  // the chunk's records (written by the peer: coherent loads)
