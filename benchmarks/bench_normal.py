@@ -95,6 +95,10 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
         fp8=True, SEND_WARPS="8", RECV_WARPS="8", RECV_ITEMS="help", RECV_UNROLL="16"
     ),
     "decode_rhelp": _case(n=128, RECV_ITEMS="help"),
+    # The dynamic dispatch scanning the routing again after the host sync (the former path; since
+    # session 11 dispatch_data reuses dispatch_notify's scan): compare dynamic_dispatch_us
+    "standard_rescan": _case(RESCAN="1"),
+    "decode_rescan": _case(n=128, RESCAN="1"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

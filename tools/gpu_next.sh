@@ -105,7 +105,7 @@ case "${PART:-tests}" in
       PYTEST_K="${S12_K:-(big_rows and recv_) or (fp8_rows and help) or same_bits}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp,standard_rescan,decode_rescan} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rhelp,standard_sms32,standard_sms32_u16} \
       timeout 330 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     rm -f "$OUT/build.log"

@@ -248,7 +248,10 @@ struct Prepared {
   size_t row_bytes;
 };
 
-Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list) {
+// after_notify (dispatch_data): the route scan of the dispatch_notify just before is reused when
+// it is still in the scratch (CudaState::notified).
+Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list,
+                 bool after_notify) {
   const int G = buffer.num_ranks();
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported (1..", kMaxRanks, ")");
   FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
@@ -266,10 +269,19 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
              " bytes must be a multiple of 16");
   check_aligned(a.x, "x");
   check_aligned(a.recv_x, "recv_x");
+  const bool idx64 = a.idx_dtype == DType::kI64;
+  const CudaState::NotifiedScan ns = pr.st->notified;
+  const bool reuse = after_notify && want_list && !env_is("FUSED_A2A_CUDA_RESCAN", "1") &&
+                     ns.gen == pr.st->scratch_gen && ns.topk_idx == a.topk_idx &&
+                     ns.num_tokens == a.num_tokens && ns.num_topk == a.num_topk &&
+                     ns.num_experts == a.num_experts && ns.idx64 == idx64;
+  pr.st->notified.topk_idx = nullptr;  // one use
+  const int* cum_before = pr.st->scratch.cum;
   pr.scratch =
       &ensure_scratch(*pr.st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, stream);
-  launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
-                    a.num_topk, a.num_experts, G, *pr.scratch, want_list, stream);
+  if (!reuse || pr.scratch->cum != cum_before)
+    launch_route_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk, a.num_experts,
+                      G, *pr.scratch, want_list, stream);
   return pr;
 }
 
@@ -277,7 +289,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
-  const Prepared pr = prepare(buffer, a, s, true);
+  const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData);
   const int G = buffer.num_ranks();
   DispatchParams p{};
   p.rank = buffer.rank();

@@ -199,6 +199,7 @@ std::string pending_error(Buffer& buffer) {
 
 const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
                               cudaStream_t stream) {
+  ++st.scratch_gen;
   const int lpr = num_experts / std::max(num_ranks, 1);
   if (num_tokens <= st.cap_tokens && num_experts <= st.cap_experts && st.scratch_mem &&
       lpr <= st.cap_experts)

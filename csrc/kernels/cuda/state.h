@@ -92,6 +92,17 @@ struct CudaState {
   uint32_t* records = nullptr;  // dispatch metadata records [G][N][M] (ensure_records)
   size_t records_words = 0;
   std::vector<void*> retired;  // outgrown scratch, kept alive for captured graphs
+  uint64_t scratch_gen = 0;    // bumped by every ensure_scratch (every op's use of the scratch)
+  // The route scan (send lists included) of the last dispatch_notify: the dispatch_data call of
+  // the same op reuses it when nothing else used the scratch in between (scratch_gen unchanged)
+  // and the routing arguments are the same, instead of scanning again after the host sync.
+  struct NotifiedScan {
+    const void* topk_idx = nullptr;
+    int64_t num_tokens = -1;
+    int num_topk = 0, num_experts = 0;
+    bool idx64 = false;
+    uint64_t gen = 0;
+  } notified;
   ~CudaState();
 };
 
