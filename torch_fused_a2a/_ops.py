@@ -146,9 +146,13 @@ def dispatch(
     args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
     args.num_topk, args.num_experts, args.num_sms = num_topk, num_experts, num_sms
     args.topk_weights = _ptr(topk_weights)
-    recv_src_counts = _i32(num_ranks, device)
-    tokens_per_expert = _i32(num_local, device)
-    stats = _i32(3, device)
+    # The CUDA kernels write every element of these (the data kernel's epilogue, or the count
+    # exchange), so no fill kernels run before them (three launches, ~1 us each on the critical
+    # path, run 51's kernel times); the CPU backend accumulates into tokens_per_expert.
+    counts = torch.empty if device.type == "cuda" else torch.zeros
+    recv_src_counts = counts(num_ranks, dtype=torch.int32, device=device)
+    tokens_per_expert = counts(num_local, dtype=torch.int32, device=device)
+    stats = counts(3, dtype=torch.int32, device=device)
     args.recv_src_counts, args.tokens_per_expert = _ptr(recv_src_counts), _ptr(tokens_per_expert)
     args.num_recv = stats.data_ptr()
     args.num_dropped = stats.data_ptr() + 4
