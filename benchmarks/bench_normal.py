@@ -99,6 +99,9 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     # session 11 dispatch_data reuses dispatch_notify's scan): compare dynamic_dispatch_us
     "standard_rescan": _case(RESCAN="1"),
     "decode_rescan": _case(n=128, RESCAN="1"),
+    # Dispatch and combine launched while the route scan before them runs (PDL=1, session 11)
+    "standard_pdl": _case(PDL="1"),
+    "decode_pdl": _case(n=128, PDL="1"),
     "standard_simt": _case(COPY="simt"),
     # Who copies the own rows: the receiver warps or the senders (default: receivers up to 512
     # tokens, senders above; runs 18-20)

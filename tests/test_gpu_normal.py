@@ -395,6 +395,8 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     # receiver items claimed; claimed by the senders too once their items are sent (session 11)
     "recv_claim": {"FUSED_A2A_CUDA_RECV_ITEMS": "claim", "FUSED_A2A_CUDA_SELF": "send"},
     "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
+    # dispatch / combine launched while the route scan before them runs (session 11)
+    "pdl": {"FUSED_A2A_CUDA_PDL": "1"},
 }
 
 
@@ -410,7 +412,8 @@ def test_static_big_rows(rows, variant):
     once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean); "own_senders": the senders
     copy the own rows, so the receiver warps deal only the remote sources' chunks; "recv_claim":
     the receivers claim their items from a counter (over the rounds); "recv_help": the sender
-    warps claim receiver items too once their own are sent (one-round ops)."""
+    warps claim receiver items too once their own are sent (one-round ops); "pdl": the dispatch
+    and combine kernels by programmatic dependent launch after the route scan."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -641,6 +644,9 @@ DETERMINISM_CONFIGS = (
     (8, 1, {"FUSED_A2A_CUDA_RECV_ITEMS": "claim", **OWN_ROWS["senders"]}),
     (16, 8, {"FUSED_A2A_CUDA_RECV_ITEMS": "help", **OWN_ROWS["senders"]}),
     (24, 2, {"FUSED_A2A_CUDA_RECV_ITEMS": "help", "FUSED_A2A_CUDA_RECV_UNROLL": "16"}),
+    # Programmatic dependent launch after the one-block and the two-pass route scan (session 11)
+    (24, 8, {"FUSED_A2A_CUDA_PDL": "1"}),
+    (8, 1, {"FUSED_A2A_CUDA_PDL": "1", "FUSED_A2A_CUDA_SCAN": "tiles"}),
 )
 
 

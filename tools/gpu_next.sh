@@ -102,11 +102,11 @@ case "${PART:-tests}" in
     find csrc -type f -exec touch {} +
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S12_K:-(big_rows and recv_) or (fp8_rows and help) or same_bits or (torch_gpu_matches and 4-g4_bf16_k8_e64_h7168 and (default or senders))}" \
+      PYTEST_K="${S12_K:-(big_rows and (recv_ or pdl)) or (fp8_rows and help) or same_bits or (torch_gpu_matches and 4-g4_bf16_k8_e64_h7168 and (default or senders))}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp,standard_rescan,decode_rescan} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rhelp,standard_sms32,standard_sms32_u16} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp,standard_rescan,decode_rescan,standard_pdl,decode_pdl} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rhelp,standard_sms32,standard_sms32_u16,standard_pdl} \
       timeout 330 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s12.tgz --remove-files $(ls | grep -v '^s12.tgz$'))

@@ -378,6 +378,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
+  griddep_wait();  // FUSED_A2A_CUDA_PDL: the route scan before is complete
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint8_t* ctrl = p.peers[r];
@@ -525,12 +526,11 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.loads_ahead = cfg.loads_ahead;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
-  const dim3 grid(cfg.blocks), block(32 * (p.send_warps + p.recv_warps));
   auto launch = [&](auto kernel) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(L.total)),
                     "combine shared memory");
-    kernel<<<grid, block, L.total, s>>>(p);
+    launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env(), p);
   };
   switch (a.y_dtype) {
     case DType::kBF16:

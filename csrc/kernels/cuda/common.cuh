@@ -137,6 +137,17 @@ struct WaitCtx {
   int rank;
 };
 
+// Programmatic dependent launch (FUSED_A2A_CUDA_PDL=1, launch_kernel): a kernel launched with
+// the attribute may start while the kernel before it in the stream still runs, and waits here
+// for that kernel's completion and memory; the route scans let it start at once. Both are no-ops
+// for kernels launched without the attribute.
+__device__ __forceinline__ void griddep_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 __device__ __forceinline__ unsigned long long globaltimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

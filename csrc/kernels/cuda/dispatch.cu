@@ -46,6 +46,7 @@ template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
+  griddep_wait();  // FUSED_A2A_CUDA_PDL: the route scan (or records kernel) before is complete
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint8_t* ctrl = p.peers[r];
@@ -400,7 +401,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  kernel<<<cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s>>>(p);
+  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env(), p);
   check_launch("dispatch");
 }
 

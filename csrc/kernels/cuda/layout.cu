@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kScanThreads)
   __shared__ typename Scan::TempStorage temp;
   __shared__ unsigned char s_routed[kScanTile];
   extern __shared__ int s_ecount[];  // lpr
+  griddep_launch_dependents();       // a dependent dispatch / combine waits for the whole scan
   const int d = blockIdx.x;
   const int lpr = num_experts / num_ranks;
   for (int j = threadIdx.x; j < lpr; j += blockDim.x) s_ecount[j] = 0;
@@ -155,6 +156,7 @@ __global__ void __launch_bounds__(kScanThreads)
   __shared__ typename Scan::TempStorage temp;
   __shared__ int s_base[kMaxRanks];
   const int tid = threadIdx.x, tiles = gridDim.x;
+  griddep_launch_dependents();  // a dependent dispatch / combine waits for the whole scan
   for (int d = tid; d < num_ranks; d += blockDim.x) {
     int before = 0;
     for (int j = 0; j < static_cast<int>(blockIdx.x); ++j) before += tile_count[j * kMaxRanks + d];

@@ -371,6 +371,10 @@ bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
+// Session 11, not yet measured: the launch of the dispatch / combine kernel overlaps the route
+// scan before it (run 51: scan passes of ~4.5 us each, kernel launches in between).
+bool pdl_env() { return env_int("FUSED_A2A_CUDA_PDL", 0) != 0; }
+
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.cuh"
@@ -24,6 +25,25 @@ namespace fa2a::cuda {
                 cudaGetErrorString(err_));                                   \
     }                                                                        \
   } while (0)
+
+// kernel<<<blocks, threads, smem, stream>>>(args...), with programmatic dependent launch when
+// pdl (the kernel calls griddep_wait before reading what the kernel before it wrote).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int blocks, int threads, size_t smem,
+                   cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  FA2A_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...),
+                  "cudaLaunchKernelEx");
+}
 
 // Makes `device` current for the scope (JAX calls ops from threads that may have another one).
 class DeviceGuard {
@@ -166,6 +186,7 @@ bool zero_while_waiting_env();
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
 bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
+bool pdl_env();            // FUSED_A2A_CUDA_PDL=1: dispatch / combine by dependent launch
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
