@@ -281,7 +281,8 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   const long long nrounds = max((remote + R - 1) / R, own > 0 ? 1ll : 0ll);
   if (helper && nrounds != 1) return;
   // Claimed items (FUSED_A2A_CUDA_RECV_ITEMS): numbered over the rounds as the senders' are
-  // (next_item), so a warp's claim past round k's items is its first item of round k + 1.
+  // (next_item), so a warp's claim past round k's items is its first item of round k + 1. The
+  // numbers a warp claims grow, so every item of round k is taken before any of round k + 1.
   unsigned int* claim_counter = &local_state(ctrl)->recv_claimed;
   long long q = kClaim ? next_item(true, claim_counter, 0, 0, lane) : 0;
   long long round_base = 0;
@@ -347,8 +348,14 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       item((r + 1 + it.col) % G, it.chunk / nsub, static_cast<int>(it.chunk % nsub) * RS);
     };
     if constexpr (kClaim) {
-      for (; q - round_base < rect && ok; q = next_item(true, claim_counter, q, 0, lane))
+      // The next claim is issued before this item's flag wait and copy and read after them, so
+      // its atomic's round trip overlaps them (a warp holds two claims: this item and the next).
+      while (q - round_base < rect && ok) {
+        unsigned int next = 0;
+        if (lane == 0) next = atomicAdd(claim_counter, 1u);
         visit(q - round_base);
+        q = static_cast<long long>(__shfl_sync(0xffffffffu, next, 0));
+      }
       round_base += rect;
     } else {
       for (long long idx = gr; idx < rect && ok; idx += nrw) visit(idx);
