@@ -361,8 +361,7 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     padding_zero = not torch.any(rx2[rows_recv:].view(torch.int16))
     cnt = in_rank.sum(1).float()
     expect = ((x.float() * cnt[:, None]) + 0.0).to(torch.bfloat16)
-    res["exact"] = bool(torch.equal(out.view(torch.int16), expect.view(torch.int16)))
-    res["exact"] = res["exact"] and bool(padding_zero)
+    res["exact"] = torch.equal(out.view(torch.int16), expect.view(torch.int16)) and padding_zero
     if fp8:  # FP8 rows and scales arrive as the bf16 rows do, converted on the sender
         rx8, rs8 = ops.dispatch(x_send, scales, idx, w, e, gid, grank, world, cap, sms)[:2]
         same_rows = torch.equal(

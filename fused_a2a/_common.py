@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import fused_a2a_core as core
 
@@ -24,3 +25,13 @@ def stable_group_id(*parts: object) -> int:
     """A 63-bit id that is the same in every process for the same description of a group."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def kernel_sms(num_sms: int | None) -> int:
+    """The SMs the CUDA normal-mode kernels run on, as csrc/kernels/cuda/state.cu picks them:
+    FUSED_A2A_CUDA_BLOCKS when set, else num_sms when positive, else 24 (so a bench run with the
+    override reports the SMs it used)."""
+    env = os.environ.get("FUSED_A2A_CUDA_BLOCKS")
+    if env:
+        return int(env)
+    return num_sms if num_sms and num_sms > 0 else 24

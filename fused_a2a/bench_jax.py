@@ -35,7 +35,8 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import DTYPES, Expected, fp8_rows, kernel_sms, same_bits
+from fused_a2a._common import kernel_sms
+from fused_a2a.routing import DTYPES, Expected, fp8_rows, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "a2a")
 

@@ -20,7 +20,8 @@ import traceback
 
 import numpy as np
 
-from fused_a2a.routing import Expected, fp8_rows, kernel_sms, same_bits
+from fused_a2a._common import kernel_sms
+from fused_a2a.routing import Expected, fp8_rows, same_bits
 
 UNITS = ("fused_normal", "fused_hybrid", "fused_normal_permute", "a2a", "deep_ep")
 

@@ -4,12 +4,10 @@ Every rank (or the one JAX process) rebuilds every rank's inputs from the seed, 
 its own outputs bit for bit without extra communication. The expected values follow
 SEMANTICS.md directly (no fused_a2a code is used): normal mode rows in (source rank, source token)
 order, HybridEP rows expert-major, combines accumulated in float32 in the contract's fixed order
-and rounded once. Only NumPy and ml_dtypes are imported (and os, for kernel_sms).
+and rounded once. Only NumPy and ml_dtypes are imported.
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_dtypes
 import numpy as np
@@ -190,13 +188,3 @@ class Expected:
 
     def send_rows(self, rank: int) -> np.ndarray:
         return self.inputs[rank][0][self.send_index(rank)[0]]
-
-
-def kernel_sms(num_sms: int | None) -> int:
-    """The SMs the CUDA normal-mode kernels run on, as csrc/kernels/cuda/state.cu picks them:
-    FUSED_A2A_CUDA_BLOCKS when set, else num_sms when positive, else 24 (so a bench run with the
-    override reports the SMs it used)."""
-    env = os.environ.get("FUSED_A2A_CUDA_BLOCKS")
-    if env:
-        return int(env)
-    return num_sms if num_sms and num_sms > 0 else 24

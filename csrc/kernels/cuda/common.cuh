@@ -57,9 +57,10 @@ constexpr size_t kHybridOffset = kExpertOffset + 2 * kMaxExpertsNotify * sizeof(
 constexpr size_t kHybridBytes = 64 + 2 * kMaxRanks * sizeof(unsigned long long);
 static_assert(kHybridOffset + kHybridBytes <= kFlagOffset, "control layout (hybrid)");
 
-// Static dispatch with FUSED_A2A_CUDA_LAYOUT=notify (G <= kLayoutMaxRanks): every rank writes
-// its count row and its receive parameters to every rank, so a sender computes each receiver's
-// placement of its rows itself and round 0 needs no ready message (one NVLink round trip less).
+// Static dispatch, G <= kLayoutMaxRanks (FUSED_A2A_CUDA_LAYOUT=ready turns it off): every rank
+// writes its count row and its receive parameters to every rank, so a sender computes each
+// receiver's placement of its rows itself and round 0 needs no ready message (one NVLink round
+// trip less).
 constexpr int kLayoutMaxRanks = 8;
 struct LayoutSlot {  // source s -> every rank, [parity][s]
   unsigned long long flag;

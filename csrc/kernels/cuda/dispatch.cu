@@ -362,8 +362,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.claim_items = claim_items_env();
   p.recv_rows = recv_rows_env();
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
-  p.recv_help = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "help");
-  p.recv_claim = p.recv_help || env_is("FUSED_A2A_CUDA_RECV_ITEMS", "claim");
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   p.send_warps = cfg.send_warps;
@@ -391,10 +389,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
+  // The receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=claim / help) pick a kernel instantiation.
+  const bool help = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "help");
+  const bool claim = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "claim");
   const bool u16 = recv_unroll_env() == 16;
-  auto kernel = p.recv_help && u16 ? dispatch_kernel<16, false, kRecvHelp>
-                : p.recv_help      ? dispatch_kernel<8, false, kRecvHelp>
-                : p.recv_claim     ? dispatch_kernel<8, false, kRecvClaim>
+  auto kernel = help && u16        ? dispatch_kernel<16, false, kRecvHelp>
+                : help             ? dispatch_kernel<8, false, kRecvHelp>
+                : claim            ? dispatch_kernel<8, false, kRecvClaim>
                 : u16              ? dispatch_kernel<16>
                 : p.lean_chunk_end ? dispatch_kernel<8, true>
                                    : dispatch_kernel<8>;

@@ -41,10 +41,6 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
-  // Receiver items claimed from a counter instead of dealt (FUSED_A2A_CUDA_RECV_ITEMS=claim), and
-  // with recv_help (=help) the sender warps claim them too once their own items are sent
-  // (dispatch_kernel's kRecvItems).
-  bool recv_claim, recv_help;
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -329,7 +325,8 @@ struct Shared {
   int true_cnt[kMaxRanks], kept[kMaxRanks], poff[kMaxRanks], qoff[kMaxRanks];
   int dkept[kMaxRanks], dqoff[kMaxRanks], dcr[kMaxRanks], ntok[kMaxRanks];
   int cr_recv;  // chunk rows of this rank's window (chosen here, sent to the sources)
-  // FUSED_A2A_CUDA_LAYOUT=notify: every source's LayoutSlot (count rows and receive parameters)
+  // The layout notify (static, G <= kLayoutMaxRanks): every source's LayoutSlot (count rows and
+  // receive parameters)
   int lay_count[kLayoutMaxRanks][kLayoutMaxRanks];
   int lay_warps2[kLayoutMaxRanks], lay_chunk[kLayoutMaxRanks];
   long long lay_capacity[kLayoutMaxRanks], lay_window[kLayoutMaxRanks];

@@ -256,10 +256,10 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   WarpTrace tr;
   tr.stamp(8, sh.t0);
   const long long t_loop = WarpTrace::now();
-  // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed here,
-  // before the first flag, or (FUSED_A2A_CUDA_ZERO=wait) one at a time while a chunk's flag is
-  // not up yet and the rest after the loop, so that the zeroing fills the flag waits (a capacity
-  // of 4 x N rows, JAX's default, cost the static dispatch 10.5 us in run 46).
+  // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed one at
+  // a time while a chunk's flag is not up yet and the rest after the loop, so that the zeroing
+  // fills the flag waits (a capacity of 4 x N rows, JAX's default, cost the static dispatch
+  // 10.5 us in run 46), or here before the first flag (FUSED_A2A_CUDA_ZERO=first).
   long long zero_next = helper ? p.capacity : sh.kept_total + gr;
   long long t_phase = WarpTrace::now();
   if (!p.zero_while_waiting)
@@ -367,7 +367,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     }
   }
   t_phase = WarpTrace::now();
-  for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);  // (ZERO=wait)
+  for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);  // the rest
   tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);

@@ -155,7 +155,7 @@ struct LaunchConfig {
   int loads_ahead =
       0;  // TmaPipe's loads ahead of its stores (FUSED_A2A_CUDA_LOADS_AHEAD; 0: S - 2)
   // TmaPipe::end_chunk releases a pending chunk once its own writes are complete, not all of the
-  // warp's (FUSED_A2A_CUDA_CHUNK_END=lean; session 10, not yet measured)
+  // warp's (FUSED_A2A_CUDA_CHUNK_END=lean; session 10, lost in run 50)
   bool lean_chunk_end = false;
 };
 // Blocks of a communication kernel: num_sms (0: 24; FUSED_A2A_CUDA_BLOCKS overrides), at most
