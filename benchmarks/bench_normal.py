@@ -95,6 +95,7 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
         fp8=True, SEND_WARPS="8", RECV_WARPS="8", RECV_ITEMS="help", RECV_UNROLL="16"
     ),
     "decode_rhelp": _case(n=128, RECV_ITEMS="help"),
+    "standard_sms48_rhelp_pdl": _case(sms=48, RECV_ITEMS="help", PDL="1"),
     # The dynamic dispatch scanning the routing again after the host sync (the former path; since
     # session 11 dispatch_data reuses dispatch_notify's scan): compare dynamic_dispatch_us
     "standard_rescan": _case(RESCAN="1"),
@@ -137,6 +138,12 @@ CASES = {  # name: dict(n, h, k, e, sms, env knobs)
     "decode_abl_roles": _case(n=128, ABLATE="8"),
     "decode_chunk2": _case(n=128, CHUNK_ROWS="2"),
 }
+# Help at more SMs (run 56: 48 SMs 544.5 us with help, 584.4 without; 24 SMs unchanged)
+for _sms in (32, 40, 64, 80):
+    CASES[f"standard_sms{_sms}_rhelp"] = _case(sms=_sms, RECV_ITEMS="help")
+for _sms in (48, 64):
+    CASES[f"standard_fp8_sms{_sms}_rhelp"] = _case(fp8=True, sms=_sms, RECV_ITEMS="help")
+CASES["standard_sms32_pdl"] = _case(sms=32, PDL="1")
 for _name in ("standard", "standard_sms12", "decode"):
     CASES[_name + "_dst"] = dict(CASES[_name], env={"FUSED_A2A_CUDA_ORDER": "dst"})
 for _n in (128, 512, 1024, 2048, 4096, 8192):

@@ -111,5 +111,22 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s12.tgz --remove-files $(ls | grep -v '^s12.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop or s12" >&2; exit 2 ;;
+  s12b)  # run 56: help won at 48 SMs (544.5 us vs 584.4), PDL's combine -11 to -15 us: sweep
+    # help over SM counts at EP 4 and EP 2, repeat PDL, then the whole normal-mode bench of both
+    # frontends at 24 SMs (defaults) and at 48 SMs with help (issue 4 has no SM bound).
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_pdl,standard_sms32_rhelp,standard_sms40_rhelp,standard_sms48_rhelp,standard_sms64_rhelp,standard_sms80_rhelp,standard_sms48_rhelp_pdl,standard_fp8,standard_fp8_sms48_rhelp,standard_fp8_sms64_rhelp,standard_fp8_sms64,decode,decode_rhelp,decode_pdl} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms32_rhelp,standard_sms48_rhelp,standard_sms64_rhelp,standard_sms32_pdl,standard_pdl} \
+      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    for cfg in sms24 sms48_rhelp; do
+      extra=(); [ "$cfg" = sms48_rhelp ] && extra=(FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_CUDA_RECV_ITEMS=help)
+      env "${extra[@]}" timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal \
+        --frontend all --out "$OUT/fab_$cfg" >"$OUT/fab_$cfg.log" 2>&1
+      echo "whole bench, $cfg: rc=$?"
+      grep -E "^(torch|jax|nccl|deepep)" "$OUT/fab_$cfg.log" | cut -c1-90
+    done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s12b.tgz --remove-files $(ls | grep -v '^s12b.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12 or s12b" >&2; exit 2 ;;
 esac
