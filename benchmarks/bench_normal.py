@@ -144,6 +144,13 @@ for _sms in (32, 40, 64, 80):
 for _sms in (48, 64):
     CASES[f"standard_fp8_sms{_sms}_rhelp"] = _case(fp8=True, sms=_sms, RECV_ITEMS="help")
 CASES["standard_sms32_pdl"] = _case(sms=32, PDL="1")
+# Session 12: the dynamic dispatch queues its data kernel before the host has the counts
+# (torch_fused_a2a/_ops.py, _dispatch_body); _exact: the host waits first (the former path), and
+# _nopdl: the combine without programmatic dependent launch (the former default)
+for _name in ("standard", "decode", "standard_sms48"):
+    CASES[_name + "_exact"] = dict(CASES[_name], env={"FUSED_A2A_TORCH_SPECULATIVE_MB": "0"})
+CASES["standard_nopdl"] = _case(PDL="0")
+CASES["decode_nopdl"] = _case(n=128, PDL="0")
 for _name in ("standard", "standard_sms12", "decode"):
     CASES[_name + "_dst"] = dict(CASES[_name], env={"FUSED_A2A_CUDA_ORDER": "dst"})
 for _n in (128, 512, 1024, 2048, 4096, 8192):
@@ -204,11 +211,12 @@ CASES["standard_lean"] = _case(CHUNK_END="lean")
 # The FUSED_A2A_CUDA_* variables as the bench was started: each case starts from them and sets its
 # own knobs on top, so one case's knobs never leak into the next (before session 8 a fixed list
 # missed RECV_UNROLL, CLAIM and COMBINE_CLAIM, which then stayed set for the later cases).
-BASE_KNOBS = {key: value for key, value in os.environ.items() if key.startswith("FUSED_A2A_CUDA_")}
+_KNOB_PREFIXES = ("FUSED_A2A_CUDA_", "FUSED_A2A_TORCH_")
+BASE_KNOBS = {key: value for key, value in os.environ.items() if key.startswith(_KNOB_PREFIXES)}
 
 
 def _set_case_env(env: dict) -> None:
-    for key in [key for key in os.environ if key.startswith("FUSED_A2A_CUDA_")]:
+    for key in [key for key in os.environ if key.startswith(_KNOB_PREFIXES)]:
         del os.environ[key]
     os.environ.update(BASE_KNOBS)
     os.environ.update(env)

@@ -1,8 +1,11 @@
 """The count exchange's host counts on CUDA GPUs (`DispatchArgs::host_counts`, what the torch
-dynamic dispatch reads after its one sync): pinned host memory, which the notify kernel writes
+dynamic dispatch reads after its one wait): pinned host memory, which the notify kernel writes
 through UVA, and pageable memory, which goes through device scratch and one copy after the sync.
 Both must give [num_recv, 0, group_max_tokens, tokens_per_expert...] as counted here from the
-routing. Skipped unless at least two CUDA GPUs are visible."""
+routing, with and without a host ticket (`DispatchArgs::host_ticket`: with pinned memory the
+notify returns at once and `dispatch_notify_wait` waits for the ticket, written last; pageable
+memory falls back to the sync). Then the torch dynamic dispatch's paths (exact, speculative,
+redo) on GPUs against the reference. Skipped unless at least two CUDA GPUs are visible."""
 
 from __future__ import annotations
 
@@ -33,11 +36,13 @@ def _rank_host_counts(rank, world):
     lpr = e // world
     stream = torch.cuda.current_stream().cuda_stream
     out = {}
-    for name, pinned in (("pinned", True), ("pageable", False)):
+    variants = (("pinned", True, 0), ("pageable", False, 0))
+    variants += (("pinned_ticket", True, 9), ("pageable_ticket", False, 11))
+    for name, pinned, ticket in variants:
         counts = torch.zeros(world, dtype=torch.int32, device="cuda")
         per_expert = torch.zeros(lpr, dtype=torch.int32, device="cuda")
         stats = torch.zeros(3, dtype=torch.int32, device="cuda")
-        host = torch.full((3 + lpr,), -7, dtype=torch.int32, pin_memory=pinned)
+        host = torch.full((4 + lpr,), -7, dtype=torch.int32, pin_memory=pinned)
         args = core.DispatchArgs()
         args.x, args.x_dtype, args.num_tokens, args.hidden = x.data_ptr(), DTYPE_BF16, n, h
         args.topk_idx, args.idx_dtype, args.num_topk = idx.data_ptr(), DTYPE_I64, k
@@ -45,8 +50,10 @@ def _rank_host_counts(rank, world):
         args.recv_src_counts, args.tokens_per_expert = counts.data_ptr(), per_expert.data_ptr()
         args.num_recv, args.num_dropped = stats.data_ptr(), stats.data_ptr() + 4
         args.group_max_tokens = stats.data_ptr() + 8
-        args.host_counts = host.data_ptr()
+        args.host_counts, args.host_ticket = host.data_ptr(), ticket
         core.dispatch_notify(buf.group_id, buf.rank, stream, args)
+        if ticket:
+            core.dispatch_notify_wait(buf.group_id, buf.rank, host.data_ptr(), lpr, ticket)
         num_recv = int(host[0])
         recv_x = torch.empty((max(num_recv, 1), h), dtype=x.dtype, device="cuda")
         src_token = torch.empty(max(num_recv, 1), dtype=torch.int32, device="cuda")
@@ -95,9 +102,28 @@ def test_host_counts_pinned_and_pageable_agree():
             [sum(int((idx == r * lpr + j).sum()) for idx in idxs) for j in range(lpr)], np.int32
         )
         want_host = np.concatenate([[want_counts.sum(), 0, group_max], want_experts])
-        for name in ("pinned", "pageable"):
+        for name, ticket in (
+            ("pinned", -7),
+            ("pageable", -7),
+            ("pinned_ticket", 9),
+            ("pageable_ticket", 11),
+        ):
             got = out[name]
+            assert got["host"][-1] == ticket, (r, name, got["host"])
+            got["host"] = got["host"][:-1]
             assert (got["counts"] == want_counts).all(), (r, name, got, want_counts)
             assert (got["per_expert"] == want_experts).all(), (r, name, got, want_experts)
             assert (got["host"] == want_host).all(), (r, name, got["host"], want_host)
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
+
+
+def test_dynamic_dispatch_speculative_paths_gpu():
+    """tests/test_torch_normal.py's speculative-path steps on GPUs: the data kernel queued
+    behind the count exchange, outputs shrunk to num_recv rows, a redo when the group's largest
+    N grew; bitwise against the reference."""
+    import test_torch_normal as tn
+
+    _need(3)
+    tn.check_speculative_steps(
+        run_ranks(tn._rank_speculative, 3, timeout=300, env={**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"})
+    )

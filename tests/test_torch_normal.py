@@ -287,6 +287,82 @@ def test_dispatch_backward(world, case):
             assert any((v != 0).any() for v in non_owned)
 
 
+# The dynamic dispatch's paths (torch_fused_a2a/_ops.py, _dispatch_body): the first call of a
+# group waits for the counts (exact); later ones queue the data phase first (speculative), sized
+# by the largest N seen; a group whose largest N grew runs again exactly (redo); a zero size
+# bound (FUSED_A2A_TORCH_SPECULATIVE_MB=0) keeps every call exact.
+SPECULATIVE_STEPS = (  # (tokens per rank, FUSED_A2A_TORCH_SPECULATIVE_MB, path)
+    ((4, 0, 6), None, "exact"),
+    ((2, 3, 1), None, "speculative"),
+    ((9, 9, 2), None, "redo"),  # 9 > 6 seen
+    ((0, 0, 0), None, "speculative"),
+    ((5, 9, 5), None, "speculative"),
+    ((3, 2, 1), "0", "exact"),
+)
+
+
+def _speculative_case(step: int) -> Case:
+    return Case(f"spec{step}", SPECULATIVE_STEPS[step][0], 2, 6, 16, "bf16", 70 + step)
+
+
+def _rank_speculative(rank, world):
+    import torch.distributed as dist
+
+    from torch_fused_a2a import _ops
+
+    torch.set_num_threads(1)
+    tfa = _api()
+    device = torch.device("cpu")
+    if os.environ.get("FA2A_TEST_DEVICE") == "cuda":  # tests/test_gpu_host_counts.py
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    out = []
+    for step, (_, bound, _) in enumerate(SPECULATIVE_STEPS):
+        if bound is not None:
+            os.environ["FUSED_A2A_TORCH_SPECULATIVE_MB"] = bound
+        inp = make_inputs(_speculative_case(step))
+        x, idx, w = (from_numpy(inp[k][rank]).to(device) for k in ("xs", "idxs", "ws"))
+        before = dict(_ops.DYNAMIC_PATHS)
+        recv_x, recv_idx, recv_w, tpe, _ = tfa.fused_dispatch(x, idx, w, 6, dist.group.WORLD)
+        paths = {k: v - before[k] for k, v in _ops.DYNAMIC_PATHS.items() if v != before[k]}
+        out.append(
+            dict(
+                paths=paths,
+                recv_x=to_numpy(recv_x),
+                recv_idx=to_numpy(recv_idx),
+                recv_w=to_numpy(recv_w),
+                tpe=to_numpy(tpe),
+                contiguous=recv_x.is_contiguous(),
+            )
+        )
+    return out
+
+
+def test_dynamic_dispatch_speculative_paths():
+    check_speculative_steps(run_ranks(_rank_speculative, 3, timeout=120))
+
+
+def check_speculative_steps(res):
+    world = len(res)
+    expected_paths = {
+        "exact": {"exact": 1},
+        "speculative": {"speculative": 1},
+        "redo": {"speculative": 1, "redo": 1, "exact": 1},
+    }
+    for step, (ns, _, path) in enumerate(SPECULATIVE_STEPS):
+        inp = make_inputs(_speculative_case(step))
+        ref = R.dispatch(inp["xs"], inp["idxs"], inp["ws"], 6)
+        for r in range(world):
+            got = res[r][step]
+            where = f"step {step} (tokens {ns}), rank {r}"
+            assert got["paths"] == expected_paths[path], where
+            assert got["contiguous"], where
+            assert_bitwise_equal(got["recv_x"], ref[r]["recv_x"], f"recv_x, {where}")
+            assert_bitwise_equal(got["recv_idx"], ref[r]["recv_topk_idx"], f"recv_idx, {where}")
+            assert_bitwise_equal(got["recv_w"], ref[r]["recv_topk_weights"], f"recv_w, {where}")
+            assert_bitwise_equal(got["tpe"], ref[r]["tokens_per_expert"], f"tpe, {where}")
+
+
 def test_op_layer_route_same_bits():
     """Eager calls run the ops' bodies directly (_ops.run); FUSED_A2A_TORCH_DIRECT=0 sends them
     through torch.library. Both routes give the same bits for every G = 2 case, and each run

@@ -128,5 +128,25 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s12b.tgz --remove-files $(ls | grep -v '^s12b.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12 or s12b" >&2; exit 2 ;;
+  s12c)  # new defaults: help from 32 SMs, PDL for the combine only; the torch dynamic dispatch's
+    # data kernel queued before the host wait (speculative outputs). GPU tests, the A/B against
+    # the former paths (_exact, _nopdl), the whole normal bench at 24 and at 48 SMs.
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
+      PYTEST_K="${S12_K:-host_counts or speculative or (torch_gpu_matches and default) or stress_1000 or cuda_graph or same_bits or (jax_gpu_suite and default-buffer-4) or torch_vs_jax or (big_rows and default)}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_exact,standard_nopdl,standard_sms48,standard_sms48_exact,decode,decode_exact,decode_nopdl} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_exact,standard_nopdl,standard_sms32} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    for sms in 24 48; do
+      FUSED_A2A_CUDA_BLOCKS=$sms timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode normal --frontend all --out "$OUT/fab_sms$sms" >"$OUT/fab_sms$sms.log" 2>&1
+      echo "whole bench, $sms SMs: rc=$?"
+      grep -E "^(torch|jax)" "$OUT/fab_sms$sms.log" | grep -v ragged | cut -c1-90
+    done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s12c.tgz --remove-files $(ls | grep -v '^s12c.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b or s12c" >&2; exit 2 ;;
 esac

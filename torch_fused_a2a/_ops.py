@@ -7,6 +7,7 @@ dispatch) use an unbacked size in the fake kernel.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -131,11 +132,65 @@ def dispatch(
 ]:
     """Returns (recv_x, recv_x_scales, recv_topk_idx [int32], recv_topk_weights, recv_src_counts,
     recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens],
-    tokens_per_expert_host). capacity < 0: exactly the received rows, found by one host sync
-    after the count exchange, which also brings tokens_per_expert_host ([L] int64 on the CPU, as
-    Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert)
-    before the data phase starts; else a static row count, no sync, and an empty
-    tokens_per_expert_host."""
+    tokens_per_expert_host). capacity < 0: exactly the received rows, found by one host wait
+    for the count exchange, which also brings tokens_per_expert_host ([L] int64 on the CPU, as
+    Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert);
+    the data phase may start before that wait (_dispatch_body); else a static row count, no
+    sync, and an empty tokens_per_expert_host."""
+    return _dispatch_body(
+        x,
+        x_scales,
+        topk_idx,
+        topk_weights,
+        num_experts,
+        group_id,
+        rank,
+        num_ranks,
+        capacity,
+        num_sms,
+        speculate=True,
+    )
+
+
+# The dynamic dispatch queues its data kernel right behind the count exchange, without waiting
+# for the counts on the host in between (the GPU would idle while the host wakes up, sizes the
+# outputs and launches: 80-140 us a call in runs 56-57), once the group's largest N is known
+# from an earlier dynamic dispatch on the buffer: then no source can send more than that many
+# rows, so outputs of num_ranks x that many rows hold every received row, and they are shrunk
+# (resize_, same storage) to num_recv rows when the counts arrive. Should a source have more
+# tokens than seen before (the same verdict on every rank: group_max_tokens and this history
+# are group-wide), every rank runs the exact path again. FUSED_A2A_TORCH_SPECULATIVE_MB bounds
+# the outputs' size (default 2048; 0: always the exact path).
+_group_max_seen: dict[int, int] = {}
+_tickets = itertools.count(1)
+# Dynamic dispatches per path, for tests: "exact" (host wait before the data phase; a redo
+# included), "speculative" (data phase queued before the wait), "redo" (a speculative one whose
+# group had more tokens than seen before, run again exactly).
+DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0}
+
+
+def _speculative_rows(group_id: int, num_ranks: int, num_tokens: int, row_bytes: int) -> int:
+    """Rows of the speculative outputs, or 0 for the exact path (group-uniform decision)."""
+    seen = _group_max_seen.get(group_id, 0)
+    limit = int(os.environ.get("FUSED_A2A_TORCH_SPECULATIVE_MB", "2048")) << 20
+    if seen <= 0 or num_ranks * seen * row_bytes > limit:
+        return 0
+    return num_ranks * max(seen, num_tokens)
+
+
+def _dispatch_body(
+    x,
+    x_scales,
+    topk_idx,
+    topk_weights,
+    num_experts,
+    group_id,
+    rank,
+    num_ranks,
+    capacity,
+    num_sms,
+    speculate,
+):
     device = x.device
     num_tokens, hidden = x.shape
     num_topk = topk_idx.shape[1]
@@ -160,15 +215,26 @@ def dispatch(
     stream = _stream(device)
     dynamic = capacity < 0
     counts_host = torch.empty(0, dtype=torch.int64)
+    ticket = 0
     if dynamic:
         # The count exchange writes num_recv, num_dropped, group_max_tokens and tokens_per_expert
-        # into host memory too (pinned on GPUs: the kernel writes it), so the sync inside
-        # dispatch_notify is the only one: no copy back, no second sync while the GPU idles.
+        # (then the ticket) into host memory too (pinned on GPUs: the kernel writes it), so no
+        # copy back follows its wait.
         pinned = device.type == "cuda"
-        head = torch.empty(3 + num_local, dtype=torch.int32, pin_memory=pinned)
+        head = torch.empty(4 + num_local, dtype=torch.int32, pin_memory=pinned)
         args.host_counts = head.data_ptr()
+        seen = _group_max_seen.get(group_id, 0)
+        row_bytes = hidden * x.element_size()
+        capacity = _speculative_rows(group_id, num_ranks, num_tokens, row_bytes) if speculate else 0
+        DYNAMIC_PATHS["speculative" if capacity else "exact"] += 1
+        if capacity:
+            ticket = next(_tickets) % 0x7FFFFFFF + 1
+            args.host_ticket, args.zero_padding = ticket, False
         core.dispatch_notify(group_id, rank, stream, args)
-        capacity, counts_host = int(head[0]), head[3:].to(torch.int64)
+        if not ticket:
+            capacity = int(head[0])
+            _group_max_seen[group_id] = max(seen, int(head[2]))
+            counts_host = head[3 : 3 + num_local].to(torch.int64)
     recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
@@ -181,6 +247,29 @@ def dispatch(
     args.recv_topk_idx, args.recv_topk_weights = _out(recv_topk_idx), _out(recv_topk_weights)
     args.recv_src_token = _ptr(recv_src_token)  # a placeholder when empty: present, not written
     (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
+    if ticket:
+        core.dispatch_notify_wait(group_id, rank, head.data_ptr(), num_local, ticket)
+        num_recv, group_max = int(head[0]), int(head[2])
+        _group_max_seen[group_id] = max(seen, group_max)
+        if group_max > seen:  # a source may have overflowed the outputs: the exact path
+            DYNAMIC_PATHS["redo"] += 1
+            return _dispatch_body(
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                num_experts,
+                group_id,
+                rank,
+                num_ranks,
+                -1,
+                num_sms,
+                speculate=False,
+            )
+        for out in (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights):
+            out.resize_(num_recv, out.shape[1])
+        recv_src_token.resize_(num_recv)
+        counts_host = head[3 : 3 + num_local].to(torch.int64)
     return (
         recv_x,
         recv_x_scales,

@@ -71,6 +71,8 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(DispatchArgs, num_dropped, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, group_max_tokens, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, host_counts, int32_t)
+      .def_readwrite("host_ticket", &DispatchArgs::host_ticket)
+      .def_readwrite("zero_padding", &DispatchArgs::zero_padding)
       .def_readwrite("num_sms", &DispatchArgs::num_sms)
       .def_readwrite("call_tag", &DispatchArgs::call_tag);
 
@@ -227,6 +229,14 @@ void register_core(py::module_& m) {
   bind_dispatch("dispatch", &dispatch);
   bind_dispatch("dispatch_notify", &dispatch_notify);
   bind_dispatch("dispatch_data", &dispatch_data);
+  m.def(
+      "dispatch_notify_wait",
+      [](int64_t group_id, int rank, uintptr_t host_counts, int num_local, int32_t ticket) {
+        auto buffer = buffer_get(group_id, rank);
+        dispatch_notify_wait(*buffer, as_ptr<const int32_t>(host_counts), num_local, ticket);
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("host_counts"), py::arg("num_local"),
+      py::arg("ticket"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "combine",
       [](int64_t group_id, int rank, uintptr_t stream, const CombineArgs& args) {

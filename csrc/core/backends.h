@@ -19,6 +19,8 @@ void layout(Stream stream, const void* topk_idx, DType idx_dtype, int64_t num_to
             int32_t* num_tokens_per_expert, uint8_t* is_token_in_rank);
 void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream);
+void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
+                          int32_t ticket);
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 }  // namespace fa2a::cuda

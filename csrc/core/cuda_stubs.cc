@@ -19,6 +19,7 @@ void layout(Stream, const void*, DType, int64_t, int, int, int, int32_t*, int32_
 }
 void dispatch(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void dispatch_notify(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
+void dispatch_notify_wait(Buffer&, const int32_t*, int, int32_t) { no_cuda(); }
 void dispatch_data(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void combine(Buffer&, const CombineArgs&, Stream) { no_cuda(); }
 }  // namespace cuda

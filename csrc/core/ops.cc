@@ -98,10 +98,27 @@ void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   check_dispatch(buffer, args, false);
   FA2A_CHECK(args.tokens_per_expert && args.num_recv, "dispatch outputs are missing");
+  FA2A_CHECK(!args.host_ticket || args.host_counts, "host_ticket=", args.host_ticket,
+             " needs host_counts");
   if (buffer.platform() == Platform::kCPU) {
     cpu::dispatch_notify(buffer, args);
+    if (args.host_ticket)
+      args.host_counts[3 + args.num_experts / buffer.num_ranks()] = args.host_ticket;
   } else {
     cuda::dispatch_notify(buffer, args, stream);
+  }
+}
+
+void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
+                          int32_t ticket) {
+  FA2A_CHECK(host_counts && num_local > 0 && ticket != 0, "dispatch_notify_wait needs host_counts",
+             " (null: ", host_counts == nullptr, "), num_local > 0 (got ", num_local,
+             ") and a nonzero ticket (got ", ticket, ")");
+  if (buffer.platform() == Platform::kCPU) {
+    FA2A_CHECK_RUNTIME(host_counts[3 + num_local] == ticket, "dispatch_notify_wait: ticket ",
+                       ticket, " was not written (found ", host_counts[3 + num_local], ")");
+  } else {
+    cuda::dispatch_notify_wait(buffer, host_counts, num_local, ticket);
   }
 }
 

@@ -70,6 +70,14 @@ struct DispatchArgs {
   // group_max_tokens and tokens_per_expert by the time the call returns, so that the caller sizes
   // its outputs without a device-to-host copy and a second sync.
   int32_t* host_counts = nullptr;
+  // dispatch_notify only: nonzero with host_counts of [4 + L] entries: host_counts[3 + L] is set
+  // to host_ticket after the other entries, and on CUDA (with device-writable host_counts) the
+  // call returns once the exchange is launched, without waiting: the caller may launch
+  // dispatch_data (with a capacity no source can overflow) and then dispatch_notify_wait.
+  int32_t host_ticket = 0;
+  // dispatch_data: false lets the backend leave rows >= num_recv unwritten (the caller drops
+  // them; the CUDA kernel skips them, the CPU backend still zeroes them).
+  bool zero_padding = true;
 
   int num_sms = 0;        // CUDA: SMs the communication kernels may use (0: the default, 24)
   uint64_t call_tag = 0;  // the frontend's id of the call site (0: none); ranks must agree
@@ -81,6 +89,11 @@ void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream);
 // tokens_per_expert (true), num_recv (true total) and group_max_tokens; the caller reads num_recv,
 // allocates C = num_recv rows and calls phase 2.
 void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream);
+// Waits (timeout_seconds(), then ErrorKind::kTimeout) until host_counts [4 + L] of a
+// dispatch_notify with host_ticket = ticket holds its counts, i.e. host_counts[3 + L] == ticket;
+// a timeout the exchange itself reported is raised as that error.
+void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
+                          int32_t ticket);
 // Phase 2, and the cached dispatch (combine's backward): moves the rows. Needs recv_src_counts and
 // group_max_tokens filled in (by dispatch_notify or from a handle); clips recv_src_counts to the
 // kept counts in place. A cached dispatch passes the handle's topk_idx and no weights.

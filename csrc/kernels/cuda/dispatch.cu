@@ -313,6 +313,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.topk_idx = a.topk_idx;
   p.topk_w = a.topk_weights;
   p.capacity = a.capacity;
+  p.zero_end = a.zero_padding ? a.capacity : 0;
   p.recv_x = static_cast<uint8_t*>(a.recv_x);
   p.recv_scales = a.recv_x_scales;
   p.recv_idx = a.recv_topk_idx;
@@ -389,9 +390,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  // The receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=claim / help) pick a kernel instantiation.
-  const bool help = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "help");
-  const bool claim = env_is("FUSED_A2A_CUDA_RECV_ITEMS", "claim");
+  // The receivers' items (recv_items_env: dealt, claimed, or helped) pick a kernel instantiation.
+  const int recv_items = recv_items_env(cfg.blocks);
+  const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
   auto kernel = help && u16        ? dispatch_kernel<16, false, kRecvHelp>
                 : help             ? dispatch_kernel<8, false, kRecvHelp>
@@ -402,7 +403,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env(), p);
+  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env("dispatch"), p);
   check_launch("dispatch");
 }
 

@@ -25,8 +25,6 @@ __host__ __device__ __forceinline__ bool receivers_have_own(int mode) {
   return mode != kOwnBySenders;
 }
 
-// How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
-constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
 
 struct DispatchParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
@@ -46,6 +44,7 @@ struct DispatchParams {
   const void* topk_idx;
   const float* topk_w;
   long long capacity;
+  long long zero_end;  // padding rows [kept total, zero_end) are zeroed: capacity, or 0 (no)
   uint8_t* recv_x;
   float* recv_scales;
   int* recv_idx;

@@ -260,13 +260,13 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   // a time while a chunk's flag is not up yet and the rest after the loop, so that the zeroing
   // fills the flag waits (a capacity of 4 x N rows, JAX's default, cost the static dispatch
   // 10.5 us in run 46), or here before the first flag (FUSED_A2A_CUDA_ZERO=first).
-  long long zero_next = helper ? p.capacity : sh.kept_total + gr;
+  long long zero_next = helper ? p.zero_end : sh.kept_total + gr;
   long long t_phase = WarpTrace::now();
   if (!p.zero_while_waiting)
-    for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);
+    for (; zero_next < p.zero_end; zero_next += nrw) zero_row(p, zero_next, lane);
   tr.add(3, t_phase);
   auto zero_until_up = [&](const unsigned long long* flag, unsigned long long target) {
-    while (zero_next < p.capacity) {
+    while (zero_next < p.zero_end) {
       int up = 0;
       if (lane == 0) up = ld_relaxed_sys(flag) >= target ? 1 : 0;
       if (__shfl_sync(0xffffffffu, up, 0)) return;
@@ -367,7 +367,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     }
   }
   t_phase = WarpTrace::now();
-  for (; zero_next < p.capacity; zero_next += nrw) zero_row(p, zero_next, lane);  // the rest
+  for (; zero_next < p.zero_end; zero_next += nrw) zero_row(p, zero_next, lane);  // the rest
   tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);

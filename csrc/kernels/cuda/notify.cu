@@ -3,7 +3,10 @@
 // and group_max_tokens (and host_counts, if given), and the host waits for it (the caller sizes
 // the outputs from num_recv).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <mutex>
+#include <thread>
 
 #include "fused_a2a/errors.h"
 #include "kernels.h"
@@ -18,8 +21,8 @@ namespace {
 __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, int lpr, int N,
                               const int* cum, const int* ecount, int* recv_src_counts,
                               int* tokens_per_expert, int* num_recv, int* num_dropped,
-                              int* group_max, int* host_counts, HostError* host_error,
-                              unsigned long long timeout_ns) {
+                              int* group_max, int* host_counts, int host_ticket,
+                              HostError* host_error, unsigned long long timeout_ns) {
   __shared__ int s_cnt[kMaxRanks], s_ntok[kMaxRanks];
   __shared__ unsigned long long s_seq;
   __shared__ int s_fail;
@@ -80,8 +83,14 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
       host_counts[2] = m;
     }
   }
+  // host_ticket: the host waits for it instead of the stream (dispatch_notify_wait), so it goes
+  // out after every other host entry is visible.
+  if (host_ticket) __threadfence_system();
   __syncthreads();
-  if (tid == 0) *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = s_seq + 1;
+  if (tid == 0) {
+    if (host_ticket) *reinterpret_cast<volatile int*>(&host_counts[3 + lpr]) = host_ticket;
+    *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = s_seq + 1;
+  }
 }
 
 }  // namespace
@@ -106,25 +115,53 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
   int* counts_out = a.host_counts ? (direct ? a.host_counts : scratch.counts_stage) : nullptr;
+  // host_ticket with device-writable host_counts: no wait here (dispatch_notify_wait), so the
+  // caller can queue the data kernel right behind the exchange.
+  const bool no_wait = direct && a.host_ticket != 0;
   // With the send lists: dispatch_data reuses this scan (CudaState::notified), so that none runs
   // between the host sync and its data kernel (~9 us at N = 4096, run 51's kernel times).
   const bool idx64 = a.idx_dtype == DType::kI64;
   st.notified.topk_idx = nullptr;
   launch_route_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk, a.num_experts, G,
                     scratch, true, s);
-  notify_kernel<<<1, 256, 0, s>>>(reinterpret_cast<uint8_t* const*>(buffer.peer_table()),
-                                  buffer.rank(), G, lpr, static_cast<int>(a.num_tokens),
-                                  scratch.cum, scratch.ecount, a.recv_src_counts,
-                                  a.tokens_per_expert, a.num_recv, a.num_dropped,
-                                  a.group_max_tokens, counts_out, st.host_error, timeout_ns());
+  notify_kernel<<<1, 256, 0, s>>>(
+      reinterpret_cast<uint8_t* const*>(buffer.peer_table()), buffer.rank(), G, lpr,
+      static_cast<int>(a.num_tokens), scratch.cum, scratch.ecount, a.recv_src_counts,
+      a.tokens_per_expert, a.num_recv, a.num_dropped, a.group_max_tokens, counts_out,
+      no_wait ? a.host_ticket : 0, st.host_error, timeout_ns());
   check_launch("dispatch_notify");
-  sync_and_check(st, buffer, s, "dispatch_notify");
+  if (!no_wait) sync_and_check(st, buffer, s, "dispatch_notify");
   st.notified = {a.topk_idx, a.num_tokens, a.num_topk, a.num_experts, idx64, st.scratch_gen};
   if (a.host_counts && !direct) {
     FA2A_CUDA_CHECK(
         cudaMemcpy(a.host_counts, scratch.counts_stage,
                    static_cast<size_t>(3 + lpr) * sizeof(int32_t), cudaMemcpyDeviceToHost),
         "dispatch_notify: copying the counts to host_counts");
+  }
+  if (a.host_ticket && !no_wait) a.host_counts[3 + lpr] = a.host_ticket;
+}
+
+void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
+                          int32_t ticket) {
+  CudaState& st = cuda_state(buffer);
+  const volatile int32_t* word = host_counts + 3 + num_local;
+  // The exchange reports a missing peer through host_error within timeout_ns(); the deadline
+  // here is a backstop for a kernel that never runs (e.g. queued behind a faulted one).
+  const auto start = std::chrono::steady_clock::now();
+  const auto limit = std::chrono::nanoseconds(2 * timeout_ns()) + std::chrono::seconds(5);
+  for (unsigned spins = 0;; ++spins) {
+    if (*word == ticket) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return;
+    }
+    if (st.host_error->code != 0) check_no_error(st, buffer);
+    if ((spins & 1023u) == 1023u) {
+      if (std::chrono::steady_clock::now() - start > limit)
+        FA2A_FAIL(ErrorKind::kTimeout, "fused_a2a CUDA: dispatch_notify_wait on rank ",
+                  buffer.rank(), ": the count exchange did not finish within ",
+                  std::chrono::duration<double>(limit).count(), " s");
+      std::this_thread::yield();
+    }
   }
 }
 

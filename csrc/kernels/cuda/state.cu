@@ -371,9 +371,26 @@ bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
-// Session 11, not yet measured: the launch of the dispatch / combine kernel overlaps the route
-// scan before it (run 51: scan passes of ~4.5 us each, kernel launches in between).
-bool pdl_env() { return env_int("FUSED_A2A_CUDA_PDL", 0) != 0; }
+// The dispatch / combine kernel is launched while the route scan before it runs. Runs 56-57
+// (4x H100, EP 4 / EP 2, 24 SMs): the combine 558.7 -> 543.7 and 552.8 -> 544.2 us, 299.1 ->
+// 288.2 and 300.7 -> 288.8; the static dispatch 560.4 -> 565.2 and 560.7 -> 565.2 (it lost), so
+// the combine only by default.
+bool pdl_env(const char* kind) {
+  const char* v = std::getenv("FUSED_A2A_CUDA_PDL");
+  if (!v || std::strcmp(v, "combine") == 0) return std::strcmp(kind, "combine") == 0;
+  return std::strcmp(v, "1") == 0 || std::strcmp(v, "all") == 0;
+}
+
+// Runs 56-57 (4x H100, EP 4): with help, the static dispatch at 32 / 40 / 48 SMs took 543.7 /
+// 543.3 / 544.5 and 543.4 us, against 578-602 dealt; at 24 SMs, where the senders finish last,
+// 561.5 against 560.4 (EP 2: 274.4 / 274.3).
+int recv_items_env(int blocks) {
+  constexpr int kHelpMinBlocks = 32;
+  if (env_is("FUSED_A2A_CUDA_RECV_ITEMS", "help")) return kRecvHelp;
+  if (env_is("FUSED_A2A_CUDA_RECV_ITEMS", "claim")) return kRecvClaim;
+  if (env_is("FUSED_A2A_CUDA_RECV_ITEMS", "dealt")) return kRecvDealt;
+  return blocks >= kHelpMinBlocks ? kRecvHelp : kRecvDealt;
+}
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }

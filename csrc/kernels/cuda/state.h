@@ -185,8 +185,15 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
-bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
-bool pdl_env();            // FUSED_A2A_CUDA_PDL=1: dispatch / combine by dependent launch
+bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
+// How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
+constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
+// Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset or "combine", the combine only; 1 /
+// "all", the dispatch too; 0, neither. kind: "dispatch" or "combine".
+bool pdl_env(const char* kind);
+// The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS): kRecvDealt / kRecvClaim / kRecvHelp
+// of dispatch_common.cuh; unset, help from kHelpMinBlocks blocks on, else dealt.
+int recv_items_env(int blocks);
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
