@@ -530,7 +530,8 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(L.total)),
                     "combine shared memory");
-    launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env("combine"), p);
+    launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
+                  pdl_env("combine"), p);
   };
   switch (a.y_dtype) {
     case DType::kBF16:

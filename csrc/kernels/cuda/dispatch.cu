@@ -403,7 +403,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
-  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s, pdl_env("dispatch"), p);
+  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
+                pdl_env("dispatch"), p);
   check_launch("dispatch");
 }
 

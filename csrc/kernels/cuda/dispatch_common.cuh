@@ -25,7 +25,6 @@ __host__ __device__ __forceinline__ bool receivers_have_own(int mode) {
   return mode != kOwnBySenders;
 }
 
-
 struct DispatchParams {
   int rank, num_ranks, lpr, num_topk, num_experts, num_tokens, op;
   bool static_mode, idx64, tma;
