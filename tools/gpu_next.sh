@@ -148,5 +148,25 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s12c.tgz --remove-files $(ls | grep -v '^s12c.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b or s12c" >&2; exit 2 ;;
+  s12d)  # run 58's defaults again (a second run): the fault tests (a rank dies mid-dispatch,
+    # the dynamic dispatch now waits for its counts after queueing the data kernel), the host
+    # counts and speculative paths, the EP 2 torch suite; the A/B; the whole bench at 24 and 48 SMs
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_faults.py tests/test_gpu_host_counts.py tests/test_gpu_normal.py" \
+      PYTEST_K="${S12_K:-rank_dies or host_counts or speculative or (torch_gpu_matches and 2-g2 and default)}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -12
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_exact,standard_nopdl,standard_sms48,standard_sms48_exact,standard_sms48_rhelp_pdl,standard_fp8,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_exact,standard_nopdl,standard_sms32,standard_sms48} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    for sms in 48 24; do
+      FUSED_A2A_CUDA_BLOCKS=$sms timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode normal --frontend all --out "$OUT/fab_sms$sms" >"$OUT/fab_sms$sms.log" 2>&1
+      echo "whole bench, $sms SMs: rc=$?"
+      grep -E "^(torch|jax)" "$OUT/fab_sms$sms.log" | grep -v ragged | cut -c1-90
+    done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s12d.tgz --remove-files $(ls | grep -v '^s12d.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b, s12c or s12d" >&2; exit 2 ;;
 esac
