@@ -168,5 +168,19 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s12d.tgz --remove-files $(ls | grep -v '^s12d.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b, s12c or s12d" >&2; exit 2 ;;
+  sweep)  # issue 7's sweep over tokens per rank at EP 4 and EP 2 (torch, normal mode, with
+    # all_to_all_single of the same rows), with the plots
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for ranks in 4 2; do
+      timeout "${STEP_TIMEOUT_SWEEP:-150}" fused-a2a bench --ranks $ranks --tokens 128 256 512 \
+        1024 2048 4096 8192 --mode normal --frontend torch --out "$OUT/sweep_ep$ranks" \
+        >"$OUT/sweep_ep$ranks.log" 2>&1
+      echo "sweep EP $ranks: rc=$?"
+      grep -E "^(torch|N=|standard|tokens)" "$OUT/sweep_ep$ranks.log" | cut -c1-100 | tail -60
+    done
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b, s12c, s12d or sweep" >&2
+    exit 2 ;;
 esac
