@@ -175,8 +175,8 @@ def _worker(rank, world, port, args, queue):
                 )
         if args.profiles and not name.startswith("torch."):  # every rank: the ops are collective
             profile = _profile(fn, args.calls, device, group, args.top)
-            if rank == 0:
-                result["ops"][name]["profile"] = profile
+            if rank == 0:  # a routed op's profile goes with its first route's row
+                result["ops"][next(iter(rows))]["profile"] = profile
                 print(profile, flush=True)
     if rank == 0:
         queue.put(result)
