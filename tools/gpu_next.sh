@@ -9,10 +9,12 @@
 #   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
-#   PART=s12 (~8 min): receiver items claimed / helped by the senders, 16-load receiver copies:
-#       GPU tests, then the A/B at EP 4 (bf16 24 / 48 SMs, FP8 4 / 8 sender warps, decode) and EP 2
+#   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
+#       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
+#   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
-# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e) are in git history.
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
+# git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -95,59 +97,6 @@ case "${PART:-tests}" in
       --repeat 3 --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw)"
     rm -f "$OUT"/*/bench.png "$OUT/build.log" "$OUT/jax_runtime.log"  # 8 files come back at most
     ;;
-  s12)  # the receivers' copy rate (runs 53-55: with more SMs or FP8 sender warps the receivers
-    # finish 40-170 us after the senders): receiver items claimed (RECV_ITEMS=claim), claimed by
-    # the senders too once their items are sent (=help), 16 loads in flight per lane (u16); GPU
-    # tests first (compile-checked only), then the A/B at EP 4 and EP 2.
-    find csrc -type f -exec touch {} +
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="${S12_K:-(big_rows and (recv_ or pdl)) or (fp8_rows and help) or same_bits or (torch_gpu_matches and 4-g4_bf16_k8_e64_h7168 and (default or senders))}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_rclaim,standard_rhelp,standard_u16,standard_sms48_u16,standard_sms48_rhelp,standard_sms48_rhelp_u16,standard_fp8,standard_fp8_rhelp,standard_fp8_u16,standard_fp8_s8_u16,standard_fp8_s8_rhelp,standard_fp8_s8_rhelp_u16,standard_fp8_sms64_u16,decode,decode_rhelp,standard_rescan,decode_rescan,standard_pdl,decode_pdl} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_rhelp,standard_sms32,standard_sms32_u16,standard_pdl} \
-      timeout 330 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s12.tgz --remove-files $(ls | grep -v '^s12.tgz$'))
-    ;;
-  s12b)  # run 56: help won at 48 SMs (544.5 us vs 584.4), PDL's combine -11 to -15 us: sweep
-    # help over SM counts at EP 4 and EP 2, repeat PDL, then the whole normal-mode bench of both
-    # frontends at 24 SMs (defaults) and at 48 SMs with help (issue 4 has no SM bound).
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_pdl,standard_sms32_rhelp,standard_sms40_rhelp,standard_sms48_rhelp,standard_sms64_rhelp,standard_sms80_rhelp,standard_sms48_rhelp_pdl,standard_fp8,standard_fp8_sms48_rhelp,standard_fp8_sms64_rhelp,standard_fp8_sms64,decode,decode_rhelp,decode_pdl} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_sms32,standard_sms32_rhelp,standard_sms48_rhelp,standard_sms64_rhelp,standard_sms32_pdl,standard_pdl} \
-      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    for cfg in sms24 sms48_rhelp; do
-      extra=(); [ "$cfg" = sms48_rhelp ] && extra=(FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_CUDA_RECV_ITEMS=help)
-      env "${extra[@]}" timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal \
-        --frontend all --out "$OUT/fab_$cfg" >"$OUT/fab_$cfg.log" 2>&1
-      echo "whole bench, $cfg: rc=$?"
-      grep -E "^(torch|jax|nccl|deepep)" "$OUT/fab_$cfg.log" | cut -c1-90
-    done
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s12b.tgz --remove-files $(ls | grep -v '^s12b.tgz$'))
-    ;;
-  s12c)  # new defaults: help from 32 SMs, PDL for the combine only; the torch dynamic dispatch's
-    # data kernel queued before the host wait (speculative outputs). GPU tests, the A/B against
-    # the former paths (_exact, _nopdl), the whole normal bench at 24 and at 48 SMs.
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="${S12_K:-host_counts or speculative or (torch_gpu_matches and default) or stress_1000 or cuda_graph or same_bits or (jax_gpu_suite and default-buffer-4) or torch_vs_jax or (big_rows and default)}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_exact,standard_nopdl,standard_sms48,standard_sms48_exact,decode,decode_exact,decode_nopdl} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_exact,standard_nopdl,standard_sms32} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    for sms in 24 48; do
-      FUSED_A2A_CUDA_BLOCKS=$sms timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-        --mode normal --frontend all --out "$OUT/fab_sms$sms" >"$OUT/fab_sms$sms.log" 2>&1
-      echo "whole bench, $sms SMs: rc=$?"
-      grep -E "^(torch|jax)" "$OUT/fab_sms$sms.log" | grep -v ragged | cut -c1-90
-    done
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s12c.tgz --remove-files $(ls | grep -v '^s12c.tgz$'))
-    ;;
   s12d)  # run 58's defaults again (a second run): the fault tests (a rank dies mid-dispatch,
     # the dynamic dispatch now waits for its counts after queueing the data kernel), the host
     # counts and speculative paths, the EP 2 torch suite; the A/B; the whole bench at 24 and 48 SMs
@@ -181,6 +130,6 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12, s12b, s12c, s12d or sweep" >&2
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d or sweep" >&2
     exit 2 ;;
 esac

@@ -137,19 +137,8 @@ def dispatch(
     Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert);
     the data phase may start before that wait (_dispatch_body); else a static row count, no
     sync, and an empty tokens_per_expert_host."""
-    return _dispatch_body(
-        x,
-        x_scales,
-        topk_idx,
-        topk_weights,
-        num_experts,
-        group_id,
-        rank,
-        num_ranks,
-        capacity,
-        num_sms,
-        speculate=True,
-    )
+    op_args = (x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks)
+    return _dispatch_body(op_args, capacity, num_sms, speculate=True)
 
 
 # The dynamic dispatch queues its data kernel right behind the count exchange, without waiting
@@ -178,19 +167,9 @@ def _speculative_rows(group_id: int, num_ranks: int, num_tokens: int, row_bytes:
     return num_ranks * max(seen, num_tokens)
 
 
-def _dispatch_body(
-    x,
-    x_scales,
-    topk_idx,
-    topk_weights,
-    num_experts,
-    group_id,
-    rank,
-    num_ranks,
-    capacity,
-    num_sms,
-    speculate,
-):
+def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool):
+    """The dispatch op's body; op_args = its arguments up to num_ranks."""
+    x, x_scales, topk_idx, topk_weights, num_experts, group_id, rank, num_ranks = op_args
     device = x.device
     num_tokens, hidden = x.shape
     num_topk = topk_idx.shape[1]
@@ -253,19 +232,7 @@ def _dispatch_body(
         _group_max_seen[group_id] = max(seen, group_max)
         if group_max > seen:  # a source may have overflowed the outputs: the exact path
             DYNAMIC_PATHS["redo"] += 1
-            return _dispatch_body(
-                x,
-                x_scales,
-                topk_idx,
-                topk_weights,
-                num_experts,
-                group_id,
-                rank,
-                num_ranks,
-                -1,
-                num_sms,
-                speculate=False,
-            )
+            return _dispatch_body(op_args, -1, num_sms, speculate=False)
         for out in (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights):
             out.resize_(num_recv, out.shape[1])
         recv_src_token.resize_(num_recv)
