@@ -12,6 +12,8 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
+#   PART=s13 (~6 min): N = 8192 in one buffer round; the whole bench at N = 128 against
+#       host_profile.py; traces of the 48-SM dispatch with and without PDL
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
 # git history.
@@ -130,6 +132,22 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d or sweep" >&2
+  s13)  # next steps after session 12, items 1-3: N = 8192 in one round; small N, the whole
+    # bench's timer against host_profile.py in one call; traces of the dispatch with PDL at 48 SMs
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-sweep_n8192} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    timeout 120 fused-a2a bench --ranks "$NGPU" --tokens 128 --mode normal --frontend torch \
+      --out "$OUT/fab_n128" >"$OUT/fab_n128.log" 2>&1
+    echo "whole bench, N = 128: rc=$?"
+    grep -E "^torch" "$OUT/fab_n128.log" | cut -c1-90
+    (cd benchmarks && timeout 120 python3 host_profile.py --world "$NGPU" --tokens 128 \
+      --profiles 0 --out "$OUT/host_profile.json") | grep -E "^(op|fused|raw)"
+    TRACE_CASES=standard_sms48,standard_sms48_rhelp_pdl bash tools/gpu_diag_trace.sh
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s13.tgz --remove-files $(ls | grep -v '^s13.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
     exit 2 ;;
 esac
