@@ -27,6 +27,8 @@ import reference as R
 from mp import run_ranks
 from reference import assert_bitwise_equal
 
+import fused_a2a_core as core
+
 TIMEOUT_S = 2.0
 N, H, K, E, L = 6, 16, 2, 4, 2  # two ranks, two local experts each
 
@@ -411,3 +413,22 @@ def test_corrupt_combine_handle_fails_every_rank_at_once(monkeypatch):
         assert core.buffer_poisoned(tg.gid, 0) == "" and core.buffer_poisoned(tg.gid, 1) == ""
         again = tg.run(lambda r: rc.dispatch(tg.gid, r, 2, xs[r], idxs[r], None, e))
         assert [d["recv_x"].shape[0] for d in again] == [0, 6]
+
+
+def test_dispatch_notify_wait_checks_its_arguments_and_the_ticket():
+    """dispatch_notify_wait (the torch dynamic dispatch's wait for the count exchange's host
+    counts): bad arguments name themselves; on CPU the exchange has already run, so a ticket that
+    is not in host_counts[3 + L] is an error, not a wait."""
+    with rc.ThreadGroup(1, core.recommended_buffer_bytes(64, 1, 0, 8)) as tg:
+        host = np.zeros(3 + 2 + 1, np.int32)  # L = 2 local experts
+        ptr = host.ctypes.data
+        with pytest.raises(ValueError, match=r"ticket must be nonzero, got 0"):
+            core.dispatch_notify_wait(tg.gid, 0, ptr, 2, 0)
+        with pytest.raises(ValueError, match=r"num_local must be > 0, got -1"):
+            core.dispatch_notify_wait(tg.gid, 0, ptr, -1, 5)
+        with pytest.raises(ValueError, match=r"host_counts is null"):
+            core.dispatch_notify_wait(tg.gid, 0, 0, 2, 5)
+        with pytest.raises(RuntimeError, match=r"ticket 5 was not written \(found 0\)"):
+            core.dispatch_notify_wait(tg.gid, 0, ptr, 2, 5)
+        host[5] = 5
+        core.dispatch_notify_wait(tg.gid, 0, ptr, 2, 5)

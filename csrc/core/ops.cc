@@ -111,9 +111,9 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 
 void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
                           int32_t ticket) {
-  FA2A_CHECK(host_counts && num_local > 0 && ticket != 0, "dispatch_notify_wait needs host_counts",
-             " (null: ", host_counts == nullptr, "), num_local > 0 (got ", num_local,
-             ") and a nonzero ticket (got ", ticket, ")");
+  FA2A_CHECK(host_counts, "dispatch_notify_wait: host_counts is null");
+  FA2A_CHECK(num_local > 0, "dispatch_notify_wait: num_local must be > 0, got ", num_local);
+  FA2A_CHECK(ticket != 0, "dispatch_notify_wait: ticket must be nonzero, got ", ticket);
   if (buffer.platform() == Platform::kCPU) {
     FA2A_CHECK_RUNTIME(host_counts[3 + num_local] == ticket, "dispatch_notify_wait: ticket ",
                        ticket, " was not written (found ", host_counts[3 + num_local], ")");
