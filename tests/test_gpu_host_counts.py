@@ -127,3 +127,42 @@ def test_dynamic_dispatch_speculative_paths_gpu():
     tn.check_speculative_steps(
         run_ranks(tn._rank_speculative, 3, timeout=300, env={**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"})
     )
+
+
+def _rank_capture(rank, world):
+    """A dynamic dispatch inside CUDA graph capture fails at once (its counts must reach the
+    host, which a captured kernel never does), and the group works afterwards."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    group, e = dist.group.WORLD, 8 * world
+    x, idx = (t.cuda() for t in _host_counts_inputs(rank, world))
+    tfa.fused_dispatch(x, idx, None, e, group)  # the buffer, and the group's N seen
+    torch.cuda.synchronize()
+    graph, start = torch.cuda.CUDAGraph(), time.monotonic()
+    try:
+        with torch.cuda.graph(graph):
+            tfa.fused_dispatch(x, idx, None, e, group)
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        message = f"{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - start
+    recv_x = tfa.fused_dispatch(x, idx, None, e, group)[0]
+    torch.cuda.synchronize()
+    return dict(message=message, seconds=seconds, rows=int(recv_x.shape[0]))
+
+
+def test_dynamic_dispatch_in_graph_capture_fails_fast():
+    _need(2)
+    res = run_ranks(_rank_capture, 2, timeout=300, env=GPU_ENV)
+    idxs = [_host_counts_inputs(s, 2)[1].numpy() for s in range(2)]
+    for r, got in enumerate(res):
+        assert "captur" in got["message"].lower(), (r, got)  # ours, or CUDA's capture error
+        assert got["seconds"] < 10, (r, got)
+        want_rows = sum(int((idx // 8 == r).any(1).sum()) for idx in idxs)
+        assert got["rows"] == want_rows, (r, got, want_rows)

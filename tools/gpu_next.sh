@@ -132,9 +132,12 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s13)  # next steps after session 12, items 1-3: N = 8192 in one round; small N, the whole
+  s13)  # the host-count GPU tests (the graph-capture check is new, compile-checked only); next
+    # steps after session 12, items 1-3: N = 8192 in one round; small N, the whole
     # bench's timer against host_profile.py in one call; traces of the dispatch with PDL at 48 SMs
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-sweep_n8192} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"

@@ -105,6 +105,11 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported");
   FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
              " must be a positive multiple of the group size ", G);
+  // The counts must reach the host, which a captured (not yet launched) kernel never does: fail
+  // here rather than in a wait that can only time out.
+  FA2A_CHECK(!capturing(s),
+             "dispatch_notify: the stream is capturing a CUDA graph, and the dynamic dispatch "
+             "needs its counts on the host; capture a dispatch with a static capacity instead");
   CudaState& st = cuda_state(buffer);
   check_no_error(st, buffer);
   const int lpr = a.num_experts / G;

@@ -32,15 +32,14 @@ CudaState::~CudaState() {
   if (previous >= 0) (void)cudaSetDevice(previous);
 }
 
-namespace {
-std::mutex g_state_mutex;
-
-// Scratch cannot be allocated while the stream is being captured into a CUDA graph.
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   FA2A_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   return capture != cudaStreamCaptureStatusNone;
 }
+
+namespace {
+std::mutex g_state_mutex;
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);

@@ -199,6 +199,9 @@ void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
 bool device_writable_host(const void* p);
+// Whether the stream is capturing a CUDA graph (scratch cannot be allocated then, nor the host
+// wait for the dynamic dispatch's counts be satisfied).
+bool capturing(cudaStream_t stream);
 
 // Extra entry points for the bindings (not part of ops.h): the text of a pending timeout on this
 // buffer ("" if none), and the device's SM count.
