@@ -138,7 +138,7 @@ case "${PART:-tests}" in
     STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_s6_rhelp,standard_s8_rhelp,standard_sms48,standard_fp8_sms48_rhelp,standard_fp8_s6_rhelp_sms48,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-sweep_n8192} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
     timeout 120 fused-a2a bench --ranks "$NGPU" --tokens 128 --mode normal --frontend torch \
