@@ -158,13 +158,21 @@ _tickets = itertools.count(1)
 DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0}
 
 
-def _speculative_rows(group_id: int, num_ranks: int, num_tokens: int, row_bytes: int) -> int:
-    """Rows of the speculative outputs, or 0 for the exact path (group-uniform decision)."""
-    seen = _group_max_seen.get(group_id, 0)
+def _speculative_rows(seen: int, num_ranks: int, num_tokens: int, row_bytes: int) -> int:
+    """Rows of the speculative outputs, or 0 for the exact path (a group-uniform decision: seen,
+    the group's largest N so far, is the same on every rank)."""
     limit = int(os.environ.get("FUSED_A2A_TORCH_SPECULATIVE_MB", "2048")) << 20
     if seen <= 0 or num_ranks * seen * row_bytes > limit:
         return 0
     return num_ranks * max(seen, num_tokens)
+
+
+def _read_host_counts(head: torch.Tensor, group_id: int, seen: int, num_local: int):
+    """(num_recv, group_max_tokens, tokens_per_expert as int64) from the count exchange's host
+    counts; the group's largest N so far is updated from them."""
+    num_recv, _, group_max = head[:3].tolist()
+    _group_max_seen[group_id] = max(seen, group_max)
+    return num_recv, group_max, head[3 : 3 + num_local].to(torch.int64)
 
 
 def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool):
@@ -204,16 +212,14 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
         args.host_counts = head.data_ptr()
         seen = _group_max_seen.get(group_id, 0)
         row_bytes = hidden * x.element_size()
-        capacity = _speculative_rows(group_id, num_ranks, num_tokens, row_bytes) if speculate else 0
+        capacity = _speculative_rows(seen, num_ranks, num_tokens, row_bytes) if speculate else 0
         DYNAMIC_PATHS["speculative" if capacity else "exact"] += 1
         if capacity:
             ticket = next(_tickets) % 0x7FFFFFFF + 1
             args.host_ticket, args.zero_padding = ticket, False
         core.dispatch_notify(group_id, rank, stream, args)
         if not ticket:
-            capacity = int(head[0])
-            _group_max_seen[group_id] = max(seen, int(head[2]))
-            counts_host = head[3 : 3 + num_local].to(torch.int64)
+            capacity, _, counts_host = _read_host_counts(head, group_id, seen, num_local)
     recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
@@ -228,15 +234,13 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
     (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
     if ticket:
         core.dispatch_notify_wait(group_id, rank, head.data_ptr(), num_local, ticket)
-        num_recv, group_max = int(head[0]), int(head[2])
-        _group_max_seen[group_id] = max(seen, group_max)
+        num_recv, group_max, counts_host = _read_host_counts(head, group_id, seen, num_local)
         if group_max > seen:  # a source may have overflowed the outputs: the exact path
             DYNAMIC_PATHS["redo"] += 1
             return _dispatch_body(op_args, -1, num_sms, speculate=False)
         for out in (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights):
             out.resize_(num_recv, out.shape[1])
         recv_src_token.resize_(num_recv)
-        counts_host = head[3 : 3 + num_local].to(torch.int64)
     return (
         recv_x,
         recv_x_scales,

@@ -372,7 +372,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.loads_ahead = cfg.loads_ahead;
-  p.lean_chunk_end = cfg.lean_chunk_end;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
   if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
@@ -394,12 +393,12 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  auto kernel = help && u16        ? dispatch_kernel<16, false, kRecvHelp>
-                : help             ? dispatch_kernel<8, false, kRecvHelp>
-                : claim            ? dispatch_kernel<8, false, kRecvClaim>
-                : u16              ? dispatch_kernel<16>
-                : p.lean_chunk_end ? dispatch_kernel<8, true>
-                                   : dispatch_kernel<8>;
+  auto kernel = help && u16          ? dispatch_kernel<16, false, kRecvHelp>
+                : help               ? dispatch_kernel<8, false, kRecvHelp>
+                : claim              ? dispatch_kernel<8, false, kRecvClaim>
+                : u16                ? dispatch_kernel<16>
+                : cfg.lean_chunk_end ? dispatch_kernel<8, true>
+                                     : dispatch_kernel<8>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");

@@ -71,7 +71,6 @@ struct DispatchParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
-  bool lean_chunk_end;        // dispatch_kernel<8, true> (FUSED_A2A_CUDA_CHUNK_END=lean)
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,

@@ -191,8 +191,8 @@ constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
 // Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset or "combine", the combine only; 1 /
 // "all", the dispatch too; 0, neither. kind: "dispatch" or "combine".
 bool pdl_env(const char* kind);
-// The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS): kRecvDealt / kRecvClaim / kRecvHelp
-// of dispatch_common.cuh; unset, help from kHelpMinBlocks blocks on, else dealt.
+// The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=dealt|claim|help): kRecvDealt /
+// kRecvClaim / kRecvHelp above; unset, help from 32 blocks on, else dealt.
 int recv_items_env(int blocks);
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
