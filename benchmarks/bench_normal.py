@@ -156,6 +156,19 @@ CASES["standard_nopdl"] = _case(PDL="0")
 CASES["n8192_rows8192"] = dict(_case(n=8192), env={"FUSED_A2A_BUFFER_ROWS": "8192"})
 CASES["n8192_sms48_rows8192"] = dict(_case(n=8192, sms=48), env={"FUSED_A2A_BUFFER_ROWS": "8192"})
 CASES["decode_nopdl"] = _case(n=128, PDL="0")
+# Session 13: the 48-SM dispatch (help by default there) is link-bound in its senders' loop
+# (~333 GB/s wire against the probe's ~345) while its receivers wait on flags ~60% of theirs:
+# who copies the own rows (the senders' pipes carry them above 512 tokens), chunk and slice
+# sizes, and PDL, at 48 SMs (also the EP 2 cases: there the own rows are half of all rows)
+for _name, _env in (
+    ("selfrecv", dict(SELF="recv")),
+    ("selfsplit", dict(SELF="split")),
+    ("cr16", dict(CHUNK_ROWS="16")),
+    ("rr1", dict(RECV_ROWS="1")),
+    ("rr4", dict(RECV_ROWS="4")),
+    ("pdl", dict(PDL="1")),
+):
+    CASES[f"standard_sms48_{_name}"] = _case(sms=48, **_env)
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains
 # nothing with 4 sender warps: more sender warps per block, the receivers helped (6 / 8 of 16
 # warps sending; without help run 53's FP8 lost to the receivers at 6 / 8)

@@ -14,6 +14,7 @@
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
 #   PART=s13 (~6 min): N = 8192 in one buffer round; the whole bench at N = 128 against
 #       host_profile.py; traces of the 48-SM dispatch with and without PDL
+#   PART=s13b (~7 min): the 48-SM dispatch's knobs at EP 4 / 2; N = 8192 in one round again
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
 # git history.
@@ -150,6 +151,21 @@ case "${PART:-tests}" in
     TRACE_CASES=standard_sms48,standard_sms48_rhelp_pdl bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s13.tgz --remove-files $(ls | grep -v '^s13.tgz$'))
+    ;;
+  s13b)  # run 62's follow-ups: the 48-SM dispatch's knobs (own rows by the receivers / split,
+    # 16-row chunks, 1- / 4-row receiver slices, PDL) at EP 4 and EP 2; N = 8192 in one buffer
+    # round again (a second run before 8192 rows become the GPU default), then the whole bench
+    # at N = 8192 with one round, both frontends
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms48,standard_sms48_selfrecv,standard_sms48_selfsplit,standard_sms48_cr16,standard_sms48_rr1,standard_sms48_rr4,standard_sms48_pdl,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_selfrecv,standard_sms48_selfsplit,standard_sms48_pdl,standard_sms48_cr16} \
+      timeout 260 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    FUSED_A2A_BUFFER_ROWS=8192 timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 8192 \
+      --mode normal --frontend all --out "$OUT/fab_n8192" >"$OUT/fab_n8192.log" 2>&1
+    echo "whole bench, N = 8192, 8192 rows: rc=$?"
+    grep -E "^(torch|jax)" "$OUT/fab_n8192.log" | grep -v ragged | cut -c1-90
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s13b.tgz --remove-files $(ls | grep -v '^s13b.tgz$'))
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
     exit 2 ;;
