@@ -403,12 +403,13 @@ def test_torch_and_jax_in_one_process():
 
 
 def test_buffer_rows_default_and_bad_env(monkeypatch):
-    """Rows a new buffer is sized for, shared by both frontends (core.default_buffer_rows): 256 on
-    CPUs, 4096 on GPUs, FUSED_A2A_BUFFER_ROWS when set; a bad value is an error naming the
-    variable and the value (the torch HybridEP buffer clamped it to 1 before session 7)."""
+    """Rows a new buffer is sized for, shared by both frontends and modes
+    (core.default_buffer_rows): 256 on CPUs, 8192 on GPUs (4096 before session 13),
+    FUSED_A2A_BUFFER_ROWS when set; a bad value is an error naming the variable and the value
+    (the torch HybridEP buffer clamped it to 1 before session 7)."""
     monkeypatch.delenv("FUSED_A2A_BUFFER_ROWS", raising=False)
     assert core.default_buffer_rows(0) == 256
-    assert core.default_buffer_rows(1) == 4096
+    assert core.default_buffer_rows(1) == 8192
     monkeypatch.setenv("FUSED_A2A_BUFFER_ROWS", "7")
     assert core.default_buffer_rows(0) == core.default_buffer_rows(1) == 7
     for bad in ("0", "-3"):

@@ -15,6 +15,8 @@
 #   PART=s13 (~6 min): N = 8192 in one buffer round; the whole bench at N = 128 against
 #       host_profile.py; traces of the 48-SM dispatch with and without PDL
 #   PART=s13b (~7 min): the 48-SM dispatch's knobs at EP 4 / 2; N = 8192 in one round again
+#   PART=s13c (~8 min): 8192 rows by default; PDL at 48 SMs; the whole bench at N = 8192 and
+#       at N = 4096 with 48 SMs and PDL
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
 # git history.
@@ -166,6 +168,28 @@ case "${PART:-tests}" in
     grep -E "^(torch|jax)" "$OUT/fab_n8192.log" | grep -v ragged | cut -c1-90
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s13b.tgz --remove-files $(ls | grep -v '^s13b.tgz$'))
+    ;;
+  s13c)  # 8192 GPU rows by default, the dispatch window capped (narrow rows in a wide buffer);
+    # the 48-SM dispatch with PDL a third time; the whole bench at N = 8192 (one round) and at
+    # N = 4096 with 48 SMs and PDL, both frontends
+    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="big_rows and default" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms48,standard_sms48_pdl,standard_sms32_rhelp,standard_sms32_pdl,sweep_n8192,n8192_sms48_rows8192} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_pdl} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 8192 --mode normal --frontend all \
+      --out "$OUT/fab_n8192" >"$OUT/fab_n8192.log" 2>&1
+    echo "whole bench, N = 8192: rc=$?"
+    grep -E "^(torch|jax)|ERROR" "$OUT/fab_n8192.log" | grep -v ragged | cut -c1-90
+    FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_CUDA_PDL=1 timeout 150 fused-a2a bench --ranks "$NGPU" \
+      --tokens 4096 --mode normal --frontend all --out "$OUT/fab_sms48_pdl" \
+      >"$OUT/fab_sms48_pdl.log" 2>&1
+    echo "whole bench, N = 4096, 48 SMs, PDL: rc=$?"
+    grep -E "^(torch|jax)|ERROR" "$OUT/fab_sms48_pdl.log" | grep -v ragged | cut -c1-90
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s13c.tgz --remove-files $(ls | grep -v '^s13c.tgz$'))
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
     exit 2 ;;

@@ -22,22 +22,11 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-// Rows per slot a new buffer is sized for: FUSED_A2A_BUFFER_ROWS, else 4096 on GPUs (one round for
-// the standard 4096-token case) and 256 on CPUs (tests then cover several rounds).
-int64_t default_rows(Platform platform) {
-  if (const char* text = std::getenv("FUSED_A2A_BUFFER_ROWS")) {
-    int64_t rows = std::strtoll(text, nullptr, 10);
-    FA2A_CHECK(rows >= 1, "FUSED_A2A_BUFFER_ROWS must be a positive integer, got '", text, "'");
-    return rows;
-  }
-  return platform == Platform::kCUDA ? 4096 : 256;
-}
-
 size_t recommended_buffer_bytes(int64_t hidden_bytes, int num_ranks, int platform, int64_t rows) {
   FA2A_CHECK(hidden_bytes >= 1, "hidden_bytes must be >= 1, got ", hidden_bytes);
   FA2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks,
              "], got ", num_ranks);
-  if (rows <= 0) rows = default_rows(static_cast<Platform>(platform));
+  if (rows <= 0) rows = default_buffer_rows(static_cast<Platform>(platform));
   auto align16 = [](int64_t b) { return (b + 15) / 16 * 16; };
   // One row: the values, FP8 scales (at most hidden_bytes / 32), top-k indices and weights for
   // up to 32 experts, the token index.
@@ -145,7 +134,7 @@ void register_core(py::module_& m) {
         py::arg("num_ranks"), py::arg("platform"), py::arg("rows") = 0);
   m.def(
       "default_buffer_rows",
-      [](int platform) { return default_rows(static_cast<Platform>(platform)); },
+      [](int platform) { return default_buffer_rows(static_cast<Platform>(platform)); },
       py::arg("platform"), "Rows per slot a new buffer is sized for (FUSED_A2A_BUFFER_ROWS).");
 
   m.def(

@@ -1,6 +1,7 @@
 // Buffer and the process-wide registry.
 #include "fused_a2a/buffer.h"
 
+#include <cstdlib>
 #include <map>
 #include <utility>
 
@@ -69,6 +70,19 @@ Registry& registry() {
 }
 
 }  // namespace
+
+// GPUs: 8192 rows, so N <= 8192 tokens per rank is one round (a peer sends at most N rows).
+// With 4096 (sessions 1-12) N = 8192 took two rounds at EP 4 and the dispatch 1654 us against
+// 1045 in one (runs 62-63, 4x H100; NCCL 1000-1031); the buffer is then ~0.5 GB a GPU at EP 4
+// and H = 7168 (bf16). CPUs: 256, so the tests cover several rounds.
+int64_t default_buffer_rows(Platform platform) {
+  if (const char* text = std::getenv("FUSED_A2A_BUFFER_ROWS")) {
+    const int64_t rows = std::strtoll(text, nullptr, 10);
+    FA2A_CHECK(rows >= 1, "FUSED_A2A_BUFFER_ROWS must be a positive integer, got '", text, "'");
+    return rows;
+  }
+  return platform == Platform::kCUDA ? kDefaultRowsCuda : kDefaultRowsCpu;
+}
 
 std::shared_ptr<Buffer> buffer_create(int64_t group_id, int rank, int num_ranks, size_t data_bytes,
                                       Platform platform, int device) {

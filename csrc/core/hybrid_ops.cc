@@ -148,13 +148,7 @@ size_t hybrid_buffer_bytes(int64_t hidden, int64_t bytes_per_value, int num_loca
   FA2A_CHECK(num_local_experts >= 1, "num_local_experts must be >= 1, got ", num_local_experts);
   FA2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks,
              "], got ", num_ranks);
-  if (rows <= 0) {
-    rows = platform == Platform::kCUDA ? 4096 : 256;
-    if (const char* text = std::getenv("FUSED_A2A_BUFFER_ROWS")) {
-      rows = std::strtoll(text, nullptr, 10);
-      FA2A_CHECK(rows >= 1, "FUSED_A2A_BUFFER_ROWS must be a positive integer, got '", text, "'");
-    }
-  }
+  if (rows <= 0) rows = default_buffer_rows(platform);
   // Dispatch rows carry the values (FP8 scales included in the upper bound), L probs and L
   // routing bytes; a combine round must hold at least 4 tokens that each picked all L experts.
   // FUSED_A2A_HYBRID_FANOUT=f (default 1): room for `rows` tokens that each send f rows to one

@@ -45,6 +45,13 @@ std::unique_ptr<Transport> make_cuda_transport(int64_t group_id, int rank, int d
 // Bytes reserved at the start of every rank's buffer for flags, counters and small messages.
 constexpr size_t kControlBytes = 64 * 1024;
 
+// Rows (tokens) of one peer a new buffer is sized for, normal mode and HybridEP alike:
+// FUSED_A2A_BUFFER_ROWS, else kDefaultRowsCuda on GPUs and kDefaultRowsCpu on CPUs. More rows
+// than fit take more rounds; the results never depend on it.
+constexpr int64_t kDefaultRowsCuda = 8192;
+constexpr int64_t kDefaultRowsCpu = 256;
+int64_t default_buffer_rows(Platform platform);
+
 class Buffer {
  public:
   Buffer(int64_t group_id, int rank, int num_ranks, size_t data_bytes, Platform platform,

@@ -122,7 +122,7 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& args, Stream stream
 // Data bytes a buffer needs so that one CPU round carries `rows` tokens of `hidden` values of up
 // to `bytes_per_value` bytes (plus FP8 scales, L probs and the routing bits) to each of num_ranks
 // ranks, and a combine round at least a few tokens even when a token picks all L local experts of
-// a rank. rows <= 0: FUSED_A2A_BUFFER_ROWS, else 4096 (CUDA) or 256 (CPU).
+// a rank. rows <= 0: default_buffer_rows(platform) (buffer.h).
 size_t hybrid_buffer_bytes(int64_t hidden, int64_t bytes_per_value, int num_local_experts,
                            int num_ranks, Platform platform, int64_t rows);
 

@@ -334,7 +334,14 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const long long R = static_cast<long long>(buffer.data_bytes() / slot_bytes);
   FA2A_CHECK(G == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
              " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
-  p.window = std::max(R, 1ll);
+  // The window is capped so that one flag covers at most kMaxFlagRows rows: the metadata
+  // staging of every sender warp is sized for max(chunk, rows a flag covers), in shared memory.
+  // Uncapped, narrow rows in a buffer sized for wide ones made windows of millions of rows (run
+  // 63: the whole bench's 224-byte check rows in a buffer of 8192 rows of 14 KB needed 259 KB of
+  // shared memory). 32 rows a flag: 129,024 rows a round, more than any rank receives in one
+  // round of a buffer sized for 14 KB rows at EP <= 8.
+  constexpr long long kMaxFlagRows = 32;
+  p.window = std::max(std::min(R, kMaxFlagRows * (kNumFlags - kMaxRanks)), 1ll);
   const int max_chunk = std::max(1, std::min(64, chunk_rows_env()));
   const long long flag_rows = (p.window + kNumFlags - kMaxRanks - 1) / (kNumFlags - kMaxRanks);
   p.staging_rows = static_cast<int>(std::max<long long>(max_chunk, flag_rows));
