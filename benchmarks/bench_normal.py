@@ -169,6 +169,16 @@ for _name, _env in (
     ("pdl", dict(PDL="1")),
 ):
     CASES[f"standard_sms48_{_name}"] = _case(sms=48, **_env)
+# Session 13: one chunk a sender warp at small N (FUSED_A2A_CUDA_CHUNKS_PER_WARP=1; default 2):
+# run 39's decode trace has each sender warp end ~2 chunks of 2 rows, each end waiting for its
+# writes to complete on the peer (chunk end 18.8K + final drain 13.9K of its 47.6K cycles)
+for _name, _base in (("decode", dict(n=128)), ("n512", dict(n=512)), ("n1024", dict(n=1024))):
+    CASES[_name + "_cpw1"] = _case(**_base, CHUNKS_PER_WARP="1")
+    CASES.setdefault(_name, _case(**_base))
+CASES["standard_cpw1"] = _case(CHUNKS_PER_WARP="1")
+CASES["decode_cpw3"] = _case(n=128, CHUNKS_PER_WARP="3")
+# PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
+CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains
 # nothing with 4 sender warps: more sender warps per block, the receivers helped (6 / 8 of 16
 # warps sending; without help run 53's FP8 lost to the receivers at 6 / 8)

@@ -650,6 +650,11 @@ DETERMINISM_CONFIGS = (
     # Programmatic dependent launch after the one-block and the two-pass route scan (session 11)
     (24, 8, {"FUSED_A2A_CUDA_PDL": "1"}),
     (8, 1, {"FUSED_A2A_CUDA_PDL": "1", "FUSED_A2A_CUDA_SCAN": "tiles"}),
+    # One chunk a sender warp (larger chunks at small N), and three (session 13), dispatch and
+    # combine alike
+    (24, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "1"}),
+    (8, 64, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "1", **OWN_ROWS["senders"]}),
+    (16, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "3"}),
 )
 
 

@@ -17,6 +17,8 @@
 #   PART=s13b (~7 min): the 48-SM dispatch's knobs at EP 4 / 2; N = 8192 in one round again
 #   PART=s13c (~8 min): 8192 rows by default; PDL at 48 SMs; the whole bench at N = 8192 and
 #       at N = 4096 with 48 SMs and PDL
+#   PART=s13d (~8 min): one chunk a sender warp at small N; PDL from 48 blocks; decode kernels
+#       and traces, the no-roles skeleton
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
 # git history.
@@ -190,6 +192,31 @@ case "${PART:-tests}" in
     grep -E "^(torch|jax)|ERROR" "$OUT/fab_sms48_pdl.log" | grep -v ragged | cut -c1-90
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s13c.tgz --remove-files $(ls | grep -v '^s13c.tgz$'))
+    ;;
+  s13d)  # one chunk a sender warp at small N (CHUNKS_PER_WARP=1): the same-bits test (new
+    # configs) and the A/B at EP 4 / 2; PDL for the dispatch from 48 blocks (new default) against
+    # the former; the kernels of decode and the 48-SM standard case (torch.profiler); traces of
+    # decode with 1 / 2 chunks a warp and of the no-roles skeleton (launch + handshakes + epilogue)
+    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="same_bits_across" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-decode,decode_cpw1,decode_cpw3,n1024,n1024_cpw1,standard,standard_cpw1,standard_sms48,standard_sms48_pdlcombine} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-decode,decode_cpw1,standard_sms48,standard_sms48_pdlcombine} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"; mv "$OUT/bench_ep2.json" "$OUT/bench_ab_ep2.json"
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=decode,decode_cpw1,standard_sms48 BENCH_CASES_EP2= \
+      timeout 100 bash tools/gpu_check.sh >/dev/null
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
+PY
+    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
+    TRACE_CASES=decode,decode_cpw1,decode_abl_roles,standard_abl_roles bash tools/gpu_diag_trace.sh
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s13d.tgz --remove-files $(ls | grep -v '^s13d.tgz$'))
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
     exit 2 ;;

@@ -40,8 +40,9 @@ struct CombineParams {
   uint8_t* const* peers;
   HostError* host_error;
   unsigned long long timeout_ns;
-  long long window;  // W: tokens per round = rows per region
-  int chunk;         // largest chunk rows (the kernel picks CR per owner rank)
+  long long window;     // W: tokens per round = rows per region
+  int chunk;            // largest chunk rows (the kernel picks CR per owner rank)
+  int chunks_per_warp;  // chunks a sender warp toward us gets at least (CR's lower bound)
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
@@ -398,9 +399,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     const long long gmax =
         max(static_cast<long long>(p.group_max ? *p.group_max : N), static_cast<long long>(N));
     sh.nrounds = (gmax + p.window - 1) / p.window;
-    // Chunk rows of our regions: about two chunks per sender warp toward us, at most p.chunk.
+    // Chunk rows of our regions: about p.chunks_per_warp (2) chunks per sender warp toward us, at
+    // most p.chunk.
     const long long rows = static_cast<long long>(N) * max(G - 1, 1);
-    const long long warps2 = 2ll * gridDim.x * p.send_warps;
+    const long long warps2 = 1ll * p.chunks_per_warp * gridDim.x * p.send_warps;
     long long cr = min(static_cast<long long>(p.chunk), max(1ll, (rows + warps2 - 1) / warps2));
     const long long used = min(static_cast<long long>(N), p.window);
     cr = max(cr, (used + p.flags_per_region - 1) / p.flags_per_region);
@@ -516,6 +518,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
                                    2 * sizeof(void*) * kMaxRanks);
   p.flags_per_region = kNumFlags / std::max(G - 1, 1);
   p.chunk = chunk_rows_env();  // the largest chunk (rows)
+  p.chunks_per_warp = chunks_per_warp_env();
   p.claim_items = combine_claim_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
@@ -531,7 +534,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
                                          static_cast<int>(L.total)),
                     "combine shared memory");
     launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
-                  pdl_env("combine"), p);
+                  pdl_env("combine", cfg.blocks), p);
   };
   switch (a.y_dtype) {
     case DType::kBF16:

@@ -66,7 +66,7 @@ struct LayoutSlot {  // source s -> every rank, [parity][s]
   unsigned long long flag;
   int count[kLayoutMaxRanks];  // tokens of s routed to each rank
   int n_tokens;                // N of s
-  int warps2;                  // 2 x s's sender warps (its chunk rows; dispatch.cu)
+  int warps2;                  // chunks_per_warp x s's sender warps (its chunk rows; dispatch.cu)
   int chunk;                   // s's largest chunk (rows)
   int pad;
   long long capacity;  // rows of s's recv_x

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
           for (int i = 0; i < G; ++i) slot->count[i] = p.cum[static_cast<size_t>(i) * (N + 1) + N];
           slot->n_tokens = N;
-          slot->warps2 = 2 * gridDim.x * p.send_warps;
+          slot->warps2 = p.chunks_per_warp * gridDim.x * p.send_warps;
           slot->chunk = p.chunk;
           slot->capacity = p.capacity;
           slot->window = p.window;
@@ -121,8 +121,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       sh.total = place_sources(sh.true_cnt, G, p.capacity, sh.poff, sh.kept, &kept_total);
       sh.kept_total = kept_total;
       for (int s = 0; s < G; ++s) sh.qoff[s] = window_qoff(sh.poff, sh.kept, s, r);
-      sh.cr_recv = window_chunk_rows(sh.kept_total - sh.kept[r], 2ll * gridDim.x * p.send_warps,
-                                     p.chunk, p.window);
+      sh.cr_recv =
+          window_chunk_rows(sh.kept_total - sh.kept[r],
+                            1ll * p.chunks_per_warp * gridDim.x * p.send_warps, p.chunk, p.window);
     }
     __syncthreads();
     // 2. Ready: tell every source where its rows go; learn where ours go. With the layout
@@ -349,6 +350,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
       launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
                     sizeof(int) * kMaxRanks + 2 * (4 * p.staging_rows * p.meta_words + 16), 0);
   p.chunk = max_chunk;  // the largest chunk (rows)
+  p.chunks_per_warp = chunks_per_warp_env();
   p.dst_major = order_dst_major();
   {
     // Who copies the own rows x -> recv_x (a choice of this rank alone): the receiver warps
@@ -410,7 +412,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
   launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
-                pdl_env("dispatch"), p);
+                pdl_env("dispatch", cfg.blocks), p);
   check_launch("dispatch");
 }
 

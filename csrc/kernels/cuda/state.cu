@@ -339,6 +339,13 @@ int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
   return v > 0 ? v : 8;
 }
 
+// Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,
+// at most chunk_rows_env(): 2 chunks a warp since session 4, so that a receiver copies a first
+// chunk while the second is sent. Only small N is affected (N = 4096 has 8-row chunks either
+// way). At N = 128 a sender warp then ends ~2 chunks of 2 rows, each end waiting for its writes
+// to complete on the peer (run 39 trace: chunk end 18.8K + final drain 13.9K of 47.6K cycles).
+int chunks_per_warp_env() { return std::max(1, env_int("FUSED_A2A_CUDA_CHUNKS_PER_WARP", 2)); }
+
 bool hybrid_pipeline_env() { return env_int("FUSED_A2A_HYBRID_PIPELINE", 0) != 0; }
 
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
@@ -373,10 +380,16 @@ bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // r
 // The dispatch / combine kernel is launched while the route scan before it runs. Runs 56-57
 // (4x H100, EP 4 / EP 2, 24 SMs): the combine 558.7 -> 543.7 and 552.8 -> 544.2 us, 299.1 ->
 // 288.2 and 300.7 -> 288.8; the static dispatch 560.4 -> 565.2 and 560.7 -> 565.2 (it lost), so
-// the combine only by default.
-bool pdl_env(const char* kind) {
+// the combine only by default. From 48 blocks (where the receivers are helped) the dispatch
+// gained: 543.4 -> 539.0 (run 57), 545.1 -> 540.3 (run 63), 540.5 -> 535.8 us (run 64, 4x H200;
+// EP 2 238.7 -> 235.1 and 231.0 -> 229.4), one loss (run 59: 543.7 -> 575.2); 32 blocks: 541.4
+// -> 539.7 (run 64), so the dispatch from kPdlDispatchMinBlocks on.
+bool pdl_env(const char* kind, int blocks) {
+  constexpr int kPdlDispatchMinBlocks = 48;
+  const bool combine = std::strcmp(kind, "combine") == 0;
   const char* v = std::getenv("FUSED_A2A_CUDA_PDL");
-  if (!v || std::strcmp(v, "combine") == 0) return std::strcmp(kind, "combine") == 0;
+  if (!v) return combine || blocks >= kPdlDispatchMinBlocks;
+  if (std::strcmp(v, "combine") == 0) return combine;
   return std::strcmp(v, "1") == 0 || std::strcmp(v, "all") == 0;
 }
 

@@ -167,7 +167,10 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
 
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
-int chunk_rows_env();        // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+// FUSED_A2A_CUDA_CHUNKS_PER_WARP: the chunks a sender warp gets at least, default 2 (small N:
+// fewer, larger chunks mean fewer serial write-completion waits per warp)
+int chunks_per_warp_env();
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
@@ -188,9 +191,10 @@ bool layout_notify_env();
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
-// Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset or "combine", the combine only; 1 /
-// "all", the dispatch too; 0, neither. kind: "dispatch" or "combine".
-bool pdl_env(const char* kind);
+// Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset, the combine, and the dispatch from
+// 48 blocks (`blocks`: the kernel's grid); "combine", the combine only; 1 / "all", both; 0,
+// neither. kind: "dispatch" or "combine".
+bool pdl_env(const char* kind, int blocks);
 // The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=dealt|claim|help): kRecvDealt /
 // kRecvClaim / kRecvHelp above; unset, help from 32 blocks on, else dealt.
 int recv_items_env(int blocks);
