@@ -19,6 +19,7 @@
 #       at N = 4096 with 48 SMs and PDL
 #   PART=s13d (~8 min): one chunk a sender warp at small N; PDL from 48 blocks; decode kernels
 #       and traces, the no-roles skeleton
+#   PART=s13e (~5 min): one chunk a warp and the one-launch route scan (new defaults) A/B, tests
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
 # git history.
@@ -217,6 +218,30 @@ PY
     TRACE_CASES=decode,decode_cpw1,decode_abl_roles,standard_abl_roles bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s13d.tgz --remove-files $(ls | grep -v '^s13d.tgz$'))
+    ;;
+  s13e)  # one chunk a sender warp by default (against 2, the former); the route scan in one launch
+    # above 1024 tokens (against two, SCAN=tiles2): GPU tests (same bits, static rows incl.
+    # 1,100-1,500 tokens), the A/B, and the 48-SM kernels (torch.profiler)
+    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
+      PYTEST_K="same_bits_across or (big_rows and (default or scan_tiles2))" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-decode,decode_cpw2,standard,standard_scan2,standard_sms48,standard_sms48_scan2,sweep_n8192} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-decode,decode_cpw2} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 BENCH_CASES_EP2= \
+      timeout 60 bash tools/gpu_check.sh >/dev/null
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
+PY
+    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s13e.tgz --remove-files $(ls | grep -v '^s13e.tgz$'))
     ;;
   *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
     exit 2 ;;

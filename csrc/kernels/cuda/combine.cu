@@ -42,7 +42,7 @@ struct CombineParams {
   unsigned long long timeout_ns;
   long long window;     // W: tokens per round = rows per region
   int chunk;            // largest chunk rows (the kernel picks CR per owner rank)
-  int chunks_per_warp;  // chunks a sender warp toward us gets at least (CR's lower bound)
+  int chunks_per_warp;  // CR ~ rows / (chunks_per_warp x sender warps), at most chunk
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
@@ -399,8 +399,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     const long long gmax =
         max(static_cast<long long>(p.group_max ? *p.group_max : N), static_cast<long long>(N));
     sh.nrounds = (gmax + p.window - 1) / p.window;
-    // Chunk rows of our regions: about p.chunks_per_warp (2) chunks per sender warp toward us, at
-    // most p.chunk.
+    // Chunk rows of our regions: about p.chunks_per_warp chunks per sender warp toward us, at most
+    // p.chunk.
     const long long rows = static_cast<long long>(N) * max(G - 1, 1);
     const long long warps2 = 1ll * p.chunks_per_warp * gridDim.x * p.send_warps;
     long long cr = min(static_cast<long long>(p.chunk), max(1ll, (rows + warps2 - 1) / warps2));

@@ -66,7 +66,7 @@ struct DispatchParams {
   unsigned long long timeout_ns;
   long long window;     // R
   int chunk;            // largest chunk rows (the kernel picks CR per receiver)
-  int chunks_per_warp;  // chunks a sender warp of the receiver gets at least (CR's lower bound)
+  int chunks_per_warp;  // CR ~ rows / (chunks_per_warp x sender warps), at most chunk
   int staging_rows;     // rows of a metadata staging buffer (>= any receiver's CR)
   int send_warps, recv_warps, stages;
   uint32_t stage_bytes;
@@ -287,9 +287,9 @@ __host__ __device__ inline int window_qoff(const int* poff, const int* kept, int
   return poff[s] - (s > d ? kept[d] : 0);
 }
 
-// Chunk rows of a receiver's window: about two chunks per sender warp of the receiver (warps2 =
-// chunks_per_warp (2) x its sender warps), at most chunk_max, and few enough chunks for the flags
-// of one window.
+// Chunk rows of a receiver's window: about chunks_per_warp chunks per sender warp of the receiver
+// (warps2 = chunks_per_warp x its sender warps), at most chunk_max, and few enough chunks for the
+// flags of one window.
 __host__ __device__ inline int window_chunk_rows(long long remote, long long warps2, int chunk_max,
                                                  long long window) {
   const long long per_warp = (remote + warps2 - 1) / warps2;

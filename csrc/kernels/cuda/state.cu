@@ -221,8 +221,9 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t tile_count_b = align(static_cast<size_t>(kMaxScanTiles) * kMaxRanks * 4);
   const size_t tile_ecount_b = align(static_cast<size_t>(kMaxScanTiles) * e * 4);
   const size_t stage_b = align(static_cast<size_t>(3 + e) * 4);
-  const size_t sizes[] = {cum_b,    list_b,  ecount_b,     hist_b,        ordinal_b,
-                          fanout_b, masks_b, tile_count_b, tile_ecount_b, stage_b};
+  const size_t sync_b = align(static_cast<size_t>(kMaxScanTiles + 2) * 4);
+  const size_t sizes[] = {cum_b,   list_b,       ecount_b,      hist_b,  ordinal_b, fanout_b,
+                          masks_b, tile_count_b, tile_ecount_b, stage_b, sync_b};
   size_t total = 0;
   for (size_t b : sizes) total += b;
   void* mem = nullptr;
@@ -249,6 +250,7 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.tile_count = reinterpret_cast<int*>(take(tile_count_b));
   st.scratch.tile_ecount = reinterpret_cast<int*>(take(tile_ecount_b));
   st.scratch.counts_stage = reinterpret_cast<int*>(take(stage_b));
+  st.scratch.scan_sync = reinterpret_cast<unsigned*>(take(sync_b));
   return st.scratch;
 }
 
@@ -340,11 +342,14 @@ int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
 }
 
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,
-// at most chunk_rows_env(): 2 chunks a warp since session 4, so that a receiver copies a first
-// chunk while the second is sent. Only small N is affected (N = 4096 has 8-row chunks either
-// way). At N = 128 a sender warp then ends ~2 chunks of 2 rows, each end waiting for its writes
-// to complete on the peer (run 39 trace: chunk end 18.8K + final drain 13.9K of 47.6K cycles).
-int chunks_per_warp_env() { return std::max(1, env_int("FUSED_A2A_CUDA_CHUNKS_PER_WARP", 2)); }
+// at most chunk_rows_env(). Sessions 4-12: 2 chunks a warp, so that a receiver copies a first
+// chunk while the second is sent; at N = 128 a sender warp then ended ~2 chunks of 2 rows, each
+// end waiting for its writes to complete on the peer (run 39 trace: chunk end 18.8K + final drain
+// 13.9K of 47.6K cycles). One chunk a warp (run 65, 4x H100, CUDA graphs): decode dispatch 78.6
+// -> 67.5 us, combine 69.7 -> 59.3 (again in the same call: 73.2 -> 69.6, 67.4 -> 63.7, and the
+// traced build 77.4 -> 67.0); EP 2 55.1 -> 49.6, 48.5 -> 44.0; N = 1024 and 4096 unchanged (their
+// chunks are 8 rows either way: only rows to a receiver < 16 x its sender warps are affected).
+int chunks_per_warp_env() { return std::max(1, env_int("FUSED_A2A_CUDA_CHUNKS_PER_WARP", 1)); }
 
 bool hybrid_pipeline_env() { return env_int("FUSED_A2A_HYBRID_PIPELINE", 0) != 0; }
 

@@ -81,6 +81,9 @@ struct Scratch {
   int* tile_ecount = nullptr;
   int* counts_stage = nullptr;  // [3 + E] the count exchange's host counts, when the host
                                 // memory is not device-writable (copied after the sync)
+  // The one-launch route scan's tile flags [kMaxScanTiles], then its launch count and the count
+  // of its blocks done (layout.cu, route_tiles_kernel); zero when allocated.
+  unsigned* scan_sync = nullptr;
 };
 
 // Dispatch trace (FUSED_A2A_CUDA_TRACE=1): host-mapped, kTraceWarps slots of kTraceSlots u64
@@ -168,8 +171,9 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
 int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
-// FUSED_A2A_CUDA_CHUNKS_PER_WARP: the chunks a sender warp gets at least, default 2 (small N:
-// fewer, larger chunks mean fewer serial write-completion waits per warp)
+// FUSED_A2A_CUDA_CHUNKS_PER_WARP: about the chunks a sender warp gets when chunks are below the
+// largest size, default 1 since session 13 (2 before; small N: fewer, larger chunks mean fewer
+// serial write-completion waits per warp)
 int chunks_per_warp_env();
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
 bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
