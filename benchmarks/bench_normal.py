@@ -177,10 +177,7 @@ for _name, _base in (("decode", dict(n=128)), ("n512", dict(n=512)), ("n1024", d
     CASES.setdefault(_name, _case(**_base))
 CASES["standard_cpw1"] = _case(CHUNKS_PER_WARP="1")
 CASES["decode_cpw3"] = _case(n=128, CHUNKS_PER_WARP="3")
-CASES["decode_cpw2"] = _case(n=128, CHUNKS_PER_WARP="2")  # the former default (run 65: lost)
-# The route scan above 1024 tokens in two launches (sessions 10-12; one since session 13)
-CASES["standard_scan2"] = _case(SCAN="tiles2")
-CASES["standard_sms48_scan2"] = _case(sms=48, SCAN="tiles2")
+CASES["decode_cpw2"] = _case(n=128, CHUNKS_PER_WARP="2")  # the former default (runs 65-66)
 # PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
 CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains

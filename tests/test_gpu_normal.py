@@ -385,7 +385,7 @@ STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
     # 128-byte rows in the buffer the 14 KB rows made: the dispatch's window is capped (run 63:
     # uncapped, 224-byte rows in a buffer of 8192 rows of 14 KB needed 259 KB of shared memory)
     "h64_k8_narrow_rows": ((300, 257, 1, 300), 64, 8, 64, 1200, 4),
-    # above 1024 tokens the route scan runs in tiles of 512 (3 here; one launch since session 13)
+    # above 1024 tokens the route scan runs in two passes over tiles of 512 tokens (3 here)
     "h256_k8_scan_tiles": ((1500, 1300, 1100, 1500), 256, 8, 64, 6000, 5),
 }
 
@@ -402,8 +402,6 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
     # dispatch / combine launched while the route scan before them runs (session 11)
     "pdl": {"FUSED_A2A_CUDA_PDL": "1"},
-    # the route scan's two passes as two kernels (sessions 10-12; one launch since session 13)
-    "scan_tiles2": {"FUSED_A2A_CUDA_SCAN": "tiles2"},
 }
 
 
@@ -659,7 +657,6 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "2"}),
     (8, 64, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "2", **OWN_ROWS["senders"]}),
     (16, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "3"}),
-    (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles2"}),
 )
 
 

@@ -189,154 +189,15 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-__device__ __forceinline__ unsigned ld_acquire_gpu_u32(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_gpu_u32(unsigned* p, unsigned v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// The two passes in one launch (session 13; runs 51-65: the two kernels took 4.4-4.8 us each
-// at N = 4096 and were ~9 us of the dispatch's and the combine's ~540): a tile's block computes
-// its masks and counts (pass 1), publishes its counts per destination with a flag, sums the
-// counts of the earlier tiles once their flags are up (blocks start in index order, so an earlier
-// tile is running or done; after kTileWaitNs without the flag, the block counts that tile's
-// tokens itself, so no wait is unbounded), and writes its part of cum and the send lists (pass 2).
-// The last block done sums the tiles' expert counts and bumps the launch count whose next value the
-// flags carry, so the flags never need clearing (CUDA graphs included). sync: [kMaxScanTiles] tile
-// flags, then the launch count and the blocks done.
-__global__ void __launch_bounds__(kScanThreads)
-    route_tiles_kernel(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
-                       int num_experts, int num_ranks, int per, unsigned long long* masks,
-                       int* tile_count, int* tile_ecount, unsigned* sync, int* cum, int* send_list,
-                       int* ecount) {
-  using Scan = cub::BlockScan<int, kScanThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  extern __shared__ int s_ecount[];  // num_experts
-  __shared__ int s_count[kMaxRanks], s_base[kMaxRanks];
-  __shared__ unsigned s_epoch;
-  __shared__ bool s_last;
-  griddep_launch_dependents();  // a dependent dispatch / combine waits for the whole scan
-  const int tid = threadIdx.x, lane = tid & 31, tile = blockIdx.x, tiles = gridDim.x;
-  unsigned* flags = sync;
-  unsigned* launches = sync + kMaxScanTiles;
-  unsigned* done = launches + 1;
-  if (tid == 0) s_epoch = *reinterpret_cast<volatile unsigned*>(launches) + 1u;
-  for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
-  for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
-  __syncthreads();
-  const unsigned epoch = s_epoch;
-  const int lpr = num_experts / num_ranks;
-  const int t0 = tile * kScanThreads * per;
-  // Pass 1: masks (this thread's tokens; it reads them back in pass 2) and counts.
-  for (int u = 0; u < per; ++u) {
-    const int t = t0 + u * kScanThreads + tid;
-    unsigned long long mask = 0;
-    if (t < num_tokens) {
-      for (int k = 0; k < num_topk; ++k) {
-        const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
-        const int o = owner_of(e, num_experts, lpr);
-        if (o >= 0) {
-          mask |= 1ull << o;
-          atomicAdd(&s_ecount[static_cast<int>(e)], 1);
-        }
-      }
-      masks[t] = mask;
-    }
-    for (int d = 0; d < num_ranks; ++d) {  // warp-aggregated counts per destination
-      const int c = __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1ull));
-      if (lane == 0 && c) atomicAdd(&s_count[d], c);
-    }
-  }
-  __syncthreads();
-  for (int d = tid; d < num_ranks; d += blockDim.x) tile_count[tile * kMaxRanks + d] = s_count[d];
-  for (int e = tid; e < num_experts; e += blockDim.x)
-    tile_ecount[static_cast<size_t>(tile) * num_experts + e] = s_ecount[e];
-  __threadfence();  // the block's counts before its flag (and before its "done")
-  __syncthreads();
-  if (tid == 0) st_release_gpu_u32(&flags[tile], epoch);
-  // The earlier tiles' counts: thread j < tile waits for tile j's flag.
-  for (int d = tid; d < num_ranks; d += blockDim.x) s_base[d] = 0;
-  __syncthreads();
-  constexpr unsigned long long kTileWaitNs = 1000000;  // 1 ms (a tile takes a few us)
-  for (int j = tid; j < tile; j += blockDim.x) {
-    bool up = ld_acquire_gpu_u32(&flags[j]) == epoch;
-    const unsigned long long start = up ? 0 : globaltimer();
-    while (!up && globaltimer() - start < kTileWaitNs) {
-      __nanosleep(32);
-      up = ld_acquire_gpu_u32(&flags[j]) == epoch;
-    }
-    if (up) {
-      for (int d = 0; d < num_ranks; ++d) {
-        const int c = *reinterpret_cast<volatile int*>(&tile_count[j * kMaxRanks + d]);
-        if (c) atomicAdd(&s_base[d], c);
-      }
-      continue;
-    }
-    const int hi = min(num_tokens, (j + 1) * kScanThreads * per);  // count tile j here
-    for (int t = j * kScanThreads * per; t < hi; ++t) {
-      unsigned long long mask = 0;
-      for (int k = 0; k < num_topk; ++k) {
-        const int o = owner_of(load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k),
-                               num_experts, lpr);
-        if (o >= 0) mask |= 1ull << o;
-      }
-      for (int d = 0; d < num_ranks; ++d)
-        if ((mask >> d) & 1ull) atomicAdd(&s_base[d], 1);
-    }
-  }
-  __syncthreads();
-  // Pass 2, as route_list_kernel.
-  for (int d = 0; d < num_ranks; ++d) {
-    int* my_cum = cum + static_cast<size_t>(d) * (num_tokens + 1);
-    int* my_list = send_list ? send_list + static_cast<size_t>(d) * num_tokens : nullptr;
-    int base = s_base[d];
-    for (int u = 0; u < per; ++u) {
-      const int t = t0 + u * kScanThreads + tid;
-      const int routed = t < num_tokens ? static_cast<int>((masks[t] >> d) & 1ull) : 0;
-      int run = 0, total = 0;
-      Scan(temp).ExclusiveSum(routed, run, total);
-      if (t < num_tokens) {
-        my_cum[t] = base + run;
-        if (routed && my_list) my_list[base + run] = t;
-      }
-      base += total;
-      __syncthreads();  // temp is reused by the next scan
-    }
-    if (tile == tiles - 1 && tid == 0) my_cum[num_tokens] = base;
-  }
-  // The last block done: the expert counts, then the next launch's epoch.
-  if (tid == 0) s_last = atomicAdd(done, 1u) == static_cast<unsigned>(tiles - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int e = tid; e < num_experts; e += blockDim.x) {
-    int sum = 0;
-    for (int j = 0; j < tiles; ++j)
-      sum +=
-          *reinterpret_cast<volatile int*>(&tile_ecount[static_cast<size_t>(j) * num_experts + e]);
-    ecount[e] = sum;
-  }
-  if (tid == 0) {
-    *done = 0;
-    *launches = epoch;
-  }
-}
-
 // Which scan: FUSED_A2A_CUDA_SCAN=block / tiles, else one block per destination up to
-// kBlockScanMaxTokens tokens (a round or two of index loads, one launch) and tiles above: in one
-// launch (route_tiles_kernel, session 13), or FUSED_A2A_CUDA_SCAN=tiles2 in two (the passes as
-// two kernels, sessions 10-12).
+// kBlockScanMaxTokens tokens (a round or two of index loads, one launch) and two passes above.
 // Session 10 (4x H200, EP 4, two runs): two passes took the standard case (N = 4096) from 579 to
 // 567 us (dispatch) and 558 to 547 us (combine), EP 2 280 -> 265 us; decode (N = 128, CUDA
 // graphs) lost 1-7 us to the second launch.
 constexpr int kBlockScanMaxTokens = 1024;
 bool scan_in_one_block(int num_tokens) {
   if (env_is("FUSED_A2A_CUDA_SCAN", "block")) return true;
-  if (env_is("FUSED_A2A_CUDA_SCAN", "tiles") || env_is("FUSED_A2A_CUDA_SCAN", "tiles2"))
-    return false;
+  if (env_is("FUSED_A2A_CUDA_SCAN", "tiles")) return false;
   return num_tokens <= kBlockScanMaxTokens;
 }
 
@@ -380,14 +241,6 @@ void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num
   const size_t ecount_smem = sizeof(int) * static_cast<size_t>(num_experts);
   FA2A_CHECK(ecount_smem <= 48 * 1024, "route scan: num_experts=", num_experts,
              " exceeds the CUDA backend's limit of ", 48 * 1024 / sizeof(int));
-  if (!env_is("FUSED_A2A_CUDA_SCAN", "tiles2")) {
-    route_tiles_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
-        topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
-        scratch.tile_count, scratch.tile_ecount, scratch.scan_sync, scratch.cum, list,
-        scratch.ecount);
-    check_launch("route scan (tiles)");
-    return;
-  }
   route_mask_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
       topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
       scratch.tile_count, scratch.tile_ecount);

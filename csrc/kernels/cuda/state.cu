@@ -221,9 +221,8 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t tile_count_b = align(static_cast<size_t>(kMaxScanTiles) * kMaxRanks * 4);
   const size_t tile_ecount_b = align(static_cast<size_t>(kMaxScanTiles) * e * 4);
   const size_t stage_b = align(static_cast<size_t>(3 + e) * 4);
-  const size_t sync_b = align(static_cast<size_t>(kMaxScanTiles + 2) * 4);
-  const size_t sizes[] = {cum_b,   list_b,       ecount_b,      hist_b,  ordinal_b, fanout_b,
-                          masks_b, tile_count_b, tile_ecount_b, stage_b, sync_b};
+  const size_t sizes[] = {cum_b,    list_b,  ecount_b,     hist_b,        ordinal_b,
+                          fanout_b, masks_b, tile_count_b, tile_ecount_b, stage_b};
   size_t total = 0;
   for (size_t b : sizes) total += b;
   void* mem = nullptr;
@@ -250,7 +249,6 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.tile_count = reinterpret_cast<int*>(take(tile_count_b));
   st.scratch.tile_ecount = reinterpret_cast<int*>(take(tile_ecount_b));
   st.scratch.counts_stage = reinterpret_cast<int*>(take(stage_b));
-  st.scratch.scan_sync = reinterpret_cast<unsigned*>(take(sync_b));
   return st.scratch;
 }
 

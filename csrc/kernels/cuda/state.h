@@ -81,9 +81,6 @@ struct Scratch {
   int* tile_ecount = nullptr;
   int* counts_stage = nullptr;  // [3 + E] the count exchange's host counts, when the host
                                 // memory is not device-writable (copied after the sync)
-  // The one-launch route scan's tile flags [kMaxScanTiles], then its launch count and the count
-  // of its blocks done (layout.cu, route_tiles_kernel); zero when allocated.
-  unsigned* scan_sync = nullptr;
 };
 
 // Dispatch trace (FUSED_A2A_CUDA_TRACE=1): host-mapped, kTraceWarps slots of kTraceSlots u64
