@@ -12,17 +12,9 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
-#   PART=s13 (~6 min): N = 8192 in one buffer round; the whole bench at N = 128 against
-#       host_profile.py; traces of the 48-SM dispatch with and without PDL
-#   PART=s13b (~7 min): the 48-SM dispatch's knobs at EP 4 / 2; N = 8192 in one round again
-#   PART=s13c (~8 min): 8192 rows by default; PDL at 48 SMs; the whole bench at N = 8192 and
-#       at N = 4096 with 48 SMs and PDL
-#   PART=s13d (~8 min): one chunk a sender warp at small N; PDL from 48 blocks; decode kernels
-#       and traces, the no-roles skeleton
-#   PART=s13e (~5 min): one chunk a warp and the one-launch route scan (new defaults) A/B, tests
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
-# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c) are in
-# git history.
+# of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
+# s13, s13b-e) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -138,111 +130,6 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s13)  # the host-count GPU tests (the graph-capture check is new, compile-checked only); next
-    # steps after session 12, items 1-3: N = 8192 in one round; small N, the whole
-    # bench's timer against host_profile.py in one call; traces of the dispatch with PDL at 48 SMs
-    STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_s6_rhelp,standard_s8_rhelp,standard_sms48,standard_fp8_sms48_rhelp,standard_fp8_s6_rhelp_sms48,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-sweep_n8192} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    timeout 120 fused-a2a bench --ranks "$NGPU" --tokens 128 --mode normal --frontend torch \
-      --out "$OUT/fab_n128" >"$OUT/fab_n128.log" 2>&1
-    echo "whole bench, N = 128: rc=$?"
-    grep -E "^torch" "$OUT/fab_n128.log" | cut -c1-90
-    (cd benchmarks && timeout 120 python3 host_profile.py --world "$NGPU" --tokens 128 \
-      --profiles 0 --out "$OUT/host_profile.json") | grep -E "^(op|fused|raw)"
-    TRACE_CASES=standard_sms48,standard_sms48_rhelp_pdl bash tools/gpu_diag_trace.sh
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s13.tgz --remove-files $(ls | grep -v '^s13.tgz$'))
-    ;;
-  s13b)  # run 62's follow-ups: the 48-SM dispatch's knobs (own rows by the receivers / split,
-    # 16-row chunks, 1- / 4-row receiver slices, PDL) at EP 4 and EP 2; N = 8192 in one buffer
-    # round again (a second run before 8192 rows become the GPU default), then the whole bench
-    # at N = 8192 with one round, both frontends
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms48,standard_sms48_selfrecv,standard_sms48_selfsplit,standard_sms48_cr16,standard_sms48_rr1,standard_sms48_rr4,standard_sms48_pdl,sweep_n8192,n8192_rows8192,n8192_sms48_rows8192} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_selfrecv,standard_sms48_selfsplit,standard_sms48_pdl,standard_sms48_cr16} \
-      timeout 260 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    FUSED_A2A_BUFFER_ROWS=8192 timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 8192 \
-      --mode normal --frontend all --out "$OUT/fab_n8192" >"$OUT/fab_n8192.log" 2>&1
-    echo "whole bench, N = 8192, 8192 rows: rc=$?"
-    grep -E "^(torch|jax)" "$OUT/fab_n8192.log" | grep -v ragged | cut -c1-90
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s13b.tgz --remove-files $(ls | grep -v '^s13b.tgz$'))
-    ;;
-  s13c)  # 8192 GPU rows by default, the dispatch window capped (narrow rows in a wide buffer);
-    # the 48-SM dispatch with PDL a third time; the whole bench at N = 8192 (one round) and at
-    # N = 4096 with 48 SMs and PDL, both frontends
-    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="big_rows and default" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_sms48,standard_sms48_pdl,standard_sms32_rhelp,standard_sms32_pdl,sweep_n8192,n8192_sms48_rows8192} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_pdl} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    timeout 200 fused-a2a bench --ranks "$NGPU" --tokens 8192 --mode normal --frontend all \
-      --out "$OUT/fab_n8192" >"$OUT/fab_n8192.log" 2>&1
-    echo "whole bench, N = 8192: rc=$?"
-    grep -E "^(torch|jax)|ERROR" "$OUT/fab_n8192.log" | grep -v ragged | cut -c1-90
-    FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_CUDA_PDL=1 timeout 150 fused-a2a bench --ranks "$NGPU" \
-      --tokens 4096 --mode normal --frontend all --out "$OUT/fab_sms48_pdl" \
-      >"$OUT/fab_sms48_pdl.log" 2>&1
-    echo "whole bench, N = 4096, 48 SMs, PDL: rc=$?"
-    grep -E "^(torch|jax)|ERROR" "$OUT/fab_sms48_pdl.log" | grep -v ragged | cut -c1-90
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s13c.tgz --remove-files $(ls | grep -v '^s13c.tgz$'))
-    ;;
-  s13d)  # one chunk a sender warp at small N (CHUNKS_PER_WARP=1): the same-bits test (new
-    # configs) and the A/B at EP 4 / 2; PDL for the dispatch from 48 blocks (new default) against
-    # the former; the kernels of decode and the 48-SM standard case (torch.profiler); traces of
-    # decode with 1 / 2 chunks a warp and of the no-roles skeleton (launch + handshakes + epilogue)
-    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="same_bits_across" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-decode,decode_cpw1,decode_cpw3,n1024,n1024_cpw1,standard,standard_cpw1,standard_sms48,standard_sms48_pdlcombine} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-decode,decode_cpw1,standard_sms48,standard_sms48_pdlcombine} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"; mv "$OUT/bench_ep2.json" "$OUT/bench_ab_ep2.json"
-    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=decode,decode_cpw1,standard_sms48 BENCH_CASES_EP2= \
-      timeout 100 bash tools/gpu_check.sh >/dev/null
-    python3 - "$OUT/bench.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
-        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
-PY
-    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
-    TRACE_CASES=decode,decode_cpw1,decode_abl_roles,standard_abl_roles bash tools/gpu_diag_trace.sh
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s13d.tgz --remove-files $(ls | grep -v '^s13d.tgz$'))
-    ;;
-  s13e)  # one chunk a sender warp by default (against 2, the former); the route scan in one launch
-    # above 1024 tokens (against two, SCAN=tiles2): GPU tests (same bits, static rows incl.
-    # 1,100-1,500 tokens), the A/B, and the 48-SM kernels (torch.profiler)
-    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" \
-      PYTEST_K="same_bits_across or (big_rows and (default or scan_tiles2))" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-decode,decode_cpw2,standard,standard_scan2,standard_sms48,standard_sms48_scan2,sweep_n8192} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-decode,decode_cpw2} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 BENCH_CASES_EP2= \
-      timeout 60 bash tools/gpu_check.sh >/dev/null
-    python3 - "$OUT/bench.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
-        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
-PY
-    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s13e.tgz --remove-files $(ls | grep -v '^s13e.tgz$'))
-    ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s13" >&2
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d or sweep" >&2
     exit 2 ;;
 esac
