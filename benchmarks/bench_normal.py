@@ -178,6 +178,12 @@ for _name, _base in (("decode", dict(n=128)), ("n512", dict(n=512)), ("n1024", d
 CASES["standard_cpw1"] = _case(CHUNKS_PER_WARP="1")
 CASES["decode_cpw3"] = _case(n=128, CHUNKS_PER_WARP="3")
 CASES["decode_cpw2"] = _case(n=128, CHUNKS_PER_WARP="2")  # the former default (runs 65-66)
+# Small N: fewer blocks (the skeleton, launch + count exchange + epilogue, is 22 us of decode's
+# ~67 in graphs, run 65), and PDL for the dispatch (runs 56-57: decode -2.5 / -3.4 us in graphs)
+for _sms in (8, 12, 16):
+    CASES[f"decode_sms{_sms}"] = _case(n=128, sms=_sms)
+for _name, _base in (("n512", dict(n=512)), ("n1024", dict(n=1024))):
+    CASES[_name + "_pdl"] = _case(**_base, PDL="1")
 # PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
 CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains
