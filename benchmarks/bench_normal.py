@@ -184,6 +184,17 @@ for _sms in (8, 12, 16):
     CASES[f"decode_sms{_sms}"] = _case(n=128, sms=_sms)
 for _name, _base in (("n512", dict(n=512)), ("n1024", dict(n=1024))):
     CASES[_name + "_pdl"] = _case(**_base, PDL="1")
+# The route scan's second pass in the static dispatch kernel (FUSED_A2A_CUDA_SCAN=fused, session
+# 13): the route_list kernel (~4.5 us, run 65) gone, the pass overlapping the count exchange
+for _name, _base in (
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+    ("decode", dict(n=128)),
+    ("n8192", dict(n=8192)),
+):
+    CASES[_name + "_fscan"] = _case(**_base, SCAN="fused")
+CASES["standard_fscan_pdl"] = _case(SCAN="fused", PDL="1")
+CASES["n8192"] = _case(n=8192)
 # PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
 CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains

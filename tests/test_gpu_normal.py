@@ -387,6 +387,9 @@ STATIC_CASES = {  # name: (N per rank, H, K, E, capacity, seed)
     "h64_k8_narrow_rows": ((300, 257, 1, 300), 64, 8, 64, 1200, 4),
     # above 1024 tokens the route scan runs in two passes over tiles of 512 tokens (3 here)
     "h256_k8_scan_tiles": ((1500, 1300, 1100, 1500), 256, 8, 64, 6000, 5),
+    # 25-26 tiles of 512 tokens, more than the "fused_scan" kernel's 24 blocks (a block then
+    # scans two tiles)
+    "h64_k8_many_tiles": ((13000, 12500, 12300, 13000), 64, 8, 64, 52000, 6),
 }
 
 
@@ -402,6 +405,8 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
     # dispatch / combine launched while the route scan before them runs (session 11)
     "pdl": {"FUSED_A2A_CUDA_PDL": "1"},
+    # the route scan's second pass in the static dispatch kernel (session 13)
+    "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
 }
 
 
@@ -418,7 +423,8 @@ def test_static_big_rows(rows, variant):
     copy the own rows, so the receiver warps deal only the remote sources' chunks; "recv_claim":
     the receivers claim their items from a counter (over the rounds); "recv_help": the sender
     warps claim receiver items too once their own are sent (one-round ops); "pdl": the dispatch
-    and combine kernels by programmatic dependent launch after the route scan."""
+    and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
+    the route scan's second pass in the dispatch kernel (FUSED_A2A_CUDA_SCAN=fused)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}

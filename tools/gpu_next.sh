@@ -12,6 +12,7 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
+#   PART=s14 (~5 min): the route scan's second pass in the dispatch kernel (SCAN=fused): tests, A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -130,6 +131,29 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d or sweep" >&2
+  s14)  # the route scan's second pass in the static dispatch kernel (FUSED_A2A_CUDA_SCAN=fused,
+    # compile-checked in session 13): GPU tests (static rows incl. 25-26 tiles over 24 blocks),
+    # the A/B at EP 4 / 2, the kernels of the 48-SM case
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="big_rows and (default or fused_scan)" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_sms48,standard_sms48_fscan,decode,decode_fscan,n8192,n8192_fscan} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48_fscan BENCH_CASES_EP2= \
+      timeout 60 bash tools/gpu_check.sh >/dev/null
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
+PY
+    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s14.tgz --remove-files $(ls | grep -v '^s14.tgz$'))
+    ;;
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s14" >&2
     exit 2 ;;
 esac

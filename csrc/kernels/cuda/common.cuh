@@ -25,6 +25,7 @@ struct LocalState {
   unsigned long long error_mask;  // ranks waited for when timing out
   unsigned int items_claimed;     // sender items claimed by the running op (next_item)
   unsigned int recv_claimed;      // dispatch receiver items claimed (FUSED_A2A_CUDA_RECV_ITEMS)
+  unsigned int scan_done;         // blocks past the route scan's second pass (SCAN=fused)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
@@ -48,6 +49,7 @@ constexpr size_t kExpertOffset = 12288;  // [2][kMaxExpertsNotify]
 constexpr int kMaxExpertsNotify = 2048;  // E limit of the count exchange (G * L ints per parity)
 constexpr size_t kFlagOffset = 32768;
 constexpr int kNumFlags = 4096;  // u64 chunk flags
+static_assert(sizeof(LocalState) <= kNotifyOffset, "control layout (local state)");
 static_assert(kMsgOffset + 4 * kMaxRanks * sizeof(MsgSlot) <= kExpertOffset, "control layout");
 static_assert(kExpertOffset + 2 * kMaxExpertsNotify * sizeof(int) <= kFlagOffset, "control");
 static_assert(kFlagOffset + kNumFlags * 8 <= 65536, "control layout");

@@ -25,6 +25,7 @@
 #include <mutex>
 
 #include "dispatch_roles.cuh"
+#include "dispatch_scan.cuh"
 #include "fused_a2a/errors.h"
 #include "kernels.h"
 #include "state.h"
@@ -41,8 +42,10 @@ using namespace dispatch_impl;
 // complete (FUSED_A2A_CUDA_CHUNK_END=lean, with the default copy unroll only). kRecvItems: the
 // receivers' items dealt (kRecvDealt), claimed, or claimed by the senders too once their items
 // are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
-// default kernel ~100 / 180 bytes of spills).
-template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt>
+// default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
+// (FUSED_A2A_CUDA_SCAN=fused, dispatch_scan.cuh; static dispatch with the layout notify).
+template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
+          bool kFusedScan = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -62,7 +65,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     sh.fail = aborted(ctx) ? 1 : 0;
     sh.last = 0;
   }
+  if constexpr (kFusedScan) {  // tokens per destination from the first pass's tile counts
+    for (int d = tid; d < G; d += blockDim.x) sh.sent[d] = tiles_count(p, d, p.scan_tiles);
+  }
   __syncthreads();
+  // Tokens routed to rank d (cum[d][N] of the route scan).
+  auto sent_to = [&](int d) {
+    if constexpr (kFusedScan) return sh.sent[d];
+    return p.cum[static_cast<size_t>(d) * (N + 1) + N];
+  };
   const unsigned long long seq = sh.seq;
   const int parity = static_cast<int>(seq & 1ull);
   const unsigned long long e0 = epoch_of(seq, 0);
@@ -74,7 +85,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
-          for (int i = 0; i < G; ++i) slot->count[i] = p.cum[static_cast<size_t>(i) * (N + 1) + N];
+          for (int i = 0; i < G; ++i) slot->count[i] = sent_to(i);
           slot->n_tokens = N;
           slot->warps2 = p.chunks_per_warp * gridDim.x * p.send_warps;
           slot->chunk = p.chunk;
@@ -83,6 +94,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
         }
+      }
+      // The send lists, while the peers' layouts travel (all blocks, then a grid-wide barrier).
+      if constexpr (kFusedScan) {
+        fused_scan_pass2(p);
+        if (!scan_barrier(ls, ctx)) sh.fail = 1;
       }
       for (int s = tid; s < G; s += blockDim.x) {
         LayoutSlot* slot = layout_slot(ctrl, parity, s);
@@ -100,7 +116,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
           NotifySlot* slot = notify_slot(p.peers[d], parity, r);
-          slot->count = p.cum[static_cast<size_t>(d) * (N + 1) + N];
+          slot->count = sent_to(d);
           slot->n_tokens = N;
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
@@ -141,7 +157,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         }
       }
       for (int d = tid; d < G; d += blockDim.x) {
-        const int sent = p.cum[static_cast<size_t>(d) * (N + 1) + N];
+        const int sent = sent_to(d);
         if (d == r) {
           sh.dqoff[d] = sh.poff[r];
           sh.dkept[d] = min(sh.kept[r], sent);
@@ -214,6 +230,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     ls->blocks_done = 0;
     ls->items_claimed = 0;  // every warp of this op is past its last claim
     ls->recv_claimed = 0;
+    ls->scan_done = 0;
     __threadfence();
     *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
   }
@@ -248,12 +265,14 @@ struct Prepared {
   const Scratch* scratch;
   int lpr, nsc;
   size_t row_bytes;
+  ScanTiles fused_scan{0, 0};  // tiles > 0: the data kernel runs the route scan's second pass
 };
 
 // after_notify (dispatch_data): the route scan of the dispatch_notify just before is reused when
-// it is still in the scratch (CudaState::notified).
+// it is still in the scratch (CudaState::notified). fuse_scan: only the route scan's first pass
+// is launched; the data kernel runs the second (FUSED_A2A_CUDA_SCAN=fused).
 Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list,
-                 bool after_notify) {
+                 bool after_notify, bool fuse_scan = false) {
   const int G = buffer.num_ranks();
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported (1..", kMaxRanks, ")");
   FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
@@ -281,9 +300,13 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
   const int* cum_before = pr.st->scratch.cum;
   pr.scratch =
       &ensure_scratch(*pr.st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, stream);
-  if (!reuse || pr.scratch->cum != cum_before)
+  if (fuse_scan) {
+    pr.fused_scan = launch_route_masks(a.topk_idx, idx64, static_cast<int>(a.num_tokens),
+                                       a.num_topk, a.num_experts, G, *pr.scratch, stream);
+  } else if (!reuse || pr.scratch->cum != cum_before) {
     launch_route_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk, a.num_experts,
                       G, *pr.scratch, want_list, stream);
+  }
   return pr;
 }
 
@@ -291,8 +314,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
-  const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData);
   const int G = buffer.num_ranks();
+  // FUSED_A2A_CUDA_SCAN=fused: the static dispatch with the layout notify and without the
+  // records kernel (which reads the send lists before the data kernel starts)
+  const bool fuse_scan = fused_scan_env() && static_mode && op == kOpDispatch && a.num_tokens > 0 &&
+                         G <= kLayoutMaxRanks && layout_notify_env() &&
+                         !records_env(a.x_scales != nullptr, a.num_tokens);
+  const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();
   p.num_ranks = G;
@@ -383,6 +411,14 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
+  if (pr.fused_scan.tiles > 0) {
+    p.scan_tiles = pr.fused_scan.tiles;
+    p.scan_per = pr.fused_scan.per;
+    p.masks = pr.scratch->masks;
+    p.tile_count = pr.scratch->tile_count;
+    p.send_list_out = pr.scratch->send_list;
+    p.cum_out = pr.scratch->cum;
+  }
   if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
     const size_t words = static_cast<size_t>(G) * p.num_tokens * p.meta_words;
     uint32_t* records = ensure_records(*pr.st, words, s);
@@ -398,11 +434,15 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
-  // The receivers' items (recv_items_env: dealt, claimed, or helped) pick a kernel instantiation.
+  // The receivers' items (recv_items_env: dealt, claimed, or helped) pick a kernel instantiation;
+  // with the fused scan only dealt or helped ones, 8 loads a lane, whole chunk ends.
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  auto kernel = help && u16          ? dispatch_kernel<16, false, kRecvHelp>
+  const bool fused = pr.fused_scan.tiles > 0;
+  auto kernel = fused && help        ? dispatch_kernel<8, false, kRecvHelp, true>
+                : fused              ? dispatch_kernel<8, false, kRecvDealt, true>
+                : help && u16        ? dispatch_kernel<16, false, kRecvHelp>
                 : help               ? dispatch_kernel<8, false, kRecvHelp>
                 : claim              ? dispatch_kernel<8, false, kRecvClaim>
                 : u16                ? dispatch_kernel<16>

@@ -73,6 +73,14 @@ struct DispatchParams {
   bool flag_fence_sc;
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
+  // FUSED_A2A_CUDA_SCAN=fused (kFusedScan kernels): route_mask_kernel ran the route scan's
+  // first pass and this kernel runs the second: scan_tiles tiles of scan_per x kScanThreads
+  // tokens, their masks and tokens per destination; it writes send_list_out and cum_out[d][N].
+  int scan_tiles, scan_per;
+  const unsigned long long* masks;
+  const int* tile_count;
+  int* send_list_out;
+  int* cum_out;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.
@@ -329,6 +337,7 @@ struct Shared {
   int lay_count[kLayoutMaxRanks][kLayoutMaxRanks];
   int lay_warps2[kLayoutMaxRanks], lay_chunk[kLayoutMaxRanks];
   long long lay_capacity[kLayoutMaxRanks], lay_window[kLayoutMaxRanks];
+  int sent[kMaxRanks];  // tokens routed to each rank (kFusedScan: from the tile counts)
   long long total;
   int kept_total, fail, last;
   unsigned long long seq;

@@ -10,8 +10,6 @@ namespace fa2a::cuda {
 
 namespace {
 
-constexpr int kScanThreads = 512;
-
 __global__ void layout_kernel(const void* topk_idx, bool idx64, int64_t num_tokens, int num_topk,
                               int num_experts, int num_ranks, int32_t* per_rank,
                               int32_t* per_expert, uint8_t* in_rank) {
@@ -112,6 +110,7 @@ __global__ void __launch_bounds__(kScanThreads)
                       int* tile_count, int* tile_ecount) {
   extern __shared__ int s_ecount[];  // num_experts
   __shared__ int s_count[kMaxRanks];
+  griddep_launch_dependents();  // FUSED_A2A_CUDA_SCAN=fused: the dispatch kernel runs pass 2
   const int tid = threadIdx.x, lane = tid & 31;
   for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
   for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
@@ -201,10 +200,6 @@ bool scan_in_one_block(int num_tokens) {
   return num_tokens <= kBlockScanMaxTokens;
 }
 
-struct ScanTiles {
-  int per;    // tokens per thread of a tile
-  int tiles;  // tiles (blocks of each pass), at most kMaxScanTiles
-};
 ScanTiles scan_tiles(int num_tokens) {
   const int cover = kScanThreads * kMaxScanTiles;  // tokens of kMaxScanTiles one-token tiles
   ScanTiles st;
@@ -223,6 +218,22 @@ int stream_device(cudaStream_t stream) {
   return device;
 }
 
+ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
+                             int num_experts, int num_ranks, const Scratch& scratch,
+                             cudaStream_t stream) {
+  const ScanTiles st = scan_tiles(num_tokens);
+  FA2A_CHECK(st.tiles <= kMaxScanTiles, "route scan: ", st.tiles, " tiles for ", num_tokens,
+             " tokens exceed ", kMaxScanTiles);
+  const size_t ecount_smem = sizeof(int) * static_cast<size_t>(num_experts);
+  FA2A_CHECK(ecount_smem <= 48 * 1024, "route scan: num_experts=", num_experts,
+             " exceeds the CUDA backend's limit of ", 48 * 1024 / sizeof(int));
+  route_mask_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
+      topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
+      scratch.tile_count, scratch.tile_ecount);
+  check_launch("route scan (masks)");
+  return st;
+}
+
 void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                        int num_experts, int num_ranks, const Scratch& scratch, bool want_list,
                        cudaStream_t stream) {
@@ -235,16 +246,8 @@ void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num
     check_launch("route scan");
     return;
   }
-  const ScanTiles st = scan_tiles(num_tokens);
-  FA2A_CHECK(st.tiles <= kMaxScanTiles, "route scan: ", st.tiles, " tiles for ", num_tokens,
-             " tokens exceed ", kMaxScanTiles);
-  const size_t ecount_smem = sizeof(int) * static_cast<size_t>(num_experts);
-  FA2A_CHECK(ecount_smem <= 48 * 1024, "route scan: num_experts=", num_experts,
-             " exceeds the CUDA backend's limit of ", 48 * 1024 / sizeof(int));
-  route_mask_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
-      topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
-      scratch.tile_count, scratch.tile_ecount);
-  check_launch("route scan (masks)");
+  const ScanTiles st = launch_route_masks(topk_idx, idx64, num_tokens, num_topk, num_experts,
+                                          num_ranks, scratch, stream);
   route_list_kernel<<<st.tiles, kScanThreads, 0, stream>>>(
       num_tokens, num_experts, num_ranks, st.per, scratch.masks, scratch.tile_count,
       scratch.tile_ecount, scratch.cum, list, scratch.ecount);

@@ -378,6 +378,8 @@ bool zero_while_waiting_env() { return !env_is("FUSED_A2A_CUDA_ZERO", "first"); 
 // Run 50 (4x H100, two A/Bs): static dispatch -0.4 / -1.8 us, FP8 -2.2 / -2.9, EP 2 -0.5.
 bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
+bool fused_scan_env() { return env_is("FUSED_A2A_CUDA_SCAN", "fused"); }
+
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // The dispatch / combine kernel is launched while the route scan before it runs. Runs 56-57

@@ -69,6 +69,7 @@ class DeviceGuard {
 //   scan's first pass (per token, the ranks it is routed to; per tile, tokens per rank and pairs
 //   per expert), read by its second pass
 constexpr int kMaxScanTiles = 64;
+constexpr int kScanThreads = 512;  // threads of a route-scan block; a tile is per x this tokens
 struct Scratch {
   int* cum = nullptr;
   int* send_list = nullptr;
@@ -189,6 +190,9 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
+// FUSED_A2A_CUDA_SCAN=fused: the static dispatch runs the route scan's second pass itself
+// (session 13, compile-checked; dispatch.cu)
+bool fused_scan_env();
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
