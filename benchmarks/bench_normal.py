@@ -194,6 +194,10 @@ for _name, _base in (
 ):
     CASES[_name + "_fscan"] = _case(**_base, SCAN="fused")
 CASES["standard_fscan_pdl"] = _case(SCAN="fused", PDL="1")
+# The dynamic dispatch's data kernel without its ready round trip: dispatch_notify publishes
+# every rank's layout (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13; the dynamic_dispatch row)
+for _name, _base in (("standard", {}), ("standard_sms48", dict(sms=48)), ("decode", dict(n=128))):
+    CASES[_name + "_laydyn"] = _case(**_base, LAYOUT="dynamic")
 CASES["n8192"] = _case(n=8192)
 # PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
 CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")

@@ -117,16 +117,20 @@ def test_host_counts_pinned_and_pageable_agree():
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
 
 
-def test_dynamic_dispatch_speculative_paths_gpu():
+@pytest.mark.parametrize("layout", ["default", "dynamic"])
+def test_dynamic_dispatch_speculative_paths_gpu(layout):
     """tests/test_torch_normal.py's speculative-path steps on GPUs: the data kernel queued
     behind the count exchange, outputs shrunk to num_recv rows, a redo when the group's largest
-    N grew; bitwise against the reference."""
+    N grew; bitwise against the reference. "dynamic": the exchange publishes every rank's
+    layout (with the speculative capacity, or none on the exact path), so the data kernel sends
+    no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic)."""
     import test_torch_normal as tn
 
     _need(3)
-    tn.check_speculative_steps(
-        run_ranks(tn._rank_speculative, 3, timeout=300, env={**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"})
-    )
+    env = {**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"}
+    if layout == "dynamic":
+        env["FUSED_A2A_CUDA_LAYOUT"] = "dynamic"
+    tn.check_speculative_steps(run_ranks(tn._rank_speculative, 3, timeout=300, env=env))
 
 
 def _rank_capture(rank, world):

@@ -104,6 +104,10 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_RECORDS": "1",
         "FUSED_A2A_CUDA_SCAN": "tiles",
     },
+    # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
+    # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
+    # combine's backward, with no notify before it, keeps the message
+    "layout_dynamic": {"FUSED_A2A_CUDA_LAYOUT": "dynamic"},
 }
 
 

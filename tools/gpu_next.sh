@@ -12,7 +12,8 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
-#   PART=s14 (~5 min): the route scan's second pass in the dispatch kernel (SCAN=fused): tests, A/B
+#   PART=s14 (~7 min): SCAN=fused (the route scan's second pass in the dispatch kernel) and
+#       LAYOUT=dynamic (no ready round trip after dispatch_notify): GPU tests, A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -131,15 +132,18 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s14)  # the route scan's second pass in the static dispatch kernel (FUSED_A2A_CUDA_SCAN=fused,
-    # compile-checked in session 13): GPU tests (static rows incl. 25-26 tiles over 24 blocks),
-    # the A/B at EP 4 / 2, the kernels of the 48-SM case
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="big_rows and (default or fused_scan)" \
+  s14)  # session 13's compile-checked paths: the route scan's second pass in the static dispatch
+    # kernel (FUSED_A2A_CUDA_SCAN=fused) and the dynamic data kernel without its ready round trip
+    # (FUSED_A2A_CUDA_LAYOUT=dynamic): GPU tests (static rows incl. 25-26 tiles over 24 blocks;
+    # the torch suites and the speculative steps with the dynamic layout), the A/B at EP 4 / 2,
+    # the kernels of the 48-SM case
+    STEPS=build,test STEP_TIMEOUT_TEST=300 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
+      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_sms48,standard_sms48_fscan,decode,decode_fscan,n8192,n8192_fscan} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan,standard_sms48_laydyn} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48_fscan BENCH_CASES_EP2= \

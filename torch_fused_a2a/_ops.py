@@ -217,6 +217,9 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
         if capacity:
             ticket = next(_tickets) % 0x7FFFFFFF + 1
             args.host_ticket, args.zero_padding = ticket, False
+            # the data kernel's capacity, published by the exchange with
+            # FUSED_A2A_CUDA_LAYOUT=dynamic (0: the exact size, nothing dropped)
+            args.next_capacity = capacity
         core.dispatch_notify(group_id, rank, stream, args)
         if not ticket:
             capacity, _, counts_host = _read_host_counts(head, group_id, seen, num_local)

@@ -61,6 +61,7 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(DispatchArgs, group_max_tokens, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, host_counts, int32_t)
       .def_readwrite("host_ticket", &DispatchArgs::host_ticket)
+      .def_readwrite("next_capacity", &DispatchArgs::next_capacity)
       .def_readwrite("zero_padding", &DispatchArgs::zero_padding)
       .def_readwrite("num_sms", &DispatchArgs::num_sms)
       .def_readwrite("call_tag", &DispatchArgs::call_tag);

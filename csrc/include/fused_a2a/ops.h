@@ -75,6 +75,9 @@ struct DispatchArgs {
   // call returns once the exchange is launched, without waiting: the caller may launch
   // dispatch_data (with a capacity no source can overflow) and then dispatch_notify_wait.
   int32_t host_ticket = 0;
+  // dispatch_notify on CUDA with FUSED_A2A_CUDA_LAYOUT=dynamic: the capacity of the
+  // dispatch_data that follows, published to every rank (0: its exact size, nothing dropped).
+  int64_t next_capacity = 0;
   // dispatch_data: false lets the backend leave rows >= num_recv unwritten (the caller drops
   // them; the CUDA kernel skips them, the CPU backend still zeroes them).
   bool zero_padding = true;

@@ -81,6 +81,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 1. True counts per source: exchanged here (static) or from the notify / the handle. With
     // the layout notify, every rank's count row and receive parameters go to every rank.
     const bool lay = p.static_mode && p.layout_notify;
+    // dispatch_data after a dispatch_notify that published every rank's layout (the op just
+    // before on this buffer, so its parity and epoch; FUSED_A2A_CUDA_LAYOUT=dynamic)
+    const bool lay_dyn = !p.static_mode && p.layout_from_notify;
+    auto read_layouts = [&](int slot_parity, unsigned long long epoch) {
+      for (int s = tid; s < G; s += blockDim.x) {
+        LayoutSlot* slot = layout_slot(ctrl, slot_parity, s);
+        if (!wait_flag(&slot->flag, epoch, ctx, kPhaseNotify, s)) sh.fail = 1;
+        const volatile LayoutSlot* v = slot;
+        for (int i = 0; i < G; ++i) sh.lay_count[s][i] = v->count[i];
+        sh.true_cnt[s] = sh.lay_count[s][r];
+        sh.ntok[s] = v->n_tokens;
+        sh.lay_warps2[s] = v->warps2;
+        sh.lay_chunk[s] = v->chunk;
+        sh.lay_capacity[s] = v->capacity;
+        sh.lay_window[s] = v->window;
+      }
+    };
     if (lay) {
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
@@ -100,18 +117,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         fused_scan_pass2(p);
         if (!scan_barrier(ls, ctx)) sh.fail = 1;
       }
-      for (int s = tid; s < G; s += blockDim.x) {
-        LayoutSlot* slot = layout_slot(ctrl, parity, s);
-        if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) sh.fail = 1;
-        const volatile LayoutSlot* v = slot;
-        for (int i = 0; i < G; ++i) sh.lay_count[s][i] = v->count[i];
-        sh.true_cnt[s] = sh.lay_count[s][r];
-        sh.ntok[s] = v->n_tokens;
-        sh.lay_warps2[s] = v->warps2;
-        sh.lay_chunk[s] = v->chunk;
-        sh.lay_capacity[s] = v->capacity;
-        sh.lay_window[s] = v->window;
-      }
+      read_layouts(parity, e0);
+    } else if (lay_dyn) {
+      read_layouts(parity ^ 1, epoch_of(seq - 1, 0));
     } else if (p.static_mode) {
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
@@ -145,7 +153,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 2. Ready: tell every source where its rows go; learn where ours go. With the layout
     // notify, every destination's placement of our rows is computed here (sender_view) instead.
     if (!sh.fail) {
-      if (!lay && blockIdx.x == 0) {
+      if (!lay && !lay_dyn && blockIdx.x == 0) {
         for (int s = tid; s < G; s += blockDim.x) {
           if (s == r) continue;
           MsgSlot* m = msg_slot(p.peers[s], kMsgDispatch, parity, r);
@@ -164,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           sh.dcr[d] = sh.cr_recv;
           continue;
         }
-        if (lay) {
+        if (lay || lay_dyn) {
           int col[kLayoutMaxRanks];
           for (int s = 0; s < G; ++s) col[s] = sh.lay_count[s][d];
           const SenderView v = sender_view(col, G, r, d, sh.lay_capacity[d], sh.lay_warps2[d],
@@ -260,12 +268,42 @@ __global__ void __launch_bounds__(kRecordThreads)
   }
 }
 
+}  // namespace
+
+DispatchGeometry dispatch_geometry(const CudaState& st, const Buffer& buffer,
+                                   const DispatchArgs& a) {
+  const bool fp8 = a.x_scales != nullptr;
+  const int nsc = fp8 ? static_cast<int>(a.hidden / kFp8BlockSize) : 0;
+  const size_t row_bytes = static_cast<size_t>(a.hidden) * (fp8 ? 1 : dtype_size(a.x_dtype));
+  const int meta_words = (1 + 2 * a.num_topk + nsc + 3) & ~3;
+  const size_t slot_bytes = row_bytes + 4 * static_cast<size_t>(meta_words);
+  const long long R = static_cast<long long>(buffer.data_bytes() / slot_bytes);
+  FA2A_CHECK(buffer.num_ranks() == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
+             " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
+  // The window is capped so that one flag covers at most kMaxFlagRows rows: the metadata
+  // staging of every sender warp is sized for max(chunk, rows a flag covers), in shared memory.
+  // Uncapped, narrow rows in a buffer sized for wide ones made windows of millions of rows (run
+  // 63: the whole bench's 224-byte check rows in a buffer of 8192 rows of 14 KB needed 259 KB of
+  // shared memory). 32 rows a flag: 129,024 rows a round, more than any rank receives in one
+  // round of a buffer sized for 14 KB rows at EP <= 8.
+  constexpr long long kMaxFlagRows = 32;
+  DispatchGeometry g;
+  g.window = std::max(std::min(R, kMaxFlagRows * (kNumFlags - kMaxRanks)), 1ll);
+  g.max_chunk = std::max(1, std::min(64, chunk_rows_env()));
+  g.warps2 = chunks_per_warp_env() * comm_blocks(st, a.num_sms) * send_warps_env();
+  return g;
+}
+
+namespace {
+
 struct Prepared {
   CudaState* st;
   const Scratch* scratch;
   int lpr, nsc;
   size_t row_bytes;
-  ScanTiles fused_scan{0, 0};  // tiles > 0: the data kernel runs the route scan's second pass
+  ScanTiles fused_scan{0, 0};     // tiles > 0: the data kernel runs the route scan's second pass
+  bool notified_layouts = false;  // the op just before was the dispatch_notify for these args,
+                                  // and it published every rank's layout
 };
 
 // after_notify (dispatch_data): the route scan of the dispatch_notify just before is reused when
@@ -292,10 +330,12 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
   check_aligned(a.recv_x, "recv_x");
   const bool idx64 = a.idx_dtype == DType::kI64;
   const CudaState::NotifiedScan ns = pr.st->notified;
-  const bool reuse = after_notify && want_list && !env_is("FUSED_A2A_CUDA_RESCAN", "1") &&
-                     ns.gen == pr.st->scratch_gen && ns.topk_idx == a.topk_idx &&
-                     ns.num_tokens == a.num_tokens && ns.num_topk == a.num_topk &&
-                     ns.num_experts == a.num_experts && ns.idx64 == idx64;
+  // The notify for these args ran just before (every op bumps scratch_gen in ensure_scratch).
+  const bool adjacent = after_notify && ns.gen == pr.st->scratch_gen && ns.topk_idx == a.topk_idx &&
+                        ns.num_tokens == a.num_tokens && ns.num_topk == a.num_topk &&
+                        ns.num_experts == a.num_experts && ns.idx64 == idx64;
+  pr.notified_layouts = adjacent && ns.layouts;
+  const bool reuse = adjacent && want_list && !env_is("FUSED_A2A_CUDA_RESCAN", "1");
   pr.st->notified.topk_idx = nullptr;  // one use
   const int* cum_before = pr.st->scratch.cum;
   pr.scratch =
@@ -359,19 +399,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.peers = reinterpret_cast<uint8_t* const*>(buffer.peer_table());
   p.host_error = pr.st->host_error;
   p.timeout_ns = timeout_ns();
-  const size_t slot_bytes = pr.row_bytes + 4 * static_cast<size_t>(p.meta_words);
-  const long long R = static_cast<long long>(buffer.data_bytes() / slot_bytes);
-  FA2A_CHECK(G == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
-             " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
-  // The window is capped so that one flag covers at most kMaxFlagRows rows: the metadata
-  // staging of every sender warp is sized for max(chunk, rows a flag covers), in shared memory.
-  // Uncapped, narrow rows in a buffer sized for wide ones made windows of millions of rows (run
-  // 63: the whole bench's 224-byte check rows in a buffer of 8192 rows of 14 KB needed 259 KB of
-  // shared memory). 32 rows a flag: 129,024 rows a round, more than any rank receives in one
-  // round of a buffer sized for 14 KB rows at EP <= 8.
-  constexpr long long kMaxFlagRows = 32;
-  p.window = std::max(std::min(R, kMaxFlagRows * (kNumFlags - kMaxRanks)), 1ll);
-  const int max_chunk = std::max(1, std::min(64, chunk_rows_env()));
+  const DispatchGeometry geo = dispatch_geometry(*pr.st, buffer, a);
+  p.window = geo.window;
+  const int max_chunk = geo.max_chunk;
   const long long flag_rows = (p.window + kNumFlags - kMaxRanks - 1) / (kNumFlags - kMaxRanks);
   p.staging_rows = static_cast<int>(std::max<long long>(max_chunk, flag_rows));
   LaunchConfig cfg =
@@ -402,6 +432,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
+  p.layout_from_notify = !static_mode && op == kOpDispatchData && pr.notified_layouts;
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;

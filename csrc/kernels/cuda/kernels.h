@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "fused_a2a/ops.h"
 #include "state.h"
 
 namespace fa2a::cuda {
@@ -22,6 +23,17 @@ struct ScanTiles {
 ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                              int num_experts, int num_ranks, const Scratch& scratch,
                              cudaStream_t stream);
+
+// The dispatch data kernel's receive geometry for `a` on this buffer: its window (rows a round),
+// largest chunk, and warps2 = chunks a sender warp x its blocks x sender warps (chunk rows ~
+// rows / warps2). dispatch_notify publishes it with FUSED_A2A_CUDA_LAYOUT=dynamic.
+struct DispatchGeometry {
+  long long window;
+  int max_chunk;
+  int warps2;
+};
+DispatchGeometry dispatch_geometry(const CudaState& st, const Buffer& buffer,
+                                   const DispatchArgs& a);
 
 // The device a stream belongs to (the current device for the legacy default stream).
 int stream_device(cudaStream_t stream);

@@ -16,13 +16,23 @@ namespace fa2a::cuda {
 
 namespace {
 
+// What dispatch_notify publishes besides the counts with FUSED_A2A_CUDA_LAYOUT=dynamic: this
+// rank's receive parameters for the dispatch_data that follows (LayoutSlot), so that its senders
+// place their rows at every receiver without a ready message.
+struct LayoutPublish {
+  bool on;
+  int warps2, chunk;
+  long long capacity, window;
+};
+
 // dispatch_notify: one block exchanges the counts and per-expert counts and writes the true
 // recv_src_counts, tokens_per_expert, num_recv, group_max_tokens.
 __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, int lpr, int N,
                               const int* cum, const int* ecount, int* recv_src_counts,
                               int* tokens_per_expert, int* num_recv, int* num_dropped,
                               int* group_max, int* host_counts, int host_ticket,
-                              HostError* host_error, unsigned long long timeout_ns) {
+                              HostError* host_error, unsigned long long timeout_ns,
+                              LayoutPublish publish) {
   __shared__ int s_cnt[kMaxRanks], s_ntok[kMaxRanks];
   __shared__ unsigned long long s_seq;
   __shared__ int s_fail;
@@ -46,11 +56,22 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     NotifySlot* slot = notify_slot(peers[d], parity, r);
     slot->count = cum[static_cast<size_t>(d) * (N + 1) + N];
     slot->n_tokens = N;
+    if (publish.on) {  // read by the next op (dispatch_data) at this op's parity and epoch
+      LayoutSlot* lay = layout_slot(peers[d], parity, r);
+      for (int i = 0; i < G; ++i) lay->count[i] = cum[static_cast<size_t>(i) * (N + 1) + N];
+      lay->n_tokens = N;
+      lay->warps2 = publish.warps2;
+      lay->chunk = publish.chunk;
+      lay->capacity = publish.capacity;
+      lay->window = publish.window;
+    }
   }
   __threadfence_system();
   __syncthreads();
-  for (int d = tid; d < G; d += blockDim.x)
+  for (int d = tid; d < G; d += blockDim.x) {
+    if (publish.on) st_release_sys(&layout_slot(peers[d], parity, r)->flag, e0);
     st_release_sys(&notify_slot(peers[d], parity, r)->flag, e0);
+  }
   for (int s = tid; s < G; s += blockDim.x) {
     NotifySlot* slot = notify_slot(ctrl, parity, s);
     if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) s_fail = 1;
@@ -129,14 +150,25 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
   st.notified.topk_idx = nullptr;
   launch_route_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk, a.num_experts, G,
                     scratch, true, s);
+  // FUSED_A2A_CUDA_LAYOUT=dynamic: the receive parameters of the dispatch_data to follow (its
+  // capacity: next_capacity, or none where it has num_recv rows, so that nothing is dropped)
+  LayoutPublish publish{layout_dynamic_env() && G <= kLayoutMaxRanks, 0, 0, 0, 0};
+  if (publish.on) {
+    const DispatchGeometry geo = dispatch_geometry(st, buffer, a);
+    publish.warps2 = geo.warps2;
+    publish.chunk = geo.max_chunk;
+    publish.window = geo.window;
+    publish.capacity = a.next_capacity > 0 ? a.next_capacity : (1ll << 40);
+  }
   notify_kernel<<<1, 256, 0, s>>>(
       reinterpret_cast<uint8_t* const*>(buffer.peer_table()), buffer.rank(), G, lpr,
       static_cast<int>(a.num_tokens), scratch.cum, scratch.ecount, a.recv_src_counts,
       a.tokens_per_expert, a.num_recv, a.num_dropped, a.group_max_tokens, counts_out,
-      no_wait ? a.host_ticket : 0, st.host_error, timeout_ns());
+      no_wait ? a.host_ticket : 0, st.host_error, timeout_ns(), publish);
   check_launch("dispatch_notify");
   if (!no_wait) sync_and_check(st, buffer, s, "dispatch_notify");
-  st.notified = {a.topk_idx, a.num_tokens, a.num_topk, a.num_experts, idx64, st.scratch_gen};
+  st.notified = {a.topk_idx, a.num_tokens,   a.num_topk, a.num_experts,
+                 idx64,      st.scratch_gen, publish.on};
   if (a.host_counts && !direct) {
     FA2A_CUDA_CHECK(
         cudaMemcpy(a.host_counts, scratch.counts_stage,

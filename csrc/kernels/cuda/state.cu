@@ -272,12 +272,15 @@ int comm_blocks(const CudaState& st, int num_sms) {
   return std::max(1, std::min(sms, st.sm_count > 0 ? st.sm_count : sms));
 }
 
+int send_warps_env() {
+  return std::max(1, std::min(kMaxThreads / 32 - 1, env_int("FUSED_A2A_CUDA_SEND_WARPS", 4)));
+}
+
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp) {
   LaunchConfig c;
   c.blocks = comm_blocks(st, num_sms);
-  c.send_warps =
-      std::max(1, std::min(kMaxThreads / 32 - 1, env_int("FUSED_A2A_CUDA_SEND_WARPS", 4)));
+  c.send_warps = send_warps_env();
   c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", 12));
   c.recv_warps = std::min(c.recv_warps, kMaxThreads / 32 - c.send_warps);
   c.tma = !env_is("FUSED_A2A_CUDA_COPY", "simt");
@@ -377,6 +380,8 @@ bool zero_while_waiting_env() { return !env_is("FUSED_A2A_CUDA_ZERO", "first"); 
 
 // Run 50 (4x H100, two A/Bs): static dispatch -0.4 / -1.8 us, FP8 -2.2 / -2.9, EP 2 -0.5.
 bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
+
+bool layout_dynamic_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "dynamic"); }
 
 bool fused_scan_env() { return env_is("FUSED_A2A_CUDA_SCAN", "fused"); }
 

@@ -123,6 +123,7 @@ struct CudaState {
     int num_topk = 0, num_experts = 0;
     bool idx64 = false;
     uint64_t gen = 0;
+    bool layouts = false;  // it published every rank's layout (FUSED_A2A_CUDA_LAYOUT=dynamic)
   } notified;
   ~CudaState();
 };
@@ -162,6 +163,7 @@ struct LaunchConfig {
 // Blocks of a communication kernel: num_sms (0: 24; FUSED_A2A_CUDA_BLOCKS overrides), at most
 // the device's SMs.
 int comm_blocks(const CudaState& st, int num_sms);
+int send_warps_env();  // FUSED_A2A_CUDA_SEND_WARPS (4), at most kMaxThreads / 32 - 1
 // Shared memory besides the copy stages: fixed bytes, and bytes per sender / receiver warp.
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp);
@@ -193,6 +195,9 @@ bool layout_notify_env();
 // FUSED_A2A_CUDA_SCAN=fused: the static dispatch runs the route scan's second pass itself
 // (session 13, compile-checked; dispatch.cu)
 bool fused_scan_env();
+// FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
+// dispatch_data right after it skips its ready round trip (session 13, compile-checked)
+bool layout_dynamic_env();
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
