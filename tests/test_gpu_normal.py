@@ -409,7 +409,7 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
     # dispatch / combine launched while the route scan before them runs (session 11)
     "pdl": {"FUSED_A2A_CUDA_PDL": "1"},
-    # the route scan's second pass in the static dispatch kernel (session 13)
+    # the route scan's second pass in the static dispatch and the combine kernels (session 13)
     "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
 }
 
@@ -428,7 +428,7 @@ def test_static_big_rows(rows, variant):
     the receivers claim their items from a counter (over the rounds); "recv_help": the sender
     warps claim receiver items too once their own are sent (one-round ops); "pdl": the dispatch
     and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
-    the route scan's second pass in the dispatch kernel (FUSED_A2A_CUDA_SCAN=fused)."""
+    the route scan's second pass in the dispatch and combine kernels (FUSED_A2A_CUDA_SCAN=fused)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -667,6 +667,10 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "2"}),
     (8, 64, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "2", **OWN_ROWS["senders"]}),
     (16, 8, {"FUSED_A2A_CUDA_CHUNKS_PER_WARP": "3"}),
+    # The route scan's second pass in the combine kernel (the Megatron dispatch here is the
+    # dynamic one, which keeps its scan kernels; session 13)
+    (24, 8, {"FUSED_A2A_CUDA_SCAN": "fused"}),
+    (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused"}),
 )
 
 

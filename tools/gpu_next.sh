@@ -133,13 +133,13 @@ case "${PART:-tests}" in
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
   s14)  # session 13's compile-checked paths: the route scan's second pass in the static dispatch
-    # kernel (FUSED_A2A_CUDA_SCAN=fused) and the dynamic data kernel without its ready round trip
+    # and combine kernels (FUSED_A2A_CUDA_SCAN=fused) and the dynamic data kernel without its ready round trip
     # (FUSED_A2A_CUDA_LAYOUT=dynamic): GPU tests (static rows incl. 25-26 tiles over 24 blocks;
     # the torch suites and the speculative steps with the dynamic layout), the A/B at EP 4 / 2,
     # the kernels of the 48-SM case
     STEPS=build,test STEP_TIMEOUT_TEST=300 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative" \
+      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \

@@ -49,6 +49,9 @@ struct CombineParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
+  // FUSED_A2A_CUDA_SCAN=fused (kFusedScan kernels): route_mask_kernel ran the route scan's first
+  // pass and this kernel runs the second (every cum[d][t]).
+  ScanPass2 scan2;
 };
 
 struct Shared {
@@ -375,7 +378,8 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
   }
 }
 
-template <typename T>
+// kFusedScan: the route scan's second pass runs here (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh).
+template <typename T, bool kFusedScan = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -423,6 +427,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
         st_release_sys(&m->epoch, e0);
       }
     }
+    // cum, while the peers' messages travel (all blocks, then a grid-wide barrier)
+    if constexpr (kFusedScan) {
+      scan_pass2(p.scan2, N, G);
+      if (!scan_barrier(ls, ctx)) sh.fail = 1;
+    }
     for (int rho = tid; rho < G; rho += blockDim.x) {
       const int routed = p.cum[static_cast<size_t>(rho) * (N + 1) + N];
       if (rho == r) {
@@ -456,6 +465,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     ls->round_done = 0;
     ls->blocks_done = 0;
     ls->items_claimed = 0;  // every warp of this op is past its last claim
+    ls->scan_done = 0;
     __threadfence();
     *reinterpret_cast<volatile unsigned long long*>(&ls->seq) = seq + 1;
   }
@@ -481,8 +491,19 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   check_aligned(a.out, "out");
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
-  launch_route_scan(a.topk_idx, a.idx_dtype == DType::kI64, static_cast<int>(a.num_tokens),
-                    a.num_topk, a.num_experts, G, scratch, false, s);
+  // FUSED_A2A_CUDA_SCAN=fused: only the scan's first pass here, the kernel runs the second
+  const bool fused = fused_scan_env() && a.num_tokens > 0;
+  const bool idx64 = a.idx_dtype == DType::kI64;
+  const int num_tokens = static_cast<int>(a.num_tokens);
+  ScanPass2 scan2;
+  if (fused) {
+    const ScanTiles tiles =
+        launch_route_masks(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, s);
+    scan2 = fused_scan_pass2(tiles, scratch, /*list=*/false, /*cum=*/true);
+  } else {
+    launch_route_scan(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, false,
+                      s);
+  }
   CombineParams p{};
   p.rank = buffer.rank();
   p.num_ranks = G;
@@ -527,6 +548,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.loads_ahead = cfg.loads_ahead;
+  p.scan2 = scan2;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   auto launch = [&](auto kernel) {
@@ -538,13 +560,13 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   };
   switch (a.y_dtype) {
     case DType::kBF16:
-      launch(combine_kernel<__nv_bfloat16>);
+      fused ? launch(combine_kernel<__nv_bfloat16, true>) : launch(combine_kernel<__nv_bfloat16>);
       break;
     case DType::kF16:
-      launch(combine_kernel<__half>);
+      fused ? launch(combine_kernel<__half, true>) : launch(combine_kernel<__half>);
       break;
     default:
-      launch(combine_kernel<float>);
+      fused ? launch(combine_kernel<float, true>) : launch(combine_kernel<float>);
       break;
   }
   check_launch("combine");

@@ -25,7 +25,6 @@
 #include <mutex>
 
 #include "dispatch_roles.cuh"
-#include "dispatch_scan.cuh"
 #include "fused_a2a/errors.h"
 #include "kernels.h"
 #include "state.h"
@@ -43,7 +42,7 @@ using namespace dispatch_impl;
 // receivers' items dealt (kRecvDealt), claimed, or claimed by the senders too once their items
 // are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
 // default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
-// (FUSED_A2A_CUDA_SCAN=fused, dispatch_scan.cuh; static dispatch with the layout notify).
+// (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh; static dispatch with the layout notify).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
           bool kFusedScan = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
@@ -66,7 +65,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     sh.last = 0;
   }
   if constexpr (kFusedScan) {  // tokens per destination from the first pass's tile counts
-    for (int d = tid; d < G; d += blockDim.x) sh.sent[d] = tiles_count(p, d, p.scan_tiles);
+    for (int d = tid; d < G; d += blockDim.x) sh.sent[d] = tiles_count(p.scan2, d, p.scan2.tiles);
   }
   __syncthreads();
   // Tokens routed to rank d (cum[d][N] of the route scan).
@@ -114,7 +113,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       }
       // The send lists, while the peers' layouts travel (all blocks, then a grid-wide barrier).
       if constexpr (kFusedScan) {
-        fused_scan_pass2(p);
+        scan_pass2(p.scan2, N, G);
         if (!scan_barrier(ls, ctx)) sh.fail = 1;
       }
       read_layouts(parity, e0);
@@ -442,14 +441,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
-  if (pr.fused_scan.tiles > 0) {
-    p.scan_tiles = pr.fused_scan.tiles;
-    p.scan_per = pr.fused_scan.per;
-    p.masks = pr.scratch->masks;
-    p.tile_count = pr.scratch->tile_count;
-    p.send_list_out = pr.scratch->send_list;
-    p.cum_out = pr.scratch->cum;
-  }
+  if (pr.fused_scan.tiles > 0)
+    p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
   if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
     const size_t words = static_cast<size_t>(G) * p.num_tokens * p.meta_words;
     uint32_t* records = ensure_records(*pr.st, words, s);

@@ -3,6 +3,7 @@
 // destination) stream, the per-warp trace and the item enumeration. Protocol: dispatch.cu.
 #pragma once
 
+#include "scan_pass2.cuh"
 #include "state.h"
 
 namespace fa2a::cuda::dispatch_impl {
@@ -77,13 +78,8 @@ struct DispatchParams {
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
   // FUSED_A2A_CUDA_SCAN=fused (kFusedScan kernels): route_mask_kernel ran the route scan's
-  // first pass and this kernel runs the second: scan_tiles tiles of scan_per x kScanThreads
-  // tokens, their masks and tokens per destination; it writes send_list_out and cum_out[d][N].
-  int scan_tiles, scan_per;
-  const unsigned long long* masks;
-  const int* tile_count;
-  int* send_list_out;
-  int* cum_out;
+  // first pass and this kernel runs the second (the send lists and cum[d][N]).
+  ScanPass2 scan2;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.

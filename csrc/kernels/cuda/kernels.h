@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "fused_a2a/ops.h"
+#include "scan_pass2.cuh"
 #include "state.h"
 
 namespace fa2a::cuda {
@@ -23,6 +24,20 @@ struct ScanTiles {
 ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                              int num_experts, int num_ranks, const Scratch& scratch,
                              cudaStream_t stream);
+// The second pass's arguments for a kernel that runs it after launch_route_masks: the send
+// lists (list) and / or every cum[d][t] (cum); cum[d][N] always.
+inline ScanPass2 fused_scan_pass2(const ScanTiles& st, const Scratch& scratch, bool list,
+                                  bool cum) {
+  ScanPass2 a;
+  a.tiles = st.tiles;
+  a.per = st.per;
+  a.masks = scratch.masks;
+  a.tile_count = scratch.tile_count;
+  a.cum = scratch.cum;
+  a.send_list = list ? scratch.send_list : nullptr;
+  a.write_cum = cum;
+  return a;
+}
 
 // The dispatch data kernel's receive geometry for `a` on this buffer: its window (rows a round),
 // largest chunk, and warps2 = chunks a sender warp x its blocks x sender warps (chunk rows ~

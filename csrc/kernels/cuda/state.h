@@ -192,8 +192,8 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
-// FUSED_A2A_CUDA_SCAN=fused: the static dispatch runs the route scan's second pass itself
-// (session 13, compile-checked; dispatch.cu)
+// FUSED_A2A_CUDA_SCAN=fused: the static dispatch and the combine kernels run the route scan's
+// second pass themselves (session 13, compile-checked; scan_pass2.cuh)
 bool fused_scan_env();
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
 // dispatch_data right after it skips its ready round trip (session 13, compile-checked)

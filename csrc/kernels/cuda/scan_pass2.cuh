@@ -1,0 +1,116 @@
+// The route scan's second pass inside the dispatch / combine kernel (FUSED_A2A_CUDA_SCAN=fused,
+// session 13, compile-checked): route_mask_kernel (layout.cu) ran the first pass, so the kernel
+// launch that ran the second (route_list_kernel, ~4.5 us at N = 4096, runs 51-66) is gone, and
+// the handshake's round trip at the kernel's start overlaps this pass (the counts per
+// destination come from the first pass's tile counts).
+#pragma once
+
+#include "common.cuh"
+#include "state.h"
+
+namespace fa2a::cuda {
+
+// What the second pass reads and writes. tiles > 0 only when the kernel runs it.
+struct ScanPass2 {
+  int tiles = 0, per = 0;  // tiles of per x kScanThreads tokens (route_mask_kernel's grid)
+  const unsigned long long* masks = nullptr;  // [N]: bit d = routed to rank d
+  const int* tile_count = nullptr;            // [tiles][kMaxRanks]: tokens per rank
+  int* cum = nullptr;        // [G][N + 1]: cum[d][N] always, cum[d][t] with write_cum
+  int* send_list = nullptr;  // [G][N] or null
+  bool write_cum = false;
+};
+
+// Exclusive prefix sum of v over the block (any multiple of 32 threads, at most 1024), in thread
+// order; *total = the block's sum. s_warp: 33 ints of shared memory. Ends with a barrier, so
+// s_warp may be reused by the next call.
+__device__ inline int block_exclusive_sum(int v, int* s_warp, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int incl = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < warps ? s_warp[lane] : 0;
+    int run = w;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, run, o);
+      if (lane >= o) run += y;
+    }
+    if (lane < warps) s_warp[lane] = run - w;  // warps before this one
+    if (lane == 31) s_warp[32] = run;
+  }
+  __syncthreads();
+  const int before = s_warp[warp] + incl - v;
+  *total = s_warp[32];
+  __syncthreads();
+  return before;
+}
+
+// Tokens of tiles [0, tiles) routed to rank d (the first pass's tile counts).
+__device__ __forceinline__ int tiles_count(const ScanPass2& a, int d, int tiles) {
+  int n = 0;
+  for (int j = 0; j < tiles; ++j) n += a.tile_count[j * kMaxRanks + d];
+  return n;
+}
+
+// The second pass over this block's tiles (b, b + grid, ...), as route_list_kernel writes it:
+// every destination's send list in token order, cum[d][t] (write_cum), cum[d][N] (last tile).
+__device__ inline void scan_pass2(const ScanPass2& a, int num_tokens, int num_ranks) {
+  __shared__ int s_warp[33];
+  __shared__ int s_base[kMaxRanks];
+  const int G = num_ranks, N = num_tokens, tid = threadIdx.x;
+  const int tile_tokens = kScanThreads * a.per;
+  for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
+    for (int d = tid; d < G; d += blockDim.x) s_base[d] = tiles_count(a, d, tile);
+    __syncthreads();
+    const int t0 = tile * tile_tokens, t1 = min(N, t0 + tile_tokens);
+    for (int d = 0; d < G; ++d) {
+      int* cum = a.cum + static_cast<size_t>(d) * (N + 1);
+      int* list = a.send_list ? a.send_list + static_cast<size_t>(d) * N : nullptr;
+      int base = s_base[d];
+      for (int r0 = t0; r0 < t1; r0 += blockDim.x) {  // block-uniform trip count
+        const int t = r0 + tid;
+        const int routed = t < t1 ? static_cast<int>((a.masks[t] >> d) & 1ull) : 0;
+        int total = 0;
+        const int before = block_exclusive_sum(routed, s_warp, &total);
+        if (t < t1 && a.write_cum) cum[t] = base + before;
+        if (routed && list) list[base + before] = t;
+        base += total;
+      }
+      if (t1 == N && tid == 0) cum[N] = base;
+    }
+    __syncthreads();  // s_base is rewritten for the next tile
+  }
+}
+
+// Every block past the second pass before any reads its results: a bounded grid-wide wait on a
+// counter in this rank's control region (the blocks of a communication kernel are co-resident),
+// reset by the op's last block. Every block arrives, also after a failure, so none waits in vain.
+// The dispatch senders read the lists with non-coherent loads (__ldg): none reads a list line
+// before this barrier, so no stale line can be in an SM's cache.
+__device__ inline bool scan_barrier(LocalState* ls, const WaitCtx& ctx) {
+  __shared__ int s_ok;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&ls->scan_done, 1u);
+    s_ok = 1;
+    const unsigned long long start = globaltimer();
+    while (*reinterpret_cast<volatile unsigned*>(&ls->scan_done) < gridDim.x) {
+      __nanosleep(64);
+      if (aborted(ctx) || globaltimer() - start > ctx.timeout_ns) {
+        if (!aborted(ctx)) report_timeout(ctx, kPhaseRound, ctx.rank);
+        s_ok = 0;
+        break;
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
+}  // namespace fa2a::cuda
