@@ -4,7 +4,9 @@
 // parameters; it must match what d computes for its ready message (place_sources, window_qoff,
 // window_chunk_rows, as dispatch.cu's kernel does) and an independent row-by-row placement:
 // rows arrive in source order, the first `capacity` are kept, and d's own rows (which bypass the
-// window) take no window slot.
+// window) take no window slot. FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify publishes no
+// capacity (1 << 40) when the data kernel's is the exact row count, so with capacity >= the rows
+// the view must not change.
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -59,6 +61,14 @@ int main() {
             " reference (q %lld, kept %lld)\n",
             G, d, r, capacity, v.qoff, v.kept, v.cr, qoff, kept[r], cr, first_q[r], kept_ref[r]);
         return 1;
+      }
+      if (capacity >= sum) {  // the dynamic layout's exact path: no capacity published
+        const SenderView u = sender_view(col.data(), G, r, d, 1ll << 40, warps2, chunk_max, window);
+        if (u.qoff != v.qoff || u.kept != v.kept || u.cr != v.cr) {
+          std::printf("FAIL: G %d d %d r %d: no capacity (%d, %d, %d) != capacity %lld\n", G, d, r,
+                      u.qoff, u.kept, u.cr, capacity);
+          return 1;
+        }
       }
       ++cases;
     }
