@@ -199,6 +199,10 @@ CASES["standard_fscan_pdl"] = _case(SCAN="fused", PDL="1")
 for _name, _base in (("standard", {}), ("standard_sms48", dict(sms=48)), ("decode", dict(n=128))):
     CASES[_name + "_laydyn"] = _case(**_base, LAYOUT="dynamic")
 CASES["n8192"] = _case(n=8192)
+# FP8 at 48 SMs: no PDL for the dispatch after the records kernel by default (session 13), and
+# with it (PDL=1)
+CASES["standard_fp8_sms48"] = _case(fp8=True, sms=48)
+CASES["standard_fp8_sms48_pdl"] = _case(fp8=True, sms=48, PDL="1")
 # PDL for the dispatch from 48 blocks since session 13: the former default at 48 SMs
 CASES["standard_sms48_pdlcombine"] = _case(sms=48, PDL="combine")
 # Issue 7 bounds the SMs at 24, where the senders finish last (run 55's traces) and help gains

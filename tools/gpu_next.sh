@@ -142,7 +142,7 @@ case "${PART:-tests}" in
       PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error" "$OUT/tests.log" | head -8
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan,standard_sms48_laydyn} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"

@@ -476,7 +476,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                                        static_cast<int>(L.total)),
                   "dispatch shared memory");
   launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
-                pdl_env("dispatch", cfg.blocks), p);
+                pdl_env("dispatch", cfg.blocks, p.records != nullptr), p);
   check_launch("dispatch");
 }
 

@@ -393,12 +393,15 @@ bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // r
 // the combine only by default. From 48 blocks (where the receivers are helped) the dispatch
 // gained: 543.4 -> 539.0 (run 57), 545.1 -> 540.3 (run 63), 540.5 -> 535.8 us (run 64, 4x H200;
 // EP 2 238.7 -> 235.1 and 231.0 -> 229.4), one loss (run 59: 543.7 -> 575.2); 32 blocks: 541.4
-// -> 539.7 (run 64), so the dispatch from kPdlDispatchMinBlocks on.
-bool pdl_env(const char* kind, int blocks) {
+// -> 539.7 (run 64), so the dispatch from kPdlDispatchMinBlocks on. Not after the FP8 records
+// kernel (which, unlike the route scans, lets no dependent start early): the only FP8 figure with
+// PDL, torch's dynamic FP8 dispatch at 48 SMs, was 442 us in run 64's whole bench (4x H200)
+// against 355 without (run 59, 4x H100), while bf16 gained.
+bool pdl_env(const char* kind, int blocks, bool after_records) {
   constexpr int kPdlDispatchMinBlocks = 48;
   const bool combine = std::strcmp(kind, "combine") == 0;
   const char* v = std::getenv("FUSED_A2A_CUDA_PDL");
-  if (!v) return combine || blocks >= kPdlDispatchMinBlocks;
+  if (!v) return combine || (blocks >= kPdlDispatchMinBlocks && !after_records);
   if (std::strcmp(v, "combine") == 0) return combine;
   return std::strcmp(v, "1") == 0 || std::strcmp(v, "all") == 0;
 }

@@ -202,9 +202,10 @@ bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim item
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
 // Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset, the combine, and the dispatch from
-// 48 blocks (`blocks`: the kernel's grid); "combine", the combine only; 1 / "all", both; 0,
-// neither. kind: "dispatch" or "combine".
-bool pdl_env(const char* kind, int blocks);
+// 48 blocks (`blocks`: the kernel's grid) unless the FP8 records kernel runs before it
+// (after_records); "combine", the combine only; 1 / "all", both; 0, neither. kind: "dispatch"
+// or "combine".
+bool pdl_env(const char* kind, int blocks, bool after_records = false);
 // The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=dealt|claim|help): kRecvDealt /
 // kRecvClaim / kRecvHelp above; unset, help from 32 blocks on, else dealt.
 int recv_items_env(int blocks);
