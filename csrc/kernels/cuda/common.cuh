@@ -75,7 +75,11 @@ struct LayoutSlot {  // source s -> every rank, [parity][s]
   long long window;    // rows of s's receive window
 };
 constexpr size_t kLayoutOffset = (kHybridOffset + kHybridBytes + 255) & ~size_t(255);
-static_assert(kLayoutOffset + 2 * kLayoutMaxRanks * sizeof(LayoutSlot) <= kFlagOffset,
+// FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify copies every source's LayoutSlot here (this
+// rank's own copy, written and read by this rank only), for the dispatch_data after it. A peer may
+// rewrite the LayoutSlot of that parity as soon as it starts the op after the data op.
+constexpr size_t kLayoutStashOffset = kLayoutOffset + 2 * kLayoutMaxRanks * sizeof(LayoutSlot);
+static_assert(kLayoutStashOffset + kLayoutMaxRanks * sizeof(LayoutSlot) <= kFlagOffset,
               "control layout (layout slots)");
 
 enum MsgKind { kMsgDispatch = 0, kMsgCombine = 1 };
@@ -91,6 +95,9 @@ __host__ __device__ inline int* notify_experts(uint8_t* ctrl, int parity) {
 }
 __host__ __device__ inline LayoutSlot* layout_slot(uint8_t* ctrl, int parity, int src) {
   return reinterpret_cast<LayoutSlot*>(ctrl + kLayoutOffset) + parity * kLayoutMaxRanks + src;
+}
+__host__ __device__ inline LayoutSlot* layout_stash(uint8_t* ctrl, int src) {
+  return reinterpret_cast<LayoutSlot*>(ctrl + kLayoutStashOffset) + src;
 }
 __host__ __device__ inline MsgSlot* msg_slot(uint8_t* ctrl, int kind, int parity, int src) {
   return reinterpret_cast<MsgSlot*>(ctrl + kMsgOffset) + (kind * 2 + parity) * kMaxRanks + src;

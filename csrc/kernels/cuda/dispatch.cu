@@ -43,8 +43,10 @@ using namespace dispatch_impl;
 // are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
 // default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
 // (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh; static dispatch with the layout notify).
+// kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
+// (FUSED_A2A_CUDA_LAYOUT=dynamic; p.layout_from_notify).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
-          bool kFusedScan = false>
+          bool kFusedScan = false, bool kLayoutDyn = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -80,13 +82,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     // 1. True counts per source: exchanged here (static) or from the notify / the handle. With
     // the layout notify, every rank's count row and receive parameters go to every rank.
     const bool lay = p.static_mode && p.layout_notify;
-    // dispatch_data after a dispatch_notify that published every rank's layout (the op just
-    // before on this buffer, so its parity and epoch; FUSED_A2A_CUDA_LAYOUT=dynamic)
-    const bool lay_dyn = !p.static_mode && p.layout_from_notify;
-    auto read_layouts = [&](int slot_parity, unsigned long long epoch) {
+    // dispatch_data after a dispatch_notify that published every rank's layout
+    // (FUSED_A2A_CUDA_LAYOUT=dynamic): the notify kernel copied them into this rank's stash
+    constexpr bool lay_dyn = kLayoutDyn;
+    auto read_layouts = [&](bool stash) {
       for (int s = tid; s < G; s += blockDim.x) {
-        LayoutSlot* slot = layout_slot(ctrl, slot_parity, s);
-        if (!wait_flag(&slot->flag, epoch, ctx, kPhaseNotify, s)) sh.fail = 1;
+        LayoutSlot* slot = stash ? layout_stash(ctrl, s) : layout_slot(ctrl, parity, s);
+        if (!stash && !wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) sh.fail = 1;
         const volatile LayoutSlot* v = slot;
         for (int i = 0; i < G; ++i) sh.lay_count[s][i] = v->count[i];
         sh.true_cnt[s] = sh.lay_count[s][r];
@@ -116,9 +118,19 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         scan_pass2(p.scan2, N, G);
         if (!scan_barrier(ls, ctx)) sh.fail = 1;
       }
-      read_layouts(parity, e0);
+      read_layouts(false);
     } else if (lay_dyn) {
-      read_layouts(parity ^ 1, epoch_of(seq - 1, 0));
+      read_layouts(true);
+      // "In this op" to every peer: no one waits for it here, but the op's last block waits
+      // for every peer's before the op ends (see the epilogue)
+      if (blockIdx.x == 0) {
+        for (int s = tid; s < G; s += blockDim.x) {
+          if (s == r) continue;
+          MsgSlot* m = msg_slot(p.peers[s], kMsgDispatch, parity, r);
+          __threadfence_system();
+          st_release_sys(&m->epoch, e0);
+        }
+      }
     } else if (p.static_mode) {
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
@@ -213,6 +225,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   __syncthreads();
   if (!sh.last) return;
   __threadfence();
+  // FUSED_A2A_CUDA_LAYOUT=dynamic: this op waited for no peer at its start, so it ends only once
+  // every peer is in it too. Else a rank that receives nothing from a peer could finish this op
+  // and start the next one, whose LayoutSlot / message writes reuse this parity's slots, while
+  // that peer is still in dispatch_notify (which copies the slots it reads into its stash).
+  if constexpr (kLayoutDyn) {
+    for (int s = tid; s < G; s += blockDim.x)
+      if (s != r &&
+          !wait_flag(&msg_slot(ctrl, kMsgDispatch, parity, s)->epoch, e0, ctx, kPhaseReady, s))
+        sh.fail = 1;
+    __syncthreads();
+  }
   const bool good = !sh.fail && !aborted(ctx);
   for (int j = tid; j < p.lpr; j += blockDim.x) {
     const int v = atomicExch(&p.hist[j], 0);
@@ -459,13 +482,16 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
   // The receivers' items (recv_items_env: dealt, claimed, or helped) pick a kernel instantiation;
-  // with the fused scan only dealt or helped ones, 8 loads a lane, whole chunk ends.
+  // with the fused scan or the dynamic layout only dealt or helped ones, 8 loads a lane, whole
+  // chunk ends.
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  const bool fused = pr.fused_scan.tiles > 0;
+  const bool fused = pr.fused_scan.tiles > 0, lay_dyn = p.layout_from_notify;
   auto kernel = fused && help        ? dispatch_kernel<8, false, kRecvHelp, true>
                 : fused              ? dispatch_kernel<8, false, kRecvDealt, true>
+                : lay_dyn && help    ? dispatch_kernel<8, false, kRecvHelp, false, true>
+                : lay_dyn            ? dispatch_kernel<8, false, kRecvDealt, false, true>
                 : help && u16        ? dispatch_kernel<16, false, kRecvHelp>
                 : help               ? dispatch_kernel<8, false, kRecvHelp>
                 : claim              ? dispatch_kernel<8, false, kRecvClaim>

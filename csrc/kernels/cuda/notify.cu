@@ -77,6 +77,16 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) s_fail = 1;
     s_cnt[s] = ld_volatile_int(&slot->count);
     s_ntok[s] = ld_volatile_int(&slot->n_tokens);
+    if (publish.on) {  // s's layout, released with its counts: into this rank's stash
+      const volatile LayoutSlot* from = layout_slot(ctrl, parity, s);
+      LayoutSlot* to = layout_stash(ctrl, s);
+      for (int i = 0; i < G; ++i) to->count[i] = from->count[i];
+      to->n_tokens = from->n_tokens;
+      to->warps2 = from->warps2;
+      to->chunk = from->chunk;
+      to->capacity = from->capacity;
+      to->window = from->window;
+    }
   }
   __syncthreads();
   if (s_fail) return;
