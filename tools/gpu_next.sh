@@ -12,8 +12,9 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
-#   PART=s14 (~7 min): SCAN=fused (the route scan's second pass in the dispatch kernel) and
-#       LAYOUT=dynamic (no ready round trip after dispatch_notify): GPU tests, A/B
+#   PART=s14 (~6 min) / s14b (~5 min): SCAN=fused (the route scan's second pass in the
+#       dispatch and combine kernels) and LAYOUT=dynamic (no ready round trip after
+#       dispatch_notify): GPU tests / the A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -132,19 +133,23 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s14)  # session 13's compile-checked paths: the route scan's second pass in the static dispatch
-    # and combine kernels (FUSED_A2A_CUDA_SCAN=fused) and the dynamic data kernel without its ready round trip
-    # (FUSED_A2A_CUDA_LAYOUT=dynamic): GPU tests (static rows incl. 25-26 tiles over 24 blocks;
-    # the torch suites and the speculative steps with the dynamic layout), the A/B at EP 4 / 2,
-    # the kernels of the 48-SM case
-    STEPS=build,test STEP_TIMEOUT_TEST=300 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
+  s14)  # session 13's compile-checked paths, GPU tests (~6 min): the route scan's second pass
+    # in the static dispatch and combine kernels (FUSED_A2A_CUDA_SCAN=fused: static rows incl.
+    # 25-26 tiles over 24 blocks, same bits) and the dynamic data kernel without its ready round
+    # trip (FUSED_A2A_CUDA_LAYOUT=dynamic: the torch suites at G = 2-4, the speculative steps)
+    STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
       PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error" "$OUT/tests.log" | head -8
+    grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -16
+    rm -f "$OUT/build.log"
+    ;;
+  s14b)  # their A/B at EP 4 / 2 (~5 min), FP8 at 48 SMs with / without PDL, and the kernels of
+    # the 48-SM fused case (torch.profiler)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan,standard_sms48_laydyn} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
+      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48_fscan BENCH_CASES_EP2= \
       timeout 60 bash tools/gpu_check.sh >/dev/null
@@ -156,8 +161,8 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     mv "$OUT/bench.json" "$OUT/bench_kernels.json"
     rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s14.tgz --remove-files $(ls | grep -v '^s14.tgz$'))
+    (cd "$OUT" && tar czf s14b.tgz --remove-files $(ls | grep -v '^s14b.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep or s14" >&2
+  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14 or s14b" >&2
     exit 2 ;;
 esac
