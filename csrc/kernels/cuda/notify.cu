@@ -56,7 +56,7 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     NotifySlot* slot = notify_slot(peers[d], parity, r);
     slot->count = cum[static_cast<size_t>(d) * (N + 1) + N];
     slot->n_tokens = N;
-    if (publish.on) {  // read by the next op (dispatch_data) at this op's parity and epoch
+    if (publish.on) {  // each receiver copies it into its stash below, for its dispatch_data
       LayoutSlot* lay = layout_slot(peers[d], parity, r);
       for (int i = 0; i < G; ++i) lay->count[i] = cum[static_cast<size_t>(i) * (N + 1) + N];
       lay->n_tokens = N;
