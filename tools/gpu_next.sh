@@ -6,7 +6,8 @@
 #   PART=hyb (~4 min): build; torch HybridEP GPU tests (incl. the pipelined combine); HybridEP
 #       bench at N = 4096 with FUSED_A2A_HYBRID_PIPELINE=0 / 1
 #   PART=fab (~4 min): the whole fused-a2a bench --ranks all GPUs
-#   PART=tests (~7 min): every GPU test (normal, HybridEP, faults, concurrency)
+#   PART=tests (~6 min): the normal-mode GPU tests; PART=tests2 (~5 min): HybridEP, host
+#       counts, faults, concurrency
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
@@ -24,9 +25,14 @@ source tools/gpu_env.sh
 export FA2A_COMMIT=${FA2A_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 case "${PART:-tests}" in
-  tests)
+  tests)  # the normal-mode GPU tests (test_gpu_normal.py grew in session 13)
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py" bash tools/gpu_check.sh
+    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -16
+    ;;
+  tests2)  # the other GPU tests: HybridEP, host counts, faults, concurrency
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
       bash tools/gpu_check.sh
     grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
     ;;
@@ -163,6 +169,6 @@ PY
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s14b.tgz --remove-files $(ls | grep -v '^s14b.tgz$'))
     ;;
-  *) echo "PART must be tests, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14 or s14b" >&2
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14 or s14b" >&2
     exit 2 ;;
 esac
