@@ -99,6 +99,22 @@ __host__ __device__ inline LayoutSlot* layout_slot(uint8_t* ctrl, int parity, in
 __host__ __device__ inline LayoutSlot* layout_stash(uint8_t* ctrl, int src) {
   return reinterpret_cast<LayoutSlot*>(ctrl + kLayoutStashOffset) + src;
 }
+// A LayoutSlot's payload (all but its flag): count[i] = count_to(i) for the G ranks.
+template <typename CountTo>
+__device__ inline void store_layout(LayoutSlot* slot, int G, CountTo count_to, int n_tokens,
+                                    int warps2, int chunk, long long capacity, long long window) {
+  for (int i = 0; i < G; ++i) slot->count[i] = count_to(i);
+  slot->n_tokens = n_tokens;
+  slot->warps2 = warps2;
+  slot->chunk = chunk;
+  slot->capacity = capacity;
+  slot->window = window;
+}
+__device__ inline void copy_layout(LayoutSlot* to, const volatile LayoutSlot* from, int G) {
+  store_layout(
+      to, G, [&](int i) { return from->count[i]; }, from->n_tokens, from->warps2, from->chunk,
+      from->capacity, from->window);
+}
 __host__ __device__ inline MsgSlot* msg_slot(uint8_t* ctrl, int kind, int parity, int src) {
   return reinterpret_cast<MsgSlot*>(ctrl + kMsgOffset) + (kind * 2 + parity) * kMaxRanks + src;
 }

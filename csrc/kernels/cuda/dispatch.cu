@@ -44,7 +44,7 @@ using namespace dispatch_impl;
 // default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
 // (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh; static dispatch with the layout notify).
 // kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
-// (FUSED_A2A_CUDA_LAYOUT=dynamic; p.layout_from_notify).
+// (FUSED_A2A_CUDA_LAYOUT=dynamic).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
           bool kFusedScan = false, bool kLayoutDyn = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
@@ -103,12 +103,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if (blockIdx.x == 0) {
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
-          for (int i = 0; i < G; ++i) slot->count[i] = sent_to(i);
-          slot->n_tokens = N;
-          slot->warps2 = p.chunks_per_warp * gridDim.x * p.send_warps;
-          slot->chunk = p.chunk;
-          slot->capacity = p.capacity;
-          slot->window = p.window;
+          store_layout(slot, G, sent_to, N, p.chunks_per_warp * gridDim.x * p.send_warps, p.chunk,
+                       p.capacity, p.window);
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
         }
@@ -290,15 +286,28 @@ __global__ void __launch_bounds__(kRecordThreads)
   }
 }
 
+// A dispatched row of `a`: its value bytes (FP8: one byte a value), FP8 scales, and its metadata
+// record [src token][K local idx][K weights][scales] in words (meta_real, padded to meta_words).
+struct RowFormat {
+  int nsc, meta_real, meta_words;
+  size_t row_bytes;
+};
+RowFormat row_format(const DispatchArgs& a) {
+  const bool fp8 = a.x_scales != nullptr;
+  RowFormat f;
+  f.nsc = fp8 ? static_cast<int>(a.hidden / kFp8BlockSize) : 0;
+  f.row_bytes = static_cast<size_t>(a.hidden) * (fp8 ? 1 : dtype_size(a.x_dtype));
+  f.meta_real = 1 + 2 * a.num_topk + f.nsc;
+  f.meta_words = (f.meta_real + 3) & ~3;
+  return f;
+}
+
 }  // namespace
 
 DispatchGeometry dispatch_geometry(const CudaState& st, const Buffer& buffer,
                                    const DispatchArgs& a) {
-  const bool fp8 = a.x_scales != nullptr;
-  const int nsc = fp8 ? static_cast<int>(a.hidden / kFp8BlockSize) : 0;
-  const size_t row_bytes = static_cast<size_t>(a.hidden) * (fp8 ? 1 : dtype_size(a.x_dtype));
-  const int meta_words = (1 + 2 * a.num_topk + nsc + 3) & ~3;
-  const size_t slot_bytes = row_bytes + 4 * static_cast<size_t>(meta_words);
+  const RowFormat f = row_format(a);
+  const size_t slot_bytes = f.row_bytes + 4 * static_cast<size_t>(f.meta_words);
   const long long R = static_cast<long long>(buffer.data_bytes() / slot_bytes);
   FA2A_CHECK(buffer.num_ranks() == 1 || R >= 1, "the communication buffer (", buffer.data_bytes(),
              " data bytes) cannot hold one row of ", slot_bytes, " bytes: create a larger one");
@@ -321,8 +330,8 @@ namespace {
 struct Prepared {
   CudaState* st;
   const Scratch* scratch;
-  int lpr, nsc;
-  size_t row_bytes;
+  int lpr;
+  RowFormat row;
   ScanTiles fused_scan{0, 0};     // tiles > 0: the data kernel runs the route scan's second pass
   bool notified_layouts = false;  // the op just before was the dispatch_notify for these args,
                                   // and it published every rank's layout
@@ -343,10 +352,8 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
   pr.st = &cuda_state(buffer);
   check_no_error(*pr.st, buffer);
   pr.lpr = a.num_experts / G;
-  const bool fp8 = a.x_scales != nullptr;
-  pr.nsc = fp8 ? static_cast<int>(a.hidden / kFp8BlockSize) : 0;
-  pr.row_bytes = static_cast<size_t>(a.hidden) * (fp8 ? 1 : dtype_size(a.x_dtype));
-  FA2A_CHECK(pr.row_bytes % 16 == 0, "hidden * element size = ", pr.row_bytes,
+  pr.row = row_format(a);
+  FA2A_CHECK(pr.row.row_bytes % 16 == 0, "hidden * element size = ", pr.row.row_bytes,
              " bytes must be a multiple of 16");
   check_aligned(a.x, "x");
   check_aligned(a.recv_x, "recv_x");
@@ -377,11 +384,12 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
   const int G = buffer.num_ranks();
+  const bool layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
+  const bool records = records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
   // FUSED_A2A_CUDA_SCAN=fused: the static dispatch with the layout notify and without the
   // records kernel (which reads the send lists before the data kernel starts)
-  const bool fuse_scan = fused_scan_env() && static_mode && op == kOpDispatch && a.num_tokens > 0 &&
-                         G <= kLayoutMaxRanks && layout_notify_env() &&
-                         !records_env(a.x_scales != nullptr, a.num_tokens);
+  const bool fuse_scan =
+      fused_scan_env() && op == kOpDispatch && a.num_tokens > 0 && layout_notify && !records;
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();
@@ -393,13 +401,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.op = op;
   p.static_mode = static_mode;
   p.idx64 = a.idx_dtype == DType::kI64;
-  p.row_bytes = pr.row_bytes;
-  p.nsc = pr.nsc;
-  p.meta_real = 1 + 2 * a.num_topk + pr.nsc;
-  p.meta_words = (p.meta_real + 3) & ~3;
+  p.row_bytes = pr.row.row_bytes;
+  p.nsc = pr.row.nsc;
+  p.meta_real = pr.row.meta_real;
+  p.meta_words = pr.row.meta_words;
   p.x = static_cast<const uint8_t*>(a.x);
   p.x_scales = a.x_scales;
-  p.scales_vec = pr.nsc > 0 && pr.nsc % 4 == 0 &&
+  p.scales_vec = p.nsc > 0 && p.nsc % 4 == 0 &&
                  reinterpret_cast<std::uintptr_t>(a.x_scales) % alignof(float4) == 0;
   p.topk_idx = a.topk_idx;
   p.topk_w = a.topk_weights;
@@ -427,7 +435,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const long long flag_rows = (p.window + kNumFlags - kMaxRanks - 1) / (kNumFlags - kMaxRanks);
   p.staging_rows = static_cast<int>(std::max<long long>(max_chunk, flag_rows));
   LaunchConfig cfg =
-      launch_config(*pr.st, a.num_sms, pr.row_bytes, sizeof(int) * pr.lpr,
+      launch_config(*pr.st, a.num_sms, pr.row.row_bytes, sizeof(int) * pr.lpr,
                     sizeof(int) * kMaxRanks + 2 * (4 * p.staging_rows * p.meta_words + 16), 0);
   p.chunk = max_chunk;  // the largest chunk (rows)
   p.chunks_per_warp = chunks_per_warp_env();
@@ -453,8 +461,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.recv_rows = recv_rows_env();
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
   p.zero_while_waiting = zero_while_waiting_env();
-  p.layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
-  p.layout_from_notify = !static_mode && op == kOpDispatchData && pr.notified_layouts;
+  p.layout_notify = layout_notify;
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;
@@ -466,7 +473,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.ablate = ablate_env();
   if (pr.fused_scan.tiles > 0)
     p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
-  if (p.tma && records_env(pr.nsc > 0, p.num_tokens) && p.num_tokens > 0) {
+  if (p.tma && records) {
     const size_t words = static_cast<size_t>(G) * p.num_tokens * p.meta_words;
     uint32_t* records = ensure_records(*pr.st, words, s);
     p.records = records;
@@ -487,7 +494,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  const bool fused = pr.fused_scan.tiles > 0, lay_dyn = p.layout_from_notify;
+  // dispatch_data right after a dispatch_notify that published every rank's layout
+  const bool fused = pr.fused_scan.tiles > 0;
+  const bool lay_dyn = !static_mode && op == kOpDispatchData && pr.notified_layouts;
   auto kernel = fused && help        ? dispatch_kernel<8, false, kRecvHelp, true>
                 : fused              ? dispatch_kernel<8, false, kRecvDealt, true>
                 : lay_dyn && help    ? dispatch_kernel<8, false, kRecvHelp, false, true>

@@ -37,10 +37,7 @@ struct DispatchParams {
   int own_rows;             // who copies the own rows x -> recv_x: an OwnRows value
   int recv_rows;            // rows of a receiver item (FUSED_A2A_CUDA_RECV_ROWS; 0: a whole chunk)
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
-  bool layout_notify;  // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
-  // dispatch_data right after a dispatch_notify that published every rank's layout
-  // (FUSED_A2A_CUDA_LAYOUT=dynamic): no round-0 ready either
-  bool layout_from_notify;
+  bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
   const uint8_t* x;
   const float* x_scales;

@@ -56,15 +56,11 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     NotifySlot* slot = notify_slot(peers[d], parity, r);
     slot->count = cum[static_cast<size_t>(d) * (N + 1) + N];
     slot->n_tokens = N;
-    if (publish.on) {  // each receiver copies it into its stash below, for its dispatch_data
-      LayoutSlot* lay = layout_slot(peers[d], parity, r);
-      for (int i = 0; i < G; ++i) lay->count[i] = cum[static_cast<size_t>(i) * (N + 1) + N];
-      lay->n_tokens = N;
-      lay->warps2 = publish.warps2;
-      lay->chunk = publish.chunk;
-      lay->capacity = publish.capacity;
-      lay->window = publish.window;
-    }
+    if (publish.on)  // each receiver copies it into its stash below, for its dispatch_data
+      store_layout(
+          layout_slot(peers[d], parity, r), G,
+          [&](int i) { return cum[static_cast<size_t>(i) * (N + 1) + N]; }, N, publish.warps2,
+          publish.chunk, publish.capacity, publish.window);
   }
   __threadfence_system();
   __syncthreads();
@@ -77,16 +73,8 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
     if (!wait_flag(&slot->flag, e0, ctx, kPhaseNotify, s)) s_fail = 1;
     s_cnt[s] = ld_volatile_int(&slot->count);
     s_ntok[s] = ld_volatile_int(&slot->n_tokens);
-    if (publish.on) {  // s's layout, released with its counts: into this rank's stash
-      const volatile LayoutSlot* from = layout_slot(ctrl, parity, s);
-      LayoutSlot* to = layout_stash(ctrl, s);
-      for (int i = 0; i < G; ++i) to->count[i] = from->count[i];
-      to->n_tokens = from->n_tokens;
-      to->warps2 = from->warps2;
-      to->chunk = from->chunk;
-      to->capacity = from->capacity;
-      to->window = from->window;
-    }
+    if (publish.on)  // s's layout, released with its counts: into this rank's stash
+      copy_layout(layout_stash(ctrl, s), layout_slot(ctrl, parity, s), G);
   }
   __syncthreads();
   if (s_fail) return;
