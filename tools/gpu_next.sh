@@ -153,7 +153,7 @@ case "${PART:-tests}" in
   s14b)  # their A/B at EP 4 / 2 (~5 min), FP8 at 48 SMs with / without PDL, and the kernels of
     # the 48-SM fused case (torch.profiler)
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan,decode_laydyn,n8192,n8192_fscan} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan,decode_laydyn,sweep_n8192,n8192_fscan} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan,standard_sms48_laydyn} \
       timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
