@@ -169,6 +169,16 @@ PY
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s14b.tgz --remove-files $(ls | grep -v '^s14b.tgz$'))
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14 or s14b" >&2
+  s14x2)  # when only 2 GPUs are lent (~8 min): s14's tests at G = 2, then the A/B at EP 2
+    STEPS=build,test STEP_TIMEOUT_TEST=300 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
+      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:"
+    grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -16
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fscan_pdl,decode,decode_fscan,decode_laydyn} \
+      BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|dynamic_dispatch|combine |nccl"
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b or s14x2" >&2
     exit 2 ;;
 esac
