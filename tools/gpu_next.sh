@@ -179,6 +179,18 @@ PY
       BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|dynamic_dispatch|combine |nccl"
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b or s14x2" >&2
+  s14h)  # (~8 min) the other GPU tests (tests2: HybridEP, host counts, faults, concurrency) on
+    # session 13's defaults, then HybridEP against normal mode + permute at N = 4096 (torch, JAX):
+    # not measured since run 26 (4096 buffer rows, before every normal-mode change since)
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-330} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend all \
+      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
+    echo "hybrid bench N = 4096: rc=$?"
+    grep -E "^(torch|jax)" "$OUT/hyb.log" | cut -c1-90
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2 or s14h" >&2
     exit 2 ;;
 esac
