@@ -191,6 +191,23 @@ PY
     grep -E "^(torch|jax)" "$OUT/hyb.log" | cut -c1-90
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2 or s14h" >&2
+  s14c)  # (~8 min at EP 4) HybridEP: a dispatched row read once for all its experts, own rows
+    # from x / y instead of through the own slot: GPU tests (torch, JAX) and the bench against
+    # normal mode + permute at N = 4096 (run 69, EP 2: 1238 / 1952 us); then, with 4 GPUs,
+    # s14b's A/B of SCAN=fused / LAYOUT=dynamic at EP 4
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" bash tools/gpu_check.sh \
+      | grep -E "build:|tests:|FAILED"
+    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend all \
+      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
+    echo "hybrid bench N = 4096: rc=$?"
+    grep -E "^(torch|jax)" "$OUT/hyb.log" | cut -c1-90
+    if [[ $NGPU -ge 4 ]]; then
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan} \
+        BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    fi
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h or s14c" >&2
     exit 2 ;;
 esac

@@ -271,6 +271,34 @@ __device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, in
   for (; i < n; i += 32) d[i] = ld_cg(s + i);
 }
 
+// Whole warp copies `bytes` (multiple of 16) from src to dst_base + pos_b * dst_stride for every
+// lane b in `mask` (pos held by lane b; mask warp-uniform): each piece of the row is loaded once
+// (coherent loads) and stored to every destination, so a row that goes to M places costs one
+// read and M writes, and a warp has M x the stores in flight per load round trip.
+__device__ inline void warp_copy_fanout_cg(uint8_t* dst_base, size_t dst_stride, long long pos,
+                                           unsigned mask, const void* src, size_t bytes, int lane) {
+  constexpr int U = 8;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  const size_t n = bytes / 16;
+  for (size_t base = 0; base < n; base += U * 32) {  // warp-uniform: the shuffles below
+    int4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const size_t i = base + u * 32 + lane;
+      if (i < n) v[u] = ld_cg(s + i);
+    }
+    for (unsigned m = mask; m; m &= m - 1) {
+      const long long at = __shfl_sync(0xffffffffu, pos, __ffs(m) - 1);
+      int4* d = reinterpret_cast<int4*>(dst_base + static_cast<size_t>(at) * dst_stride);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const size_t i = base + u * 32 + lane;
+        if (i < n) d[i] = v[u];
+      }
+    }
+  }
+}
+
 // Same for sources that do not change during the kernel (inputs): read-only path.
 __device__ inline void warp_copy_ro(void* dst, const void* src, size_t bytes, int lane) {
   const int4* s = reinterpret_cast<const int4*>(src);

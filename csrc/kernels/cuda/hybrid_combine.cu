@@ -29,7 +29,7 @@ struct CombineParams {
   int code;        // value code of y
   size_t y_row;    // bytes of one row (16-byte multiple)
   size_t y_bytes;  // 16-aligned
-  size_t stride;   // y_bytes + 16 (tag, prob, j, unused)
+  size_t stride;   // y_bytes + 16 (tag, prob, j, row of y)
   int N, H, L;
   long long P, pad;
   const float* probs;
@@ -80,7 +80,8 @@ __global__ void rowmap_kernel(const int32_t* row_token, const int32_t* src_exper
 }
 
 // Sender side of (source s, token t at round position k): all F positions of t in this rank's
-// slot on s. One warp.
+// slot on s: the values (not for s == this rank: the reduction reads those from y) and the tail
+// (tag, prob, j, row of y). One warp.
 __device__ inline void send_token(const Comm& c, const CombineParams& p, size_t half, int s, int t,
                                   int k, int F, unsigned long long m, bool bad, int lane) {
   const int L = p.L;
@@ -96,11 +97,14 @@ __device__ inline void send_token(const Comm& c, const CombineParams& p, size_t 
       mask &= mask - 1;
       const long long r = __shfl_sync(0xffffffffu, row, b);
       uint8_t* dst = base + static_cast<size_t>(count) * p.stride;
-      warp_copy_ro(dst, static_cast<const uint8_t*>(p.y) + r * p.y_row, p.y_row, lane);
+      if (s != c.rank) {
+        warp_copy_ro(dst, static_cast<const uint8_t*>(p.y) + r * p.y_row, p.y_row, lane);
+      }
       if (lane == 0) {
         auto* tail = reinterpret_cast<unsigned int*>(dst + p.y_bytes);
         tail[1] = __float_as_uint(p.probs ? __ldg(p.probs + r) : 0.0f);
         tail[2] = static_cast<unsigned int>(j0 + b);
+        tail[3] = static_cast<unsigned int>(r);
         tail[0] = static_cast<unsigned int>(m);
       }
       ++count;
@@ -162,8 +166,16 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const
   auto present = [&](const uint8_t* at, int i) {
     return i < pairs && __ldcg(reinterpret_cast<const unsigned int*>(at + p.y_bytes)) == tag;
   };
+  // Where pair i's values are: its slot position, or for this rank's own pairs the row of y
+  // named in the tail (their values were not copied).
+  auto values_of = [&](const uint8_t* at, int i) {
+    if (i >= pairs || i / F != c.rank) return at;
+    const unsigned int r = __ldcg(reinterpret_cast<const unsigned int*>(at + p.y_bytes) + 3);
+    return static_cast<const uint8_t*>(p.y) + static_cast<size_t>(r) * p.y_row;
+  };
   const uint8_t* first_at = position(lane);
   const unsigned first_mask = __ballot_sync(0xffffffffu, present(first_at, lane));
+  const uint8_t* first_values = values_of(first_at, lane);
   const int nvec = static_cast<int>(p.y_row / 16);
   int4* out =
       reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<size_t>(t) * p.y_row);
@@ -176,6 +188,7 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const
       // Lane l holds the address of pair i0 + l; the present ones are taken in order.
       const uint8_t* at = i0 == 0 ? first_at : position(i0 + lane);
       unsigned mask = i0 == 0 ? first_mask : __ballot_sync(0xffffffffu, present(at, i0 + lane));
+      const uint8_t* values = i0 == 0 ? first_values : values_of(at, i0 + lane);
       while (mask) {
         int4 raw[kBatch];
         int nb = 0;
@@ -183,7 +196,7 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const
         for (int b = 0; b < kBatch; ++b) {
           const int src = mask ? __ffs(mask) - 1 : 0;
           const auto* row = reinterpret_cast<const int4*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(at), src));
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(values), src));
           if (mask) {
             mask &= mask - 1;
             nb = b + 1;

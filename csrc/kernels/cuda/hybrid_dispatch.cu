@@ -203,7 +203,8 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
     any |= __ballot_sync(0xffffffffu, ord >= 0);
   }
   if (lane == 0) *reinterpret_cast<int*>(row + rl.tok_off) = static_cast<int>(t);
-  if (!any) return;
+  // Own rows that need no quantising: the header only; the receive side reads x itself.
+  if (!any || (d == c.rank && !p.quantize)) return;
   if (p.quantize) {
     const size_t in_row = static_cast<size_t>(p.H) * (p.x_code == kValF32 ? 4 : 2);
     warp_quantize_row(static_cast<const uint8_t*>(p.x) + t * in_row, p.x_code, p.H, row,
@@ -220,7 +221,9 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
 }
 
 // Receive side of one (source s, slot position k) item: the fused permute, the row to every
-// (expert, ordinal) it was routed to. seg: first row of (s', j) at s' * L + j. One warp.
+// (expert, ordinal) it was routed to, read once for all of them. Own rows (s == this rank) that
+// needed no quantising come from x (their slot rows hold the header only). seg: first row of
+// (s', j) at s' * L + j. One warp.
 __device__ inline void recv_item(const Comm& c, const DataParams& p, const long long* seg, int s,
                                  int k, int lane) {
   const RowLayout& rl = p.row;
@@ -228,6 +231,10 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
   const int t = __ldcg(reinterpret_cast<const int*>(row + rl.tok_off));
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
+  const bool from_x = s == c.rank && !p.quantize;
+  const uint8_t* values = from_x ? static_cast<const uint8_t*>(p.x) + t * p.out_row : row;
+  const float* scales = from_x ? p.x_scales + static_cast<size_t>(t) * cols
+                               : reinterpret_cast<const float*>(row + rl.scale_off);
   for (int j0 = 0; j0 < L; j0 += 32) {
     const int j = j0 + lane;
     long long pos = -1;
@@ -236,22 +243,20 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
       if (ord >= 0 && ord < p.src_expert_counts[s * L + j]) pos = seg[s * L + j] + ord;
       if (pos >= p.P) pos = -1;  // static P overflow: dropped
     }
-    unsigned mask = __ballot_sync(0xffffffffu, pos >= 0);
-    while (mask) {
-      const int b = __ffs(mask) - 1;
-      mask &= mask - 1;
-      const long long at = __shfl_sync(0xffffffffu, pos, b);
-      warp_copy_cg(static_cast<uint8_t*>(p.permuted_x) + at * p.out_row, row, p.out_row, lane);
-      for (int i = lane; i < cols; i += 32) {
-        p.permuted_scales[at * cols + i] =
-            __ldcg(reinterpret_cast<const float*>(row + rl.scale_off) + i);
+    const unsigned mask = __ballot_sync(0xffffffffu, pos >= 0);
+    if (!mask) continue;
+    warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, pos, mask, values,
+                        p.out_row, lane);
+    if (cols > 0) {
+      for (unsigned m = mask; m; m &= m - 1) {
+        const long long at = __shfl_sync(0xffffffffu, pos, __ffs(m) - 1);
+        for (int i = lane; i < cols; i += 32) p.permuted_scales[at * cols + i] = __ldcg(scales + i);
       }
-      if (lane == 0) {
-        if (p.probs) {
-          p.permuted_probs[at] = __ldcg(reinterpret_cast<const float*>(row + rl.prob_off) + j0 + b);
-        }
-        if (!p.cached) p.row_token[at] = static_cast<int32_t>(s * N + t);
-      }
+    }
+    if (pos >= 0) {  // each routed lane writes its own row's prob and token id
+      if (p.probs)
+        p.permuted_probs[pos] = __ldcg(reinterpret_cast<const float*>(row + rl.prob_off) + j);
+      if (!p.cached) p.row_token[pos] = static_cast<int32_t>(s * N + t);
     }
   }
 }
