@@ -208,6 +208,26 @@ PY
     fi
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h or s14c" >&2
+  s14d)  # (~7 min at EP 4) HybridEP's kernel times (benchmarks/hybrid_kernels.py), its bench at
+    # N = 4096 with the pipelined rounds (FUSED_A2A_HYBRID_PIPELINE=1) against run 70's default;
+    # with 4 GPUs first the HybridEP GPU tests and bench at G = 4, then s14b's EP 4 A/B
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    timeout 120 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$OUT/hybrid_kernels.json" \
+      2>&1 | grep -vE "^\[|Warning" | tail -40
+    for pipe in ${HYB_PIPES:-0 1}; do
+      FUSED_A2A_HYBRID_PIPELINE=$pipe timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode hybrid --frontend torch --out "$OUT/hyb_pipe$pipe" >"$OUT/hyb_pipe$pipe.log" 2>&1
+      echo "hybrid bench (torch), FUSED_A2A_HYBRID_PIPELINE=$pipe: rc=$?"
+      grep -E "^torch" "$OUT/hyb_pipe$pipe.log" | cut -c1-90
+    done
+    if [[ $NGPU -ge 4 ]]; then
+      STEPS=test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 PYTEST_K="4" \
+        PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" bash tools/gpu_check.sh | grep -E "tests:|FAILED"
+      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan} \
+        BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
+    fi
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c or s14d" >&2
     exit 2 ;;
 esac

@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(1024)
   for (int w = 0; w < warp; ++w) base += s_count[w][lane];
   if (e >= E) return;
   if (warp == 31) counts[e] = base + count;
+#pragma unroll 8
   for (int t = t0; t < t1; ++t) {
     const bool routed = __ldg(routing_map + static_cast<size_t>(t) * E + e) != 0;
     ordinal[static_cast<size_t>(t) * E + e] = routed ? base : -1;
