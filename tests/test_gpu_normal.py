@@ -409,8 +409,11 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
     # dispatch / combine launched while the route scan before them runs (session 11)
     "pdl": {"FUSED_A2A_CUDA_PDL": "1"},
-    # the route scan's second pass in the static dispatch and the combine kernels (session 13)
+    # the route scan's second pass in the static dispatch and the combine kernels (session 13;
+    # the default above 1024 tokens since session 14), forced at every N
     "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
+    # the former default above 1024 tokens: the scan's two passes as two kernels
+    "two_kernel_scan": {"FUSED_A2A_CUDA_SCAN": "tiles"},
 }
 
 
@@ -428,7 +431,9 @@ def test_static_big_rows(rows, variant):
     the receivers claim their items from a counter (over the rounds); "recv_help": the sender
     warps claim receiver items too once their own are sent (one-round ops); "pdl": the dispatch
     and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
-    the route scan's second pass in the dispatch and combine kernels (FUSED_A2A_CUDA_SCAN=fused)."""
+    the route scan's second pass in the dispatch and combine kernels at every N
+    (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
+    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}

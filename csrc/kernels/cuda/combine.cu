@@ -491,8 +491,8 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   check_aligned(a.out, "out");
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
-  // FUSED_A2A_CUDA_SCAN=fused: only the scan's first pass here, the kernel runs the second
-  const bool fused = fused_scan_env() && a.num_tokens > 0;
+  // fused_scan: only the scan's first pass here, the kernel runs the second
+  const bool fused = fused_scan(a.num_tokens) && a.num_tokens > 0;
   const bool idx64 = a.idx_dtype == DType::kI64;
   const int num_tokens = static_cast<int>(a.num_tokens);
   ScanPass2 scan2;

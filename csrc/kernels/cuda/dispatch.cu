@@ -386,10 +386,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int G = buffer.num_ranks();
   const bool layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   const bool records = records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
-  // FUSED_A2A_CUDA_SCAN=fused: the static dispatch with the layout notify and without the
-  // records kernel (which reads the send lists before the data kernel starts)
-  const bool fuse_scan =
-      fused_scan_env() && op == kOpDispatch && a.num_tokens > 0 && layout_notify && !records;
+  // The scan's second pass in the kernel (fused_scan): the static dispatch with the layout
+  // notify and without the records kernel (which reads the send lists before the data kernel)
+  const bool fuse_scan = fused_scan(a.num_tokens) && op == kOpDispatch && a.num_tokens > 0 &&
+                         layout_notify && !records;
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();

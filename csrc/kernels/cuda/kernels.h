@@ -16,7 +16,7 @@ void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num
                        cudaStream_t stream);
 
 // The tiled route scan's first pass only (masks, tile_count, tile_ecount of `scratch`): for the
-// static dispatch with FUSED_A2A_CUDA_SCAN=fused, whose kernel runs the second pass.
+// static dispatch and the combine where fused_scan (state.h) holds; their kernels run the second.
 struct ScanTiles {
   int per;    // tokens per thread of a tile (a tile is per x kScanThreads tokens)
   int tiles;  // tiles (blocks of each pass), at most kMaxScanTiles

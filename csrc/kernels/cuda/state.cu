@@ -383,8 +383,6 @@ bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
 bool layout_dynamic_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "dynamic"); }
 
-bool fused_scan_env() { return env_is("FUSED_A2A_CUDA_SCAN", "fused"); }
-
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
 // The dispatch / combine kernel is launched while the route scan before it runs. Runs 56-57

@@ -192,9 +192,10 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
-// FUSED_A2A_CUDA_SCAN=fused: the static dispatch and the combine kernels run the route scan's
-// second pass themselves (session 13, compile-checked; scan_pass2.cuh)
-bool fused_scan_env();
+// Whether the static dispatch and the combine kernels run the route scan's second pass themselves
+// (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
+// FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
+bool fused_scan(int64_t num_tokens);
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
 // dispatch_data right after it skips its ready round trip (session 13, compile-checked)
 bool layout_dynamic_env();
