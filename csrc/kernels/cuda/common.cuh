@@ -225,14 +225,15 @@ __device__ inline void report_timeout(const WaitCtx& ctx, int phase, int peer) {
   __threadfence_system();
 }
 
-// Spin until *flag >= target, then acquire it once (the caller's later reads are ordered after
-// the peer's release). The spin itself uses relaxed loads: see ld_relaxed_sys. Returns false on a
+// Spin until done(*flag), then acquire it once (the caller's later reads are ordered after the
+// peer's release). The spin itself uses relaxed loads: see ld_relaxed_sys. Returns false on a
 // timeout (reported) or an abort elsewhere.
-__device__ inline bool wait_flag(const unsigned long long* flag, unsigned long long target,
-                                 const WaitCtx& ctx, int phase, int peer) {
-  if (ld_relaxed_sys(flag) < target) {
+template <typename Done>
+__device__ inline bool wait_until(const unsigned long long* flag, Done&& done, const WaitCtx& ctx,
+                                  int phase, int peer) {
+  if (!done(ld_relaxed_sys(flag))) {
     const unsigned long long start = globaltimer();
-    for (unsigned int it = 1; ld_relaxed_sys(flag) < target; ++it) {
+    for (unsigned int it = 1; !done(ld_relaxed_sys(flag)); ++it) {
       if (it > 64) __nanosleep(64);
       if ((it & 255u) == 0u) {
         if (aborted(ctx)) return false;
@@ -243,9 +244,15 @@ __device__ inline bool wait_flag(const unsigned long long* flag, unsigned long l
       }
     }
   }
-  // A value >= target comes from the peer's release of target or a later release of its own.
   (void)ld_acquire_sys(flag);
   return true;
+}
+
+// Spin until *flag >= target: a value >= target comes from the peer's release of target or a
+// later release of its own.
+__device__ inline bool wait_flag(const unsigned long long* flag, unsigned long long target,
+                                 const WaitCtx& ctx, int phase, int peer) {
+  return wait_until(flag, [target](unsigned long long v) { return v >= target; }, ctx, phase, peer);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ using namespace hybrid;
 
 // Layout of one dispatched row in a slot.
 struct RowLayout {
-  size_t x_bytes, scale_off, prob_off, ord_off, tok_off, stride;
+  size_t x_bytes, scale_off, prob_off, ord_off, tok_off, tag_off, stride;
 };
 
 RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, int L) {
@@ -42,6 +42,7 @@ RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, i
   r.prob_off = r.scale_off + (fp8 ? align16(hidden / kFp8BlockSize * sizeof(float)) : 0);
   r.ord_off = r.prob_off + (probs ? align16(L * sizeof(float)) : 0);
   r.tok_off = r.ord_off + align16(L * sizeof(int));
+  r.tag_off = r.tok_off + 8;  // overlapped rounds: the message number, released after the row
   r.stride = r.tok_off + 16;
   return r;
 }
@@ -204,6 +205,7 @@ struct DataParams {
   long long pad, P;
   bool quantize, fp8, cached, rounds_from_notify;
   int rows_per_round;
+  int send_blocks;  // overlapped rounds: blocks [0, send_blocks) send, the others receive
   RowLayout row;
   size_t out_row;  // bytes of one permuted_x row
   void* permuted_x;
@@ -294,12 +296,90 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   }
 }
 
-// kPipelined (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
-// rows_per_round / 2 rows, round k in half k % 2, and round k + 1 sent before round k is
-// received, so one round's transfer overlaps the previous round's permute. A separate
-// instantiation, so that the default kernel's registers stay as they were.
-template <bool kPipelined>
+// kOverlap's rounds (see data_kernel): message m0 + 1 + k carries round k. arrivals: the receive
+// arrival counter's value after the kernel's earlier messages (every block took part). The
+// senders release no data flags (the rows' tags replace them). A receiving block starts round
+// k + 1 only after its rank's ack of round k (so no block's arrival for k + 1, e.g. with no item,
+// comes before another's for k: each round's last arrival releases that round's ack).
+template <typename ItemsOf>
+__device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const long long* seg,
+                                      unsigned long long& m, unsigned int arrivals,
+                                      long long rounds, ItemsOf&& items_of, int* fail) {
+  const int G = c.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int send_blocks = p.send_blocks, recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
+  const bool sender = static_cast<int>(blockIdx.x) < send_blocks;
+  const long long role_warps = static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
+  const long long role_gw =
+      static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps + warp;
+  const size_t stride = p.row.stride, tag_off = p.row.tag_off;
+  const int T = p.rows_per_round;
+  const WaitCtx ctx = c.wait_ctx();
+  for (long long round = 0; round < rounds; ++round) {
+    ++m;
+    const long long items = items_of(round);
+    const auto done = static_cast<unsigned int>(round + 1);
+    if (sender) {
+      if (!send_begin(c, m, fail, 1)) return false;  // every receiver has read round k - 1
+      for (long long w = role_gw; w < items; w += role_warps) {
+        const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
+        send_item(c, p, round * T + k, k, d, lane);
+        __threadfence_system();  // every lane's row writes before the tag (as send_end)
+        __syncwarp();
+        if (lane == 0) {
+          st_release_sys(reinterpret_cast<unsigned long long*>(
+                             c.slot_on(d) + static_cast<size_t>(k) * stride + tag_off),
+                         m);
+        }
+      }
+      __syncthreads();
+    } else {
+      if (round > 0) {
+        if (threadIdx.x == 0 &&
+            !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
+          *fail = 1;
+        }
+        __syncthreads();
+        if (*fail) return false;
+      }
+      // After a timeout elsewhere each warp's next wait sees the abort and leaves.
+      for (long long w = role_gw; w < items; w += role_warps) {
+        const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
+        const auto* tag = reinterpret_cast<const unsigned long long*>(
+            c.slot_from(s) + static_cast<size_t>(k) * stride + tag_off);
+        bool arrived = true;
+        if (lane == 0) {
+          arrived =
+              wait_until(tag, [m](unsigned long long v) { return v == m; }, ctx, kPhaseData, s);
+          if (!arrived) *fail = 1;
+        }
+        if (!__shfl_sync(0xffffffffu, arrived, 0)) break;
+        (void)ld_acquire_sys(tag);  // every lane: its reads of the row come after the tag
+        recv_item(c, p, seg, s, k, lane);
+      }
+      grid_recv_end(c, m, arrivals + done * recv_blocks);
+    }
+    if (*fail) return false;  // read after a __syncthreads: the same in every thread
+  }
+  return true;
+}
+
+// The data kernel's modes, each its own instantiation (the default kernel's registers stay as
+// they were):
+// - kPlain: every block sends its share of a round, then (after the grid's data flags) receives.
+// - kPipelined (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
+//   rows_per_round / 2 rows, round k in half k % 2, and round k + 1 sent before round k is
+//   received, so one round's transfer overlaps the previous round's permute.
+// - kOverlap (FUSED_A2A_HYBRID_OVERLAP=1, >= 2 blocks): blocks [0, send_blocks) send, the others
+//   receive at the same time. Each slot row carries the message number (tag), released by the
+//   sending warp after the row (fence, then release store), and a receiving warp waits for its
+//   row's tag instead of the grid's data flag, so rows are permuted while others are in flight.
+//   Slot reuse is unchanged: a round's senders wait for every receiver's ack of the round
+//   before, released once all of its receiving blocks are done.
+constexpr int kPlain = 0, kPipelined = 1, kOverlap = 2;
+
+template <int kMode>
 __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
+  constexpr bool kHalves = kMode == kPipelined;
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
   long long* seg = s_mem;       // [E] first row of (source s, expert j), at s*L + j
@@ -333,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     s_total = total;
     long long n = p.N;
     if (p.rounds_from_notify) n = ctrl_of(c.peers[c.rank])->group_tokens;
-    const long long round_rows = kPipelined ? p.rows_per_round / 2 : p.rows_per_round;
+    const long long round_rows = kHalves ? p.rows_per_round / 2 : p.rows_per_round;
     s_rounds = (n + round_rows - 1) / round_rows;
     // The notify's group-wide verdict that the ranks disagree (every rank sees it, and their
     // round sizes may differ): no rounds on any rank.
@@ -341,7 +421,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   }
   __syncthreads();
   const bool bad = s_bad != 0;
-  const int T = kPipelined ? p.rows_per_round / 2 : p.rows_per_round;
+  const int T = kHalves ? p.rows_per_round / 2 : p.rows_per_round;
   const auto items_of = [&](long long round) {
     const long long t0 = round * T;
     const long long t1 = bad ? t0 : min(static_cast<long long>(p.N), t0 + T);
@@ -349,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   };
   // Slot row of round position k: the round's half first (pipelined).
   const auto slot_row = [&](long long round, int k) {
-    return kPipelined ? static_cast<int>((round & 1) * T) + k : k;
+    return kHalves ? static_cast<int>((round & 1) * T) + k : k;
   };
   // Destination innermost: consecutive warps write to different peers.
   auto send_round = [&](long long round, unsigned long long) {
@@ -368,7 +448,11 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  if (ok) ok = grid_rounds<kPipelined>(c, m, q, &s_fail, s_rounds, send_round, recv_round);
+  if constexpr (kMode == kOverlap) {
+    if (ok) ok = overlap_rounds(c, p, seg, m, q * gridDim.x, s_rounds, items_of, &s_fail);
+  } else {
+    if (ok) ok = grid_rounds<kHalves>(c, m, q, &s_fail, s_rounds, send_round, recv_round);
+  }
   // Padding rows of each expert and the tail past the padded total: zeros.
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
   for (int j = -1; ok && j < L; ++j) {
@@ -495,14 +579,19 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   }
   const size_t E = static_cast<size_t>(a.num_experts);
   const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
-  const bool pipelined = hybrid_pipeline_env() && p.rows_per_round >= 2;
-  auto* kernel = pipelined ? data_kernel<true> : data_kernel<false>;
+  const int blocks = comm_blocks(st, a.num_sms);
+  const bool overlap = hybrid_overlap_env() && blocks >= 2;
+  const bool pipelined = !overlap && hybrid_pipeline_env() && p.rows_per_round >= 2;
+  p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
+  auto* kernel = overlap     ? data_kernel<kOverlap>
+                 : pipelined ? data_kernel<kPipelined>
+                             : data_kernel<kPlain>;
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
                     "hybrid dispatch shared memory");
   }
-  kernel<<<comm_blocks(st, a.num_sms), kThreads, smem, s>>>(c, p);
+  kernel<<<blocks, kThreads, smem, s>>>(c, p);
   check_launch(cached ? "hybrid dispatch (cached)" : "hybrid dispatch");
 }
 

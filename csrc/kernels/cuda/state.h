@@ -176,9 +176,14 @@ int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), defau
 // serial write-completion waits per warp)
 int chunks_per_warp_env();
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
-bool order_dst_major();      // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
-int ablate_env();            // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
-int recv_unroll_env();       // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
+// FUSED_A2A_HYBRID_OVERLAP=1: the HybridEP dispatch's sending and receiving blocks at once
+// (session 14, compile-checked); FUSED_A2A_HYBRID_SEND_BLOCKS: how many of `blocks` (>= 2) send
+// (default half; clamped to [1, blocks - 1]).
+bool hybrid_overlap_env();
+int hybrid_send_blocks(int blocks);
+bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
+int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
+int recv_unroll_env();   // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
 // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (default 2; 0: the whole chunk)
 int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
