@@ -228,6 +228,19 @@ PY
     fi
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c or s14d" >&2
+  s14e)  # (~4 min on 2 GPUs) HybridEP: the two-pass ordinals and FUSED_A2A_HYBRID_OVERLAP=1 (the
+    # dispatch's sending and receiving blocks at once): torch GPU tests, the bench with overlap
+    STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" PYTEST_K="torch and (overlap or default-buffer)" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    for overlap in ${HYB_OVERLAP:-1}; do
+      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode hybrid --frontend torch --out "$OUT/hyb_ov$overlap" >"$OUT/hyb_ov$overlap.log" 2>&1
+      echo "hybrid bench (torch), FUSED_A2A_HYBRID_OVERLAP=$overlap: rc=$?"
+      grep -E "^torch" "$OUT/hyb_ov$overlap.log" | cut -c1-90
+    done
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d or s14e" >&2
     exit 2 ;;
 esac
