@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   long long* cnt = off + L;     // [L] real rows of expert j
   long long* padded = cnt + L;  // [L]
   __shared__ int s_fail, s_bad, s_last;
-  __shared__ long long s_total, s_rounds;
+  __shared__ long long s_total, s_rounds, s_positions;
   const int lane = tid & 31, warp = tid >> 5;
   const long long nwarps = static_cast<long long>(gridDim.x) * kWarps;
   const long long gw = static_cast<long long>(blockIdx.x) * kWarps + warp;
@@ -413,6 +413,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     s_total = total;
     long long n = p.N;
     if (p.rounds_from_notify) n = ctrl_of(c.peers[c.rank])->group_tokens;
+    s_positions = min(n, static_cast<long long>(p.rows_per_round));  // slot rows ever used
     const long long round_rows = kHalves ? p.rows_per_round / 2 : p.rows_per_round;
     s_rounds = (n + round_rows - 1) / round_rows;
     // The notify's group-wide verdict that the ranks disagree (every rank sees it, and their
@@ -447,7 +448,25 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   };
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
-  bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
+  bool ok = !s_fail;
+  if constexpr (kMode == kOverlap) {
+    // The entry message also clears the tags of every slot row this op uses, before its ack
+    // lets any sender write: a stale tag (an earlier buffer's at the same address, or normal
+    // mode's bytes in JAX's shared data region) could otherwise equal a message number here.
+    const auto clear_tags = [&] {
+      const long long positions = G * s_positions;
+      for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + tid; i < positions;
+           i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        auto* tag = reinterpret_cast<unsigned long long*>(
+            const_cast<uint8_t*>(c.slot_from(static_cast<int>(i % G))) +
+            static_cast<size_t>(i / G) * p.row.stride + p.row.tag_off);
+        *tag = 0ull;
+      }
+    };
+    ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_tags);
+  } else {
+    ok = ok && grid_enter(c, m, q, &s_fail);
+  }
   if constexpr (kMode == kOverlap) {
     if (ok) ok = overlap_rounds(c, p, seg, m, q * gridDim.x, s_rounds, items_of, &s_fail);
   } else {
