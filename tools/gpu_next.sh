@@ -15,7 +15,9 @@
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
 #   PART=s14 (~6 min) / s14b (~5 min): SCAN=fused (the route scan's second pass in the
 #       dispatch and combine kernels) and LAYOUT=dynamic (no ready round trip after
-#       dispatch_notify): GPU tests / the A/B
+#       dispatch_notify): GPU tests / the A/B; s14x2, s14h, s14c, s14d, s14e: session 14's calls
+#   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
+#       steps after session 14")
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -241,6 +243,27 @@ PY
     done
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d or s14e" >&2
+  s15)  # (~6 min) the HybridEP overlap mode (FUSED_A2A_HYBRID_OVERLAP=1): its torch GPU tests with
+    # a 15 s op timeout (run 73's step printed nothing in 80 s: a hang names its op, phase and
+    # rank), then kernel times and the bench with the knob 0 / 1 on this machine
+    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" \
+      PYTEST_K="torch and (overlap or default-buffer)" bash tools/gpu_check.sh \
+      | grep -E "build:|tests:|FAILED"
+    grep -E "Error|error|timed out|phase" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -12
+    for overlap in 0 1; do
+      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 90 python3 benchmarks/hybrid_kernels.py \
+        --world "$NGPU" --out "$OUT/hybrid_kernels_ov$overlap.json" 2>&1 | grep -vE "^\[" \
+        | grep -E "^[a-z]|data_kernel|ordinal|notify" | cut -c1-100
+      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+        --mode hybrid --frontend torch --out "$OUT/hyb_ov$overlap" >"$OUT/hyb_ov$overlap.log" 2>&1
+      echo "hybrid bench (torch), FUSED_A2A_HYBRID_OVERLAP=$overlap: rc=$?"
+      grep -E "^torch" "$OUT/hyb_ov$overlap.log" | cut -c1-90
+      rm -f "$OUT/hyb_ov$overlap"/*.png
+    done
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s15.tgz --remove-files $(ls | grep -v '^s15.tgz$'))
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e or s15" >&2
     exit 2 ;;
 esac
