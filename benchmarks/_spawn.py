@@ -30,3 +30,21 @@ def spawn_ranks(worker, world: int, args, timeout: float):
     for p in procs:
         p.join(120)
     return result
+
+
+def init_rank(rank: int, world: int, port: int, cuda: bool):
+    """This rank's device and the default process group (NCCL on GPUs, gloo on CPUs)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        **({"device_id": device} if cuda else {}),
+    )
+    return device

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from _spawn import spawn_ranks
+from _spawn import init_rank, spawn_ranks
 
 
 def _sync(device):
@@ -144,16 +144,7 @@ def _summary(runs):
 
 def _worker(rank, world, port, args, queue):
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args.cpu
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        **({"device_id": device} if cuda else {}),
-    )
+    device = init_rank(rank, world, port, cuda)
     group = dist.group.WORLD
     result = {"device": str(device), "world": world, "tokens": args.tokens, "ops": {}}
     for name, fn in _ops(args, rank, world, device, group).items():

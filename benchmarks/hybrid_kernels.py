@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _spawn import spawn_ranks  # noqa: E402
+from _spawn import init_rank, spawn_ranks  # noqa: E402
 from bench_normal import _kernel_times  # noqa: E402
 
 
@@ -35,16 +35,8 @@ def _worker(rank, world, port, args, queue):
     import torch_fused_a2a as tfa
 
     cuda = torch.cuda.is_available()  # the CPU backend (gloo) only checks that the script runs
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-    )
+    device = init_rank(rank, world, port, cuda)
     group = dist.new_group(list(range(world)))
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     n, hidden, num_experts = args.tokens, args.hidden, args.experts
     lpr = num_experts // world
     x = torch.randn((n, hidden), generator=torch.Generator().manual_seed(rank)).to(
