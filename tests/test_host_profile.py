@@ -28,3 +28,19 @@ def test_host_profile_times_both_routes(tmp_path):
             row = ops[f"{helper} {route}"]
             assert len(row["host_us_runs"]) == 2 and row["host_us"] > 0, row
     assert len(ops["op combine"]["wall_us_runs"]) == 2
+
+
+def test_hybrid_kernels_script_runs_on_cpu(tmp_path):
+    """benchmarks/hybrid_kernels.py (kernel times of the torch HybridEP ops on GPUs) runs its ops
+    on CPU ranks too, so the script is checked here; it records no kernels there."""
+    out = tmp_path / "hk.json"
+    cmd = [
+        sys.executable, os.path.join(ROOT, "benchmarks", "hybrid_kernels.py"), "--world", "2",
+        "--tokens", "16", "--hidden", "256", "--experts", "8", "--top-k", "2", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["world"] == 2, result
+    for op in ("dispatch (dynamic P)", "dispatch (static P)", "combine"):
+        assert result[op] == [], (op, result[op])
