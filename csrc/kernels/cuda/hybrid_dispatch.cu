@@ -298,9 +298,10 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
 
 // kOverlap's rounds (see data_kernel): message m0 + 1 + k carries round k. arrivals: the receive
 // arrival counter's value after the kernel's earlier messages (every block took part). The
-// senders release no data flags (the rows' tags replace them). A receiving block starts round
-// k + 1 only after its rank's ack of round k (so no block's arrival for k + 1, e.g. with no item,
-// comes before another's for k: each round's last arrival releases that round's ack).
+// senders release no data flags (the rows' tags replace them). A receiving block starts round k
+// only after its rank's ack of the message before (so no block's arrival for k + 1, e.g. with no
+// item, comes before another's for k: each round's last arrival releases that round's ack; and
+// for round 0, every local block has cleared its share of the tags in the entry message).
 template <typename ItemsOf>
 __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const long long* seg,
                                       unsigned long long& m, unsigned int arrivals,
@@ -333,14 +334,13 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
       }
       __syncthreads();
     } else {
-      if (round > 0) {
-        if (threadIdx.x == 0 &&
-            !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
-          *fail = 1;
-        }
-        __syncthreads();
-        if (*fail) return false;
+      // Round 0 too: the entry message's ack comes after every local block cleared its tags.
+      if (threadIdx.x == 0 &&
+          !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
+        *fail = 1;
       }
+      __syncthreads();
+      if (*fail) return false;
       // After a timeout elsewhere each warp's next wait sees the abort and leaves.
       for (long long w = role_gw; w < items; w += role_warps) {
         const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
