@@ -404,3 +404,15 @@ struct OpScope {
 };
 
 }  // namespace fa2a::cuda::hybrid
+
+namespace fa2a {
+struct HybridDispatchArgs;
+namespace cuda {
+// The routing pre-pass (hybrid_route.cu) into the buffer's scratch: ordinal [N, E] i32 (a token's
+// ordinal among this rank's tokens routed to an expert, -1 if not routed), ecount [E] i32 (tokens
+// per expert), fanout (largest number of one rank's experts one token picked). Every HybridEP
+// dispatch entry point runs it before its kernels.
+void launch_hybrid_route(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a,
+                         cudaStream_t s);
+}  // namespace cuda
+}  // namespace fa2a
