@@ -451,7 +451,15 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     if os.environ.get("FA2A_BENCH_KERNELS"):
         res["kernels"] = {
             key: _kernel_times(timed[key])
-            for key in ("static_dispatch", "cached_dispatch", "combine", "nccl_a2a")
+            # the dynamic dispatch's kernels too: its event times include the host's count wait,
+            # which spread by ~50 us between identical cases (run 68)
+            for key in (
+                "static_dispatch",
+                "cached_dispatch",
+                "dynamic_dispatch",
+                "combine",
+                "nccl_a2a",
+            )
             if key in timed  # the FP8 cases have no cached dispatch or combine
         }
     return res

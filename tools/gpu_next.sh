@@ -264,6 +264,20 @@ PY
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s15.tgz --remove-files $(ls | grep -v '^s15.tgz$'))
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e or s15" >&2
+  s15b)  # (~3 min) LAYOUT=dynamic settled by kernel times: the dynamic dispatch's event times
+    # carry the host's count wait (+-50 us between identical cases in run 68); its data kernel
+    # should lose one NVLink round trip (predicted -4 to -8 us)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_laydyn,standard,standard_laydyn} \
+      BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh >/dev/null
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
+PY
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15 or s15b" >&2
     exit 2 ;;
 esac
