@@ -80,10 +80,10 @@ BUFFERS = {
     "rows8": {"FUSED_A2A_BUFFER_ROWS": "8"},
     "default-buffer": {},
     "rows8-pipelined": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_PIPELINE": "1"},
-    # the dispatch's sending and receiving blocks at once, rows tagged (session 14): one round
-    # and many (8 rows a slot)
-    "default-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "1"},
-    "rows8-overlap": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_OVERLAP": "1"},
+    # the dispatch's and the combine's sending and receiving blocks at once, rows / tokens
+    # tagged (session 14; bits 1 and 2): one round and many (8 rows a slot)
+    "default-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"},
+    "rows8-overlap": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_OVERLAP": "3"},
 }
 
 

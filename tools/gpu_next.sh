@@ -243,15 +243,15 @@ PY
     done
     rm -f "$OUT/build.log"
     ;;
-  s15)  # (~6 min) the HybridEP overlap mode (FUSED_A2A_HYBRID_OVERLAP=1): its torch GPU tests with
+  s15)  # (~7 min) the HybridEP overlap modes (FUSED_A2A_HYBRID_OVERLAP=1 / 3): torch GPU tests with
     # a 15 s op timeout (run 73's step printed nothing in 80 s: a hang names its op, phase and
-    # rank), then kernel times and the bench with the knob 0 / 1 on this machine
+    # rank), then kernel times and the bench with the knob 0 / 1 / 3 on this machine
     STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
       PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" \
       PYTEST_K="torch and (overlap or default-buffer)" bash tools/gpu_check.sh \
       | grep -E "build:|tests:|FAILED"
     grep -E "Error|error|timed out|phase" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -12
-    for overlap in 0 1; do
+    for overlap in ${HYB_OVERLAP:-0 1 3}; do  # bits: 1 dispatch, 2 combine
       FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 90 python3 benchmarks/hybrid_kernels.py \
         --world "$NGPU" --out "$OUT/hybrid_kernels_ov$overlap.json" 2>&1 | grep -vE "^\[" \
         | grep -E "^[a-z]|data_kernel|ordinal|notify" | cut -c1-100

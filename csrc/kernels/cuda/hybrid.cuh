@@ -35,6 +35,11 @@ namespace fa2a::cuda::hybrid {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
+// How a data kernel runs its rounds (each mode its own instantiation): every block sends, then
+// receives; two half slots (FUSED_A2A_HYBRID_PIPELINE=1); sending and receiving blocks at once
+// with per-row / per-token tags (FUSED_A2A_HYBRID_OVERLAP, hybrid_dispatch.cu / _combine.cu).
+constexpr int kRoundsPlain = 0, kRoundsHalves = 1, kRoundsOverlap = 2;
+
 struct Ctrl {
   unsigned long long msgs;   // messages completed on this buffer (same on every rank)
   long long group_tokens;    // the largest N of the last notify (rounds of its data phase)

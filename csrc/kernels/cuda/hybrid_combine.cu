@@ -38,6 +38,7 @@ struct CombineParams {
   const int32_t* meta;
   long long slot_rows;    // positions of one slot
   bool pipelined;         // FUSED_A2A_HYBRID_PIPELINE=1: two half slots, rounds overlapped
+  int send_blocks;        // kRoundsOverlap: blocks [0, send_blocks) send, the others reduce
   const int32_t* rowmap;  // [G*N, L] from rowmap_kernel
   void* out;
   float* out_probs;
@@ -228,10 +229,22 @@ __device__ inline void reduce_token(const Comm& c, const CombineParams& p, const
   }
 }
 
-// kPipelined: a separate instantiation, so that the default kernel's registers stay as they were
-// (the pipelined loop spills).
-template <bool kPipelined>
+// kMode (hybrid.cuh), each a separate instantiation, so that the default kernel's registers stay
+// as they were (the pipelined loop spills):
+// - kRoundsPlain: every block sends its share of a round, then (after the grid's data flags)
+//   reduces.
+// - kRoundsHalves (FUSED_A2A_HYBRID_PIPELINE=1): two half slots, round k + 1 sent before round k
+//   is reduced.
+// - kRoundsOverlap (FUSED_A2A_HYBRID_OVERLAP bit 2, >= 2 blocks): blocks [0, send_blocks) send,
+//   the others reduce at the same time. A round's slot holds T tokens x F positions, then a
+//   flag a token (T = slot bytes / (F x stride + 8)); the warp that wrote a token's F positions
+//   releases its flag (the message number) after them, and the warp reducing the token waits
+//   for the flags of all G holders instead of the grid's data flags. The entry message clears
+//   the flags; reducing blocks start a round after their rank's ack of the message before;
+//   senders wait for every source's ack of the round before (slot reuse as in the other modes).
+template <int kMode>
 __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams p) {
+  constexpr bool kPipelined = kMode == kRoundsHalves, kOverlap = kMode == kRoundsOverlap;
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
   __shared__ int s_fail, s_bad, s_last;
   const int lane = tid & 31, warp = tid >> 5;
@@ -250,8 +263,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   // round's reduction. Every rank decides alike (same slot size, F from the notify).
   const size_t half_bytes = (c.slot_bytes / 2) & ~static_cast<size_t>(15);
   const bool pipe = kPipelined && static_cast<long long>(half_bytes / p.stride) >= F;
+  const size_t token_bytes = static_cast<size_t>(F) * p.stride;
   const long long T =
-      max(1ll, (pipe ? static_cast<long long>(half_bytes / p.stride) : p.slot_rows) / F);
+      kOverlap ? max(1ll, static_cast<long long>(c.slot_bytes / (token_bytes + 8)))
+               : max(1ll, (pipe ? static_cast<long long>(half_bytes / p.stride) : p.slot_rows) / F);
+  const size_t flags_off = static_cast<size_t>(T) * token_bytes;  // kOverlap: T u64 flags
   // meta NumTokens -1: the dispatch's notify found the ranks disagreeing (on every rank): no
   // rounds anywhere, zeros out.
   const bool group_bad = p.meta[kHybridMetaNumTokens] == -1;
@@ -277,10 +293,81 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
   };
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
-  bool ok = !s_fail && grid_enter(c, m, q, &s_fail);
-  if (ok) {
-    ok = pipe ? grid_rounds<kPipelined>(c, m, q, &s_fail, rounds, send_round, recv_round)
-              : grid_rounds<false>(c, m, q, &s_fail, rounds, send_round, recv_round);
+  bool ok = !s_fail;
+  if constexpr (kOverlap) {
+    // Token flags in this rank's slots: flag_of(h, k) = token k's flag from holder h.
+    const auto flag_of = [&](int h, long long k) {
+      return reinterpret_cast<unsigned long long*>(const_cast<uint8_t*>(c.slot_from(h)) +
+                                                   flags_off + static_cast<size_t>(k) * 8);
+    };
+    const long long used = min(T, static_cast<long long>(p.N));  // token positions ever used
+    const auto clear_flags = [&] {
+      for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + tid; i < G * used;
+           i += static_cast<long long>(gridDim.x) * blockDim.x) {
+        *flag_of(static_cast<int>(i % G), i / G) = 0ull;
+      }
+    };
+    ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_flags);
+    const int send_blocks = p.send_blocks, recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
+    const bool sender = static_cast<int>(blockIdx.x) < send_blocks;
+    const long long role_warps =
+        static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
+    const long long role_gw =
+        static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps + warp;
+    const unsigned int arrivals = q * gridDim.x;
+    const WaitCtx ctx = c.wait_ctx();
+    for (long long round = 0; ok && round < rounds; ++round) {
+      ++m;
+      const long long t0 = round * T;
+      const int n = tokens_of(round);
+      if (sender) {
+        if (!send_begin(c, m, &s_fail, 1)) break;  // every source has reduced round k - 1
+        for (long long w = role_gw; w < static_cast<long long>(n) * G; w += role_warps) {
+          const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
+          send_token(c, p, 0, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
+          __threadfence_system();  // every lane's writes of the token's positions first
+          __syncwarp();
+          if (lane == 0) {
+            st_release_sys(reinterpret_cast<unsigned long long*>(c.slot_on(s) + flags_off +
+                                                                 static_cast<size_t>(k) * 8),
+                           m);
+          }
+        }
+        __syncthreads();
+      } else {
+        // After the ack of the message before (round 0: every local block cleared its flags).
+        if (tid == 0 &&
+            !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
+          s_fail = 1;
+        }
+        __syncthreads();
+        if (s_fail) break;
+        for (long long k = role_gw; k < n; k += role_warps) {
+          bool arrived = true;
+          if (lane < G) {
+            arrived = wait_until(
+                flag_of(lane, k), [m](unsigned long long v) { return v == m; }, ctx, kPhaseData,
+                lane);
+            if (!arrived) s_fail = 1;
+          }
+          if (__ballot_sync(0xffffffffu, !arrived) != 0u) break;
+          for (int h = 0; h < G; ++h) (void)ld_acquire_sys(flag_of(h, k));  // every lane
+          reduce_token(c, p, own, 0, static_cast<int>(t0 + k), static_cast<int>(k), F,
+                       static_cast<unsigned int>(m), lane);
+        }
+        grid_recv_end(c, m, arrivals + static_cast<unsigned int>(round + 1) * recv_blocks);
+      }
+      __syncthreads();
+      ok = s_fail == 0;
+    }
+    __syncthreads();  // a block that left the loop early (break) reads the verdict too
+    ok = ok && s_fail == 0;
+  } else {
+    ok = ok && grid_enter(c, m, q, &s_fail);
+    if (ok) {
+      ok = pipe ? grid_rounds<kPipelined>(c, m, q, &s_fail, rounds, send_round, recv_round)
+                : grid_rounds<false>(c, m, q, &s_fail, rounds, send_round, recv_round);
+    }
   }
   if (ok && group_bad) {
     for (long long t = gw; t < p.N; t += nwarps) {
@@ -323,6 +410,9 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.meta = a.meta;
   p.slot_rows = static_cast<long long>(c.slot_bytes / p.stride);
   p.pipelined = hybrid_pipeline_env();
+  const int blocks = comm_blocks(st, a.num_sms);
+  const bool overlap = (hybrid_overlap_env() & kOverlapCombine) != 0 && blocks >= 2;
+  p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
   FA2A_CHECK(p.slot_rows >= L, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,
              " bytes) cannot hold one token's ", L, " rows of ", p.stride,
              " bytes; create the buffer with more bytes (init_hybrid_ep_buffer)");
@@ -342,16 +432,15 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
                                static_cast<int>(smem)),
           "hybrid combine row map shared memory");
     }
-    const int blocks = static_cast<int>(std::min<long long>((a.num_rows + 255) / 256, 1024));
-    rowmap_kernel<<<blocks, 256, smem, s>>>(a.row_token, a.src_expert_counts, a.num_rows,
-                                            a.pad_multiple, G, L, num_ids, scratch.ordinal);
+    const int map_blocks = static_cast<int>(std::min<long long>((a.num_rows + 255) / 256, 1024));
+    rowmap_kernel<<<map_blocks, 256, smem, s>>>(a.row_token, a.src_expert_counts, a.num_rows,
+                                                a.pad_multiple, G, L, num_ids, scratch.ordinal);
     check_launch("hybrid combine row map");
   }
-  if (p.pipelined) {
-    combine_kernel<true><<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
-  } else {
-    combine_kernel<false><<<comm_blocks(st, a.num_sms), kThreads, 0, s>>>(c, p);
-  }
+  auto* kernel = overlap       ? combine_kernel<kRoundsOverlap>
+                 : p.pipelined ? combine_kernel<kRoundsHalves>
+                               : combine_kernel<kRoundsPlain>;
+  kernel<<<blocks, kThreads, 0, s>>>(c, p);
   check_launch("hybrid combine");
 }
 

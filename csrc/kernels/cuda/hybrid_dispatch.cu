@@ -224,8 +224,8 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   }
 }
 
-// kOverlap's rounds (see data_kernel): message m0 + 1 + k carries round k. arrivals: the receive
-// arrival counter's value after the kernel's earlier messages (every block took part). The
+// kRoundsOverlap's rounds (see data_kernel): message m0 + 1 + k carries round k. arrivals: the
+// receive arrival counter's value after the kernel's earlier messages (every block took part). The
 // senders release no data flags (the rows' tags replace them). A receiving block starts round k
 // only after its rank's ack of the message before (so no block's arrival for k + 1, e.g. with no
 // item, comes before another's for k: each round's last arrival releases that round's ack; and
@@ -293,21 +293,21 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
 
 // The data kernel's modes, each its own instantiation (the default kernel's registers stay as
 // they were):
-// - kPlain: every block sends its share of a round, then (after the grid's data flags) receives.
-// - kPipelined (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
+// - kRoundsPlain: every block sends its share of a round, then (after the grid's data flags)
+// receives.
+// - kRoundsHalves (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
 //   rows_per_round / 2 rows, round k in half k % 2, and round k + 1 sent before round k is
 //   received, so one round's transfer overlaps the previous round's permute.
-// - kOverlap (FUSED_A2A_HYBRID_OVERLAP=1, >= 2 blocks): blocks [0, send_blocks) send, the others
+// - kRoundsOverlap (FUSED_A2A_HYBRID_OVERLAP bit 1, >= 2 blocks): blocks [0, send_blocks) send, the
+// others
 //   receive at the same time. Each slot row carries the message number (tag), released by the
 //   sending warp after the row (fence, then release store), and a receiving warp waits for its
 //   row's tag instead of the grid's data flag, so rows are permuted while others are in flight.
 //   Slot reuse is unchanged: a round's senders wait for every receiver's ack of the round
 //   before, released once all of its receiving blocks are done.
-constexpr int kPlain = 0, kPipelined = 1, kOverlap = 2;
-
 template <int kMode>
 __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
-  constexpr bool kHalves = kMode == kPipelined;
+  constexpr bool kHalves = kMode == kRoundsHalves;
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
   long long* seg = s_mem;       // [E] first row of (source s, expert j), at s*L + j
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
   bool ok = !s_fail;
-  if constexpr (kMode == kOverlap) {
+  if constexpr (kMode == kRoundsOverlap) {
     // The entry message also clears the tags of every slot row this op uses, before its ack
     // lets any sender write: a stale tag (an earlier buffer's at the same address, or normal
     // mode's bytes in JAX's shared data region) could otherwise equal a message number here.
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   } else {
     ok = ok && grid_enter(c, m, q, &s_fail);
   }
-  if constexpr (kMode == kOverlap) {
+  if constexpr (kMode == kRoundsOverlap) {
     if (ok) ok = overlap_rounds(c, p, seg, m, q * gridDim.x, s_rounds, items_of, &s_fail);
   } else {
     if (ok) ok = grid_rounds<kHalves>(c, m, q, &s_fail, s_rounds, send_round, recv_round);
@@ -497,12 +497,12 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   const size_t E = static_cast<size_t>(a.num_experts);
   const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
   const int blocks = comm_blocks(st, a.num_sms);
-  const bool overlap = hybrid_overlap_env() && blocks >= 2;
+  const bool overlap = (hybrid_overlap_env() & kOverlapDispatch) != 0 && blocks >= 2;
   const bool pipelined = !overlap && hybrid_pipeline_env() && p.rows_per_round >= 2;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
-  auto* kernel = overlap     ? data_kernel<kOverlap>
-                 : pipelined ? data_kernel<kPipelined>
-                             : data_kernel<kPlain>;
+  auto* kernel = overlap     ? data_kernel<kRoundsOverlap>
+                 : pipelined ? data_kernel<kRoundsHalves>
+                             : data_kernel<kRoundsPlain>;
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),

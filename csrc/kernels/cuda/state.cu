@@ -354,7 +354,7 @@ int chunks_per_warp_env() { return std::max(1, env_int("FUSED_A2A_CUDA_CHUNKS_PE
 
 bool hybrid_pipeline_env() { return env_int("FUSED_A2A_HYBRID_PIPELINE", 0) != 0; }
 
-bool hybrid_overlap_env() { return env_int("FUSED_A2A_HYBRID_OVERLAP", 0) != 0; }
+int hybrid_overlap_env() { return env_int("FUSED_A2A_HYBRID_OVERLAP", 0); }
 
 int hybrid_send_blocks(int blocks) {
   return std::clamp(env_int("FUSED_A2A_HYBRID_SEND_BLOCKS", blocks / 2), 1, blocks - 1);

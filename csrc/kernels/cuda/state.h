@@ -176,10 +176,12 @@ int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), defau
 // serial write-completion waits per warp)
 int chunks_per_warp_env();
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
-// FUSED_A2A_HYBRID_OVERLAP=1: the HybridEP dispatch's sending and receiving blocks at once
-// (session 14, compile-checked); FUSED_A2A_HYBRID_SEND_BLOCKS: how many of `blocks` (>= 2) send
-// (default half; clamped to [1, blocks - 1]).
-bool hybrid_overlap_env();
+// FUSED_A2A_HYBRID_OVERLAP (bits; session 14, opt-in): 1 the HybridEP dispatch (and cached
+// dispatch), 2 the combine, run their sending and receiving blocks at once; 3 both.
+// FUSED_A2A_HYBRID_SEND_BLOCKS: how many of `blocks` (>= 2) send (default half; clamped to
+// [1, blocks - 1]).
+constexpr int kOverlapDispatch = 1, kOverlapCombine = 2;
+int hybrid_overlap_env();
 int hybrid_send_blocks(int blocks);
 bool order_dst_major();  // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int ablate_env();        // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
