@@ -411,7 +411,9 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.slot_rows = static_cast<long long>(c.slot_bytes / p.stride);
   p.pipelined = hybrid_pipeline_env();
   const int blocks = comm_blocks(st, a.num_sms);
-  const bool overlap = (hybrid_overlap_env() & kOverlapCombine) != 0 && blocks >= 2;
+  // The overlapped rounds need one token of F <= L positions and its flag in a slot.
+  const bool overlap = (hybrid_overlap_env() & kOverlapCombine) != 0 && blocks >= 2 &&
+                       c.slot_bytes >= static_cast<size_t>(L) * p.stride + 8;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
   FA2A_CHECK(p.slot_rows >= L, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,
              " bytes) cannot hold one token's ", L, " rows of ", p.stride,
