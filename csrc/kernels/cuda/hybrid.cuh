@@ -232,6 +232,33 @@ __device__ inline bool grid_rounds(const Comm& c, unsigned long long& m, unsigne
     return ok;
   }
 }
+// kRoundsOverlap's block roles: blocks [0, send_blocks) send, the others receive; a warp's index
+// and count within its role.
+struct OverlapRoles {
+  bool sender;
+  long long warps, warp_index;
+  __device__ OverlapRoles(int send_blocks) {
+    const int recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
+    sender = static_cast<int>(blockIdx.x) < send_blocks;
+    warps = static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
+    warp_index = static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps +
+                 (threadIdx.x >> 5);
+  }
+};
+
+// kRoundsOverlap, a receiving block before message m's round: wait for this rank's ack of
+// message m - 1, i.e. every local receiving block is done with the round before (and, for the
+// first round, cleared its share of the tags in the entry message). False (the block leaves) on
+// a timeout or abort.
+__device__ inline bool overlap_recv_begin(const Comm& c, unsigned long long m, int* fail) {
+  if (threadIdx.x == 0 && !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, c.wait_ctx(),
+                                     kPhaseRound, c.rank)) {
+    *fail = 1;
+  }
+  __syncthreads();
+  return *fail == 0;
+}
+
 // The grid's empty first message (see enter).
 __device__ inline bool grid_enter(const Comm& c, unsigned long long& m, unsigned int& q,
                                   int* fail) {

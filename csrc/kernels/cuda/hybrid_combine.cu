@@ -308,21 +308,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
       }
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_flags);
-    const int send_blocks = p.send_blocks, recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
-    const bool sender = static_cast<int>(blockIdx.x) < send_blocks;
-    const long long role_warps =
-        static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
-    const long long role_gw =
-        static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps + warp;
+    const OverlapRoles role(p.send_blocks);
+    const int recv_blocks = static_cast<int>(gridDim.x) - p.send_blocks;
     const unsigned int arrivals = q * gridDim.x;
     const WaitCtx ctx = c.wait_ctx();
     for (long long round = 0; ok && round < rounds; ++round) {
       ++m;
       const long long t0 = round * T;
       const int n = tokens_of(round);
-      if (sender) {
+      if (role.sender) {
         if (!send_begin(c, m, &s_fail, 1)) break;  // every source has reduced round k - 1
-        for (long long w = role_gw; w < static_cast<long long>(n) * G; w += role_warps) {
+        for (long long w = role.warp_index; w < static_cast<long long>(n) * G; w += role.warps) {
           const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
           send_token(c, p, 0, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
           __threadfence_system();  // every lane's writes of the token's positions first
@@ -335,14 +331,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
         }
         __syncthreads();
       } else {
-        // After the ack of the message before (round 0: every local block cleared its flags).
-        if (tid == 0 &&
-            !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
-          s_fail = 1;
-        }
-        __syncthreads();
-        if (s_fail) break;
-        for (long long k = role_gw; k < n; k += role_warps) {
+        if (!overlap_recv_begin(c, m, &s_fail)) break;  // round 0 too: the flags are clear
+        for (long long k = role.warp_index; k < n; k += role.warps) {
           bool arrived = true;
           if (lane < G) {
             arrived = wait_until(

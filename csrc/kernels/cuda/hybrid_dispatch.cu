@@ -234,12 +234,9 @@ template <typename ItemsOf>
 __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const long long* seg,
                                       unsigned long long& m, unsigned int arrivals,
                                       long long rounds, ItemsOf&& items_of, int* fail) {
-  const int G = c.num_ranks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int send_blocks = p.send_blocks, recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
-  const bool sender = static_cast<int>(blockIdx.x) < send_blocks;
-  const long long role_warps = static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
-  const long long role_gw =
-      static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps + warp;
+  const int G = c.num_ranks, lane = threadIdx.x & 31;
+  const OverlapRoles role(p.send_blocks);
+  const int recv_blocks = static_cast<int>(gridDim.x) - p.send_blocks;
   const size_t stride = p.row.stride, tag_off = p.row.tag_off;
   const int T = p.rows_per_round;
   const WaitCtx ctx = c.wait_ctx();
@@ -247,9 +244,9 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
     ++m;
     const long long items = items_of(round);
     const auto done = static_cast<unsigned int>(round + 1);
-    if (sender) {
+    if (role.sender) {
       if (!send_begin(c, m, fail, 1)) return false;  // every receiver has read round k - 1
-      for (long long w = role_gw; w < items; w += role_warps) {
+      for (long long w = role.warp_index; w < items; w += role.warps) {
         const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
         send_item(c, p, round * T + k, k, d, lane);
         __threadfence_system();  // every lane's row writes before the tag (as send_end)
@@ -262,15 +259,9 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
       }
       __syncthreads();
     } else {
-      // Round 0 too: the entry message's ack comes after every local block cleared its tags.
-      if (threadIdx.x == 0 &&
-          !wait_flag(&ctrl_of(c.peers[c.rank])->ack[c.rank], m - 1, ctx, kPhaseRound, c.rank)) {
-        *fail = 1;
-      }
-      __syncthreads();
-      if (*fail) return false;
+      if (!overlap_recv_begin(c, m, fail)) return false;  // round 0 too: the tags are clear
       // After a timeout elsewhere each warp's next wait sees the abort and leaves.
-      for (long long w = role_gw; w < items; w += role_warps) {
+      for (long long w = role.warp_index; w < items; w += role.warps) {
         const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
         const auto* tag = reinterpret_cast<const unsigned long long*>(
             c.slot_from(s) + static_cast<size_t>(k) * stride + tag_off);
