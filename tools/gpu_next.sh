@@ -6,8 +6,8 @@
 #   PART=hyb (~4 min): build; torch HybridEP GPU tests (incl. the pipelined combine); HybridEP
 #       bench at N = 4096 with FUSED_A2A_HYBRID_PIPELINE=0 / 1
 #   PART=fab (~4 min): the whole fused-a2a bench --ranks all GPUs
-#   PART=tests (~6 min): the normal-mode GPU tests; PART=tests2 (~5 min): HybridEP, host
-#       counts, faults, concurrency
+#   PART=tests (~5 min) and tests_rows (~6 min): the normal-mode GPU tests (without / only
+#       test_static_big_rows); PART=tests2 (~5 min): HybridEP, host counts, faults, concurrency
 #   PART=perf (~6 min): link probe, bench A/B, fused-a2a bench, traces with run 12's ablations
 #   PART=jaxloop (~3 min): the JAX bench's loop with a known trip count vs a runtime one, and torch
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
@@ -27,9 +27,12 @@ source tools/gpu_env.sh
 export FA2A_COMMIT=${FA2A_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 case "${PART:-tests}" in
-  tests)  # the normal-mode GPU tests (test_gpu_normal.py grew in session 13)
+  tests | tests_rows)  # the normal-mode GPU tests in two calls at G = 4 (one took more than
+    # 420 s in run 72): tests = all but test_static_big_rows (26 cases of ~14 s), tests_rows = it
+    if [[ $PART == tests ]]; then k="not big_rows"; else k="big_rows"; fi
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py" bash tools/gpu_check.sh
+      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py" PYTEST_K="$k" \
+      bash tools/gpu_check.sh
     grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -16
     ;;
   tests2)  # the other GPU tests: HybridEP, host counts, faults, concurrency
@@ -278,6 +281,6 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15 or s15b" >&2
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b or tests_rows" >&2
     exit 2 ;;
 esac
