@@ -255,6 +255,12 @@ __device__ inline bool wait_flag(const unsigned long long* flag, unsigned long l
   return wait_until(flag, [target](unsigned long long v) { return v >= target; }, ctx, phase, peer);
 }
 
+// Spin until *flag == value (a tag: unlike a counter, a stale word may hold any value).
+__device__ inline bool wait_equal(const unsigned long long* flag, unsigned long long value,
+                                  const WaitCtx& ctx, int phase, int peer) {
+  return wait_until(flag, [value](unsigned long long v) { return v == value; }, ctx, phase, peer);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Copies. Rows are 16-byte multiples at 16-byte aligned addresses (checked on the host).
 __device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }

@@ -236,15 +236,24 @@ __device__ inline bool grid_rounds(const Comm& c, unsigned long long& m, unsigne
 // and count within its role.
 struct OverlapRoles {
   bool sender;
+  int recv_blocks;
   long long warps, warp_index;
   __device__ OverlapRoles(int send_blocks) {
-    const int recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
+    recv_blocks = static_cast<int>(gridDim.x) - send_blocks;
     sender = static_cast<int>(blockIdx.x) < send_blocks;
     warps = static_cast<long long>(sender ? send_blocks : recv_blocks) * kWarps;
     warp_index = static_cast<long long>(sender ? blockIdx.x : blockIdx.x - send_blocks) * kWarps +
                  (threadIdx.x >> 5);
   }
 };
+
+// kRoundsOverlap, a sending warp after writing what `tag` covers: every lane's writes first (as
+// send_end), then lane 0 releases the tag m to the reader.
+__device__ inline void warp_release_tag(unsigned long long* tag, unsigned long long m, int lane) {
+  __threadfence_system();
+  __syncwarp();
+  if (lane == 0) st_release_sys(tag, m);
+}
 
 // kRoundsOverlap, a receiving block before message m's round: wait for this rank's ack of
 // message m - 1, i.e. every local receiving block is done with the round before (and, for the

@@ -309,7 +309,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_flags);
     const OverlapRoles role(p.send_blocks);
-    const int recv_blocks = static_cast<int>(gridDim.x) - p.send_blocks;
     const unsigned int arrivals = q * gridDim.x;
     const WaitCtx ctx = c.wait_ctx();
     for (long long round = 0; ok && round < rounds; ++round) {
@@ -321,13 +320,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
         for (long long w = role.warp_index; w < static_cast<long long>(n) * G; w += role.warps) {
           const int s = static_cast<int>(w % G), k = static_cast<int>(w / G);
           send_token(c, p, 0, s, static_cast<int>(t0 + k), k, F, m, bad, lane);
-          __threadfence_system();  // every lane's writes of the token's positions first
-          __syncwarp();
-          if (lane == 0) {
-            st_release_sys(reinterpret_cast<unsigned long long*>(c.slot_on(s) + flags_off +
+          warp_release_tag(reinterpret_cast<unsigned long long*>(c.slot_on(s) + flags_off +
                                                                  static_cast<size_t>(k) * 8),
-                           m);
-          }
+                           m, lane);
         }
         __syncthreads();
       } else {
@@ -335,9 +330,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
         for (long long k = role.warp_index; k < n; k += role.warps) {
           bool arrived = true;
           if (lane < G) {
-            arrived = wait_until(
-                flag_of(lane, k), [m](unsigned long long v) { return v == m; }, ctx, kPhaseData,
-                lane);
+            arrived = wait_equal(flag_of(lane, k), m, ctx, kPhaseData, lane);
             if (!arrived) s_fail = 1;
           }
           if (__ballot_sync(0xffffffffu, !arrived) != 0u) break;
@@ -345,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
           reduce_token(c, p, own, 0, static_cast<int>(t0 + k), static_cast<int>(k), F,
                        static_cast<unsigned int>(m), lane);
         }
-        grid_recv_end(c, m, arrivals + static_cast<unsigned int>(round + 1) * recv_blocks);
+        grid_recv_end(c, m, arrivals + static_cast<unsigned int>(round + 1) * role.recv_blocks);
       }
       __syncthreads();
       ok = s_fail == 0;

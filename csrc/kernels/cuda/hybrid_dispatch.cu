@@ -236,7 +236,6 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
                                       long long rounds, ItemsOf&& items_of, int* fail) {
   const int G = c.num_ranks, lane = threadIdx.x & 31;
   const OverlapRoles role(p.send_blocks);
-  const int recv_blocks = static_cast<int>(gridDim.x) - p.send_blocks;
   const size_t stride = p.row.stride, tag_off = p.row.tag_off;
   const int T = p.rows_per_round;
   const WaitCtx ctx = c.wait_ctx();
@@ -249,13 +248,9 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
       for (long long w = role.warp_index; w < items; w += role.warps) {
         const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
         send_item(c, p, round * T + k, k, d, lane);
-        __threadfence_system();  // every lane's row writes before the tag (as send_end)
-        __syncwarp();
-        if (lane == 0) {
-          st_release_sys(reinterpret_cast<unsigned long long*>(
+        warp_release_tag(reinterpret_cast<unsigned long long*>(
                              c.slot_on(d) + static_cast<size_t>(k) * stride + tag_off),
-                         m);
-        }
+                         m, lane);
       }
       __syncthreads();
     } else {
@@ -267,15 +262,14 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
             c.slot_from(s) + static_cast<size_t>(k) * stride + tag_off);
         bool arrived = true;
         if (lane == 0) {
-          arrived =
-              wait_until(tag, [m](unsigned long long v) { return v == m; }, ctx, kPhaseData, s);
+          arrived = wait_equal(tag, m, ctx, kPhaseData, s);
           if (!arrived) *fail = 1;
         }
         if (!__shfl_sync(0xffffffffu, arrived, 0)) break;
         (void)ld_acquire_sys(tag);  // every lane: its reads of the row come after the tag
         recv_item(c, p, seg, s, k, lane);
       }
-      grid_recv_end(c, m, arrivals + done * recv_blocks);
+      grid_recv_end(c, m, arrivals + done * role.recv_blocks);
     }
     if (*fail) return false;  // read after a __syncthreads: the same in every thread
   }
@@ -285,15 +279,14 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
 // The data kernel's modes, each its own instantiation (the default kernel's registers stay as
 // they were):
 // - kRoundsPlain: every block sends its share of a round, then (after the grid's data flags)
-// receives.
+//   receives.
 // - kRoundsHalves (FUSED_A2A_HYBRID_PIPELINE=1, rows_per_round >= 2): each slot in two halves of
 //   rows_per_round / 2 rows, round k in half k % 2, and round k + 1 sent before round k is
 //   received, so one round's transfer overlaps the previous round's permute.
-// - kRoundsOverlap (FUSED_A2A_HYBRID_OVERLAP bit 1, >= 2 blocks): blocks [0, send_blocks) send, the
-// others
-//   receive at the same time. Each slot row carries the message number (tag), released by the
-//   sending warp after the row (fence, then release store), and a receiving warp waits for its
-//   row's tag instead of the grid's data flag, so rows are permuted while others are in flight.
+// - kRoundsOverlap (FUSED_A2A_HYBRID_OVERLAP bit 1, >= 2 blocks): blocks [0, send_blocks) send,
+//   the others receive at the same time. Each slot row carries the message number (tag), released
+//   by the sending warp after the row (fence, then release store), and a receiving warp waits for
+//   its row's tag instead of the grid's data flag, so rows are permuted while others are in flight.
 //   Slot reuse is unchanged: a round's senders wait for every receiver's ack of the round
 //   before, released once all of its receiving blocks are done.
 template <int kMode>
@@ -383,12 +376,9 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
       }
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_tags);
-  } else {
-    ok = ok && grid_enter(c, m, q, &s_fail);
-  }
-  if constexpr (kMode == kRoundsOverlap) {
     if (ok) ok = overlap_rounds(c, p, seg, m, q * gridDim.x, s_rounds, items_of, &s_fail);
   } else {
+    ok = ok && grid_enter(c, m, q, &s_fail);
     if (ok) ok = grid_rounds<kHalves>(c, m, q, &s_fail, s_rounds, send_round, recv_round);
   }
   // Padding rows of each expert and the tail past the padded total: zeros.
