@@ -49,8 +49,8 @@ struct CombineParams {
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
-  // FUSED_A2A_CUDA_SCAN=fused (kFusedScan kernels): route_mask_kernel ran the route scan's first
-  // pass and this kernel runs the second (every cum[d][t]).
+  // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
+  // kernel runs the second (every cum[d][t]).
   ScanPass2 scan2;
 };
 
@@ -378,7 +378,7 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
   }
 }
 
-// kFusedScan: the route scan's second pass runs here (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh).
+// kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh).
 template <typename T, bool kFusedScan = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -492,7 +492,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
   // fused_scan: only the scan's first pass here, the kernel runs the second
-  const bool fused = fused_scan(a.num_tokens) && a.num_tokens > 0;
+  const bool fused = fused_scan(a.num_tokens);
   const bool idx64 = a.idx_dtype == DType::kI64;
   const int num_tokens = static_cast<int>(a.num_tokens);
   ScanPass2 scan2;

@@ -25,7 +25,7 @@ struct LocalState {
   unsigned long long error_mask;  // ranks waited for when timing out
   unsigned int items_claimed;     // sender items claimed by the running op (next_item)
   unsigned int recv_claimed;      // dispatch receiver items claimed (FUSED_A2A_CUDA_RECV_ITEMS)
-  unsigned int scan_done;         // blocks past the route scan's second pass (SCAN=fused)
+  unsigned int scan_done;         // blocks past the route scan's second pass (fused_scan)
 };
 
 struct NotifySlot {  // sender s -> receiver r, dispatch count exchange

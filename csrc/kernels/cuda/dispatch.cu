@@ -42,7 +42,7 @@ using namespace dispatch_impl;
 // receivers' items dealt (kRecvDealt), claimed, or claimed by the senders too once their items
 // are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
 // default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
-// (FUSED_A2A_CUDA_SCAN=fused, scan_pass2.cuh; static dispatch with the layout notify).
+// (fused_scan, scan_pass2.cuh; static dispatch with the layout notify).
 // kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
 // (FUSED_A2A_CUDA_LAYOUT=dynamic).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
@@ -339,7 +339,7 @@ struct Prepared {
 
 // after_notify (dispatch_data): the route scan of the dispatch_notify just before is reused when
 // it is still in the scratch (CudaState::notified). fuse_scan: only the route scan's first pass
-// is launched; the data kernel runs the second (FUSED_A2A_CUDA_SCAN=fused).
+// is launched; the data kernel runs the second (fused_scan).
 Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list,
                  bool after_notify, bool fuse_scan = false) {
   const int G = buffer.num_ranks();
@@ -388,8 +388,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const bool records = records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
   // The scan's second pass in the kernel (fused_scan): the static dispatch with the layout
   // notify and without the records kernel (which reads the send lists before the data kernel)
-  const bool fuse_scan = fused_scan(a.num_tokens) && op == kOpDispatch && a.num_tokens > 0 &&
-                         layout_notify && !records;
+  const bool fuse_scan = fused_scan(a.num_tokens) && op == kOpDispatch && layout_notify && !records;
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();

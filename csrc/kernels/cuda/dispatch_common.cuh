@@ -74,8 +74,8 @@ struct DispatchParams {
   bool flag_fence_sc;
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
-  // FUSED_A2A_CUDA_SCAN=fused (kFusedScan kernels): route_mask_kernel ran the route scan's
-  // first pass and this kernel runs the second (the send lists and cum[d][N]).
+  // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
+  // kernel runs the second (the send lists and cum[d][N]).
   ScanPass2 scan2;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kScanThreads)
                       int* tile_count, int* tile_ecount) {
   extern __shared__ int s_ecount[];  // num_experts
   __shared__ int s_count[kMaxRanks];
-  griddep_launch_dependents();  // FUSED_A2A_CUDA_SCAN=fused: the dispatch kernel runs pass 2
+  griddep_launch_dependents();  // fused_scan: the dispatch / combine kernel runs pass 2
   const int tid = threadIdx.x, lane = tid & 31;
   for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
   for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
@@ -214,7 +214,7 @@ ScanTiles scan_tiles(int num_tokens) {
 // Session 14 (two runs, EP 4 and EP 2): N = 4096 static dispatch -2.3 to -4.7 us, combine -1.0
 // to -5.0; decode in CUDA graphs (N = 128, where the scan is one block) +1.4 to +2.4 us, so
 // not below the two-pass threshold.
-bool fused_scan(int64_t num_tokens) {
+bool fused_scan(int64_t num_tokens) {  // false for N = 0 (callers rely on it)
   if (env_is("FUSED_A2A_CUDA_SCAN", "fused")) return num_tokens > 0;
   if (std::getenv("FUSED_A2A_CUDA_SCAN") != nullptr) return false;
   return !scan_in_one_block(static_cast<int>(std::min<int64_t>(num_tokens, 1 << 30)));

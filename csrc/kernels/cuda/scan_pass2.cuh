@@ -1,5 +1,6 @@
-// The route scan's second pass inside the dispatch / combine kernel (FUSED_A2A_CUDA_SCAN=fused,
-// session 13, compile-checked): route_mask_kernel (layout.cu) ran the first pass, so the kernel
+// The route scan's second pass inside the static dispatch / combine kernel (fused_scan, state.h:
+// the default above 1024 tokens since session 14; FUSED_A2A_CUDA_SCAN=fused forces it at every
+// N): route_mask_kernel (layout.cu) ran the first pass, so the kernel
 // launch that ran the second (route_list_kernel, ~4.5 us at N = 4096, runs 51-66) is gone, and
 // the handshake's round trip at the kernel's start overlaps this pass (the counts per
 // destination come from the first pass's tile counts).

@@ -204,7 +204,8 @@ bool layout_notify_env();
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
 bool fused_scan(int64_t num_tokens);
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
-// dispatch_data right after it skips its ready round trip (session 13, compile-checked)
+// dispatch_data right after it skips its ready round trip (session 13, opt-in: GPU tests pass,
+// no measured gain yet)
 bool layout_dynamic_env();
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
