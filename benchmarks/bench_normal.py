@@ -185,7 +185,9 @@ for _sms in (8, 12, 16):
 for _name, _base in (("n512", dict(n=512)), ("n1024", dict(n=1024))):
     CASES[_name + "_pdl"] = _case(**_base, PDL="1")
 # The route scan's second pass in the static dispatch kernel (FUSED_A2A_CUDA_SCAN=fused, session
-# 13): the route_list kernel (~4.5 us, run 65) gone, the pass overlapping the count exchange
+# 13): the route_list kernel (~4.5 us, run 65) gone, the pass overlapping the count exchange.
+# Forced at every N; since session 14 it is the default above 1024 tokens, so there these cases
+# time the default (the former path: FUSED_A2A_CUDA_SCAN=tiles)
 for _name, _base in (
     ("standard", {}),
     ("standard_sms48", dict(sms=48)),
