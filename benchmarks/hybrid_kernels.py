@@ -31,6 +31,41 @@ def _routing(n, num_experts, top_k, seed):
     return routing_map, probs.float()
 
 
+def _timeline(fn, calls=3):
+    """One call's events in time order (the last of `calls`, from torch.profiler with CPU and
+    CUDA activities): [(start us, duration us, "cpu" or "gpu", name)], starts relative to the
+    call's start. CPU events are the top-level ops and the CUDA runtime calls; a gap between
+    them is Python time. Shows where a call's device time goes when it is not in kernels."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            with record_function(f"timeline_call_{i}"):
+                fn()
+        torch.cuda.synchronize()
+    events = list(prof.events())
+    last = [e for e in events if e.name == f"timeline_call_{calls - 1}"]
+    if not last:
+        return []
+    t0, t1 = last[0].time_range.start, last[0].time_range.end
+    rows = []
+    for e in events:
+        start, end = e.time_range.start, e.time_range.end
+        gpu = str(e.device_type).endswith("CUDA")
+        if gpu:
+            keep = start >= t0
+        else:
+            top = e.cpu_parent is not None and e.cpu_parent.name.startswith("timeline_call_")
+            keep = t0 <= start <= t1 and (top or e.name.startswith("cuda"))
+        if keep:
+            rows.append((round(start - t0, 1), round(end - start, 1), "gpu" if gpu else "cpu",
+                         e.name[:70]))  # fmt: skip
+    rows.sort()
+    return [r for r in rows if r[0] <= (t1 - t0) + 5000][:80]
+
+
 def _worker(rank, world, port, args, queue):
     import torch_fused_a2a as tfa
 
@@ -59,6 +94,8 @@ def _worker(rank, world, port, args, queue):
         for _ in range(3):
             fn()
         result[name] = _kernel_times(fn) if cuda else []
+        if args.timeline and cuda:
+            result[f"timeline {name}"] = _timeline(fn)
     dist.barrier()
     if rank == 0:
         queue.put(result)
@@ -73,6 +110,7 @@ def main():
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--out", default="hybrid_kernels.json")
+    parser.add_argument("--timeline", action="store_true", help="also one call's events in order")
     args = parser.parse_args()
     result = spawn_ranks(_worker, args.world, args, timeout=300)
     with open(args.out, "w") as f:
@@ -80,8 +118,11 @@ def main():
     for name, rows in result.items():
         if isinstance(rows, list):
             print(name)
-            for kernel, count, us in rows:
-                print(f"  {kernel[:60]:60s} x{count:<5} {us:9.1f} us")
+            for row in rows:
+                if name.startswith("timeline"):
+                    print(f"  {row[0]:9.1f} {row[1]:8.1f} {row[2]} {row[3]}")
+                else:
+                    print(f"  {row[0][:60]:60s} x{row[1]:<5} {row[2]:9.1f} us")
 
 
 if __name__ == "__main__":

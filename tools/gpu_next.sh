@@ -17,7 +17,7 @@
 #       dispatch and combine kernels) and LAYOUT=dynamic (no ready round trip after
 #       dispatch_notify): GPU tests / the A/B; s14x2, s14h, s14c, s14d, s14e: session 14's calls
 #   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
-#       steps after session 14")
+#       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -281,6 +281,21 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b or tests_rows" >&2
+  s15c)  # (~6 min) HybridEP's dynamic dispatch: where its time goes outside the kernels (run 74:
+    # 1369 us at EP 2 against ~830 us of kernels), one call's CPU and GPU events in order; the
+    # fan-out kernel a warp per pair; the notify's pre-pass reused by the data op. Torch HybridEP
+    # GPU tests first, the bench at N = 4096 last
+    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
+      PYTEST_K="torch and not overlap" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    timeout 100 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
+      --out "$OUT/hybrid_kernels.json" 2>&1 | grep -vE "^\[|Warning" | head -150
+    timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
+      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
+    echo "hybrid bench (torch): rc=$?"
+    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
+    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c or tests_rows" >&2
     exit 2 ;;
 esac

@@ -184,9 +184,11 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
 }
 
 // Receive side of one (source s, slot position k) item: the fused permute, the row to every
-// (expert, ordinal) it was routed to, read once for all of them. Own rows (s == this rank) that
-// needed no quantising come from x (their slot rows hold the header only). seg: first row of
-// (s', j) at s' * L + j. One warp.
+// (expert, ordinal) it was routed to, read once for all of them: lane i of the warp collects the
+// i-th destination row over the 32-expert groups, and the row is copied when 32 are collected
+// and at the end (per group, a row was read once a group with a routed expert: ~3.5 times at
+// L = 128). Own rows (s == this rank) that needed no quantising come from x (their slot rows hold
+// the header only). seg: first row of (s', j) at s' * L + j. One warp.
 __device__ inline void recv_item(const Comm& c, const DataParams& p, const long long* seg, int s,
                                  int k, int lane) {
   const RowLayout& rl = p.row;
@@ -198,6 +200,14 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   const uint8_t* values = from_x ? static_cast<const uint8_t*>(p.x) + t * p.out_row : row;
   const float* scales = from_x ? p.x_scales + static_cast<size_t>(t) * cols
                                : reinterpret_cast<const float*>(row + rl.scale_off);
+  long long dest = -1;  // lane i: the i-th destination row collected (lanes < collected)
+  int collected = 0;
+  const auto copy_collected = [&] {
+    const unsigned lanes = collected == 32 ? 0xffffffffu : (1u << collected) - 1;
+    warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, dest, lanes, values,
+                        p.out_row, lane);
+    collected = 0;
+  };
   for (int j0 = 0; j0 < L; j0 += 32) {
     const int j = j0 + lane;
     long long pos = -1;
@@ -208,13 +218,11 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
     }
     const unsigned mask = __ballot_sync(0xffffffffu, pos >= 0);
     if (!mask) continue;
-    warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, pos, mask, values,
-                        p.out_row, lane);
-    if (cols > 0) {
-      for (unsigned m = mask; m; m &= m - 1) {
-        const long long at = __shfl_sync(0xffffffffu, pos, __ffs(m) - 1);
-        for (int i = lane; i < cols; i += 32) p.permuted_scales[at * cols + i] = __ldcg(scales + i);
-      }
+    for (unsigned m = mask; m; m &= m - 1) {  // warp-uniform
+      const long long at = __shfl_sync(0xffffffffu, pos, __ffs(m) - 1);
+      if (lane == collected) dest = at;
+      if (++collected == 32) copy_collected();
+      for (int i = lane; i < cols; i += 32) p.permuted_scales[at * cols + i] = __ldcg(scales + i);
     }
     if (pos >= 0) {  // each routed lane writes its own row's prob and token id
       if (p.probs)
@@ -222,6 +230,7 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
       if (!p.cached) p.row_token[pos] = static_cast<int32_t>(s * N + t);
     }
   }
+  if (collected > 0) copy_collected();
 }
 
 // kRoundsOverlap's rounds (see data_kernel): message m0 + 1 + k carries round k. arrivals: the
@@ -509,6 +518,8 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stre
   check_common(buffer, args);
   OpScope scope(buffer);
   launch_hybrid_route(buffer, scope.st, args, s);
+  scope.st.hybrid_notified = {args.routing_map, args.num_tokens, args.num_experts,
+                              args.num_local_experts, scope.st.scratch_gen};
   launch_notify(buffer, scope.st, args, s);
   sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
   int32_t meta[kHybridMetaSize];
@@ -525,7 +536,14 @@ void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
-  launch_hybrid_route(buffer, scope.st, args, s);  // the scratch may have served another op since
+  // The notify's pre-pass is still in the scratch when nothing used it since (every use bumps
+  // scratch_gen) and the routing is the same; else (another op in between) it runs again.
+  const CudaState::NotifiedRoute nr = scope.st.hybrid_notified;
+  scope.st.hybrid_notified.routing_map = nullptr;  // one use
+  const bool adjacent = nr.gen == scope.st.scratch_gen && nr.routing_map == args.routing_map &&
+                        nr.num_tokens == args.num_tokens && nr.num_experts == args.num_experts &&
+                        nr.num_local_experts == args.num_local_experts;
+  if (!adjacent) launch_hybrid_route(buffer, scope.st, args, s);
   launch_data(buffer, scope.st, args, s, false, true);
 }
 

@@ -71,20 +71,25 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-// *fanout = max over (t, d) of the experts of rank d that token t picked (zeroed before). A
-// thread per (t, d).
+// *fanout = max over (t, d) of the experts of rank d that token t picked (zeroed before). A warp
+// per (t, d), its lanes over the L bytes (a thread per pair walked L bytes serially: 18 us at
+// N = 4096, L = 128, run 74).
 __global__ void fanout_kernel(const uint8_t* routing_map, int N, int G, int L, int* fanout) {
   const long long pairs = static_cast<long long>(N) * G;
+  const int lane = threadIdx.x & 31;
+  const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x >> 5);
   int best = 0;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < pairs;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+  for (long long i = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+       i < pairs; i += warps) {                // warp-uniform
     const uint8_t* row = routing_map + i * L;  // (t, d) = (i / G, i % G): row t, columns d*L..
     int picked = 0;
-    for (int j = 0; j < L; ++j) picked += __ldg(row + j) != 0;
+    for (int j0 = 0; j0 < L; j0 += 32) {
+      const bool routed = j0 + lane < L && __ldg(row + j0 + lane) != 0;
+      picked += __popc(__ballot_sync(0xffffffffu, routed));
+    }
     best = max(best, picked);
   }
-  for (int off = 16; off > 0; off >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, off));
-  if ((threadIdx.x & 31) == 0 && best > 0) atomicMax(fanout, best);
+  if (lane == 0 && best > 0) atomicMax(fanout, best);
 }
 
 }  // namespace
@@ -115,7 +120,7 @@ void launch_hybrid_route(Buffer& buffer, CudaState& st, const HybridDispatchArgs
                                        scratch.tile_ecount, scratch.ordinal, scratch.ecount);
   check_launch("hybrid dispatch ordinals");
   const long long pairs = static_cast<long long>(N) * G;
-  const int blocks = static_cast<int>(std::min<long long>((pairs + 255) / 256, 1024));
+  const int blocks = static_cast<int>(std::min<long long>((pairs + 7) / 8, 1024));  // 8 warps
   fanout_kernel<<<blocks, 256, 0, s>>>(a.routing_map, N, G, a.num_local_experts, fanout);
   check_launch("hybrid dispatch fan-out");
 }

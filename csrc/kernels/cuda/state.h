@@ -125,6 +125,14 @@ struct CudaState {
     uint64_t gen = 0;
     bool layouts = false;  // it published every rank's layout (FUSED_A2A_CUDA_LAYOUT=dynamic)
   } notified;
+  // The same for HybridEP: the routing pre-pass (ordinals, counts, fan-out) of the last
+  // hybrid_dispatch_notify, reused by the hybrid_dispatch_data right after it.
+  struct NotifiedRoute {
+    const void* routing_map = nullptr;
+    int64_t num_tokens = -1;
+    int num_experts = 0, num_local_experts = 0;
+    uint64_t gen = 0;
+  } hybrid_notified;
   ~CudaState();
 };
 
