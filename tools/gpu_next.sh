@@ -17,7 +17,8 @@
 #       dispatch and combine kernels) and LAYOUT=dynamic (no ready round trip after
 #       dispatch_notify): GPU tests / the A/B; s14x2, s14h, s14c, s14d, s14e: session 14's calls
 #   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
-#       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline
+#       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline; s15d: the
+#       overlap mode by its number of sending blocks
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -296,6 +297,29 @@ PY
     grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
     rm -f "$OUT/build.log" "$OUT"/hyb/*.png
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c or tests_rows" >&2
+  s15d)  # (~5 min) the HybridEP overlap mode by its number of sending blocks (run 75, EP 4: the
+    # plain data kernel is ~480 us of NVLink sends then ~500 us of permute, serial; the permute
+    # looks SM-bound, the sends link-bound from ~12 SMs): data kernel and combine kernel times
+    # with FUSED_A2A_HYBRID_OVERLAP=0, then =3 with 6 / 8 / 12 of 24 blocks sending; the bench
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for cfg in ${HYB_CFGS:-0:12 3:6 3:8 3:12 3:16}; do
+      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 80 \
+        python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$OUT/hk_${cfg/:/_}.json" 2>&1 \
+        | grep -E "^[a-z]|data_kernel|combine_kernel" | tr '\n' ' ' | sed "s/^/overlap:send $cfg  /" \
+        | cut -c1-400
+      echo
+    done
+    for cfg in ${HYB_BENCH_CFGS:-0:12 3:8}; do
+      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 100 \
+        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
+        --out "$OUT/hyb_${cfg/:/_}" >"$OUT/hyb_${cfg/:/_}.log" 2>&1
+      echo "hybrid bench (torch), overlap:send $cfg: rc=$?"
+      grep -E "^torch" "$OUT/hyb_${cfg/:/_}.log" | cut -c1-90
+      rm -f "$OUT/hyb_${cfg/:/_}"/*.png
+    done
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s15d.tgz --remove-files $(ls | grep -v '^s15d.tgz$'))
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d or tests_rows" >&2
     exit 2 ;;
 esac
