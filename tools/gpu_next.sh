@@ -18,7 +18,8 @@
 #       dispatch_notify): GPU tests / the A/B; s14x2, s14h, s14c, s14d, s14e: session 14's calls
 #   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
 #       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline; s15d: the
-#       overlap mode by its number of sending blocks
+#       overlap mode by its number of sending blocks; s15e: its tests at G = 4, the plain data
+#       kernel's send / receive split
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -320,6 +321,34 @@ PY
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s15d.tgz --remove-files $(ls | grep -v '^s15d.tgz$'))
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d or tests_rows" >&2
+  s15e)  # (~6 min) the HybridEP overlap mode at G = 4 (tests with a 15 s op timeout: never passed
+    # there), the plain data kernel's send / receive split (FUSED_A2A_HYBRID_ABLATE=1: no value
+    # copies on the send side, =2: none on the receive side), the overlap mode with 10 / 12 / 14 of
+    # 24 blocks sending (run 76: 8 / 12 / 16 took 1257 / 941 / 1250 us against 980 plain), and
+    # the bench with the plain and the 12-block overlap mode (a second run of run 76's)
+    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
+      PYTEST_K="torch and overlap" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    grep -E "timed out|phase" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -6
+    for cfg in ${HYB_CFGS:-0:12:0 0:12:1 0:12:2 3:10:0 3:12:0 3:14:0}; do
+      IFS=: read -r ov sb ab <<<"$cfg"
+      FUSED_A2A_HYBRID_OVERLAP=$ov FUSED_A2A_HYBRID_SEND_BLOCKS=$sb FUSED_A2A_HYBRID_ABLATE=$ab \
+        timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" \
+        --out "$OUT/hk_${ov}_${sb}_${ab}.json" 2>&1 | grep -E "^[a-z]|data_kernel|combine_kernel" \
+        | tr '\n' ' ' | sed "s/^/overlap:send:ablate $cfg  /" | cut -c1-400
+      echo
+    done
+    for cfg in ${HYB_BENCH_CFGS:-0:12 3:12}; do
+      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 100 \
+        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
+        --out "$OUT/hyb_${cfg/:/_}" >"$OUT/hyb_${cfg/:/_}.log" 2>&1
+      echo "hybrid bench (torch), overlap:send $cfg: rc=$?"
+      grep -E "^torch" "$OUT/hyb_${cfg/:/_}.log" | cut -c1-90
+      rm -f "$OUT/hyb_${cfg/:/_}"/*.png
+    done
+    rm -f "$OUT/build.log"
+    (cd "$OUT" && tar czf s15e.tgz --remove-files $(ls | grep -v '^s15e.tgz$'))
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e or tests_rows" >&2
     exit 2 ;;
 esac

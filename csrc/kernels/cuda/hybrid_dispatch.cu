@@ -148,7 +148,7 @@ struct DataParams {
 // Send side of one (token t at slot position k, destination d) item: the header always, the
 // values when t is routed to any of d's experts. One warp.
 __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, int k, int d,
-                                 int lane) {
+                                 int lane, bool ablate_copy = false) {
   const RowLayout& rl = p.row;
   const int L = p.L, E = c.num_ranks * L;
   uint8_t* row = c.slot_on(d) + static_cast<size_t>(k) * rl.stride;
@@ -167,7 +167,7 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
   }
   if (lane == 0) *reinterpret_cast<int*>(row + rl.tok_off) = static_cast<int>(t);
   // Own rows that need no quantising: the header only; the receive side reads x itself.
-  if (!any || (d == c.rank && !p.quantize)) return;
+  if (!any || (d == c.rank && !p.quantize) || ablate_copy) return;
   if (p.quantize) {
     const size_t in_row = static_cast<size_t>(p.H) * (p.x_code == kValF32 ? 4 : 2);
     warp_quantize_row(static_cast<const uint8_t*>(p.x) + t * in_row, p.x_code, p.H, row,
@@ -190,7 +190,7 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
 // L = 128). Own rows (s == this rank) that needed no quantising come from x (their slot rows hold
 // the header only). seg: first row of (s', j) at s' * L + j. One warp.
 __device__ inline void recv_item(const Comm& c, const DataParams& p, const long long* seg, int s,
-                                 int k, int lane) {
+                                 int k, int lane, bool ablate_copy = false) {
   const RowLayout& rl = p.row;
   const int L = p.L, N = p.N;
   const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
@@ -204,8 +204,9 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   int collected = 0;
   const auto copy_collected = [&] {
     const unsigned lanes = collected == 32 ? 0xffffffffu : (1u << collected) - 1;
-    warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, dest, lanes, values,
-                        p.out_row, lane);
+    if (!ablate_copy)
+      warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, dest, lanes, values,
+                          p.out_row, lane);
     collected = 0;
   };
   for (int j0 = 0; j0 < L; j0 += 32) {
@@ -298,9 +299,16 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
 //   its row's tag instead of the grid's data flag, so rows are permuted while others are in flight.
 //   Slot reuse is unchanged: a round's senders wait for every receiver's ack of the round
 //   before, released once all of its receiving blocks are done.
+// Diagnostic instantiations (FUSED_A2A_HYBRID_ABLATE, plain rounds only): kAblateSend |
+// kRoundsPlain sends the headers without the values, kAblateRecv | kRoundsPlain permutes nothing
+// but the probs and token ids; their kernel times split the data kernel's send and receive costs.
+// The results are wrong (bench verification fails); benchmarks/hybrid_kernels.py does not verify.
+constexpr int kAblateSend = 8, kAblateRecv = 16;
+
 template <int kMode>
 __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   constexpr bool kHalves = kMode == kRoundsHalves;
+  constexpr bool kNoSendCopy = (kMode & kAblateSend) != 0, kNoRecvCopy = (kMode & kAblateRecv) != 0;
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
   long long* seg = s_mem;       // [E] first row of (source s, expert j), at s*L + j
@@ -358,13 +366,14 @@ __global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
     const long long items = items_of(round);
     for (long long w = gw; w < items; w += nwarps) {
       const int d = static_cast<int>(w % G), k = static_cast<int>(w / G);
-      send_item(c, p, round * T + k, slot_row(round, k), d, lane);
+      send_item(c, p, round * T + k, slot_row(round, k), d, lane, kNoSendCopy);
     }
   };
   auto recv_round = [&](long long round, unsigned long long) {
     const long long items = items_of(round);
     for (long long w = gw; w < items; w += nwarps) {
-      recv_item(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)), lane);
+      recv_item(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)), lane,
+                kNoRecvCopy);
     }
   };
   unsigned long long m = read_msgs(c);
@@ -490,9 +499,12 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   const bool overlap = (hybrid_overlap_env() & kOverlapDispatch) != 0 && blocks >= 2;
   const bool pipelined = !overlap && hybrid_pipeline_env() && p.rows_per_round >= 2;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
-  auto* kernel = overlap     ? data_kernel<kRoundsOverlap>
-                 : pipelined ? data_kernel<kRoundsHalves>
-                             : data_kernel<kRoundsPlain>;
+  const int ablate = overlap || pipelined ? 0 : hybrid_ablate_env();
+  auto* kernel = overlap       ? data_kernel<kRoundsOverlap>
+                 : pipelined   ? data_kernel<kRoundsHalves>
+                 : ablate == 1 ? data_kernel<kRoundsPlain | kAblateSend>
+                 : ablate == 2 ? data_kernel<kRoundsPlain | kAblateRecv>
+                               : data_kernel<kRoundsPlain>;
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),

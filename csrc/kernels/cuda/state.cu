@@ -360,6 +360,8 @@ int hybrid_send_blocks(int blocks) {
   return std::clamp(env_int("FUSED_A2A_HYBRID_SEND_BLOCKS", blocks / 2), 1, blocks - 1);
 }
 
+int hybrid_ablate_env() { return env_int("FUSED_A2A_HYBRID_ABLATE", 0); }
+
 int ablate_env() { return env_int("FUSED_A2A_CUDA_ABLATE", 0); }
 
 int recv_unroll_env() { return env_int("FUSED_A2A_CUDA_RECV_UNROLL", 8) == 16 ? 16 : 8; }
