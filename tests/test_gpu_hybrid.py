@@ -81,7 +81,9 @@ BUFFERS = {
     "default-buffer": {},
     "rows8-pipelined": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_PIPELINE": "1"},
     # the dispatch's and the combine's sending and receiving blocks at once, rows / tokens
-    # tagged (session 14; bits 1 and 2): one round and many (8 rows a slot)
+    # tagged (session 14; bits 1 and 2): one round and many (8 rows a slot). The default at
+    # G >= 4 since session 15, so "default-plain" keeps the plain rounds tested there.
+    "default-plain": {"FUSED_A2A_HYBRID_OVERLAP": "0"},
     "default-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"},
     "default-overlap-dispatch": {"FUSED_A2A_HYBRID_OVERLAP": "1"},  # which of the two fails
     "rows8-overlap": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_OVERLAP": "3"},

@@ -19,7 +19,7 @@
 #   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
 #       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline; s15d: the
 #       overlap mode by its number of sending blocks; s15e: its tests at G = 4, the plain data
-#       kernel's send / receive split
+#       kernel's send / receive split; s15f: the overlap default at G >= 4
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -349,6 +349,19 @@ PY
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf s15e.tgz --remove-files $(ls | grep -v '^s15e.tgz$'))
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e or tests_rows" >&2
+  s15f)  # (~5 min) the overlap mode as the default at G >= 4: the torch HybridEP GPU tests at G = 4
+    # (default, rows8, pipelined and the plain rounds) and the JAX HybridEP suite at G = 4; the
+    # torch bench at the default
+    STEPS=build,test STEP_TIMEOUT_TEST=200 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
+      PYTEST_K="(torch and 4-g4 and not overlap) or (jax and 4)" bash tools/gpu_check.sh \
+      | grep -E "build:|tests:|FAILED"
+    timeout 70 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
+      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
+    echo "hybrid bench (torch): rc=$?"
+    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
+    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e, s15f or tests_rows" >&2
     exit 2 ;;
 esac

@@ -395,7 +395,7 @@ void hybrid_combine(Buffer& buffer, const HybridCombineArgs& a, Stream stream) {
   p.pipelined = hybrid_pipeline_env();
   const int blocks = comm_blocks(st, a.num_sms);
   // The overlapped rounds need one token of F <= L positions and its flag in a slot.
-  const bool overlap = (hybrid_overlap_env() & kOverlapCombine) != 0 && blocks >= 2 &&
+  const bool overlap = (hybrid_overlap_bits(c.num_ranks) & kOverlapCombine) != 0 && blocks >= 2 &&
                        c.slot_bytes >= static_cast<size_t>(L) * p.stride + 8;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
   FA2A_CHECK(p.slot_rows >= L, "fused_a2a hybrid combine: the buffer slot (", c.slot_bytes,

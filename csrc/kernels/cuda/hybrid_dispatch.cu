@@ -496,7 +496,7 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   const size_t E = static_cast<size_t>(a.num_experts);
   const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
   const int blocks = comm_blocks(st, a.num_sms);
-  const bool overlap = (hybrid_overlap_env() & kOverlapDispatch) != 0 && blocks >= 2;
+  const bool overlap = (hybrid_overlap_bits(c.num_ranks) & kOverlapDispatch) != 0 && blocks >= 2;
   const bool pipelined = !overlap && hybrid_pipeline_env() && p.rows_per_round >= 2;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
   const int ablate = overlap || pipelined ? 0 : hybrid_ablate_env();

@@ -189,13 +189,13 @@ bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds ove
 // FUSED_A2A_HYBRID_SEND_BLOCKS: how many of `blocks` (>= 2) send (default half; clamped to
 // [1, blocks - 1]).
 constexpr int kOverlapDispatch = 1, kOverlapCombine = 2;
-int hybrid_overlap_env();
+int hybrid_overlap_bits(int num_ranks);  // FUSED_A2A_HYBRID_OVERLAP (kOverlap* bits), default by G
 int hybrid_send_blocks(int blocks);
 bool order_dst_major();   // FUSED_A2A_CUDA_ORDER=dst: destination-major item order
 int hybrid_ablate_env();  // FUSED_A2A_HYBRID_ABLATE: 1 / 2 = the data kernel's send / receive
                           // copies off (hybrid_dispatch.cu, diagnostic)
-int ablate_env();       // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
-int recv_unroll_env();  // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
+int ablate_env();         // FUSED_A2A_CUDA_ABLATE: diagnostic bits (DispatchParams::ablate)
+int recv_unroll_env();    // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see dispatch_kernel
 // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (default 2; 0: the whole chunk)
 int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
