@@ -19,7 +19,8 @@
 #   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
 #       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline; s15d: the
 #       overlap mode by its number of sending blocks; s15e: its tests at G = 4, the plain data
-#       kernel's send / receive split; s15f: the overlap default at G >= 4
+#       kernel's send / receive split; s15f: the overlap default at G >= 4; s15g: the HybridEP
+#       items' header loads at once
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e) are in git history.
@@ -362,6 +363,27 @@ PY
     grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
     rm -f "$OUT/build.log" "$OUT"/hyb/*.png
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e, s15f or tests_rows" >&2
+  s15g)  # (~4 min) the HybridEP items' header loads issued together and the send side's row head
+    # loaded before the routing is known (the per-item chain, ~212 us of run 77's 977 us plain
+    # data kernel at EP 4): torch GPU tests at G = 4 (default and plain rounds), kernel times plain
+    # and default (overlap at G >= 4), the bench at the default. Prediction: plain data kernel
+    # 977 -> 850-900 us, the overlap default 935 -> 830-880
+    STEPS=build,test STEP_TIMEOUT_TEST=90 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
+      PYTEST_K="torch and 4-g4 and (default-buffer or default-plain)" bash tools/gpu_check.sh \
+      | grep -E "build:|tests:|FAILED"
+    for ov in 0 3; do
+      FUSED_A2A_HYBRID_OVERLAP=$ov timeout 60 python3 benchmarks/hybrid_kernels.py --world "$NGPU" \
+        --out "$OUT/hk_ov$ov.json" 2>&1 | grep -E "^[a-z]|data_kernel|combine_kernel" \
+        | tr '\n' ' ' | sed "s/^/overlap $ov  /" | cut -c1-400
+      echo
+    done
+    timeout 60 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
+      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
+    echo "hybrid bench (torch): rc=$?"
+    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
+    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
+    ;;
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e, s15f, s15g or tests_rows" >&2
     exit 2 ;;
 esac

@@ -312,7 +312,26 @@ __device__ inline void warp_copy_fanout_cg(uint8_t* dst_base, size_t dst_stride,
   }
 }
 
-// Same for sources that do not change during the kernel (inputs): read-only path.
+// A row's first kHeadPieces x 32 16-byte pieces, loaded ahead by the whole warp (lane l holds
+// pieces l, l + 32, ...), so that their latency overlaps the work before the copy (HybridEP: the
+// item's routing header). Read-only path: sources that do not change during the kernel.
+constexpr int kHeadPieces = 8;
+struct RowHead {
+  int4 v[kHeadPieces];
+};
+__device__ __forceinline__ void warp_load_head(RowHead& head, const void* src, size_t bytes,
+                                               int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  const size_t n = bytes / 16;
+#pragma unroll
+  for (int u = 0; u < kHeadPieces; ++u) {
+    const size_t i = static_cast<size_t>(u) * 32 + lane;
+    if (i < n) head.v[u] = __ldg(s + i);
+  }
+}
+
+// Whole warp copies `bytes` (multiple of 16) from a source that does not change during the kernel
+// (inputs): read-only path.
 __device__ inline void warp_copy_ro(void* dst, const void* src, size_t bytes, int lane) {
   const int4* s = reinterpret_cast<const int4*>(src);
   int4* d = reinterpret_cast<int4*>(dst);
@@ -327,6 +346,20 @@ __device__ inline void warp_copy_ro(void* dst, const void* src, size_t bytes, in
     for (int u = 0; u < U; ++u) d[i + u * 32] = v[u];
   }
   for (; i < n; i += 32) d[i] = __ldg(s + i);
+}
+
+// warp_copy_ro of a row whose head (warp_load_head of the same src and bytes) is already loaded:
+// the head is stored, the rest copied as before.
+__device__ inline void warp_copy_ro_after_head(void* dst, const void* src, size_t bytes,
+                                               const RowHead& head, int lane) {
+  const size_t n = bytes / 16, done = min(n, static_cast<size_t>(kHeadPieces) * 32);
+  int4* d = reinterpret_cast<int4*>(dst);
+#pragma unroll
+  for (int u = 0; u < kHeadPieces; ++u) {
+    const size_t i = static_cast<size_t>(u) * 32 + lane;
+    if (i < n) d[i] = head.v[u];
+  }
+  if (n > done) warp_copy_ro(d + done, static_cast<const int4*>(src) + done, (n - done) * 16, lane);
 }
 
 __device__ inline void warp_zero(void* dst, size_t bytes, int lane) {
