@@ -13,22 +13,41 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
-#   PART=s14 (~6 min) / s14b (~5 min): SCAN=fused (the route scan's second pass in the
-#       dispatch and combine kernels) and LAYOUT=dynamic (no ready round trip after
-#       dispatch_notify): GPU tests / the A/B; s14x2, s14h, s14c, s14d, s14e: session 14's calls
-#   PART=s15 (~6 min): the HybridEP overlap mode's tests, kernel times and bench (NOTES, "Next
-#       steps after session 14"); s15c: the HybridEP dynamic dispatch's timeline; s15d: the
-#       overlap mode by its number of sending blocks; s15e: its tests at G = 4, the plain data
-#       kernel's send / receive split; s15f: the overlap default at G >= 4; s15g: the HybridEP
-#       items' header loads at once
+#   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
+#       dynamic dispatch's kernel times
+#   PART=s15g (~4 min): the HybridEP items' header loads at once: tests at G = 4, kernel times,
+#       bench
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
-# s13, s13b-e) are in git history.
+# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-f) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
 export FA2A_COMMIT=${FA2A_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+# HybridEP kernel times (benchmarks/hybrid_kernels.py, standard case, all GPUs) under the
+# environment settings after the first two arguments (label, JSON path): one line with the data
+# and combine kernels' mean times.
+hyb_kernels() {
+  local label=$1 out=$2
+  shift 2
+  env "$@" timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$out" 2>&1 \
+    | grep -E "^[a-z]|data_kernel|combine_kernel" | tr '\n' ' ' | sed "s/^/$label  /" | cut -c1-400
+  echo
+}
+
+# The torch HybridEP bench at N = 4096 (against normal mode + permute and NCCL) under the
+# environment settings after the first argument (the output name under $OUT).
+hyb_bench() {
+  local tag=$1
+  shift
+  env "$@" timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid \
+    --frontend torch --out "$OUT/$tag" >"$OUT/$tag.log" 2>&1
+  echo "hybrid bench (torch) $tag $*: rc=$?"
+  grep -E "^torch" "$OUT/$tag.log" | cut -c1-90
+  rm -f "$OUT/$tag"/*.png
+}
 case "${PART:-tests}" in
   tests | tests_rows)  # the normal-mode GPU tests in two calls at G = 4 (one took more than
     # 420 s in run 72): tests = all but test_static_big_rows (26 cases of ~14 s), tests_rows = it
@@ -147,129 +166,6 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s14)  # session 13's compile-checked paths, GPU tests (~6 min): the route scan's second pass
-    # in the static dispatch and combine kernels (FUSED_A2A_CUDA_SCAN=fused: static rows incl.
-    # 25-26 tiles over 24 blocks, same bits) and the dynamic data kernel without its ready round
-    # trip (FUSED_A2A_CUDA_LAYOUT=dynamic: the torch suites at G = 2-4, the speculative steps)
-    STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -16
-    rm -f "$OUT/build.log"
-    ;;
-  s14b)  # their A/B at EP 4 / 2 (~5 min), FP8 at 48 SMs with / without PDL, and the kernels of
-    # the 48-SM fused case (torch.profiler)
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_fscan_pdl,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan,decode_laydyn,sweep_n8192,n8192_fscan} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms48,standard_sms48_fscan,standard_sms48_laydyn} \
-      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|combine |nccl"
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48_fscan BENCH_CASES_EP2= \
-      timeout 60 bash tools/gpu_check.sh >/dev/null
-    python3 - "$OUT/bench.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
-        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows))
-PY
-    mv "$OUT/bench.json" "$OUT/bench_kernels.json"
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s14b.tgz --remove-files $(ls | grep -v '^s14b.tgz$'))
-    ;;
-  s14x2)  # when only 2 GPUs are lent (~8 min): s14's tests at G = 2, then the A/B at EP 2
-    STEPS=build,test STEP_TIMEOUT_TEST=300 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="(big_rows and (default or fused_scan)) or layout_dynamic or speculative or same_bits_across" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:"
-    grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -16
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_laydyn,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fscan_pdl,decode,decode_fscan,decode_laydyn} \
-      BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|dynamic_dispatch|combine |nccl"
-    rm -f "$OUT/build.log"
-    ;;
-  s14h)  # (~8 min) the other GPU tests (tests2: HybridEP, host counts, faults, concurrency) on
-    # session 13's defaults, then HybridEP against normal mode + permute at N = 4096 (torch, JAX):
-    # not measured since run 26 (4096 buffer rows, before every normal-mode change since)
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-330} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend all \
-      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
-    echo "hybrid bench N = 4096: rc=$?"
-    grep -E "^(torch|jax)" "$OUT/hyb.log" | cut -c1-90
-    rm -f "$OUT/build.log"
-    ;;
-  s14c)  # (~8 min at EP 4) HybridEP: a dispatched row read once for all its experts, own rows
-    # from x / y instead of through the own slot: GPU tests (torch, JAX) and the bench against
-    # normal mode + permute at N = 4096 (run 69, EP 2: 1238 / 1952 us); then, with 4 GPUs,
-    # s14b's A/B of SCAN=fused / LAYOUT=dynamic at EP 4
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend all \
-      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
-    echo "hybrid bench N = 4096: rc=$?"
-    grep -E "^(torch|jax)" "$OUT/hyb.log" | cut -c1-90
-    if [[ $NGPU -ge 4 ]]; then
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan} \
-        BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    fi
-    rm -f "$OUT/build.log"
-    ;;
-  s14d)  # (~7 min at EP 4) HybridEP's kernel times (benchmarks/hybrid_kernels.py), its bench at
-    # N = 4096 with the pipelined rounds (FUSED_A2A_HYBRID_PIPELINE=1) against run 70's default;
-    # with 4 GPUs first the HybridEP GPU tests and bench at G = 4, then s14b's EP 4 A/B
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    timeout 120 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$OUT/hybrid_kernels.json" \
-      2>&1 | grep -vE "^\[|Warning" | tail -40
-    for pipe in ${HYB_PIPES:-0 1}; do
-      FUSED_A2A_HYBRID_PIPELINE=$pipe timeout 150 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-        --mode hybrid --frontend torch --out "$OUT/hyb_pipe$pipe" >"$OUT/hyb_pipe$pipe.log" 2>&1
-      echo "hybrid bench (torch), FUSED_A2A_HYBRID_PIPELINE=$pipe: rc=$?"
-      grep -E "^torch" "$OUT/hyb_pipe$pipe.log" | cut -c1-90
-    done
-    if [[ $NGPU -ge 4 ]]; then
-      STEPS=test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 PYTEST_K="4" \
-        PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" bash tools/gpu_check.sh | grep -E "tests:|FAILED"
-      STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_fscan,standard_sms48,standard_sms48_fscan,standard_sms48_laydyn,standard_fp8_sms48,standard_fp8_sms48_pdl,decode,decode_fscan} \
-        BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl"
-    fi
-    rm -f "$OUT/build.log"
-    ;;
-  s14e)  # (~4 min on 2 GPUs) HybridEP: the two-pass ordinals and FUSED_A2A_HYBRID_OVERLAP=1 (the
-    # dispatch's sending and receiving blocks at once): torch GPU tests, the bench with overlap
-    STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" PYTEST_K="torch and (overlap or default-buffer)" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    for overlap in ${HYB_OVERLAP:-1}; do
-      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-        --mode hybrid --frontend torch --out "$OUT/hyb_ov$overlap" >"$OUT/hyb_ov$overlap.log" 2>&1
-      echo "hybrid bench (torch), FUSED_A2A_HYBRID_OVERLAP=$overlap: rc=$?"
-      grep -E "^torch" "$OUT/hyb_ov$overlap.log" | cut -c1-90
-    done
-    rm -f "$OUT/build.log"
-    ;;
-  s15)  # (~7 min) the HybridEP overlap modes (FUSED_A2A_HYBRID_OVERLAP=1 / 3): torch GPU tests with
-    # a 15 s op timeout (run 73's step printed nothing in 80 s: a hang names its op, phase and
-    # rank), then kernel times and the bench with the knob 0 / 1 / 3 on this machine
-    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and (overlap or default-buffer)" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    grep -E "Error|error|timed out|phase" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -12
-    for overlap in ${HYB_OVERLAP:-0 1 3}; do  # bits: 1 dispatch, 2 combine
-      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 90 python3 benchmarks/hybrid_kernels.py \
-        --world "$NGPU" --out "$OUT/hybrid_kernels_ov$overlap.json" 2>&1 | grep -vE "^\[" \
-        | grep -E "^[a-z]|data_kernel|ordinal|notify" | cut -c1-100
-      FUSED_A2A_HYBRID_OVERLAP=$overlap timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-        --mode hybrid --frontend torch --out "$OUT/hyb_ov$overlap" >"$OUT/hyb_ov$overlap.log" 2>&1
-      echo "hybrid bench (torch), FUSED_A2A_HYBRID_OVERLAP=$overlap: rc=$?"
-      grep -E "^torch" "$OUT/hyb_ov$overlap.log" | cut -c1-90
-      rm -f "$OUT/hyb_ov$overlap"/*.png
-    done
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s15.tgz --remove-files $(ls | grep -v '^s15.tgz$'))
-    ;;
   s15b)  # (~3 min) LAYOUT=dynamic settled by kernel times: the dynamic dispatch's event times
     # carry the host's count wait (+-50 us between identical cases in run 68); its data kernel
     # should lose one NVLink round trip (predicted -4 to -8 us)
@@ -284,85 +180,6 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     rm -f "$OUT/build.log"
     ;;
-  s15c)  # (~6 min) HybridEP's dynamic dispatch: where its time goes outside the kernels (run 74:
-    # 1369 us at EP 2 against ~830 us of kernels), one call's CPU and GPU events in order; the
-    # fan-out kernel a warp per pair; the notify's pre-pass reused by the data op. Torch HybridEP
-    # GPU tests first, the bench at N = 4096 last
-    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and not overlap" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    timeout 100 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
-      --out "$OUT/hybrid_kernels.json" 2>&1 | grep -vE "^\[|Warning" | head -150
-    timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
-      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
-    echo "hybrid bench (torch): rc=$?"
-    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
-    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
-    ;;
-  s15d)  # (~5 min) the HybridEP overlap mode by its number of sending blocks (run 75, EP 4: the
-    # plain data kernel is ~480 us of NVLink sends then ~500 us of permute, serial; the permute
-    # looks SM-bound, the sends link-bound from ~12 SMs): data kernel and combine kernel times
-    # with FUSED_A2A_HYBRID_OVERLAP=0, then =3 with 6 / 8 / 12 of 24 blocks sending; the bench
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for cfg in ${HYB_CFGS:-0:12 3:6 3:8 3:12 3:16}; do
-      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 80 \
-        python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$OUT/hk_${cfg/:/_}.json" 2>&1 \
-        | grep -E "^[a-z]|data_kernel|combine_kernel" | tr '\n' ' ' | sed "s/^/overlap:send $cfg  /" \
-        | cut -c1-400
-      echo
-    done
-    for cfg in ${HYB_BENCH_CFGS:-0:12 3:8}; do
-      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 100 \
-        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
-        --out "$OUT/hyb_${cfg/:/_}" >"$OUT/hyb_${cfg/:/_}.log" 2>&1
-      echo "hybrid bench (torch), overlap:send $cfg: rc=$?"
-      grep -E "^torch" "$OUT/hyb_${cfg/:/_}.log" | cut -c1-90
-      rm -f "$OUT/hyb_${cfg/:/_}"/*.png
-    done
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s15d.tgz --remove-files $(ls | grep -v '^s15d.tgz$'))
-    ;;
-  s15e)  # (~6 min) the HybridEP overlap mode at G = 4 (tests with a 15 s op timeout: never passed
-    # there), the plain data kernel's send / receive split (FUSED_A2A_HYBRID_ABLATE=1: no value
-    # copies on the send side, =2: none on the receive side), the overlap mode with 10 / 12 / 14 of
-    # 24 blocks sending (run 76: 8 / 12 / 16 took 1257 / 941 / 1250 us against 980 plain), and
-    # the bench with the plain and the 12-block overlap mode (a second run of run 76's)
-    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and overlap" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    grep -E "timed out|phase" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -6
-    for cfg in ${HYB_CFGS:-0:12:0 0:12:1 0:12:2 3:10:0 3:12:0 3:14:0}; do
-      IFS=: read -r ov sb ab <<<"$cfg"
-      FUSED_A2A_HYBRID_OVERLAP=$ov FUSED_A2A_HYBRID_SEND_BLOCKS=$sb FUSED_A2A_HYBRID_ABLATE=$ab \
-        timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" \
-        --out "$OUT/hk_${ov}_${sb}_${ab}.json" 2>&1 | grep -E "^[a-z]|data_kernel|combine_kernel" \
-        | tr '\n' ' ' | sed "s/^/overlap:send:ablate $cfg  /" | cut -c1-400
-      echo
-    done
-    for cfg in ${HYB_BENCH_CFGS:-0:12 3:12}; do
-      FUSED_A2A_HYBRID_OVERLAP=${cfg%%:*} FUSED_A2A_HYBRID_SEND_BLOCKS=${cfg##*:} timeout 100 \
-        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
-        --out "$OUT/hyb_${cfg/:/_}" >"$OUT/hyb_${cfg/:/_}.log" 2>&1
-      echo "hybrid bench (torch), overlap:send $cfg: rc=$?"
-      grep -E "^torch" "$OUT/hyb_${cfg/:/_}.log" | cut -c1-90
-      rm -f "$OUT/hyb_${cfg/:/_}"/*.png
-    done
-    rm -f "$OUT/build.log"
-    (cd "$OUT" && tar czf s15e.tgz --remove-files $(ls | grep -v '^s15e.tgz$'))
-    ;;
-  s15f)  # (~5 min) the overlap mode as the default at G >= 4: the torch HybridEP GPU tests at G = 4
-    # (default, rows8, pipelined and the plain rounds) and the JAX HybridEP suite at G = 4; the
-    # torch bench at the default
-    STEPS=build,test STEP_TIMEOUT_TEST=200 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu --durations=4 tests/test_gpu_hybrid.py" \
-      PYTEST_K="(torch and 4-g4 and not overlap) or (jax and 4)" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    timeout 70 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
-      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
-    echo "hybrid bench (torch): rc=$?"
-    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
-    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
-    ;;
   s15g)  # (~4 min) the HybridEP items' header loads issued together and the send side's row head
     # loaded before the routing is known (the per-item chain, ~212 us of run 77's 977 us plain
     # data kernel at EP 4): torch GPU tests at G = 4 (default and plain rounds), kernel times plain
@@ -372,18 +189,13 @@ PY
       PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
       PYTEST_K="torch and 4-g4 and (default-buffer or default-plain)" bash tools/gpu_check.sh \
       | grep -E "build:|tests:|FAILED"
-    for ov in 0 3; do
-      FUSED_A2A_HYBRID_OVERLAP=$ov timeout 60 python3 benchmarks/hybrid_kernels.py --world "$NGPU" \
-        --out "$OUT/hk_ov$ov.json" 2>&1 | grep -E "^[a-z]|data_kernel|combine_kernel" \
-        | tr '\n' ' ' | sed "s/^/overlap $ov  /" | cut -c1-400
-      echo
-    done
-    timeout 60 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode hybrid --frontend torch \
-      --out "$OUT/hyb" >"$OUT/hyb.log" 2>&1
-    echo "hybrid bench (torch): rc=$?"
-    grep -E "^torch" "$OUT/hyb.log" | cut -c1-90
-    rm -f "$OUT/build.log" "$OUT"/hyb/*.png
+    hyb_kernels "overlap 0" "$OUT/hk_ov0.json" FUSED_A2A_HYBRID_OVERLAP=0
+    hyb_kernels "default" "$OUT/hk_default.json"
+    hyb_kernels "overlap 0, no send copies" "$OUT/hk_ablate1.json" FUSED_A2A_HYBRID_OVERLAP=0 \
+      FUSED_A2A_HYBRID_ABLATE=1
+    hyb_bench hyb
+    rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s14, s14b, s14x2, s14h, s14c, s14d, s14e, s15, s15b, s15c, s15d, s15e, s15f, s15g or tests_rows" >&2
+  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s15b, s15g or tests_rows" >&2
     exit 2 ;;
 esac
