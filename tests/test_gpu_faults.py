@@ -1,9 +1,9 @@
 """Fault injection on GPUs (issue 8): a rank process dies in the middle of a CUDA dispatch, in the
-middle of a CUDA combine, between the two, and in the middle of a CUDA HybridEP dispatch. Every
-survivor must raise fused_a2a's TimeoutError (naming the op, its rank and the dead rank) within
-FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA context, and must then
-compute exact results (against tests/reference.py) with fresh buffers in a new group of the
-survivors (a new group of one rank on a 2-GPU machine).
+middle of a CUDA combine, between the two, and in the middle of a CUDA HybridEP dispatch (plain and
+overlapped rounds). Every survivor must raise fused_a2a's TimeoutError (naming the op, its rank and
+the dead rank) within FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA
+context, and must then compute exact results (against tests/reference.py) with fresh buffers in a
+new group of the survivors (a new group of one rank on a 2-GPU machine).
 
 "Mid-op" on a GPU: the ops run on 2 SMs (data phases of milliseconds at these sizes); the warm-up
 times the scenario's op from a common start (a barrier), and the victim is SIGKILLed a quarter of
@@ -62,6 +62,7 @@ def _rank_fault(rank, world, scenario, victim, tmp):
         "mid-combine": lambda: tfa.fused_combine(recv_x, group, handle),
         "between": lambda: tfa.fused_combine(recv_x, group, handle),
         "mid-hybrid-dispatch": hybrid_dispatch,
+        "mid-hybrid-dispatch-overlap": hybrid_dispatch,
     }
     # Warm up, and time the scenario's op from a common start (a barrier): the victim dies half
     # way through the next one.
@@ -108,7 +109,11 @@ SCENARIOS = {
     "mid-combine": (1, "combine"),
     "between": (0, "combine"),
     "mid-hybrid-dispatch": (1, "hybrid dispatch"),
+    # the overlapped rounds (the default at G >= 4 since session 15; the test runs 3 ranks):
+    # receiving blocks also wait for their own rank's ack, the error must still name the victim
+    "mid-hybrid-dispatch-overlap": (1, "hybrid dispatch"),
 }
+SCENARIO_ENV = {"mid-hybrid-dispatch-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"}}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -124,7 +129,7 @@ def test_gpu_rank_dies(scenario, tmp_path):
         victim,
         str(tmp_path),
         timeout=240,
-        env=GPU_ENV,
+        env=dict(GPU_ENV, **SCENARIO_ENV.get(scenario, {})),
         expect_errors=True,
     )
     assert isinstance(res[victim], RankError) and res[victim].type_name == "ProcessDied", res[
