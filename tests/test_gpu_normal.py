@@ -417,12 +417,13 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
 }
 
 
-def _rank_static_variants(rank, world, cases, variants):
-    """_rank_static under every entry of `variants` in one process, {variant: its result or
-    {"error": traceback}}: one spawn per buffer size instead of one per variant (each spawn is
-    ~10 s of process, CUDA and group start at G = 4; run 72 ran out of its step). A variant sets
-    its environment (the kernels read these knobs at every launch) and runs in a new process
-    group, so with a buffer of its own (no handshake state carries over between variants)."""
+def _rank_variants(rank, world, rank_fn, cases, variants):
+    """rank_fn(rank, world, cases, group) under every entry of `variants` (name: environment) in
+    one process, {variant: its result or {"error": traceback}}: one spawn per buffer size instead
+    of one per variant (each spawn is ~10 s of process, CUDA and group start at G = 4; run 72 ran
+    out of its step). A variant sets its environment (the kernels read these knobs at every
+    launch) and runs in a new process group, so with a buffer of its own (no handshake state
+    carries over between variants)."""
     import os
     import traceback
 
@@ -433,7 +434,7 @@ def _rank_static_variants(rank, world, cases, variants):
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
-            out[name] = _rank_static(rank, world, cases, dist.new_group(list(range(world))))
+            out[name] = rank_fn(rank, world, cases, dist.new_group(list(range(world))))
         except Exception:  # noqa: BLE001 (reported by the variant's test)
             out[name] = {"error": traceback.format_exc()}
         finally:
@@ -445,12 +446,19 @@ def _rank_static_variants(rank, world, cases, variants):
     return out
 
 
-def _static_variant_results(g, rows, cases):
+def _variant_results(rank_fn, g, rows, cases, variants, variant):
+    """rank_fn's results of `variant` (one spawn per rank_fn and buffer size for all variants),
+    per rank; a variant's error fails its own test."""
     env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
-    return run_once(
-        ("gpu-static-variants", g, rows),
-        lambda: run_ranks(_rank_static_variants, g, cases, STATIC_VARIANTS, timeout=900, env=env),
+    per_rank = run_once(
+        (rank_fn.__name__, g, rows),
+        lambda: run_ranks(_rank_variants, g, rank_fn, cases, variants, timeout=900, env=env),
     )
+    # popped: the results of all variants are ~50 MB a variant and rank
+    res = [r.pop(variant) for r in per_rank]
+    for r in range(g):
+        assert "error" not in res[r], f"rank {r}, variant {variant}:\n{res[r]['error']}"
+    return res
 
 
 @pytest.mark.parametrize("variant", list(STATIC_VARIANTS))
@@ -473,10 +481,7 @@ def test_static_big_rows(rows, variant):
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
-    # popped: the spawn's results for all variants are ~50 MB a variant and rank
-    res = [r.pop(variant) for r in _static_variant_results(g, rows, cases)]
-    for r in range(g):
-        assert "error" not in res[r], f"rank {r}, variant {variant}:\n{res[r]['error']}"
+    res = _variant_results(_rank_static, g, rows, cases, STATIC_VARIANTS, variant)
     for name, (_, _h, k, e, cap, _) in cases.items():
         per = [res[r][name] for r in range(g)]
         xs = [p["x"] for p in per]
@@ -495,14 +500,16 @@ def test_static_big_rows(rows, variant):
             assert sum(d["num_dropped"] for d in disp) > 0
 
 
-def _rank_fp8(rank, world, cases):
+def _rank_fp8(rank, world, cases, group=None):
     """FP8 rows (e4m3 + 1x128 f32 scales, tests/reference.py's quantisation) through the static
     dispatch op: rows, scales, indices, weights and counts."""
     import torch
+    import torch.distributed as dist
     from torch_utils import to_numpy
 
     import torch_fused_a2a as tfa
 
+    group = group or dist.group.WORLD
     torch.cuda.set_device(rank)
     out = {}
     for name, (ns, h, k, e, cap, seed) in cases.items():
@@ -514,9 +521,7 @@ def _rank_fp8(rank, world, cases):
         idx = np.array([rng.permutation(e)[:k] for _ in range(n)], np.int64).reshape(n, k)
         idx[rng.random((n, k)) < 0.1] = -1
         w = rng.random((n, k)).astype(np.float32)
-        import torch.distributed as dist
-
-        buf = tfa.get_buffer(dist.group.WORLD, tfa.get_hidden_bytes(x), x.device)
+        buf = tfa.get_buffer(group, tfa.get_hidden_bytes(x), x.device)
         rx, rsc, ridx, rw, _, _, tpe, stats, _ = torch.ops.fused_a2a.dispatch(
             x,
             scales,
@@ -547,47 +552,35 @@ FP8_CASES = {  # name: (N per rank, H, K, E, capacity, seed); N > 512: senders c
 }
 
 
-@pytest.mark.parametrize(
-    "own",
-    [
-        "default",
-        "recv",
-        "split",
-        "loads_ahead2",
-        "records",
-        "no_records",
-        "zero_first",
-        "ready",
-        "help",
-    ],
-)
+FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_static_fp8_rows)
+    "default": {},
+    "recv": {"FUSED_A2A_CUDA_SELF": "recv"},
+    "split": {"FUSED_A2A_CUDA_SELF": "split"},
+    "loads_ahead2": {"FUSED_A2A_CUDA_LOADS_AHEAD": "2"},
+    "records": {"FUSED_A2A_CUDA_RECORDS": "1", "FUSED_A2A_CUDA_SCAN": "tiles"},
+    "no_records": {"FUSED_A2A_CUDA_RECORDS": "0"},
+    # padding rows zeroed before the receivers' first item
+    "zero_first": {"FUSED_A2A_CUDA_ZERO": "first"},
+    "ready": {"FUSED_A2A_CUDA_LAYOUT": "ready"},  # a round-0 ready message from each receiver
+    # the senders claim receiver items once their own are sent
+    "help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
+}
+
+
+@pytest.mark.parametrize("own", list(FP8_VARIANTS))
 @pytest.mark.parametrize("rows", ["8192", "7"], ids=["one-round", "many-rounds"])
 def test_static_fp8_rows(rows, own):
-    """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows;
-    "loads_ahead2": the senders' rings (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores
-    in flight (FUSED_A2A_CUDA_LOADS_AHEAD); "records": the records precomputed by their own kernel
-    on every rank (FUSED_A2A_CUDA_RECORDS=1; by default on the ranks with over 512 tokens),
-    pushed as bulk pieces and read by the own rows' scatter, with the two-pass route scan;
-    "no_records": computed by the senders on every rank (FUSED_A2A_CUDA_RECORDS=0)."""
+    """Issue 7's FP8 dispatch: the senders' batched records (16-byte scale loads) and own rows
+    ("recv" / "split": who copies them, FUSED_A2A_CUDA_SELF); "loads_ahead2": the senders' rings
+    (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores in flight
+    (FUSED_A2A_CUDA_LOADS_AHEAD); "records": the records precomputed by their own kernel on every
+    rank (FUSED_A2A_CUDA_RECORDS=1; by default on the ranks with over 512 tokens), pushed as bulk
+    pieces and read by the own rows' scatter, with the two-pass route scan; "no_records": computed
+    by the senders on every rank (FUSED_A2A_CUDA_RECORDS=0)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
-    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
-    if own == "loads_ahead2":
-        env["FUSED_A2A_CUDA_LOADS_AHEAD"] = "2"
-    elif own == "records":
-        env.update(FUSED_A2A_CUDA_RECORDS="1", FUSED_A2A_CUDA_SCAN="tiles")
-    elif own == "no_records":
-        env["FUSED_A2A_CUDA_RECORDS"] = "0"
-    elif own == "zero_first":  # padding rows zeroed before the receivers' first item
-        env["FUSED_A2A_CUDA_ZERO"] = "first"
-    elif own == "ready":  # a round-0 ready message from each receiver
-        env["FUSED_A2A_CUDA_LAYOUT"] = "ready"
-    elif own == "help":  # the senders claim receiver items once their own are sent
-        env["FUSED_A2A_CUDA_RECV_ITEMS"] = "help"
-    elif own != "default":
-        env["FUSED_A2A_CUDA_SELF"] = own
-    res = run_ranks(_rank_fp8, g, cases, timeout=600, env=env)
+    res = _variant_results(_rank_fp8, g, rows, cases, FP8_VARIANTS, own)
     e4m3 = np.dtype(R.E4M3)
     for name, (_, _h, _k, e, cap, _) in cases.items():
         per = [res[r][name] for r in range(g)]

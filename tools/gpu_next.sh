@@ -51,7 +51,8 @@ hyb_bench() {
 case "${PART:-tests}" in
   tests | tests_rows)  # the normal-mode GPU tests in two calls at G = 4 (one took more than
     # 420 s in run 72): tests = all but test_static_big_rows, tests_rows = it (20 cases; since
-    # session 15 in two spawns, one per buffer size, instead of one spawn per case of ~14 s)
+    # session 15 in two spawns, one per buffer size, instead of one spawn per case of ~14 s; the 18
+    # test_static_fp8_rows cases likewise)
     if [[ $PART == tests ]]; then k="not big_rows"; else k="big_rows"; fi
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py" PYTEST_K="$k" \
