@@ -186,10 +186,11 @@ def hybrid_dispatch(
     args.meta = meta.ctypes.data
     dynamic = num_rows is None
     if dynamic:
-        core.hybrid_dispatch_notify(gid, rank, 0, args)
+        num_rows = core.hybrid_dispatch_notify(gid, rank, 0, args)
+        # the returned P is meta's total rows (the torch op sizes its outputs with it)
+        assert num_rows == int(meta[core.HYBRID_META_TOTAL_ROWS]), (num_rows, meta)
         if notify_only:
             return None
-        num_rows = int(meta[core.HYBRID_META_TOTAL_ROWS])
     hidden = np.empty((num_rows, x.shape[1]), x.dtype)
     out_probs = np.empty(num_rows, np.float32) if probs is not None else None
     row_token = np.empty(num_rows + 1, np.int32)

@@ -2,8 +2,9 @@
 
 Each op looks its buffer up in the core's registry by (group_id, rank), passes ``data_ptr()``s and
 the current CUDA stream, and allocates its outputs. Absent optional outputs are empty tensors (a
-custom op cannot return None). The dynamic-size dispatch (``num_rows < 0``) reads the permuted row
-count on the host after the notify phase; its fake kernel uses an unbacked size.
+custom op cannot return None). The dynamic-size dispatch (``num_rows < 0``) sizes its outputs with
+the permuted row count that the notify phase returns (on the host after its sync); its fake kernel
+uses an unbacked size.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def hybrid_dispatch(
     stream = _stream(device)
     dynamic = num_rows < 0
     if dynamic:
-        core.hybrid_dispatch_notify(group_id, rank, stream, args)
-        num_rows = int(meta[META_TOTAL_ROWS].item())
+        num_rows = core.hybrid_dispatch_notify(group_id, rank, stream, args)
     hidden_out = torch.empty(
         (num_rows, hidden), dtype=_hidden_dtype(x, quantize_fp8), device=device
     )

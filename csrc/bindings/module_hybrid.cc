@@ -81,7 +81,15 @@ void register_hybrid(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   };
   bind_dispatch("hybrid_dispatch", &hybrid_dispatch);
-  bind_dispatch("hybrid_dispatch_notify", &hybrid_dispatch_notify);
+  m.def(
+      "hybrid_dispatch_notify",
+      [](int64_t group_id, int rank, uintptr_t stream, const HybridDispatchArgs& args) {
+        auto buffer = buffer_get(group_id, rank);
+        return hybrid_dispatch_notify(*buffer, args, Stream{reinterpret_cast<void*>(stream)});
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("stream"), py::arg("args"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Dynamic P, phase 1 (count exchange); returns the padded total P for phase 2's outputs.");
   bind_dispatch("hybrid_dispatch_data", &hybrid_dispatch_data);
   bind_dispatch("hybrid_dispatch_cached", &hybrid_dispatch_cached);
   m.def(

@@ -5,7 +5,7 @@
 #include "fused_a2a/hybrid.h"
 
 namespace fa2a::cpu {
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args);
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args);
 // cached: the combine-backward re-dispatch (reads the handle, never writes it).
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, bool cached);
 void hybrid_combine(Buffer& buffer, const HybridCombineArgs& args);
@@ -19,7 +19,7 @@ size_t hybrid_combine_row_bytes(int64_t hidden, size_t value_bytes);
 // core/hybrid_cuda_stubs.cc provides stubs that raise NotImplementedError.
 namespace fa2a::cuda {
 void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 void hybrid_dispatch_cached(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 void hybrid_combine(Buffer& buffer, const HybridCombineArgs& args, Stream stream);

@@ -31,8 +31,9 @@ namespace {
 FA2A_HYBRID_STUB void hybrid_dispatch(Buffer&, const HybridDispatchArgs&, Stream) {
   no_hybrid_cuda();
 }
-FA2A_HYBRID_STUB void hybrid_dispatch_notify(Buffer&, const HybridDispatchArgs&, Stream) {
+FA2A_HYBRID_STUB int64_t hybrid_dispatch_notify(Buffer&, const HybridDispatchArgs&, Stream) {
   no_hybrid_cuda();
+  return 0;
 }
 FA2A_HYBRID_STUB void hybrid_dispatch_data(Buffer&, const HybridDispatchArgs&, Stream) {
   no_hybrid_cuda();

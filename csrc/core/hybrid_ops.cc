@@ -81,13 +81,10 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
   }
 }
 
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
   check_dispatch(buffer, args, false, false);
-  if (buffer.platform() == Platform::kCPU) {
-    cpu::hybrid_dispatch_notify(buffer, args);
-  } else {
-    cuda::hybrid_dispatch_notify(buffer, args, stream);
-  }
+  if (buffer.platform() == Platform::kCPU) return cpu::hybrid_dispatch_notify(buffer, args);
+  return cuda::hybrid_dispatch_notify(buffer, args, stream);
 }
 
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {

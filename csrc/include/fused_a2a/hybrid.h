@@ -83,7 +83,9 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
 // Dynamic P, phase 1: exchanges counts only. Writes src_expert_counts, tokens_per_expert (padded,
 // unclipped) and meta (overflow 0). Fails on every rank, with the same ValueError-kind message
 // naming each rank's N, when the ranks' N differ. num_rows and the row outputs are not used.
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
+// Returns the padded total P (meta's total rows), already on the host: the caller sizes the
+// outputs of phase 2 with it without reading meta back.
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 // Dynamic P, phase 2: moves the rows, with the handle written by hybrid_dispatch_notify.
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 // Cached re-dispatch (combine's backward): x [N,H] (f32/f16/bf16) sent where the handle's dispatch

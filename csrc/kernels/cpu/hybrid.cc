@@ -200,7 +200,7 @@ size_t hybrid_combine_row_bytes(int64_t hidden, size_t value_bytes) {
   return combine_stride(hidden, value_bytes);
 }
 
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
   const char* op = "hybrid dispatch";
   Exchange ex(buffer, op);
   const int num_ranks = ex.num_ranks();
@@ -268,6 +268,7 @@ void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& a) {
   a.meta[kHybridMetaOverflow] = 0;
   a.meta[kHybridMetaNumTokens] = static_cast<int32_t>(a.num_tokens);
   a.meta[kHybridMetaMaxFanout] = group_fanout;
+  return layout.total;
 }
 
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& a, bool cached) {

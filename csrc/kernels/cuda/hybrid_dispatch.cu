@@ -47,14 +47,16 @@ RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, i
   return r;
 }
 
-constexpr int kNotifyWords = 5;  // after the L counts: fan-out, N, H, flags, L
+constexpr int kNotifyWords = 5;
+constexpr int32_t kMetaNotWritten = -2;  // meta's N before the notify kernel writes it (N >= 0 or
+                                         // -1)  // after the L counts: fan-out, N, H, flags, L
 
 // counts [E]: this rank's tokens per expert; fanout: its largest number of one rank's experts
 // picked by one token (both from route_kernels).
 __global__ void __launch_bounds__(kThreads)
     notify_kernel(Comm c, const int* counts, const int* fanout, int N, int H, int flags, int L,
                   long long pad, int32_t* src_expert_counts, int32_t* tokens_per_expert,
-                  int32_t* meta) {
+                  int32_t* meta, int32_t* meta_host) {
   __shared__ int s_fail, s_fanout, s_bad, s_max_n;
   __shared__ unsigned long long s_total;
   const int G = c.num_ranks, tid = threadIdx.x;
@@ -118,6 +120,9 @@ __global__ void __launch_bounds__(kThreads)
     meta[kHybridMetaOverflow] = 0;
     meta[kHybridMetaNumTokens] = s_bad ? -1 : N;
     meta[kHybridMetaMaxFanout] = max(1, s_fanout);
+    if (meta_host) {  // the dynamic path's host reads it after its sync, without a copy
+      for (int i = 0; i < kHybridMetaSize; ++i) meta_host[i] = meta[i];
+    }
     ctrl_of(c.peers[c.rank])->group_tokens = s_max_n;
     write_msgs(c, m);
   }
@@ -481,7 +486,9 @@ void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
              " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
 }
 
-void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s) {
+// meta_host: also write meta there (host-mapped; the dynamic path), or null.
+void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s,
+                   int32_t* meta_host) {
   const Comm c = make_comm(buffer, st, kOpHybridNotify);
   const int L = a.num_local_experts;
   FA2A_CHECK(c.slot_bytes >= (L + kNotifyWords) * sizeof(int),
@@ -492,7 +499,7 @@ void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, c
   const Scratch& scratch = st.scratch;  // launch_route ran first
   notify_kernel<<<1, kThreads, 0, s>>>(
       c, scratch.ecount, scratch.fanout, static_cast<int>(a.num_tokens), static_cast<int>(a.hidden),
-      flags, L, a.pad_multiple, a.src_expert_counts, a.tokens_per_expert, a.meta);
+      flags, L, a.pad_multiple, a.src_expert_counts, a.tokens_per_expert, a.meta, meta_host);
   check_launch("hybrid dispatch notify");
 }
 
@@ -564,27 +571,31 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
   check_common(buffer, args);
   OpScope scope(buffer);
   launch_hybrid_route(buffer, scope.st, args, s);
-  launch_notify(buffer, scope.st, args, s);
+  launch_notify(buffer, scope.st, args, s, nullptr);
   launch_data(buffer, scope.st, args, s, false, true);
 }
 
-void hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
+int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
   launch_hybrid_route(buffer, scope.st, args, s);
   scope.st.hybrid_notified = {args.routing_map, args.num_tokens, args.num_experts,
                               args.num_local_experts, scope.st.scratch_gen};
-  launch_notify(buffer, scope.st, args, s);
+  // The kernel writes meta into host-mapped memory too: no copy back after the sync (a pageable
+  // cudaMemcpy took 21 us, then the caller's meta.item() another ~20, run 75's timeline).
+  volatile int32_t* meta = scope.st.hybrid_meta_host;
+  meta[kHybridMetaNumTokens] = kMetaNotWritten;
+  launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host);
   sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
-  int32_t meta[kHybridMetaSize];
-  FA2A_CUDA_CHECK(cudaMemcpy(meta, args.meta, sizeof(meta), cudaMemcpyDeviceToHost),
-                  "reading the hybrid dispatch counts");
+  FA2A_CHECK_RUNTIME(meta[kHybridMetaNumTokens] != kMetaNotWritten,
+                     "fused_a2a hybrid dispatch: the notify kernel ended without its counts");
   FA2A_CHECK(meta[kHybridMetaNumTokens] == args.num_tokens,
              "fused_a2a hybrid dispatch: HybridEP mode needs the same number of tokens N (rows of "
              "x) on every rank, and the same hidden size, dtype, probs / FP8 scales presence, "
              "fp8_dispatch and num_local_experts; the ranks differ (this rank: N=",
              args.num_tokens, ", hidden size ", args.hidden, ")");
+  return meta[kHybridMetaTotalRows];
 }
 
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {

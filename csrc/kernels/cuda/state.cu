@@ -23,6 +23,7 @@ CudaState::~CudaState() {
   (void)cudaGetDevice(&previous);
   (void)cudaSetDevice(device);
   if (host_error) (void)cudaFreeHost(host_error);
+  if (hybrid_meta_host) (void)cudaFreeHost(hybrid_meta_host);
   if (trace) (void)cudaFreeHost(trace);
   if (peer_table) (void)cudaFree(peer_table);
   if (scratch_mem) (void)cudaFree(scratch_mem);
@@ -129,6 +130,11 @@ CudaState& cuda_state(Buffer& buffer) {
       "cudaHostAlloc (error word)");
   std::memset(host, 0, sizeof(HostError));
   st->host_error = static_cast<HostError*>(host);
+  FA2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(int32_t) * kHybridMetaSize,
+                                cudaHostAllocMapped | cudaHostAllocPortable),
+                  "cudaHostAlloc (HybridEP counts)");
+  std::memset(host, 0, sizeof(int32_t) * kHybridMetaSize);
+  st->hybrid_meta_host = static_cast<int32_t*>(host);
   if (env_int("FUSED_A2A_CUDA_TRACE", 0) != 0) {
     void* trace = nullptr;
     FA2A_CUDA_CHECK(cudaHostAlloc(&trace, sizeof(unsigned long long) * kTraceWords,

@@ -12,6 +12,7 @@
 #include "common.cuh"
 #include "fused_a2a/buffer.h"
 #include "fused_a2a/errors.h"
+#include "fused_a2a/hybrid.h"
 #include "fused_a2a/ops.h"
 
 namespace fa2a::cuda {
@@ -103,6 +104,7 @@ struct CudaState {
   int sm_count = 0;
   size_t smem_optin = 0;
   HostError* host_error = nullptr;      // host-mapped, device-visible at the same address (UVA)
+  int32_t* hybrid_meta_host = nullptr;  // host-mapped [kHybridMetaSize]: the HybridEP notify's meta
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
   void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
