@@ -182,7 +182,7 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     rm -f "$OUT/build.log"
     ;;
-  s15g)  # (~4 min) the HybridEP items' header loads issued together and the send side's row head
+  s15g)  # (~5 min) the HybridEP items' header loads issued together and the send side's row head
     # loaded before the routing is known (the per-item chain, ~212 us of run 77's 977 us plain
     # data kernel at EP 4): torch GPU tests at G = 4 (default and plain rounds), kernel times plain
     # and default (overlap at G >= 4), the bench at the default. Prediction: plain data kernel
@@ -195,6 +195,11 @@ PY
     hyb_kernels "default" "$OUT/hk_default.json"
     hyb_kernels "overlap 0, no send copies" "$OUT/hk_ablate1.json" FUSED_A2A_HYBRID_OVERLAP=0 \
       FUSED_A2A_HYBRID_ABLATE=1
+    # the dynamic dispatch's host gaps after the notify returning P and the unzeroed counts
+    # (run 75: 109 us before the first launch, 126 us between the notify and the data kernel)
+    timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
+      --out "$OUT/hk_timeline.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
+      | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
     hyb_bench hyb
     rm -f "$OUT/build.log"
     ;;
