@@ -48,7 +48,7 @@ def _need(n: int):
 # ----------------------------------------------------------------------------- torch: CPU suite
 
 
-def _rank_suite(rank, world, cases):
+def _rank_suite(rank, world, cases, group=None):
     import test_torch_normal as T
     import torch
     import torch.distributed as dist
@@ -62,7 +62,8 @@ def _rank_suite(rank, world, cases):
         size = case.group_size or world
         if size not in groups:
             subgroups = [dist.new_group(list(range(i, i + size))) for i in range(0, world, size)]
-            groups[size] = dist.group.WORLD if size == world else subgroups[rank // size]
+            whole = group or dist.group.WORLD
+            groups[size] = whole if size == world else subgroups[rank // size]
         group, gi = groups[size], rank // size
         out = {}
         for where in ("cuda", "cpu"):
@@ -111,14 +112,40 @@ OWN_ROWS = {
 }
 
 
-def _suite(world, own="default"):
+def _selected_own(request, world):
+    """The OWN_ROWS variants at `world` that this session's selection runs, so that one spawn
+    runs them all (see _rank_variants) and a narrow selection runs only its own."""
+    chosen = set()
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (
+            getattr(item, "originalname", "") == "test_torch_gpu_matches_reference_and_cpu"
+            and params.get("world") == world
+        ):
+            chosen.add(params["own"])
+    return [own for own in OWN_ROWS if own in chosen]
+
+
+def _suite(world, own, request):
     import test_torch_normal as T
 
-    env = dict(GPU_ENV, **OWN_ROWS[own])
-    return run_once(
-        ("suite", world, own),
-        lambda: run_ranks(_rank_suite, world, T.WORLD_CASES[world], timeout=600, env=env),
+    variants = {o: OWN_ROWS[o] for o in _selected_own(request, world) or [own]}
+    per_rank = run_once(
+        ("suite", world),
+        lambda: run_ranks(
+            _rank_variants,
+            world,
+            _rank_suite,
+            T.WORLD_CASES[world],
+            variants,
+            timeout=1800,
+            env=GPU_ENV,
+        ),
     )
+    res = [r[own] for r in per_rank]
+    for r in range(world):
+        assert "error" not in res[r], f"rank {r}, own rows {own}:\n{res[r]['error']}"
+    return res
 
 
 def _suite_cases():
@@ -129,11 +156,12 @@ def _suite_cases():
 
 @pytest.mark.parametrize("own", list(OWN_ROWS))
 @pytest.mark.parametrize("world,case", _suite_cases(), ids=lambda v: getattr(v, "name", str(v)))
-def test_torch_gpu_matches_reference_and_cpu(world, case, own):
+def test_torch_gpu_matches_reference_and_cpu(world, case, own, request):
     import test_torch_normal as T
 
     _need(world)
-    per_rank = [_suite(world, own)[r][case.name] for r in range(world)]
+    suite = _suite(world, own, request)
+    per_rank = [suite[r][case.name] for r in range(world)]
     for r, res in enumerate(per_rank):
         for where in ("cuda", "cpu"):
             assert "error" not in res[where], f"rank {r} {where}:\n{res[where].get('error')}"
