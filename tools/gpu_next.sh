@@ -182,19 +182,23 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
     rm -f "$OUT/build.log"
     ;;
-  s15g)  # (~5 min) the HybridEP items' header loads issued together and the send side's row head
+  s15g)  # (~6 min) the HybridEP items' header loads issued together and the send side's row head
     # loaded before the routing is known (the per-item chain, ~212 us of run 77's 977 us plain
     # data kernel at EP 4): torch GPU tests at G = 4 (default and plain rounds), kernel times plain
     # and default (overlap at G >= 4), the bench at the default. Prediction: plain data kernel
     # 977 -> 850-900 us, the overlap default 935 -> 830-880
     STEPS=build,test STEP_TIMEOUT_TEST=90 FA2A_GPU_TEST_TIMEOUT_S=15 \
       PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and 4-g4 and (default-buffer or default-plain)" bash tools/gpu_check.sh \
+      PYTEST_K="torch and 4-g4 and (default-buffer or default-plain or bulk)" bash tools/gpu_check.sh \
       | grep -E "build:|tests:|FAILED"
     hyb_kernels "overlap 0" "$OUT/hk_ov0.json" FUSED_A2A_HYBRID_OVERLAP=0
     hyb_kernels "default" "$OUT/hk_default.json"
     hyb_kernels "overlap 0, no send copies" "$OUT/hk_ablate1.json" FUSED_A2A_HYBRID_OVERLAP=0 \
       FUSED_A2A_HYBRID_ABLATE=1
+    # the receive side by bulk copies (opt-in, compile-checked): plain and overlapped rounds
+    hyb_kernels "overlap 0, bulk receive" "$OUT/hk_bulk0.json" FUSED_A2A_HYBRID_OVERLAP=0 \
+      FUSED_A2A_HYBRID_RECV=bulk
+    hyb_kernels "default, bulk receive" "$OUT/hk_bulk.json" FUSED_A2A_HYBRID_RECV=bulk
     # the dynamic dispatch's host gaps after the notify returning P and the unzeroed counts
     # (run 75: 109 us before the first launch, 126 us between the notify and the data kernel)
     timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
