@@ -247,6 +247,18 @@ struct OverlapRoles {
   }
 };
 
+// kRoundsOverlap's entry message: every thread of the grid zeroes its share of `count` tags (u64
+// words), tag i at at(i), before the message's ack lets any sender write (a stale word could equal
+// a message number).
+template <typename At>
+__device__ inline void grid_zero_tags(long long count, At&& at) {
+  const long long threads = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += threads) {
+    *at(i) = 0ull;
+  }
+}
+
 // kRoundsOverlap, a sending warp after writing what `tag` covers: every lane's writes first (as
 // send_end), then lane 0 releases the tag m to the reader.
 __device__ inline void warp_release_tag(unsigned long long* tag, unsigned long long m, int lane) {

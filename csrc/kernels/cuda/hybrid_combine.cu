@@ -302,10 +302,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Comm c, CombineParams
     };
     const long long used = min(T, static_cast<long long>(p.N));  // token positions ever used
     const auto clear_flags = [&] {
-      for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + tid; i < G * used;
-           i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        *flag_of(static_cast<int>(i % G), i / G) = 0ull;
-      }
+      grid_zero_tags(G * used,
+                     [&](long long i) { return flag_of(static_cast<int>(i % G), i / G); });
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_flags);
     const OverlapRoles role(p.send_blocks);

@@ -47,9 +47,9 @@ RowLayout row_layout(int64_t hidden, size_t value_bytes, bool fp8, bool probs, i
   return r;
 }
 
-constexpr int kNotifyWords = 5;
-constexpr int32_t kMetaNotWritten = -2;  // meta's N before the notify kernel writes it (N >= 0 or
-                                         // -1)  // after the L counts: fan-out, N, H, flags, L
+constexpr int kNotifyWords = 5;  // after the L counts: fan-out, N, H, flags, L
+// meta's N in the host-mapped copy before the notify kernel writes it (N >= 0, or -1)
+constexpr int32_t kMetaNotWritten = -2;
 
 // counts [E]: this rank's tokens per expert; fanout: its largest number of one rank's experts
 // picked by one token (both from route_kernels).
@@ -116,12 +116,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (tid == 0) {
     const long long total = static_cast<long long>(s_total);
-    meta[kHybridMetaTotalRows] = static_cast<int32_t>(min(total, 0x7fffffffll));
-    meta[kHybridMetaOverflow] = 0;
-    meta[kHybridMetaNumTokens] = s_bad ? -1 : N;
-    meta[kHybridMetaMaxFanout] = max(1, s_fanout);
-    if (meta_host) {  // the dynamic path's host reads it after its sync, without a copy
-      for (int i = 0; i < kHybridMetaSize; ++i) meta_host[i] = meta[i];
+    int32_t values[kHybridMetaSize];
+    values[kHybridMetaTotalRows] = static_cast<int32_t>(min(total, 0x7fffffffll));
+    values[kHybridMetaOverflow] = 0;
+    values[kHybridMetaNumTokens] = s_bad ? -1 : N;
+    values[kHybridMetaMaxFanout] = max(1, s_fanout);
+    for (int i = 0; i < kHybridMetaSize; ++i) {
+      meta[i] = values[i];
+      // the dynamic path's host reads these after its sync, without a copy
+      if (meta_host) meta_host[i] = values[i];
     }
     ctrl_of(c.peers[c.rank])->group_tokens = s_max_n;
     write_msgs(c, m);
@@ -159,6 +162,31 @@ struct DataParams {
 // a group: ~212 us of the 977 us plain data kernel at EP 4 had no row bytes at all (run 77).
 constexpr int kHeadGroups = 2;
 
+// body(j0, load(j0 + lane)) for every expert group j0 = 0, 32, ... below L (j0 warp-uniform; load
+// is called for lanes past L too and returns the unrouted value there), the loads of the first
+// kHeadGroups groups all issued before the first body.
+template <typename Load, typename Body>
+__device__ __forceinline__ void for_each_group(int L, int lane, Load&& load, Body&& body) {
+  decltype(load(0)) head[kHeadGroups];
+#pragma unroll
+  for (int g = 0; g < kHeadGroups; ++g) head[g] = load(g * 32 + lane);
+#pragma unroll
+  for (int g = 0; g < kHeadGroups; ++g) {
+    if (g * 32 < L) body(g * 32, head[g]);
+  }
+  for (int j0 = kHeadGroups * 32; j0 < L; j0 += 32) body(j0, load(j0 + lane));
+}
+
+struct SendHeader {  // lane j of a group: d's expert j's ordinal of the token (-1: not routed),
+                     // prob
+  int ord;
+  float prob;
+};
+struct RecvHeader {  // the same from the slot row, and the rows source s sends expert j
+  int ord, count;
+  float prob;
+};
+
 // Send side of one (token t at slot position k, destination d) item: the header always, the
 // values when t is routed to any of d's experts. One warp. The row's first pieces are loaded
 // before the routing is known (a token reaches >= 90% of the ranks at EP 4 with top-8 of 256),
@@ -174,32 +202,20 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
   const bool copy = !(d == c.rank && !p.quantize) && !ablate_copy;
   RowHead head;
   if (copy && !p.quantize) warp_load_head(head, src, p.out_row, lane);
-  int ords[kHeadGroups];
-  float probs[kHeadGroups];
-#pragma unroll
-  for (int g = 0; g < kHeadGroups; ++g) {
-    const int j = g * 32 + lane;
-    ords[g] = j < L ? __ldg(p.ordinal + te0 + j) : -1;
-    probs[g] = j < L && p.probs ? __ldg(p.probs + te0 + j) : 0.0f;
-  }
   unsigned any = 0;
-  const auto header = [&](int j0, int ord, float prob) {  // warp-uniform j0
+  const auto load = [&](int j) {
+    return j < L ? SendHeader{__ldg(p.ordinal + te0 + j), p.probs ? __ldg(p.probs + te0 + j) : 0.0f}
+                 : SendHeader{-1, 0.0f};
+  };
+  const auto header = [&](int j0, SendHeader h) {
     const int j = j0 + lane;
     if (j < L) {
-      reinterpret_cast<int*>(row + rl.ord_off)[j] = ord;
-      if (p.probs) reinterpret_cast<float*>(row + rl.prob_off)[j] = ord >= 0 ? prob : 0.0f;
+      reinterpret_cast<int*>(row + rl.ord_off)[j] = h.ord;
+      if (p.probs) reinterpret_cast<float*>(row + rl.prob_off)[j] = h.ord >= 0 ? h.prob : 0.0f;
     }
-    any |= __ballot_sync(0xffffffffu, j < L && ord >= 0);
+    any |= __ballot_sync(0xffffffffu, j < L && h.ord >= 0);
   };
-#pragma unroll
-  for (int g = 0; g < kHeadGroups; ++g) {
-    if (g * 32 < L) header(g * 32, ords[g], probs[g]);
-  }
-  for (int j0 = kHeadGroups * 32; j0 < L; j0 += 32) {
-    const int j = j0 + lane;
-    header(j0, j < L ? __ldg(p.ordinal + te0 + j) : -1,
-           j < L && p.probs ? __ldg(p.probs + te0 + j) : 0.0f);
-  }
+  for_each_group(L, lane, load, header);
   if (lane == 0) *reinterpret_cast<int*>(row + rl.tok_off) = static_cast<int>(t);
   if (!any || !copy) return;
   if (p.quantize) {
@@ -278,15 +294,10 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   const int* ord_of = reinterpret_cast<const int*>(row + rl.ord_off);
   const float* prob_of = reinterpret_cast<const float*>(row + rl.prob_off);
   const int32_t* count_of = p.src_expert_counts + s * L;
-  int ords[kHeadGroups], counts[kHeadGroups];
-  float probs[kHeadGroups];
-#pragma unroll
-  for (int g = 0; g < kHeadGroups; ++g) {
-    const int j = g * 32 + lane;
-    ords[g] = j < L ? __ldcg(ord_of + j) : -1;
-    counts[g] = j < L ? count_of[j] : 0;
-    probs[g] = j < L && p.probs ? __ldcg(prob_of + j) : 0.0f;
-  }
+  const auto load = [&](int j) {
+    return j < L ? RecvHeader{__ldcg(ord_of + j), count_of[j], p.probs ? __ldcg(prob_of + j) : 0.0f}
+                 : RecvHeader{-1, 0, 0.0f};
+  };
   const int cols = p.fp8 ? p.H / kFp8BlockSize : 0;
   const uint8_t* values = from_x ? static_cast<const uint8_t*>(p.x) + t * p.out_row : row;
   const float* scales = from_x ? p.x_scales + static_cast<size_t>(t) * cols
@@ -305,10 +316,10 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
     }
     collected = 0;
   };
-  const auto group = [&](int j0, int ord, int count, float prob) {  // warp-uniform j0
+  const auto group = [&](int j0, RecvHeader h) {
     const int j = j0 + lane;
     long long pos = -1;
-    if (j < L && ord >= 0 && ord < count) pos = seg[s * L + j] + ord;
+    if (j < L && h.ord >= 0 && h.ord < h.count) pos = seg[s * L + j] + h.ord;
     if (pos >= p.P) pos = -1;  // static P overflow: dropped
     const unsigned mask = __ballot_sync(0xffffffffu, pos >= 0);
     for (unsigned m = mask; m; m &= m - 1) {  // warp-uniform
@@ -318,19 +329,11 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
       for (int i = lane; i < cols; i += 32) p.permuted_scales[at * cols + i] = __ldcg(scales + i);
     }
     if (pos >= 0) {  // each routed lane writes its own row's prob and token id
-      if (p.probs) p.permuted_probs[pos] = prob;
+      if (p.probs) p.permuted_probs[pos] = h.prob;
       if (!p.cached) p.row_token[pos] = static_cast<int32_t>(s * N + t);
     }
   };
-#pragma unroll
-  for (int g = 0; g < kHeadGroups; ++g) {
-    if (g * 32 < L) group(g * 32, ords[g], counts[g], probs[g]);
-  }
-  for (int j0 = kHeadGroups * 32; j0 < L; j0 += 32) {
-    const int j = j0 + lane;
-    group(j0, j < L ? __ldcg(ord_of + j) : -1, j < L ? count_of[j] : 0,
-          j < L && p.probs ? __ldcg(prob_of + j) : 0.0f);
-  }
+  for_each_group(L, lane, load, group);
   if (collected > 0) copy_collected();
 }
 
@@ -502,14 +505,11 @@ __global__ void __launch_bounds__(kThreads, 1) data_kernel(Comm c, DataParams p)
     // lets any sender write: a stale tag (an earlier buffer's at the same address, or normal
     // mode's bytes in JAX's shared data region) could otherwise equal a message number here.
     const auto clear_tags = [&] {
-      const long long positions = G * s_positions;
-      for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + tid; i < positions;
-           i += static_cast<long long>(gridDim.x) * blockDim.x) {
-        auto* tag = reinterpret_cast<unsigned long long*>(
+      grid_zero_tags(G * s_positions, [&](long long i) {
+        return reinterpret_cast<unsigned long long*>(
             const_cast<uint8_t*>(c.slot_from(static_cast<int>(i % G))) +
             static_cast<size_t>(i / G) * p.row.stride + p.row.tag_off);
-        *tag = 0ull;
-      }
+      });
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_tags);
     if (ok) {
@@ -568,7 +568,7 @@ void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, c
              " local experts");
   const int flags = static_cast<int>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.probs ? 512 : 0) |
                     (a.quantize_fp8 ? 1024 : 0);
-  const Scratch& scratch = st.scratch;  // launch_route ran first
+  const Scratch& scratch = st.scratch;  // launch_hybrid_route ran first
   notify_kernel<<<1, kThreads, 0, s>>>(
       c, scratch.ecount, scratch.fanout, static_cast<int>(a.num_tokens), static_cast<int>(a.hidden),
       flags, L, a.pad_multiple, a.src_expert_counts, a.tokens_per_expert, a.meta, meta_host);
@@ -586,7 +586,7 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
   p.x = a.x;
   p.x_code = value_code(a.x_dtype);
   p.x_scales = a.x_scales;
-  p.ordinal = st.scratch.ordinal;  // launch_route ran first
+  p.ordinal = st.scratch.ordinal;  // launch_hybrid_route ran first
   p.probs = a.probs;
   p.N = static_cast<int>(a.num_tokens);
   p.H = static_cast<int>(a.hidden);
@@ -673,6 +673,13 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
                               args.num_local_experts, scope.st.scratch_gen};
   // The kernel writes meta into host-mapped memory too: no copy back after the sync (a pageable
   // cudaMemcpy took 21 us, then the caller's meta.item() another ~20, run 75's timeline).
+  if (!scope.st.hybrid_meta_host) {  // made on the first dynamic dispatch (normal mode needs none)
+    void* host = nullptr;
+    FA2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(int32_t) * kHybridMetaSize,
+                                  cudaHostAllocMapped | cudaHostAllocPortable),
+                    "cudaHostAlloc (HybridEP counts)");
+    scope.st.hybrid_meta_host = static_cast<int32_t*>(host);
+  }
   volatile int32_t* meta = scope.st.hybrid_meta_host;
   meta[kHybridMetaNumTokens] = kMetaNotWritten;
   launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host);

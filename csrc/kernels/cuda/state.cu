@@ -130,11 +130,6 @@ CudaState& cuda_state(Buffer& buffer) {
       "cudaHostAlloc (error word)");
   std::memset(host, 0, sizeof(HostError));
   st->host_error = static_cast<HostError*>(host);
-  FA2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(int32_t) * kHybridMetaSize,
-                                cudaHostAllocMapped | cudaHostAllocPortable),
-                  "cudaHostAlloc (HybridEP counts)");
-  std::memset(host, 0, sizeof(int32_t) * kHybridMetaSize);
-  st->hybrid_meta_host = static_cast<int32_t*>(host);
   if (env_int("FUSED_A2A_CUDA_TRACE", 0) != 0) {
     void* trace = nullptr;
     FA2A_CUDA_CHECK(cudaHostAlloc(&trace, sizeof(unsigned long long) * kTraceWords,

@@ -103,8 +103,9 @@ struct CudaState {
   int num_ranks = 0;
   int sm_count = 0;
   size_t smem_optin = 0;
-  HostError* host_error = nullptr;      // host-mapped, device-visible at the same address (UVA)
-  int32_t* hybrid_meta_host = nullptr;  // host-mapped [kHybridMetaSize]: the HybridEP notify's meta
+  HostError* host_error = nullptr;  // host-mapped, device-visible at the same address (UVA)
+  // host-mapped [kHybridMetaSize]: the HybridEP notify's meta (made by the first dynamic dispatch)
+  int32_t* hybrid_meta_host = nullptr;
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
   void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
@@ -186,10 +187,10 @@ int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), defau
 // serial write-completion waits per warp)
 int chunks_per_warp_env();
 bool hybrid_pipeline_env();  // FUSED_A2A_HYBRID_PIPELINE=1: HybridEP rounds overlapped
-// FUSED_A2A_HYBRID_OVERLAP (bits; session 14, opt-in): 1 the HybridEP dispatch (and cached
-// dispatch), 2 the combine, run their sending and receiving blocks at once; 3 both.
-// FUSED_A2A_HYBRID_SEND_BLOCKS: how many of `blocks` (>= 2) send (default half; clamped to
-// [1, blocks - 1]).
+// FUSED_A2A_HYBRID_OVERLAP (bits; session 14): 1 the HybridEP dispatch (and cached dispatch), 2
+// the combine, run their sending and receiving blocks at once; 3 both; unset: 3 at G >= 4
+// without FUSED_A2A_HYBRID_PIPELINE=1, else 0 (session 15). FUSED_A2A_HYBRID_SEND_BLOCKS: how many
+// of `blocks` (>= 2) send (default half; clamped to [1, blocks - 1]).
 constexpr int kOverlapDispatch = 1, kOverlapCombine = 2;
 int hybrid_overlap_bits(int num_ranks);  // FUSED_A2A_HYBRID_OVERLAP (kOverlap* bits), default by G
 int hybrid_send_blocks(int blocks);
