@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from _spawn import spawn_ranks
+from _spawn import init_rank, spawn_ranks
 
 
 def _case(n=4096, sms=24, fp8=False, worst_cap=False, **env):
@@ -584,14 +584,7 @@ def _summarize(per_rank):
 
 
 def _worker(rank, world, port, args, queue):
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        device_id=torch.device("cuda", rank),
-    )
+    init_rank(rank, world, port, cuda=True)
     results = []
     for name in args.cases.split(","):
         try:

@@ -57,12 +57,12 @@ def _rank_suite(rank, world, cases, group=None):
     torch.set_num_threads(1)
     tfa = T._api()
     host_from_numpy = T.from_numpy
+    whole = group or dist.group.WORLD
     groups, results = {}, {}
     for case in cases:
         size = case.group_size or world
         if size not in groups:
             subgroups = [dist.new_group(list(range(i, i + size))) for i in range(0, world, size)]
-            whole = group or dist.group.WORLD
             groups[size] = whole if size == world else subgroups[rank // size]
         group, gi = groups[size], rank // size
         out = {}
@@ -130,22 +130,8 @@ def _suite(world, own, request):
     import test_torch_normal as T
 
     variants = {o: OWN_ROWS[o] for o in _selected_own(request, world) or [own]}
-    per_rank = run_once(
-        ("suite", world),
-        lambda: run_ranks(
-            _rank_variants,
-            world,
-            _rank_suite,
-            T.WORLD_CASES[world],
-            variants,
-            timeout=1800,
-            env=GPU_ENV,
-        ),
-    )
-    res = [r[own] for r in per_rank]
-    for r in range(world):
-        assert "error" not in res[r], f"rank {r}, own rows {own}:\n{res[r]['error']}"
-    return res
+    per_rank = _variants_run(_rank_suite, world, T.WORLD_CASES[world], variants, GPU_ENV, 1800)
+    return _variant_of(per_rank, own)
 
 
 def _suite_cases():
@@ -474,19 +460,30 @@ def _rank_variants(rank, world, rank_fn, cases, variants):
     return out
 
 
-def _variant_results(rank_fn, g, rows, cases, variants, variant):
-    """rank_fn's results of `variant` (one spawn per rank_fn and buffer size for all variants),
-    per rank; a variant's error fails its own test."""
-    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
-    per_rank = run_once(
-        (rank_fn.__name__, g, rows),
-        lambda: run_ranks(_rank_variants, g, rank_fn, cases, variants, timeout=900, env=env),
+def _variants_run(rank_fn, g, cases, variants, env, timeout):
+    """_rank_variants' per-rank results, one spawn a session per rank_fn, G and environment."""
+    key = (rank_fn.__name__, g, tuple(sorted(env.items())))
+    return run_once(
+        key,
+        lambda: run_ranks(_rank_variants, g, rank_fn, cases, variants, timeout=timeout, env=env),
     )
-    # popped: the results of all variants are ~50 MB a variant and rank
-    res = [r.pop(variant) for r in per_rank]
-    for r in range(g):
-        assert "error" not in res[r], f"rank {r}, variant {variant}:\n{res[r]['error']}"
+
+
+def _variant_of(per_rank, variant, pop=False):
+    """One variant's results, per rank (popped: they are no longer needed after its test); a
+    variant's error fails its own test."""
+    res = [r.pop(variant) if pop else r[variant] for r in per_rank]
+    for r, got in enumerate(res):
+        assert "error" not in got, f"rank {r}, variant {variant}:\n{got['error']}"
     return res
+
+
+def _variant_results(rank_fn, g, rows, cases, variants, variant):
+    """rank_fn's results of `variant` (one spawn per rank_fn and buffer size for all variants);
+    popped, as the results of all variants are ~50 MB a variant and rank."""
+    env = dict(GPU_ENV, FUSED_A2A_BUFFER_ROWS=rows)
+    per_rank = _variants_run(rank_fn, g, cases, variants, env, 900)
+    return _variant_of(per_rank, variant, pop=True)
 
 
 @pytest.mark.parametrize("variant", list(STATIC_VARIANTS))
