@@ -509,8 +509,13 @@ def _opcheck_hybrid(rank, world):
         args = (x, None, rm, probs, lpr, 4, rows, quant, gid, r, world, 24)
         torch.library.opcheck(ops.hybrid_dispatch.default, args)
         checked.append(f"hybrid_dispatch[P={rows},fp8={quant}]")
+    # dynamic P: the notify phase's host copy of tokens_per_expert equals the data phase's
+    dyn = ops.hybrid_dispatch(x, None, rm, probs, lpr, 4, -1, False, gid, r, world, 24)
+    assert dyn[7].device.type == "cpu" and dyn[7].dtype == torch.int32, dyn[7]
+    assert dyn[7].tolist() == dyn[5].tolist() and sum(dyn[7].tolist()) == dyn[0].shape[0], dyn
     out = ops.hybrid_dispatch(x, None, rm, probs, lpr, 4, 16, False, gid, r, world, 24)
-    hidden, dprobs, _, counts, row_token, _, meta = out
+    hidden, dprobs, _, counts, row_token, _, meta, host_counts = out
+    assert host_counts.shape == (0,), host_counts  # static P: no host copy
     args = (hidden, dprobs, counts, row_token, meta, lpr, 4, n, gid, r, 24)
     torch.library.opcheck(ops.hybrid_combine.default, args)
     checked.append("hybrid_combine")

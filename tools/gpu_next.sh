@@ -17,6 +17,8 @@
 #       dynamic dispatch's kernel times
 #   PART=s15g (~4 min): the HybridEP items' header loads at once: tests at G = 4, kernel times,
 #       bench
+#   PART=s16 (~4 min): the dynamic HybridEP dispatch's host counts from the notify: tests at
+#       G = 2 and 4, timeline, bulk receive (overlapped rounds), bench
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
 # s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-f) are in git history.
@@ -167,6 +169,24 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
+    ;;
+  s16)  # (~4 min) the dynamic HybridEP dispatch returns tokens_per_expert from the notify's
+    # host-mapped copy (run 80's timeline: the op's tokens_per_expert.to("cpu") blocked the host
+    # 889 us, for the whole data kernel). Torch HybridEP GPU tests at G = 2 and 4 (dynamic P is the
+    # default route), one call's timeline, the bulk receive with overlapped rounds (run 80 lost it
+    # to a port clash), the bench. Prediction: the op returns ~0.3 ms after it starts (was 1.24);
+    # the bench's HybridEP dispatch 1124-1306 -> 1000-1080 us (the next call's host work overlaps
+    # the data kernel)
+    STEPS=build,test STEP_TIMEOUT_TEST=90 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
+      PYTEST_K="torch and (4-g4 or 2-g2) and (default-buffer or default-plain)" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
+      --out "$OUT/hk_timeline.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
+      | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
+    hyb_kernels "default, bulk receive" "$OUT/hk_bulk.json" FUSED_A2A_HYBRID_RECV=bulk
+    hyb_bench hyb
+    rm -f "$OUT/build.log"
     ;;
   s15b)  # (~3 min) LAYOUT=dynamic settled by kernel times: the dynamic dispatch's event times
     # carry the host's count wait (+-50 us between identical cases in run 68); its data kernel

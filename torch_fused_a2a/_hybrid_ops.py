@@ -57,11 +57,14 @@ def hybrid_dispatch(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     """Dispatch with permute. Returns (hidden [P,H], probs [P] (or [0] without probs), scales
     [P,H/128] (or [P,0] without FP8), src_expert_counts [G*L] i32, row_token [P] i32,
-    tokens_per_expert [L] i32, meta [4] i32). num_rows < 0: P = the exact padded total (host
-    sync after the notify phase); else the static P."""
+    tokens_per_expert [L] i32, meta [4] i32, tokens_per_expert_host). num_rows < 0: P = the
+    exact padded total (host sync after the notify phase), and tokens_per_expert_host is a CPU
+    [L] i32 copy of tokens_per_expert filled by that phase (no wait for the data phase); else
+    the static P and a CPU [0] tensor."""
     device = x.device
     num_tokens, hidden = x.shape
     args = core.HybridDispatchArgs()
@@ -80,7 +83,9 @@ def hybrid_dispatch(
     args.meta = meta.data_ptr()
     stream = _stream(device)
     dynamic = num_rows < 0
+    host_counts = torch.empty(num_local_experts if dynamic else 0, dtype=torch.int32)
     if dynamic:
+        args.tokens_per_expert_host = host_counts.data_ptr()
         num_rows = core.hybrid_dispatch_notify(group_id, rank, stream, args)
     hidden_out = torch.empty(
         (num_rows, hidden), dtype=_hidden_dtype(x, quantize_fp8), device=device
@@ -105,6 +110,7 @@ def hybrid_dispatch(
         row_token[:num_rows].clone(),
         tokens_per_expert,
         meta,
+        host_counts,
     )
 
 
@@ -123,6 +129,7 @@ def _(
     num_ranks,
     num_sms,
 ):
+    host_counts = torch.empty(num_local_experts if num_rows < 0 else 0, dtype=torch.int32)
     if num_rows < 0:
         num_rows = torch.library.get_ctx().new_dynamic_size()
     hidden = x.shape[1]
@@ -136,6 +143,7 @@ def _(
         new((num_rows,), dtype=torch.int32),
         new((num_local_experts,), dtype=torch.int32),
         new((META_SIZE,), dtype=torch.int32),
+        host_counts,
     )
 
 

@@ -341,7 +341,7 @@ def _dispatch(
     pad = int(pad_multiple or 0)
     rows = -1 if num_permuted_tokens is None else int(num_permuted_tokens)
     b = buf.buffer
-    hidden, out_probs, scales, counts, row_token, per_expert, meta = _ops.run(
+    hidden, out_probs, scales, counts, row_token, per_expert, meta, host_counts = _ops.run(
         _hybrid_ops.hybrid_dispatch,
         x,
         scaling_factor,
@@ -369,7 +369,9 @@ def _dispatch(
         group,
     )
     fp8 = quantize or x.dtype == torch.float8_e4m3fn
-    return hidden, out_probs if probs is not None else None, scales if fp8 else None, handle
+    scales = scales if fp8 else None
+    # dynamic P: the CPU copy of tokens_per_expert that the notify phase wrote (empty otherwise)
+    return hidden, out_probs if probs is not None else None, scales, handle, host_counts
 
 
 def _combine(y, handle: HybridEPHandle, probs=None, num_sms=None):
@@ -460,7 +462,7 @@ class HybridEPDispatch(torch.autograd.Function):
             num_permuted_tokens,
             scaling_factor,
         )
-        hidden, out_probs, scales, handle = _dispatch(
+        hidden, out_probs, scales, handle, host_counts = _dispatch(
             x,
             routing_map,
             probs,
@@ -472,8 +474,8 @@ class HybridEPDispatch(torch.autograd.Function):
             pad_multiple,
             scaling_factor,
         )
-        if num_permuted_tokens is None:
-            tokens_per_expert = handle.tokens_per_expert.to("cpu", torch.int64)
+        if num_permuted_tokens is None:  # on the host since the notify phase: no device sync
+            tokens_per_expert = host_counts.to(torch.int64)
         else:
             tokens_per_expert = handle.tokens_per_expert.to(torch.int64)
         ctx.handle, ctx.x_dtype, ctx.has_probs = handle, x.dtype, probs is not None

@@ -35,6 +35,7 @@ void bind_hybrid_args(py::module_& m) {
       .FA2A_POINTER_FIELD(D, permuted_probs, float)
       .FA2A_POINTER_FIELD(D, permuted_scales, float)
       .FA2A_POINTER_FIELD(D, tokens_per_expert, int32_t)
+      .FA2A_POINTER_FIELD(D, tokens_per_expert_host, int32_t)
       .FA2A_POINTER_FIELD(D, src_expert_counts, int32_t)
       .FA2A_POINTER_FIELD(D, row_token, int32_t)
       .FA2A_POINTER_FIELD(D, meta, int32_t)

@@ -83,8 +83,13 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
 
 int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {
   check_dispatch(buffer, args, false, false);
-  if (buffer.platform() == Platform::kCPU) return cpu::hybrid_dispatch_notify(buffer, args);
-  return cuda::hybrid_dispatch_notify(buffer, args, stream);
+  if (buffer.platform() != Platform::kCPU)
+    return cuda::hybrid_dispatch_notify(buffer, args, stream);
+  const int64_t num_rows = cpu::hybrid_dispatch_notify(buffer, args);
+  if (args.tokens_per_expert_host) {  // the CPU backend's outputs are host memory already
+    std::copy_n(args.tokens_per_expert, args.num_local_experts, args.tokens_per_expert_host);
+  }
+  return num_rows;
 }
 
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream) {

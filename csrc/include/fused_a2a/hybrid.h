@@ -68,6 +68,10 @@ struct HybridDispatchArgs {
   float* permuted_scales = nullptr;      // [P, H/128] f32 with quantize_fp8 or e4m3 x, else null
   int32_t* tokens_per_expert = nullptr;  // [L] padded counts, clipped greedily in expert order
                                          // so that they sum to at most P
+  // [L] host memory or null; dynamic P only: hybrid_dispatch_notify copies the padded counts
+  // there before it returns. They equal the data phase's tokens_per_expert (P is their sum, so
+  // nothing is clipped): the caller has them on the host without waiting for the data phase.
+  int32_t* tokens_per_expert_host = nullptr;
 
   // Handle (see above). The notify writes src_expert_counts and meta[TotalRows, NumTokens,
   // MaxFanout]; the data phase writes row_token, tokens_per_expert and meta[Overflow].
@@ -84,7 +88,7 @@ void hybrid_dispatch(Buffer& buffer, const HybridDispatchArgs& args, Stream stre
 // unclipped) and meta (overflow 0). Fails on every rank, with the same ValueError-kind message
 // naming each rank's N, when the ranks' N differ. num_rows and the row outputs are not used.
 // Returns the padded total P (meta's total rows), already on the host: the caller sizes the
-// outputs of phase 2 with it without reading meta back.
+// outputs of phase 2 with it without reading meta back; fills tokens_per_expert_host if given.
 int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);
 // Dynamic P, phase 2: moves the rows, with the handle written by hybrid_dispatch_notify.
 void hybrid_dispatch_data(Buffer& buffer, const HybridDispatchArgs& args, Stream stream);

@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const long long padded = pad > 0 ? (count + pad - 1) / pad * pad : count;
     tokens_per_expert[j] = static_cast<int32_t>(padded);
+    if (meta_host) meta_host[kHybridMetaSize + j] = static_cast<int32_t>(padded);
     atomicAdd(&s_total, static_cast<unsigned long long>(padded));
   }
   __syncthreads();
@@ -558,7 +559,8 @@ void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
              " ranks x N = ", a.num_tokens, " tokens do not fit int32 global token ids");
 }
 
-// meta_host: also write meta there (host-mapped; the dynamic path), or null.
+// meta_host: also write meta and then the L padded counts there (host-mapped; the dynamic
+// path), or null.
 void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s,
                    int32_t* meta_host) {
   const Comm c = make_comm(buffer, st, kOpHybridNotify);
@@ -671,14 +673,24 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   launch_hybrid_route(buffer, scope.st, args, s);
   scope.st.hybrid_notified = {args.routing_map, args.num_tokens, args.num_experts,
                               args.num_local_experts, scope.st.scratch_gen};
-  // The kernel writes meta into host-mapped memory too: no copy back after the sync (a pageable
-  // cudaMemcpy took 21 us, then the caller's meta.item() another ~20, run 75's timeline).
-  if (!scope.st.hybrid_meta_host) {  // made on the first dynamic dispatch (normal mode needs none)
+  // The kernel writes meta and the padded counts into host-mapped memory too: no copy back
+  // after the sync (a pageable cudaMemcpy took 21 us, then the caller's meta.item() another ~20,
+  // run 75's timeline), and the caller's host counts need not wait for the data kernel (the
+  // torch op's tokens_per_expert.to("cpu") blocked the host for the whole data kernel, 889 us in
+  // run 80's timeline).
+  const int words = kHybridMetaSize + args.num_local_experts;
+  if (scope.st.hybrid_meta_host_words < words) {  // the first dynamic dispatch, or a larger L
+    if (scope.st.hybrid_meta_host) {              // no kernel uses it now: each notify synchronises
+      FA2A_CUDA_CHECK(cudaFreeHost(scope.st.hybrid_meta_host), "cudaFreeHost (HybridEP counts)");
+      scope.st.hybrid_meta_host = nullptr;
+      scope.st.hybrid_meta_host_words = 0;
+    }
     void* host = nullptr;
-    FA2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(int32_t) * kHybridMetaSize,
-                                  cudaHostAllocMapped | cudaHostAllocPortable),
-                    "cudaHostAlloc (HybridEP counts)");
+    FA2A_CUDA_CHECK(
+        cudaHostAlloc(&host, sizeof(int32_t) * words, cudaHostAllocMapped | cudaHostAllocPortable),
+        "cudaHostAlloc (HybridEP counts)");
     scope.st.hybrid_meta_host = static_cast<int32_t*>(host);
+    scope.st.hybrid_meta_host_words = words;
   }
   volatile int32_t* meta = scope.st.hybrid_meta_host;
   meta[kHybridMetaNumTokens] = kMetaNotWritten;
@@ -691,6 +703,11 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
              "x) on every rank, and the same hidden size, dtype, probs / FP8 scales presence, "
              "fp8_dispatch and num_local_experts; the ranks differ (this rank: N=",
              args.num_tokens, ", hidden size ", args.hidden, ")");
+  if (args.tokens_per_expert_host) {
+    for (int j = 0; j < args.num_local_experts; ++j) {
+      args.tokens_per_expert_host[j] = meta[kHybridMetaSize + j];
+    }
+  }
   return meta[kHybridMetaTotalRows];
 }
 

@@ -104,8 +104,10 @@ struct CudaState {
   int sm_count = 0;
   size_t smem_optin = 0;
   HostError* host_error = nullptr;  // host-mapped, device-visible at the same address (UVA)
-  // host-mapped [kHybridMetaSize]: the HybridEP notify's meta (made by the first dynamic dispatch)
+  // host-mapped [kHybridMetaSize + L]: the HybridEP notify's meta, then its padded counts per
+  // local expert (made by the first dynamic dispatch, grown with L); hybrid_meta_host_words long
   int32_t* hybrid_meta_host = nullptr;
+  int hybrid_meta_host_words = 0;
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
   void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
