@@ -87,10 +87,6 @@ BUFFERS = {
     "default-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"},
     "default-overlap-dispatch": {"FUSED_A2A_HYBRID_OVERLAP": "1"},  # which of the two fails
     "rows8-overlap": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_OVERLAP": "3"},
-    # the dispatch's receive side by bulk copies through shared memory (session 15): the plain
-    # rounds at G = 2, the overlapped ones at G = 4 (the default there); one round and many
-    "default-bulk": {"FUSED_A2A_HYBRID_RECV": "bulk"},
-    "rows8-bulk": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_RECV": "bulk"},
 }
 
 

@@ -13,15 +13,12 @@
 #   PART=s12d (~5 min): session 12's defaults: fault, host-count and speculative-dispatch GPU
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
+#   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
-#   PART=s15g (~4 min): the HybridEP items' header loads at once: tests at G = 4, kernel times,
-#       bench
-#   PART=s16 (~4 min): the dynamic HybridEP dispatch's host counts from the notify: tests at
-#       G = 2 and 4, timeline, bulk receive (overlapped rounds), bench
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
-# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-f) are in git history.
+# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-g, s16) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -170,21 +167,15 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
     ;;
-  s16)  # (~4 min) the dynamic HybridEP dispatch returns tokens_per_expert from the notify's
-    # host-mapped copy (run 80's timeline: the op's tokens_per_expert.to("cpu") blocked the host
-    # 889 us, for the whole data kernel). Torch HybridEP GPU tests at G = 2 and 4 (dynamic P is the
-    # default route), one call's timeline, the bulk receive with overlapped rounds (run 80 lost it
-    # to a port clash), the bench. Prediction: the op returns ~0.3 ms after it starts (was 1.24);
-    # the bench's HybridEP dispatch 1124-1306 -> 1000-1080 us (the next call's host work overlaps
-    # the data kernel)
-    STEPS=build,test STEP_TIMEOUT_TEST=90 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and (4-g4 or 2-g2) and (default-buffer or default-plain)" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+  hybk)  # (~3 min) HybridEP at the defaults (HYBK_ENV: settings to compare, e.g.
+    # "FUSED_A2A_HYBRID_OVERLAP=0"): kernel times, one dynamic-P call's CPU and GPU timeline, the
+    # torch bench against normal mode + permute and NCCL
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    hyb_kernels "default" "$OUT/hk_default.json"
+    [[ -n ${HYBK_ENV:-} ]] && hyb_kernels "$HYBK_ENV" "$OUT/hk_env.json" $HYBK_ENV
     timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
       --out "$OUT/hk_timeline.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
       | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
-    hyb_kernels "default, bulk receive" "$OUT/hk_bulk.json" FUSED_A2A_HYBRID_RECV=bulk
     hyb_bench hyb
     rm -f "$OUT/build.log"
     ;;
@@ -200,31 +191,6 @@ for r in json.load(open(sys.argv[1]))["results"]:
     for op, rows in r.get("kernels_per_rank", [{}])[0].items():
         print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
 PY
-    rm -f "$OUT/build.log"
-    ;;
-  s15g)  # (~6 min) the HybridEP items' header loads issued together and the send side's row head
-    # loaded before the routing is known (the per-item chain, ~212 us of run 77's 977 us plain
-    # data kernel at EP 4): torch GPU tests at G = 4 (default and plain rounds), kernel times plain
-    # and default (overlap at G >= 4), the bench at the default. Prediction: plain data kernel
-    # 977 -> 850-900 us, the overlap default 935 -> 830-880
-    STEPS=build,test STEP_TIMEOUT_TEST=90 FA2A_GPU_TEST_TIMEOUT_S=15 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py" \
-      PYTEST_K="torch and 4-g4 and (default-buffer or default-plain or bulk)" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    hyb_kernels "overlap 0" "$OUT/hk_ov0.json" FUSED_A2A_HYBRID_OVERLAP=0
-    hyb_kernels "default" "$OUT/hk_default.json"
-    hyb_kernels "overlap 0, no send copies" "$OUT/hk_ablate1.json" FUSED_A2A_HYBRID_OVERLAP=0 \
-      FUSED_A2A_HYBRID_ABLATE=1
-    # the receive side by bulk copies (opt-in, compile-checked): plain and overlapped rounds
-    hyb_kernels "overlap 0, bulk receive" "$OUT/hk_bulk0.json" FUSED_A2A_HYBRID_OVERLAP=0 \
-      FUSED_A2A_HYBRID_RECV=bulk
-    hyb_kernels "default, bulk receive" "$OUT/hk_bulk.json" FUSED_A2A_HYBRID_RECV=bulk
-    # the dynamic dispatch's host gaps after the notify returning P and the unzeroed counts
-    # (run 75: 109 us before the first launch, 126 us between the notify and the data kernel)
-    timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
-      --out "$OUT/hk_timeline.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
-      | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
-    hyb_bench hyb
     rm -f "$OUT/build.log"
     ;;
   *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s15b, s15g or tests_rows" >&2

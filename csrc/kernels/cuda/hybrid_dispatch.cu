@@ -143,10 +143,6 @@ struct DataParams {
   bool quantize, fp8, cached, rounds_from_notify;
   int rows_per_round;
   int send_blocks;  // overlapped rounds: blocks [0, send_blocks) send, the others receive
-  // kRecvBulk: each warp's shared-memory stage for the receive side's bulk copies (bytes, and
-  // where the warps' stages start in the dynamic shared memory; their mbarriers follow them)
-  uint32_t bulk_stage_bytes;
-  uint32_t bulk_smem_off;
   RowLayout row;
   size_t out_row;  // bytes of one permuted_x row
   void* permuted_x;
@@ -234,49 +230,6 @@ __device__ inline void send_item(const Comm& c, const DataParams& p, int64_t t, 
   }
 }
 
-// kRecvBulk (FUSED_A2A_HYBRID_RECV=bulk, session 15, compile-checked): a receiving warp's fan-out
-// by Hopper bulk copies. Lane 0 loads a piece of the row into the warp's shared-memory stage
-// (cp.async.bulk, completing on the stage's mbarrier) and issues one bulk store of it to every
-// destination; the warp then goes on (the next item's header) while the stores drain, and waits
-// only for their reads of the stage before the stage's next load. No row bytes pass through
-// registers (the register copy holds 4 KB a warp in flight and spilled with more, session 15).
-struct BulkStage {
-  uint8_t* data;       // bytes, 128-byte aligned
-  uint64_t* bar;       // the stage's mbarrier
-  uint32_t bytes;      // stage size (a multiple of 16)
-  uint32_t phase;      // lane 0: parity of the next completion of bar
-  bool stores_issued;  // lane 0: a bulk store group may still read the stage
-};
-
-// Whole warp: `bytes` (a multiple of 16) of src to dst_base + pos_b * dst_stride for every lane b
-// in mask (pos held by lane b; mask warp-uniform), piece by piece through the warp's stage.
-__device__ __forceinline__ void bulk_fanout(BulkStage& st, uint8_t* dst_base, size_t dst_stride,
-                                            long long pos, unsigned mask, const uint8_t* src,
-                                            size_t bytes, int lane) {
-  for (size_t done = 0; done < bytes; done += st.bytes) {  // warp-uniform
-    const uint32_t n = static_cast<uint32_t>(min(static_cast<size_t>(st.bytes), bytes - done));
-    if (lane == 0) {
-      if (st.stores_issued) bulk_wait_read<0>();  // the stage's last stores have read it
-      // The row was written by a peer's generic stores and acquired (its flag or tag): make
-      // them visible to the async proxy of the bulk load.
-      fence_proxy_async();
-      mbar_expect_tx(st.bar, n);
-      bulk_load(st.data, src + done, n, st.bar);
-      mbar_wait(st.bar, st.phase);
-      st.phase ^= 1u;
-    }
-    __syncwarp();
-    for (unsigned m = mask; m; m &= m - 1) {
-      const long long at = __shfl_sync(0xffffffffu, pos, __ffs(m) - 1);
-      if (lane == 0) bulk_store(dst_base + static_cast<size_t>(at) * dst_stride + done, st.data, n);
-    }
-    if (lane == 0) {
-      bulk_commit();
-      st.stores_issued = true;
-    }
-  }
-}
-
 // Receive side of one (source s, slot position k) item: the fused permute, the row to every
 // (expert, ordinal) it was routed to, read once for all of them: lane i of the warp collects the
 // i-th destination row over the 32-expert groups, and the row is copied when 32 are collected
@@ -284,9 +237,8 @@ __device__ __forceinline__ void bulk_fanout(BulkStage& st, uint8_t* dst_base, si
 // L = 128). Own rows (s == this rank) that needed no quantising come from x (their slot rows hold
 // the header only). Every group's ordinals, counts and probs are loaded before any is used. seg:
 // first row of (s', j) at s' * L + j. One warp.
-template <bool kBulk = false>
 __device__ inline void recv_item(const Comm& c, const DataParams& p, const long long* seg, int s,
-                                 int k, int lane, BulkStage& bulk, bool ablate_copy = false) {
+                                 int k, int lane, bool ablate_copy = false) {
   const RowLayout& rl = p.row;
   const int L = p.L, N = p.N;
   const uint8_t* row = c.slot_from(s) + static_cast<size_t>(k) * rl.stride;
@@ -307,11 +259,7 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
   int collected = 0;
   const auto copy_collected = [&] {
     const unsigned lanes = collected == 32 ? 0xffffffffu : (1u << collected) - 1;
-    if (ablate_copy) {
-    } else if constexpr (kBulk) {
-      bulk_fanout(bulk, static_cast<uint8_t*>(p.permuted_x), p.out_row, dest, lanes, values,
-                  p.out_row, lane);
-    } else {
+    if (!ablate_copy) {
       warp_copy_fanout_cg(static_cast<uint8_t*>(p.permuted_x), p.out_row, dest, lanes, values,
                           p.out_row, lane);
     }
@@ -344,11 +292,10 @@ __device__ inline void recv_item(const Comm& c, const DataParams& p, const long 
 // only after its rank's ack of the message before (so no block's arrival for k + 1, e.g. with no
 // item, comes before another's for k: each round's last arrival releases that round's ack; and
 // for round 0, every local block has cleared its share of the tags in the entry message).
-template <bool kBulk, typename ItemsOf>
+template <typename ItemsOf>
 __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const long long* seg,
                                       unsigned long long& m, unsigned int arrivals,
-                                      long long rounds, ItemsOf&& items_of, BulkStage& bulk,
-                                      int* fail) {
+                                      long long rounds, ItemsOf&& items_of, int* fail) {
   const int G = c.num_ranks, lane = threadIdx.x & 31;
   const OverlapRoles role(p.send_blocks);
   const size_t stride = p.row.stride, tag_off = p.row.tag_off;
@@ -382,9 +329,8 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
         }
         if (!__shfl_sync(0xffffffffu, arrived, 0)) break;
         (void)ld_acquire_sys(tag);  // every lane: its reads of the row come after the tag
-        recv_item<kBulk>(c, p, seg, s, k, lane, bulk);
+        recv_item(c, p, seg, s, k, lane);
       }
-      if (kBulk && lane == 0) bulk_wait<0>();  // the round's bulk stores are written
       grid_recv_end(c, m, arrivals + done * role.recv_blocks);
     }
     if (*fail) return false;  // read after a __syncthreads: the same in every thread
@@ -410,13 +356,11 @@ __device__ inline bool overlap_rounds(const Comm& c, const DataParams& p, const 
 // but the probs and token ids; their kernel times split the data kernel's send and receive costs.
 // The results are wrong (bench verification fails); benchmarks/hybrid_kernels.py does not verify.
 constexpr int kAblateSend = 8, kAblateRecv = 16;
-// kRecvBulk | kRoundsPlain / kRoundsOverlap: the receive side's fan-out by bulk copies (BulkStage).
-constexpr int kRecvBulk = 32;
 
 template <int kMode>
-__global__ void __launch_bounds__(kThreads, 1) data_kernel(Comm c, DataParams p) {
+__global__ void __launch_bounds__(kThreads) data_kernel(Comm c, DataParams p) {
   constexpr int kRounds = kMode & 7;
-  constexpr bool kHalves = kRounds == kRoundsHalves, kBulk = (kMode & kRecvBulk) != 0;
+  constexpr bool kHalves = kRounds == kRoundsHalves;
   constexpr bool kNoSendCopy = (kMode & kAblateSend) != 0, kNoRecvCopy = (kMode & kAblateRecv) != 0;
   extern __shared__ long long s_mem[];
   const int G = c.num_ranks, L = p.L, E = G * L, tid = threadIdx.x;
@@ -458,18 +402,6 @@ __global__ void __launch_bounds__(kThreads, 1) data_kernel(Comm c, DataParams p)
     // round sizes may differ): no rounds on any rank.
     if (p.meta[kHybridMetaNumTokens] == -1) s_rounds = 0;
   }
-  BulkStage bulk{};
-  if constexpr (kBulk) {
-    auto* base = reinterpret_cast<uint8_t*>(s_mem) + p.bulk_smem_off;
-    bulk.data = base + static_cast<size_t>(warp) * p.bulk_stage_bytes;
-    bulk.bar =
-        reinterpret_cast<uint64_t*>(base + static_cast<size_t>(kWarps) * p.bulk_stage_bytes) + warp;
-    bulk.bytes = p.bulk_stage_bytes;
-    if (lane == 0) {
-      mbar_init(bulk.bar, 1);
-      fence_mbar_init();
-    }
-  }
   __syncthreads();
   const bool bad = s_bad != 0;
   const int T = kHalves ? p.rows_per_round / 2 : p.rows_per_round;
@@ -493,10 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1) data_kernel(Comm c, DataParams p)
   auto recv_round = [&](long long round, unsigned long long) {
     const long long items = items_of(round);
     for (long long w = gw; w < items; w += nwarps) {
-      recv_item<kBulk>(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)),
-                       lane, bulk, kNoRecvCopy);
+      recv_item(c, p, seg, static_cast<int>(w % G), slot_row(round, static_cast<int>(w / G)), lane,
+                kNoRecvCopy);
     }
-    if (kBulk && lane == 0) bulk_wait<0>();  // the round's bulk stores are written
   };
   unsigned long long m = read_msgs(c);
   unsigned int q = 0;
@@ -514,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1) data_kernel(Comm c, DataParams p)
     };
     ok = ok && grid_message(c, m, q, &s_fail, [] {}, clear_tags);
     if (ok) {
-      ok = overlap_rounds<kBulk>(c, p, seg, m, q * gridDim.x, s_rounds, items_of, bulk, &s_fail);
+      ok = overlap_rounds(c, p, seg, m, q * gridDim.x, s_rounds, items_of, &s_fail);
     }
   } else {
     ok = ok && grid_enter(c, m, q, &s_fail);
@@ -618,34 +549,17 @@ void launch_data(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cud
     check_aligned(a.x, "x");
   }
   const size_t E = static_cast<size_t>(a.num_experts);
-  size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
+  const size_t smem = (E + 3 * static_cast<size_t>(L)) * sizeof(long long);
   const int blocks = comm_blocks(st, a.num_sms);
   const bool overlap = (hybrid_overlap_bits(c.num_ranks) & kOverlapDispatch) != 0 && blocks >= 2;
   const bool pipelined = !overlap && hybrid_pipeline_env() && p.rows_per_round >= 2;
   p.send_blocks = overlap ? hybrid_send_blocks(blocks) : 0;
   const int ablate = overlap || pipelined ? 0 : hybrid_ablate_env();
-  // FUSED_A2A_HYBRID_RECV=bulk: a stage a warp of an equal share of the rows' pieces that fits
-  // the shared memory left (bf16 rows of H = 7168: two pieces of 7 KB).
-  const bool bulk = !pipelined && ablate == 0 && env_is("FUSED_A2A_HYBRID_RECV", "bulk");
-  if (bulk) {
-    p.bulk_smem_off = static_cast<uint32_t>((smem + 127) & ~size_t(127));
-    const size_t reserve = 4096;  // the kernel's static shared memory, and slack
-    const size_t left =
-        st.smem_optin > p.bulk_smem_off + reserve ? st.smem_optin - p.bulk_smem_off - reserve : 0;
-    const size_t cap = (left / kWarps - 8) & ~size_t(15);
-    FA2A_CHECK(cap >= 16, "fused_a2a hybrid dispatch: no shared memory left for the bulk stages");
-    const size_t pieces = (p.out_row + cap - 1) / cap;
-    p.bulk_stage_bytes =
-        static_cast<uint32_t>(((p.out_row + pieces - 1) / pieces + 15) & ~size_t(15));
-    smem = p.bulk_smem_off + static_cast<size_t>(kWarps) * (p.bulk_stage_bytes + 8);
-  }
-  auto* kernel =
-      overlap       ? (bulk ? data_kernel<kRoundsOverlap | kRecvBulk> : data_kernel<kRoundsOverlap>)
-      : pipelined   ? data_kernel<kRoundsHalves>
-      : ablate == 1 ? data_kernel<kRoundsPlain | kAblateSend>
-      : ablate == 2 ? data_kernel<kRoundsPlain | kAblateRecv>
-      : bulk        ? data_kernel<kRoundsPlain | kRecvBulk>
-                    : data_kernel<kRoundsPlain>;
+  auto* kernel = overlap       ? data_kernel<kRoundsOverlap>
+                 : pipelined   ? data_kernel<kRoundsHalves>
+                 : ablate == 1 ? data_kernel<kRoundsPlain | kAblateSend>
+                 : ablate == 2 ? data_kernel<kRoundsPlain | kAblateRecv>
+                               : data_kernel<kRoundsPlain>;
   if (smem > 48 * 1024) {
     FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
