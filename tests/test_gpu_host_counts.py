@@ -117,20 +117,25 @@ def test_host_counts_pinned_and_pageable_agree():
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
 
 
-@pytest.mark.parametrize("layout", ["default", "dynamic"])
+@pytest.mark.parametrize("layout", ["default", "dynamic", "static"])
 def test_dynamic_dispatch_speculative_paths_gpu(layout):
     """tests/test_torch_normal.py's speculative-path steps on GPUs: the data kernel queued
     behind the count exchange, outputs shrunk to num_recv rows, a redo when the group's largest
     N grew; bitwise against the reference. "dynamic": the exchange publishes every rank's
     layout (with the speculative capacity, or none on the exact path), so the data kernel sends
-    no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic)."""
+    no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic). "static": the speculative calls run the
+    static kernel, which writes the host counts and the ticket once the counts are exchanged
+    (FUSED_A2A_TORCH_SPECULATIVE=static)."""
     import test_torch_normal as tn
 
     _need(3)
     env = {**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"}
     if layout == "dynamic":
         env["FUSED_A2A_CUDA_LAYOUT"] = "dynamic"
-    tn.check_speculative_steps(run_ranks(tn._rank_speculative, 3, timeout=300, env=env))
+    if layout == "static":
+        env["FUSED_A2A_TORCH_SPECULATIVE"] = "static"
+    res = run_ranks(tn._rank_speculative, 3, timeout=300, env=env)
+    tn.check_speculative_steps(res, one_kernel=layout == "static")
 
 
 def _rank_capture(rank, world):

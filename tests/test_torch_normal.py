@@ -338,16 +338,23 @@ def _rank_speculative(rank, world):
     return out
 
 
-def test_dynamic_dispatch_speculative_paths():
-    check_speculative_steps(run_ranks(_rank_speculative, 3, timeout=120))
+@pytest.mark.parametrize("kernel", ["notify", "static"])
+def test_dynamic_dispatch_speculative_paths(kernel):
+    """ "static": the speculative calls run the static dispatch with the host counts and ticket
+    (FUSED_A2A_TORCH_SPECULATIVE=static) instead of dispatch_notify + dispatch_data."""
+    env = {"FUSED_A2A_TORCH_SPECULATIVE": "static"} if kernel == "static" else None
+    res = run_ranks(_rank_speculative, 3, timeout=120, env=env)
+    check_speculative_steps(res, one_kernel=kernel == "static")
 
 
-def check_speculative_steps(res):
+def check_speculative_steps(res, one_kernel=False):
+    """one_kernel: the speculative calls ran the static kernel (FUSED_A2A_TORCH_SPECULATIVE)."""
     world = len(res)
+    spec = {"speculative": 1, "one_kernel": 1} if one_kernel else {"speculative": 1}
     expected_paths = {
         "exact": {"exact": 1},
-        "speculative": {"speculative": 1},
-        "redo": {"speculative": 1, "redo": 1, "exact": 1},
+        "speculative": spec,
+        "redo": {**spec, "redo": 1, "exact": 1},
     }
     for step, (ns, _, path) in enumerate(SPECULATIVE_STEPS):
         inp = make_inputs(_speculative_case(step))

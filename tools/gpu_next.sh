@@ -14,6 +14,7 @@
 #       tests; the A/B against the former paths; the whole normal bench at 48 and 24 SMs
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
+#   PART=s17 (~5 min): torch's speculative dispatch through the static kernel: tests and A/B
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -166,6 +167,20 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log"
     (cd "$OUT" && tar czf sweep.tgz --remove-files $(ls | grep -v '^sweep.tgz$'))
+    ;;
+  s17)  # (~5 min) torch's speculative dispatch through the static kernel
+    # (FUSED_A2A_TORCH_SPECULATIVE=static, session 16, compile-checked): its GPU tests (the
+    # speculative steps at G = 3; the fused-scan static kernels changed too: big rows, JAX), then
+    # the A/B by the dynamic_dispatch row, each pair twice. Prediction: -10 to -14 us at 24 and
+    # 48 SMs (551 -> 537-541 at 48, run 83), decode -5 to -10
+    STEPS=build,test STEP_TIMEOUT_TEST=150 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_normal.py" \
+      PYTEST_K="speculative or fused_scan or jax_gpu_suite or same_bits" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_spec1,standard,standard_spec1,decode,decode_spec1,standard_sms48,standard_sms48_spec1} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_spec1} timeout 240 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|dynamic_dispatch |static_dispatch |nccl"
+    rm -f "$OUT/build.log"
     ;;
   hybk)  # (~3 min) HybridEP at the defaults (HYBK_ENV: settings to compare, e.g.
     # "FUSED_A2A_HYBRID_OVERLAP=0"): kernel times, one dynamic-P call's CPU and GPU timeline, the

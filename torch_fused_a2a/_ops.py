@@ -154,8 +154,25 @@ _group_max_seen: dict[int, int] = {}
 _tickets = itertools.count(1)
 # Dynamic dispatches per path, for tests: "exact" (host wait before the data phase; a redo
 # included), "speculative" (data phase queued before the wait), "redo" (a speculative one whose
-# group had more tokens than seen before, run again exactly).
-DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0}
+# group had more tokens than seen before, run again exactly), "one_kernel" (a speculative one
+# through the static kernel, _speculative_static).
+DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0, "one_kernel": 0}
+
+
+# The count exchange's group size limit of the static kernel's layout notify (kLayoutMaxRanks).
+_STATIC_SPECULATIVE_MAX_RANKS = 8
+
+
+def _speculative_static(num_ranks: int) -> bool:
+    """FUSED_A2A_TORCH_SPECULATIVE=static (set alike on every rank; G <= 8): the speculative
+    path runs the static dispatch kernel, whose count exchange is inside it and which writes the
+    host counts and the ticket itself, instead of dispatch_notify's kernel and then the data
+    kernel (one launch and one exchange fewer; the static kernel at 48 SMs was ~14 us faster than
+    the two, run 64)."""
+    return (
+        os.environ.get("FUSED_A2A_TORCH_SPECULATIVE") == "static"
+        and num_ranks <= _STATIC_SPECULATIVE_MAX_RANKS
+    )
 
 
 def _speculative_rows(seen: int, num_ranks: int, num_tokens: int, row_bytes: int) -> int:
@@ -203,6 +220,7 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
     dynamic = capacity < 0
     counts_host = torch.empty(0, dtype=torch.int64)
     ticket = 0
+    one_kernel = False  # the speculative path through the static kernel
     if dynamic:
         # The count exchange writes num_recv, num_dropped, group_max_tokens and tokens_per_expert
         # (then the ticket) into host memory too (pinned on GPUs: the kernel writes it), so no
@@ -220,7 +238,10 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
             # the data kernel's capacity, published by the exchange with
             # FUSED_A2A_CUDA_LAYOUT=dynamic (0: the exact size, nothing dropped)
             args.next_capacity = capacity
-        core.dispatch_notify(group_id, rank, stream, args)
+            one_kernel = _speculative_static(num_ranks)
+            DYNAMIC_PATHS["one_kernel"] += one_kernel
+        if not one_kernel:
+            core.dispatch_notify(group_id, rank, stream, args)
         if not ticket:
             capacity, _, counts_host = _read_host_counts(head, group_id, seen, num_local)
     recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
@@ -234,7 +255,8 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
     args.recv_x, args.recv_x_scales = _out(recv_x), _out(recv_x_scales)
     args.recv_topk_idx, args.recv_topk_weights = _out(recv_topk_idx), _out(recv_topk_weights)
     args.recv_src_token = _ptr(recv_src_token)  # a placeholder when empty: present, not written
-    (core.dispatch_data if dynamic else core.dispatch)(group_id, rank, stream, args)
+    phase = core.dispatch_data if dynamic and not one_kernel else core.dispatch
+    phase(group_id, rank, stream, args)
     if ticket:
         core.dispatch_notify_wait(group_id, rank, head.data_ptr(), num_local, ticket)
         num_recv, group_max, counts_host = _read_host_counts(head, group_id, seen, num_local)

@@ -87,8 +87,12 @@ void layout(Platform platform, Stream stream, const void* topk_idx, DType idx_dt
 void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   check_dispatch(buffer, args, true);
   FA2A_CHECK(args.tokens_per_expert && args.num_recv, "dispatch outputs are missing");
+  FA2A_CHECK(!args.host_ticket || args.host_counts, "host_ticket=", args.host_ticket,
+             " needs host_counts");
   if (buffer.platform() == Platform::kCPU) {
-    cpu::dispatch_notify(buffer, args);
+    cpu::dispatch_notify(buffer, args);  // host_counts (true counts), as dispatch_notify's
+    if (args.host_ticket)
+      args.host_counts[3 + args.num_experts / buffer.num_ranks()] = args.host_ticket;
     cpu::dispatch_data(buffer, args);
   } else {
     cuda::dispatch(buffer, args, stream);

@@ -70,10 +70,14 @@ struct DispatchArgs {
   // group_max_tokens and tokens_per_expert by the time the call returns, so that the caller sizes
   // its outputs without a device-to-host copy and a second sync.
   int32_t* host_counts = nullptr;
-  // dispatch_notify only: nonzero with host_counts of [4 + L] entries: host_counts[3 + L] is set
-  // to host_ticket after the other entries, and on CUDA (with device-writable host_counts) the
-  // call returns once the exchange is launched, without waiting: the caller may launch
-  // dispatch_data (with a capacity no source can overflow) and then dispatch_notify_wait.
+  // dispatch_notify: nonzero with host_counts of [4 + L] entries: host_counts[3 + L] is set to
+  // host_ticket after the other entries, and on CUDA (with device-writable host_counts) the call
+  // returns once the exchange is launched, without waiting: the caller may launch dispatch_data
+  // (with a capacity no source can overflow) and then dispatch_notify_wait.
+  // dispatch (static) too: the same host counts (the true ones, as dispatch_notify's) and ticket,
+  // written by the kernel once the counts are exchanged (CUDA: pinned host_counts, G <= 8 with
+  // the layout notify), so dispatch_notify_wait returns before the rows have moved. Torch's
+  // speculative path uses it with FUSED_A2A_TORCH_SPECULATIVE=static.
   int32_t host_ticket = 0;
   // dispatch_notify on CUDA with FUSED_A2A_CUDA_LAYOUT=dynamic: the capacity of the
   // dispatch_data that follows, published to every rank (0: its exact size, nothing dropped).

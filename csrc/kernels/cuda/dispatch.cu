@@ -35,6 +35,48 @@ namespace {
 
 using namespace dispatch_impl;
 
+// The speculative torch dispatch (DispatchParams::host_ticket), block 0, before its layouts'
+// flags: this rank's (token, expert) pairs of each rank's local experts to that rank, at the
+// notify's place (notify_experts, this op's parity), fenced for the flags' release after them.
+__device__ inline void send_expert_pairs(const DispatchParams& p, int parity) {
+  const int E = p.num_experts;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int v = 0;
+    for (int t = 0; t < p.scan2.tiles; ++t) v += p.tile_ecount[static_cast<size_t>(t) * E + e];
+    const int d = e / p.lpr;
+    notify_experts(p.peers[d], parity)[p.rank * p.lpr + (e - d * p.lpr)] = v;
+  }
+  __threadfence_system();
+  __syncthreads();
+}
+
+// The speculative torch dispatch, block 0, once every source's layout (and with it its expert
+// pairs) is in: dispatch_notify's host counts, then the ticket the host waits for.
+__device__ inline void write_host_counts(const DispatchParams& p, const Shared& sh, uint8_t* ctrl,
+                                         int parity) {
+  const int G = p.num_ranks, tid = threadIdx.x;
+  const int* experts = notify_experts(ctrl, parity);
+  for (int j = tid; j < p.lpr; j += blockDim.x) {
+    int v = 0;
+    for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * p.lpr + j]);
+    p.host_counts[3 + j] = v;
+  }
+  if (tid == 0) {
+    long long total = 0;
+    int m = 0;
+    for (int s = 0; s < G; ++s) {
+      total += sh.true_cnt[s];
+      m = max(m, sh.ntok[s]);
+    }
+    p.host_counts[0] = static_cast<int>(total);
+    p.host_counts[1] = 0;
+    p.host_counts[2] = m;
+  }
+  __threadfence_system();  // every entry is visible before the ticket
+  __syncthreads();
+  if (tid == 0) *reinterpret_cast<volatile int*>(&p.host_counts[3 + p.lpr]) = p.host_ticket;
+}
+
 // kCopyUnroll: 16-byte loads in flight per lane of the receivers' copy to recv_x (8, or 16 with
 // FUSED_A2A_CUDA_RECV_UNROLL=16: a second instantiation, so the default keeps its registers).
 // kLeanEnd: the senders' chunk ends release an earlier chunk as soon as its own writes are
@@ -101,6 +143,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     };
     if (lay) {
       if (blockIdx.x == 0) {
+        if constexpr (kFusedScan) {  // (the default kernels' registers stay as they were)
+          if (p.host_ticket) send_expert_pairs(p, parity);
+        }
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
           store_layout(slot, G, sent_to, N, p.chunks_per_warp * gridDim.x * p.send_warps, p.chunk,
@@ -147,6 +192,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       for (int s = tid; s < G; s += blockDim.x) sh.true_cnt[s] = p.recv_src_counts[s];
     }
     __syncthreads();
+    if constexpr (kFusedScan) {
+      if (lay && p.host_ticket && blockIdx.x == 0 && !sh.fail)
+        write_host_counts(p, sh, ctrl, parity);
+    }
     if (tid == 0) {
       int kept_total = 0;
       sh.total = place_sources(sh.true_cnt, G, p.capacity, sh.poff, sh.kept, &kept_total);
@@ -385,10 +434,15 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   DeviceGuard guard(buffer.device());
   const int G = buffer.num_ranks();
   const bool layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
-  const bool records = records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
+  // host_ticket (torch's speculative path, ops.h): the kernel writes the host counts, which only
+  // the fused scan's instantiations do, so it runs the fused scan at every N and no records
+  const bool host_counts = a.host_ticket != 0;
+  const bool records =
+      !host_counts && records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
   // The scan's second pass in the kernel (fused_scan): the static dispatch with the layout
   // notify and without the records kernel (which reads the send lists before the data kernel)
-  const bool fuse_scan = fused_scan(a.num_tokens) && op == kOpDispatch && layout_notify && !records;
+  const bool fuse_scan =
+      (host_counts || fused_scan(a.num_tokens)) && op == kOpDispatch && layout_notify && !records;
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();
@@ -472,6 +526,18 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.ablate = ablate_env();
   if (pr.fused_scan.tiles > 0)
     p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
+  if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
+    FA2A_CHECK(pr.fused_scan.tiles > 0,
+               "dispatch: host_ticket needs the static dispatch with the layout notify (G <= ",
+               kLayoutMaxRanks, ", FUSED_A2A_CUDA_LAYOUT not 'ready'); group size ", G);
+    FA2A_CHECK(a.host_counts && device_writable_host(a.host_counts),
+               "dispatch: host_ticket needs host_counts in pinned host memory");
+    FA2A_CHECK(a.num_experts <= kMaxExpertsNotify, "num_experts=", a.num_experts,
+               " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
+    p.host_counts = a.host_counts;
+    p.host_ticket = a.host_ticket;
+    p.tile_ecount = pr.scratch->tile_ecount;
+  }
   if (p.tma && records) {
     const size_t words = static_cast<size_t>(G) * p.num_tokens * p.meta_words;
     uint32_t* records = ensure_records(*pr.st, words, s);

@@ -77,6 +77,15 @@ struct DispatchParams {
   // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
   // kernel runs the second (the send lists and cum[d][N]).
   ScanPass2 scan2;
+  // The torch dynamic dispatch's speculative path through this (static) kernel, with the layout
+  // notify and the fused scan (FUSED_A2A_TORCH_SPECULATIVE=static): host_ticket != 0 with pinned
+  // host_counts [4 + lpr]. Each rank's (token, local expert) pair counts (summed from the first
+  // scan pass's tile_ecount [scan2.tiles][E]) travel with its layout; block 0 writes
+  // dispatch_notify's host counts (num_recv, 0, group_max_tokens, tokens_per_expert, all true
+  // counts) once every layout is in, then the ticket.
+  int* host_counts;
+  int host_ticket;
+  const int* tile_ecount;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.
