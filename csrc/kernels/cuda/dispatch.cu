@@ -42,6 +42,7 @@ __device__ inline void send_expert_pairs(const DispatchParams& p, int parity) {
   const int E = p.num_experts;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int v = 0;
+#pragma unroll 8  // the tiles' loads in flight together: this is on the layouts' critical path
     for (int t = 0; t < p.scan2.tiles; ++t) v += p.tile_ecount[static_cast<size_t>(t) * E + e];
     const int d = e / p.lpr;
     notify_experts(p.peers[d], parity)[p.rank * p.lpr + (e - d * p.lpr)] = v;
@@ -443,6 +444,15 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   // notify and without the records kernel (which reads the send lists before the data kernel)
   const bool fuse_scan =
       (host_counts || fused_scan(a.num_tokens)) && op == kOpDispatch && layout_notify && !records;
+  if (host_counts) {  // checked before anything is launched
+    FA2A_CHECK(fuse_scan,
+               "dispatch: host_ticket needs the static dispatch with the layout notify (G <= ",
+               kLayoutMaxRanks, ", FUSED_A2A_CUDA_LAYOUT not 'ready'); group size ", G);
+    FA2A_CHECK(a.host_counts && device_writable_host(a.host_counts),
+               "dispatch: host_ticket needs host_counts in pinned host memory");
+    FA2A_CHECK(a.num_experts <= kMaxExpertsNotify, "num_experts=", a.num_experts,
+               " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
+  }
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};
   p.rank = buffer.rank();
@@ -527,13 +537,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   if (pr.fused_scan.tiles > 0)
     p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
   if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
-    FA2A_CHECK(pr.fused_scan.tiles > 0,
-               "dispatch: host_ticket needs the static dispatch with the layout notify (G <= ",
-               kLayoutMaxRanks, ", FUSED_A2A_CUDA_LAYOUT not 'ready'); group size ", G);
-    FA2A_CHECK(a.host_counts && device_writable_host(a.host_counts),
-               "dispatch: host_ticket needs host_counts in pinned host memory");
-    FA2A_CHECK(a.num_experts <= kMaxExpertsNotify, "num_experts=", a.num_experts,
-               " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
     p.host_counts = a.host_counts;
     p.host_ticket = a.host_ticket;
     p.tile_ecount = pr.scratch->tile_ecount;
