@@ -163,15 +163,17 @@ DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0, "one_kernel": 0}
 _STATIC_SPECULATIVE_MAX_RANKS = 8
 
 
-def _speculative_static(num_ranks: int) -> bool:
-    """FUSED_A2A_TORCH_SPECULATIVE=static (set alike on every rank; G <= 8): the speculative
-    path runs the static dispatch kernel, whose count exchange is inside it and which writes the
-    host counts and the ticket itself, instead of dispatch_notify's kernel and then the data
-    kernel (one launch and one exchange fewer; the static kernel at 48 SMs was ~14 us faster than
-    the two, run 64)."""
+def _speculative_static(num_ranks: int, fp8: bool) -> bool:
+    """FUSED_A2A_TORCH_SPECULATIVE=static (set alike on every rank; G <= 8; bf16 / fp16 / f32
+    rows): the speculative path runs the static dispatch kernel, whose count exchange is inside
+    it and which writes the host counts and the ticket itself, instead of dispatch_notify's
+    kernel and then the data kernel (one launch and one exchange fewer; the static kernel at 48
+    SMs was ~14 us faster than the two, run 64). FP8 rows keep the two kernels: this path runs
+    without the metadata records kernel, which FP8 rows above 512 tokens use."""
     return (
         os.environ.get("FUSED_A2A_TORCH_SPECULATIVE") == "static"
         and num_ranks <= _STATIC_SPECULATIVE_MAX_RANKS
+        and not fp8
     )
 
 
@@ -238,7 +240,7 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
             # the data kernel's capacity, published by the exchange with
             # FUSED_A2A_CUDA_LAYOUT=dynamic (0: the exact size, nothing dropped)
             args.next_capacity = capacity
-            one_kernel = _speculative_static(num_ranks)
+            one_kernel = _speculative_static(num_ranks, x_scales is not None)
             DYNAMIC_PATHS["one_kernel"] += one_kernel
         if not one_kernel:
             core.dispatch_notify(group_id, rank, stream, args)
