@@ -1,6 +1,6 @@
 """Fault injection on GPUs (issue 8): a rank process dies in the middle of a CUDA dispatch, in the
 middle of a CUDA combine, between the two, and in the middle of a CUDA HybridEP dispatch (plain and
-overlapped rounds). Every survivor must raise fused_a2a's TimeoutError (naming the op, its rank and
+overlapped rounds, and with the host spinning on the count exchange's ticket). Every survivor must raise fused_a2a's TimeoutError (naming the op, its rank and
 the dead rank) within FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA
 context, and must then compute exact results (against tests/reference.py) with fresh buffers in a
 new group of the survivors (a new group of one rank on a 2-GPU machine).
@@ -63,6 +63,7 @@ def _rank_fault(rank, world, scenario, victim, tmp):
         "between": lambda: tfa.fused_combine(recv_x, group, handle),
         "mid-hybrid-dispatch": hybrid_dispatch,
         "mid-hybrid-dispatch-overlap": hybrid_dispatch,
+        "mid-hybrid-dispatch-spin": hybrid_dispatch,
     }
     # Warm up, and time the scenario's op from a common start (a barrier): the victim dies half
     # way through the next one.
@@ -112,8 +113,13 @@ SCENARIOS = {
     # the overlapped rounds (the default at G >= 4 since session 15; the test runs 3 ranks):
     # receiving blocks also wait for their own rank's ack, the error must still name the victim
     "mid-hybrid-dispatch-overlap": (1, "hybrid dispatch"),
+    # the host spinning on the notify's ticket instead of a stream sync (session 16)
+    "mid-hybrid-dispatch-spin": (1, "hybrid dispatch"),
 }
-SCENARIO_ENV = {"mid-hybrid-dispatch-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"}}
+SCENARIO_ENV = {
+    "mid-hybrid-dispatch-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"},
+    "mid-hybrid-dispatch-spin": {"FUSED_A2A_HYBRID_NOTIFY_WAIT": "spin"},
+}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

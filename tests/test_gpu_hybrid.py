@@ -87,6 +87,9 @@ BUFFERS = {
     "default-overlap": {"FUSED_A2A_HYBRID_OVERLAP": "3"},
     "default-overlap-dispatch": {"FUSED_A2A_HYBRID_OVERLAP": "1"},  # which of the two fails
     "rows8-overlap": {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_HYBRID_OVERLAP": "3"},
+    # the dynamic-P dispatch's host spinning on the notify kernel's ticket instead of a stream
+    # sync (session 16)
+    "default-spin": {"FUSED_A2A_HYBRID_NOTIFY_WAIT": "spin"},
 }
 
 

@@ -15,6 +15,7 @@
 #   PART=sweep (~3 min): the N sweep at EP 4 and EP 2 (torch), with plots
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=s17 (~5 min): torch's speculative dispatch through the static kernel: tests and A/B
+#   PART=s17h (~5 min): the HybridEP notify's host spin wait: tests, then hybk against the default
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -188,11 +189,27 @@ case "${PART:-tests}" in
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     hyb_kernels "default" "$OUT/hk_default.json"
     [[ -n ${HYBK_ENV:-} ]] && hyb_kernels "$HYBK_ENV" "$OUT/hk_env.json" $HYBK_ENV
-    timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
-      --out "$OUT/hk_timeline.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
-      | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
+    for tag in default ${HYBK_ENV:+env}; do  # one dynamic-P call's timeline
+      [[ $tag == env ]] && set -- $HYBK_ENV || set --
+      env "$@" timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --timeline \
+        --out "$OUT/hk_timeline_$tag.json" 2>&1 | sed -n '/^timeline dispatch (dynamic P)/,/^dispatch (static P)/p' \
+        | grep -E "timeline|HybridEP|cudaLaunch|cudaStreamSync|cudaMemcpy|gpu .*(notify|data_kernel)"
+    done
     hyb_bench hyb
+    [[ -n ${HYBK_ENV:-} ]] && hyb_bench hyb_env $HYBK_ENV
     rm -f "$OUT/build.log"
+    ;;
+  s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
+    # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
+    # HybridEP cases at G = 2 and 4, a rank dying mid-dispatch), then PART=hybk against the
+    # default. Prediction: the data kernel starts 30-40 us after the notify's end (runs 84-85:
+    # 74-106); the bench's HybridEP dispatch -30 to -60 us (990-1013 in runs 84-85)
+    STEPS=build,test STEP_TIMEOUT_TEST=150 FA2A_GPU_TEST_TIMEOUT_S=15 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py tests/test_gpu_faults.py" \
+      PYTEST_K="(torch and (4-g4 or 2-g2) and default-spin) or hybrid-dispatch-spin" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    mv "$OUT/tests.log" "$OUT/tests_spin.log"
+    HYBK_ENV="FUSED_A2A_HYBRID_NOTIFY_WAIT=spin" PART=hybk bash tools/gpu_next.sh
     ;;
   s15b)  # (~3 min) LAYOUT=dynamic settled by kernel times: the dynamic dispatch's event times
     # carry the host's count wait (+-50 us between identical cases in run 68); its data kernel

@@ -56,7 +56,7 @@ constexpr int32_t kMetaNotWritten = -2;
 __global__ void __launch_bounds__(kThreads)
     notify_kernel(Comm c, const int* counts, const int* fanout, int N, int H, int flags, int L,
                   long long pad, int32_t* src_expert_counts, int32_t* tokens_per_expert,
-                  int32_t* meta, int32_t* meta_host) {
+                  int32_t* meta, int32_t* meta_host, int32_t host_ticket) {
   __shared__ int s_fail, s_fanout, s_bad, s_max_n;
   __shared__ unsigned long long s_total;
   const int G = c.num_ranks, tid = threadIdx.x;
@@ -114,6 +114,7 @@ __global__ void __launch_bounds__(kThreads)
     if (meta_host) meta_host[kHybridMetaSize + j] = static_cast<int32_t>(padded);
     atomicAdd(&s_total, static_cast<unsigned long long>(padded));
   }
+  if (host_ticket) __threadfence_system();  // the counts before the ticket (thread 0, below)
   __syncthreads();
   if (tid == 0) {
     const long long total = static_cast<long long>(s_total);
@@ -129,6 +130,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     ctrl_of(c.peers[c.rank])->group_tokens = s_max_n;
     write_msgs(c, m);
+    if (host_ticket) {  // the host spins on it (wait_host_ticket) instead of a stream sync
+      __threadfence_system();
+      *reinterpret_cast<volatile int32_t*>(meta_host + kHybridMetaSize + L) = host_ticket;
+    }
   }
 }
 
@@ -491,9 +496,9 @@ void check_common(Buffer& buffer, const HybridDispatchArgs& a) {
 }
 
 // meta_host: also write meta and then the L padded counts there (host-mapped; the dynamic
-// path), or null.
+// path), or null; host_ticket != 0: then that value after them, at meta_host[kHybridMetaSize + L].
 void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, cudaStream_t s,
-                   int32_t* meta_host) {
+                   int32_t* meta_host, int32_t host_ticket = 0) {
   const Comm c = make_comm(buffer, st, kOpHybridNotify);
   const int L = a.num_local_experts;
   FA2A_CHECK(c.slot_bytes >= (L + kNotifyWords) * sizeof(int),
@@ -502,9 +507,10 @@ void launch_notify(Buffer& buffer, CudaState& st, const HybridDispatchArgs& a, c
   const int flags = static_cast<int>(a.x_dtype) | (a.x_scales ? 256 : 0) | (a.probs ? 512 : 0) |
                     (a.quantize_fp8 ? 1024 : 0);
   const Scratch& scratch = st.scratch;  // launch_hybrid_route ran first
-  notify_kernel<<<1, kThreads, 0, s>>>(
-      c, scratch.ecount, scratch.fanout, static_cast<int>(a.num_tokens), static_cast<int>(a.hidden),
-      flags, L, a.pad_multiple, a.src_expert_counts, a.tokens_per_expert, a.meta, meta_host);
+  notify_kernel<<<1, kThreads, 0, s>>>(c, scratch.ecount, scratch.fanout,
+                                       static_cast<int>(a.num_tokens), static_cast<int>(a.hidden),
+                                       flags, L, a.pad_multiple, a.src_expert_counts,
+                                       a.tokens_per_expert, a.meta, meta_host, host_ticket);
   check_launch("hybrid dispatch notify");
 }
 
@@ -584,6 +590,14 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   auto s = static_cast<cudaStream_t>(stream.handle);
   check_common(buffer, args);
   OpScope scope(buffer);
+  // FUSED_A2A_HYBRID_NOTIFY_WAIT=spin: the host spins on a ticket the kernel writes after its
+  // counts (wait_host_ticket) instead of a stream sync, so it goes on as soon as they are written
+  // (runs 84-85: 63-86 us between the sync's return and the data kernel's launch, 30 in run 80).
+  const bool spin = env_is("FUSED_A2A_HYBRID_NOTIFY_WAIT", "spin");
+  FA2A_CHECK(!capturing(s),
+             "fused_a2a hybrid dispatch: the stream is capturing a CUDA graph, and the dynamic "
+             "dispatch (num_permuted_tokens=None) needs its counts on the host; capture one with "
+             "a static num_permuted_tokens instead");
   launch_hybrid_route(buffer, scope.st, args, s);
   scope.st.hybrid_notified = {args.routing_map, args.num_tokens, args.num_experts,
                               args.num_local_experts, scope.st.scratch_gen};
@@ -592,9 +606,10 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   // run 75's timeline), and the caller's host counts need not wait for the data kernel (the
   // torch op's tokens_per_expert.to("cpu") blocked the host for the whole data kernel, 889 us in
   // run 80's timeline).
-  const int words = kHybridMetaSize + args.num_local_experts;
+  const int words = kHybridMetaSize + args.num_local_experts + 1;  // meta, counts, ticket
   if (scope.st.hybrid_meta_host_words < words) {  // the first dynamic dispatch, or a larger L
-    if (scope.st.hybrid_meta_host) {              // no kernel uses it now: each notify synchronises
+    if (scope.st.hybrid_meta_host) {  // a grown L (rare): after the kernels that write it
+      FA2A_CUDA_CHECK(cudaStreamSynchronize(s), "hybrid dispatch notify: synchronising");
       FA2A_CUDA_CHECK(cudaFreeHost(scope.st.hybrid_meta_host), "cudaFreeHost (HybridEP counts)");
       scope.st.hybrid_meta_host = nullptr;
       scope.st.hybrid_meta_host_words = 0;
@@ -608,8 +623,16 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   }
   volatile int32_t* meta = scope.st.hybrid_meta_host;
   meta[kHybridMetaNumTokens] = kMetaNotWritten;
-  launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host);
-  sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
+  if (spin) {
+    const int32_t ticket = scope.st.hybrid_ticket = scope.st.hybrid_ticket % 0x7fffffff + 1;
+    volatile int32_t* ticket_word = meta + kHybridMetaSize + args.num_local_experts;
+    *ticket_word = 0;
+    launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host, ticket);
+    wait_host_ticket(scope.st, buffer, ticket_word, ticket, &s, "hybrid dispatch notify");
+  } else {
+    launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host);
+    sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
+  }
   FA2A_CHECK_RUNTIME(meta[kHybridMetaNumTokens] != kMetaNotWritten,
                      "fused_a2a hybrid dispatch: the notify kernel ended without its counts");
   FA2A_CHECK(meta[kHybridMetaNumTokens] == args.num_tokens,

@@ -3,10 +3,7 @@
 // and group_max_tokens (and host_counts, if given), and the host waits for it (the caller sizes
 // the outputs from num_recv).
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <mutex>
-#include <thread>
 
 #include "fused_a2a/errors.h"
 #include "kernels.h"
@@ -178,26 +175,11 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
 
 void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
                           int32_t ticket) {
-  CudaState& st = cuda_state(buffer);
-  const volatile int32_t* word = host_counts + 3 + num_local;
   // The exchange reports a missing peer through host_error within timeout_ns(); the deadline
-  // here is a backstop for a kernel that never runs (e.g. queued behind a faulted one).
-  const auto start = std::chrono::steady_clock::now();
-  const auto limit = std::chrono::nanoseconds(2 * timeout_ns()) + std::chrono::seconds(5);
-  for (unsigned spins = 0;; ++spins) {
-    if (*word == ticket) {
-      std::atomic_thread_fence(std::memory_order_acquire);
-      return;
-    }
-    if (st.host_error->code != 0) check_no_error(st, buffer);
-    if ((spins & 1023u) == 1023u) {
-      if (std::chrono::steady_clock::now() - start > limit)
-        FA2A_FAIL(ErrorKind::kTimeout, "fused_a2a CUDA: dispatch_notify_wait on rank ",
-                  buffer.rank(), ": the count exchange did not finish within ",
-                  std::chrono::duration<double>(limit).count(), " s");
-      std::this_thread::yield();
-    }
-  }
+  // is a backstop for a kernel that never runs (e.g. queued behind a faulted one). No stream
+  // query: the data kernel queued behind the exchange keeps the stream busy.
+  wait_host_ticket(cuda_state(buffer), buffer, host_counts + 3 + num_local, ticket, nullptr,
+                   "dispatch_notify_wait");
 }
 
 }  // namespace fa2a::cuda

@@ -1,9 +1,12 @@
 // Per-buffer CUDA state, launch configuration and error reporting of the CUDA backend.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "state.h"
 
@@ -444,6 +447,38 @@ int device_sm_count(int device) {
     return 0;
   }
   return v;
+}
+
+void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
+                      const cudaStream_t* stream, const char* op) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto limit = std::chrono::nanoseconds(2 * timeout_ns()) + std::chrono::seconds(5);
+  for (unsigned spins = 0;; ++spins) {
+    if (*word == ticket) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return;
+    }
+    if (st.host_error->code != 0) check_no_error(st, buffer);
+    if ((spins & 1023u) != 1023u) continue;
+    if (stream) {
+      const cudaError_t err = cudaStreamQuery(*stream);
+      if (err != cudaSuccess && err != cudaErrorNotReady) {
+        (void)cudaGetLastError();
+        FA2A_FAIL(ErrorKind::kRuntime, "fused_a2a CUDA: ", op, " on rank ", buffer.rank(), ": ",
+                  cudaGetErrorString(err));
+      }
+      if (err == cudaSuccess && *word != ticket) {  // the stream is idle: no write will come
+        check_no_error(st, buffer);
+        FA2A_FAIL(ErrorKind::kRuntime, "fused_a2a CUDA: ", op, " on rank ", buffer.rank(),
+                  ": the kernel ended without writing its host counts");
+      }
+    }
+    if (std::chrono::steady_clock::now() - start > limit)
+      FA2A_FAIL(ErrorKind::kTimeout, "fused_a2a CUDA: ", op, " on rank ", buffer.rank(),
+                ": the count exchange did not finish within ",
+                std::chrono::duration<double>(limit).count(), " s");
+    std::this_thread::yield();
+  }
 }
 
 }  // namespace fa2a::cuda

@@ -104,10 +104,13 @@ struct CudaState {
   int sm_count = 0;
   size_t smem_optin = 0;
   HostError* host_error = nullptr;  // host-mapped, device-visible at the same address (UVA)
-  // host-mapped [kHybridMetaSize + L]: the HybridEP notify's meta, then its padded counts per
-  // local expert (made by the first dynamic dispatch, grown with L); hybrid_meta_host_words long
+  // host-mapped [kHybridMetaSize + L + 1]: the HybridEP notify's meta, its padded counts per
+  // local expert, a ticket (made by the first dynamic dispatch, grown with L);
+  // hybrid_meta_host_words long
   int32_t* hybrid_meta_host = nullptr;
   int hybrid_meta_host_words = 0;
+  int32_t hybrid_ticket =
+      0;  // the last HybridEP notify's host ticket (FUSED_A2A_HYBRID_NOTIFY_WAIT)
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
   void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
@@ -148,6 +151,13 @@ CudaState& cuda_state(Buffer& buffer);
 void check_no_error(CudaState& st, Buffer& buffer);
 // Synchronise the stream, then report a timeout of the op just run.
 void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const char* op);
+// Spins until the host-mapped *word == ticket (a kernel writes it after its other host-mapped
+// outputs, fenced), instead of a stream sync: the host sees it as soon as it is written. Checks
+// the error word every spin; every 1024 spins yields, checks the deadline (2 x timeout_ns() +
+// 5 s: a backstop for a kernel that never runs) and, given `stream`, the stream (a fault, or the
+// kernel ended without writing the ticket). op: the op's name for the messages.
+void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
+                      const cudaStream_t* stream, const char* op);
 
 // Scratch for N tokens, E experts (grows; never while the stream is being captured).
 const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
