@@ -1,9 +1,10 @@
 """Fault injection on GPUs (issue 8): a rank process dies in the middle of a CUDA dispatch, in the
 middle of a CUDA combine, between the two, and in the middle of a CUDA HybridEP dispatch (plain and
-overlapped rounds, and with the host spinning on the count exchange's ticket). Every survivor must raise fused_a2a's TimeoutError (naming the op, its rank and
-the dead rank) within FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA
-context, and must then compute exact results (against tests/reference.py) with fresh buffers in a
-new group of the survivors (a new group of one rank on a 2-GPU machine).
+overlapped rounds, and with the host spinning on the count exchange's ticket). Every survivor must
+raise fused_a2a's TimeoutError (naming the op, its rank and the dead rank) within
+FUSED_A2A_TIMEOUT_S + 5 s of the death, without hanging or crashing its CUDA context, and must then
+compute exact results (against tests/reference.py) with fresh buffers in a new group of the
+survivors (a new group of one rank on a 2-GPU machine).
 
 "Mid-op" on a GPU: the ops run on 2 SMs (data phases of milliseconds at these sizes); the warm-up
 times the scenario's op from a common start (a barrier), and the victim is SIGKILLed a quarter of
