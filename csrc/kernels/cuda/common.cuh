@@ -204,6 +204,16 @@ __device__ __forceinline__ int ld_volatile_int(const int* p) {
   return *reinterpret_cast<const volatile int*>(p);
 }
 
+// This rank's (token, local expert j) pairs from every source, summed over the G sources' rows
+// of notify_experts(ctrl, parity) (the count exchange's per-expert counts), for j = `j`.
+__device__ __forceinline__ int received_expert_pairs(uint8_t* ctrl, int parity, int G, int lpr,
+                                                     int j) {
+  const int* experts = notify_experts(ctrl, parity);
+  int v = 0;
+  for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * lpr + j]);
+  return v;
+}
+
 __device__ __forceinline__ bool aborted(const WaitCtx& ctx) {
   return *reinterpret_cast<volatile unsigned int*>(&ctx.local->abort) != 0;
 }

@@ -56,12 +56,8 @@ __device__ inline void send_expert_pairs(const DispatchParams& p, int parity) {
 __device__ inline void write_host_counts(const DispatchParams& p, const Shared& sh, uint8_t* ctrl,
                                          int parity) {
   const int G = p.num_ranks, tid = threadIdx.x;
-  const int* experts = notify_experts(ctrl, parity);
-  for (int j = tid; j < p.lpr; j += blockDim.x) {
-    int v = 0;
-    for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * p.lpr + j]);
-    p.host_counts[3 + j] = v;
-  }
+  for (int j = tid; j < p.lpr; j += blockDim.x)
+    p.host_counts[3 + j] = received_expert_pairs(ctrl, parity, G, p.lpr, j);
   if (tid == 0) {
     long long total = 0;
     int m = 0;

@@ -75,10 +75,8 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
   }
   __syncthreads();
   if (s_fail) return;
-  const int* experts = notify_experts(ctrl, parity);
   for (int j = tid; j < lpr; j += blockDim.x) {
-    int v = 0;
-    for (int s = 0; s < G; ++s) v += ld_volatile_int(&experts[s * lpr + j]);
+    const int v = received_expert_pairs(ctrl, parity, G, lpr, j);
     tokens_per_expert[j] = v;
     if (host_counts) host_counts[3 + j] = v;
   }

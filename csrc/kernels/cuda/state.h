@@ -109,8 +109,8 @@ struct CudaState {
   // hybrid_meta_host_words long
   int32_t* hybrid_meta_host = nullptr;
   int hybrid_meta_host_words = 0;
-  int32_t hybrid_ticket =
-      0;  // the last HybridEP notify's host ticket (FUSED_A2A_HYBRID_NOTIFY_WAIT)
+  // the last HybridEP notify's host ticket (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin)
+  int32_t hybrid_ticket = 0;
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
   void** peer_table = nullptr;          // device array of the G bases
   void* scratch_mem = nullptr;
