@@ -623,14 +623,14 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   }
   volatile int32_t* meta = scope.st.hybrid_meta_host;
   meta[kHybridMetaNumTokens] = kMetaNotWritten;
+  int32_t ticket = 0;  // 0: the kernel writes none (the stream sync below)
+  if (spin) ticket = scope.st.hybrid_ticket = scope.st.hybrid_ticket % 0x7fffffff + 1;
+  volatile int32_t* ticket_word = meta + kHybridMetaSize + args.num_local_experts;
+  *ticket_word = 0;
+  launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host, ticket);
   if (spin) {
-    const int32_t ticket = scope.st.hybrid_ticket = scope.st.hybrid_ticket % 0x7fffffff + 1;
-    volatile int32_t* ticket_word = meta + kHybridMetaSize + args.num_local_experts;
-    *ticket_word = 0;
-    launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host, ticket);
     wait_host_ticket(scope.st, buffer, ticket_word, ticket, &s, "hybrid dispatch notify");
   } else {
-    launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host);
     sync_and_check(scope.st, buffer, s, "hybrid dispatch notify");
   }
   FA2A_CHECK_RUNTIME(meta[kHybridMetaNumTokens] != kMetaNotWritten,
