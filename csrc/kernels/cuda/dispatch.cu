@@ -432,8 +432,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int G = buffer.num_ranks();
   const bool layout_notify = static_mode && G <= kLayoutMaxRanks && layout_notify_env();
   // host_ticket (torch's speculative path, ops.h): the kernel writes the host counts, which only
-  // the fused scan's instantiations do, so it runs the fused scan at every N and no records
-  const bool host_counts = a.host_ticket != 0;
+  // the fused scan's instantiations do, so it runs the fused scan at every N and no records.
+  // The dynamic path's data phase (kOpDispatchData) gets the same args with the ticket, which
+  // its dispatch_notify wrote: there the ticket means nothing to the data kernel.
+  const bool host_counts = a.host_ticket != 0 && op == kOpDispatch;
   const bool records =
       !host_counts && records_env(a.x_scales != nullptr, a.num_tokens) && a.num_tokens > 0;
   // The scan's second pass in the kernel (fused_scan): the static dispatch with the layout
