@@ -200,11 +200,11 @@ CASES["standard_fscan_pdl"] = _case(SCAN="fused", PDL="1")
 # every rank's layout (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13; the dynamic_dispatch row)
 for _name, _base in (("standard", {}), ("standard_sms48", dict(sms=48)), ("decode", dict(n=128))):
     CASES[_name + "_laydyn"] = _case(**_base, LAYOUT="dynamic")
-# Session 16: torch's speculative dynamic dispatch through the static kernel (its count
-# exchange inside; FUSED_A2A_TORCH_SPECULATIVE=static) instead of dispatch_notify + the data
-# kernel: the dynamic_dispatch row, against the same case without it in the same run
+# Torch's speculative dynamic dispatch through dispatch_notify + the data kernel
+# (FUSED_A2A_TORCH_SPECULATIVE=two_kernels), the default before session 17 (the static kernel
+# with its count exchange inside since): the dynamic_dispatch row, against the same case
 for _name in ("standard", "standard_sms48", "decode"):
-    CASES[_name + "_spec1"] = dict(CASES[_name], env={"FUSED_A2A_TORCH_SPECULATIVE": "static"})
+    CASES[_name + "_spec2"] = dict(CASES[_name], env={"FUSED_A2A_TORCH_SPECULATIVE": "two_kernels"})
 # FP8 at 48 SMs: no PDL for the dispatch after the records kernel by default (session 13), and
 # with it (PDL=1)
 CASES["standard_fp8_sms48"] = _case(fp8=True, sms=48)

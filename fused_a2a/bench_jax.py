@@ -202,12 +202,23 @@ def _xw(d):
     return d.recv_x, d.recv_topk_weights
 
 
+def _capacity(b: Bench, exp: Expected) -> int:
+    """Rows of the normal dispatch's outputs: the op's default, the worst case G * N, or with
+    FUSED_A2A_BENCH_JAX_CAPACITY=exact (a diagnostic: what the padding rows cost) the most rows
+    any rank receives."""
+    import os
+
+    if os.environ.get("FUSED_A2A_BENCH_JAX_CAPACITY") == "exact":
+        return max(exp.recv_rows(r) for r in range(b.g))
+    return b.g * exp.n
+
+
 def fused_normal(b: Bench, exp: Expected) -> dict:
     import jax
 
     import jax_fused_a2a as fa
 
-    g, e, cap = b.g, exp.e, b.g * exp.n
+    g, e, cap = b.g, exp.e, _capacity(b, exp)
     x = b.put([exp.inputs[r][0] for r in range(g)])
     idx = b.put([exp.inputs[r][1].astype(np.int32) for r in range(g)])
     w = b.put([exp.inputs[r][2] for r in range(g)])
@@ -216,7 +227,7 @@ def fused_normal(b: Bench, exp: Expected) -> dict:
     gw = b.put([_pad_rows(wr[2], cap) for wr in want])
 
     def disp(x, idx, w):
-        return fa.dispatch(x, idx, w, num_experts=e, axis_name="ep")
+        return fa.dispatch(x, idx, w, num_experts=e, axis_name="ep", max_recv_tokens=cap)
 
     def fwd(x, idx, w):
         d = disp(x, idx, w)

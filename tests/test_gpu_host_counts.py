@@ -117,25 +117,25 @@ def test_host_counts_pinned_and_pageable_agree():
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
 
 
-@pytest.mark.parametrize("layout", ["default", "dynamic", "static"])
+@pytest.mark.parametrize("layout", ["default", "dynamic", "two_kernels"])
 def test_dynamic_dispatch_speculative_paths_gpu(layout):
-    """tests/test_torch_normal.py's speculative-path steps on GPUs: the data kernel queued
-    behind the count exchange, outputs shrunk to num_recv rows, a redo when the group's largest
-    N grew; bitwise against the reference. "dynamic": the exchange publishes every rank's
-    layout (with the speculative capacity, or none on the exact path), so the data kernel sends
-    no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic). "static": the speculative calls run the
-    static kernel, which writes the host counts and the ticket once the counts are exchanged
-    (FUSED_A2A_TORCH_SPECULATIVE=static)."""
+    """tests/test_torch_normal.py's speculative-path steps on GPUs: outputs shrunk to num_recv
+    rows, a redo when the group's largest N grew; bitwise against the reference. "default": the
+    speculative calls run the static kernel, which writes the host counts and the ticket once
+    the counts are exchanged. "two_kernels": the data kernel queued behind the count exchange
+    (FUSED_A2A_TORCH_SPECULATIVE=two_kernels). "dynamic": that, with the exchange publishing
+    every rank's layout (with the speculative capacity, or none on the exact path), so the data
+    kernel sends no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic)."""
     import test_torch_normal as tn
 
     _need(3)
     env = {**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"}
+    if layout != "default":
+        env["FUSED_A2A_TORCH_SPECULATIVE"] = "two_kernels"
     if layout == "dynamic":
         env["FUSED_A2A_CUDA_LAYOUT"] = "dynamic"
-    if layout == "static":
-        env["FUSED_A2A_TORCH_SPECULATIVE"] = "static"
     res = run_ranks(tn._rank_speculative, 3, timeout=300, env=env)
-    tn.check_speculative_steps(res, one_kernel=layout == "static")
+    tn.check_speculative_steps(res, one_kernel=layout == "default")
 
 
 def _rank_capture(rank, world):
@@ -166,9 +166,13 @@ def _rank_capture(rank, world):
     return dict(message=message, seconds=seconds, rows=int(recv_x.shape[0]))
 
 
-def test_dynamic_dispatch_in_graph_capture_fails_fast():
+@pytest.mark.parametrize("speculative", ["static", "two_kernels"])
+def test_dynamic_dispatch_in_graph_capture_fails_fast(speculative):
+    """The captured call is a speculative one: through the static kernel (the default) or
+    dispatch_notify + the data kernel."""
     _need(2)
-    res = run_ranks(_rank_capture, 2, timeout=300, env=GPU_ENV)
+    env = {**GPU_ENV, "FUSED_A2A_TORCH_SPECULATIVE": speculative}
+    res = run_ranks(_rank_capture, 2, timeout=300, env=env)
     idxs = [_host_counts_inputs(s, 2)[1].numpy() for s in range(2)]
     for r, got in enumerate(res):
         assert "captur" in got["message"].lower(), (r, got)  # ours, or CUDA's capture error

@@ -338,11 +338,11 @@ def _rank_speculative(rank, world):
     return out
 
 
-@pytest.mark.parametrize("kernel", ["notify", "static"])
+@pytest.mark.parametrize("kernel", ["two_kernels", "static"])
 def test_dynamic_dispatch_speculative_paths(kernel):
-    """ "static": the speculative calls run the static dispatch with the host counts and ticket
-    (FUSED_A2A_TORCH_SPECULATIVE=static) instead of dispatch_notify + dispatch_data."""
-    env = {"FUSED_A2A_TORCH_SPECULATIVE": "static"} if kernel == "static" else None
+    """The speculative calls run the static dispatch with the host counts and ticket (the
+    default), or dispatch_notify + dispatch_data (FUSED_A2A_TORCH_SPECULATIVE=two_kernels)."""
+    env = {"FUSED_A2A_TORCH_SPECULATIVE": "two_kernels"} if kernel == "two_kernels" else None
     res = run_ranks(_rank_speculative, 3, timeout=120, env=env)
     check_speculative_steps(res, one_kernel=kernel == "static")
 

@@ -16,6 +16,8 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=s17 (~5 min): torch's speculative dispatch through the static kernel: tests and A/B
 #   PART=s17h (~5 min): the HybridEP notify's host spin wait: tests, then hybk against the default
+#   PART=s17b (~7 min): the GPU tests at session 17's default but big rows; PART=s17c (~6 min):
+#       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -198,6 +200,29 @@ case "${PART:-tests}" in
     hyb_bench hyb
     [[ -n ${HYBK_ENV:-} ]] && hyb_bench hyb_env $HYBK_ENV
     rm -f "$OUT/build.log"
+    ;;
+  s17b)  # (~7 min) the GPU tests at session 17's default (torch's speculative dispatch through
+    # the static kernel): the normal-mode tests but big rows (unchanged kernels, run 87), HybridEP,
+    # host counts (incl. a capture of each speculative path), faults, concurrency
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      PYTEST_K="not big_rows" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    grep -E "GPU memory before/after" "$OUT/tests.log" | cut -c1-400
+    ;;
+  s17c)  # (~6 min) issue 4's figures at 48 SMs with session 17's default: the A/B against the
+    # former two-kernel speculative path (the dynamic_dispatch row), the whole fused-a2a bench,
+    # and the JAX normal bench with the exact capacity (what the worst-case padding costs)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_spec2,standard,standard_spec2,standard_sms48,standard_sms48_spec2} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_spec2} timeout 150 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|dynamic_dispatch |static_dispatch |nccl"
+    export FUSED_A2A_CUDA_BLOCKS=48
+    STEP_TIMEOUT_FAB=230 PART=fab bash tools/gpu_next.sh | grep -E "rc=|^(torch|jax)" | cut -c1-100
+    FUSED_A2A_BENCH_JAX_CAPACITY=exact timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
+      --mode normal --frontend jax --out "$OUT/jaxcap" >"$OUT/jaxcap.log" 2>&1
+    echo "JAX bench, exact capacity: rc=$?"
+    grep -E "^jax" "$OUT/jaxcap.log" | cut -c1-100
+    rm -f "$OUT/build.log" "$OUT"/*/*.png
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

@@ -161,19 +161,28 @@ DYNAMIC_PATHS = {"exact": 0, "speculative": 0, "redo": 0, "one_kernel": 0}
 
 # The count exchange's group size limit of the static kernel's layout notify (kLayoutMaxRanks).
 _STATIC_SPECULATIVE_MAX_RANKS = 8
+_SPECULATIVE_MODES = ("static", "two_kernels")
 
 
 def _speculative_static(num_ranks: int, fp8: bool) -> bool:
-    """FUSED_A2A_TORCH_SPECULATIVE=static (set alike on every rank; G <= 8; bf16 / fp16 / f32
-    rows): the speculative path runs the static dispatch kernel, whose count exchange is inside
-    it and which writes the host counts and the ticket itself, instead of dispatch_notify's
-    kernel and then the data kernel (one launch and one exchange fewer; the static kernel at 48
-    SMs was ~14 us faster than the two, run 64). FP8 rows keep the two kernels: this path runs
-    without the metadata records kernel, which FP8 rows above 512 tokens use."""
+    """Whether the speculative path runs the static dispatch kernel, whose count exchange is
+    inside it and which writes the host counts and the ticket itself, instead of
+    dispatch_notify's kernel and then the data kernel: one launch and one exchange fewer, -12.6
+    to -16.5 us at EP 4 (24 and 48 SMs) and EP 2 in run 87 (4x H100). The default for G <= 8
+    and bf16 / fp16 / f32 rows; FUSED_A2A_TORCH_SPECULATIVE=two_kernels (set alike on every
+    rank) keeps the two kernels. FP8 rows keep them too (this path runs without the metadata
+    records kernel, which FP8 rows above 512 tokens use), as does FUSED_A2A_CUDA_LAYOUT=ready
+    (the static kernel's exchange is its layout notify)."""
+    mode = os.environ.get("FUSED_A2A_TORCH_SPECULATIVE", "static")
+    if mode not in _SPECULATIVE_MODES:
+        raise ValueError(
+            f"FUSED_A2A_TORCH_SPECULATIVE must be one of {_SPECULATIVE_MODES}, got {mode!r}"
+        )
     return (
-        os.environ.get("FUSED_A2A_TORCH_SPECULATIVE") == "static"
+        mode == "static"
         and num_ranks <= _STATIC_SPECULATIVE_MAX_RANKS
         and not fp8
+        and os.environ.get("FUSED_A2A_CUDA_LAYOUT") != "ready"
     )
 
 

@@ -443,6 +443,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const bool fuse_scan =
       (host_counts || fused_scan(a.num_tokens)) && op == kOpDispatch && layout_notify && !records;
   if (host_counts) {  // checked before anything is launched
+    // as dispatch_notify: the host waits for counts a captured kernel never writes
+    FA2A_CHECK(!capturing(s),
+               "dispatch: the stream is capturing a CUDA graph, and the dynamic dispatch needs its "
+               "counts on the host; capture a dispatch with a static capacity instead");
     FA2A_CHECK(fuse_scan,
                "dispatch: host_ticket needs the static dispatch with the layout notify (G <= ",
                kLayoutMaxRanks, ", FUSED_A2A_CUDA_LAYOUT not 'ready'); group size ", G);
