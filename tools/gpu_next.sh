@@ -18,6 +18,7 @@
 #   PART=s17h (~5 min): the HybridEP notify's host spin wait: tests, then hybk against the default
 #   PART=s17b (~7 min): the GPU tests at session 17's default but big rows; PART=s17c (~6 min):
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
+#   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -223,6 +224,29 @@ case "${PART:-tests}" in
     echo "JAX bench, exact capacity: rc=$?"
     grep -E "^jax" "$OUT/jaxcap.log" | cut -c1-100
     rm -f "$OUT/build.log" "$OUT"/*/*.png
+    ;;
+  jaxk)  # (~3 min) where the JAX dispatch's time goes (run 90: 552-554 us at 48 SMs against the
+    # torch static dispatch's 535-536, the padding ~2 us of it): the JAX loop's kernels and gaps
+    # (benchmarks/jax_kernels.py, torch.profiler) at the worst and the exact capacity, then the
+    # torch static dispatch's kernel times (bench_normal FA2A_BENCH_KERNELS=1) in the same call
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    export FUSED_A2A_CUDA_BLOCKS=${FUSED_A2A_CUDA_BLOCKS:-48}
+    for cap in worst exact; do
+      timeout 120 python3 benchmarks/jax_kernels.py --world "$NGPU" --capacity $cap \
+        --out "$OUT/jaxk_$cap.json" >"$OUT/jaxk_$cap.log" 2>&1
+      echo "jax_kernels capacity=$cap: rc=$?"
+      grep -vE "^\s*$" "$OUT/jaxk_$cap.log" | head -40 | cut -c1-120
+    done
+    unset FUSED_A2A_CUDA_BLOCKS
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 BENCH_CASES_EP2= timeout 100 \
+      bash tools/gpu_check.sh >/dev/null
+    python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
+PY
+    rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
