@@ -6,6 +6,9 @@ process with every GPU (jax.shard_map over all of them).
 
     python benchmarks/jax_kernels.py [--world 4] [--iters 20] [--capacity worst|exact] --out F
 
+FUSED_A2A_BENCH_JAX_TAIL=count keeps a [1] output of the dispatch instead of slicing recv_x
+(fused_a2a/bench_jax.py, dispatch_tail).
+
 Per device: the loop's period (dispatch kernel start to the next one's start), the dispatch
 kernel's duration, the other kernels of one period (name, count, mean us) and the idle time
 between kernels, each as a mean over the loop's iterations after the first.
@@ -24,10 +27,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 def _program(world: int, n: int, capacity: str):
     """(prog, args): the bench's JAX dispatch loop, prog(count, *args)."""
-    from fused_a2a.bench_jax import Bench, _loop
-    from fused_a2a.routing import Expected
-
     import jax_fused_a2a as fa
+    from fused_a2a.bench_jax import Bench, _loop, dispatch_tail
+    from fused_a2a.routing import Expected
 
     spec = dict(ranks=world, iters=1, reps=1)
     b = Bench(spec)
@@ -40,9 +42,9 @@ def _program(world: int, n: int, capacity: str):
     w = b.put([exp.inputs[r][2] for r in range(world)])
 
     def t_dispatch(count, x, idx, w):
-        disp = lambda w: fa.dispatch(  # noqa: E731
-            x, idx, w, num_experts=256, axis_name="ep", max_recv_tokens=cap
-        ).recv_x
+        disp = lambda w: dispatch_tail(  # noqa: E731
+            fa.dispatch(x, idx, w, num_experts=256, axis_name="ep", max_recv_tokens=cap)
+        )
         return _loop(count, disp, w)
 
     return b.smap(t_dispatch, 3, loop=True), (x, idx, w)
@@ -113,6 +115,7 @@ def main() -> int:
         world=args.world,
         tokens=args.tokens,
         capacity=args.capacity,
+        tail=os.environ.get("FUSED_A2A_BENCH_JAX_TAIL", "recv_x"),
         sms=os.environ.get("FUSED_A2A_CUDA_BLOCKS", "default"),
         device=str(jax.devices()[0].device_kind),
         commit=os.environ.get("FA2A_COMMIT", "unknown"),

@@ -231,12 +231,20 @@ case "${PART:-tests}" in
     # torch static dispatch's kernel times (bench_normal FA2A_BENCH_KERNELS=1) in the same call
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     export FUSED_A2A_CUDA_BLOCKS=${FUSED_A2A_CUDA_BLOCKS:-48}
-    for cap in worst exact; do
-      timeout 120 python3 benchmarks/jax_kernels.py --world "$NGPU" --capacity $cap \
-        --out "$OUT/jaxk_$cap.json" >"$OUT/jaxk_$cap.log" 2>&1
-      echo "jax_kernels capacity=$cap: rc=$?"
-      grep -vE "^\s*$" "$OUT/jaxk_$cap.log" | head -40 | cut -c1-120
+    for run in worst exact worst_count; do  # worst_count: FUSED_A2A_BENCH_JAX_TAIL=count
+      tail=recv_x
+      [[ $run == *_count ]] && tail=count
+      FUSED_A2A_BENCH_JAX_TAIL=$tail timeout 120 python3 benchmarks/jax_kernels.py \
+        --world "$NGPU" --capacity "${run%_count}" --out "$OUT/jaxk_$run.json" \
+        >"$OUT/jaxk_$run.log" 2>&1
+      echo "jax_kernels $run: rc=$?"
+      grep -vE "^\s*$" "$OUT/jaxk_$run.log" | head -40 | cut -c1-120
     done
+    FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_BENCH_JAX_TAIL=count timeout 100 fused-a2a bench \
+      --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --no-peers --out "$OUT/jax_count" \
+      >"$OUT/jax_count.log" 2>&1
+    echo "JAX bench, FUSED_A2A_BENCH_JAX_TAIL=count: rc=$?"
+    grep -E "^jax" "$OUT/jax_count.log" | cut -c1-100
     unset FUSED_A2A_CUDA_BLOCKS
     FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 BENCH_CASES_EP2= timeout 100 \
       bash tools/gpu_check.sh >/dev/null
