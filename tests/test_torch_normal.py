@@ -611,3 +611,25 @@ def test_is_nvshmem_available():
     assert getattr(mod, "_nvshmem_available", None) is value
     if not torch.cuda.is_available():
         assert value is False
+
+
+def test_speculative_kernel_choice(monkeypatch):
+    """Which kernels the speculative dispatch runs (_ops._speculative_static): the static kernel
+    by default for G <= 8 and non-FP8 rows; two kernels when asked, for FP8 rows, G > 8 or
+    FUSED_A2A_CUDA_LAYOUT=ready; a bad value names the variable and the value."""
+    from torch_fused_a2a import _ops
+
+    monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE", raising=False)
+    monkeypatch.delenv("FUSED_A2A_CUDA_LAYOUT", raising=False)
+    assert _ops._speculative_static(8, fp8=False)
+    assert not _ops._speculative_static(9, fp8=False)
+    assert not _ops._speculative_static(4, fp8=True)
+    monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "ready")
+    assert not _ops._speculative_static(4, fp8=False)
+    monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "dynamic")
+    assert _ops._speculative_static(4, fp8=False)
+    monkeypatch.setenv("FUSED_A2A_TORCH_SPECULATIVE", "two_kernels")
+    assert not _ops._speculative_static(4, fp8=False)
+    monkeypatch.setenv("FUSED_A2A_TORCH_SPECULATIVE", "fast")
+    with pytest.raises(ValueError, match="FUSED_A2A_TORCH_SPECULATIVE.*'fast'"):
+        _ops._speculative_static(4, fp8=False)
