@@ -6,7 +6,7 @@
 #
 # Steps (STEPS, comma-separated; default all): build, probe, test, bench.
 # FA2A_COMMIT: the commit to record (the device copy has no .git).
-# Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py), PYTEST_K (a -k expression),
+# Knobs: PYTEST_ARGS (default: -m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py), PYTEST_K (a -k expression),
 # BENCH_CASES (EP = all GPUs), BENCH_CASES_EP2 (EP 2 on GPUs 0,1; empty: skipped), STEP_TIMEOUT_* (seconds per step).
 # Files written (at most 8, the device tool's limit): env.txt build.log probe.jsonl tests.log
 # bench.json bench_ep2.json summary.txt
@@ -98,7 +98,7 @@ if has test; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
   FUSED_A2A_TIMEOUT_S=${TEST_TIMEOUT_S:-30} timeout "${STEP_TIMEOUT_TEST:-420}" \
-    $PY -m pytest ${PYTEST_ARGS:--m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py} ${PYTEST_K:+-k "$PYTEST_K"} \
+    $PY -m pytest ${PYTEST_ARGS:--m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py} ${PYTEST_K:+-k "$PYTEST_K"} \
     -q -rfE -s -p no:cacheprovider \
     >"$OUT/tests.log" 2>&1
   summary "tests: rc=$? in $(( $(date +%s) - t0 )) s: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"

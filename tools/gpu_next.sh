@@ -59,7 +59,7 @@ case "${PART:-tests}" in
     # test_static_fp8_rows cases likewise)
     if [[ $PART == tests ]]; then k="not big_rows"; else k="big_rows"; fi
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py" PYTEST_K="$k" \
+      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py tests/test_gpu_static_rows.py" PYTEST_K="$k" \
       bash tools/gpu_check.sh
     grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -16
     ;;
@@ -84,7 +84,7 @@ case "${PART:-tests}" in
     ;;
   verify)  # tests of both frontends and modes, then the bench A/B (session 6: run 24)
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=12 tests/test_gpu_normal.py tests/test_gpu_hybrid.py" \
+      PYTEST_ARGS="-m gpu --durations=12 tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py" \
       PYTEST_K="${VERIFY_K:-jax_gpu_hybrid_suite or torch_gpu_matches or jax_gpu_suite or bitwise or same_bits}" \
       bash tools/gpu_check.sh
     grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -20
@@ -143,7 +143,7 @@ case "${PART:-tests}" in
     # the dynamic dispatch now waits for its counts after queueing the data kernel), the host
     # counts and speculative paths, the EP 2 torch suite; the A/B; the whole bench at 24 and 48 SMs
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_faults.py tests/test_gpu_host_counts.py tests/test_gpu_normal.py" \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_faults.py tests/test_gpu_host_counts.py tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
       PYTEST_K="${S12_K:-rank_dies or host_counts or speculative or (torch_gpu_matches and 2-g2 and default)}" \
       bash tools/gpu_check.sh | grep -E "build:|tests:"
     grep -E "FAILED|Error|s call" "$OUT/tests.log" | head -12
@@ -178,7 +178,7 @@ case "${PART:-tests}" in
     # the A/B by the dynamic_dispatch row, each pair twice. Prediction: -10 to -14 us at 24 and
     # 48 SMs (551 -> 537-541 at 48, run 83), decode -5 to -10
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_normal.py" \
+      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
       PYTEST_K="speculative or big_rows or jax_gpu_suite or same_bits" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_spec1,standard,standard_spec1,decode,decode_spec1,standard_sms48,standard_sms48_spec1} \
@@ -206,7 +206,7 @@ case "${PART:-tests}" in
     # the static kernel): the normal-mode tests but big rows (unchanged kernels, run 87), HybridEP,
     # host counts (incl. a capture of each speculative path), faults, concurrency
     STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
       PYTEST_K="not big_rows" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     grep -E "GPU memory before/after" "$OUT/tests.log" | cut -c1-400
     ;;
