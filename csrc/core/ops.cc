@@ -56,6 +56,14 @@ void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
              a.num_sms);
 }
 
+// The count exchange on CPU ranks: the true counts (and host_counts, if given), then the ticket
+// after them (ops.h, DispatchArgs::host_ticket), as the CUDA kernels write it.
+void cpu_notify_with_ticket(Buffer& buffer, const DispatchArgs& args) {
+  cpu::dispatch_notify(buffer, args);
+  if (args.host_ticket)
+    args.host_counts[3 + args.num_experts / buffer.num_ranks()] = args.host_ticket;
+}
+
 }  // namespace
 
 void check_topk_values(const void* topk_idx, DType idx_dtype, int64_t num_tokens, int num_topk,
@@ -90,9 +98,7 @@ void dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   FA2A_CHECK(!args.host_ticket || args.host_counts, "host_ticket=", args.host_ticket,
              " needs host_counts");
   if (buffer.platform() == Platform::kCPU) {
-    cpu::dispatch_notify(buffer, args);  // host_counts (true counts), as dispatch_notify's
-    if (args.host_ticket)
-      args.host_counts[3 + args.num_experts / buffer.num_ranks()] = args.host_ticket;
+    cpu_notify_with_ticket(buffer, args);  // host_counts (true counts), as dispatch_notify's
     cpu::dispatch_data(buffer, args);
   } else {
     cuda::dispatch(buffer, args, stream);
@@ -105,9 +111,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   FA2A_CHECK(!args.host_ticket || args.host_counts, "host_ticket=", args.host_ticket,
              " needs host_counts");
   if (buffer.platform() == Platform::kCPU) {
-    cpu::dispatch_notify(buffer, args);
-    if (args.host_ticket)
-      args.host_counts[3 + args.num_experts / buffer.num_ranks()] = args.host_ticket;
+    cpu_notify_with_ticket(buffer, args);
   } else {
     cuda::dispatch_notify(buffer, args, stream);
   }

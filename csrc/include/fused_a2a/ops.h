@@ -77,7 +77,7 @@ struct DispatchArgs {
   // dispatch (static) too: the same host counts (the true ones, as dispatch_notify's) and ticket,
   // written by the kernel once the counts are exchanged (CUDA: pinned host_counts, G <= 8 with
   // the layout notify), so dispatch_notify_wait returns before the rows have moved. Torch's
-  // speculative path uses it with FUSED_A2A_TORCH_SPECULATIVE=static.
+  // speculative path uses it by default (FUSED_A2A_TORCH_SPECULATIVE, README).
   int32_t host_ticket = 0;
   // dispatch_notify on CUDA with FUSED_A2A_CUDA_LAYOUT=dynamic: the capacity of the
   // dispatch_data that follows, published to every rank (0: its exact size, nothing dropped).

@@ -214,6 +214,31 @@ __device__ __forceinline__ int received_expert_pairs(uint8_t* ctrl, int parity, 
   return v;
 }
 
+// The count exchange's totals over the G sources (counts[s] rows from source s, n_tokens[s] its N):
+// the rows this rank receives and the group's largest N.
+struct ExchangeTotals {
+  int rows;
+  int max_tokens;
+};
+__device__ __forceinline__ ExchangeTotals exchange_totals(const int* counts, const int* n_tokens,
+                                                          int G) {
+  long long rows = 0;
+  int max_tokens = 0;
+  for (int s = 0; s < G; ++s) {
+    rows += counts[s];
+    max_tokens = max(max_tokens, n_tokens[s]);
+  }
+  return {static_cast<int>(rows), max_tokens};
+}
+
+// dispatch_notify's host counts [0, 3): rows received (the true count), 0 dropped, the group's
+// largest N (ops.h, DispatchArgs::host_counts).
+__device__ __forceinline__ void store_host_totals(int* host_counts, ExchangeTotals t) {
+  host_counts[0] = t.rows;
+  host_counts[1] = 0;
+  host_counts[2] = t.max_tokens;
+}
+
 __device__ __forceinline__ bool aborted(const WaitCtx& ctx) {
   return *reinterpret_cast<volatile unsigned int*>(&ctx.local->abort) != 0;
 }

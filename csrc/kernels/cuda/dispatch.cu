@@ -58,17 +58,7 @@ __device__ inline void write_host_counts(const DispatchParams& p, const Shared& 
   const int G = p.num_ranks, tid = threadIdx.x;
   for (int j = tid; j < p.lpr; j += blockDim.x)
     p.host_counts[3 + j] = received_expert_pairs(ctrl, parity, G, p.lpr, j);
-  if (tid == 0) {
-    long long total = 0;
-    int m = 0;
-    for (int s = 0; s < G; ++s) {
-      total += sh.true_cnt[s];
-      m = max(m, sh.ntok[s]);
-    }
-    p.host_counts[0] = static_cast<int>(total);
-    p.host_counts[1] = 0;
-    p.host_counts[2] = m;
-  }
+  if (tid == 0) store_host_totals(p.host_counts, exchange_totals(sh.true_cnt, sh.ntok, G));
   __threadfence_system();  // every entry is visible before the ticket
   __syncthreads();
   if (tid == 0) *reinterpret_cast<volatile int*>(&p.host_counts[3 + p.lpr]) = p.host_ticket;

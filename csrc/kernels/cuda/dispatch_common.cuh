@@ -78,9 +78,9 @@ struct DispatchParams {
   // kernel runs the second (the send lists and cum[d][N]).
   ScanPass2 scan2;
   // The torch dynamic dispatch's speculative path through this (static) kernel, with the layout
-  // notify and the fused scan (FUSED_A2A_TORCH_SPECULATIVE=static): host_ticket != 0 with pinned
-  // host_counts [4 + lpr]. Each rank's (token, local expert) pair counts (summed from the first
-  // scan pass's tile_ecount [scan2.tiles][E]) travel with its layout; block 0 writes
+  // notify and the fused scan (the default; FUSED_A2A_TORCH_SPECULATIVE): host_ticket != 0 with
+  // pinned host_counts [4 + lpr]. Each rank's (token, local expert) pair counts (summed from the
+  // first scan pass's tile_ecount [scan2.tiles][E]) travel with its layout; block 0 writes
   // dispatch_notify's host counts (num_recv, 0, group_max_tokens, tokens_per_expert, all true
   // counts) once every layout is in, then the ticket.
   int* host_counts;

@@ -82,20 +82,11 @@ __global__ void notify_kernel(uint8_t* const* peers, int rank, int num_ranks, in
   }
   for (int s = tid; s < G; s += blockDim.x) recv_src_counts[s] = s_cnt[s];
   if (tid == 0) {
-    long long total = 0;
-    int m = 0;
-    for (int s = 0; s < G; ++s) {
-      total += s_cnt[s];
-      m = max(m, s_ntok[s]);
-    }
-    if (num_recv) *num_recv = static_cast<int>(total);
+    const ExchangeTotals totals = exchange_totals(s_cnt, s_ntok, G);
+    if (num_recv) *num_recv = totals.rows;
     if (num_dropped) *num_dropped = 0;
-    if (group_max) *group_max = m;
-    if (host_counts) {
-      host_counts[0] = static_cast<int>(total);
-      host_counts[1] = 0;
-      host_counts[2] = m;
-    }
+    if (group_max) *group_max = totals.max_tokens;
+    if (host_counts) store_host_totals(host_counts, totals);
   }
   // host_ticket: the host waits for it instead of the stream (dispatch_notify_wait), so it goes
   // out after every other host entry is visible.
