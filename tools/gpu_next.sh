@@ -52,6 +52,27 @@ hyb_bench() {
   grep -E "^torch" "$OUT/$tag.log" | cut -c1-90
   rm -f "$OUT/$tag"/*.png
 }
+# Rank 0's top kernels per case and op of the last bench_normal run with FA2A_BENCH_KERNELS=1
+# ($OUT/bench.json): name, calls, time.
+bench_kernel_times() {
+  python3 - "$OUT/bench.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
+        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
+PY
+}
+
+# The JAX normal-mode bench at N = 4096 on all GPUs under the environment settings after the
+# first argument (the output name under $OUT), without the peers.
+jax_bench() {
+  local tag=$1
+  shift
+  env "$@" timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal \
+    --frontend jax --no-peers --out "$OUT/$tag" >"$OUT/$tag.log" 2>&1
+  echo "JAX bench $tag $*: rc=$?"
+  grep -E "^jax" "$OUT/$tag.log" | cut -c1-100
+}
 case "${PART:-tests}" in
   tests | tests_rows)  # the normal-mode GPU tests in two calls at G = 4 (one took more than
     # 420 s in run 72): tests = all but test_static_big_rows, tests_rows = it (20 cases; since
@@ -219,10 +240,7 @@ case "${PART:-tests}" in
       | grep -E "^  [a-z]|dynamic_dispatch |static_dispatch |nccl"
     export FUSED_A2A_CUDA_BLOCKS=48
     STEP_TIMEOUT_FAB=230 PART=fab bash tools/gpu_next.sh | grep -E "rc=|^(torch|jax)" | cut -c1-100
-    FUSED_A2A_BENCH_JAX_CAPACITY=exact timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 4096 \
-      --mode normal --frontend jax --out "$OUT/jaxcap" >"$OUT/jaxcap.log" 2>&1
-    echo "JAX bench, exact capacity: rc=$?"
-    grep -E "^jax" "$OUT/jaxcap.log" | cut -c1-100
+    jax_bench jaxcap FUSED_A2A_BENCH_JAX_CAPACITY=exact
     rm -f "$OUT/build.log" "$OUT"/*/*.png
     ;;
   jaxk)  # (~3 min) where the JAX dispatch's time goes (run 90: 552-554 us at 48 SMs against the
@@ -240,20 +258,11 @@ case "${PART:-tests}" in
       echo "jax_kernels $run: rc=$?"
       grep -vE "^\s*$" "$OUT/jaxk_$run.log" | head -40 | cut -c1-120
     done
-    FUSED_A2A_CUDA_BLOCKS=48 FUSED_A2A_BENCH_JAX_TAIL=count timeout 100 fused-a2a bench \
-      --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --no-peers --out "$OUT/jax_count" \
-      >"$OUT/jax_count.log" 2>&1
-    echo "JAX bench, FUSED_A2A_BENCH_JAX_TAIL=count: rc=$?"
-    grep -E "^jax" "$OUT/jax_count.log" | cut -c1-100
+    jax_bench jax_count FUSED_A2A_BENCH_JAX_TAIL=count
     unset FUSED_A2A_CUDA_BLOCKS
     FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 BENCH_CASES_EP2= timeout 100 \
       bash tools/gpu_check.sh >/dev/null
-    python3 - "$OUT/bench.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
-        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
-PY
+    bench_kernel_times
     rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
@@ -274,14 +283,9 @@ PY
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_laydyn,standard,standard_laydyn} \
       BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh >/dev/null
-    python3 - "$OUT/bench.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["results"]:
-    for op, rows in r.get("kernels_per_rank", [{}])[0].items():
-        print(f"  kernels {r['case']} {op}: " + "; ".join(f"{n[:40]} x{c} {t}" for n, c, t in rows[:4]))
-PY
+    bench_kernel_times
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, s15b, s15g or tests_rows" >&2
+  *) echo "PART must be tests, tests_rows, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, hybk, s17, s17b, s17c, jaxk, s17h or s15b" >&2
     exit 2 ;;
 esac
