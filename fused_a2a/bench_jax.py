@@ -11,18 +11,21 @@ Units: fused_a2a normal mode (jax_fused_a2a.dispatch / combine), fused_a2a Hybri
 CPU (XLA:CPU does not implement ragged_all_to_all). Every output is checked bit for bit against
 ``fused_a2a.routing.Expected``.
 
-Timing: each op runs R times in a loop inside one jitted shard_map (every call depends on the
-previous one, so nothing is hoisted); the time per op is (T(1 + iters) - T(1)) / iters with T the
-median wall time of `reps` calls, which cancels the host overhead of a call and the set-up (e.g.
-the forward pass whose VJP a backward loop replays). When that difference is lost in the noise
-(tiny cases), T(1 + iters) / (1 + iters) is reported instead (an upper bound). Each loop count is
-its own compiled program (Bench.smap), so XLA knows the trip count: up to session 9 the count was
-a runtime operand, and XLA:GPU then synchronises the stream on the host to test the condition of
-every iteration, so each call also paid a host round trip and the devices' start skew (the JAX
-figures moved by 60-95 us between runs, sessions 7-9). FUSED_A2A_BENCH_JAX_UNROLL=k chains k calls
-per iteration (R x k calls, time divided by k), if XLA keeps the k calls apart: it does not (on CPU
-and, in session 9's run 42, on GPU it drops them once the optimization barriers that chain them
-are gone; tools/hlo_loop_check.py --calls k checks).
+Timing: each op runs 1 + R times in a loop inside one jitted shard_map (every call depends on the
+previous one, so nothing is hoisted); the first call is untimed (the devices leave it together)
+and the R timed calls sit between two device clock reads (jax_fused_a2a.read_clock: the GPU's
+%globaltimer when the stream gets there, the host's steady clock on CPU). The time per op is
+that interval / R on the slowest device, the median of `reps` calls. Up to session 17 it was
+(T(1 + R) - T(1)) / R with T the median wall time of a call, whose host part (1 to 7 ms a call
+on 4 GPUs, JAX_NOTES.md) moved the JAX figures by up to ~25 us an op between runs of the same
+build (run 91: 554 and 578 us for a dispatch whose loop ran at 540 us a call in the profiler).
+The wall times still give the host overhead: T(1) minus the device time of its two calls. Each
+loop count is its own compiled program (Bench.smap), so XLA knows the trip count: with a runtime
+count XLA:GPU synchronises the stream on the host to test the condition of every iteration.
+FUSED_A2A_BENCH_JAX_UNROLL=k chains k calls per iteration (R x k calls, time divided by k), if
+XLA keeps the k calls apart: it does not (on CPU and, in session 9's run 42, on GPU it drops them
+once the optimization barriers that chain them are gone; tools/hlo_loop_check.py --calls k
+checks).
 """
 
 from __future__ import annotations
@@ -110,8 +113,9 @@ class Bench:
         return prog
 
     def time_loop(self, prog, args) -> tuple[float, float]:
-        """(device_us, host_us): microseconds per iteration of a looped program prog(R, *args),
-        and what a one-iteration call costs beyond that iteration (dispatching the jitted call,
+        """(device_us, host_us): microseconds per call of the op looped by prog(R, *args) (a
+        program whose last result is _loop's clocks), by the device clocks of the slowest device,
+        and what a call of prog(1) costs beyond its 1 + k op calls (dispatching the jitted call,
         its launches and the wait for its result)."""
         import jax
 
@@ -119,21 +123,30 @@ class Bench:
         if iters <= 0:  # check: correctness only
             return 0.0, 0.0
 
-        def wall(count):
+        def measure(count):
+            """Median wall seconds of prog(count) and median device seconds per timed call."""
             jax.block_until_ready(prog(count, *args))  # compile / warm up
-            times = []
+            walls, per_call = [], []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                jax.block_until_ready(prog(count, *args))
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+                out = jax.block_until_ready(prog(count, *args))
+                walls.append(time.perf_counter() - t0)
+                per_call.append(_slowest_interval_ns(out[-1], self.g) * 1e-9 / (count * k))
+            return statistics.median(walls), statistics.median(per_call)
 
         k = _unroll()
-        short, long = wall(1), wall(1 + iters)
-        per_op = (long - short) / (iters * k)
-        if per_op <= 0.02 * long / ((1 + iters) * k):  # lost in the noise (tiny case): upper bound
-            per_op = long / ((1 + iters) * k)
-        return per_op * 1e6, max(0.0, short - k * per_op) * 1e6
+        per_op = measure(iters)[1]
+        short_wall = measure(1)[0]
+        return per_op * 1e6, max(0.0, short_wall - (1 + k) * per_op) * 1e6
+
+
+def _slowest_interval_ns(clocks, g: int) -> int:
+    """The longest interval between _loop's two clock reads over the g devices: clocks holds each
+    device's [t0 low, t0 high, t1 low, t1 high] uint32, devices one after another."""
+    from jax_fused_a2a import clock_ns
+
+    per_device = np.asarray(clocks, dtype=np.uint32).reshape(g, 2, 2)
+    return max(clock_ns(d[1]) - clock_ns(d[0]) for d in per_device)
 
 
 def _unroll() -> int:
@@ -144,16 +157,19 @@ def _unroll() -> int:
 
 
 def _loop(count, op, carry):
-    """(carry, first element of the last op(carry)) after `count` x _unroll() calls of op(carry),
-    each call waiting for the one before, at no cost to the timed loop.
+    """(carry, first element of the last op(carry), clocks) after 1 + `count` x _unroll() calls
+    of op(carry), each call waiting for the one before, at no cost to the timed loop. clocks [4]
+    uint32: device clock reads (jax_fused_a2a.read_clock) after the first call and after the
+    last, so they enclose the count x _unroll() timed calls.
 
     FUSED_A2A_BENCH_JAX_LOOP=dus chains the calls as session 6 did instead (the first element of
     the carry replaced by itself unless the op's first element is NaN), for an A/B."""
     import os
 
-    import jax
     import jax.numpy as jnp
     from jax import lax
+
+    import jax_fused_a2a as fa
 
     dus = os.environ.get("FUSED_A2A_BENCH_JAX_LOOP") == "dus"
 
@@ -180,9 +196,13 @@ def _loop(count, op, carry):
             c, first = step(c)
         return c, first
 
-    # The initial element is the carry's own (any value).
-    first = carry.reshape(-1)[:1].astype(jax.eval_shape(op, carry).dtype)
-    return lax.fori_loop(0, count, body, (carry, first))
+    # One untimed call first: the dispatch and combine wait for every peer, so the devices leave
+    # it together, and the timed calls do not include the program's start skew between devices.
+    c, first = step(carry)
+    c, first, start = fa.read_clock(c, first)  # after the first call, before the loop
+    c, first = lax.fori_loop(0, count, body, (c, first))
+    first, end = fa.read_clock(first)
+    return c, first, jnp.concatenate([start, end])
 
 
 def _pad_rows(rows: np.ndarray, cap: int) -> np.ndarray:

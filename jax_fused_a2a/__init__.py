@@ -15,7 +15,7 @@ from .hybrid import (
     hybrid_dispatch,
     max_permuted_tokens,
 )
-from .ops import Dispatched, DispatchHandle, combine, dispatch, layout
+from .ops import Dispatched, DispatchHandle, clock_ns, combine, dispatch, layout, read_clock
 
 __all__ = [
     "DispatchHandle",
@@ -23,12 +23,14 @@ __all__ = [
     "HybridDispatched",
     "HybridHandle",
     "buffer_info",
+    "clock_ns",
     "combine",
     "dispatch",
     "hybrid_combine",
     "hybrid_dispatch",
     "layout",
     "max_permuted_tokens",
+    "read_clock",
     "release_buffers",
     "reset",
     "timeout_seconds",

@@ -321,4 +321,39 @@ def layout(topk_idx, *, num_experts: int, num_ranks: int):
     )
 
 
-__all__ = ["DispatchHandle", "Dispatched", "combine", "dispatch", "layout"]
+def read_clock(*arrays):
+    """(*arrays, clock): a nanosecond clock read once the device gets here, clock [2] uint32 (low,
+    high 32 bits). XLA runs the read after the ops that produced `arrays` (at least one; their
+    values are not read) and every op that uses the returned arrays (the same arrays, aliased:
+    nothing is copied) after it, so the order holds through XLA's passes (an optimization barrier
+    does not: XLA drops it before scheduling on CPU). On GPU the clock is the GPU's %globaltimer
+    when the stream reaches the read, on CPU the host's steady clock. The difference of two reads
+    on one device times the work between them on that device, without the host's overhead (the
+    JAX bench's loops report it). Not differentiable."""
+    if not arrays:
+        raise ValueError("read_clock needs at least one array to order the read after, got none")
+    ref = arrays[0]
+    outs = _ffi.call(
+        "fa2a_read_clock",
+        list(arrays),
+        [jax.typeof(a) for a in arrays] + [_like(ref, (2,), np.uint32)],
+        aliases=tuple((i, i) for i in range(len(arrays))),
+    )
+    return tuple(outs)
+
+
+def clock_ns(clock) -> int:
+    """The nanoseconds of one read_clock result (host side: a NumPy or JAX array of 2 uint32)."""
+    lo, hi = (int(v) for v in np.asarray(clock, dtype=np.uint32).reshape(2))
+    return (hi << 32) | lo
+
+
+__all__ = [
+    "DispatchHandle",
+    "Dispatched",
+    "clock_ns",
+    "combine",
+    "dispatch",
+    "layout",
+    "read_clock",
+]

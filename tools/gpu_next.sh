@@ -19,6 +19,7 @@
 #   PART=s17b (~7 min): the GPU tests at session 17's default but big rows; PART=s17c (~6 min):
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
+#   PART=s18 (~6 min): the JAX bench's device clocks (GPU test), then PART=fab at 48 SMs
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -265,6 +266,14 @@ case "${PART:-tests}" in
     bench_kernel_times
     rm -f "$OUT/build.log"
     ;;
+  s18)  # (~6 min) the JAX bench timed by device clock reads (jax_fused_a2a.read_clock) instead of
+    # wall times: its GPU test, then issue 4's whole table at 48 SMs (both frontends, NCCL)
+    STEPS=build,test STEP_TIMEOUT_TEST=120 TEST_TIMEOUT_S=60 \
+      PYTEST_ARGS="-m gpu tests/test_bench_jax_loop.py" bash tools/gpu_check.sh | grep -E "build:"
+    grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -8
+    rm -f "$OUT/build.log"
+    FUSED_A2A_CUDA_BLOCKS=48 STEP_TIMEOUT_FAB=300 PART=fab bash tools/gpu_next.sh
+    ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
     # HybridEP cases at G = 2 and 4, a rank dying mid-dispatch), then PART=hybk against the
@@ -286,6 +295,6 @@ case "${PART:-tests}" in
     bench_kernel_times
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, hybk, s17, s17b, s17c, jaxk, s17h or s15b" >&2
+  *) echo "PART must be tests, tests_rows, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, hybk, s17, s17b, s17c, jaxk, s17h, s18 or s15b" >&2
     exit 2 ;;
 esac

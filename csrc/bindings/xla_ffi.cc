@@ -91,6 +91,31 @@ ffi::Error layout_impl(const Where& w, Buf topk_idx, Ret per_rank, Ret per_exper
   });
 }
 
+// read_clock: any arrays in, the same arrays out (each result aliases its operand, so nothing is
+// copied) and clock [2] u32 last. The operands order the read after the ops that made them; the
+// results order every op that uses them after the read.
+ffi::Error read_clock_impl(const Where& w, ffi::RemainingArgs through, ffi::RemainingRets rets) {
+  return guarded("read_clock", [&] {
+    FA2A_CHECK(rets.size() == through.size() + 1,
+               "read_clock needs one result per operand and the "
+               "clock, got ",
+               rets.size(), " results for ", through.size(), " operands");
+    for (size_t i = 0; i < through.size(); ++i) {
+      auto in = through.get<Buf>(i);
+      auto out = rets.get<Buf>(i);
+      FA2A_CHECK(in.has_value() && out.has_value(), "read_clock operand ", i, " is not an array");
+      FA2A_CHECK(in->untyped_data() == (*out)->untyped_data(), "read_clock result ", i,
+                 " must alias operand ", i);
+    }
+    auto clock = rets.get<Buf>(through.size());
+    FA2A_CHECK(clock.has_value(), "read_clock result 'clock' is not an array");
+    expect_dtype(**clock, ffi::DataType::U32, "clock");
+    FA2A_CHECK((*clock)->element_count() == 2, "result 'clock' must hold 2 elements, got ",
+               (*clock)->element_count());
+    read_clock(w.platform, stream_of(w), static_cast<uint32_t*>((*clock)->untyped_data()));
+  });
+}
+
 // The send side shared by the dispatch and the cached dispatch: x [N,H] and topk_idx [N,K].
 DispatchArgs dispatch_inputs(const Buf& x, const Buf& topk_idx) {
   DispatchArgs a;
@@ -235,6 +260,7 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, const Buf* wei
   FA2A_COLLECTIVE_ATTRS(FA2A_RETS4(FA2A_RETS2(FA2A_ARGS2(FA2A_ARGS4(B))).Ret<Buf>()))
 #define FA2A_COMBINE_BINDING(B) \
   FA2A_COLLECTIVE_ATTRS(FA2A_ARGS4(FA2A_ARGS2(B).Arg<Buf>()).Ret<Buf>())
+#define FA2A_READ_CLOCK_BINDING(B) B.RemainingArgs().RemainingRets()
 #define FA2A_COMBINE_W_BINDING(B) \
   FA2A_COLLECTIVE_ATTRS(FA2A_RETS2(FA2A_ARGS4(FA2A_ARGS4(B)))).Attr<int64_t>("weights_owner_only")
 
@@ -242,6 +268,9 @@ ffi::Error combine_impl(const Where& w, Buf rank, Buf sub, Buf y, const Buf* wei
 
 constexpr Where kCpu{Platform::kCPU, nullptr, -1};
 
+ffi::Error read_clock_cpu(ffi::RemainingArgs through, ffi::RemainingRets rets) {
+  return read_clock_impl(kCpu, through, rets);
+}
 ffi::Error layout_cpu(Buf idx, Ret a, Ret b, Ret c, int64_t e, int64_t g) {
   return layout_impl(kCpu, idx, a, b, c, e, g);
 }
@@ -272,6 +301,8 @@ ffi::Error combine_w_cpu(Buf rank, Buf sub, Buf y, Buf w, Buf sc, Buf st, Buf gm
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_read_clock_cpu, read_clock_cpu,
+                              FA2A_READ_CLOCK_BINDING(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_layout_cpu, layout_cpu, FA2A_LAYOUT_BINDING(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_cpu, dispatch_cpu,
                               FA2A_DISPATCH_BINDING(ffi::Ffi::Bind()));
@@ -288,6 +319,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_combine_weighted_cpu, combine_w_cpu,
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
 namespace {
 
+ffi::Error read_clock_cuda(cudaStream_t s, int32_t dev, ffi::RemainingArgs through,
+                           ffi::RemainingRets rets) {
+  return read_clock_impl(cuda_where(s, dev), through, rets);
+}
 ffi::Error layout_cuda(cudaStream_t s, int32_t dev, Buf idx, Ret a, Ret b, Ret c, int64_t e,
                        int64_t g) {
   return layout_impl(cuda_where(s, dev), idx, a, b, c, e, g);
@@ -324,6 +359,8 @@ ffi::Error combine_w_cuda(cudaStream_t s, int32_t dev, Buf rank, Buf sub, Buf y,
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_read_clock_cuda, read_clock_cuda,
+                              FA2A_READ_CLOCK_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_layout_cuda, layout_cuda,
                               FA2A_LAYOUT_BINDING(FA2A_CUDA_CTX(ffi::Ffi::Bind())));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fa2a_dispatch_cuda, dispatch_cuda,
@@ -350,6 +387,7 @@ struct Target {
 };
 
 const Target kTargets[] = {
+    {"fa2a_read_clock", "cpu", fa2a_read_clock_cpu},
     {"fa2a_layout", "cpu", fa2a_layout_cpu},
     {"fa2a_dispatch", "cpu", fa2a_dispatch_cpu},
     {"fa2a_dispatch_fp8", "cpu", fa2a_dispatch_fp8_cpu},
@@ -360,6 +398,7 @@ const Target kTargets[] = {
     {"fa2a_hybrid_cached_dispatch", "cpu", fa2a_hybrid_cached_dispatch_cpu},
     {"fa2a_hybrid_combine", "cpu", fa2a_hybrid_combine_cpu},
 #if defined(FA2A_HAVE_CUDA) && FA2A_HAVE_CUDA
+    {"fa2a_read_clock", "CUDA", fa2a_read_clock_cuda},
     {"fa2a_layout", "CUDA", fa2a_layout_cuda},
     {"fa2a_dispatch", "CUDA", fa2a_dispatch_cuda},
     {"fa2a_dispatch_fp8", "CUDA", fa2a_dispatch_fp8_cuda},

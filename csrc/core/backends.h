@@ -23,4 +23,5 @@ void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_lo
                           int32_t ticket);
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
+void read_clock(Stream stream, uint32_t* out);
 }  // namespace fa2a::cuda

@@ -1,6 +1,8 @@
 // The public ops: argument checks shared by every frontend, then the platform's backend.
 #include "fused_a2a/ops.h"
 
+#include <chrono>
+
 #include "core/backends.h"
 #include "fused_a2a/errors.h"
 
@@ -161,6 +163,19 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   } else {
     cuda::combine(buffer, a, stream);
   }
+}
+
+void read_clock(Platform platform, Stream stream, uint32_t* out) {
+  FA2A_CHECK(out != nullptr, "read_clock output is missing");
+  if (platform == Platform::kCUDA) {
+    cuda::read_clock(stream, out);
+    return;
+  }
+  const auto ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                            std::chrono::steady_clock::now().time_since_epoch())
+                                            .count());
+  out[0] = static_cast<uint32_t>(ns);
+  out[1] = static_cast<uint32_t>(ns >> 32);
 }
 
 }  // namespace fa2a

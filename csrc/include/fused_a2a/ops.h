@@ -143,6 +143,11 @@ void check_topk_values(const void* topk_idx, DType idx_dtype, int64_t num_tokens
 
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 
+// Benchmarks: out [2] u32 = the low and high 32 bits of a nanosecond clock read when the stream
+// reaches this call: the host's steady clock on kCPU (read now), the GPU's %globaltimer on kCUDA
+// (a one-thread kernel). The difference of two reads on one device times the work between them.
+void read_clock(Platform platform, Stream stream, uint32_t* out);
+
 // What was compiled in: {"cuda": bool, "cuda_arch": "...", "cuda_version": int, ...} as text.
 // Diagnostics (CUDA, FUSED_A2A_CUDA_TRACE=1 when the buffer's first CUDA op ran): per-warp phase
 // times in ns of the dispatch kernels since the last reset, kTraceWords words (layout in
