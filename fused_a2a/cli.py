@@ -412,11 +412,13 @@ def cmd_bench(args) -> int:
             "seconds": round(time.monotonic() - t0, 1),
             "timing": (
                 "torch: CUDA events around each call, median of iters after warm-up, "
-                "slowest rank; JAX: loop inside one jitted program, (T(1+iters)-T(1))/"
-                "iters, median of reps"
+                "slowest rank; JAX: iters calls in a loop inside one jitted program between "
+                "two device clock reads (GPU %globaltimer), interval / iters on the slowest "
+                "device, median of reps"
                 if cfg["device"] == "cuda"
-                else "torch: perf_counter per call, median, slowest rank; JAX: loop inside one "
-                "jitted program, (T(1+iters)-T(1))/iters, median of reps"
+                else "torch: perf_counter per call, median, slowest rank; JAX: iters calls in a "
+                "loop inside one jitted program between two host clock reads, interval / "
+                "iters on the slowest device, median of reps"
             ),
             **info,
         },
