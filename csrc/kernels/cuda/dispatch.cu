@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     if (lay) {
       if (blockIdx.x == 0) {
         if constexpr (kFusedScan) {  // (the default kernels' registers stay as they were)
-          if (p.host_ticket) send_expert_pairs(p, parity);
+          if (p.host_ticket && !p.pairs_late) send_expert_pairs(p, parity);
         }
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
@@ -139,6 +139,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
                        p.capacity, p.window);
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
+        }
+        if constexpr (kFusedScan) {
+          if (p.host_ticket && p.pairs_late) {  // behind the layouts, with flags of their own
+            send_expert_pairs(p, parity);
+            for (int d = tid; d < G; d += blockDim.x)
+              st_release_sys(&notify_slot(p.peers[d], parity, r)->flag, e0);
+          }
         }
       }
       // The send lists, while the peers' layouts travel (all blocks, then a grid-wide barrier).
@@ -180,8 +187,16 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     }
     __syncthreads();
     if constexpr (kFusedScan) {
-      if (lay && p.host_ticket && blockIdx.x == 0 && !sh.fail)
-        write_host_counts(p, sh, ctrl, parity);
+      const unsigned counts_block = p.pairs_late ? gridDim.x - 1 : 0;
+      if (lay && p.host_ticket && blockIdx.x == counts_block && !sh.fail) {
+        if (p.pairs_late) {
+          for (int s = tid; s < G; s += blockDim.x)
+            if (!wait_flag(&notify_slot(ctrl, parity, s)->flag, e0, ctx, kPhaseNotify, s))
+              sh.fail = 1;
+          __syncthreads();
+        }
+        if (!sh.fail) write_host_counts(p, sh, ctrl, parity);
+      }
     }
     if (tid == 0) {
       int kept_total = 0;
@@ -531,6 +546,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
     p.host_counts = a.host_counts;
     p.host_ticket = a.host_ticket;
+    p.pairs_late = pairs_late_env();
     p.tile_ecount = pr.scratch->tile_ecount;
   }
   if (p.tma && records) {

@@ -86,6 +86,11 @@ struct DispatchParams {
   int* host_counts;
   int host_ticket;
   const int* tile_ecount;
+  // FUSED_A2A_CUDA_PAIRS=late (session 18, unmeasured): block 0 releases its layouts first and the
+  // expert pairs behind them (each destination's NotifySlot flag, this op's epoch), so no rank's
+  // start waits for the pairs; the last block waits for every source's pairs and writes the
+  // host counts.
+  bool pairs_late;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.

@@ -224,6 +224,10 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
+// FUSED_A2A_CUDA_PAIRS=late: the static dispatch's expert pairs (torch's speculative path) travel
+// after the layouts instead of before them (DispatchParams::pairs_late). Set it alike on every
+// rank: a rank waiting for pairs flags no peer releases fails with a timeout error.
+bool pairs_late_env();
 // Whether the static dispatch and the combine kernels run the route scan's second pass themselves
 // (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
