@@ -15,11 +15,17 @@ namespace fa2a::cuda {
 // Copies. Rows are 16-byte multiples at 16-byte aligned addresses (checked on the host).
 __device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
 
-// Whole warp copies `bytes` (multiple of 16): coherent loads (data written by peers), plain
-// stores. U 16-byte loads in flight per lane (8 by default; 16 doubles the bytes in flight of a
-// latency-bound copy, at the cost of 32 more registers).
-template <int U = 8>
-__device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, int lane) {
+// Whole warp copies `bytes` (multiple of 16) with Load's 16-byte loads and plain stores, U loads in
+// flight per lane.
+struct LoadCoherent {  // data written by peers
+  __device__ __forceinline__ int4 operator()(const int4* p) const { return ld_cg(p); }
+};
+struct LoadReadOnly {  // sources that do not change during the kernel
+  __device__ __forceinline__ int4 operator()(const int4* p) const { return __ldg(p); }
+};
+template <typename Load, int U>
+__device__ inline void warp_copy(void* dst, const void* src, size_t bytes, int lane) {
+  const Load load;
   const int4* s = reinterpret_cast<const int4*>(src);
   int4* d = reinterpret_cast<int4*>(dst);
   const size_t n = bytes / 16;
@@ -27,11 +33,18 @@ __device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, in
   for (; i + (U - 1) * 32 < n; i += U * 32) {
     int4 v[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = ld_cg(s + i + u * 32);
+    for (int u = 0; u < U; ++u) v[u] = load(s + i + u * 32);
 #pragma unroll
     for (int u = 0; u < U; ++u) d[i + u * 32] = v[u];
   }
-  for (; i < n; i += 32) d[i] = ld_cg(s + i);
+  for (; i < n; i += 32) d[i] = load(s + i);
+}
+
+// Coherent loads (data written by peers). U 16-byte loads in flight per lane (8 by default; 16
+// doubles the bytes in flight of a latency-bound copy, at the cost of 32 more registers).
+template <int U = 8>
+__device__ inline void warp_copy_cg(void* dst, const void* src, size_t bytes, int lane) {
+  warp_copy<LoadCoherent, U>(dst, src, bytes, lane);
 }
 
 // Whole warp copies `bytes` (multiple of 16) from src to dst_base + pos_b * dst_stride for every
@@ -80,22 +93,9 @@ __device__ __forceinline__ void warp_load_head(RowHead& head, const void* src, s
   }
 }
 
-// Whole warp copies `bytes` (multiple of 16) from a source that does not change during the kernel
-// (inputs): read-only path.
+// Read-only path: a source that does not change during the kernel (inputs).
 __device__ inline void warp_copy_ro(void* dst, const void* src, size_t bytes, int lane) {
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  const size_t n = bytes / 16;
-  size_t i = lane;
-  constexpr int U = 8;
-  for (; i + (U - 1) * 32 < n; i += U * 32) {
-    int4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = __ldg(s + i + u * 32);
-#pragma unroll
-    for (int u = 0; u < U; ++u) d[i + u * 32] = v[u];
-  }
-  for (; i < n; i += 32) d[i] = __ldg(s + i);
+  warp_copy<LoadReadOnly, 8>(dst, src, bytes, lane);
 }
 
 // warp_copy_ro of a row whose head (warp_load_head of the same src and bytes) is already loaded:
