@@ -96,10 +96,8 @@ ffi::Error layout_impl(const Where& w, Buf topk_idx, Ret per_rank, Ret per_exper
 // results order every op that uses them after the read.
 ffi::Error read_clock_impl(const Where& w, ffi::RemainingArgs through, ffi::RemainingRets rets) {
   return guarded("read_clock", [&] {
-    FA2A_CHECK(rets.size() == through.size() + 1,
-               "read_clock needs one result per operand and the "
-               "clock, got ",
-               rets.size(), " results for ", through.size(), " operands");
+    FA2A_CHECK(rets.size() == through.size() + 1, "read_clock: ", through.size(),
+               " operands need as many results and the clock, got ", rets.size(), " results");
     for (size_t i = 0; i < through.size(); ++i) {
       auto in = through.get<Buf>(i);
       auto out = rets.get<Buf>(i);
