@@ -185,10 +185,6 @@ for _name, _base in (("standard", {}), ("standard_sms48", dict(sms=48)), ("decod
 # with its count exchange inside since): the dynamic_dispatch row, against the same case
 for _name in ("standard", "standard_sms48", "decode"):
     CASES[_name + "_spec2"] = dict(CASES[_name], env={"FUSED_A2A_TORCH_SPECULATIVE": "two_kernels"})
-# Session 18: that static kernel's expert pairs sent after its layouts (FUSED_A2A_CUDA_PAIRS=late;
-# default: before them, on every rank's start path); the dynamic_dispatch row
-for _name, _base in (("standard", {}), ("standard_sms48", dict(sms=48)), ("decode", dict(n=128))):
-    CASES[_name + "_pairslate"] = _case(**_base, PAIRS="late")
 # FP8 at 48 SMs: no PDL for the dispatch after the records kernel by default (session 13), and
 # with it (PDL=1)
 CASES["standard_fp8_sms48"] = _case(fp8=True, sms=48)

@@ -117,7 +117,7 @@ def test_host_counts_pinned_and_pageable_agree():
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
 
 
-@pytest.mark.parametrize("layout", ["default", "pairs_late", "dynamic", "two_kernels"])
+@pytest.mark.parametrize("layout", ["default", "dynamic", "two_kernels"])
 def test_dynamic_dispatch_speculative_paths_gpu(layout):
     """tests/test_torch_normal.py's speculative-path steps on GPUs: outputs shrunk to num_recv
     rows, a redo when the group's largest N grew; bitwise against the reference. "default": the
@@ -125,21 +125,17 @@ def test_dynamic_dispatch_speculative_paths_gpu(layout):
     the counts are exchanged. "two_kernels": the data kernel queued behind the count exchange
     (FUSED_A2A_TORCH_SPECULATIVE=two_kernels). "dynamic": that, with the exchange publishing
     every rank's layout (with the speculative capacity, or none on the exact path), so the data
-    kernel sends no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic). "pairs_late": the static
-    kernel with the expert pairs sent after the layouts and the host counts written by the
-    last block (FUSED_A2A_CUDA_PAIRS=late)."""
+    kernel sends no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic)."""
     import test_torch_normal as tn
 
     _need(3)
     env = {**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"}
-    if layout == "pairs_late":
-        env["FUSED_A2A_CUDA_PAIRS"] = "late"
-    elif layout != "default":
+    if layout != "default":
         env["FUSED_A2A_TORCH_SPECULATIVE"] = "two_kernels"
     if layout == "dynamic":
         env["FUSED_A2A_CUDA_LAYOUT"] = "dynamic"
     res = run_ranks(tn._rank_speculative, 3, timeout=300, env=env)
-    tn.check_speculative_steps(res, one_kernel=layout in ("default", "pairs_late"))
+    tn.check_speculative_steps(res, one_kernel=layout == "default")
 
 
 def _rank_capture(rank, world):

@@ -210,11 +210,13 @@ def _jax_env(extra=None):
     return env
 
 
-def _jax_suite(g, rows=None, suite="normal"):
-    """Runs tests/jax_cases.py SUITE on g GPU devices (once per session); {case: "ok" | error}."""
+def _jax_suite(g, rows=None, suite="normal", rows_path="window"):
+    """Runs tests/jax_cases.py SUITE on g GPU devices (once per session); {case: "ok" | error}.
+    rows_path: how the static dispatch's rows reach a peer in this process (JAX_ROWS_PATHS)."""
 
     def run():
         extra = {"FUSED_A2A_BUFFER_ROWS": str(rows)} if rows else {}
+        extra.update(JAX_ROWS_PATHS[rows_path])
         proc = subprocess.run(
             [sys.executable, os.path.join(TESTS_DIR, "jax_cases.py"), suite, str(g)],
             env=_jax_env(extra),
@@ -231,14 +233,26 @@ def _jax_suite(g, rows=None, suite="normal"):
             f"{(proc.stdout + proc.stderr)[-6000:]}"
         )
 
-    return run_once(("jax", suite, g, rows), run)
+    return run_once(("jax", suite, g, rows, rows_path), run)
+
+
+# How the static dispatch's rows reach a receiver in the same process (JAX with several local
+# GPUs): through its window, copied to recv_x by its receiver warps, or written by the senders
+# straight into its recv_x (FUSED_A2A_CUDA_DIRECT, session 19; "require" makes a group not all in
+# this process an error, so the direct cases cannot pass through the window). The one-row buffer
+# runs every case in many rounds, whose records still travel through the window.
+JAX_ROWS_PATHS = {
+    "window": {"FUSED_A2A_CUDA_DIRECT": "0"},
+    "direct": {"FUSED_A2A_CUDA_DIRECT": "require"},
+}
 
 
 @pytest.mark.parametrize("g", [2, 4])
 @pytest.mark.parametrize("rows", [None, 1], ids=["default-buffer", "one-row-buffer"])
-def test_jax_gpu_suite(g, rows):
+@pytest.mark.parametrize("rows_path", list(JAX_ROWS_PATHS))
+def test_jax_gpu_suite(g, rows, rows_path):
     _need(g)
-    results = _jax_suite(g, rows)
+    results = _jax_suite(g, rows, rows_path=rows_path)
     bad = {k: v for k, v in results.items() if v != "ok"}
     assert results and not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())
 
@@ -302,14 +316,15 @@ def _rank_tj(rank, world, inp):
     )
 
 
-def test_torch_vs_jax_bitwise(tmp_path):
+@pytest.mark.parametrize("rows_path", list(JAX_ROWS_PATHS))
+def test_torch_vs_jax_bitwise(tmp_path, rows_path):
     g = min(4, gpu_count())
     _need(2)
     inp = _tj_inputs(g)
     np.savez(tmp_path / "in.npz", **inp)
     proc = subprocess.run(
         [sys.executable, "-c", _JAX_WORKER, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-        env=_jax_env(),
+        env=_jax_env(JAX_ROWS_PATHS[rows_path]),
         capture_output=True,
         text=True,
         timeout=600,
@@ -663,6 +678,39 @@ def _rank_timeout(rank, world):
     except Exception as exc:  # noqa: BLE001
         return (type(exc).__name__, str(exc), time.monotonic() - start)
     return ("none", "no error", time.monotonic() - start)
+
+
+def _rank_direct_require(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    x = torch.randn(8, 256, device="cuda").to(torch.bfloat16)
+    idx = torch.randint(0, 8, (8, 2), device="cuda")
+    # The first dynamic dispatch takes the exact path (no static kernel); the later ones the
+    # speculative static kernel, whose direct rows need every rank in this process.
+    for _ in range(3):
+        try:
+            tfa.fused_dispatch(x, idx, torch.rand(8, 2, device="cuda"), 8, dist.group.WORLD)
+        except Exception as exc:  # noqa: BLE001
+            return str(exc)
+    return "no error"
+
+
+def test_direct_rows_require_fails_for_a_group_across_processes():
+    """FUSED_A2A_CUDA_DIRECT=require (the JAX suites' proof that the direct rows ran) is an error
+    naming the group size where the ranks are processes (torch): their recv_x is not mapped."""
+    _need(2)
+    res = run_ranks(
+        _rank_direct_require,
+        2,
+        timeout=120,
+        env=dict(GPU_ENV, FUSED_A2A_CUDA_DIRECT="require", FUSED_A2A_TIMEOUT_S="5"),
+    )
+    for msg in res:
+        assert "FUSED_A2A_CUDA_DIRECT=require" in msg and "group of 2 ranks" in msg, msg
 
 
 def test_timeout_names_op_and_rank():

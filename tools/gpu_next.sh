@@ -20,7 +20,9 @@
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=s18 (~6 min): the JAX bench's device clocks (GPU test), then PART=fab at 48 SMs
-#   PART=s19 (~6 min): FUSED_A2A_CUDA_PAIRS=late (session 18, compile-checked): tests and A/B
+#   PART=s19 (~8 min): direct rows (FUSED_A2A_CUDA_DIRECT, the JAX static dispatch writes rows
+#       straight into the peers' recv_x): the JAX GPU tests both ways, then the A/B (whole bench,
+#       normal mode, N = 4096, 48 SMs)
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -275,18 +277,23 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     FUSED_A2A_CUDA_BLOCKS=48 STEP_TIMEOUT_FAB=300 PART=fab bash tools/gpu_next.sh
     ;;
-  s19)  # (~6 min) torch's speculative static kernel with its expert pairs sent after the layouts
-    # (FUSED_A2A_CUDA_PAIRS=late, session 18, compile-checked): the speculative steps at G = 3
-    # (all four paths) and the host-count tests, then the A/B by the dynamic_dispatch row, each
-    # pair twice. Prediction: -2 to -4 us at 24 and 48 SMs and in decode; the static and cached
-    # rows unchanged
+  s19)  # (~8 min) direct rows (session 19, compile-checked): the JAX static dispatch's senders
+    # write rows straight into the receiver's recv_x (FUSED_A2A_CUDA_DIRECT; every rank in one
+    # process), its receivers copy none. The JAX suites and torch vs JAX both ways, the require
+    # check for torch's processes, then the whole bench (normal mode, N = 4096) at 48 SMs, each
+    # way twice. Prediction: the JAX dispatch 538-540 -> 470-500 us (the senders' pushes at the
+    # 48-SM link ceiling, no window -> recv_x copy); torch unchanged (processes)
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms48,standard_sms48_pairslate,standard,standard_pairslate,decode,decode_pairslate,standard_sms48,standard_sms48_pairslate} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_pairslate} timeout 240 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|dynamic_dispatch |static_dispatch |nccl"
-    rm -f "$OUT/build.log"
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="jax or direct" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    for direct in ${S19_WAYS:-0 1 0 1}; do
+      FUSED_A2A_CUDA_DIRECT=$direct FUSED_A2A_CUDA_BLOCKS=${S19_BLOCKS:-48} timeout 110 \
+        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend all \
+        --out "$OUT/ab_direct$direct" >"$OUT/ab_direct$direct.log" 2>&1
+      echo "bench DIRECT=$direct: rc=$?"
+      grep -E "^(torch|jax) .*(dispatch|combine) " "$OUT/ab_direct$direct.log" | cut -c1-100
+    done
+    rm -f "$OUT/build.log" "$OUT"/ab_direct*/bench.png
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
@@ -309,6 +316,6 @@ case "${PART:-tests}" in
     bench_kernel_times
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, hybk, s17, s17b, s17c, jaxk, s17h, s18, s19 or s15b" >&2
+  *) echo "PART must be tests, tests_rows, tests2, perf, verify, fab, hyb, jaxloop, s12d, sweep, hybk, s17, s17b, s17c, jaxk, s17h, s18 or s15b" >&2
     exit 2 ;;
 esac

@@ -73,6 +73,9 @@ struct LayoutSlot {  // source s -> every rank, [parity][s]
   int pad;
   long long capacity;  // rows of s's recv_x
   long long window;    // rows of s's receive window
+  // s's recv_x, for senders in s's process to write their rows straight into (the static
+  // dispatch's direct rows, FUSED_A2A_CUDA_DIRECT; dispatch.cu), or 0: rows go to s's window
+  unsigned long long direct_rows;
 };
 constexpr size_t kLayoutOffset = (kHybridOffset + kHybridBytes + 255) & ~size_t(255);
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify copies every source's LayoutSlot here (this
@@ -102,18 +105,20 @@ __host__ __device__ inline LayoutSlot* layout_stash(uint8_t* ctrl, int src) {
 // A LayoutSlot's payload (all but its flag): count[i] = count_to(i) for the G ranks.
 template <typename CountTo>
 __device__ inline void store_layout(LayoutSlot* slot, int G, CountTo count_to, int n_tokens,
-                                    int warps2, int chunk, long long capacity, long long window) {
+                                    int warps2, int chunk, long long capacity, long long window,
+                                    unsigned long long direct_rows = 0) {
   for (int i = 0; i < G; ++i) slot->count[i] = count_to(i);
   slot->n_tokens = n_tokens;
   slot->warps2 = warps2;
   slot->chunk = chunk;
   slot->capacity = capacity;
   slot->window = window;
+  slot->direct_rows = direct_rows;
 }
 __device__ inline void copy_layout(LayoutSlot* to, const volatile LayoutSlot* from, int G) {
   store_layout(
       to, G, [&](int i) { return from->count[i]; }, from->n_tokens, from->warps2, from->chunk,
-      from->capacity, from->window);
+      from->capacity, from->window, from->direct_rows);
 }
 __host__ __device__ inline MsgSlot* msg_slot(uint8_t* ctrl, int kind, int parity, int src) {
   return reinterpret_cast<MsgSlot*>(ctrl + kMsgOffset) + (kind * 2 + parity) * kMaxRanks + src;

@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
                                    p.staging_rows, p.meta_words);
   int* s_hist = reinterpret_cast<int*>(smem + L.hist);
   for (int j = tid; j < p.lpr; j += blockDim.x) s_hist[j] = 0;
+  for (int d = tid; d < kMaxRanks; d += blockDim.x) sh.drows[d] = 0;
   if (tid == 0) {
     sh.t0 = globaltimer();
     sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
@@ -126,26 +127,21 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sh.lay_chunk[s] = v->chunk;
         sh.lay_capacity[s] = v->capacity;
         sh.lay_window[s] = v->window;
+        sh.drows[s] = stash ? 0ull : v->direct_rows;  // s's recv_x (step 2 adds our offset)
       }
     };
     if (lay) {
       if (blockIdx.x == 0) {
         if constexpr (kFusedScan) {  // (the default kernels' registers stay as they were)
-          if (p.host_ticket && !p.pairs_late) send_expert_pairs(p, parity);
+          if (p.host_ticket) send_expert_pairs(p, parity);
         }
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
           store_layout(slot, G, sent_to, N, p.chunks_per_warp * gridDim.x * p.send_warps, p.chunk,
-                       p.capacity, p.window);
+                       p.capacity, p.window,
+                       p.direct_recv ? reinterpret_cast<uintptr_t>(p.recv_x) : 0ull);
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
-        }
-        if constexpr (kFusedScan) {
-          if (p.host_ticket && p.pairs_late) {  // behind the layouts, with flags of their own
-            send_expert_pairs(p, parity);
-            for (int d = tid; d < G; d += blockDim.x)
-              st_release_sys(&notify_slot(p.peers[d], parity, r)->flag, e0);
-          }
         }
       }
       // The send lists, while the peers' layouts travel (all blocks, then a grid-wide barrier).
@@ -187,16 +183,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     }
     __syncthreads();
     if constexpr (kFusedScan) {
-      const unsigned counts_block = p.pairs_late ? gridDim.x - 1 : 0;
-      if (lay && p.host_ticket && blockIdx.x == counts_block && !sh.fail) {
-        if (p.pairs_late) {
-          for (int s = tid; s < G; s += blockDim.x)
-            if (!wait_flag(&notify_slot(ctrl, parity, s)->flag, e0, ctx, kPhaseNotify, s))
-              sh.fail = 1;
-          __syncthreads();
-        }
-        if (!sh.fail) write_host_counts(p, sh, ctrl, parity);
-      }
+      if (lay && p.host_ticket && blockIdx.x == 0 && !sh.fail)
+        write_host_counts(p, sh, ctrl, parity);
     }
     if (tid == 0) {
       int kept_total = 0;
@@ -238,6 +226,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           sh.dqoff[d] = v.qoff;
           sh.dkept[d] = min(v.kept, sent);
           sh.dcr[d] = max(v.cr, 1);
+          if (sh.drows[d]) sh.drows[d] += static_cast<unsigned long long>(v.poff) * p.row_bytes;
           continue;
         }
         MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);
@@ -532,6 +521,13 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = layout_notify;
+  const int direct = direct_rows_env();
+  if (layout_notify && p.recv_x && G > 1 && direct != kDirectOff) {
+    p.direct_recv = group_in_process(*pr.st, buffer);
+    FA2A_CHECK(p.direct_recv || direct != kDirectRequire,
+               "FUSED_A2A_CUDA_DIRECT=require: the static dispatch's group of ", G,
+               " ranks is not all in this process, so its rows cannot go straight to recv_x");
+  }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
   p.tma = cfg.tma;
@@ -546,7 +542,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
     p.host_counts = a.host_counts;
     p.host_ticket = a.host_ticket;
-    p.pairs_late = pairs_late_env();
     p.tile_ecount = pr.scratch->tile_ecount;
   }
   if (p.tma && records) {

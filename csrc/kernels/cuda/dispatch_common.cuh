@@ -39,6 +39,12 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
+  // Direct rows (FUSED_A2A_CUDA_DIRECT; the static dispatch with the layout notify, every peer in
+  // this process): this rank's LayoutSlot carries recv_x, the senders push its rows straight
+  // there instead of into its window, and its receivers copy no rows (only the records, which
+  // still travel through the window with the chunk flags). A sender follows each receiver's
+  // published pointer, so ranks need not agree.
+  bool direct_recv;
   const uint8_t* x;
   const float* x_scales;
   const void* topk_idx;
@@ -86,11 +92,6 @@ struct DispatchParams {
   int* host_counts;
   int host_ticket;
   const int* tile_ecount;
-  // FUSED_A2A_CUDA_PAIRS=late (session 18, unmeasured): block 0 releases its layouts first and the
-  // expert pairs behind them (each destination's NotifySlot flag, this op's epoch), so no rank's
-  // start waits for the pairs; the last block waits for every source's pairs and writes the
-  // host counts.
-  bool pairs_late;
   // FUSED_A2A_CUDA_ABLATE (diagnostic build only, wrong results): bit 1 receivers copy no rows,
   // bit 2 senders stage only the tokens of the metadata records, bit 4 senders push no rows,
   // bit 8 no sender or receiver role at all.
@@ -324,7 +325,7 @@ __host__ __device__ inline int window_chunk_rows(long long remote, long long war
 // d's chunk rows. Host-checked against the receiver's own computation
 // (tests/cuda_host/layout_notify_check.cu).
 struct SenderView {
-  int qoff, kept, cr;
+  int qoff, kept, cr, poff;  // poff: P offset of r's rows at d (direct rows)
 };
 __host__ __device__ inline SenderView sender_view(const int* col, int G, int r, int d,
                                                   long long capacity, long long warps2,
@@ -333,6 +334,7 @@ __host__ __device__ inline SenderView sender_view(const int* col, int G, int r, 
   place_sources(col, G, capacity, poff, kept, &kept_total);
   SenderView v;
   v.qoff = window_qoff(poff, kept, r, d);
+  v.poff = poff[r];
   v.kept = kept[r];
   v.cr = window_chunk_rows(kept_total - kept[d], warps2, chunk_max, window);
   return v;
@@ -347,6 +349,9 @@ struct Shared {
   int lay_count[kLayoutMaxRanks][kLayoutMaxRanks];
   int lay_warps2[kLayoutMaxRanks], lay_chunk[kLayoutMaxRanks];
   long long lay_capacity[kLayoutMaxRanks], lay_window[kLayoutMaxRanks];
+  // Direct rows: where this rank's rows to destination d start in d's recv_x (row 0 of our
+  // stream to d), or 0: into d's window. Nonzero only with the layout notify.
+  unsigned long long drows[kMaxRanks];
   int sent[kMaxRanks];  // tokens routed to each rank (kFusedScan: from the tile counts)
   long long total;
   int kept_total, fail, last;

@@ -132,6 +132,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const long long slot0 = sg.start + c * cr;
     uint8_t* dbase = p.peers[d] + kControlBytes;
     uint32_t* dmeta = reinterpret_cast<uint32_t*>(dbase + R * rb) + slot0 * M;
+    // The chunk's rows: straight into d's recv_x (direct rows), else into its window
+    uint8_t* drows =
+        sh.drows[d] ? reinterpret_cast<uint8_t*>(sh.drows[d]) + j0 * rb : dbase + slot0 * rb;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
     if (p.tma) {
@@ -168,7 +171,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         }
         for (int i = 0; i < n && !ablated(p, 4); ++i) {
           const size_t t = stage[i * stride];
-          pipe.push_span(dbase + (slot0 + i) * rb, p.x + t * rb, rb);
+          pipe.push_span(drows + i * rb, p.x + t * rb, rb);
         }
         tr.add(3, t_phase);
         t_phase = WarpTrace::now();
@@ -181,7 +184,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     } else {
       for (int i = 0; i < n; ++i) {
         const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
-        warp_copy_ro(dbase + (slot0 + i) * rb, p.x + t * rb, rb, lane);
+        warp_copy_ro(drows + i * rb, p.x + t * rb, rb, lane);
         for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
       }
       warp_release_flag(flag, v, lane);
@@ -322,7 +325,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       const long long slot0 = sg.start + c * CR + a;
       const long long P = sh.poff[s] + sl.j0;
       const uint8_t* src = ctrl + kControlBytes + slot0 * rb;
-      if (ablated(p, 1)) {
+      if (ablated(p, 1) || p.direct_recv) {  // direct rows: the senders wrote them to recv_x
       } else if (kRecvItems == kRecvHelp && pipe) {  // the flag wait fenced the async proxy
         if (lane == 0) pipe->push_span(p.recv_x + P * rb, src, n * rb);
         __syncwarp();

@@ -401,9 +401,22 @@ bool zero_while_waiting_env() { return !env_is("FUSED_A2A_CUDA_ZERO", "first"); 
 // Run 50 (4x H100, two A/Bs): static dispatch -0.4 / -1.8 us, FP8 -2.2 / -2.9, EP 2 -0.5.
 bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
-bool pairs_late_env() { return env_is("FUSED_A2A_CUDA_PAIRS", "late"); }
-
 bool layout_dynamic_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "dynamic"); }
+
+int direct_rows_env() {
+  if (env_is("FUSED_A2A_CUDA_DIRECT", "require")) return kDirectRequire;
+  return env_is("FUSED_A2A_CUDA_DIRECT", "1") ? kDirectOn : kDirectOff;
+}
+
+bool group_in_process(CudaState& st, const Buffer& buffer) {
+  if (st.group_local < 0) {  // the group's buffers all exist before the first op (connect)
+    bool all = true;
+    for (int r = 0; r < buffer.num_ranks() && all; ++r)
+      all = buffer_find(buffer.group_id(), r) != nullptr;
+    st.group_local = all ? 1 : 0;
+  }
+  return st.group_local == 1;
+}
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 

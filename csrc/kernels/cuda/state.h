@@ -122,6 +122,9 @@ struct CudaState {
   size_t records_words = 0;
   std::vector<void*> retired;  // outgrown scratch, kept alive for captured graphs
   uint64_t scratch_gen = 0;    // bumped by every ensure_scratch (every op's use of the scratch)
+  // Whether every rank of the group lives in this process (-1: not yet looked up; see
+  // group_in_process)
+  int group_local = -1;
   // The route scan (send lists included) of the last dispatch_notify: the dispatch_data call of
   // the same op reuses it when nothing else used the scratch in between (scratch_gen unchanged)
   // and the routing arguments are the same, instead of scanning again after the host sync.
@@ -224,10 +227,6 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
-// FUSED_A2A_CUDA_PAIRS=late: the static dispatch's expert pairs (torch's speculative path) travel
-// after the layouts instead of before them (DispatchParams::pairs_late). Set it alike on every
-// rank: a rank waiting for pairs flags no peer releases fails with a timeout error.
-bool pairs_late_env();
 // Whether the static dispatch and the combine kernels run the route scan's second pass themselves
 // (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
@@ -236,6 +235,15 @@ bool fused_scan(int64_t num_tokens);
 // dispatch_data right after it skips its ready round trip (session 13, opt-in: GPU tests pass,
 // no measured gain yet)
 bool layout_dynamic_env();
+// FUSED_A2A_CUDA_DIRECT=1: the static dispatch's senders write rows straight into a receiver's
+// recv_x when every rank of the group is in this process (DispatchParams::direct_recv); =require:
+// the same, and a group spread over processes is an error (the tests' proof that the path ran);
+// 0 or unset: through the receiver's window (session 19, opt-in until measured)
+constexpr int kDirectOff = 0, kDirectOn = 1, kDirectRequire = 2;
+int direct_rows_env();
+// Whether every rank of the buffer's group is in this process (JAX with several local GPUs), so
+// that a peer's own allocations are reachable here through peer access (looked up once)
+bool group_in_process(CudaState& st, const Buffer& buffer);
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
