@@ -210,7 +210,7 @@ def _jax_env(extra=None):
     return env
 
 
-def _jax_suite(g, rows=None, suite="normal", rows_path="window"):
+def _jax_suite(g, rows=None, suite="normal", rows_path="direct"):
     """Runs tests/jax_cases.py SUITE on g GPU devices (once per session); {case: "ok" | error}.
     rows_path: how the static dispatch's rows reach a peer in this process (JAX_ROWS_PATHS)."""
 
@@ -237,13 +237,14 @@ def _jax_suite(g, rows=None, suite="normal", rows_path="window"):
 
 
 # How the static dispatch's rows reach a receiver in the same process (JAX with several local
-# GPUs): through its window, copied to recv_x by its receiver warps, or written by the senders
-# straight into its recv_x (FUSED_A2A_CUDA_DIRECT, session 19; "require" makes a group not all in
-# this process an error, so the direct cases cannot pass through the window). The one-row buffer
+# GPUs): written by the senders straight into its recv_x (the default since session 19;
+# FUSED_A2A_CUDA_DIRECT=require makes a group not all in this process an error, so these cases
+# cannot pass through the window), or through its window, copied to recv_x by its receiver warps
+# (FUSED_A2A_CUDA_DIRECT=0). The one-row buffer
 # runs every case in many rounds, whose records still travel through the window.
 JAX_ROWS_PATHS = {
-    "window": {"FUSED_A2A_CUDA_DIRECT": "0"},
     "direct": {"FUSED_A2A_CUDA_DIRECT": "require"},
+    "window": {"FUSED_A2A_CUDA_DIRECT": "0"},
 }
 
 

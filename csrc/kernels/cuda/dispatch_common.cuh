@@ -39,8 +39,8 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
-  // Direct rows (FUSED_A2A_CUDA_DIRECT; the static dispatch with the layout notify, every peer in
-  // this process): this rank's LayoutSlot carries recv_x, the senders push its rows straight
+  // Direct rows (default; FUSED_A2A_CUDA_DIRECT=0 turns them off; the static dispatch with the
+  // layout notify, every peer in this process): this rank's LayoutSlot carries recv_x, the senders push its rows straight
   // there instead of into its window, and its receivers copy no rows (only the records, which
   // still travel through the window with the chunk flags). A sender follows each receiver's
   // published pointer, so ranks need not agree.

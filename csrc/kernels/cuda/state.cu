@@ -405,7 +405,7 @@ bool layout_dynamic_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "dynamic"); }
 
 int direct_rows_env() {
   if (env_is("FUSED_A2A_CUDA_DIRECT", "require")) return kDirectRequire;
-  return env_is("FUSED_A2A_CUDA_DIRECT", "1") ? kDirectOn : kDirectOff;
+  return env_is("FUSED_A2A_CUDA_DIRECT", "0") ? kDirectOff : kDirectOn;
 }
 
 bool group_in_process(CudaState& st, const Buffer& buffer) {
