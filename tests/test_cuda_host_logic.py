@@ -9,7 +9,8 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
   cover every row of a stream exactly once, each inside its chunk.
 - layout_notify_check.cu: a sender's view of a receiver's placement of its rows (the static
   dispatch's default since session 11; FUSED_A2A_CUDA_LAYOUT=ready waits for the receiver's
-  message instead) equals the receiver's own and a row-by-row placement.
+  message instead) equals the receiver's own and a row-by-row placement, including the recv_x
+  row where the direct rows (session 19) write a sender's first row.
 
 Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
 against the kernel headers (a header change broke it once, unnoticed until a GPU run).

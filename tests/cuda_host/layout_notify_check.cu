@@ -6,7 +6,8 @@
 // rows arrive in source order, the first `capacity` are kept, and d's own rows (which bypass the
 // window) take no window slot. FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify publishes no
 // capacity (1 << 40) when the data kernel's is the exact row count, so with capacity >= the rows
-// the view must not change.
+// the view must not change. Direct rows (FUSED_A2A_CUDA_DIRECT): r's j-th row lands at recv_x row
+// v.poff + j on d, which must be the reference's P of that row.
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -38,9 +39,10 @@ int main() {
     place_sources(col.data(), G, capacity, poff, kept, &kept_total);
     const int cr = window_chunk_rows(kept_total - kept[d], warps2, chunk_max, window);
     // Independent placement: P of each row in source order; Q = window slot of non-own rows.
-    std::vector<long long> first_q(G, -1), kept_ref(G, 0);
+    std::vector<long long> first_q(G, -1), kept_ref(G, 0), first_p(G, -1);
     long long P = 0, Q = 0;
     for (int s = 0; s < G; ++s) {
+      first_p[s] = P < capacity ? P : capacity;  // P of s's first row (capacity: none kept)
       for (int j = 0; j < col[s]; ++j, ++P) {
         if (P >= capacity) continue;
         ++kept_ref[s];
@@ -54,12 +56,14 @@ int main() {
       if (r == d) continue;
       const SenderView v = sender_view(col.data(), G, r, d, capacity, warps2, chunk_max, window);
       const int qoff = window_qoff(poff, kept, r, d);
-      const bool ref_ok = v.kept == kept_ref[r] && (v.kept == 0 || v.qoff == first_q[r]);
-      if (v.qoff != qoff || v.kept != kept[r] || v.cr != cr || !ref_ok) {
+      const bool ref_ok = v.kept == kept_ref[r] && (v.kept == 0 || v.qoff == first_q[r]) &&
+                          (v.kept == 0 || v.poff == first_p[r]);
+      if (v.qoff != qoff || v.kept != kept[r] || v.cr != cr || v.poff != poff[r] || !ref_ok) {
         std::printf(
-            "FAIL: G %d d %d r %d capacity %lld: view (%d, %d, %d), receiver (%d, %d, %d),"
-            " reference (q %lld, kept %lld)\n",
-            G, d, r, capacity, v.qoff, v.kept, v.cr, qoff, kept[r], cr, first_q[r], kept_ref[r]);
+            "FAIL: G %d d %d r %d capacity %lld: view (%d, %d, %d, p %d), receiver (%d, %d, %d,"
+            " p %d), reference (q %lld, kept %lld, p %lld)\n",
+            G, d, r, capacity, v.qoff, v.kept, v.cr, v.poff, qoff, kept[r], cr, poff[r], first_q[r],
+            kept_ref[r], first_p[r]);
         return 1;
       }
       if (capacity >= sum) {  // the dynamic layout's exact path: no capacity published
