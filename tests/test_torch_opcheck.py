@@ -6,6 +6,7 @@ makes is then a complete collective on its own.
 
 from __future__ import annotations
 
+import pytest
 from mp import run_ranks
 
 
@@ -34,6 +35,11 @@ def _opcheck_all(rank, world):
         checked.append(f"dispatch[C={capacity}]")
     out = ops.dispatch(x, None, topk_idx, weights, num_experts, gid, r, world, num_tokens, 24)
     recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, _ = out
+    from torch_fused_a2a import _arena
+
+    arena = _arena.find(gid)  # FUSED_A2A_TORCH_ARENA_MB: recv_x in the buffer's output arena
+    if arena is not None and arena.address <= recv_x.data_ptr() < arena.address + arena.size:
+        checked.append("recv_x in the arena")
     torch.library.opcheck(
         ops.combine.default,
         (
@@ -62,12 +68,18 @@ def _opcheck_all(rank, world):
     return checked
 
 
-def test_opcheck_custom_ops():
-    (checked,) = run_ranks(_opcheck_all, 1, timeout=180)
+@pytest.mark.parametrize("arena_mb", ["0", "4"], ids=["torch-outputs", "arena-outputs"])
+def test_opcheck_custom_ops(arena_mb):
+    """Also with the dispatch's recv_x in the buffer's output arena (torch_fused_a2a/_arena.py):
+    a tensor of its own over arena memory, not a view, so the ops' checks hold alike."""
+    env = {"FUSED_A2A_TORCH_ARENA_MB": arena_mb}
+    (checked,) = run_ranks(_opcheck_all, 1, timeout=180, env=env)
+    in_arena = ["recv_x in the arena"] if arena_mb != "0" else []
     assert checked == [
         "dispatch[C=6]",
         "dispatch[C=3]",
         "dispatch[C=-1]",
+        *in_arena,
         "combine",
         "cached_dispatch",
         "layout",

@@ -23,8 +23,9 @@
 #   PART=s19 (~8 min): direct rows (FUSED_A2A_CUDA_DIRECT, the JAX static dispatch writes rows
 #       straight into the peers' recv_x): the JAX GPU tests both ways, then the A/B (whole bench,
 #       normal mode, N = 4096, 48 SMs)
-#   PART=s20 (~5 min): who copies the own rows under direct rows (FUSED_A2A_CUDA_SELF=send, the
-#       default above 512 tokens, against recv and split), the JAX bench at 48 SMs
+#   PART=s20 (~8 min): torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct rows for torch):
+#       its GPU tests and the torch bench A/B at 48 SMs; then who copies the own rows under
+#       direct rows (FUSED_A2A_CUDA_SELF=send, the default above 512 tokens, against recv)
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -297,21 +298,35 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log" "$OUT"/ab_direct*/bench.png
     ;;
-  s20)  # (~5 min) direct rows leave the receivers idle but for the records, while the senders'
-    # rings still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens). The
-    # JAX bench (direct rows, N = 4096, 48 SMs) with the own rows by the senders (default), the
-    # receivers and split, each twice. Prediction: recv or split -5 to -20 us (the rings carry
-    # only the 159 MB that cross NVLink); no gain means the links, not the rings, bound it (run
-    # 101: 6 sender warps or 96 SMs gained at most 3 us)
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for self in ${S20_WAYS:-send recv split send recv split}; do
+  s20)  # (~8 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
+    # the static kernel's senders write rows straight into it. The torch GPU suite's "arena"
+    # variant (FUSED_A2A_CUDA_DIRECT=require) at G = 2, 3, 4, then the torch bench (normal, N =
+    # 4096, 48 SMs) without and with a 2 GB arena, twice. Prediction: dispatch 539-540 -> 522-525
+    # us (run 100's JAX gain); combine unchanged.
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    for mb in ${S20_ARENA:-0 2048 0 2048}; do
+      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=${S20_BLOCKS:-48} timeout 90 \
+        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend torch \
+        --out "$OUT/arena_$mb" >"$OUT/arena_$mb.log" 2>&1
+      echo "torch bench ARENA_MB=$mb: rc=$?"
+      grep -E "^torch .*(dispatch|combine) " "$OUT/arena_$mb.log" | cut -c1-100
+    done
+    # (2) direct rows leave the receivers idle but for the records, while the senders' rings
+    # still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens). The JAX
+    # bench (N = 4096, 48 SMs) with the own rows by the senders (default) and the receivers,
+    # twice. Prediction: recv -5 to -20 us (the rings carry only the 159 MB that cross NVLink);
+    # no gain means the links, not the rings, bound it (run 101: 6 sender warps or 96 SMs gained
+    # at most 3 us)
+    for self in ${S20_WAYS:-send recv send recv}; do
       FUSED_A2A_CUDA_SELF=$self FUSED_A2A_CUDA_BLOCKS=${S20_BLOCKS:-48} timeout 90 \
         fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --no-peers \
         --out "$OUT/self_$self" >"$OUT/self_$self.log" 2>&1
       echo "JAX bench SELF=$self: rc=$?"
       grep -E "^jax .*(dispatch|combine) " "$OUT/self_$self.log" | cut -c1-100
     done
-    rm -f "$OUT/build.log" "$OUT"/self_*/bench.png
+    rm -f "$OUT/build.log" "$OUT"/self_*/bench.png "$OUT"/arena_*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

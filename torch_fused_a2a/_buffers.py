@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import fused_a2a_core as core
 from fused_a2a._common import PLATFORM_CPU, PLATFORM_CUDA, stable_group_id
+from torch_fused_a2a import _arena
 
 _generation_lock = threading.Lock()
 _generations: dict[tuple, int] = {}
@@ -78,13 +79,17 @@ class Buffer:
 
     def release(self) -> None:
         if not self.released:
+            _arena.unregister(self.group_id)  # live arena tensors keep their memory
             core.buffer_release(self.group_id)
             self.released = True
 
 
 def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "normal") -> Buffer:
-    """Collective: every rank of ``group`` must call this with the same ``data_bytes``."""
+    """Collective: every rank of ``group`` must call this with the same ``data_bytes`` and the
+    same FUSED_A2A_TORCH_ARENA_MB (a normal-mode buffer's output arena: torch_fused_a2a/_arena.py).
+    """
     platform, device_index = platform_of(device)
+    arena_bytes = _arena.arena_bytes_env() if tag == "normal" else 0
     ranks = group_ranks(group)
     generation = _next_generation((tag, tuple(ranks), platform))
     group_id = stable_group_id("torch", tag, ranks, platform, generation)
@@ -92,7 +97,9 @@ def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "norm
     num_ranks = dist.get_world_size(group)
     if platform == PLATFORM_CUDA:
         torch.cuda.synchronize(device_index)
-    info = core.buffer_create(group_id, rank, num_ranks, data_bytes, platform, device_index)
+    info = core.buffer_create(
+        group_id, rank, num_ranks, data_bytes, platform, device_index, arena_bytes
+    )
     infos: list = [None] * num_ranks
     try:
         dist.all_gather_object(infos, info, group=group)
@@ -104,4 +111,6 @@ def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "norm
         core.buffer_release(group_id)
         raise
     core.buffer_seal(group_id, rank)
+    if arena_bytes:
+        _arena.register(group_id, rank, device)
     return Buffer(group, group_id, rank, num_ranks, platform, device_index, data_bytes)

@@ -21,6 +21,7 @@ from fused_a2a._common import (
     DTYPE_I32,
     DTYPE_I64,
 )
+from torch_fused_a2a import _arena
 
 _DTYPE_CODES = {
     torch.float32: DTYPE_F32,
@@ -255,7 +256,9 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
             core.dispatch_notify(group_id, rank, stream, args)
         if not ticket:
             capacity, _, counts_host = _read_host_counts(head, group_id, seen, num_local)
-    recv_x = torch.empty((capacity, hidden), dtype=x.dtype, device=device)
+    # In the buffer's output arena when it has one (FUSED_A2A_TORCH_ARENA_MB): the static
+    # kernel's senders then write the rows straight into it (direct rows)
+    recv_x = _arena.empty(group_id, (capacity, hidden), x.dtype, device)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
     recv_topk_idx = torch.empty((capacity, num_topk), dtype=torch.int32, device=device)

@@ -140,13 +140,34 @@ void register_core(py::module_& m) {
 
   m.def(
       "buffer_create",
-      [](int64_t group_id, int rank, int num_ranks, size_t data_bytes, int platform, int device) {
+      [](int64_t group_id, int rank, int num_ranks, size_t data_bytes, int platform, int device,
+         size_t arena_bytes) {
         auto buffer = buffer_create(group_id, rank, num_ranks, data_bytes,
-                                    static_cast<Platform>(platform), device);
+                                    static_cast<Platform>(platform), device, arena_bytes);
         return py::bytes(buffer->local_info());
       },
       py::arg("group_id"), py::arg("rank"), py::arg("num_ranks"), py::arg("data_bytes"),
-      py::arg("platform"), py::arg("device"));
+      py::arg("platform"), py::arg("device"), py::arg("arena_bytes") = 0);
+  m.def(
+      "buffer_arena",
+      [](int64_t group_id, int rank) -> std::pair<uintptr_t, size_t> {
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        if (buffer->arena_bytes() == 0) return {0, 0};
+        return {reinterpret_cast<uintptr_t>(buffer->arena(rank)), buffer->arena_bytes()};
+      },
+      py::arg("group_id"), py::arg("rank"),
+      "(address, bytes) of this rank's output arena (buffer_create's arena_bytes), or (0, 0).");
+  // Tensors over a buffer's output arena hold one, so its memory outlives buffer_release.
+  py::class_<Buffer, std::shared_ptr<Buffer>>(m, "BufferRef");
+  m.def(
+      "buffer_ref",
+      [](int64_t group_id, int rank) {
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        return buffer;
+      },
+      py::arg("group_id"), py::arg("rank"), "A reference that keeps the buffer's memory alive.");
   m.def(
       "buffer_connect",
       [](int64_t group_id, int rank, const std::vector<py::bytes>& infos) {

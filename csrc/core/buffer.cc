@@ -10,11 +10,12 @@
 namespace fa2a {
 
 Buffer::Buffer(int64_t group_id, int rank, int num_ranks, size_t data_bytes, Platform platform,
-               int device)
+               int device, size_t arena_bytes)
     : group_id_(group_id),
       rank_(rank),
       num_ranks_(num_ranks),
       data_bytes_(data_bytes),
+      arena_bytes_(arena_bytes),
       platform_(platform),
       device_(device) {
   FA2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, ", kMaxRanks,
@@ -22,6 +23,8 @@ Buffer::Buffer(int64_t group_id, int rank, int num_ranks, size_t data_bytes, Pla
   FA2A_CHECK(rank >= 0 && rank < num_ranks, "rank must be in [0, ", num_ranks, "), got ", rank);
   FA2A_CHECK(data_bytes > 0 && data_bytes % 64 == 0,
              "buffer data_bytes must be a positive multiple of 64, got ", data_bytes);
+  FA2A_CHECK(arena_bytes % 64 == 0, "buffer arena_bytes must be a multiple of 64, got ",
+             arena_bytes);
   if (platform == Platform::kCPU) {
     transport_ = make_cpu_transport(group_id, rank, device);
   } else {
@@ -50,6 +53,12 @@ void Buffer::connect(const std::vector<std::string>& infos) {
 }
 
 void Buffer::seal() { transport_->seal(); }
+
+bool Buffer::in_own_arena(const void* p, size_t bytes) const {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  const auto lo = reinterpret_cast<uintptr_t>(arena(rank_));
+  return arena_bytes_ > 0 && at >= lo && bytes <= arena_bytes_ && at - lo <= arena_bytes_ - bytes;
+}
 
 uint8_t* Buffer::base(int rank) const {
   FA2A_CHECK_RUNTIME(rank >= 0 && rank < num_ranks_ && bases_[rank] != nullptr, "buffer of group ",
@@ -85,8 +94,9 @@ int64_t default_buffer_rows(Platform platform) {
 }
 
 std::shared_ptr<Buffer> buffer_create(int64_t group_id, int rank, int num_ranks, size_t data_bytes,
-                                      Platform platform, int device) {
-  auto buffer = std::make_shared<Buffer>(group_id, rank, num_ranks, data_bytes, platform, device);
+                                      Platform platform, int device, size_t arena_bytes) {
+  auto buffer = std::make_shared<Buffer>(group_id, rank, num_ranks, data_bytes, platform, device,
+                                         arena_bytes);
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mutex);
   // A running op keeps its own reference to a replaced buffer, so replacing is safe in-process.

@@ -54,8 +54,10 @@ int64_t default_buffer_rows(Platform platform);
 
 class Buffer {
  public:
+  // arena_bytes: an output arena after the data region (torch's recv_x rows, which peers can
+  // then write straight into; torch_fused_a2a/_arena.py), 0 for none; a multiple of 64.
   Buffer(int64_t group_id, int rank, int num_ranks, size_t data_bytes, Platform platform,
-         int device);
+         int device, size_t arena_bytes = 0);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -70,12 +72,16 @@ class Buffer {
   Platform platform() const { return platform_; }
   int device() const { return device_; }
   size_t data_bytes() const { return data_bytes_; }
-  size_t total_bytes() const { return kControlBytes + data_bytes_; }
+  size_t arena_bytes() const { return arena_bytes_; }
+  size_t total_bytes() const { return kControlBytes + data_bytes_ + arena_bytes_; }
   bool connected() const { return connected_; }
 
   uint8_t* base(int rank) const;  // rank's buffer as seen from this process
   uint8_t* control(int rank) const { return base(rank); }
   uint8_t* data(int rank) const { return base(rank) + kControlBytes; }
+  uint8_t* arena(int rank) const { return data(rank) + data_bytes_; }
+  // Whether [p, p + bytes) lies in this rank's output arena (so every peer has it mapped)
+  bool in_own_arena(const void* p, size_t bytes) const;
   // Device-visible table of the bases (CUDA: a device array of num_ranks pointers; CPU: host).
   void* const* peer_table() const {
     return peer_table_device_ ? peer_table_device_ : bases_.data();
@@ -97,6 +103,7 @@ class Buffer {
   int rank_;
   int num_ranks_;
   size_t data_bytes_;
+  size_t arena_bytes_;
   Platform platform_;
   int device_;
   bool connected_ = false;
@@ -112,7 +119,7 @@ class Buffer {
 // Registry, keyed by (group id, rank). The group id is chosen by the frontend and is the same on
 // every rank of the group (torch: derived from the ProcessGroup; JAX: from the mesh axis).
 std::shared_ptr<Buffer> buffer_create(int64_t group_id, int rank, int num_ranks, size_t data_bytes,
-                                      Platform platform, int device);
+                                      Platform platform, int device, size_t arena_bytes = 0);
 std::shared_ptr<Buffer> buffer_get(int64_t group_id, int rank);              // throws if absent
 std::shared_ptr<Buffer> buffer_find(int64_t group_id, int rank);             // null if absent
 std::shared_ptr<Buffer> buffer_get_by_device(int64_t group_id, int device);  // CUDA handlers

@@ -73,8 +73,9 @@ struct LayoutSlot {  // source s -> every rank, [parity][s]
   int pad;
   long long capacity;  // rows of s's recv_x
   long long window;    // rows of s's receive window
-  // s's recv_x, for senders in s's process to write their rows straight into (the static
-  // dispatch's direct rows, FUSED_A2A_CUDA_DIRECT; dispatch.cu), or 0: rows go to s's window
+  // s's recv_x minus s's buffer base (a peer adds its mapping of that base), for senders to
+  // write their rows straight into (the static dispatch's direct rows, FUSED_A2A_CUDA_DIRECT;
+  // dispatch.cu), or 0: rows go to s's window
   unsigned long long direct_rows;
 };
 constexpr size_t kLayoutOffset = (kHybridOffset + kHybridBytes + 255) & ~size_t(255);

@@ -51,6 +51,13 @@ __device__ inline void send_expert_pairs(const DispatchParams& p, int parity) {
   __syncthreads();
 }
 
+// Direct rows: recv_x minus this rank's buffer base, which a peer adds to its own mapping of
+// that base (the same address in this process; another process's mapping of the output arena).
+// Never 0: recv_x is not the buffer's control region.
+__device__ inline unsigned long long direct_rows_delta(const DispatchParams& p) {
+  return reinterpret_cast<uintptr_t>(p.recv_x) - reinterpret_cast<uintptr_t>(p.peers[p.rank]);
+}
+
 // The speculative torch dispatch, block 0, once every source's layout (and with it its expert
 // pairs) is in: dispatch_notify's host counts, then the ticket the host waits for.
 __device__ inline void write_host_counts(const DispatchParams& p, const Shared& sh, uint8_t* ctrl,
@@ -127,7 +134,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sh.lay_chunk[s] = v->chunk;
         sh.lay_capacity[s] = v->capacity;
         sh.lay_window[s] = v->window;
-        sh.drows[s] = stash ? 0ull : v->direct_rows;  // s's recv_x (step 2 adds our offset)
+        sh.drows[s] = stash ? 0ull : v->direct_rows;  // s's delta (step 2 makes it an address)
       }
     };
     if (lay) {
@@ -138,8 +145,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         for (int d = tid; d < G; d += blockDim.x) {
           LayoutSlot* slot = layout_slot(p.peers[d], parity, r);
           store_layout(slot, G, sent_to, N, p.chunks_per_warp * gridDim.x * p.send_warps, p.chunk,
-                       p.capacity, p.window,
-                       p.direct_recv ? reinterpret_cast<uintptr_t>(p.recv_x) : 0ull);
+                       p.capacity, p.window, p.direct_recv ? direct_rows_delta(p) : 0ull);
           __threadfence_system();
           st_release_sys(&slot->flag, e0);
         }
@@ -226,7 +232,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           sh.dqoff[d] = v.qoff;
           sh.dkept[d] = min(v.kept, sent);
           sh.dcr[d] = max(v.cr, 1);
-          if (sh.drows[d]) sh.drows[d] += static_cast<unsigned long long>(v.poff) * p.row_bytes;
+          if (sh.drows[d])  // d's recv_x as mapped here: d's base here plus d's delta
+            sh.drows[d] += reinterpret_cast<uintptr_t>(p.peers[d]) +
+                           static_cast<unsigned long long>(v.poff) * p.row_bytes;
           continue;
         }
         MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);
@@ -523,10 +531,14 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.layout_notify = layout_notify;
   const int direct = direct_rows_env();
   if (layout_notify && p.recv_x && G > 1 && direct != kDirectOff) {
-    p.direct_recv = group_in_process(*pr.st, buffer);
+    // Every peer reaches recv_x: it is in this process (peer access), or in this rank's output
+    // arena, which every peer has mapped (torch's processes, FUSED_A2A_TORCH_ARENA_MB)
+    p.direct_recv = group_in_process(*pr.st, buffer) ||
+                    buffer.in_own_arena(p.recv_x, static_cast<size_t>(a.capacity) * p.row_bytes);
     FA2A_CHECK(p.direct_recv || direct != kDirectRequire,
                "FUSED_A2A_CUDA_DIRECT=require: the static dispatch's group of ", G,
-               " ranks is not all in this process, so its rows cannot go straight to recv_x");
+               " ranks is not all in this process and recv_x is not in this rank's output arena, "
+               "so its rows cannot go straight to recv_x");
   }
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
