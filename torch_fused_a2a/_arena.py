@@ -16,6 +16,7 @@ block keeps the core buffer (and so the arena's memory) alive, also past the buf
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 
@@ -92,8 +93,8 @@ class _Block:
         self.arena, self.offset, self.nbytes = arena, offset, nbytes
         address = arena.address + offset
         interface = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3}
-        if arena.device.type == "cuda":
-            self.__cuda_array_interface__ = dict(interface, stream=None)
+        if arena.device.type == "cuda":  # no "stream" entry: the consumer syncs nothing
+            self.__cuda_array_interface__ = interface
         else:
             self.__array_interface__ = interface
 
@@ -110,6 +111,10 @@ class RowArena:
         self.device = device
         self.spans = FreeList(self.size)
         self.lock = threading.Lock()
+        # Freed blocks wait here (a deque's append needs no lock) until the next allocation takes
+        # the lock: a tensor may die inside an allocation (a garbage-collection pass), whose span
+        # walk must not change under it.
+        self.pending = collections.deque()
 
     def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
@@ -117,6 +122,7 @@ class RowArena:
         if nbytes == 0:
             return None
         with self.lock:
+            self._take_pending()
             if self.device.type == "cuda":
                 self.spans.prune(lambda event: event.query())
             got = self.spans.alloc(nbytes)
@@ -143,11 +149,15 @@ class RowArena:
                 events.append(event)
             except Exception:  # noqa: BLE001 (interpreter shutdown: nothing runs after it)
                 pass
-        with self.lock:
-            self.spans.free(offset, nbytes, events)
+        self.pending.append((offset, nbytes, events))
+
+    def _take_pending(self) -> None:  # under self.lock
+        while self.pending:
+            self.spans.free(*self.pending.popleft())
 
     def free_bytes(self) -> int:
         with self.lock:
+            self._take_pending()
             return self.spans.free_bytes()
 
 
