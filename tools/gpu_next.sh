@@ -20,9 +20,6 @@
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=s18 (~6 min): the JAX bench's device clocks (GPU test), then PART=fab at 48 SMs
-#   PART=s19 (~8 min): direct rows (FUSED_A2A_CUDA_DIRECT, the JAX static dispatch writes rows
-#       straight into the peers' recv_x): the JAX GPU tests both ways, then the A/B (whole bench,
-#       normal mode, N = 4096, 48 SMs)
 #   PART=s20 (~8 min): torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct rows for torch):
 #       its GPU tests and the torch bench A/B at 48 SMs; then who copies the own rows under
 #       direct rows (FUSED_A2A_CUDA_SELF=send, the default above 512 tokens, against recv)
@@ -30,7 +27,7 @@
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
-# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-g, s16) are in git history.
+# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-g, s16, s19) are in git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -46,6 +43,19 @@ hyb_kernels() {
   env "$@" timeout 80 python3 benchmarks/hybrid_kernels.py --world "$NGPU" --out "$out" 2>&1 \
     | grep -E "^[a-z]|data_kernel|combine_kernel" | tr '\n' ' ' | sed "s/^/$label  /" | cut -c1-400
   echo
+}
+
+# The whole bench in normal mode at N = 4096 on AB_BLOCKS SMs (48) with one environment setting:
+# ab_bench <frontend> <output name under $OUT> <VAR=value> [more bench arguments]; prints the
+# frontend's dispatch and combine rows.
+ab_bench() {
+  local frontend=$1 name=$2 setting=$3
+  shift 3
+  env "$setting" FUSED_A2A_CUDA_BLOCKS="${AB_BLOCKS:-48}" timeout 110 fused-a2a bench \
+    --ranks "$NGPU" --tokens 4096 --mode normal --frontend "$frontend" "$@" --out "$OUT/$name" \
+    >"$OUT/$name.log" 2>&1
+  echo "bench $frontend $setting: rc=$?"
+  grep -E "^(torch|jax) .*(dispatch|combine) " "$OUT/$name.log" | cut -c1-100
 }
 
 # The torch HybridEP bench at N = 4096 (against normal mode + permute and NCCL) under the
@@ -280,24 +290,6 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     FUSED_A2A_CUDA_BLOCKS=48 STEP_TIMEOUT_FAB=300 PART=fab bash tools/gpu_next.sh
     ;;
-  s19)  # (~8 min) direct rows (session 19, compile-checked): the JAX static dispatch's senders
-    # write rows straight into the receiver's recv_x (FUSED_A2A_CUDA_DIRECT; every rank in one
-    # process), its receivers copy none. The JAX suites and torch vs JAX both ways, the require
-    # check for torch's processes, then the whole bench (normal mode, N = 4096) at 48 SMs, each
-    # way twice. Prediction: the JAX dispatch 538-540 -> 470-500 us (the senders' pushes at the
-    # 48-SM link ceiling, no window -> recv_x copy); torch unchanged (processes)
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="jax or direct" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    for direct in ${S19_WAYS:-0 1 0 1}; do
-      FUSED_A2A_CUDA_DIRECT=$direct FUSED_A2A_CUDA_BLOCKS=${S19_BLOCKS:-48} timeout 110 \
-        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend all \
-        --out "$OUT/ab_direct$direct" >"$OUT/ab_direct$direct.log" 2>&1
-      echo "bench DIRECT=$direct: rc=$?"
-      grep -E "^(torch|jax) .*(dispatch|combine) " "$OUT/ab_direct$direct.log" | cut -c1-100
-    done
-    rm -f "$OUT/build.log" "$OUT"/ab_direct*/bench.png
-    ;;
   s20)  # (~8 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
     # the static kernel's senders write rows straight into it. The torch GPU suite's "arena"
     # variant (FUSED_A2A_CUDA_DIRECT=require) at G = 2, 3, 4, then the torch bench (normal, N =
@@ -307,11 +299,7 @@ case "${PART:-tests}" in
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     for mb in ${S20_ARENA:-0 2048 0 2048}; do
-      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=${S20_BLOCKS:-48} timeout 90 \
-        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend torch \
-        --out "$OUT/arena_$mb" >"$OUT/arena_$mb.log" 2>&1
-      echo "torch bench ARENA_MB=$mb: rc=$?"
-      grep -E "^torch .*(dispatch|combine) " "$OUT/arena_$mb.log" | cut -c1-100
+      ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb
     done
     # (2) direct rows leave the receivers idle but for the records, while the senders' rings
     # still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens). The JAX
@@ -320,11 +308,7 @@ case "${PART:-tests}" in
     # no gain means the links, not the rings, bound it (run 101: 6 sender warps or 96 SMs gained
     # at most 3 us)
     for self in ${S20_WAYS:-send recv send recv}; do
-      FUSED_A2A_CUDA_SELF=$self FUSED_A2A_CUDA_BLOCKS=${S20_BLOCKS:-48} timeout 90 \
-        fused-a2a bench --ranks "$NGPU" --tokens 4096 --mode normal --frontend jax --no-peers \
-        --out "$OUT/self_$self" >"$OUT/self_$self.log" 2>&1
-      echo "JAX bench SELF=$self: rc=$?"
-      grep -E "^jax .*(dispatch|combine) " "$OUT/self_$self.log" | cut -c1-100
+      ab_bench jax "self_$self" FUSED_A2A_CUDA_SELF=$self --no-peers
     done
     rm -f "$OUT/build.log" "$OUT"/self_*/bench.png "$OUT"/arena_*/bench.png "$OUT"/*/bench.json
     ;;
