@@ -657,10 +657,15 @@ def _rank_graph(rank, world):
     return mismatches
 
 
-def test_cuda_graph_static_path():
+@pytest.mark.parametrize("arena_mb", ["0", "256"], ids=["torch-outputs", "arena"])
+def test_cuda_graph_static_path(arena_mb):
+    """Also with torch's output arena: the eager calls take recv_x from it (direct rows), the
+    captured one from torch (the arena stays out of captures)."""
     g = min(4, gpu_count())
     _need(2)
-    res = run_ranks(_rank_graph, g, timeout=300, env=GPU_ENV)
+    res = run_ranks(
+        _rank_graph, g, timeout=300, env=dict(GPU_ENV, FUSED_A2A_TORCH_ARENA_MB=arena_mb)
+    )
     assert res == [0] * g, res
 
 

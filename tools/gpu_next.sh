@@ -296,7 +296,7 @@ case "${PART:-tests}" in
     # 4096, 48 SMs) without and with a 2 GB arena, twice. Prediction: dispatch 539-540 -> 522-525
     # us (run 100's JAX gain); combine unchanged.
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct" \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct or graph" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     for mb in ${S20_ARENA:-0 2048 0 2048}; do
       ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb

@@ -183,5 +183,10 @@ def find(group_id: int) -> RowArena | None:
 def empty(group_id: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty(shape), in the group's output arena when it has one with room."""
     arena = find(group_id)
-    out = arena.tensor(shape, dtype) if arena is not None and arena.device == device else None
+    # Not while the stream is capturing a CUDA graph: the graph's allocations are torch's private
+    # pool, and the event waits and queries of a reused block are not capturable
+    usable = arena is not None and arena.device == device
+    if usable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        usable = False
+    out = arena.tensor(shape, dtype) if usable else None
     return out if out is not None else torch.empty(shape, dtype=dtype, device=device)

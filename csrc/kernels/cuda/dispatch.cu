@@ -530,7 +530,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = layout_notify;
   const int direct = direct_rows_env();
-  if (layout_notify && p.recv_x && G > 1 && direct != kDirectOff) {
+  if (layout_notify && p.recv_x && a.capacity > 0 && G > 1 && direct != kDirectOff) {
     // Every peer reaches recv_x: it is in this process (peer access), or in this rank's output
     // arena, which every peer has mapped (torch's processes, FUSED_A2A_TORCH_ARENA_MB)
     p.direct_recv = group_in_process(*pr.st, buffer) ||
