@@ -86,8 +86,9 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         d = json.loads(line)
         if "slowest_GBps" in d:
-            print(f"  ceiling probe: {d['mode']:6s} sms={d['sms']:3d} warps={d['warps']} "
-                  f"stages={d['stages']:2d}: slowest GPU {d['slowest_GBps']:.1f} GB/s egress")
+            print(f"  ceiling probe: {d['mode']:6s} {d.get('start', 'events'):7s} "
+                  f"sms={d['sms']:3d} warps={d['warps']} stages={d['stages']:2d}: slowest GPU "
+                  f"{d['slowest_GBps']:.1f} GB/s egress {d.get('error', '')}")
 EOF
   else
     summary "probe: build failed (see build.log)"

@@ -20,9 +20,10 @@
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=s18 (~6 min): the JAX bench's device clocks (GPU test), then PART=fab at 48 SMs
-#   PART=s20 (~8 min): torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct rows for torch):
+#   PART=s20 (~9 min): torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct rows for torch):
 #       its GPU tests and the torch bench A/B at 48 SMs; then who copies the own rows under
-#       direct rows (FUSED_A2A_CUDA_SELF=send, the default above 512 tokens, against recv)
+#       direct rows (FUSED_A2A_CUDA_SELF=send, the default above 512 tokens, against recv); then
+#       the link probe's two starts (events, barrier)
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -290,7 +291,7 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     FUSED_A2A_CUDA_BLOCKS=48 STEP_TIMEOUT_FAB=300 PART=fab bash tools/gpu_next.sh
     ;;
-  s20)  # (~8 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
+  s20)  # (~9 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
     # the static kernel's senders write rows straight into it. The torch GPU suite's "arena"
     # variant (FUSED_A2A_CUDA_DIRECT=require) at G = 2, 3, 4, then the torch bench (normal, N =
     # 4096, 48 SMs) without and with a 2 GB arena, twice. Prediction: dispatch 539-540 -> 522-525
@@ -310,6 +311,10 @@ case "${PART:-tests}" in
     for self in ${S20_WAYS:-send recv send recv}; do
       ab_bench jax "self_$self" FUSED_A2A_CUDA_SELF=$self --no-peers
     done
+    # (3) the link probe with both starts (session 19's "barrier": every block of every GPU
+    # released together, each GPU timed from release to its last block's end): is the 331-345
+    # GB/s ceiling of the "events" start inflated by GPUs running alone at the start and end?
+    STEPS=probe bash tools/gpu_check.sh | grep -E "probe|bulk .*warps=4|simt16" 
     rm -f "$OUT/build.log" "$OUT"/self_*/bench.png "$OUT"/arena_*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
