@@ -35,6 +35,33 @@ def test_free_list_first_fit_merge_and_events():
     assert spans.free_spans == [[0, 8 * ALIGN, ["ea"]]]
 
 
+def test_free_list_random_against_a_byte_map():
+    """Random allocations and frees: blocks never overlap and stay inside the arena, the free
+    bytes match a byte map of what is taken, and freeing everything leaves one span."""
+    rng = np.random.default_rng(5)
+    size = 64 * ALIGN
+    spans, taken, live = FreeList(size), np.zeros(size, bool), []
+    for step in range(3000):
+        if live and (rng.random() < 0.45 or spans.free_bytes() < ALIGN):
+            start, nbytes = live.pop(int(rng.integers(len(live))))
+            assert taken[start : start + nbytes].all()
+            taken[start : start + nbytes] = False
+            spans.free(start, nbytes, [step])
+        else:
+            got = spans.alloc(int(rng.integers(1, 9 * ALIGN)))
+            if got is None:
+                continue
+            start, nbytes, _ = got
+            assert start % ALIGN == 0 and start + nbytes <= size
+            assert not taken[start : start + nbytes].any(), f"step {step}: overlap at {start}"
+            taken[start : start + nbytes] = True
+            live.append((start, nbytes))
+        assert spans.free_bytes() == size - int(taken.sum())
+    for start, nbytes in live:
+        spans.free(start, nbytes, [])
+    assert [span[:2] for span in spans.free_spans] == [[0, size]]
+
+
 def _rank_arena(rank, world):
     import gc
 
