@@ -457,6 +457,12 @@ def _rank_stress(rank, world, iters, h):
     mem["bytes_held_after"] = core.buffer_bytes_held()
     mem["rss_after"] = _rss_bytes()
     mem["seconds"] = round(time.monotonic() - start, 1)
+    from torch_fused_a2a import _arena, fused_a2a
+
+    arena = _arena.find(fused_a2a._buffer.group_id)  # FUSED_A2A_TORCH_ARENA_MB
+    if arena is not None:
+        del rx, ridx, rw, tpe, handle, out
+        mem["arena_free_after"], mem["arena_bytes"] = arena.free_bytes(), arena.size
     return dict(bad=bad[:20], nbad=len(bad), mem=mem)
 
 
@@ -593,13 +599,16 @@ def test_same_bits_across_sm_counts_chunks_and_item_orders():
     _check_configs(run_ranks(_rank_configs, 2, "cuda", timeout=300, env=GPU_ENV))
 
 
-def test_stress_1000_random_routings():
-    """1,000 iterations by default; FA2A_GPU_STRESS_ITERS=100000 is issue 8's long run."""
+@pytest.mark.parametrize("arena_mb", ["0", "256"], ids=["torch-outputs", "arena"])
+def test_stress_1000_random_routings(arena_mb):
+    """1,000 iterations by default; FA2A_GPU_STRESS_ITERS=100000 is issue 8's long run. With
+    torch's output arena too: every block back in it at the end."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     iters = int(os.environ.get("FA2A_GPU_STRESS_ITERS", "1000"))
     timeout = int(os.environ.get("FA2A_GPU_STRESS_TIMEOUT_S", max(900, iters // 40)))
-    res = run_ranks(_rank_stress, g, iters, 1024, timeout=timeout, env=GPU_ENV)
+    env = dict(GPU_ENV, FUSED_A2A_TORCH_ARENA_MB=arena_mb)
+    res = run_ranks(_rank_stress, g, iters, 1024, timeout=timeout, env=env)
     report = {r: res[r]["mem"] for r in range(g)}
     print(f"GPU memory before/after {iters} iterations:", json.dumps(report))
     for r in range(g):
@@ -610,6 +619,8 @@ def test_stress_1000_random_routings():
         assert m["bytes_held_after"] == m["bytes_held_before"], m
         assert m["after"] <= m["before"] + (16 << 20), f"rank {r} GPU memory grew: {m}"
         assert m["rss_after"] <= m["rss_before"] + (64 << 20), f"rank {r} host RSS grew: {m}"
+        if arena_mb != "0":
+            assert m.get("arena_free_after") == m.get("arena_bytes"), f"rank {r} arena: {m}"
 
 
 def _rank_graph(rank, world):

@@ -294,27 +294,27 @@ case "${PART:-tests}" in
   s20)  # (~9 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
     # the static kernel's senders write rows straight into it. The torch GPU suite's "arena"
     # variant (FUSED_A2A_CUDA_DIRECT=require) at G = 2, 3, 4, then the torch bench (normal, N =
-    # 4096, 48 SMs) without and with a 2 GB arena, twice. Prediction: dispatch 539-540 -> 522-525
-    # us (run 100's JAX gain); combine unchanged.
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+    # 4096, 48 SMs) without and with a 2 GB arena (S20_ARENA="0 2048 0 2048" for two pairs).
+    # The tests include the 1,000-iteration stress test with the arena. Prediction: dispatch
+    # 539-540 -> 522-525 us (run 100's JAX gain); combine unchanged.
+    STEPS=build,test STEP_TIMEOUT_TEST=260 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct or graph" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    for mb in ${S20_ARENA:-0 2048 0 2048}; do
+    for mb in ${S20_ARENA:-0 2048}; do
       ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb
     done
     # (2) direct rows leave the receivers idle but for the records, while the senders' rings
     # still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens). The JAX
-    # bench (N = 4096, 48 SMs) with the own rows by the senders (default) and the receivers,
-    # twice. Prediction: recv -5 to -20 us (the rings carry only the 159 MB that cross NVLink);
-    # no gain means the links, not the rings, bound it (run 101: 6 sender warps or 96 SMs gained
-    # at most 3 us)
-    for self in ${S20_WAYS:-send recv send recv}; do
+    # bench (N = 4096, 48 SMs) with the own rows by the senders (default) and the receivers.
+    # Prediction: recv -5 to -20 us (the rings carry only the 159 MB that cross NVLink); no gain
+    # means the links, not the rings, bound it (run 101: 6 sender warps or 96 SMs gained <= 3 us)
+    for self in ${S20_WAYS:-send recv}; do
       ab_bench jax "self_$self" FUSED_A2A_CUDA_SELF=$self --no-peers
     done
     # (3) the link probe with both starts (session 19's "barrier": every block of every GPU
     # released together, each GPU timed from release to its last block's end): is the 331-345
     # GB/s ceiling of the "events" start inflated by GPUs running alone at the start and end?
-    STEPS=probe bash tools/gpu_check.sh | grep -E "probe|bulk .*warps=4|simt16" 
+    STEPS=probe bash tools/gpu_check.sh | grep -E "probe|bulk .*warps=4|simt16"
     rm -f "$OUT/build.log" "$OUT"/self_*/bench.png "$OUT"/arena_*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
