@@ -20,10 +20,10 @@
 #       its A/B, the whole bench at 48 SMs, the JAX bench with the exact capacity
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=s18 (~6 min): the JAX bench's device clocks (GPU test), then PART=fab at 48 SMs
-#   PART=s20 (~9 min): torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct rows for torch):
-#       its GPU tests and the torch bench A/B at 48 SMs; then who copies the own rows under
-#       direct rows (FUSED_A2A_CUDA_SELF=send, the default above 512 tokens, against recv); then
-#       the link probe's two starts (events, barrier)
+#   PART=s20 (~6 min): the GPU tests of torch's output arena (FUSED_A2A_TORCH_ARENA_MB: direct
+#       rows for torch) and of the ready message's direct rows (FUSED_A2A_CUDA_DIRECT_READY)
+#   PART=s20b (~5 min, after s20 on the warm machine): their A/Bs at 48 SMs, the own rows under
+#       direct rows (FUSED_A2A_CUDA_SELF), the link probe's two starts (events, barrier)
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -56,7 +56,7 @@ ab_bench() {
     --ranks "$NGPU" --tokens 4096 --mode normal --frontend "$frontend" "$@" --out "$OUT/$name" \
     >"$OUT/$name.log" 2>&1
   echo "bench $frontend $setting: rc=$?"
-  grep -E "^(torch|jax) .*(dispatch|combine) " "$OUT/$name.log" | cut -c1-100
+  grep -E "^(torch|jax) .*(dispatch|combine)(_bwd)? " "$OUT/$name.log" | cut -c1-100
 }
 
 # The torch HybridEP bench at N = 4096 (against normal mode + permute and NCCL) under the
@@ -291,31 +291,43 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log"
     FUSED_A2A_CUDA_BLOCKS=48 STEP_TIMEOUT_FAB=300 PART=fab bash tools/gpu_next.sh
     ;;
-  s20)  # (~9 min) (1) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so
-    # the static kernel's senders write rows straight into it. The torch GPU suite's "arena"
-    # variant (FUSED_A2A_CUDA_DIRECT=require) at G = 2, 3, 4, then the torch bench (normal, N =
-    # 4096, 48 SMs) without and with a 2 GB arena (S20_ARENA="0 2048 0 2048" for two pairs).
-    # The tests include the 1,000-iteration stress test with the arena. Prediction: dispatch
-    # 539-540 -> 522-525 us (run 100's JAX gain); combine unchanged.
-    STEPS=build,test STEP_TIMEOUT_TEST=260 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena or direct or graph" \
+  s20)  # (~6 min) torch's output arena (session 19, CPU-tested): recv_x in the buffer, so the
+    # static kernel's senders write rows straight into it; and direct rows by the ready message
+    # (FUSED_A2A_CUDA_DIRECT_READY, compile-checked: the cached dispatch of the combine's
+    # backward, torch's exact dispatch_data). The GPU tests: the torch suite's "arena" and
+    # "arena_ready" variants and the JAX suites' "direct_ready" (all with
+    # FUSED_A2A_CUDA_DIRECT=require, so an unused path fails), the graph and 1,000-iteration
+    # stress tests with the arena. Then PART=s20b on the same warm machine.
+    STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py" \
+      PYTEST_K="arena or direct or graph" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    rm -f "$OUT/build.log"
+    ;;
+  s20b)  # (~5 min) the A/Bs at 48 SMs, N = 4096 (one pair each; S20_ARENA="0 2048 0 2048" etc.
+    # for more). (1) torch without and with a 2 GB arena. Prediction: dispatch 539-540 ->
+    # 522-525 us (run 100's JAX gain), combine unchanged. (2) JAX with the ready message's direct
+    # rows. Prediction: combine_bwd (the cached dispatch) -10 to -16 us, the rest unchanged.
+    # (3) Direct rows leave the receivers idle but for the records, while the senders' rings
+    # still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens): JAX with
+    # the own rows by the senders (default) and the receivers. Prediction: recv -5 to -20 us (the
+    # rings carry only the 159 MB that cross NVLink); no gain means the links, not the rings,
+    # bound it (run 101: 6 sender warps or 96 SMs gained <= 3 us). (4) The link probe with both
+    # starts (session 19's "barrier": every block of every GPU released together, each GPU timed
+    # from release to its last block's end): is the 331-345 GB/s ceiling of the "events" start
+    # inflated by GPUs running alone at the start and end?
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     for mb in ${S20_ARENA:-0 2048}; do
       ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb
     done
-    # (2) direct rows leave the receivers idle but for the records, while the senders' rings
-    # still carry the own rows (a quarter of the bytes, SELF=send above 512 tokens). The JAX
-    # bench (N = 4096, 48 SMs) with the own rows by the senders (default) and the receivers.
-    # Prediction: recv -5 to -20 us (the rings carry only the 159 MB that cross NVLink); no gain
-    # means the links, not the rings, bound it (run 101: 6 sender warps or 96 SMs gained <= 3 us)
+    for ready in ${S20_READY:-0 1}; do
+      ab_bench jax "ready_$ready" FUSED_A2A_CUDA_DIRECT_READY=$ready --no-peers
+    done
     for self in ${S20_WAYS:-send recv}; do
       ab_bench jax "self_$self" FUSED_A2A_CUDA_SELF=$self --no-peers
     done
-    # (3) the link probe with both starts (session 19's "barrier": every block of every GPU
-    # released together, each GPU timed from release to its last block's end): is the 331-345
-    # GB/s ceiling of the "events" start inflated by GPUs running alone at the start and end?
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe|bulk .*warps=4|simt16"
-    rm -f "$OUT/build.log" "$OUT"/self_*/bench.png "$OUT"/arena_*/bench.png "$OUT"/*/bench.json
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

@@ -335,7 +335,8 @@ def cached_dispatch(
     args.x, args.x_dtype, args.num_tokens, args.hidden = _ptr(x), dtype_code(x, "x"), *x.shape
     args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
     args.num_topk, args.num_experts, args.num_sms = topk_idx.shape[1], num_experts, num_sms
-    recv_x = torch.empty((capacity, x.shape[1]), dtype=x.dtype, device=x.device)
+    # in the output arena when there is one (direct rows with FUSED_A2A_CUDA_DIRECT_READY=1)
+    recv_x = _arena.empty(group_id, (capacity, x.shape[1]), x.dtype, x.device)
     counts = recv_src_counts.clone()  # clipped in place by the core; the handle stays as it is
     token_scratch = torch.empty(capacity + 1, dtype=torch.int32, device=x.device)
     group_max = stats[2:3].clone()

@@ -34,12 +34,13 @@ struct NotifySlot {  // sender s -> receiver r, dispatch count exchange
   int n_tokens;  // N of s
 };
 
-struct MsgSlot {  // X -> Y: "X is in op m (round k)" plus three payload words
+struct MsgSlot {  // X -> Y: "X is in op m (round k)" plus payload words
   unsigned long long epoch;
   int a;
   int b;
   int c;
-  int pad;
+  int d;
+  unsigned long long wide;  // a 64-bit word (the dispatch's direct-rows delta, dispatch.cu)
 };
 
 constexpr size_t kLocalOffset = 0;

@@ -212,6 +212,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           m->a = sh.qoff[s];
           m->b = sh.kept[s];
           m->c = sh.cr_recv;
+          m->d = sh.poff[s];
+          m->wide = p.direct_recv ? direct_rows_delta(p) : 0ull;
           __threadfence_system();
           st_release_sys(&m->epoch, e0);
         }
@@ -245,6 +247,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sh.dqoff[d] = ld_volatile_int(&m->a);
         sh.dkept[d] = min(ld_volatile_int(&m->b), sent);
         sh.dcr[d] = max(ld_volatile_int(&m->c), 1);
+        const unsigned long long delta = *reinterpret_cast<volatile unsigned long long*>(&m->wide);
+        if (delta)  // direct rows (FUSED_A2A_CUDA_DIRECT_READY): as with the layout notify
+          sh.drows[d] = delta + reinterpret_cast<uintptr_t>(p.peers[d]) +
+                        static_cast<unsigned long long>(ld_volatile_int(&m->d)) * p.row_bytes;
       }
     }
     __syncthreads();
@@ -530,13 +536,18 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.zero_while_waiting = zero_while_waiting_env();
   p.layout_notify = layout_notify;
   const int direct = direct_rows_env();
-  if (layout_notify && p.recv_x && a.capacity > 0 && G > 1 && direct != kDirectOff) {
+  // The receive placement reaches the sources by the layout notify, or by the ready message
+  // (FUSED_A2A_CUDA_DIRECT_READY); dispatch_data after a dispatch_notify that published every
+  // layout sends neither
+  const bool lay_dyn = !static_mode && op == kOpDispatchData && pr.notified_layouts;
+  const bool placed = layout_notify || (!lay_dyn && direct_ready_env());
+  if (placed && p.recv_x && a.capacity > 0 && G > 1 && direct != kDirectOff) {
     // Every peer reaches recv_x: it is in this process (peer access), or in this rank's output
     // arena, which every peer has mapped (torch's processes, FUSED_A2A_TORCH_ARENA_MB)
     p.direct_recv = group_in_process(*pr.st, buffer) ||
                     buffer.in_own_arena(p.recv_x, static_cast<size_t>(a.capacity) * p.row_bytes);
     FA2A_CHECK(p.direct_recv || direct != kDirectRequire,
-               "FUSED_A2A_CUDA_DIRECT=require: the static dispatch's group of ", G,
+               "FUSED_A2A_CUDA_DIRECT=require: the dispatch's group of ", G,
                " ranks is not all in this process and recv_x is not in this rank's output arena, "
                "so its rows cannot go straight to recv_x");
   }
@@ -577,9 +588,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  // dispatch_data right after a dispatch_notify that published every rank's layout
   const bool fused = pr.fused_scan.tiles > 0;
-  const bool lay_dyn = !static_mode && op == kOpDispatchData && pr.notified_layouts;
   auto kernel = fused && help        ? dispatch_kernel<8, false, kRecvHelp, true>
                 : fused              ? dispatch_kernel<8, false, kRecvDealt, true>
                 : lay_dyn && help    ? dispatch_kernel<8, false, kRecvHelp, false, true>

@@ -39,11 +39,12 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
-  // Direct rows (the static dispatch with the layout notify; FUSED_A2A_CUDA_DIRECT=0 turns them
-  // off): every peer reaches this rank's recv_x (all in this process, or recv_x in this rank's
-  // output arena), so its LayoutSlot carries recv_x (as a delta from its buffer base), the
-  // senders push its rows straight there instead of into its window, and its receivers copy no
-  // rows (only the records, which still travel through the window with the chunk flags). A
+  // Direct rows (the static dispatch with the layout notify, and with FUSED_A2A_CUDA_DIRECT_READY
+  // the dispatches whose receivers send a ready message; FUSED_A2A_CUDA_DIRECT=0 turns them off):
+  // every peer reaches this rank's recv_x (all in this process, or recv_x in this rank's output
+  // arena), so its LayoutSlot or ready message carries recv_x (as a delta from its buffer base),
+  // the senders push its rows straight there instead of into its window, and its receivers copy
+  // no rows (only the records, which still travel through the window with the chunk flags). A
   // sender follows each receiver's published delta, so ranks need not agree.
   bool direct_recv;
   const uint8_t* x;

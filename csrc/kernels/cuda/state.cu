@@ -408,6 +408,8 @@ int direct_rows_env() {
   return env_is("FUSED_A2A_CUDA_DIRECT", "0") ? kDirectOff : kDirectOn;
 }
 
+bool direct_ready_env() { return env_is("FUSED_A2A_CUDA_DIRECT_READY", "1"); }
+
 bool group_in_process(CudaState& st, const Buffer& buffer) {
   if (st.group_local < 0) {  // the group's buffers all exist before the first op (connect)
     bool all = true;
