@@ -364,6 +364,38 @@ def _collect(cfg, units, timeout, progress) -> tuple[list, list, list, dict]:
     return rows, skipped, errors, info
 
 
+def link_ceilings(ranks: int, sms_list: list[int], timeout: float = 120.0) -> list[dict]:
+    """Issue 7's link ceiling of this run, per SM count: the slowest GPU's egress GB/s when the
+    ranks' GPUs push to each other at once (bulk copies, every block released together:
+    csrc/kernels/cuda/link_probe.cuh). In a subprocess, so the bench's own process holds no
+    CUDA context and no peer mappings of its own."""
+    out = []
+    for sms in sms_list:
+        code = f"import fused_a2a_core as c; print(c.link_ceiling_gbps({ranks}, {sms}))"
+        entry = {"sms": sms, "method": "bulk copies, 4 warps x 3 stages, barrier start"}
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+            )
+            if proc.returncode == 0:
+                entry["GBps"] = round(float(proc.stdout.split()[-1]), 1)
+            else:
+                entry["error"] = (proc.stderr or proc.stdout).strip()[-300:]
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as err:
+            entry["error"] = f"{type(err).__name__}: {err}"
+        out.append(entry)
+    return out
+
+
+def add_ceiling_shares(rows: list[dict], ceilings: list[dict]) -> None:
+    """Each row's wire GB/s as a share of the ceiling measured at its SM count (issue 7's 95%)."""
+    by_sms = {c["sms"]: c["GBps"] for c in ceilings if "GBps" in c}
+    for row in rows:
+        ceiling = by_sms.get(row.get("sms"))
+        if ceiling and row.get("wire_gbps"):
+            row["of_ceiling"] = round(row["wire_gbps"] / ceiling, 3)
+
+
 def cmd_bench(args) -> int:
     cfg = _bench_config(args)
     os.environ.setdefault("FUSED_A2A_TIMEOUT_S", "60")
@@ -380,8 +412,23 @@ def cmd_bench(args) -> int:
     rows, skipped, errors, info = _collect(cfg, units, args.timeout, progress)
     progress.close()
     report.add_ratios(rows)
+    ceilings = []
+    if cfg["device"] == "cuda" and cfg["ranks"] >= 2:  # issue 7: every run reports its ceiling
+        sms_used = sorted({r["sms"] for r in rows if isinstance(r.get("sms"), int)} | {24})
+        ceilings = link_ceilings(cfg["ranks"], sms_used)
+        add_ceiling_shares(rows, ceilings)
     print(f"\nstandard case, N={cfg['standard']} tokens per rank ({case.split(', N in')[0]}):")
     print(report.format_table(rows, cfg["standard"]))
+    for c in ceilings:
+        shares = [
+            f"{report.impl_label(r)} {r['op']} {r['of_ceiling']:.0%}"
+            for r in rows
+            if r.get("of_ceiling") and r["tokens"] == cfg["standard"] and r["sms"] == c["sms"]
+        ]
+        got = f"{c['GBps']:.1f} GB/s per GPU" if "GBps" in c else f"not measured: {c['error']}"
+        print(f"link ceiling at {c['sms']} SMs ({c['method']}): {got}")
+        if shares:
+            print("  wire GB/s of it: " + ", ".join(shares))
     if len(cfg["tokens"]) > 1:
         print("\nsweep of N:")
         print(report.format_sweep(rows))
@@ -420,6 +467,7 @@ def cmd_bench(args) -> int:
                 "loop inside one jitted program between two host clock reads, interval / "
                 "iters on the slowest device, median of reps"
             ),
+            "link_ceiling": ceilings,
             **info,
         },
         "rows": rows,

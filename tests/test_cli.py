@@ -150,3 +150,23 @@ def test_report_renders_markdown(bench, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| torch fused_a2a normal | dispatch |" in proc.stdout
     assert "| standard (N=4096) | combine | 10.0 | 1.0 | 0.5 | 24 | 2.00 | yes |" in proc.stdout
+
+
+def test_link_ceiling_shares_and_an_unmeasured_ceiling():
+    """Issue 7's ceiling in the bench: each row's wire GB/s as a share of the ceiling at its SM
+    count; where the probe cannot run (no CUDA here, or a CPU build), the entry says why."""
+    from fused_a2a.cli import add_ceiling_shares, link_ceilings
+
+    rows = [
+        {"sms": 24, "wire_gbps": 300.0},
+        {"sms": 48, "wire_gbps": 310.0},
+        {"sms": "-", "wire_gbps": 305.0},  # NCCL: no SM count, no share
+    ]
+    add_ceiling_shares(rows, [{"sms": 24, "GBps": 320.0}, {"sms": 48, "error": "x"}])
+    assert rows[0]["of_ceiling"] == round(300.0 / 320.0, 3)
+    assert "of_ceiling" not in rows[1] and "of_ceiling" not in rows[2]
+    import fused_a2a_core as core
+
+    if core.cuda_device_count() < 2:
+        (entry,) = link_ceilings(2, [24], timeout=60)
+        assert entry["sms"] == 24 and "GBps" not in entry and entry["error"], entry

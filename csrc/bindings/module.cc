@@ -206,6 +206,11 @@ void register_core(py::module_& m) {
       "Per-warp phase times of the CUDA dispatch kernels since the last reset (a build with "
       "-DFA2A_CUDA_TRACE=1 and FUSED_A2A_CUDA_TRACE=1; layout in csrc/kernels/cuda/state.h), "
       "or [] when tracing is off.");
+  m.def("link_ceiling_gbps", &link_ceiling_gbps, py::arg("num_gpus"), py::arg("sms") = 24,
+        py::arg("bytes_per_peer") = size_t(256) << 20, py::arg("reps") = 10,
+        py::call_guard<py::gil_scoped_release>(),
+        "Issue 7's link ceiling: the slowest GPU's egress GB/s when the first num_gpus GPUs of "
+        "this process push to each other at once (bulk copies, all blocks released together).");
   m.def(
       "buffer_poisoned",
       [](int64_t group_id, int rank) -> std::string {

@@ -26,4 +26,5 @@ void read_clock(Stream, uint32_t*) { no_cuda(); }
 }  // namespace cuda
 
 std::vector<uint64_t> cuda_dispatch_trace(Buffer&, bool) { return {}; }
+double link_ceiling_gbps(int, int, size_t, int) { no_cuda(); }
 }  // namespace fa2a

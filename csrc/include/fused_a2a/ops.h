@@ -148,6 +148,12 @@ void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 // (a one-thread kernel). The difference of two reads on one device times the work between them.
 void read_clock(Platform platform, Stream stream, uint32_t* out);
 
+// Issue 7's link ceiling on the first num_gpus GPUs of this process: each pushes bytes_per_peer
+// to every other at once (bulk async copies, 4 warps x 3 stages of 16 KB a block, `sms` blocks,
+// every block of every GPU released together: csrc/kernels/cuda/link_probe.cuh); the slowest
+// GPU's egress GB/s, median of reps. CUDA only.
+double link_ceiling_gbps(int num_gpus, int sms, size_t bytes_per_peer, int reps);
+
 // What was compiled in: {"cuda": bool, "cuda_arch": "...", "cuda_version": int, ...} as text.
 // Diagnostics (CUDA, FUSED_A2A_CUDA_TRACE=1 when the buffer's first CUDA op ran): per-warp phase
 // times in ns of the dispatch kernels since the last reset, kTraceWords words (layout in
