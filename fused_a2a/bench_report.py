@@ -266,6 +266,9 @@ def markdown(doc: dict, source: str = "") -> str:
                 f"| {_fmt(r['wire_gbps'], '.1f')} | {_fmt(r['sms'], 'd')} | {ratios}"
                 f"{'yes' if r['verified'] else 'NO'} |"
             )
+        for c in meta.get("link_ceiling", []):  # issue 7: this run's own ceiling
+            got = f"{c['GBps']:.1f} GB/s per GPU" if "GBps" in c else "not measured"
+            lines += ["", f"Link ceiling at {c['sms']} SMs ({c.get('method', '')}): {got}."]
         return "\n".join(lines)
     if "runs" in doc:  # benchmarks/results/*.json: runs of bench_normal.py with notes
         run = doc["runs"][-1]
