@@ -367,24 +367,27 @@ def _collect(cfg, units, timeout, progress) -> tuple[list, list, list, dict]:
 def link_ceilings(ranks: int, sms_list: list[int], timeout: float = 120.0) -> list[dict]:
     """Issue 7's link ceiling of this run, per SM count: the slowest GPU's egress GB/s when the
     ranks' GPUs push to each other at once (bulk copies, every block released together:
-    csrc/kernels/cuda/link_probe.cuh). In a subprocess, so the bench's own process holds no
+    csrc/kernels/cuda/link_probe.cuh). In one subprocess, so the bench's own process holds no
     CUDA context and no peer mappings of its own."""
-    out = []
-    for sms in sms_list:
-        code = f"import fused_a2a_core as c; print(c.link_ceiling_gbps({ranks}, {sms}))"
-        entry = {"sms": sms, "method": "bulk copies, 4 warps x 3 stages, barrier start"}
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
-            )
-            if proc.returncode == 0:
-                entry["GBps"] = round(float(proc.stdout.split()[-1]), 1)
-            else:
-                entry["error"] = (proc.stderr or proc.stdout).strip()[-300:]
-        except (subprocess.TimeoutExpired, ValueError, IndexError) as err:
-            entry["error"] = f"{type(err).__name__}: {err}"
-        out.append(entry)
-    return out
+    method = "bulk copies, 4 warps x 3 stages, barrier start"
+    code = (
+        "import json, fused_a2a_core as c; "
+        f"print(json.dumps([c.link_ceiling_gbps({ranks}, s) for s in {list(sms_list)}]))"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode == 0:
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            return [
+                {"sms": sms, "method": method, "GBps": round(gbps, 1)}
+                for sms, gbps in zip(sms_list, got, strict=True)
+            ]
+        error = (proc.stderr or proc.stdout).strip()[-300:]
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as err:
+        error = f"{type(err).__name__}: {err}"
+    return [{"sms": sms, "method": method, "error": error} for sms in sms_list]
 
 
 def add_ceiling_shares(rows: list[dict], ceilings: list[dict]) -> None:

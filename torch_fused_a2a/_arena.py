@@ -118,7 +118,7 @@ class RowArena:
 
     def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
-        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         if nbytes == 0:
             return None
         with self.lock:

@@ -57,6 +57,14 @@ __device__ inline void send_expert_pairs(const DispatchParams& p, int parity) {
 __device__ inline unsigned long long direct_rows_delta(const DispatchParams& p) {
   return reinterpret_cast<uintptr_t>(p.recv_x) - reinterpret_cast<uintptr_t>(p.peers[p.rank]);
 }
+// Where this rank's rows to d start in d's recv_x: d's published delta plus d's base as mapped
+// here plus our P offset there; 0 (into d's window) when d published none.
+__device__ inline unsigned long long direct_rows_at(const DispatchParams& p, int d,
+                                                    unsigned long long delta, int poff) {
+  if (!delta) return 0ull;
+  return delta + reinterpret_cast<uintptr_t>(p.peers[d]) +
+         static_cast<unsigned long long>(poff) * p.row_bytes;
+}
 
 // The speculative torch dispatch, block 0, once every source's layout (and with it its expert
 // pairs) is in: dispatch_notify's host counts, then the ticket the host waits for.
@@ -234,9 +242,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
           sh.dqoff[d] = v.qoff;
           sh.dkept[d] = min(v.kept, sent);
           sh.dcr[d] = max(v.cr, 1);
-          if (sh.drows[d])  // d's recv_x as mapped here: d's base here plus d's delta
-            sh.drows[d] += reinterpret_cast<uintptr_t>(p.peers[d]) +
-                           static_cast<unsigned long long>(v.poff) * p.row_bytes;
+          sh.drows[d] = direct_rows_at(p, d, sh.drows[d], v.poff);
           continue;
         }
         MsgSlot* m = msg_slot(ctrl, kMsgDispatch, parity, d);
@@ -247,10 +253,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sh.dqoff[d] = ld_volatile_int(&m->a);
         sh.dkept[d] = min(ld_volatile_int(&m->b), sent);
         sh.dcr[d] = max(ld_volatile_int(&m->c), 1);
+        // direct rows (FUSED_A2A_CUDA_DIRECT_READY): as with the layout notify
         const unsigned long long delta = *reinterpret_cast<volatile unsigned long long*>(&m->wide);
-        if (delta)  // direct rows (FUSED_A2A_CUDA_DIRECT_READY): as with the layout notify
-          sh.drows[d] = delta + reinterpret_cast<uintptr_t>(p.peers[d]) +
-                        static_cast<unsigned long long>(ld_volatile_int(&m->d)) * p.row_bytes;
+        if (delta) sh.drows[d] = direct_rows_at(p, d, delta, ld_volatile_int(&m->d));
       }
     }
     __syncthreads();

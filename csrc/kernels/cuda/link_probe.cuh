@@ -18,19 +18,12 @@
 #include <vector>
 
 #include "common.cuh"
-#include "fused_a2a/errors.h"
+#include "state.h"
 
 namespace fa2a::cuda::probe {
 
-#define FA2A_PROBE_CHECK(expr)                                            \
-  do {                                                                    \
-    cudaError_t err_ = (expr);                                            \
-    if (err_ != cudaSuccess) {                                            \
-      (void)cudaGetLastError();                                           \
-      FA2A_FAIL(::fa2a::ErrorKind::kRuntime, "link probe: ", #expr, ": ", \
-                cudaGetErrorString(err_));                                \
-    }                                                                     \
-  } while (0)
+// The backend's CUDA check, naming the call (a fa2a::Error, kRuntime)
+#define FA2A_PROBE_CHECK(expr) FA2A_CUDA_CHECK(expr, "link probe: " #expr)
 
 constexpr int kMaxPeers = 8;
 
