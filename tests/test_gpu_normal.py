@@ -115,12 +115,13 @@ OWN_ROWS = {
     # dispatch whose recv_x is not there, so the path cannot pass unused. 16 MB: these cases'
     # outputs are small, and the CPU backend's buffers of the same ranks take it in /dev/shm too
     "arena": {"FUSED_A2A_TORCH_ARENA_MB": "16", "FUSED_A2A_CUDA_DIRECT": "require"},
-    # and the dispatches with a ready message too (the exact dynamic one, the cached one of the
-    # combine's backward; FUSED_A2A_CUDA_DIRECT_READY, opt-in)
-    "arena_ready": {
+    # direct rows only by the layout notify: the dispatches with a ready message (the exact
+    # dynamic one, the cached one of the combine's backward) through the window
+    # (FUSED_A2A_CUDA_DIRECT_READY=0; the default sends them direct by the message too)
+    "arena_layout": {
         "FUSED_A2A_TORCH_ARENA_MB": "16",
         "FUSED_A2A_CUDA_DIRECT": "require",
-        "FUSED_A2A_CUDA_DIRECT_READY": "1",
+        "FUSED_A2A_CUDA_DIRECT_READY": "0",
     },
 }
 
@@ -257,8 +258,9 @@ def _jax_suite(g, rows=None, suite="normal", rows_path="direct"):
 JAX_ROWS_PATHS = {
     "direct": {"FUSED_A2A_CUDA_DIRECT": "require"},
     "window": {"FUSED_A2A_CUDA_DIRECT": "0"},
-    # also the cached dispatch of the combine's backward, by its ready message (opt-in)
-    "direct_ready": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "1"},
+    # the static dispatch direct, the cached dispatch of the combine's backward through the
+    # window (FUSED_A2A_CUDA_DIRECT_READY=0; by default its ready message places it direct too)
+    "direct_layout": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "0"},
 }
 
 

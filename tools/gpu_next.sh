@@ -24,6 +24,8 @@
 #       rows for torch) and of the ready message's direct rows (FUSED_A2A_CUDA_DIRECT_READY)
 #   PART=s20b (~5 min, after s20 on the warm machine): their A/Bs at 48 SMs, the own rows under
 #       direct rows (FUSED_A2A_CUDA_SELF), the link probe's two starts (events, barrier)
+#   PART=s20c (~5 min): the arena's loss in run 104 split: host (free-list events), direct rows
+#       across processes, or the arena's memory; bench_normal's kernel times with and without it
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -327,6 +329,24 @@ case "${PART:-tests}" in
       ab_bench jax "self_$self" FUSED_A2A_CUDA_SELF=$self --no-peers
     done
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe|bulk .*warps=4|simt16"
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
+    ;;
+  s20c)  # (~5 min) where torch's arena lost in run 104 (dispatch 540.5 -> 605.6 us, the cached
+    # dispatch of combine_bwd 537.2 -> 630.4, host times +68 / +210 us): the free list's events
+    # (fixed since: one per stream), the direct rows across processes, or the arena's memory. The
+    # bench with no arena, the arena (direct rows), the arena through the window
+    # (FUSED_A2A_CUDA_DIRECT=0); then bench_normal's kernel times (no host gaps) without and with it
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    ab_bench torch arena_0 FUSED_A2A_TORCH_ARENA_MB=0
+    ab_bench torch arena_2048 FUSED_A2A_TORCH_ARENA_MB=2048
+    FUSED_A2A_CUDA_DIRECT=0 ab_bench torch arena_2048_window FUSED_A2A_TORCH_ARENA_MB=2048
+    for mb in 0 2048; do
+      FUSED_A2A_TORCH_ARENA_MB=$mb FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=standard_sms48 \
+        BENCH_CASES_EP2= timeout 100 bash tools/gpu_check.sh >/dev/null
+      echo "bench_normal kernels, arena $mb MB:"
+      bench_kernel_times
+      mv "$OUT/bench.json" "$OUT/bench_kernels_$mb.json"
+    done
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket

@@ -408,7 +408,8 @@ int direct_rows_env() {
   return env_is("FUSED_A2A_CUDA_DIRECT", "0") ? kDirectOff : kDirectOn;
 }
 
-bool direct_ready_env() { return env_is("FUSED_A2A_CUDA_DIRECT_READY", "1"); }
+// Run 104 (4x H200, JAX, 48 SMs): combine_bwd 542.3 -> 525.8 us, the other ops within 0.4 us.
+bool direct_ready_env() { return !env_is("FUSED_A2A_CUDA_DIRECT_READY", "0"); }
 
 bool group_in_process(CudaState& st, const Buffer& buffer) {
   if (st.group_local < 0) {  // the group's buffers all exist before the first op (connect)

@@ -242,9 +242,10 @@ bool layout_dynamic_env();
 // tests' proof that the path ran).
 constexpr int kDirectOff = 0, kDirectOn = 1, kDirectRequire = 2;
 int direct_rows_env();
-// FUSED_A2A_CUDA_DIRECT_READY=1 (session 19, compile-checked): direct rows on the dispatches
-// whose receivers send a ready message too (the cached dispatch, dispatch_data, the static one
-// with FUSED_A2A_CUDA_LAYOUT=ready): the message carries recv_x's delta and the source's P offset
+// Direct rows on the dispatches whose receivers send a ready message too (default since session
+// 20; FUSED_A2A_CUDA_DIRECT_READY=0: only the layout notify's) (the cached dispatch, dispatch_data,
+// the static one with FUSED_A2A_CUDA_LAYOUT=ready): the message carries recv_x's delta and the
+// source's P offset
 bool direct_ready_env();
 // Whether every rank of the buffer's group is in this process (JAX with several local GPUs), so
 // that a peer's own allocations are reachable here through peer access (looked up once)
