@@ -148,17 +148,42 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
         return torch.autograd.grad(out2, y, x, retain_graph=True)
 
     ok_cb = _eq(combine_bwd()[0], want_x)
-    t = ctx.timer
-    ops = {
-        "dispatch": (t(lambda: tfa.fused_dispatch(x, idx, w, e, grp)), ok_d),
-        "combine": (t(lambda: tfa.fused_combine(recv_x, grp, handle)), ok_c),
-        "dispatch_bwd": (t(dispatch_bwd), ok_db),
-        "combine_bwd": (t(combine_bwd), ok_cb),
-        "sms": kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None,
+    calls = {
+        "dispatch": lambda: tfa.fused_dispatch(x, idx, w, e, grp),
+        "combine": lambda: tfa.fused_combine(recv_x, grp, handle),
+        "dispatch_bwd": dispatch_bwd,
+        "combine_bwd": combine_bwd,
     }
+    oks = {"dispatch": ok_d, "combine": ok_c, "dispatch_bwd": ok_db, "combine_bwd": ok_cb}
+    ops = {name: (ctx.timer(fn), oks[name]) for name, fn in calls.items()}
+    ops["sms"] = kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None
+    _profile(ctx, calls)
     if x.dtype == torch.bfloat16 and x.shape[1] % 128 == 0:
         ops["dispatch_fp8"] = _normal_fp8(ctx, x.shape, idx, w, e)
     return ops
+
+
+def _profile(ctx: Ctx, calls: dict) -> None:
+    """FA2A_BENCH_PROFILE=op[,op...] (GPU): 10 more calls of each named op under torch.profiler on
+    every rank (they are collective); rank 0 prints the host-side and kernel tables, so a host
+    cost (an allocator, a wait) shows apart from the kernels."""
+    names = [n for n in os.environ.get("FA2A_BENCH_PROFILE", "").split(",") if n in calls]
+    if not names or ctx.device.type != "cuda":
+        return
+    import torch
+
+    for name in names:
+        fn = calls[name]
+        fn()
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        if ctx.rank == 0:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+            print(f"profile of {name} (rank 0, 10 calls):\n{table}", flush=True)
 
 
 def _fp8_rows(ctx: Ctx, shape):

@@ -26,6 +26,8 @@
 #       direct rows (FUSED_A2A_CUDA_SELF), the link probe's two starts (events, barrier)
 #   PART=s20c (~5 min): the arena's loss in run 104 split: host (free-list events), direct rows
 #       across processes, or the arena's memory; bench_normal's kernel times with and without it
+#   PART=s20d (~4 min): torch.profiler tables of the torch dispatch and combine_bwd without and
+#       with the arena; the arena for the dispatch only
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -347,6 +349,17 @@ case "${PART:-tests}" in
       bench_kernel_times
       mv "$OUT/bench.json" "$OUT/bench_kernels_$mb.json"
     done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
+    ;;
+  s20d)  # (~4 min) run 105: the arena's cached dispatch (combine_bwd) lost 47 us through the
+    # window too, host +80-118 us, while its dispatch gained 14 us: torch.profiler's host and
+    # kernel tables of dispatch and combine_bwd (FA2A_BENCH_PROFILE) without and with the arena,
+    # then the arena for the dispatch only (FUSED_A2A_TORCH_ARENA_CACHED=0)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for mb in 0 2048; do
+      FA2A_BENCH_PROFILE=dispatch,combine_bwd ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb
+    done
+    FUSED_A2A_TORCH_ARENA_CACHED=0 ab_bench torch arena_2048_fwd FUSED_A2A_TORCH_ARENA_MB=2048
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket

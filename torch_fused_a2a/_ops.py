@@ -335,8 +335,14 @@ def cached_dispatch(
     args.x, args.x_dtype, args.num_tokens, args.hidden = _ptr(x), dtype_code(x, "x"), *x.shape
     args.topk_idx, args.idx_dtype = _ptr(topk_idx), dtype_code(topk_idx, "topk_idx")
     args.num_topk, args.num_experts, args.num_sms = topk_idx.shape[1], num_experts, num_sms
-    # in the output arena when there is one (direct rows with FUSED_A2A_CUDA_DIRECT_READY=1)
-    recv_x = _arena.empty(group_id, (capacity, x.shape[1]), x.dtype, x.device)
+    # in the output arena when there is one (direct rows by the ready message), unless
+    # FUSED_A2A_TORCH_ARENA_CACHED=0 (session 20's A/B: run 105 lost 47 us here with the arena)
+    in_arena = os.environ.get("FUSED_A2A_TORCH_ARENA_CACHED", "1") != "0"
+    shape = (capacity, x.shape[1])
+    if in_arena:
+        recv_x = _arena.empty(group_id, shape, x.dtype, x.device)
+    else:
+        recv_x = torch.empty(shape, dtype=x.dtype, device=x.device)
     counts = recv_src_counts.clone()  # clipped in place by the core; the handle stays as it is
     token_scratch = torch.empty(capacity + 1, dtype=torch.int32, device=x.device)
     group_max = stats[2:3].clone()
