@@ -28,6 +28,7 @@
 #       across processes, or the arena's memory; bench_normal's kernel times with and without it
 #   PART=s20d (~4 min): torch.profiler tables of the torch dispatch and combine_bwd without and
 #       with the arena; the arena for the dispatch only
+#   PART=s20e (~3 min): per-call times and block offsets of the arena's dispatch and combine_bwd
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -361,6 +362,18 @@ case "${PART:-tests}" in
     done
     FUSED_A2A_TORCH_ARENA_CACHED=0 ab_bench torch arena_2048_fwd FUSED_A2A_TORCH_ARENA_MB=2048
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
+    ;;
+  s20e)  # (~3 min) run 106: the arena's losses move between ops from run to run (dispatch
+    # 525-694 us, combine_bwd 583-630, FP8 425-499; 537-540 / 367 without): per-call times and
+    # the blocks' offsets (benchmarks/arena_probe.py) without and with the arena, the blocks moved
+    # by spacers of 256 and 768 MB
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for mb in 0 2048; do
+      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=48 timeout 150 python3 \
+        benchmarks/arena_probe.py --world "$NGPU" --out "$OUT/arena_probe_$mb.json" 2>&1 \
+        | grep -vE "^\[|Warning|warn" | tail -24 | cut -c1-400
+    done
+    rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
