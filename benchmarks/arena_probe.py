@@ -1,13 +1,14 @@
-"""Where torch's output arena (FUSED_A2A_TORCH_ARENA_MB) loses: per-call device times of the torch
-dispatch and of the combine's backward (the cached dispatch), with the arena's blocks moved by a
-spacer block of 0 / 256 / 768 MB allocated first, and each call's recv_x offset in the arena.
+"""Where torch's output arena (FUSED_A2A_TORCH_ARENA_MB) loses: per-call device and host times of
+the torch dispatch and of the combine's backward (the cached dispatch), and of the arena's
+allocation, in a plan of steps (--plan: d = dispatch, c = combine_bwd, each after a spacer block of
+that many MB, which moves the arena's blocks), with each call's recv_x offset in the arena.
 
 Runs 104-106 (4x H200) measured the arena's dispatch at 525-694 us and its combine_bwd at 583-630
 against 537-540 without it, varying from run to run: a per-call list tells a bimodal cost (some
 calls slow: a wait) from a uniform one (placement, memory), and the spacer tells placement.
 
     FUSED_A2A_TORCH_ARENA_MB=2048 FUSED_A2A_CUDA_BLOCKS=48 python3 benchmarks/arena_probe.py \
-        --world 4 --out probe.json
+        --world 4 --plan d0,d256,d0,c0,d0 --out probe.json
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import os
 import statistics
 import sys
+import time
 
 
-def _times(fn, iters: int) -> tuple[list[float], list]:
+def _times(fn, iters: int) -> tuple[list[float], list[float], list]:
+    """Per call: device us (events), host us (perf_counter around the call), fn's result."""
     import torch
 
     for _ in range(3):
@@ -29,15 +32,17 @@ def _times(fn, iters: int) -> tuple[list[float], list]:
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(iters)
     ]
-    where = []
+    host, where = [], []
     for start, stop in events:
         start.record()
+        t0 = time.perf_counter()
         out = fn()
+        host.append(round((time.perf_counter() - t0) * 1e6, 1))
         where.append(out)
         del out
         stop.record()
     torch.cuda.synchronize()
-    return [round(s.elapsed_time(e) * 1e3, 1) for s, e in events], where
+    return [round(s.elapsed_time(e) * 1e3, 1) for s, e in events], host, where
 
 
 def rank_main(rank: int, world: int, port: int, args) -> None:
@@ -80,23 +85,39 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
     def combine_bwd():
         return offset(torch.autograd.grad(out2, y, x, retain_graph=True)[0])
 
+    # The arena's allocation time (host), per call
+    alloc_us = []
+    if arena is not None:
+        tensor = arena.tensor
+
+        def timed_tensor(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return tensor(*a, **kw)
+            finally:
+                alloc_us.append(round((time.perf_counter() - t0) * 1e6, 1))
+
+        arena.tensor = timed_tensor
+    ops = {"d": ("dispatch", dispatch), "c": ("combine_bwd", combine_bwd)}
     phases = {}
-    for spacer_mb in args.spacers if arena is not None else [0]:
+    for step_no, step in enumerate(args.plan):
+        name, fn = ops[step[0]]
+        spacer_mb = int(step[1:] or 0) if arena is not None else 0
         spacer = None
         if spacer_mb:
             spacer = _arena.empty(gid, (spacer_mb << 20,), torch.uint8, dev)
-        row = {}
-        for name, fn in (("dispatch", dispatch), ("combine_bwd", combine_bwd)):
-            times, where = _times(fn, args.iters)
-            row[name] = {
-                "median_us": statistics.median(times),
-                "min_us": min(times),
-                "max_us": max(times),
-                "times_us": times,
-                "offsets": sorted({str(o) for o in where}),
-            }
-        row["free_mb"] = arena.free_bytes() / 2**20 if arena is not None else None
-        phases[f"spacer_{spacer_mb}"] = row
+        del alloc_us[:]
+        times, host, where = _times(fn, args.iters)
+        phases[f"{step_no}:{name}@{spacer_mb}"] = {
+            "median_us": statistics.median(times),
+            "min_us": min(times),
+            "max_us": max(times),
+            "host_median_us": statistics.median(host),
+            "alloc_median_us": statistics.median(alloc_us) if alloc_us else None,
+            "alloc_max_us": max(alloc_us) if alloc_us else None,
+            "times_us": times,
+            "offsets": sorted({str(o) for o in where}),
+        }
         del spacer
     gathered = [None] * world
     dist.all_gather_object(gathered, phases)
@@ -105,15 +126,13 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
         for phase, row in gathered[0].items():
-            for name in ("dispatch", "combine_bwd"):
-                meds = [g[phase][name]["median_us"] for g in gathered]
-                r0 = row[name]
-                print(
-                    f"arena {out['arena_mb']} MB {phase} {name}: medians per rank {meds}, "
-                    f"rank 0 min {r0['min_us']} max {r0['max_us']}, offsets {r0['offsets'][:4]}"
-                )
-                print(f"  rank 0 per call: {r0['times_us']}")
-            print(f"  free MB {row['free_mb']}")
+            meds = [g[phase]["median_us"] for g in gathered]
+            print(
+                f"arena {out['arena_mb']} MB {phase}: device medians per rank {meds}; rank 0: "
+                f"min {row['min_us']} max {row['max_us']} host {row['host_median_us']} alloc "
+                f"{row['alloc_median_us']} (max {row['alloc_max_us']}) offsets {row['offsets'][:3]}"
+            )
+            print(f"  rank 0 per call: {row['times_us'][:16]}")
         sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
@@ -124,9 +143,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument(
-        "--spacers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 256, 768]
-    )
+    # steps: d = dispatch, c = combine_bwd, each followed by the spacer's MB (allocated first)
+    parser.add_argument("--plan", type=lambda s: s.split(","), default="d0,d256,d0,c0,d0,c256,d768")
     parser.add_argument("--out", default="arena_probe.json")
     args = parser.parse_args()
     import socket

@@ -364,15 +364,21 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;
   s20e)  # (~3 min) run 106: the arena's losses move between ops from run to run (dispatch
-    # 525-694 us, combine_bwd 583-630, FP8 425-499; 537-540 / 367 without): per-call times and
-    # the blocks' offsets (benchmarks/arena_probe.py) without and with the arena, the blocks moved
-    # by spacers of 256 and 768 MB
+    # 525-694 us, combine_bwd 583-630, FP8 425-499; 537-540 / 367 without); run 107 (EP 2): the
+    # dispatch 285 -> 545 us after a spacer, uniformly. Per-call device, host and allocation
+    # times and offsets (benchmarks/arena_probe.py) in a plan that separates the block's offset
+    # from the op before it: without the arena, with it, with it through the window (DIRECT=0)
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for mb in 0 2048; do
-      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=48 timeout 150 python3 \
-        benchmarks/arena_probe.py --world "$NGPU" --out "$OUT/arena_probe_$mb.json" 2>&1 \
-        | grep -vE "^\[|Warning|warn" | tail -24 | cut -c1-400
-    done
+    probe() {
+      local tag=$1
+      shift
+      env FUSED_A2A_CUDA_BLOCKS=48 "$@" timeout 150 python3 benchmarks/arena_probe.py \
+        --world "$NGPU" --out "$OUT/arena_probe_$tag.json" ${PROBE_PLAN:+--plan $PROBE_PLAN} 2>&1 \
+        | grep -vE "^\[|Warning|warn" | tail -24 | cut -c1-330
+    }
+    probe 0 FUSED_A2A_TORCH_ARENA_MB=0
+    probe 2048 FUSED_A2A_TORCH_ARENA_MB=2048
+    probe 2048_window FUSED_A2A_TORCH_ARENA_MB=2048 FUSED_A2A_CUDA_DIRECT=0
     rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
