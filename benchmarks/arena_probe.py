@@ -98,6 +98,7 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
                 alloc_us.append(round((time.perf_counter() - t0) * 1e6, 1))
 
         arena.tensor = timed_tensor
+        _arena.STEP_US = {}  # the allocation's host time per step
     ops = {"d": ("dispatch", dispatch), "c": ("combine_bwd", combine_bwd)}
     phases = {}
     for step_no, step in enumerate(args.plan):
@@ -107,6 +108,8 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
         if spacer_mb:
             spacer = _arena.empty(gid, (spacer_mb << 20,), torch.uint8, dev)
         del alloc_us[:]
+        if _arena.STEP_US is not None:
+            _arena.STEP_US.clear()
         times, host, where = _times(fn, args.iters)
         phases[f"{step_no}:{name}@{spacer_mb}"] = {
             "median_us": statistics.median(times),
@@ -115,6 +118,9 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
             "host_median_us": statistics.median(host),
             "alloc_median_us": statistics.median(alloc_us) if alloc_us else None,
             "alloc_max_us": max(alloc_us) if alloc_us else None,
+            "alloc_steps_us": {
+                step: round(statistics.median(us), 1) for step, us in (_arena.STEP_US or {}).items()
+            },
             "times_us": times,
             "offsets": sorted({str(o) for o in where}),
         }
@@ -132,7 +138,7 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
                 f"min {row['min_us']} max {row['max_us']} host {row['host_median_us']} alloc "
                 f"{row['alloc_median_us']} (max {row['alloc_max_us']}) offsets {row['offsets'][:3]}"
             )
-            print(f"  rank 0 per call: {row['times_us'][:16]}")
+            print(f"  rank 0 per call: {row['times_us'][:12]}; alloc steps {row['alloc_steps_us']}")
         sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from mp import run_ranks
 from torch_fused_a2a._arena import ALIGN, FreeList
 
 
-def test_free_list_first_fit_merge_and_events():
+def test_free_list_first_fit_merge_and_streams():
     spans = FreeList(8 * ALIGN)
     a = spans.alloc(1)  # one aligned unit
     b = spans.alloc(3 * ALIGN)
@@ -21,30 +21,28 @@ def test_free_list_first_fit_merge_and_events():
     assert (a[0], a[1]) == (0, ALIGN) and (b[0], b[1]) == (ALIGN, 3 * ALIGN)
     assert (c[0], c[1]) == (4 * ALIGN, 4 * ALIGN) and spans.free_bytes() == 0
     assert spans.alloc(1) is None  # full
-    spans.free(b[0], b[1], {"s": (2, "eb")})
-    spans.free(a[0], a[1], {"s": (1, "ea"), "t": (3, "ta")})  # merges with b's span
-    # one span [0, 4 units): per stream the later free's event (eb recorded after ea on "s")
-    assert spans.free_spans == [[0, 4 * ALIGN, {"s": (2, "eb"), "t": (3, "ta")}]]
-    d = spans.alloc(2 * ALIGN)  # carved from the merged span: waits for both streams
-    assert d == (0, 2 * ALIGN, ["eb", "ta"])
+    spans.free(b[0], b[1], {"s": "S"})
+    spans.free(a[0], a[1], {"s": "S", "t": "T"})  # merges with b's span: one span [0, 4 units)
+    assert spans.free_spans == [[0, 4 * ALIGN, {"s": "S", "t": "T"}]]
+    d = spans.alloc(2 * ALIGN)  # carved from the merged span: after both streams' uses
+    assert d == (0, 2 * ALIGN, ["S", "T"])
+    assert spans.free_spans == [[2 * ALIGN, 4 * ALIGN, {"s": "S", "t": "T"}]]
     spans.free(c[0], c[1], {})
-    spans.free(d[0], d[1], {"s": (4, "ed")})
-    assert spans.free_spans == [[0, 8 * ALIGN, {"s": (4, "ed"), "t": (3, "ta")}]]
+    spans.free(d[0], d[1], {"u": "U"})
+    assert spans.free_spans == [[0, 8 * ALIGN, {"u": "U", "s": "S", "t": "T"}]]
     assert spans.free_bytes() == 8 * ALIGN
     assert spans.alloc(9 * ALIGN) is None
-    spans.prune(lambda event: event != "ta")  # the completed events leave the spans
-    assert spans.free_spans == [[0, 8 * ALIGN, {"t": (3, "ta")}]]
 
 
-def test_free_list_waits_stay_one_per_stream():
-    """A block freed and taken again every iteration while no event completes (the host ahead
-    of the GPU): the allocation still waits for one event per stream, the latest."""
+def test_free_list_streams_stay_one_per_stream():
+    """A block freed and taken again every iteration on one stream: its span names that stream
+    once, however many frees merged into it."""
     spans = FreeList(8 * ALIGN)
     for step in range(200):
-        start, nbytes, events = spans.alloc(3 * ALIGN)
-        assert len(events) == (1 if step else 0) and events[:1] == ([step - 1] if step else [])
-        spans.free(start, nbytes, {"s": (step, step)})
-    assert spans.free_spans == [[0, 8 * ALIGN, {"s": (199, 199)}]]
+        start, nbytes, streams = spans.alloc(3 * ALIGN)
+        assert streams == (["S"] if step else [])
+        spans.free(start, nbytes, {"s": "S"})
+    assert spans.free_spans == [[0, 8 * ALIGN, {"s": "S"}]]
 
 
 def test_free_list_random_against_a_byte_map():
@@ -58,7 +56,7 @@ def test_free_list_random_against_a_byte_map():
             start, nbytes = live.pop(int(rng.integers(len(live))))
             assert taken[start : start + nbytes].all()
             taken[start : start + nbytes] = False
-            spans.free(start, nbytes, {"s": (step, step)})
+            spans.free(start, nbytes, {"s": step})
         else:
             got = spans.alloc(int(rng.integers(1, 9 * ALIGN)))
             if got is None:

@@ -9,17 +9,22 @@ data region (every peer maps it with the rest), and the dispatch takes recv_x fr
 fits, else from torch (its rows then go through the receive window, as without an arena).
 
 A block is a tensor over arena memory; it returns to the arena when the tensor dies. Like torch's
-caching allocator, the memory is then reusable in stream order: the free records an event on the
-device's current stream, and the dispatch that reuses the memory waits for it on its stream. A
-block keeps the core buffer (and so the arena's memory) alive, also past the buffer's release.
+caching allocator, a freed block is reusable at once by work on the stream it was allocated on
+(stream order puts the new work after every use there); an allocation on another stream first
+waits for that stream (wait_stream). Uses on other streams are the caller's to order, as with
+torch's allocator (which offers record_stream for it). No CUDA call runs at a free: run 104
+recorded an event per free and queried and waited for them at each allocation, and the arena's
+allocations took 100-150 us of host time in run 108 (4 steps of ~5 us each on an idle GPU).
+A block keeps the core buffer (and so the arena's memory) alive, also past the buffer's release.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
+import math
 import os
 import threading
+import time
 
 import numpy as np
 import torch
@@ -28,6 +33,9 @@ import fused_a2a_core as core
 
 ALIGN = 512  # bytes: every block starts 16-byte aligned (the kernels' 16-byte row accesses)
 _arenas: dict[int, RowArena] = {}
+# benchmarks/arena_probe.py sets STEP_US = {} to collect each allocation's host time per step
+STEPS = ("free list", "stream order", "tensor from the block", "typed tensor")
+STEP_US: dict | None = None
 _lock = threading.Lock()
 
 
@@ -44,67 +52,51 @@ def arena_bytes_env() -> int:
 
 
 class FreeList:
-    """First-fit intervals of [0, size): alloc returns (offset, bytes taken, events to wait for) or
-    None; free takes the marks that order the block's last uses, {stream: (sequence, event)}.
-
-    Events recorded on one stream complete in order, so a span keeps one mark per stream, the
-    latest: a merge or a split never lengthens the waits (a list of every free's event grew by one
-    per iteration while the host ran ahead of the GPU, and each allocation then waited for and
-    queried all of them: ~200 us of host time an op in run 104)."""
+    """First-fit intervals of [0, size): alloc returns (offset, bytes taken, the streams of the
+    memory's last uses) or None; free takes the block's streams as {key: stream}. A merge keeps
+    both sides' streams (a few: one per stream that allocated here)."""
 
     def __init__(self, size: int):
         self.size = size
-        self.free_spans: list[list] = [[0, size, {}]] if size > 0 else []  # [start, end, marks]
+        self.free_spans: list[list] = [[0, size, {}]] if size > 0 else []  # [start, end, streams]
 
     def alloc(self, nbytes: int):
         need = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
-        for i, (start, end, marks) in enumerate(self.free_spans):
+        for i, (start, end, streams) in enumerate(self.free_spans):
             if end - start >= need:
                 if end - start == need:
                     del self.free_spans[i]
                 else:
-                    self.free_spans[i] = [start + need, end, dict(marks)]
-                return start, need, [event for _, event in marks.values()]
+                    self.free_spans[i] = [start + need, end, dict(streams)]
+                return start, need, list(streams.values())
         return None
 
-    def free(self, start: int, nbytes: int, marks: dict) -> None:
+    def free(self, start: int, nbytes: int, streams: dict) -> None:
         end = start + nbytes
         i = 0
         while i < len(self.free_spans) and self.free_spans[i][0] < start:
             i += 1
-        span = [start, end, dict(marks)]
+        span = [start, end, dict(streams)]
         self.free_spans.insert(i, span)
         if i + 1 < len(self.free_spans) and self.free_spans[i + 1][0] == end:
             nxt = self.free_spans.pop(i + 1)
             span[1] = nxt[1]
-            _merge_marks(span[2], nxt[2])
+            span[2].update(nxt[2])
         if i > 0 and self.free_spans[i - 1][1] == start:
             prev = self.free_spans.pop(i - 1)
             span[0] = prev[0]
-            _merge_marks(span[2], prev[2])
-
-    def prune(self, done) -> None:
-        """Drops the marks whose events done(event) says are complete."""
-        for span in self.free_spans:
-            span[2] = {key: mark for key, mark in span[2].items() if not done(mark[1])}
+            span[2].update(prev[2])
 
     def free_bytes(self) -> int:
         return sum(end - start for start, end, _ in self.free_spans)
-
-
-def _merge_marks(into: dict, other: dict) -> None:
-    """into gets, per stream, the later of its mark and other's."""
-    for key, mark in other.items():
-        if key not in into or into[key][0] < mark[0]:
-            into[key] = mark
 
 
 class _Block:
     """Arena memory [address, address + nbytes) seen as a uint8 array; back to the arena on
     deletion (when the last tensor over it dies)."""
 
-    def __init__(self, arena: RowArena, offset: int, nbytes: int):
-        self.arena, self.offset, self.nbytes = arena, offset, nbytes
+    def __init__(self, arena: RowArena, offset: int, nbytes: int, stream):
+        self.arena, self.offset, self.nbytes, self.stream = arena, offset, nbytes, stream
         address = arena.address + offset
         interface = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3}
         if arena.device.type == "cuda":  # no "stream" entry: the consumer syncs nothing
@@ -113,7 +105,8 @@ class _Block:
             self.__array_interface__ = interface
 
     def __del__(self):
-        self.arena.release(self.offset, self.nbytes)
+        streams = {} if self.stream is None else {self.stream.cuda_stream: self.stream}
+        self.arena.pending.append((self.offset, self.nbytes, streams))
 
 
 class RowArena:
@@ -129,43 +122,40 @@ class RowArena:
         # the lock: a tensor may die inside an allocation (a garbage-collection pass), whose span
         # walk must not change under it.
         self.pending = collections.deque()
-        self.sequence = itertools.count()  # orders the frees' events of one stream
 
     def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return None
+        t0 = time.perf_counter() if STEP_US is not None else 0.0
         with self.lock:
             self._take_pending()
-            if self.device.type == "cuda":
-                self.spans.prune(lambda event: event.query())
             got = self.spans.alloc(nbytes)
         if got is None:
             return None
-        offset, taken, events = got
+        offset, taken, streams = got
+        t1 = time.perf_counter() if STEP_US is not None else 0.0
+        stream = None
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
-            for event in events:  # the last uses of this memory before its free
-                stream.wait_event(event)
-            raw = torch.as_tensor(_Block(self, offset, taken), device=self.device)
-        else:
-            raw = torch.from_numpy(np.asarray(_Block(self, offset, taken)))
-        # A tensor of its own over the block's storage, not a view (custom ops' outputs)
-        out = torch.empty(0, dtype=dtype, device=self.device)
-        return out.set_(raw.untyped_storage(), 0, shape)
-
-    def release(self, offset: int, nbytes: int) -> None:
-        marks = {}
+            for last in streams:  # the memory's last uses on other streams come first
+                if last.cuda_stream != stream.cuda_stream:
+                    stream.wait_stream(last)
+        t2 = time.perf_counter() if STEP_US is not None else 0.0
+        block = _Block(self, offset, taken, stream)
         if self.device.type == "cuda":
-            try:
-                stream = torch.cuda.current_stream(self.device)
-                event = torch.cuda.Event()
-                event.record(stream)
-                marks[stream.cuda_stream] = (next(self.sequence), event)
-            except Exception:  # noqa: BLE001 (interpreter shutdown: nothing runs after it)
-                pass
-        self.pending.append((offset, nbytes, marks))
+            raw = torch.as_tensor(block, device=self.device)
+        else:
+            raw = torch.from_numpy(np.asarray(block))
+        t3 = time.perf_counter() if STEP_US is not None else 0.0
+        # A tensor of its own over the block's storage, not a view (custom ops' outputs)
+        out = torch.empty(0, dtype=dtype, device=self.device).set_(raw.untyped_storage(), 0, shape)
+        if STEP_US is not None:
+            t4 = time.perf_counter()
+            for step, us in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                STEP_US.setdefault(step, []).append(us * 1e6)
+        return out
 
     def _take_pending(self) -> None:  # under self.lock
         while self.pending:
