@@ -12,10 +12,12 @@ A block is a tensor over arena memory; it returns to the arena when the tensor d
 caching allocator, a freed block is reusable at once by work on the stream it was allocated on
 (stream order puts the new work after every use there); an allocation on another stream first
 waits for that stream (wait_stream). Uses on other streams are the caller's to order, as with
-torch's allocator (which offers record_stream for it). No CUDA call runs at a free: run 104
-recorded an event per free and queried and waited for them at each allocation, and the arena's
-allocations took 100-150 us of host time in run 108 (4 steps of ~5 us each on an idle GPU).
-A block keeps the core buffer (and so the arena's memory) alive, also past the buffer's release.
+torch's allocator (which offers record_stream for it). No CUDA call runs at a free: session 19
+recorded an event per free and waited for them at each allocation (100-150 us of host time an
+allocation in run 108); without them an allocation still takes 52-60 us in the rank processes
+(run 110, ~10 us a step), against ~5 us for torch.empty, which is why the arena stays opt-in
+(docs/DECISIONS.md). A block keeps the core buffer (and so the arena's memory) alive, also past
+the buffer's release.
 """
 
 from __future__ import annotations
