@@ -300,7 +300,7 @@ case "${PART:-tests}" in
     # static kernel's senders write rows straight into it; and direct rows by the ready message
     # (FUSED_A2A_CUDA_DIRECT_READY, compile-checked: the cached dispatch of the combine's
     # backward, torch's exact dispatch_data). The GPU tests: the torch suite's "arena" and
-    # "arena_ready" variants and the JAX suites' "direct_ready" (all with
+    # "arena_layout" variants and the JAX suites' "direct_layout" (all with
     # FUSED_A2A_CUDA_DIRECT=require, so an unused path fails), the graph and 1,000-iteration
     # stress tests with the arena. Then PART=s20b on the same warm machine.
     STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
