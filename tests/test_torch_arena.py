@@ -8,6 +8,7 @@ it ("arena", with FUSED_A2A_CUDA_DIRECT=require)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from mp import run_ranks
 
 from torch_fused_a2a._arena import ALIGN, FreeList
@@ -72,6 +73,64 @@ def test_free_list_random_against_a_byte_map():
     assert [span[:2] for span in spans.free_spans] == [[0, size]]
 
 
+def test_core_arena_blocks_as_dlpack_tensors():
+    """The core's arena (csrc/core/arena.cc) on a one-rank CPU buffer: blocks come back as torch
+    tensors of their own over the arena (DLPack), 512-byte aligned and first fit, typed (bf16,
+    f32, and FP8 through a uint8 block), None when nothing fits; a block returns when torch frees
+    the tensor, also a capsule nobody took; a tensor outlives the buffer's release."""
+    import gc
+
+    import torch
+
+    import fused_a2a_core as core
+    from fused_a2a._common import PLATFORM_CPU
+    from torch_fused_a2a._arena import CoreArena
+
+    gid = 0x5EED0A
+    size = 64 * ALIGN
+    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, size)
+    core.buffer_connect(gid, 0, [info])
+    core.buffer_seal(gid, 0)
+    arena = CoreArena(gid, 0, torch.device("cpu"))
+    assert arena.size == size and arena.free_bytes() == size
+    a = arena.tensor((3, 100), torch.bfloat16)  # 600 bytes: two aligned units
+    b = arena.tensor((4, 8), torch.float32)
+    f = arena.tensor((2, 256), torch.float8_e4m3fn)
+    assert a.dtype == torch.bfloat16 and a.shape == (3, 100) and a._base is None
+    assert b.dtype == torch.float32 and f.dtype == torch.float8_e4m3fn and f.shape == (2, 256)
+    assert f._base is None and a.is_contiguous() and f.is_contiguous()
+    assert [t.data_ptr() - arena.address for t in (a, b, f)] == [0, 2 * ALIGN, 3 * ALIGN]
+    assert arena.free_bytes() == size - 4 * ALIGN
+    a.fill_(2.5)
+    b.copy_(torch.arange(32, dtype=torch.float32).view(4, 8))
+    assert float(a.float().sum()) == 2.5 * 300 and float(b.sum()) == sum(range(32))
+    assert arena.tensor((size,), torch.uint8) is None  # larger than the free spans
+    assert arena.tensor((0, 7), torch.bfloat16) is None
+    view = a[1:]  # a view keeps the block
+    del a
+    gc.collect()
+    assert arena.free_bytes() == size - 4 * ALIGN
+    del view, f
+    gc.collect()
+    assert arena.free_bytes() == size - ALIGN  # b's unit is still taken
+    c = arena.tensor((ALIGN,), torch.uint8)  # first fit: the freed space before b
+    assert c.data_ptr() == arena.address
+    unused = core.arena_tensor(gid, 0, [5], 1, 8, 0)  # a capsule nobody takes
+    assert arena.free_bytes() == size - 3 * ALIGN
+    del unused
+    gc.collect()
+    assert arena.free_bytes() == size - 2 * ALIGN
+    from torch_fused_a2a import _arena
+
+    _arena.unregister(gid)  # the frontend's release: the core's arena too
+    core.buffer_release(gid)
+    assert float(b.sum()) == sum(range(32))  # b's block keeps the memory
+    del b, c
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no fused_a2a buffer for group"):
+        core.arena_free_bytes(gid, 0)
+
+
 def _rank_arena(rank, world):
     import gc
 
@@ -117,9 +176,11 @@ def _rank_arena(rank, world):
     return dict(outs=outs, in_arena=in_arena, all_back=all_back, survives=survives)
 
 
-def test_dispatch_outputs_in_arena_same_bits():
+@pytest.mark.parametrize("alloc", ["core", "python"])
+def test_dispatch_outputs_in_arena_same_bits(alloc):
     plain = run_ranks(_rank_arena, 3, timeout=180, env={"FUSED_A2A_TORCH_ARENA_MB": "0"})
-    arena = run_ranks(_rank_arena, 3, timeout=180, env={"FUSED_A2A_TORCH_ARENA_MB": "8"})
+    env = {"FUSED_A2A_TORCH_ARENA_MB": "8", "FUSED_A2A_TORCH_ARENA_ALLOC": alloc}
+    arena = run_ranks(_rank_arena, 3, timeout=180, env=env)
     for r in range(3):
         assert plain[r]["in_arena"] == [False] * 3 and plain[r]["survives"] is None
         assert arena[r]["in_arena"] == [True] * 3, f"rank {r}: recv_x not in the arena"
@@ -131,8 +192,6 @@ def test_dispatch_outputs_in_arena_same_bits():
 
 
 def test_arena_size_env_rejects_garbage(monkeypatch):
-    import pytest
-
     from torch_fused_a2a._arena import arena_bytes_env
 
     monkeypatch.setenv("FUSED_A2A_TORCH_ARENA_MB", "1.5")

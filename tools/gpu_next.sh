@@ -29,8 +29,8 @@
 #   PART=s20d (~4 min): torch.profiler tables of the torch dispatch and combine_bwd without and
 #       with the arena; the arena for the dispatch only
 #   PART=s20e (~3 min): per-call times and block offsets of the arena's dispatch and combine_bwd
-#   PART=s21 (~5 min): torch's arena without events at EP 4: two alternating bench pairs at 48
-#       SMs and per-call times
+#   PART=s21 (~6 min): torch's arena at EP 4, its allocation in the core and in Python: the
+#       whole torch bench at 48 SMs (none, core, python, none, core) and per-call times
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -383,21 +383,31 @@ case "${PART:-tests}" in
     probe 2048_window FUSED_A2A_TORCH_ARENA_MB=2048 FUSED_A2A_CUDA_DIRECT=0
     rm -f "$OUT/build.log"
     ;;
-  s21)  # (~5 min) torch's arena without CUDA events (72ee56a) at EP 4. Runs 104-106 lost where
-    # an op became host-bound (host time >= device time: the allocation took 100-250 us of host
-    # time a call); run 110 (EP 2) measured 52-60 us without events. Prediction: dispatch 540 ->
-    # 522-527 us, combine_bwd and FP8 unchanged (host 448 + ~55 < 537). Two alternating pairs of
-    # the whole torch bench at 48 SMs, then per-call times (arena_probe.py) at EP 4
+  s21)  # (~6 min) torch's arena at EP 4 with its allocation in the core (DLPack blocks, freed in
+    # C++; the default with an arena since session 20) and in Python without CUDA events
+    # (FUSED_A2A_TORCH_ARENA_ALLOC=python). Runs 104-106 lost where an op became host-bound (host
+    # time >= device time: the allocation took 100-250 us of host time a call); run 110 (EP 2)
+    # measured 52-60 us for the Python one without events. Prediction: dispatch 540 -> 522-527 us
+    # with either, combine_bwd and FP8 unchanged (host 448 + the allocation < 537). The whole
+    # torch bench at 48 SMs: none, core, python, none, core; then per-call times (arena_probe.py)
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    s21_pair=0
-    for mb in ${S21_ARENA:-0 2048 0 2048}; do
-      ab_bench torch "arena_$mb" FUSED_A2A_TORCH_ARENA_MB=$mb
-      mv "$OUT/arena_$mb.log" "$OUT/arena_${mb}_$((++s21_pair)).log"
+    s21_run=0
+    for alloc in ${S21_ALLOC:-none core python none core}; do
+      s21_run=$((s21_run + 1))
+      if [[ $alloc == none ]]; then
+        ab_bench torch "arena_${s21_run}_none" FUSED_A2A_TORCH_ARENA_MB=0
+      else
+        FUSED_A2A_TORCH_ARENA_ALLOC=$alloc ab_bench torch "arena_${s21_run}_$alloc" \
+          FUSED_A2A_TORCH_ARENA_MB=2048
+      fi
     done
-    for mb in 0 2048; do
-      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=48 timeout 120 python3 \
-        benchmarks/arena_probe.py --world "$NGPU" --plan d0,c0,d0 \
-        --out "$OUT/arena_probe_$mb.json" 2>&1 | grep -vE "^\[|Warning|warn" | tail -8 | cut -c1-330
+    for alloc in none core python; do
+      mb=2048
+      [[ $alloc == none ]] && mb=0
+      FUSED_A2A_TORCH_ARENA_ALLOC=${alloc/none/core} FUSED_A2A_TORCH_ARENA_MB=$mb \
+        FUSED_A2A_CUDA_BLOCKS=48 timeout 120 python3 benchmarks/arena_probe.py --world "$NGPU" \
+        --plan d0,c0,d0 --out "$OUT/arena_probe_$alloc.json" 2>&1 \
+        | grep -vE "^\[|Warning|warn" | tail -8 | cut -c1-330
     done
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;

@@ -8,6 +8,10 @@ other's communication buffers (CUDA IPC) but not each other's torch allocations.
 data region (every peer maps it with the rest), and the dispatch takes recv_x from it when it
 fits, else from torch (its rows then go through the receive window, as without an arena).
 
+Two allocators share the semantics below: the core's (CoreArena, the default: the free list in C++,
+each block a DLPack capsule whose deleter returns it when torch frees the storage) and this
+file's Python one (RowArena, FUSED_A2A_TORCH_ARENA_ALLOC=python).
+
 A block is a tensor over arena memory; it returns to the arena when the tensor dies. Like torch's
 caching allocator, a freed block is reusable at once by work on the stream it was allocated on
 (stream order puts the new work after every use there); an allocation on another stream first
@@ -34,9 +38,10 @@ import torch
 import fused_a2a_core as core
 
 ALIGN = 512  # bytes: every block starts 16-byte aligned (the kernels' 16-byte row accesses)
-_arenas: dict[int, RowArena] = {}
+_arenas: dict[int, RowArena | CoreArena] = {}
 # benchmarks/arena_probe.py sets STEP_US = {} to collect each allocation's host time per step
-STEPS = ("free list", "stream order", "tensor from the block", "typed tensor")
+STEPS = ("free list", "stream order", "tensor from the block", "typed tensor")  # RowArena
+CORE_STEPS = ("current stream", "core block", "from_dlpack")  # CoreArena
 STEP_US: dict | None = None
 _lock = threading.Lock()
 
@@ -169,9 +174,61 @@ class RowArena:
             return self.spans.free_bytes()
 
 
+# Torch dtypes as DLPack (type code, bits); others (FP8) take a uint8 block, retyped
+_DLPACK_DTYPES = {
+    torch.bfloat16: (4, 16),
+    torch.float16: (2, 16),
+    torch.float32: (2, 32),
+    torch.uint8: (1, 8),
+    torch.int8: (0, 8),
+    torch.int32: (0, 32),
+}
+
+
+class CoreArena:
+    """This rank's output arena, its free list in the core (csrc/core/arena.cc): a block is a
+    DLPack capsule that torch.from_dlpack takes, and it returns to the arena in C++ when torch
+    frees the tensor's storage (the default; FUSED_A2A_TORCH_ARENA_ALLOC=python: RowArena)."""
+
+    def __init__(self, group_id: int, rank: int, device: torch.device):
+        self.group_id, self.rank, self.device = group_id, rank, device
+        self.address, self.size = core.buffer_arena(group_id, rank)
+
+    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
+        t0 = time.perf_counter() if STEP_US is not None else 0.0
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        t1 = time.perf_counter() if STEP_US is not None else 0.0
+        code = _DLPACK_DTYPES.get(dtype)
+        block_shape = list(shape) if code else [*shape[:-1], shape[-1] * dtype.itemsize]
+        capsule = core.arena_tensor(
+            self.group_id, self.rank, block_shape, *(code or (1, 8)), stream
+        )
+        if capsule is None:
+            return None
+        t2 = time.perf_counter() if STEP_US is not None else 0.0
+        out = torch.from_dlpack(capsule)
+        if code is None:  # a tensor of its own over the block's storage, not a view
+            out = torch.empty(0, dtype=dtype, device=self.device).set_(
+                out.untyped_storage(), 0, shape
+            )
+        if STEP_US is not None:
+            t3 = time.perf_counter()
+            for step, us in zip(CORE_STEPS, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                STEP_US.setdefault(step, []).append(us * 1e6)
+        return out
+
+    def free_bytes(self) -> int:
+        return core.arena_free_bytes(self.group_id, self.rank)
+
+
 def register(group_id: int, rank: int, device: torch.device) -> None:
     """After the buffer of ``group_id`` is connected, if it has an arena."""
-    arena = RowArena(group_id, rank, device)
+    mode = os.environ.get("FUSED_A2A_TORCH_ARENA_ALLOC", "core")
+    if mode not in ("core", "python"):
+        raise ValueError(f"FUSED_A2A_TORCH_ARENA_ALLOC must be 'core' or 'python', got {mode!r}")
+    arena = (CoreArena if mode == "core" else RowArena)(group_id, rank, device)
     if arena.size > 0:
         with _lock:
             _arenas[group_id] = arena
@@ -181,9 +238,10 @@ def unregister(group_id: int) -> None:
     """At the buffer's release: no new blocks; live ones keep the memory until they die."""
     with _lock:
         _arenas.pop(group_id, None)
+    core.arena_drop(group_id)
 
 
-def find(group_id: int) -> RowArena | None:
+def find(group_id: int) -> RowArena | CoreArena | None:
     with _lock:
         return _arenas.get(group_id)
 
@@ -192,7 +250,7 @@ def empty(group_id: int, shape: tuple, dtype: torch.dtype, device: torch.device)
     """torch.empty(shape), in the group's output arena when it has one with room."""
     arena = find(group_id)
     # Not while the stream is capturing a CUDA graph: the graph's allocations are torch's private
-    # pool, and the event waits and queries of a reused block are not capturable
+    # pool, and a block's reuse outside the graph would not be ordered after the graph's replays
     usable = arena is not None and arena.device == device
     if usable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         usable = False

@@ -21,4 +21,6 @@ void register_core(pybind11::module_& m);
 void register_xla_ffi(pybind11::module_& m);
 // module_hybrid.cc: HybridEP args structs and ops (dispatch with permute, combine with unpermute).
 void register_hybrid(pybind11::module_& m);
+// module_arena.cc: output-arena blocks as DLPack capsules (torch's recv_x in the buffer).
+void register_arena(pybind11::module_& m);
 }  // namespace fa2a::bindings

@@ -269,5 +269,6 @@ PYBIND11_MODULE(fused_a2a_core, m) {
   m.doc() = "fused_a2a core: MoE expert-parallel dispatch/combine kernels and buffer manager";
   fa2a::bindings::register_core(m);
   fa2a::bindings::register_hybrid(m);
+  fa2a::bindings::register_arena(m);
   fa2a::bindings::register_xla_ffi(m);
 }

@@ -1,0 +1,115 @@
+// OutputArena (fused_a2a/arena.h) and the registry of the buffers' arenas.
+#include "fused_a2a/arena.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "core/backends.h"
+#include "fused_a2a/errors.h"
+
+namespace fa2a {
+
+OutputArena::OutputArena(std::shared_ptr<Buffer> buffer) : buffer_(std::move(buffer)) {
+  if (size() > 0) free_.push_back({0, size(), {}});
+}
+
+int64_t OutputArena::allocate(size_t bytes, Stream stream) {
+  FA2A_CHECK(bytes > 0, "arena block bytes must be positive, got ", bytes);
+  const size_t need = (bytes + kAlign - 1) / kAlign * kAlign;
+  std::vector<void*> last_uses;
+  size_t start = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto span = std::find_if(free_.begin(), free_.end(),
+                             [&](const Span& s) { return s.end - s.start >= need; });
+    if (span == free_.end()) return -1;
+    start = span->start;
+    last_uses = span->streams;
+    if (span->end - span->start == need) {
+      free_.erase(span);
+    } else {
+      span->start += need;  // the rest keeps the streams: its memory had the same last uses
+    }
+    taken_[start] = {need, stream.handle};
+  }
+  if (buffer_->platform() == Platform::kCUDA) {
+    for (void* last : last_uses) {
+      if (last != stream.handle) cuda::stream_wait(stream, Stream{last});
+    }
+  }
+  return static_cast<int64_t>(start);
+}
+
+void OutputArena::release(int64_t offset) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto block = taken_.find(static_cast<size_t>(offset));
+  FA2A_CHECK_RUNTIME(block != taken_.end(), "arena release of offset ", offset,
+                     ", which is not a live block");
+  const size_t start = block->first, end = start + block->second.bytes;
+  void* stream = block->second.stream;
+  taken_.erase(block);
+  auto next = std::lower_bound(free_.begin(), free_.end(), start,
+                               [](const Span& s, size_t at) { return s.start < at; });
+  auto span = free_.insert(next, Span{start, end, {stream}});
+  auto merge_streams = [](Span& into, const Span& other) {
+    for (void* s : other.streams) {
+      if (std::find(into.streams.begin(), into.streams.end(), s) == into.streams.end())
+        into.streams.push_back(s);
+    }
+  };
+  if (auto after = span + 1; after != free_.end() && after->start == end) {
+    span->end = after->end;
+    merge_streams(*span, *after);
+    span = free_.erase(after) - 1;
+  }
+  if (span != free_.begin()) {
+    if (auto before = span - 1; before->end == start) {
+      before->end = span->end;
+      merge_streams(*before, *span);
+      free_.erase(span);
+    }
+  }
+}
+
+size_t OutputArena::free_bytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t total = 0;
+  for (const Span& s : free_) total += s.end - s.start;
+  return total;
+}
+
+namespace {
+
+struct ArenaRegistry {
+  std::mutex mutex;
+  std::map<std::pair<int64_t, int>, std::shared_ptr<OutputArena>> arenas;
+};
+
+ArenaRegistry& arena_registry() {
+  static ArenaRegistry* instance = new ArenaRegistry();  // never destroyed: used at exit
+  return *instance;
+}
+
+}  // namespace
+
+std::shared_ptr<OutputArena> output_arena(int64_t group_id, int rank) {
+  ArenaRegistry& reg = arena_registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  auto found = reg.arenas.find({group_id, rank});
+  if (found != reg.arenas.end()) return found->second;
+  auto buffer = buffer_get(group_id, rank);
+  if (buffer->arena_bytes() == 0) return nullptr;
+  auto arena = std::make_shared<OutputArena>(std::move(buffer));
+  reg.arenas[{group_id, rank}] = arena;
+  return arena;
+}
+
+void output_arena_drop(int64_t group_id) {
+  ArenaRegistry& reg = arena_registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  for (auto it = reg.arenas.begin(); it != reg.arenas.end();) {
+    it = it->first.first == group_id ? reg.arenas.erase(it) : std::next(it);
+  }
+}
+
+}  // namespace fa2a

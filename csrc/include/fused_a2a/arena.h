@@ -1,0 +1,58 @@
+// A buffer's output arena (buffer.h: arena_bytes after the data region), cut into blocks for
+// torch's recv_x, which every peer has mapped and can write straight into (direct rows).
+// First fit, kAlign-byte blocks, with torch's caching-allocator stream semantics: a freed block is
+// reusable at once by work on the stream it was allocated for (stream order puts that work after
+// every earlier use there); an allocation for another stream first makes its stream wait for
+// that one. Uses on other streams are the caller's to order, as with torch's allocator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "fused_a2a/buffer.h"
+#include "fused_a2a/ops.h"
+
+namespace fa2a {
+
+class OutputArena {
+ public:
+  static constexpr size_t kAlign = 512;  // every block 16-byte aligned for the kernels' accesses
+
+  explicit OutputArena(std::shared_ptr<Buffer> buffer);
+
+  // Byte offset of a block of at least `bytes` (> 0) for work on `stream` (CUDA: the stream the
+  // block's first use runs on; CPU: null), or -1 when no free span is large enough.
+  int64_t allocate(size_t bytes, Stream stream);
+  // Returns the block at `offset` (an allocate result) to the free spans; any thread.
+  void release(int64_t offset);
+  size_t free_bytes();
+  uint8_t* base() const { return buffer_->arena(buffer_->rank()); }
+  size_t size() const { return buffer_->arena_bytes(); }
+  const Buffer& buffer() const { return *buffer_; }
+
+ private:
+  struct Span {
+    size_t start, end;
+    std::vector<void*> streams;  // the streams of the last uses of its memory (few)
+  };
+  struct Block {
+    size_t bytes;
+    void* stream;
+  };
+  std::shared_ptr<Buffer> buffer_;  // the memory lives while the arena (and so a block) does
+  std::mutex mutex_;
+  std::vector<Span> free_;  // sorted by start, never adjacent
+  std::map<size_t, Block> taken_;
+};
+
+// The arena of the buffer (group_id, rank), made at the first call; null when the buffer has
+// none. Throws when there is no such buffer.
+std::shared_ptr<OutputArena> output_arena(int64_t group_id, int rank);
+// At the buffer's release: no new blocks; live ones keep the arena and the buffer's memory.
+void output_arena_drop(int64_t group_id);
+
+}  // namespace fa2a

@@ -1,0 +1,21 @@
+// stream_wait (core/backends.h): the output arena's cross-stream reuse (fused_a2a/arena.h).
+#include "core/backends.h"
+#include "fused_a2a/errors.h"
+#include "kernels.h"
+#include "state.h"
+
+namespace fa2a::cuda {
+
+void stream_wait(Stream waiter, Stream waited) {
+  auto waiting = static_cast<cudaStream_t>(waiter.handle);
+  DeviceGuard guard(stream_device(waiting));
+  cudaEvent_t event;
+  FA2A_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming),
+                  "cudaEventCreateWithFlags (the arena's stream order)");
+  cudaError_t err = cudaEventRecord(event, static_cast<cudaStream_t>(waited.handle));
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(waiting, event, 0);
+  (void)cudaEventDestroy(event);  // released once the wait is done with it
+  FA2A_CUDA_CHECK(err, "cudaEventRecord / cudaStreamWaitEvent (the arena's stream order)");
+}
+
+}  // namespace fa2a::cuda
