@@ -86,7 +86,8 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         d = json.loads(line)
         if "slowest_GBps" in d:
-            print(f"  ceiling probe: {d['mode']:6s} {d.get('start', 'events'):7s} "
+            mode = d["mode"] + ("/g" if d.get("gather") else "")
+            print(f"  ceiling probe: {mode:8s} {d.get('start', 'events'):7s} "
                   f"sms={d['sms']:3d} warps={d['warps']} stages={d['stages']:2d}: slowest GPU "
                   f"{d['slowest_GBps']:.1f} GB/s egress {d.get('error', '')}")
 EOF

@@ -30,7 +30,8 @@
 #       with the arena; the arena for the dispatch only
 #   PART=s20e (~3 min): per-call times and block offsets of the arena's dispatch and combine_bwd
 #   PART=s21 (~6 min): torch's arena at EP 4, its allocation in the core and in Python: the
-#       whole torch bench at 48 SMs (none, core, python, none, core) and per-call times
+#       whole torch bench at 48 SMs (none, core, python, none, core) and per-call times; the
+#       link probe with the dispatch's row pattern
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -409,6 +410,10 @@ case "${PART:-tests}" in
         --plan d0,c0,d0 --out "$OUT/arena_probe_$alloc.json" 2>&1 \
         | grep -vE "^\[|Warning|warn" | tail -8 | cut -c1-330
     done
+    # The link probe with the dispatch's pattern (one 14 KB row an item, contiguous and
+    # gathered) beside its 64 KB chunks. Prediction: rows within 3% of the chunks (then the
+    # pattern does not explain the direct dispatch's 305 GB/s wire against 331-345).
+    STEPS=probe bash tools/gpu_check.sh | grep -E "probe:|rows|bulk .*warps=4"
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket

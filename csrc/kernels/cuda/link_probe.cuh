@@ -37,6 +37,9 @@ struct Args {
   int stages;
   uint32_t stage_bytes;
   bool tma;
+  // The dispatch's source pattern: destination row r of peer p comes from source row
+  // (r * npeers + p) mod rows (chunk = one row), a strided gather as of tokens in order
+  bool gather;
   // "barrier" start: every block adds itself to *arrived (GPU 0's memory) and waits for
   // `total`; times[0] = first release, times[1] = last end (ns, %globaltimer), times[2] = 1 if
   // the barrier timed out (5 s: a block that never got resident)
@@ -79,11 +82,16 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   for (size_t i = gw; i < items; i += nw) {
     const int p = static_cast<int>(i % a.npeers);
     const size_t off = (i / a.npeers) * a.chunk;
-    const size_t n = a.chunk < a.bytes - off ? a.chunk : a.bytes - off;
+    size_t n = a.chunk < a.bytes - off ? a.chunk : a.bytes - off;
+    size_t from = off;
+    if (a.gather) {
+      from = ((i / a.npeers) * a.npeers + p) % chunks * a.chunk;
+      n = n < a.bytes - from ? n : a.bytes - from;  // the short last row stays in the source
+    }
     if (a.tma) {
-      if (lane == 0) pipe.push_span(a.dst[p] + off, a.src + off, n);
+      if (lane == 0) pipe.push_span(a.dst[p] + off, a.src + from, n);
     } else {
-      warp_copy_ro(a.dst[p] + off, a.src + off, n, lane);
+      warp_copy_ro(a.dst[p] + off, a.src + from, n, lane);
     }
   }
   if (a.tma && lane == 0) pipe.drain();
@@ -99,6 +107,8 @@ struct Mode {
   int stages;
   uint32_t stage;
   size_t chunk;
+  bool gather = false;  // Args::gather
+  const char* name() const { return !tma ? "simt16" : chunk == 65536 ? "bulk" : "rows"; }
 };
 constexpr Mode kBulk4{true, 4, 3, 16384, 65536};  // 4 warps x 3 stages of 16 KB: the ceiling
 
@@ -191,6 +201,7 @@ inline Result run(Setup& s, const Mode& m, int sms, bool barrier, int reps) {
       a.stages = m.stages;
       a.stage_bytes = m.stage;
       a.tma = m.tma;
+      a.gather = m.gather;
       if (barrier) {
         a.arrived = s.arrived;  // GPU 0's, by peer access
         a.total = static_cast<unsigned int>(sms * G);
