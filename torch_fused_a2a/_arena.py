@@ -130,8 +130,9 @@ class RowArena:
         # walk must not change under it.
         self.pending = collections.deque()
 
-    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
-        """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
+    def tensor(self, shape: tuple, dtype: torch.dtype, stream: int | None = None):
+        """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit
+        (always for work on the device's current stream: ``stream`` is CoreArena's)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return None
@@ -194,11 +195,14 @@ class CoreArena:
         self.group_id, self.rank, self.device = group_id, rank, device
         self.address, self.size = core.buffer_arena(group_id, rank)
 
-    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
-        """An uninitialised tensor of ``shape`` in the arena, or None when it does not fit."""
+    def tensor(self, shape: tuple, dtype: torch.dtype, stream: int | None = None):
+        """An uninitialised tensor of ``shape`` in the arena for work on ``stream`` (a
+        cudaStream_t as an integer; None: the device's current stream), or None when it does not
+        fit."""
         t0 = time.perf_counter() if STEP_US is not None else 0.0
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        if stream is None:
+            cuda = self.device.type == "cuda"
+            stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
         t1 = time.perf_counter() if STEP_US is not None else 0.0
         code = _DLPACK_DTYPES.get(dtype)
         block_shape = list(shape) if code else [*shape[:-1], shape[-1] * dtype.itemsize]
@@ -246,13 +250,16 @@ def find(group_id: int) -> RowArena | CoreArena | None:
         return _arenas.get(group_id)
 
 
-def empty(group_id: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty(shape), in the group's output arena when it has one with room."""
+def empty(
+    group_id: int, shape: tuple, dtype: torch.dtype, device: torch.device, stream: int | None = None
+) -> torch.Tensor:
+    """torch.empty(shape), in the group's output arena when it has one with room; ``stream``: the
+    current stream as an integer when the caller has it (saves a lookup)."""
     arena = find(group_id)
     # Not while the stream is capturing a CUDA graph: the graph's allocations are torch's private
     # pool, and a block's reuse outside the graph would not be ordered after the graph's replays
     usable = arena is not None and arena.device == device
     if usable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         usable = False
-    out = arena.tensor(shape, dtype) if usable else None
+    out = arena.tensor(shape, dtype, stream) if usable else None
     return out if out is not None else torch.empty(shape, dtype=dtype, device=device)

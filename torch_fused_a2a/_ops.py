@@ -258,7 +258,7 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
             capacity, _, counts_host = _read_host_counts(head, group_id, seen, num_local)
     # In the buffer's output arena when it has one (FUSED_A2A_TORCH_ARENA_MB): the static
     # kernel's senders then write the rows straight into it (direct rows)
-    recv_x = _arena.empty(group_id, (capacity, hidden), x.dtype, device)
+    recv_x = _arena.empty(group_id, (capacity, hidden), x.dtype, device, stream)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
     recv_topk_idx = torch.empty((capacity, num_topk), dtype=torch.int32, device=device)
@@ -339,8 +339,9 @@ def cached_dispatch(
     # FUSED_A2A_TORCH_ARENA_CACHED=0 (session 20's A/B: run 105 lost 47 us here with the arena)
     in_arena = os.environ.get("FUSED_A2A_TORCH_ARENA_CACHED", "1") != "0"
     shape = (capacity, x.shape[1])
+    stream = _stream(x.device)
     if in_arena:
-        recv_x = _arena.empty(group_id, shape, x.dtype, x.device)
+        recv_x = _arena.empty(group_id, shape, x.dtype, x.device, stream)
     else:
         recv_x = torch.empty(shape, dtype=x.dtype, device=x.device)
     counts = recv_src_counts.clone()  # clipped in place by the core; the handle stays as it is
@@ -349,7 +350,7 @@ def cached_dispatch(
     args.capacity, args.recv_x = capacity, _out(recv_x)
     args.recv_src_counts, args.recv_src_token = counts.data_ptr(), token_scratch.data_ptr()
     args.group_max_tokens = group_max.data_ptr()
-    core.dispatch_data(group_id, rank, _stream(x.device), args)
+    core.dispatch_data(group_id, rank, stream, args)
     return recv_x
 
 
