@@ -54,9 +54,13 @@ struct ArenaBlock {
   DlManagedTensor managed{};
 };
 
-void delete_block(DlManagedTensor* self) {
+// Called by torch when it frees the storage (any thread, no GIL): nothing may escape it
+void delete_block(DlManagedTensor* self) noexcept {
   auto* block = static_cast<ArenaBlock*>(self->manager_ctx);
-  block->arena->release(block->offset);
+  try {
+    block->arena->release(block->offset);
+  } catch (...) {  // a block the arena does not know: keep its span taken rather than crash
+  }
   delete block;
 }
 

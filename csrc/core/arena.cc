@@ -34,7 +34,7 @@ int64_t OutputArena::allocate(size_t bytes, Stream stream) {
   }
   if (buffer_->platform() == Platform::kCUDA) {
     for (void* last : last_uses) {
-      if (last != stream.handle) cuda::stream_wait(stream, Stream{last});
+      if (last != stream.handle) cuda::stream_wait(buffer_->device(), stream, Stream{last});
     }
   }
   return static_cast<int64_t>(start);

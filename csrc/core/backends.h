@@ -24,6 +24,7 @@ void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_lo
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 void read_clock(Stream stream, uint32_t* out);
-// `waiter` waits for the work queued on `waited` so far (an event recorded there now).
-void stream_wait(Stream waiter, Stream waited);
+// `waiter` waits for the work queued on `waited` so far (an event recorded there now); both
+// streams of `device` (a null handle: its legacy default stream).
+void stream_wait(int device, Stream waiter, Stream waited);
 }  // namespace fa2a::cuda

@@ -1,14 +1,13 @@
 // stream_wait (core/backends.h): the output arena's cross-stream reuse (fused_a2a/arena.h).
 #include "core/backends.h"
 #include "fused_a2a/errors.h"
-#include "kernels.h"
 #include "state.h"
 
 namespace fa2a::cuda {
 
-void stream_wait(Stream waiter, Stream waited) {
+void stream_wait(int device, Stream waiter, Stream waited) {
   auto waiting = static_cast<cudaStream_t>(waiter.handle);
-  DeviceGuard guard(stream_device(waiting));
+  DeviceGuard guard(device);
   cudaEvent_t event;
   FA2A_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming),
                   "cudaEventCreateWithFlags (the arena's stream order)");
