@@ -131,6 +131,63 @@ def test_core_arena_blocks_as_dlpack_tensors():
         core.arena_free_bytes(gid, 0)
 
 
+def test_core_arena_random_against_a_byte_map():
+    """The core's free list under random allocations and frees, some freed on other threads (as
+    torch frees storages): blocks never overlap and stay inside the arena, the free bytes match a
+    byte map, and freeing everything leaves the whole arena."""
+    import concurrent.futures
+    import gc
+
+    import torch
+
+    import fused_a2a_core as core
+    from fused_a2a._common import PLATFORM_CPU
+    from torch_fused_a2a._arena import CoreArena
+
+    gid = 0x5EED0B
+    size = 64 * ALIGN
+    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, size)
+    core.buffer_connect(gid, 0, [info])
+    core.buffer_seal(gid, 0)
+    try:
+        arena = CoreArena(gid, 0, torch.device("cpu"))
+        rng = np.random.default_rng(9)
+        taken, live = np.zeros(size, bool), []
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        for step in range(800):
+            if live and (rng.random() < 0.45 or arena.free_bytes() < ALIGN):
+                tensor, start, nbytes = live.pop(int(rng.integers(len(live))))
+                taken[start : start + nbytes] = False
+                if step % 3:
+                    del tensor
+                else:  # the last reference dies on another thread
+                    pool.submit(lambda t: t.numel(), tensor).result(timeout=10)
+                    del tensor
+            else:
+                nbytes = int(rng.integers(1, 9 * ALIGN))
+                tensor = arena.tensor((nbytes,), torch.uint8)
+                if tensor is None:
+                    assert not any(
+                        not taken[i : i + nbytes].any() for i in range(0, size - nbytes + 1, ALIGN)
+                    ), f"step {step}: {nbytes} bytes fit but no block came"
+                    continue
+                start = tensor.data_ptr() - arena.address
+                rounded = (nbytes + ALIGN - 1) // ALIGN * ALIGN
+                assert start % ALIGN == 0 and start + rounded <= size
+                assert not taken[start : start + rounded].any(), f"step {step}: overlap"
+                taken[start : start + rounded] = True
+                live.append((tensor, start, rounded))
+            assert arena.free_bytes() == size - int(taken.sum()), f"step {step}"
+        pool.shutdown(wait=True)
+        del live[:]
+        tensor = None  # the last block allocated
+        gc.collect()
+        assert arena.free_bytes() == size
+    finally:
+        core.arena_drop(gid)
+        core.buffer_release(gid)
+
+
 def _rank_arena(rank, world):
     import gc
 
