@@ -115,6 +115,12 @@ OWN_ROWS = {
     # dispatch whose recv_x is not there, so the path cannot pass unused. 16 MB: these cases'
     # outputs are small, and the CPU backend's buffers of the same ranks take it in /dev/shm too
     "arena": {"FUSED_A2A_TORCH_ARENA_MB": "16", "FUSED_A2A_CUDA_DIRECT": "require"},
+    # the arena's blocks from the Python free list instead of the core's (session 20's A/B)
+    "arena_python": {
+        "FUSED_A2A_TORCH_ARENA_MB": "16",
+        "FUSED_A2A_CUDA_DIRECT": "require",
+        "FUSED_A2A_TORCH_ARENA_ALLOC": "python",
+    },
     # direct rows only by the layout notify: the dispatches with a ready message (the exact
     # dynamic one, the cached one of the combine's backward) through the window
     # (FUSED_A2A_CUDA_DIRECT_READY=0; the default sends them direct by the message too)
