@@ -29,8 +29,8 @@
 #   PART=s20d (~4 min): torch.profiler tables of the torch dispatch and combine_bwd without and
 #       with the arena; the arena for the dispatch only
 #   PART=s20e (~3 min): per-call times and block offsets of the arena's dispatch and combine_bwd
-#   PART=s21 (~6 min): torch's arena at EP 4, its allocation in the core and in Python: the
-#       whole torch bench at 48 SMs (none, core, python, none, core) and per-call times; the
+#   PART=s21 (~8 min): torch's arena at EP 4: its GPU tests (core and Python allocators), the
+#       whole torch bench at 48 SMs (none, core, python, none, core), per-call times, and the
 #       link probe with the dispatch's row pattern
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
@@ -390,8 +390,11 @@ case "${PART:-tests}" in
     # time >= device time: the allocation took 100-250 us of host time a call); run 110 (EP 2)
     # measured 52-60 us for the Python one without events. Prediction: dispatch 540 -> 522-527 us
     # with either, combine_bwd and FP8 unchanged (host 448 + the allocation < 537). The whole
-    # torch bench at 48 SMs: none, core, python, none, core; then per-call times (arena_probe.py)
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    # torch bench at 48 SMs: none, core, python, none, core; then per-call times (arena_probe.py).
+    # First the GPU tests with the arena (the core's allocator is new on GPUs; ~2 min)
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py" PYTEST_K="arena" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     s21_run=0
     for alloc in ${S21_ALLOC:-none core python none core}; do
       s21_run=$((s21_run + 1))
