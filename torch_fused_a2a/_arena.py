@@ -58,6 +58,18 @@ def arena_bytes_env() -> int:
     return int(mb * (1 << 20)) // 64 * 64
 
 
+def _own_tensor(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` of its own over raw's storage, not a view (the custom
+    ops' outputs)."""
+    return torch.empty(0, dtype=dtype, device=raw.device).set_(raw.untyped_storage(), 0, shape)
+
+
+def _record_steps(names: tuple, stamps: tuple) -> None:
+    """STEP_US[name] gets each step's microseconds (the differences of the perf_counter stamps)."""
+    for name, start, end in zip(names, stamps[:-1], stamps[1:], strict=True):
+        STEP_US.setdefault(name, []).append((end - start) * 1e6)
+
+
 class FreeList:
     """First-fit intervals of [0, size): alloc returns (offset, bytes taken, the streams of the
     memory's last uses) or None; free takes the block's streams as {key: stream}. A merge keeps
@@ -157,12 +169,9 @@ class RowArena:
         else:
             raw = torch.from_numpy(np.asarray(block))
         t3 = time.perf_counter() if STEP_US is not None else 0.0
-        # A tensor of its own over the block's storage, not a view (custom ops' outputs)
-        out = torch.empty(0, dtype=dtype, device=self.device).set_(raw.untyped_storage(), 0, shape)
+        out = _own_tensor(raw, dtype, shape)
         if STEP_US is not None:
-            t4 = time.perf_counter()
-            for step, us in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                STEP_US.setdefault(step, []).append(us * 1e6)
+            _record_steps(STEPS, (t0, t1, t2, t3, time.perf_counter()))
         return out
 
     def _take_pending(self) -> None:  # under self.lock
@@ -213,14 +222,10 @@ class CoreArena:
             return None
         t2 = time.perf_counter() if STEP_US is not None else 0.0
         out = torch.from_dlpack(capsule)
-        if code is None:  # a tensor of its own over the block's storage, not a view
-            out = torch.empty(0, dtype=dtype, device=self.device).set_(
-                out.untyped_storage(), 0, shape
-            )
+        if code is None:  # the uint8 block, typed
+            out = _own_tensor(out, dtype, shape)
         if STEP_US is not None:
-            t3 = time.perf_counter()
-            for step, us in zip(CORE_STEPS, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                STEP_US.setdefault(step, []).append(us * 1e6)
+            _record_steps(CORE_STEPS, (t0, t1, t2, time.perf_counter()))
         return out
 
     def free_bytes(self) -> int:

@@ -151,8 +151,7 @@ void register_core(py::module_& m) {
   m.def(
       "buffer_arena",
       [](int64_t group_id, int rank) -> std::pair<uintptr_t, size_t> {
-        auto buffer = buffer_find(group_id, rank);
-        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        auto buffer = buffer_get(group_id, rank);
         if (buffer->arena_bytes() == 0) return {0, 0};
         return {reinterpret_cast<uintptr_t>(buffer->arena(rank)), buffer->arena_bytes()};
       },
@@ -161,12 +160,7 @@ void register_core(py::module_& m) {
   // Tensors over a buffer's output arena hold one, so its memory outlives buffer_release.
   py::class_<Buffer, std::shared_ptr<Buffer>>(m, "BufferRef");
   m.def(
-      "buffer_ref",
-      [](int64_t group_id, int rank) {
-        auto buffer = buffer_find(group_id, rank);
-        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
-        return buffer;
-      },
+      "buffer_ref", [](int64_t group_id, int rank) { return buffer_get(group_id, rank); },
       py::arg("group_id"), py::arg("rank"), "A reference that keeps the buffer's memory alive.");
   m.def(
       "buffer_connect",

@@ -352,7 +352,7 @@ struct Shared {
   int lay_warps2[kLayoutMaxRanks], lay_chunk[kLayoutMaxRanks];
   long long lay_capacity[kLayoutMaxRanks], lay_window[kLayoutMaxRanks];
   // Direct rows: where this rank's rows to destination d start in d's recv_x (row 0 of our
-  // stream to d), or 0: into d's window. Nonzero only with the layout notify.
+  // stream to d), or 0: into d's window. From d's layout notify or its ready message.
   unsigned long long drows[kMaxRanks];
   int sent[kMaxRanks];  // tokens routed to each rank (kFusedScan: from the tile counts)
   long long total;
