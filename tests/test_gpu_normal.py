@@ -110,10 +110,13 @@ OWN_ROWS = {
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
     "layout_dynamic": {"FUSED_A2A_CUDA_LAYOUT": "dynamic"},
-    # recv_x in the buffer's output arena (FUSED_A2A_TORCH_ARENA_MB, session 19), so the static
-    # kernel's senders write the rows straight into it (direct rows); "require" fails a static
-    # dispatch whose recv_x is not there, so the path cannot pass unused. 16 MB: these cases'
-    # outputs are small, and the CPU backend's buffers of the same ranks take it in /dev/shm too
+    # recv_x in the buffer's output arena (FUSED_A2A_TORCH_ARENA_MB, session 19; 1024 MB by
+    # default on CUDA since session 21), so the static kernel's senders write the rows straight
+    # into it (direct rows); "require" fails a static dispatch whose recv_x is not there, so the
+    # path cannot pass unused. 16 MB: these cases' outputs are small, and the CPU backend's
+    # buffers of the same ranks take it in /dev/shm too. "window": no arena, so every torch
+    # dispatch's rows go through the receive window (the default before session 21)
+    "window": {"FUSED_A2A_TORCH_ARENA_MB": "0"},
     "arena": {"FUSED_A2A_TORCH_ARENA_MB": "16", "FUSED_A2A_CUDA_DIRECT": "require"},
     # the arena's blocks from the Python free list instead of the core's (session 20's A/B)
     "arena_python": {
@@ -740,13 +743,12 @@ def _rank_direct_require(rank, world):
 
 def test_direct_rows_require_fails_for_a_group_across_processes():
     """FUSED_A2A_CUDA_DIRECT=require (the JAX suites' proof that the direct rows ran) is an error
-    naming the group size where the ranks are processes (torch): their recv_x is not mapped."""
+    naming the group size where the ranks are processes (torch) and recv_x is not in an output
+    arena (none here; the default has one): no peer has mapped it."""
     _need(2)
+    env = dict(GPU_ENV, FUSED_A2A_CUDA_DIRECT="require", FUSED_A2A_TIMEOUT_S="5")
     res = run_ranks(
-        _rank_direct_require,
-        2,
-        timeout=120,
-        env=dict(GPU_ENV, FUSED_A2A_CUDA_DIRECT="require", FUSED_A2A_TIMEOUT_S="5"),
+        _rank_direct_require, 2, timeout=120, env=dict(env, FUSED_A2A_TORCH_ARENA_MB="0")
     )
     for msg in res:
         assert "FUSED_A2A_CUDA_DIRECT=require" in msg and "group of 2 ranks" in msg, msg

@@ -32,6 +32,8 @@
 #   PART=s21 (~8 min): torch's arena at EP 4: its GPU tests (core and Python allocators), the
 #       whole torch bench at 48 SMs (none, core, python, none, core), per-call times, and the
 #       link probe with the dispatch's row pattern
+#   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
+#   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -418,6 +420,33 @@ case "${PART:-tests}" in
     # pattern does not explain the direct dispatch's 305 GB/s wire against 331-345).
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe:|rows|bulk .*warps=4"
     rm -f "$OUT/build.log" "$OUT"/*/bench.png "$OUT"/*/bench.json
+    ;;
+  s21b)  # (~7 min) the GPU tests at session 21's default (torch's output arena, 1024 MB on
+    # CUDA): the torch suite's default, window (no arena) and arena variants, the stress and
+    # graph tests, faults (a rank dies mid-op), concurrency (two groups, torch and JAX in one
+    # process), the host counts' speculative paths (resize_ of an arena block)
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-420} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py tests/test_gpu_host_counts.py" \
+      PYTEST_K="${S21_K:-(torch_gpu_matches and (default or window or arena)) or stress or graph or require or rank_dies or two_groups or torch_and_jax or mismatch or speculative}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    grep -E "passed|failed|FAILED|s call|GPU memory before" "$OUT/tests.log" | tail -16 | cut -c1-300
+    rm -f "$OUT/build.log"
+    ;;
+  s21c)  # (~5 min) run 113's whole bench lost with the default arena (1024 MB): torch dispatch
+    # 561.3, combine_bwd 621.2 us (host 551) against 527-528 / 523-525 in run 111's A/B (2048 MB,
+    # N = 4096 alone). The torch normal bench over the whole N sweep (one rank process runs every
+    # N, as in PART=fab) at 48 SMs with the default, no arena and 2048 MB
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for mb in ${S21C_MB:-1024 0 2048}; do
+      FUSED_A2A_TORCH_ARENA_MB=$mb FUSED_A2A_CUDA_BLOCKS=48 timeout 150 fused-a2a bench \
+        --ranks "$NGPU" --tokens 128 512 1024 2048 4096 8192 --mode normal --frontend torch \
+        --out "$OUT/sweep_arena_$mb" >"$OUT/sweep_arena_$mb.log" 2>&1
+      echo "torch sweep, arena $mb MB: rc=$?"
+      grep -E "^torch .*(dispatch|combine)" "$OUT/sweep_arena_$mb.log" | cut -c1-80
+      grep -A4 "^GB/s dispatch" "$OUT/sweep_arena_$mb.log" | grep -E "^torch" | cut -c1-140
+      rm -f "$OUT/sweep_arena_$mb"/*.png
+    done
+    rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

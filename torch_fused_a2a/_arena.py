@@ -46,9 +46,14 @@ STEP_US: dict | None = None
 _lock = threading.Lock()
 
 
-def arena_bytes_env() -> int:
-    """FUSED_A2A_TORCH_ARENA_MB (default 0: no arena), as bytes (a multiple of 64)."""
-    text = os.environ.get("FUSED_A2A_TORCH_ARENA_MB", "0")
+DEFAULT_CUDA_MB = 1024  # two standard-case recv_x (235 MB each) with room; session 21
+
+
+def arena_bytes_env(cuda: bool = False) -> int:
+    """FUSED_A2A_TORCH_ARENA_MB as bytes (a multiple of 64); default DEFAULT_CUDA_MB for a CUDA
+    buffer (direct rows: session 21's runs), 0 (no arena) elsewhere: CPU ranks copy through the
+    window either way."""
+    text = os.environ.get("FUSED_A2A_TORCH_ARENA_MB", str(DEFAULT_CUDA_MB if cuda else 0))
     try:
         mb = float(text)
     except ValueError:

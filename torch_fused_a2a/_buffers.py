@@ -89,7 +89,7 @@ def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "norm
     same FUSED_A2A_TORCH_ARENA_MB (a normal-mode buffer's output arena: torch_fused_a2a/_arena.py).
     """
     platform, device_index = platform_of(device)
-    arena_bytes = _arena.arena_bytes_env() if tag == "normal" else 0
+    arena_bytes = _arena.arena_bytes_env(platform == PLATFORM_CUDA) if tag == "normal" else 0
     ranks = group_ranks(group)
     generation = _next_generation((tag, tuple(ranks), platform))
     group_id = stable_group_id("torch", tag, ranks, platform, generation)
