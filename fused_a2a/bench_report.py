@@ -100,6 +100,7 @@ def make_rows(frontend: str, unit_info: dict, merged: list[dict], ranks: int, de
                     "recv_bytes": recv_b,
                     "remote_bytes": remote_b,
                     "sms": ops.get("sms"),
+                    "arena": ops.get("arena"),
                     "verified": bool(ok),
                 }
             )
@@ -128,6 +129,12 @@ def merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
         for op in first["ops"]:
             if op == "sms":
                 ops[op] = first["ops"][op]
+                continue
+            if op == "arena":  # torch's output-arena counts, summed over ranks
+                ops[op] = {
+                    k: sum(e["ops"].get(op, {}).get(k, 0) for e in entries)
+                    for k in first["ops"][op]
+                }
                 continue
             timings = [e["ops"][op][0] for e in entries]  # (device_us, host_us) per rank
             ok = all(e["ops"][op][1] for e in entries)

@@ -155,12 +155,26 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
         "combine_bwd": combine_bwd,
     }
     oks = {"dispatch": ok_d, "combine": ok_c, "dispatch_bwd": ok_db, "combine_bwd": ok_cb}
+    before = _arena_counts()
     ops = {name: (ctx.timer(fn), oks[name]) for name, fn in calls.items()}
     ops["sms"] = kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None
     _profile(ctx, calls)
     if x.dtype == torch.bfloat16 and x.shape[1] % 128 == 0:
         ops["dispatch_fp8"] = _normal_fp8(ctx, x.shape, idx, w, e)
+    after = _arena_counts()
+    if after:  # the timed calls' outputs: in the output arena, or torch's for want of room
+        ops["arena"] = {k: after[k] - before.get(k, 0) for k in after}
     return ops
+
+
+def _arena_counts() -> dict:
+    """The normal-mode buffer's output-arena counts (torch_fused_a2a._arena.counts); {} without
+    a buffer or an arena."""
+    from torch_fused_a2a import _arena
+    from torch_fused_a2a import fused_a2a as module
+
+    buf = module._buffer
+    return _arena.counts(buf.group_id) if buf is not None and not buf.released else {}
 
 
 def _profile(ctx: Ctx, calls: dict) -> None:

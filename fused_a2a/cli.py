@@ -432,6 +432,16 @@ def cmd_bench(args) -> int:
         print(f"link ceiling at {c['sms']} SMs ({c['method']}): {got}")
         if shares:
             print("  wire GB/s of it: " + ", ".join(shares))
+    arena_seen = set()
+    for r in rows:  # torch's output arena: a full one sends outputs to torch (and the window)
+        key = (report.impl_label(r), r["tokens"])
+        if r.get("arena") and r["tokens"] == cfg["standard"] and key not in arena_seen:
+            arena_seen.add(key)
+            a = r["arena"]
+            print(
+                f"{key[0]} output arena: {a.get('arena', 0)} outputs in it, "
+                f"{a.get('no_room', 0)} from torch for want of room (all ranks)"
+            )
     if len(cfg["tokens"]) > 1:
         print("\nsweep of N:")
         print(report.format_sweep(rows))

@@ -110,7 +110,7 @@ OWN_ROWS = {
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
     "layout_dynamic": {"FUSED_A2A_CUDA_LAYOUT": "dynamic"},
-    # recv_x in the buffer's output arena (FUSED_A2A_TORCH_ARENA_MB, session 19; 1024 MB by
+    # recv_x in the buffer's output arena (FUSED_A2A_TORCH_ARENA_MB, session 19; 2048 MB by
     # default on CUDA since session 21), so the static kernel's senders write the rows straight
     # into it (direct rows); "require" fails a static dispatch whose recv_x is not there, so the
     # path cannot pass unused. 16 MB: these cases' outputs are small, and the CPU backend's

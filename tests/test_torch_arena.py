@@ -7,6 +7,8 @@ it ("arena", with FUSED_A2A_CUDA_DIRECT=require)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from mp import run_ranks
@@ -257,3 +259,46 @@ def test_arena_size_env_rejects_garbage(monkeypatch):
         monkeypatch.setenv("FUSED_A2A_TORCH_ARENA_MB", bad)
         with pytest.raises(ValueError, match="FUSED_A2A_TORCH_ARENA_MB"):
             arena_bytes_env()
+
+
+def test_arena_size_default_by_platform(monkeypatch):
+    """2048 MB for a CUDA buffer (session 21's measured default), none for CPU buffers; the
+    variable overrides both, 0 included."""
+    from torch_fused_a2a._arena import arena_bytes_env
+
+    monkeypatch.delenv("FUSED_A2A_TORCH_ARENA_MB", raising=False)
+    assert arena_bytes_env(cuda=True) == 2048 << 20
+    assert arena_bytes_env(cuda=False) == 0
+    monkeypatch.setenv("FUSED_A2A_TORCH_ARENA_MB", "0")
+    assert arena_bytes_env(cuda=True) == 0
+    monkeypatch.setenv("FUSED_A2A_TORCH_ARENA_MB", "8")
+    assert arena_bytes_env(cuda=False) == 8 << 20
+
+
+def test_arena_counts_outputs_placed_and_sent_to_torch():
+    """empty() counts each output the arena took and each it had no room for (the bench prints
+    both: a full arena is otherwise silent); zero-size outputs count as neither."""
+    import torch
+
+    from torch_fused_a2a import _arena
+
+    class FakeArena:  # room for outputs of up to 64 bytes
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.counts = {"arena": 0, "no_room": 0}
+
+        def tensor(self, shape, dtype, stream=None):
+            nbytes = math.prod(shape) * dtype.itemsize
+            return torch.zeros(shape, dtype=dtype) if 0 < nbytes <= 64 else None
+
+    group_id = 987654321
+    _arena._arenas[group_id] = FakeArena()
+    try:
+        for shape in ((4, 4), (8, 8), (0, 8), (2, 8)):
+            out = _arena.empty(group_id, shape, torch.float32, torch.device("cpu"))
+            assert tuple(out.shape) == shape and out.dtype == torch.float32
+        assert _arena.counts(group_id) == {"arena": 2, "no_room": 1}
+    finally:
+        _arena._arenas.pop(group_id)
+    assert _arena.counts(group_id) == {}

@@ -1,4 +1,4 @@
-"""Torch's output arena: the dispatch's recv_x inside the communication buffer (opt-in).
+"""Torch's output arena: the dispatch's recv_x inside the communication buffer (CUDA default).
 
 The static dispatch's senders write rows straight into a receiver's recv_x when every peer can
 reach it ("direct rows", csrc/kernels/cuda/dispatch.cu): 16 us less at EP 4, N = 4096 for JAX,
@@ -6,7 +6,9 @@ whose devices share one process (docs/DECISIONS.md). Torch's ranks are processes
 other's communication buffers (CUDA IPC) but not each other's torch allocations. With
 ``FUSED_A2A_TORCH_ARENA_MB`` > 0 a normal-mode buffer gets an output arena of that size after its
 data region (every peer maps it with the rest), and the dispatch takes recv_x from it when it
-fits, else from torch (its rows then go through the receive window, as without an arena).
+fits, else from torch (its rows then go through the receive window, as without an arena). The
+default on CUDA is 2048 MB (session 21: the dispatch and the combine's backward 16 us faster at
+EP 4, N = 4096, 48 SMs; 0 turns it off); CPU buffers have none unless asked.
 
 Two allocators share the semantics below: the core's (CoreArena, the default: the free list in C++,
 each block a DLPack capsule whose deleter returns it when torch frees the storage) and this
@@ -16,12 +18,10 @@ A block is a tensor over arena memory; it returns to the arena when the tensor d
 caching allocator, a freed block is reusable at once by work on the stream it was allocated on
 (stream order puts the new work after every use there); an allocation on another stream first
 waits for that stream (wait_stream). Uses on other streams are the caller's to order, as with
-torch's allocator (which offers record_stream for it). No CUDA call runs at a free: session 19
-recorded an event per free and waited for them at each allocation (100-150 us of host time an
-allocation in run 108); without them an allocation still takes 52-60 us in the rank processes
-(run 110, ~10 us a step), against ~5 us for torch.empty, which is why the arena stays opt-in
-(docs/DECISIONS.md). A block keeps the core buffer (and so the arena's memory) alive, also past
-the buffer's release.
+torch's allocator (which offers record_stream for it). No CUDA call runs at a free. The core's
+allocation takes 12-17 us of host time in the rank processes (run 111), the Python one 39-70 us,
+which made ops host-bound in session 20 (docs/DECISIONS.md). A block keeps the core buffer (and so
+the arena's memory) alive, also past the buffer's release.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ STEP_US: dict | None = None
 _lock = threading.Lock()
 
 
-DEFAULT_CUDA_MB = 1024  # two standard-case recv_x (235 MB each) with room; session 21
+DEFAULT_CUDA_MB = 2048  # session 21: with 1024 the combine's backward did not gain (run 114)
 
 
 def arena_bytes_env(cuda: bool = False) -> int:
@@ -138,6 +138,7 @@ class RowArena:
 
     def __init__(self, group_id: int, rank: int, device: torch.device):
         self.address, self.size = core.buffer_arena(group_id, rank)
+        self.counts = {"arena": 0, "no_room": 0}  # kept by empty()
         self.keep = core.buffer_ref(group_id, rank)  # the memory lives while a block does
         self.device = device
         self.spans = FreeList(self.size)
@@ -208,6 +209,7 @@ class CoreArena:
     def __init__(self, group_id: int, rank: int, device: torch.device):
         self.group_id, self.rank, self.device = group_id, rank, device
         self.address, self.size = core.buffer_arena(group_id, rank)
+        self.counts = {"arena": 0, "no_room": 0}  # kept by empty()
 
     def tensor(self, shape: tuple, dtype: torch.dtype, stream: int | None = None):
         """An uninitialised tensor of ``shape`` in the arena for work on ``stream`` (a
@@ -272,4 +274,13 @@ def empty(
     if usable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         usable = False
     out = arena.tensor(shape, dtype, stream) if usable else None
+    if usable and math.prod(shape):  # a full arena is silent otherwise (the bench reports these)
+        arena.counts["arena" if out is not None else "no_room"] += 1
     return out if out is not None else torch.empty(shape, dtype=dtype, device=device)
+
+
+def counts(group_id: int) -> dict:
+    """{"arena": outputs placed in the group's arena, "no_room": outputs that did not fit and
+    went to torch}, since the buffer's creation; {} without an arena."""
+    arena = find(group_id)
+    return dict(arena.counts) if arena is not None else {}
