@@ -117,6 +117,13 @@ OWN_ROWS = {
     # buffers of the same ranks take it in /dev/shm too. "window": no arena, so every torch
     # dispatch's rows go through the receive window (the default before session 21)
     "window": {"FUSED_A2A_TORCH_ARENA_MB": "0"},
+    # runs of consecutive tokens pushed as one span (FUSED_A2A_CUDA_COALESCE=1, session 21), in
+    # 1 KB pieces across these cases' small rows, by the senders for the own rows too
+    "coalesce": {
+        "FUSED_A2A_CUDA_COALESCE": "1",
+        "FUSED_A2A_CUDA_STAGE_KB": "1",
+        "FUSED_A2A_CUDA_SELF": "send",
+    },
     "arena": {"FUSED_A2A_TORCH_ARENA_MB": "16", "FUSED_A2A_CUDA_DIRECT": "require"},
     # the arena's blocks from the Python free list instead of the core's (session 20's A/B)
     "arena_python": {

@@ -112,6 +112,13 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
     # the former default above 1024 tokens: the scan's two passes as two kernels
     "two_kernel_scan": {"FUSED_A2A_CUDA_SCAN": "tiles"},
+    # runs of consecutive tokens pushed as one span in 16 KB pieces across row boundaries
+    # (FUSED_A2A_CUDA_COALESCE=1, session 21), the own rows by the senders too
+    "coalesce": {
+        "FUSED_A2A_CUDA_COALESCE": "1",
+        "FUSED_A2A_CUDA_STAGE_KB": "16",
+        "FUSED_A2A_CUDA_SELF": "send",
+    },
 }
 
 
@@ -131,7 +138,8 @@ def test_static_big_rows(rows, variant):
     and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
     the route scan's second pass in the dispatch and combine kernels at every N
     (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
-    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles)."""
+    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles); "coalesce": consecutive tokens' rows
+    pushed as one span (FUSED_A2A_CUDA_COALESCE=1) in 16 KB pieces."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}

@@ -34,6 +34,8 @@
 #       link probe with the dispatch's row pattern
 #   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
+#   PART=s22 (~8 min): the coalesced row pushes (FUSED_A2A_CUDA_COALESCE): tests, JAX A/B at 48
+#       and 24 SMs
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -447,6 +449,23 @@ case "${PART:-tests}" in
       rm -f "$OUT/sweep_arena_$mb"/*.png
     done
     rm -f "$OUT/build.log"
+    ;;
+  s22)  # (~8 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
+    # their GPU tests (the static big rows in 16 KB pieces across rows, the torch suite's
+    # "coalesce" variant), then the A/B at 24 and 48 SMs by the JAX bench (direct rows, no host
+    # waits): off, on with 16 KB stages, off. Prediction from run 111's probe: the dispatch -2 to
+    # -3% at 48 SMs, -3 to -5% at 24, combine unchanged (it does not use the path)
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
+      PYTEST_K="coalesce" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    for sms in 48 24; do
+      for coal in 0 1 0; do
+        AB_BLOCKS=$sms FUSED_A2A_CUDA_STAGE_KB=$((coal * 16)) ab_bench jax \
+          "coal${coal}_sms${sms}_$RANDOM" FUSED_A2A_CUDA_COALESCE=$coal --no-peers
+      done
+    done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s22.tgz --remove-files $(ls | grep -v '^s22.tgz$'))
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
