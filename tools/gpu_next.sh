@@ -34,8 +34,8 @@
 #       link probe with the dispatch's row pattern
 #   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
-#   PART=s22 (~8 min): the coalesced row pushes (FUSED_A2A_CUDA_COALESCE): tests, JAX A/B at 48
-#       and 24 SMs
+#   PART=s22 (~9 min): the coalesced row pushes (FUSED_A2A_CUDA_COALESCE): tests, JAX A/B at 48,
+#       24 and 12 SMs
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -450,7 +450,7 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log"
     ;;
-  s22)  # (~8 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
+  s22)  # (~9 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
     # their GPU tests (the static big rows in 16 KB pieces across rows, the torch suite's
     # "coalesce" variant), then the A/B at 24 and 48 SMs by the JAX bench (direct rows, no host
     # waits): off, on with 16 KB stages, off. Prediction from run 111's probe: the dispatch -2 to
@@ -458,8 +458,11 @@ case "${PART:-tests}" in
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
       PYTEST_K="coalesce" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    for sms in 48 24; do
-      for coal in 0 1 0; do
+    # 12 SMs too: with direct rows the receivers copy no rows, so few SMs may now come close to
+    # the probe's 12-SM ceiling (324 GB/s bulk, run 111); never measured since direct rows
+    for plan in ${S22_PLANS:-48:010 24:010 12:01}; do  # SMs:the COALESCE settings in order
+      sms=${plan%%:*}
+      for coal in $(echo "${plan#*:}" | grep -o .); do
         AB_BLOCKS=$sms FUSED_A2A_CUDA_STAGE_KB=$((coal * 16)) ab_bench jax \
           "coal${coal}_sms${sms}_$RANDOM" FUSED_A2A_CUDA_COALESCE=$coal --no-peers
       done
