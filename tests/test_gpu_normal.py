@@ -729,6 +729,53 @@ def _rank_timeout(rank, world):
     return ("none", "no error", time.monotonic() - start)
 
 
+def _rank_record_stream(rank, world):
+    """recv_x (an arena block) read on a side stream that is still asleep when recv_x dies and
+    the next dispatch takes the same block: with record_stream(side) the next dispatch waits for
+    the side stream, so the read sees the first dispatch's rows, not the second's."""
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+    from torch_fused_a2a import _arena, fused_a2a
+
+    torch.cuda.set_device(rank)
+    n, h, k, e = 256, 1024, 4, 16
+    gen = torch.Generator(device="cuda").manual_seed(5 + rank)
+    x = torch.randn(n, h, device="cuda", generator=gen).to(torch.bfloat16)
+    idx = torch.argsort(torch.rand(n, e, device="cuda", generator=gen), 1)[:, :k].contiguous()
+    w = torch.rand(n, k, device="cuda", generator=gen)
+    group = dist.group.WORLD
+    tfa.fused_dispatch(x, idx, w, e, group)  # the exact path once; the next ones speculate
+    rx, _, _, _, handle = tfa.fused_dispatch(x, idx, w, e, group)
+    arena = _arena.find(fused_a2a._buffer.group_id)
+    in_arena = arena is not None and arena.address <= rx.data_ptr() < arena.address + arena.size
+    want = rx.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(300_000_000)  # ~0.15-0.2 s: the next dispatch is queued long before
+        seen = rx.clone()
+    rx.record_stream(side)
+    address = rx.data_ptr()
+    del rx, handle
+    rx2, _, _, _, _ = tfa.fused_dispatch(-x, idx, w, e, group)
+    same_block = rx2.data_ptr() == address
+    torch.cuda.synchronize()
+    same = torch.equal(seen.view(torch.int16), want.view(torch.int16))
+    return dict(in_arena=in_arena, same_block=same_block, same=same)
+
+
+def test_record_stream_keeps_an_arena_block_from_reuse():
+    """torch's record_stream does nothing for memory outside its allocator; the arena hooks it
+    (torch_fused_a2a/_arena.py), so a stream that still reads a dead recv_x holds its block."""
+    _need(2)
+    res = run_ranks(_rank_record_stream, 2, timeout=180, env=GPU_ENV)
+    for r, got in enumerate(res):
+        assert got["in_arena"] and got["same_block"], f"rank {r}: the test did not reuse: {got}"
+        assert got["same"], f"rank {r}: the side stream read the next dispatch's rows"
+
+
 def _rank_direct_require(rank, world):
     import torch
     import torch.distributed as dist

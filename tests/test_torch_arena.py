@@ -302,3 +302,58 @@ def test_arena_counts_outputs_placed_and_sent_to_torch():
     finally:
         _arena._arenas.pop(group_id)
     assert _arena.counts(group_id) == {}
+
+
+def test_recorded_streams_come_back_with_the_free_span():
+    """record_stream on an arena tensor (hooked to note_stream_use) records the stream with its
+    block; at the free, the span carries the allocation's stream and the recorded ones, which the
+    next allocation for another stream waits for (CUDA). A tensor outside the arena, or the same
+    stream twice, records nothing new."""
+    import torch
+
+    import fused_a2a_core as core
+    from fused_a2a._common import PLATFORM_CPU
+    from torch_fused_a2a._arena import CoreArena, note_stream_use
+
+    gid = 0x5EC0
+    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, 16 * ALIGN)
+    core.buffer_connect(gid, 0, [info])
+    core.buffer_seal(gid, 0)
+    from torch_fused_a2a import _arena
+
+    arena = CoreArena(gid, 0, torch.device("cpu"))
+    _arena._arenas[gid] = arena
+    try:
+        block = arena.tensor((4, 32), torch.float32, stream=11)
+        other = arena.tensor((2, 32), torch.float32, stream=33)
+        assert note_stream_use(block, 22) and note_stream_use(block, 22)
+        assert not note_stream_use(torch.zeros(4), 22)
+        assert core.arena_free_span_streams(gid, 0) == []  # the rest of the arena: never used
+        del block
+        assert sorted(core.arena_free_span_streams(gid, 0)) == [11, 22]
+        del other
+        assert sorted(core.arena_free_span_streams(gid, 0)) == [11, 22, 33]
+        assert arena.free_bytes() == arena.size
+    finally:
+        _arena._arenas.pop(gid, None)
+        core.arena_drop(gid)
+        core.buffer_release(gid)
+
+
+def test_record_stream_hook_chains_to_torch(monkeypatch):
+    """The hook keeps torch's record_stream (called first, with the same arguments) and is
+    installed once."""
+    import torch
+
+    from torch_fused_a2a import _arena
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: calls.append((t, s)))
+    monkeypatch.setattr(_arena, "_torch_record_stream", None)
+    _arena._hook_record_stream()
+    hooked = torch.Tensor.record_stream
+    _arena._hook_record_stream()
+    assert torch.Tensor.record_stream is hooked
+    t = torch.zeros(2)
+    t.record_stream("s")
+    assert len(calls) == 1 and calls[0][0] is t and calls[0][1] == "s"

@@ -452,12 +452,13 @@ case "${PART:-tests}" in
     ;;
   s22)  # (~9 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
     # their GPU tests (the static big rows in 16 KB pieces across rows, the torch suite's
-    # "coalesce" variant), then the A/B at 24 and 48 SMs by the JAX bench (direct rows, no host
+    # "coalesce" variant) and the arena's record_stream hook (a side stream's late read of a dead
+    # recv_x), then the A/B at 24 and 48 SMs by the JAX bench (direct rows, no host
     # waits): off, on with 16 KB stages, off. Prediction from run 111's probe: the dispatch -2 to
     # -3% at 48 SMs, -3 to -5% at 24, combine unchanged (it does not use the path)
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
-      PYTEST_K="coalesce" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+      PYTEST_K="coalesce or record_stream" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     # 12 SMs too: with direct rows the receivers copy no rows, so few SMs may now come close to
     # the probe's 12-SM ceiling (324 GB/s bulk, run 111); never measured since direct rows
     for plan in ${S22_PLANS:-48:010 24:010 12:01}; do  # SMs:the COALESCE settings in order

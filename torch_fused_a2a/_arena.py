@@ -17,11 +17,12 @@ file's Python one (RowArena, FUSED_A2A_TORCH_ARENA_ALLOC=python).
 A block is a tensor over arena memory; it returns to the arena when the tensor dies. Like torch's
 caching allocator, a freed block is reusable at once by work on the stream it was allocated on
 (stream order puts the new work after every use there); an allocation on another stream first
-waits for that stream (wait_stream). Uses on other streams are the caller's to order, as with
-torch's allocator (which offers record_stream for it). No CUDA call runs at a free. The core's
-allocation takes 12-17 us of host time in the rank processes (run 111), the Python one 39-70 us,
-which made ops host-bound in session 20 (docs/DECISIONS.md). A block keeps the core buffer (and so
-the arena's memory) alive, also past the buffer's release.
+waits for that stream (wait_stream), and in the core's arena for every stream recorded with
+torch's record_stream (hooked: torch's own does nothing for memory it did not allocate). Other
+uses on other streams are the caller's to order, as with torch's allocator. No CUDA call runs at
+a free. The core's allocation takes 12-17 us of host time in the rank processes (run 111), the
+Python one 39-70 us, which made ops host-bound in session 20 (docs/DECISIONS.md). A block keeps
+the core buffer (and so the arena's memory) alive, also past the buffer's release.
 """
 
 from __future__ import annotations
@@ -238,6 +239,48 @@ class CoreArena:
     def free_bytes(self) -> int:
         return core.arena_free_bytes(self.group_id, self.rank)
 
+    def record_use(self, address: int, stream: int) -> bool:
+        return core.arena_record_use(self.group_id, self.rank, address, stream)
+
+
+def note_stream_use(tensor: torch.Tensor, stream: int) -> bool:
+    """Records ``stream`` (a cudaStream_t as an integer) as a user of ``tensor``'s arena block, so
+    the block's next allocation for another stream waits for it (torch's record_stream, hooked
+    below); False when the tensor is not over a block of the core's arena (the Python allocator
+    does not track users: an A/B path)."""
+    address = tensor.untyped_storage().data_ptr()
+    with _lock:
+        arenas = list(_arenas.values())
+    for arena in arenas:
+        if isinstance(arena, CoreArena) and arena.address <= address < arena.address + arena.size:
+            return arena.record_use(address, stream)
+    return False
+
+
+_torch_record_stream = None  # torch.Tensor.record_stream before _hook_record_stream
+
+
+def _hook_record_stream() -> None:
+    """torch.Tensor.record_stream tells the caching allocator that another stream uses a tensor;
+    for memory it did not allocate it does nothing. A pipeline that hands recv_x to another stream
+    and relies on it (instead of ordering the streams) would see the arena reuse the block under
+    that stream's reads. So, once an arena exists, record_stream also records the stream with the
+    tensor's arena block (no CUDA call; one address check for other tensors). Torch's own C++
+    callers of recordStream are not seen."""
+    global _torch_record_stream
+    if _torch_record_stream is not None:
+        return
+    original = torch.Tensor.record_stream
+
+    def record_stream(self, stream):
+        original(self, stream)
+        if _arenas and self.is_cuda:
+            note_stream_use(self, stream.cuda_stream)
+
+    record_stream.__doc__ = original.__doc__
+    _torch_record_stream = original
+    torch.Tensor.record_stream = record_stream
+
 
 def register(group_id: int, rank: int, device: torch.device) -> None:
     """After the buffer of ``group_id`` is connected, if it has an arena."""
@@ -248,6 +291,8 @@ def register(group_id: int, rank: int, device: torch.device) -> None:
     if arena.size > 0:
         with _lock:
             _arenas[group_id] = arena
+        if device.type == "cuda":
+            _hook_record_stream()
 
 
 def unregister(group_id: int) -> None:

@@ -124,6 +124,30 @@ void register_arena(py::module_& m) {
         return arena ? arena->free_bytes() : 0;
       },
       py::arg("group_id"), py::arg("rank"), "Free bytes of the buffer's output arena.");
+  m.def(
+      "arena_record_use",
+      [](int64_t group_id, int rank, uintptr_t address, uintptr_t stream) -> bool {
+        auto arena = output_arena(group_id, rank);
+        const auto base = reinterpret_cast<uintptr_t>(arena ? arena->base() : nullptr);
+        if (!arena || address < base || address >= base + arena->size()) return false;
+        return arena->record_use(static_cast<int64_t>(address - base),
+                                 Stream{reinterpret_cast<void*>(stream)});
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("address"), py::arg("stream"),
+      "Records `stream` (a cudaStream_t as an integer) as a user of the arena block that starts "
+      "at `address` (torch's record_stream): its memory's next allocation for another stream "
+      "waits for it. False when no live block of this buffer's arena starts there.");
+  m.def(
+      "arena_free_span_streams",
+      [](int64_t group_id, int rank) {
+        std::vector<uintptr_t> out;
+        if (auto arena = output_arena(group_id, rank)) {
+          for (void* s : arena->free_span_streams()) out.push_back(reinterpret_cast<uintptr_t>(s));
+        }
+        return out;
+      },
+      py::arg("group_id"), py::arg("rank"),
+      "The streams (as integers) of the arena's free spans' last uses, each once (tests).");
   m.def("arena_drop", &output_arena_drop, py::arg("group_id"),
         "At the buffer's release: no new arena blocks; live ones keep the memory.");
 }

@@ -30,7 +30,7 @@ int64_t OutputArena::allocate(size_t bytes, Stream stream) {
     } else {
       span->start += need;  // the rest keeps the streams: its memory had the same last uses
     }
-    taken_[start] = {need, stream.handle};
+    taken_[start] = {need, {stream.handle}};
   }
   if (buffer_->platform() == Platform::kCUDA) {
     for (void* last : last_uses) {
@@ -46,11 +46,11 @@ void OutputArena::release(int64_t offset) {
   FA2A_CHECK_RUNTIME(block != taken_.end(), "arena release of offset ", offset,
                      ", which is not a live block");
   const size_t start = block->first, end = start + block->second.bytes;
-  void* stream = block->second.stream;
+  std::vector<void*> streams = std::move(block->second.streams);
   taken_.erase(block);
   auto next = std::lower_bound(free_.begin(), free_.end(), start,
                                [](const Span& s, size_t at) { return s.start < at; });
-  auto span = free_.insert(next, Span{start, end, {stream}});
+  auto span = free_.insert(next, Span{start, end, std::move(streams)});
   auto merge_streams = [](Span& into, const Span& other) {
     for (void* s : other.streams) {
       if (std::find(into.streams.begin(), into.streams.end(), s) == into.streams.end())
@@ -69,6 +69,28 @@ void OutputArena::release(int64_t offset) {
       free_.erase(span);
     }
   }
+}
+
+bool OutputArena::record_use(int64_t offset, Stream stream) {
+  if (offset < 0) return false;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto block = taken_.find(static_cast<size_t>(offset));
+  if (block == taken_.end()) return false;
+  std::vector<void*>& streams = block->second.streams;
+  if (std::find(streams.begin(), streams.end(), stream.handle) == streams.end())
+    streams.push_back(stream.handle);
+  return true;
+}
+
+std::vector<void*> OutputArena::free_span_streams() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<void*> all;
+  for (const Span& s : free_) {
+    for (void* stream : s.streams) {
+      if (std::find(all.begin(), all.end(), stream) == all.end()) all.push_back(stream);
+    }
+  }
+  return all;
 }
 
 size_t OutputArena::free_bytes() {

@@ -3,7 +3,10 @@
 // First fit, kAlign-byte blocks, with torch's caching-allocator stream semantics: a freed block is
 // reusable at once by work on the stream it was allocated for (stream order puts that work after
 // every earlier use there); an allocation for another stream first makes its stream wait for
-// that one. Uses on other streams are the caller's to order, as with torch's allocator.
+// that one, and for every stream recorded as a user of the block (record_use: torch's
+// record_stream, which does not reach memory outside torch's allocator, is hooked to it). The
+// wait is for the other stream's work queued at the allocation, which includes every use of the
+// freed block there (queued before its free).
 #pragma once
 
 #include <cstddef>
@@ -29,6 +32,11 @@ class OutputArena {
   int64_t allocate(size_t bytes, Stream stream);
   // Returns the block at `offset` (an allocate result) to the free spans; any thread.
   void release(int64_t offset);
+  // Records `stream` as a user of the live block at `offset` (torch's record_stream); false when
+  // no live block starts there.
+  bool record_use(int64_t offset, Stream stream);
+  // The streams of the free spans' last uses, each once (tests)
+  std::vector<void*> free_span_streams();
   size_t free_bytes();
   uint8_t* base() const { return buffer_->arena(buffer_->rank()); }
   size_t size() const { return buffer_->arena_bytes(); }
@@ -41,7 +49,7 @@ class OutputArena {
   };
   struct Block {
     size_t bytes;
-    void* stream;
+    std::vector<void*> streams;  // the allocation's stream, then the recorded users
   };
   std::shared_ptr<Buffer> buffer_;  // the memory lives while the arena (and so a block) does
   std::mutex mutex_;
