@@ -453,19 +453,25 @@ case "${PART:-tests}" in
   s22)  # (~9 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
     # their GPU tests (the static big rows in 16 KB pieces across rows, the torch suite's
     # "coalesce" variant) and the arena's record_stream hook (a side stream's late read of a dead
-    # recv_x), then the A/B at 24 and 48 SMs by the JAX bench (direct rows, no host
-    # waits): off, on with 16 KB stages, off. Prediction from run 111's probe: the dispatch -2 to
-    # -3% at 48 SMs, -3 to -5% at 24, combine unchanged (it does not use the path)
+    # recv_x), then the A/B at 48, 24 and 12 SMs by the JAX bench (direct rows, no host
+    # waits; S22_PLANS): off, 16 KB stages alone, with coalescing too. Prediction from run 111's probe: the dispatch -2 to
+    # -3% at 48 SMs, -3 to -5% at 24. The combine (whose chunks are already contiguous spans) gets
+    # 16 KB pieces too: its change, if any, is the piece size's alone
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
       PYTEST_K="coalesce or record_stream" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     # 12 SMs too: with direct rows the receivers copy no rows, so few SMs may now come close to
     # the probe's 12-SM ceiling (324 GB/s bulk, run 111); never measured since direct rows
-    for plan in ${S22_PLANS:-48:010 24:010 12:01}; do  # SMs:the COALESCE settings in order
+    # settings: off; stage (16 KB pieces alone: the combine's and the dispatch's piece size);
+    # both (16 KB pieces and coalesced runs: the dispatch's runs span rows)
+    for plan in ${S22_PLANS:-48:off,stage,both,off 24:off,stage,both 12:off,both}; do
       sms=${plan%%:*}
-      for coal in $(echo "${plan#*:}" | grep -o .); do
-        AB_BLOCKS=$sms FUSED_A2A_CUDA_STAGE_KB=$((coal * 16)) ab_bench jax \
-          "coal${coal}_sms${sms}_$RANDOM" FUSED_A2A_CUDA_COALESCE=$coal --no-peers
+      for setting in $(echo "${plan#*:}" | tr , " "); do
+        stage=16 coal=0
+        [[ $setting == off ]] && stage=0
+        [[ $setting == both ]] && coal=1
+        AB_BLOCKS=$sms FUSED_A2A_CUDA_STAGE_KB=$stage ab_bench jax \
+          "${setting}_sms${sms}_$RANDOM" FUSED_A2A_CUDA_COALESCE=$coal --no-peers
       done
     done
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
