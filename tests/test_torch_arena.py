@@ -357,3 +357,47 @@ def test_record_stream_hook_chains_to_torch(monkeypatch):
     t = torch.zeros(2)
     t.record_stream("s")
     assert len(calls) == 1 and calls[0][0] is t and calls[0][1] == "s"
+
+
+def _rank_default_arena_fallback(rank, world):
+    import warnings
+
+    import torch.distributed as dist
+
+    from torch_fused_a2a._buffers import _create_default_arena
+
+    made, released = [], []
+
+    def create(arena):  # rank 1 has no room for the arena
+        if arena and rank == 1:
+            raise RuntimeError("fused_a2a: cannot allocate the buffer (test)")
+        made.append(arena)
+        return f"info {rank} {arena}"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info, with_arena = _create_default_arena(
+            dist.group.WORLD, world, create, lambda: released.append(True), 1 << 20
+        )
+    roomy, _ = _create_default_arena(dist.group.WORLD, world, lambda a: f"ok {a}", None, 64)
+    return dict(
+        info=info,
+        with_arena=with_arena,
+        made=made,
+        released=len(released),
+        warned=[str(w.message) for w in caught],
+        roomy=roomy,
+    )
+
+
+def test_default_arena_falls_back_together_where_a_rank_has_no_room():
+    """The default arena (FUSED_A2A_TORCH_ARENA_MB unset) is dropped on every rank, with a
+    warning naming the ranks, when one rank cannot allocate it; the ranks that had made theirs
+    release them first. With room everywhere, every rank keeps it."""
+    res = run_ranks(_rank_default_arena_fallback, 3, timeout=120)
+    for r, got in enumerate(res):
+        assert got["info"] == f"info {r} 0" and not got["with_arena"], got
+        assert got["made"] == ([0] if r == 1 else [1 << 20, 0]), got
+        assert got["released"] == (0 if r == 1 else 1), got
+        assert len(got["warned"]) == 1 and "ranks [1]" in got["warned"][0], got
+        assert got["roomy"] == "ok 64", got

@@ -64,6 +64,11 @@ def arena_bytes_env(cuda: bool = False) -> int:
     return int(mb * (1 << 20)) // 64 * 64
 
 
+def arena_is_default() -> bool:
+    """True when FUSED_A2A_TORCH_ARENA_MB is unset (the size is the package's choice)."""
+    return "FUSED_A2A_TORCH_ARENA_MB" not in os.environ
+
+
 def _own_tensor(raw: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     """A tensor of ``dtype`` and ``shape`` of its own over raw's storage, not a view (the custom
     ops' outputs)."""

@@ -9,6 +9,7 @@ module holds the Python handle (``Buffer``) that Megatron-style code keeps in ``
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,33 @@ class Buffer:
             self.released = True
 
 
+def _create_default_arena(
+    group, num_ranks: int, create, release, arena_bytes: int
+) -> tuple[str, bool]:
+    """(this rank's info, with the arena): the default arena (not asked for by the user) costs
+    device memory a drop-in user did not budget, so where any rank cannot allocate it, every rank
+    creates its buffer without one (collective), with a warning, instead of failing."""
+    try:
+        info, error = create(arena_bytes), None
+    except RuntimeError as err:
+        info, error = None, err
+    oks: list = [None] * num_ranks
+    dist.all_gather_object(oks, info is not None, group=group)
+    if all(oks):
+        return info, True
+    if info is not None:
+        release()
+    failed = [r for r, ok in enumerate(oks) if not ok]
+    warnings.warn(
+        f"fused_a2a: no room for the default {arena_bytes >> 20} MB output arena on ranks "
+        f"{failed} ({error or 'another rank'}); the torch buffers go without one (rows through "
+        "the receive window). FUSED_A2A_TORCH_ARENA_MB sets its size, 0 turns it off.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return create(0), False
+
+
 def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "normal") -> Buffer:
     """Collective: every rank of ``group`` must call this with the same ``data_bytes`` and the
     same FUSED_A2A_TORCH_ARENA_MB (a normal-mode buffer's output arena: torch_fused_a2a/_arena.py).
@@ -97,9 +125,19 @@ def create_buffer(group, data_bytes: int, device: torch.device, tag: str = "norm
     num_ranks = dist.get_world_size(group)
     if platform == PLATFORM_CUDA:
         torch.cuda.synchronize(device_index)
-    info = core.buffer_create(
-        group_id, rank, num_ranks, data_bytes, platform, device_index, arena_bytes
-    )
+
+    def create(arena: int) -> str:
+        return core.buffer_create(
+            group_id, rank, num_ranks, data_bytes, platform, device_index, arena
+        )
+
+    if arena_bytes and _arena.arena_is_default():
+        info, with_arena = _create_default_arena(
+            group, num_ranks, create, lambda: core.buffer_release(group_id), arena_bytes
+        )
+        arena_bytes = arena_bytes if with_arena else 0
+    else:
+        info = create(arena_bytes)
     infos: list = [None] * num_ranks
     try:
         dist.all_gather_object(infos, info, group=group)
