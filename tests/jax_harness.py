@@ -87,11 +87,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(script: str, num_processes: int, local_devices: int, timeout: float = 300):
+def run_processes(
+    script: str,
+    num_processes: int,
+    local_devices: int,
+    timeout: float = 300,
+    extra_env: dict | None = None,
+    process_env=None,
+):
     """Start `script PROCESS_ID NUM_PROCESSES PORT` in `num_processes` processes; -> results of
-    each. Every process is killed if the group has not finished within `timeout` seconds."""
+    each. Every process is killed if the group has not finished within `timeout` seconds.
+    extra_env: for every process (after child_env's); process_env(p): process p's own."""
     port = free_port()
-    env = child_env(local_devices)
+    env = child_env(local_devices, extra_env)
     procs = [
         subprocess.Popen(
             [
@@ -101,7 +109,7 @@ def run_processes(script: str, num_processes: int, local_devices: int, timeout: 
                 str(num_processes),
                 str(port),
             ],
-            env=env,
+            env=dict(env, **(process_env(p) if process_env else {})),
             cwd=TESTS_DIR,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,4 +1,5 @@
-"""One process of a multi-process JAX run (jax.distributed, CPU devices); see test_jax_multiprocess.
+"""One process of a multi-process JAX run (jax.distributed; CPU devices, or GPUs with
+FA2A_MP_LOCAL_DEVICES); see test_jax_misc.py and test_gpu_jax_multiprocess.py.
 
     python tests/jax_mp_worker.py PROCESS_ID NUM_PROCESSES PORT
 
@@ -26,11 +27,15 @@ def main():
     pid, nproc, port = (int(a) for a in sys.argv[1:4])
     import jax
 
+    # On GPUs (tests/test_gpu_jax_multiprocess.py) each process drives its own GPUs of the host,
+    # all of them visible (CUDA IPC between the processes, as torch's ranks)
+    local = os.environ.get("FA2A_MP_LOCAL_DEVICES")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=nproc,
         process_id=pid,
         initialization_timeout=60,
+        local_device_ids=[int(d) for d in local.split(",")] if local else None,
     )
     from jax.sharding import Mesh
 

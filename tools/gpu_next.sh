@@ -34,8 +34,8 @@
 #       link probe with the dispatch's row pattern
 #   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
-#   PART=s22 (~9 min): the coalesced row pushes (FUSED_A2A_CUDA_COALESCE): tests, JAX A/B at 48,
-#       24 and 12 SMs
+#   PART=s22t (~5 min): session 21's GPU tests (coalesced rows, record_stream, JAX over two
+#       processes); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -450,18 +450,24 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log"
     ;;
-  s22)  # (~9 min) session 21's coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1, compile-checked):
-    # their GPU tests (the static big rows in 16 KB pieces across rows, the torch suite's
-    # "coalesce" variant) and the arena's record_stream hook (a side stream's late read of a dead
-    # recv_x), then the A/B at 48, 24 and 12 SMs by the JAX bench (direct rows, no host
-    # waits; S22_PLANS): off, 16 KB stages alone, with coalescing too. Prediction from run 111's probe: the dispatch -2 to
-    # -3% at 48 SMs, -3 to -5% at 24. The combine (whose chunks are already contiguous spans) gets
-    # 16 KB pieces too: its change, if any, is the piece size's alone
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_normal.py tests/test_gpu_static_rows.py" \
-      PYTEST_K="coalesce or record_stream" bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    # 12 SMs too: with direct rows the receivers copy no rows, so few SMs may now come close to
-    # the probe's 12-SM ceiling (324 GB/s bulk, run 111); never measured since direct rows
+  s22t)  # (~5 min) session 21's GPU tests: the coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1,
+    # compile-checked: the static big rows in 16 KB pieces across rows, the torch suite's
+    # "coalesce" variant), the arena's record_stream hook (a side stream's late read of a dead
+    # recv_x), and JAX over two processes on GPUs (2 x 1 and 2 x 2 GPUs: CUDA IPC between the
+    # processes, never run on GPUs before). Then PART=s22 on the warm machine.
+    STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_jax_multiprocess.py" \
+      PYTEST_K="coalesce or record_stream or multiprocess" bash tools/gpu_check.sh \
+      | grep -E "build:|tests:|FAILED"
+    grep -E "passed|failed|FAILED|s call|Error" "$OUT/tests.log" | tail -14 | cut -c1-300
+    rm -f "$OUT/build.log"
+    ;;
+  s22)  # (~7 min, after s22t on the warm machine) the A/B of the coalesced row pushes at 48, 24
+    # and 12 SMs by the JAX bench (direct rows, no host waits; S22_PLANS): off, 16 KB stages
+    # alone, with coalescing too. Prediction from run 111's probe: the dispatch -2 to -3% at 48
+    # SMs, -3 to -5% at 24. The combine (whose chunks are already contiguous spans) gets 16 KB
+    # pieces too: its change, if any, is the piece size's alone
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     # settings: off; stage (16 KB pieces alone: the combine's and the dispatch's piece size);
     # both (16 KB pieces and coalesced runs: the dispatch's runs span rows)
     for plan in ${S22_PLANS:-48:off,stage,both,off 24:off,stage,both 12:off,both}; do
