@@ -401,3 +401,25 @@ def test_default_arena_falls_back_together_where_a_rank_has_no_room():
         assert got["released"] == (0 if r == 1 else 1), got
         assert len(got["warned"]) == 1 and "ranks [1]" in got["warned"][0], got
         assert got["roomy"] == "ok 64", got
+
+
+def test_record_stream_hook_stream_handles():
+    """A torch.cuda.Stream-like object gives its cuda_stream; an unknown object gives None with one
+    warning per type (the hook never raises where torch's record_stream did not)."""
+    import warnings
+
+    from torch_fused_a2a import _arena
+
+    class CudaLike:
+        cuda_stream = 1234
+
+    class Unknown:
+        pass
+
+    assert _arena._stream_handle(CudaLike()) == 1234
+    _arena._warned_streams.discard("Unknown")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _arena._stream_handle(Unknown()) is None
+        assert _arena._stream_handle(Unknown()) is None
+    assert len(caught) == 1 and "Unknown" in str(caught[0].message)

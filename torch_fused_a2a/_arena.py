@@ -32,6 +32,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -263,6 +264,33 @@ def note_stream_use(tensor: torch.Tensor, stream: int) -> bool:
 
 
 _torch_record_stream = None  # torch.Tensor.record_stream before _hook_record_stream
+_warned_streams: set = set()
+
+
+def _stream_handle(stream) -> int | None:
+    """The cudaStream_t (an integer) of a torch.cuda.Stream or a torch.Stream; None, with one
+    warning per type, for anything else (then nothing is recorded: the hook never raises where
+    torch's record_stream did not)."""
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is not None:
+        return handle
+    try:  # torch.Stream (the accelerator API): the same stream as a torch.cuda.Stream
+        return torch.cuda.Stream(
+            stream_id=stream.stream_id,
+            device_index=stream.device_index,
+            device_type=stream.device_type,
+        ).cuda_stream
+    except Exception:  # noqa: BLE001 - an unknown stream object: warn, do not fail the call
+        kind = type(stream).__name__
+        if kind not in _warned_streams:
+            _warned_streams.add(kind)
+            warnings.warn(
+                f"fused_a2a: record_stream with a {kind} (not a CUDA stream): an arena tensor's "
+                "block does not learn of that stream's use",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
 
 
 def _hook_record_stream() -> None:
@@ -280,7 +308,9 @@ def _hook_record_stream() -> None:
     def record_stream(self, stream):
         original(self, stream)
         if _arenas and self.is_cuda:
-            note_stream_use(self, stream.cuda_stream)
+            handle = _stream_handle(stream)
+            if handle is not None:
+                note_stream_use(self, handle)
 
     record_stream.__doc__ = original.__doc__
     _torch_record_stream = original
