@@ -68,7 +68,7 @@ ab_bench() {
     --ranks "$NGPU" --tokens 4096 --mode normal --frontend "$frontend" "$@" --out "$OUT/$name" \
     >"$OUT/$name.log" 2>&1
   echo "bench $frontend $setting: rc=$?"
-  grep -E "^(torch|jax) .*(dispatch|combine)(_bwd)? " "$OUT/$name.log" | cut -c1-100
+  grep -E "^(torch|jax) .*(dispatch|combine)(_bwd)? |output arena" "$OUT/$name.log" | cut -c1-100
 }
 
 # The torch HybridEP bench at N = 4096 (against normal mode + permute and NCCL) under the
@@ -444,7 +444,7 @@ case "${PART:-tests}" in
         --ranks "$NGPU" --tokens 128 512 1024 2048 4096 8192 --mode normal --frontend torch \
         --out "$OUT/sweep_arena_$mb" >"$OUT/sweep_arena_$mb.log" 2>&1
       echo "torch sweep, arena $mb MB: rc=$?"
-      grep -E "^torch .*(dispatch|combine)" "$OUT/sweep_arena_$mb.log" | cut -c1-80
+      grep -E "^torch .*(dispatch|combine)|output arena" "$OUT/sweep_arena_$mb.log" | cut -c1-100
       grep -A4 "^GB/s dispatch" "$OUT/sweep_arena_$mb.log" | grep -E "^torch" | cut -c1-140
       rm -f "$OUT/sweep_arena_$mb"/*.png
     done
