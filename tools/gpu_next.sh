@@ -36,6 +36,7 @@
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
 #   PART=s22t (~5 min): session 21's GPU tests (coalesced rows, record_stream, JAX over two
 #       processes); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
+#   PART=s22f (~3 min): torch's FP8 dynamic dispatch through the static kernel, A/B
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -482,6 +483,21 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s22.tgz --remove-files $(ls | grep -v '^s22.tgz$'))
+    ;;
+  s22f)  # (~3 min, warm machine) torch's FP8 dynamic dispatch through the static kernel
+    # (FUSED_A2A_TORCH_SPECULATIVE_FP8=static, session 21: one launch and the count exchange
+    # inside, but no metadata records kernel) against the two kernels (records), alternating,
+    # twice each; the bench checks the FP8 rows against the bf16 path's bits. Prediction: FP8
+    # dispatch -10 to -15 us as for bf16 in run 87, unless the lost records cost more (~48 us in
+    # session 10's FP8 453 -> 405 us)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    i=0
+    for fp8 in two static two static; do
+      i=$((i + 1))
+      ab_bench torch "fp8_${i}_$fp8" FUSED_A2A_TORCH_SPECULATIVE_FP8=$fp8 --no-peers
+      grep -E "dispatch_fp8" "$OUT/fp8_${i}_$fp8.log" | cut -c1-110
+    done
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch
