@@ -221,6 +221,9 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "loads_ahead2": {"FUSED_A2A_CUDA_LOADS_AHEAD": "2"},
     "records": {"FUSED_A2A_CUDA_RECORDS": "1", "FUSED_A2A_CUDA_SCAN": "tiles"},
     "no_records": {"FUSED_A2A_CUDA_RECORDS": "0"},
+    # the route scan's second pass in the kernel without records: what torch's FP8 dynamic
+    # dispatch runs with FUSED_A2A_TORCH_SPECULATIVE_FP8=static (session 21)
+    "fused_no_records": {"FUSED_A2A_CUDA_RECORDS": "0", "FUSED_A2A_CUDA_SCAN": "fused"},
     # padding rows zeroed before the receivers' first item
     "zero_first": {"FUSED_A2A_CUDA_ZERO": "first"},
     "ready": {"FUSED_A2A_CUDA_LAYOUT": "ready"},  # a round-0 ready message from each receiver

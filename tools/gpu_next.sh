@@ -35,7 +35,7 @@
 #   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
 #   PART=s22t (~5 min): session 21's GPU tests (coalesced rows, record_stream, JAX over two
-#       processes); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
+#       processes, FP8 through the fused scan); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
 #   PART=s22f (~3 min): torch's FP8 dynamic dispatch through the static kernel, A/B
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
@@ -458,7 +458,7 @@ case "${PART:-tests}" in
     # processes, never run on GPUs before). Then PART=s22 on the warm machine.
     STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_jax_multiprocess.py" \
-      PYTEST_K="coalesce or record_stream or multiprocess" bash tools/gpu_check.sh \
+      PYTEST_K="coalesce or record_stream or multiprocess or fused_no_records" bash tools/gpu_check.sh \
       | grep -E "build:|tests:|FAILED"
     grep -E "passed|failed|FAILED|s call|Error" "$OUT/tests.log" | tail -14 | cut -c1-300
     rm -f "$OUT/build.log"
