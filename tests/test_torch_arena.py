@@ -75,6 +75,16 @@ def test_free_list_random_against_a_byte_map():
     assert [span[:2] for span in spans.free_spans] == [[0, size]]
 
 
+def _one_rank_cpu_buffer(gid: int, arena_bytes: int) -> None:
+    """A connected, sealed one-rank CPU buffer of group ``gid`` with an output arena."""
+    import fused_a2a_core as core
+    from fused_a2a._common import PLATFORM_CPU
+
+    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, arena_bytes)
+    core.buffer_connect(gid, 0, [info])
+    core.buffer_seal(gid, 0)
+
+
 def test_core_arena_blocks_as_dlpack_tensors():
     """The core's arena (csrc/core/arena.cc) on a one-rank CPU buffer: blocks come back as torch
     tensors of their own over the arena (DLPack), 512-byte aligned and first fit, typed (bf16,
@@ -85,14 +95,11 @@ def test_core_arena_blocks_as_dlpack_tensors():
     import torch
 
     import fused_a2a_core as core
-    from fused_a2a._common import PLATFORM_CPU
     from torch_fused_a2a._arena import CoreArena
 
     gid = 0x5EED0A
     size = 64 * ALIGN
-    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, size)
-    core.buffer_connect(gid, 0, [info])
-    core.buffer_seal(gid, 0)
+    _one_rank_cpu_buffer(gid, size)
     arena = CoreArena(gid, 0, torch.device("cpu"))
     assert arena.size == size and arena.free_bytes() == size
     a = arena.tensor((3, 100), torch.bfloat16)  # 600 bytes: two aligned units
@@ -143,14 +150,11 @@ def test_core_arena_random_against_a_byte_map():
     import torch
 
     import fused_a2a_core as core
-    from fused_a2a._common import PLATFORM_CPU
     from torch_fused_a2a._arena import CoreArena
 
     gid = 0x5EED0B
     size = 64 * ALIGN
-    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, size)
-    core.buffer_connect(gid, 0, [info])
-    core.buffer_seal(gid, 0)
+    _one_rank_cpu_buffer(gid, size)
     try:
         arena = CoreArena(gid, 0, torch.device("cpu"))
         rng = np.random.default_rng(9)
@@ -312,13 +316,10 @@ def test_recorded_streams_come_back_with_the_free_span():
     import torch
 
     import fused_a2a_core as core
-    from fused_a2a._common import PLATFORM_CPU
     from torch_fused_a2a._arena import CoreArena, note_stream_use
 
     gid = 0x5EC0
-    info = core.buffer_create(gid, 0, 1, 4096, PLATFORM_CPU, 0, 16 * ALIGN)
-    core.buffer_connect(gid, 0, [info])
-    core.buffer_seal(gid, 0)
+    _one_rank_cpu_buffer(gid, 16 * ALIGN)
     from torch_fused_a2a import _arena
 
     arena = CoreArena(gid, 0, torch.device("cpu"))

@@ -8,6 +8,14 @@
 #include "fused_a2a/errors.h"
 
 namespace fa2a {
+namespace {
+
+// Adds `stream` to a block's or span's streams unless it is there (the lists stay a few long).
+void add_stream(std::vector<void*>& streams, void* stream) {
+  if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
+}
+
+}  // namespace
 
 OutputArena::OutputArena(std::shared_ptr<Buffer> buffer) : buffer_(std::move(buffer)) {
   if (size() > 0) free_.push_back({0, size(), {}});
@@ -52,10 +60,7 @@ void OutputArena::release(int64_t offset) {
                                [](const Span& s, size_t at) { return s.start < at; });
   auto span = free_.insert(next, Span{start, end, std::move(streams)});
   auto merge_streams = [](Span& into, const Span& other) {
-    for (void* s : other.streams) {
-      if (std::find(into.streams.begin(), into.streams.end(), s) == into.streams.end())
-        into.streams.push_back(s);
-    }
+    for (void* s : other.streams) add_stream(into.streams, s);
   };
   if (auto after = span + 1; after != free_.end() && after->start == end) {
     span->end = after->end;
@@ -76,9 +81,7 @@ bool OutputArena::record_use(int64_t offset, Stream stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto block = taken_.find(static_cast<size_t>(offset));
   if (block == taken_.end()) return false;
-  std::vector<void*>& streams = block->second.streams;
-  if (std::find(streams.begin(), streams.end(), stream.handle) == streams.end())
-    streams.push_back(stream.handle);
+  add_stream(block->second.streams, stream.handle);
   return true;
 }
 
@@ -86,9 +89,7 @@ std::vector<void*> OutputArena::free_span_streams() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<void*> all;
   for (const Span& s : free_) {
-    for (void* stream : s.streams) {
-      if (std::find(all.begin(), all.end(), stream) == all.end()) all.push_back(stream);
-    }
+    for (void* stream : s.streams) add_stream(all, stream);
   }
   return all;
 }
