@@ -117,13 +117,6 @@ OWN_ROWS = {
     # buffers of the same ranks take it in /dev/shm too. "window": no arena, so every torch
     # dispatch's rows go through the receive window (the default before session 21)
     "window": {"FUSED_A2A_TORCH_ARENA_MB": "0"},
-    # runs of consecutive tokens pushed as one span (FUSED_A2A_CUDA_COALESCE=1, session 21), in
-    # 1 KB pieces across these cases' small rows, by the senders for the own rows too
-    "coalesce": {
-        "FUSED_A2A_CUDA_COALESCE": "1",
-        "FUSED_A2A_CUDA_STAGE_KB": "1",
-        "FUSED_A2A_CUDA_SELF": "send",
-    },
     "arena": {"FUSED_A2A_TORCH_ARENA_MB": "16", "FUSED_A2A_CUDA_DIRECT": "require"},
     # the arena's blocks from the Python free list instead of the core's (session 20's A/B)
     "arena_python": {
@@ -138,6 +131,13 @@ OWN_ROWS = {
         "FUSED_A2A_TORCH_ARENA_MB": "16",
         "FUSED_A2A_CUDA_DIRECT": "require",
         "FUSED_A2A_CUDA_DIRECT_READY": "0",
+    },
+    # runs of consecutive tokens pushed as one span (FUSED_A2A_CUDA_COALESCE=1, session 21), in
+    # 1 KB pieces across these cases' small rows, by the senders for the own rows too
+    "coalesce": {
+        "FUSED_A2A_CUDA_COALESCE": "1",
+        "FUSED_A2A_CUDA_STAGE_KB": "1",
+        "FUSED_A2A_CUDA_SELF": "send",
     },
 }
 
@@ -800,10 +800,13 @@ def test_direct_rows_require_fails_for_a_group_across_processes():
     naming the group size where the ranks are processes (torch) and recv_x is not in an output
     arena (none here; the default has one): no peer has mapped it."""
     _need(2)
-    env = dict(GPU_ENV, FUSED_A2A_CUDA_DIRECT="require", FUSED_A2A_TIMEOUT_S="5")
-    res = run_ranks(
-        _rank_direct_require, 2, timeout=120, env=dict(env, FUSED_A2A_TORCH_ARENA_MB="0")
+    env = dict(
+        GPU_ENV,
+        FUSED_A2A_CUDA_DIRECT="require",
+        FUSED_A2A_TIMEOUT_S="5",
+        FUSED_A2A_TORCH_ARENA_MB="0",
     )
+    res = run_ranks(_rank_direct_require, 2, timeout=120, env=env)
     for msg in res:
         assert "FUSED_A2A_CUDA_DIRECT=require" in msg and "group of 2 ranks" in msg, msg
 
