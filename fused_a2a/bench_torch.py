@@ -158,7 +158,7 @@ def _fused_normal(ctx: Ctx, exp: Expected) -> dict:
     before = _arena_counts()
     ops = {name: (ctx.timer(fn), oks[name]) for name, fn in calls.items()}
     ops["sms"] = kernel_sms(tfa._num_sms) if ctx.device.type == "cuda" else None
-    _profile(ctx, calls)
+    _profile(ctx, calls, f"n{x.shape[0]}")
     if x.dtype == torch.bfloat16 and x.shape[1] % 128 == 0:
         ops["dispatch_fp8"] = _normal_fp8(ctx, x.shape, idx, w, e)
     after = _arena_counts()
@@ -177,15 +177,17 @@ def _arena_counts() -> dict:
     return _arena.counts(buf.group_id) if buf is not None and not buf.released else {}
 
 
-def _profile(ctx: Ctx, calls: dict) -> None:
+def _profile(ctx: Ctx, calls: dict, tag: str) -> None:
     """FA2A_BENCH_PROFILE=op[,op...] (GPU): 10 more calls of each named op under torch.profiler on
     every rank (they are collective); rank 0 prints the host-side and kernel tables, so a host
-    cost (an allocator, a wait) shows apart from the kernels."""
+    cost (an allocator, a wait, a CUDA API call of the core) shows apart from the kernels, and
+    with FA2A_BENCH_PROFILE_DIR writes each op's Chrome trace there (profile_<op>_<tag>.json)."""
     names = [n for n in os.environ.get("FA2A_BENCH_PROFILE", "").split(",") if n in calls]
     if not names or ctx.device.type != "cuda":
         return
     import torch
 
+    trace_dir = os.environ.get("FA2A_BENCH_PROFILE_DIR")
     for name in names:
         fn = calls[name]
         fn()
@@ -196,8 +198,15 @@ def _profile(ctx: Ctx, calls: dict) -> None:
                 fn()
             torch.cuda.synchronize()
         if ctx.rank == 0:
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
-            print(f"profile of {name} (rank 0, 10 calls):\n{table}", flush=True)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=32)
+            print(f"profile of {name} {tag} (rank 0, 10 calls):\n{table}", flush=True)
+        if trace_dir:  # 10 more calls with Python's frames (slower: its own pass)
+            with torch.profiler.profile(activities=activities, with_stack=True) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            if ctx.rank == 0:
+                prof.export_chrome_trace(os.path.join(trace_dir, f"profile_{name}_{tag}.json"))
 
 
 def _fp8_rows(ctx: Ctx, shape):

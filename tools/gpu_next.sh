@@ -37,6 +37,8 @@
 #   PART=s22t (~5 min): session 21's GPU tests (coalesced rows, record_stream, JAX over two
 #       processes, FP8 through the fused scan); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
 #   PART=s22f (~3 min): torch's FP8 dynamic dispatch through the static kernel, A/B
+#   PART=s22h (~4 min): torch.profiler tables and traces of the torch dispatch / combine's host
+#       path at N = 128 and 4096; host_profile.py
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -483,6 +485,24 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s22.tgz --remove-files $(ls | grep -v '^s22.tgz$'))
+    ;;
+  s22h)  # (~4 min) where the torch calls' host time goes: at N = 128 the dispatch took 444-473
+    # us of host time a call in runs 116-117 (the combine 147-181) against JAX's ~60 us on the GPU,
+    # and at N = 4096 a host path that long leaves the dispatch little slack (run 117: 553.8 us,
+    # host 529, against 527.0 in run 116). torch.profiler tables (CUDA runtime calls included)
+    # and Chrome traces with Python frames, rank 0, at N = 128 and 4096; host_profile.py's routes
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for n in 128 4096; do
+      FA2A_BENCH_PROFILE=dispatch,combine FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 \
+        timeout 150 fused-a2a bench --ranks "$NGPU" --tokens $n --mode normal --frontend torch \
+        --no-peers --out "$OUT/prof_n$n" >"$OUT/prof_n$n.log" 2>&1
+      echo "torch bench with profiles, N = $n: rc=$?"
+      grep -E "^torch .*(dispatch|combine) " "$OUT/prof_n$n.log" | cut -c1-100
+    done
+    timeout 120 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 128 --profiles 0 \
+      --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s22h.tgz --remove-files $(ls | grep -v '^s22h.tgz$'))
     ;;
   s22f)  # (~3 min, warm machine) torch's FP8 dynamic dispatch through the static kernel
     # (FUSED_A2A_TORCH_SPECULATIVE_FP8=static, session 21: one launch and the count exchange
