@@ -181,7 +181,8 @@ def _profile(ctx: Ctx, calls: dict, tag: str) -> None:
     """FA2A_BENCH_PROFILE=op[,op...] (GPU): 10 more calls of each named op under torch.profiler on
     every rank (they are collective); rank 0 prints the host-side and kernel tables, so a host
     cost (an allocator, a wait, a CUDA API call of the core) shows apart from the kernels, and
-    with FA2A_BENCH_PROFILE_DIR writes each op's Chrome trace there (profile_<op>_<tag>.json)."""
+    with FA2A_BENCH_PROFILE_DIR every rank writes each op's Chrome trace there
+    (profile_<op>_<tag>_r<rank>.json)."""
     names = [n for n in os.environ.get("FA2A_BENCH_PROFILE", "").split(",") if n in calls]
     if not names or ctx.device.type != "cuda":
         return
@@ -205,8 +206,9 @@ def _profile(ctx: Ctx, calls: dict, tag: str) -> None:
                 for _ in range(10):
                     fn()
                 torch.cuda.synchronize()
-            if ctx.rank == 0:
-                prof.export_chrome_trace(os.path.join(trace_dir, f"profile_{name}_{tag}.json"))
+            # every rank's: the slowest rank's host path sets a host-bound op's period
+            path = os.path.join(trace_dir, f"profile_{name}_{tag}_r{ctx.rank}.json")
+            prof.export_chrome_trace(path)
 
 
 def _fp8_rows(ctx: Ctx, shape):

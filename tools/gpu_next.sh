@@ -39,6 +39,7 @@
 #   PART=s22f (~3 min): torch's FP8 dynamic dispatch through the static kernel, A/B
 #   PART=s22h (~4 min): torch.profiler tables and traces of the torch dispatch / combine's host
 #       path at N = 128 and 4096; host_profile.py
+#   PART=s22i (~3 min): every rank's trace of the torch dispatch at N = 128, with the host trims
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -503,6 +504,22 @@ case "${PART:-tests}" in
       --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s22h.tgz --remove-files $(ls | grep -v '^s22h.tgz$'))
+    ;;
+  s22i)  # (~3 min) run 119 (PART=s22h): at N = 128 rank 0's dispatch kernel waited ~360 us a
+    # call for the peers' layouts (its host path ~400 us of a 760-us period, traced), so a peer's
+    # host path sets the period. Every rank's trace of the dispatch at N = 128 (which rank is
+    # slow, and where), with session 22's host trims (the raw current stream, the host counts
+    # through NumPy, get_buffer's fast path); host_profile.py's routes against run 119's
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    FA2A_BENCH_PROFILE=dispatch FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 \
+      timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 128 --mode normal --frontend torch \
+      --no-peers --out "$OUT/prof_n128" >"$OUT/prof_n128.log" 2>&1
+    echo "torch bench with profiles, N = 128: rc=$?"
+    grep -E "^torch .*(dispatch|combine) " "$OUT/prof_n128.log" | cut -c1-100
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s22i.tgz --remove-files profile_* prof_n128 prof_n128.log)
+    timeout 60 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 128 --profiles 0 \
+      --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
     ;;
   s22f)  # (~3 min, warm machine) torch's FP8 dynamic dispatch through the static kernel
     # (FUSED_A2A_TORCH_SPECULATIVE_FP8=static, session 21: one launch and the count exchange

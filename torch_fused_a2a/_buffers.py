@@ -65,6 +65,8 @@ class Buffer:
     num_nvl_bytes: int
     num_rdma_bytes: int = 0
     released: bool = field(default=False)
+    # The largest row size (bytes) get_buffer found this buffer big enough for
+    checked_hidden_bytes: int = field(default=0)
 
     @property
     def device(self) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 
+import numpy as np
 import torch
 
 import fused_a2a_core as core
@@ -41,8 +42,18 @@ def dtype_code(tensor: torch.Tensor, name: str) -> int:
         raise TypeError(f"{name} has unsupported dtype {tensor.dtype}") from None
 
 
+# The current stream's cudaStream_t in one call (CUDA builds of torch; what torch.compile's
+# generated code uses): torch.cuda.current_stream builds a Stream object first, 13-15 us of a
+# dispatch's host path on the GPU machine (run 119's trace).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None and device.index is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 _placeholders: dict = {}
@@ -200,9 +211,11 @@ def _speculative_rows(seen: int, num_ranks: int, num_tokens: int, row_bytes: int
 def _read_host_counts(head: torch.Tensor, group_id: int, seen: int, num_local: int):
     """(num_recv, group_max_tokens, tokens_per_expert as int64) from the count exchange's host
     counts; the group's largest N so far is updated from them."""
-    num_recv, _, group_max = head[:3].tolist()
+    # through NumPy: Tensor.tolist and Tensor.to took ~30 us of run 119's traced host path
+    words = head.numpy()
+    num_recv, group_max = int(words[0]), int(words[2])
     _group_max_seen[group_id] = max(seen, group_max)
-    return num_recv, group_max, head[3 : 3 + num_local].to(torch.int64)
+    return num_recv, group_max, torch.from_numpy(words[3 : 3 + num_local].astype(np.int64))
 
 
 def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool):
