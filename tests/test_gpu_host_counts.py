@@ -117,7 +117,9 @@ def test_host_counts_pinned_and_pageable_agree():
             assert got["stats"][0] == want_counts.sum() and got["stats"][2] == group_max
 
 
-@pytest.mark.parametrize("layout", ["default", "dynamic", "two_kernels"])
+@pytest.mark.parametrize(
+    "layout", ["default", "dynamic", "two_kernels", "default-pause", "default-sleep"]
+)
 def test_dynamic_dispatch_speculative_paths_gpu(layout):
     """tests/test_torch_normal.py's speculative-path steps on GPUs: outputs shrunk to num_recv
     rows, a redo when the group's largest N grew; bitwise against the reference. "default": the
@@ -125,11 +127,15 @@ def test_dynamic_dispatch_speculative_paths_gpu(layout):
     the counts are exchanged. "two_kernels": the data kernel queued behind the count exchange
     (FUSED_A2A_TORCH_SPECULATIVE=two_kernels). "dynamic": that, with the exchange publishing
     every rank's layout (with the speculative capacity, or none on the exact path), so the data
-    kernel sends no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic)."""
+    kernel sends no ready message (FUSED_A2A_CUDA_LAYOUT=dynamic). "-pause" / "-sleep": the
+    host's wait for the ticket with FUSED_A2A_HOST_WAIT=pause / sleep."""
     import test_torch_normal as tn
 
     _need(3)
     env = {**GPU_ENV, "FA2A_TEST_DEVICE": "cuda"}
+    layout, _, host_wait = layout.partition("-")
+    if host_wait:
+        env["FUSED_A2A_HOST_WAIT"] = host_wait
     if layout != "default":
         env["FUSED_A2A_TORCH_SPECULATIVE"] = "two_kernels"
     if layout == "dynamic":

@@ -40,6 +40,8 @@
 #   PART=s22h (~4 min): torch.profiler tables and traces of the torch dispatch / combine's host
 #       path at N = 128 and 4096; host_profile.py
 #   PART=s22i (~3 min): every rank's trace of the torch dispatch at N = 128, with the host trims
+#   PART=s23w (~8 min): the host's ticket wait (FUSED_A2A_HOST_WAIT spin / pause / sleep): the
+#       speculative-path GPU tests, the torch bench A/B at N = 128 and 4096, traces
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -520,6 +522,35 @@ case "${PART:-tests}" in
     (cd "$OUT" && tar czf s22i.tgz --remove-files profile_* prof_n128 prof_n128.log)
     timeout 60 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 128 --profiles 0 \
       --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
+    ;;
+  s23w)  # (~8 min) the host's wait for the dispatch's ticket (FUSED_A2A_HOST_WAIT, session 22).
+    # Run 120 (2x H200, EP 2, N = 128, traced): rank 1 ran its whole host path ~2x slower than
+    # rank 0 (os.environ.get 25 us, torch.empty 20-35, the core's dispatch call 69 against 24)
+    # while rank 0 spun ~360 us a call waiting for rank 1's layout: a busy spin taking the core
+    # (or hardware-thread sibling) the rank behind needs. Prediction: with pause or sleep the
+    # torch dispatch at N = 128 falls from ~460 us toward the ranks' own host path (~250-300 at
+    # EP 4), the combine unchanged; at N = 4096 no change beyond noise (the host has slack). The
+    # speculative-path GPU tests with each mode first, then the A/B twice, then traces
+    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" PYTEST_K="speculative_paths" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    for n in 128 4096; do
+      for wait in spin pause sleep spin pause sleep; do
+        [[ $n == 4096 && -e "$OUT/wait_${wait}_n$n.log" ]] && continue  # once each at 4096
+        FUSED_A2A_HOST_WAIT=$wait FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
+          --ranks "$NGPU" --tokens $n --mode normal --frontend torch --no-peers \
+          --out "$OUT/wait_${wait}_n$n" >"$OUT/wait_${wait}_n$n.log" 2>&1
+        echo "torch bench N = $n, FUSED_A2A_HOST_WAIT=$wait: rc=$?"
+        grep -E "^torch .*(dispatch|combine) " "$OUT/wait_${wait}_n$n.log" | cut -c1-90
+      done
+    done
+    FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause} FA2A_BENCH_PROFILE=dispatch \
+      FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
+      --ranks "$NGPU" --tokens 128 --mode normal --frontend torch --no-peers \
+      --out "$OUT/prof_n128" >"$OUT/prof_n128.log" 2>&1
+    echo "traced (FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause}): rc=$?"
+    rm -f "$OUT/build.log" "$OUT"/*/bench.png
+    (cd "$OUT" && tar czf s23w.tgz --remove-files $(ls | grep -v '^s23w.tgz$'))
     ;;
   s22f)  # (~3 min, warm machine) torch's FP8 dynamic dispatch through the static kernel
     # (FUSED_A2A_TORCH_SPECULATIVE_FP8=static, session 21: one launch and the count exchange

@@ -7,6 +7,9 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "state.h"
 
@@ -469,17 +472,53 @@ int device_sm_count(int device) {
   return v;
 }
 
+namespace {
+
+// One spin's pause: the PAUSE instruction (x86) / YIELD (Arm) leaves the core's issue slots to
+// its sibling hardware thread, which may be a peer rank's host path (session 22, run 120: the
+// rank behind ran its whole host path ~2x slower while the rank ahead spun).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+enum class HostWait { kSpin, kPause, kSleep };
+
+// FUSED_A2A_HOST_WAIT: "spin" (the default: a busy loop), "pause" (a PAUSE every spin), "sleep"
+// (PAUSE for the first kSleepAfter, then 10-us sleeps between checks).
+HostWait host_wait_env() {
+  const char* v = std::getenv("FUSED_A2A_HOST_WAIT");
+  if (!v || !*v || std::strcmp(v, "spin") == 0) return HostWait::kSpin;
+  if (std::strcmp(v, "pause") == 0) return HostWait::kPause;
+  if (std::strcmp(v, "sleep") == 0) return HostWait::kSleep;
+  FA2A_FAIL(ErrorKind::kValue, "FUSED_A2A_HOST_WAIT must be spin, pause or sleep, got '", v, "'");
+}
+
+}  // namespace
+
 void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
                       const cudaStream_t* stream, const char* op) {
+  const HostWait mode = host_wait_env();
+  constexpr auto kSleepAfter = std::chrono::microseconds(20);
   const auto start = std::chrono::steady_clock::now();
   const auto limit = std::chrono::nanoseconds(2 * timeout_ns()) + std::chrono::seconds(5);
+  bool sleeping = false;
   for (unsigned spins = 0;; ++spins) {
     if (*word == ticket) {
       std::atomic_thread_fence(std::memory_order_acquire);
       return;
     }
     if (st.host_error->code != 0) check_no_error(st, buffer);
-    if ((spins & 1023u) != 1023u) continue;
+    if (sleeping) {
+      std::this_thread::sleep_for(std::chrono::microseconds(10));
+    } else if (mode != HostWait::kSpin) {
+      cpu_relax();
+    }
+    // every 1024 spins (every spin once sleeping): the stream, the deadline, a yield
+    if (!sleeping && (spins & 1023u) != 1023u) continue;
     if (stream) {
       const cudaError_t err = cudaStreamQuery(*stream);
       if (err != cudaSuccess && err != cudaErrorNotReady) {
@@ -493,11 +532,16 @@ void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* wor
                   ": the kernel ended without writing its host counts");
       }
     }
-    if (std::chrono::steady_clock::now() - start > limit)
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (waited > limit)
       FA2A_FAIL(ErrorKind::kTimeout, "fused_a2a CUDA: ", op, " on rank ", buffer.rank(),
                 ": the count exchange did not finish within ",
                 std::chrono::duration<double>(limit).count(), " s");
-    std::this_thread::yield();
+    if (mode == HostWait::kSleep && waited > kSleepAfter) {
+      sleeping = true;
+    } else if (!sleeping) {
+      std::this_thread::yield();
+    }
   }
 }
 

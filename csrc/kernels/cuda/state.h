@@ -159,6 +159,8 @@ void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const ch
 // the error word every spin; every 1024 spins yields, checks the deadline (2 x timeout_ns() +
 // 5 s: a backstop for a kernel that never runs) and, given `stream`, the stream (a fault, or the
 // kernel ended without writing the ticket). op: the op's name for the messages.
+// FUSED_A2A_HOST_WAIT=pause adds a PAUSE to every spin; =sleep sleeps 10 us between checks after
+// the first 20 us (state.cu).
 void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
                       const cudaStream_t* stream, const char* op);
 
