@@ -132,13 +132,6 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_DIRECT": "require",
         "FUSED_A2A_CUDA_DIRECT_READY": "0",
     },
-    # runs of consecutive tokens pushed as one span (FUSED_A2A_CUDA_COALESCE=1, session 21), in
-    # 1 KB pieces across these cases' small rows, by the senders for the own rows too
-    "coalesce": {
-        "FUSED_A2A_CUDA_COALESCE": "1",
-        "FUSED_A2A_CUDA_STAGE_KB": "1",
-        "FUSED_A2A_CUDA_SELF": "send",
-    },
 }
 
 

@@ -112,13 +112,6 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
     # the former default above 1024 tokens: the scan's two passes as two kernels
     "two_kernel_scan": {"FUSED_A2A_CUDA_SCAN": "tiles"},
-    # runs of consecutive tokens pushed as one span in 16 KB pieces across row boundaries
-    # (FUSED_A2A_CUDA_COALESCE=1, session 21), the own rows by the senders too
-    "coalesce": {
-        "FUSED_A2A_CUDA_COALESCE": "1",
-        "FUSED_A2A_CUDA_STAGE_KB": "16",
-        "FUSED_A2A_CUDA_SELF": "send",
-    },
 }
 
 
@@ -138,8 +131,7 @@ def test_static_big_rows(rows, variant):
     and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
     the route scan's second pass in the dispatch and combine kernels at every N
     (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
-    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles); "coalesce": consecutive tokens' rows
-    pushed as one span (FUSED_A2A_CUDA_COALESCE=1) in 16 KB pieces."""
+    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -221,8 +213,8 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "loads_ahead2": {"FUSED_A2A_CUDA_LOADS_AHEAD": "2"},
     "records": {"FUSED_A2A_CUDA_RECORDS": "1", "FUSED_A2A_CUDA_SCAN": "tiles"},
     "no_records": {"FUSED_A2A_CUDA_RECORDS": "0"},
-    # the route scan's second pass in the kernel without records: what torch's FP8 dynamic
-    # dispatch runs with FUSED_A2A_TORCH_SPECULATIVE_FP8=static (session 21)
+    # the route scan's second pass in the kernel without records (FP8 rows through the static
+    # speculative path of session 21, removed after run 117; still a valid setting)
     "fused_no_records": {"FUSED_A2A_CUDA_RECORDS": "0", "FUSED_A2A_CUDA_SCAN": "fused"},
     # padding rows zeroed before the receivers' first item
     "zero_first": {"FUSED_A2A_CUDA_ZERO": "first"},

@@ -615,20 +615,16 @@ def test_is_nvshmem_available():
 
 def test_speculative_kernel_choice(monkeypatch):
     """Which kernels the speculative dispatch runs (_ops._speculative_static): the static kernel
-    by default for G <= 8 and non-FP8 rows (FP8 too with FUSED_A2A_TORCH_SPECULATIVE_FP8=static);
+    by default for G <= 8 and non-FP8 rows;
     two kernels when asked, for FP8 rows, G > 8 or FUSED_A2A_CUDA_LAYOUT=ready; a bad value names
     the variable and the value."""
     from torch_fused_a2a import _ops
 
     monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE", raising=False)
-    monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE_FP8", raising=False)
     monkeypatch.delenv("FUSED_A2A_CUDA_LAYOUT", raising=False)
     assert _ops._speculative_static(8, fp8=False)
     assert not _ops._speculative_static(9, fp8=False)
     assert not _ops._speculative_static(4, fp8=True)
-    monkeypatch.setenv("FUSED_A2A_TORCH_SPECULATIVE_FP8", "static")  # session 21's A/B
-    assert _ops._speculative_static(4, fp8=True)
-    monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE_FP8")
     monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "ready")
     assert not _ops._speculative_static(4, fp8=False)
     monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "dynamic")

@@ -34,19 +34,16 @@
 #       link probe with the dispatch's row pattern
 #   PART=s21b (~7 min): the GPU tests at session 21's default (torch's output arena on CUDA)
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
-#   PART=s22t (~5 min): session 21's GPU tests (coalesced rows, record_stream, JAX over two
-#       processes, FP8 through the fused scan); PART=s22 (~7 min, warm machine): the coalescing A/B at 48, 24 and 12 SMs
-#   PART=s22f (~3 min): torch's FP8 dynamic dispatch through the static kernel, A/B
 #   PART=s22h (~4 min): torch.profiler tables and traces of the torch dispatch / combine's host
 #       path at N = 128 and 4096; host_profile.py
-#   PART=s22i (~3 min): every rank's trace of the torch dispatch at N = 128, with the host trims
 #   PART=s23w (~8 min): the host's ticket wait (FUSED_A2A_HOST_WAIT spin / pause / sleep): the
 #       speculative-path GPU tests, the torch bench A/B at N = 128 and 4096, traces
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
 # of earlier sessions (s7, s7b, claim, s8, s9, s9b, s10, s10b-d, s11, s11b-e, s12, s12b-c,
-# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-g, s16, s19) are in git history.
+# s13, s13b-e, s14, s14b-e, s14x2, s14h, s15, s15c-g, s16, s19, s22t, s22, s22f, s22i) are in git
+# history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/gpu_env.sh
@@ -456,39 +453,6 @@ case "${PART:-tests}" in
     done
     rm -f "$OUT/build.log"
     ;;
-  s22t)  # (~5 min) session 21's GPU tests: the coalesced row pushes (FUSED_A2A_CUDA_COALESCE=1,
-    # compile-checked: the static big rows in 16 KB pieces across rows, the torch suite's
-    # "coalesce" variant), the arena's record_stream hook (a side stream's late read of a dead
-    # recv_x), and JAX over two processes on GPUs (2 x 1 and 2 x 2 GPUs: CUDA IPC between the
-    # processes, never run on GPUs before). Then PART=s22 on the warm machine.
-    STEPS=build,test STEP_TIMEOUT_TEST=420 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_jax_multiprocess.py" \
-      PYTEST_K="coalesce or record_stream or multiprocess or fused_no_records" bash tools/gpu_check.sh \
-      | grep -E "build:|tests:|FAILED"
-    grep -E "passed|failed|FAILED|s call|Error" "$OUT/tests.log" | tail -14 | cut -c1-300
-    rm -f "$OUT/build.log"
-    ;;
-  s22)  # (~7 min, after s22t on the warm machine) the A/B of the coalesced row pushes at 48, 24
-    # and 12 SMs by the JAX bench (direct rows, no host waits; S22_PLANS): off, 16 KB stages
-    # alone, with coalescing too. Prediction from run 111's probe: the dispatch -2 to -3% at 48
-    # SMs, -3 to -5% at 24. The combine (whose chunks are already contiguous spans) gets 16 KB
-    # pieces too: its change, if any, is the piece size's alone
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    # settings: off; stage (16 KB pieces alone: the combine's and the dispatch's piece size);
-    # both (16 KB pieces and coalesced runs: the dispatch's runs span rows)
-    for plan in ${S22_PLANS:-48:off,stage,both,off 24:off,stage,both 12:off,both}; do
-      sms=${plan%%:*}
-      for setting in $(echo "${plan#*:}" | tr , " "); do
-        stage=16 coal=0
-        [[ $setting == off ]] && stage=0
-        [[ $setting == both ]] && coal=1
-        AB_BLOCKS=$sms FUSED_A2A_CUDA_STAGE_KB=$stage ab_bench jax \
-          "${setting}_sms${sms}_$RANDOM" FUSED_A2A_CUDA_COALESCE=$coal --no-peers
-      done
-    done
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s22.tgz --remove-files $(ls | grep -v '^s22.tgz$'))
-    ;;
   s22h)  # (~4 min) where the torch calls' host time goes: at N = 128 the dispatch took 444-473
     # us of host time a call in runs 116-117 (the combine 147-181) against JAX's ~60 us on the GPU,
     # and at N = 4096 a host path that long leaves the dispatch little slack (run 117: 553.8 us,
@@ -506,22 +470,6 @@ case "${PART:-tests}" in
       --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s22h.tgz --remove-files $(ls | grep -v '^s22h.tgz$'))
-    ;;
-  s22i)  # (~3 min) run 119 (PART=s22h): at N = 128 rank 0's dispatch kernel waited ~360 us a
-    # call for the peers' layouts (its host path ~400 us of a 760-us period, traced), so a peer's
-    # host path sets the period. Every rank's trace of the dispatch at N = 128 (which rank is
-    # slow, and where), with session 22's host trims (the raw current stream, the host counts
-    # through NumPy, get_buffer's fast path); host_profile.py's routes against run 119's
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    FA2A_BENCH_PROFILE=dispatch FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 \
-      timeout 100 fused-a2a bench --ranks "$NGPU" --tokens 128 --mode normal --frontend torch \
-      --no-peers --out "$OUT/prof_n128" >"$OUT/prof_n128.log" 2>&1
-    echo "torch bench with profiles, N = 128: rc=$?"
-    grep -E "^torch .*(dispatch|combine) " "$OUT/prof_n128.log" | cut -c1-100
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
-    (cd "$OUT" && tar czf s22i.tgz --remove-files profile_* prof_n128 prof_n128.log)
-    timeout 60 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 128 --profiles 0 \
-      --out "$OUT/host_routes.json" 2>&1 | grep -E "^(op|fused|raw|get|torch)" | cut -c1-120
     ;;
   s23w)  # (~8 min) the host's wait for the dispatch's ticket (FUSED_A2A_HOST_WAIT, session 22).
     # Run 120 (2x H200, EP 2, N = 128, traced): rank 1 ran its whole host path ~2x slower than
@@ -551,21 +499,6 @@ case "${PART:-tests}" in
     echo "traced (FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause}): rc=$?"
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s23w.tgz --remove-files $(ls | grep -v '^s23w.tgz$'))
-    ;;
-  s22f)  # (~3 min, warm machine) torch's FP8 dynamic dispatch through the static kernel
-    # (FUSED_A2A_TORCH_SPECULATIVE_FP8=static, session 21: one launch and the count exchange
-    # inside, but no metadata records kernel) against the two kernels (records), alternating,
-    # twice each; the bench checks the FP8 rows against the bf16 path's bits. Prediction: FP8
-    # dispatch -10 to -15 us as for bf16 in run 87, unless the lost records cost more (~48 us in
-    # session 10's FP8 453 -> 405 us)
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    i=0
-    for fp8 in two static two static; do
-      i=$((i + 1))
-      ab_bench torch "fp8_${i}_$fp8" FUSED_A2A_TORCH_SPECULATIVE_FP8=$fp8 --no-peers
-      grep -E "dispatch_fp8" "$OUT/fp8_${i}_$fp8.log" | cut -c1-110
-    done
-    rm -f "$OUT/build.log" "$OUT"/*/bench.png
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

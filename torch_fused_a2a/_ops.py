@@ -183,9 +183,9 @@ def _speculative_static(num_ranks: int, fp8: bool) -> bool:
     to -16.5 us at EP 4 (24 and 48 SMs) and EP 2 in run 87 (4x H100). The default for G <= 8
     and bf16 / fp16 / f32 rows; FUSED_A2A_TORCH_SPECULATIVE=two_kernels (set alike on every
     rank) keeps the two kernels. FP8 rows keep them too (this path runs without the metadata
-    records kernel, which FP8 rows above 512 tokens use) unless FUSED_A2A_TORCH_SPECULATIVE_FP8
-    is "static" (session 21, for the A/B; set alike on every rank), as does
-    FUSED_A2A_CUDA_LAYOUT=ready (the static kernel's exchange is its layout notify)."""
+    records kernel, which FP8 rows above 512 tokens use: through the static kernel they lost
+    45-112 us in run 117), as does FUSED_A2A_CUDA_LAYOUT=ready (the static kernel's exchange is
+    its layout notify)."""
     mode = os.environ.get("FUSED_A2A_TORCH_SPECULATIVE", "static")
     if mode not in _SPECULATIVE_MODES:
         raise ValueError(
@@ -194,7 +194,7 @@ def _speculative_static(num_ranks: int, fp8: bool) -> bool:
     return (
         mode == "static"
         and num_ranks <= _STATIC_SPECULATIVE_MAX_RANKS
-        and (not fp8 or os.environ.get("FUSED_A2A_TORCH_SPECULATIVE_FP8") == "static")
+        and not fp8
         and os.environ.get("FUSED_A2A_CUDA_LAYOUT") != "ready"
     )
 

@@ -536,7 +536,6 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
     }
   }
   p.claim_items = claim_items_env();
-  p.coalesce_rows = coalesce_rows_env();
   p.recv_rows = recv_rows_env();
   p.recv_own_column = env_is("FUSED_A2A_CUDA_RECV_COLS", "all");
   p.zero_while_waiting = zero_while_waiting_env();

@@ -39,11 +39,6 @@ struct DispatchParams {
   bool zero_while_waiting;  // receivers zero padding rows during flag waits (FUSED_A2A_CUDA_ZERO)
   bool layout_notify;    // static, G <= kLayoutMaxRanks: no round-0 ready (FUSED_A2A_CUDA_LAYOUT)
   bool recv_own_column;  // receiver items keep an empty own column (FUSED_A2A_CUDA_RECV_COLS=all)
-  // Senders push a run of consecutive tokens of a chunk as one span (FUSED_A2A_CUDA_COALESCE=1):
-  // bulk pieces of a whole stage (FUSED_A2A_CUDA_STAGE_KB) across row boundaries, contiguous at
-  // both ends, instead of one piece a row (run 111's probe: single rows -2.4%, gathered rows -5%
-  // against 16 KB pieces of 64 KB items at 24 SMs; -1.5% / -2.7% at 48)
-  bool coalesce_rows;
   // Direct rows (the static dispatch with the layout notify, and with FUSED_A2A_CUDA_DIRECT_READY
   // the dispatches whose receivers send a ready message; FUSED_A2A_CUDA_DIRECT=0 turns them off):
   // every peer reaches this rank's recv_x (all in this process, or recv_x in this rank's output

@@ -6,16 +6,6 @@
 
 namespace fa2a::cuda::dispatch_impl {
 
-// The length of the run of a chunk's rows from row i whose tokens (row k's: tokens[k * stride],
-// k < n) follow t (row i's) one by one: their source rows are contiguous in x, as their
-// destination rows are in the chunk.
-template <typename Token>
-__device__ __forceinline__ int token_run(const Token* tokens, int i, int n, Token t, int stride) {
-  int run = 1;
-  while (i + run < n && tokens[(i + run) * stride] == t + static_cast<Token>(run)) ++run;
-  return run;
-}
-
 // The metadata of own rows j0 + [0, n) of this rank's send list (list = send_list + r * N + j0)
 // straight into the outputs of recv_x rows [P0, P0 + n): from the precomputed records when there
 // are (coalesced loads, batched as the receivers' window records), else computed here.
@@ -115,11 +105,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       tr.add(2, t_phase);
       if (lane == 0) {
         t_phase = WarpTrace::now();
-        for (int i = 0; i < n;) {
-          const int t = __ldg(list + i);  // an L1 hit: own_chunk_meta loaded the list
-          const int run = p.coalesce_rows ? token_run(list, i, n, t, 1) : 1;
-          pipe.push_span(p.recv_x + (P0 + i) * rb, p.x + static_cast<size_t>(t) * rb, run * rb);
-          i += run;
+        for (int i = 0; i < n; ++i) {
+          const size_t t = __ldg(list + i);  // an L1 hit: own_chunk_meta loaded the list
+          pipe.push_span(p.recv_x + (P0 + i) * rb, p.x + t * rb, rb);
         }
         tr.add(3, t_phase);
       }
@@ -181,11 +169,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         } else {
           pipe.store_staged(dmeta, stage, record_bytes);
         }
-        for (int i = 0; i < n && !ablated(p, 4);) {
-          const uint32_t t = stage[i * stride];
-          const int run = p.coalesce_rows ? token_run(stage, i, n, t, stride) : 1;
-          pipe.push_span(drows + i * rb, p.x + static_cast<size_t>(t) * rb, run * rb);
-          i += run;
+        for (int i = 0; i < n && !ablated(p, 4); ++i) {
+          const size_t t = stage[i * stride];
+          pipe.push_span(drows + i * rb, p.x + t * rb, rb);
         }
         tr.add(3, t_phase);
         t_phase = WarpTrace::now();

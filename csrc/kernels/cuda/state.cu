@@ -426,8 +426,6 @@ bool group_in_process(CudaState& st, const Buffer& buffer) {
 
 bool claim_items_env() { return env_int("FUSED_A2A_CUDA_CLAIM", 1) != 0; }  // run 32: -14%
 
-bool coalesce_rows_env() { return env_int("FUSED_A2A_CUDA_COALESCE", 0) != 0; }  // unmeasured
-
 // The dispatch / combine kernel is launched while the route scan before it runs. Runs 56-57
 // (4x H100, EP 4 / EP 2, 24 SMs): the combine 558.7 -> 543.7 and 552.8 -> 544.2 us, 299.1 ->
 // 288.2 and 300.7 -> 288.8; the static dispatch 560.4 -> 565.2 and 560.7 -> 565.2 (it lost), so

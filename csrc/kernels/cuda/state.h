@@ -252,8 +252,7 @@ bool direct_ready_env();
 // Whether every rank of the buffer's group is in this process (JAX with several local GPUs), so
 // that a peer's own allocations are reachable here through peer access (looked up once)
 bool group_in_process(CudaState& st, const Buffer& buffer);
-bool coalesce_rows_env();  // FUSED_A2A_CUDA_COALESCE (default 0): DispatchParams::coalesce_rows
-bool claim_items_env();    // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
+bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
 // How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
 constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
 // Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset, the combine, and the dispatch from
