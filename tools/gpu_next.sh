@@ -482,9 +482,16 @@ case "${PART:-tests}" in
     STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" PYTEST_K="speculative_paths" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    # where the ranks' threads run: the CPUs, their topology, steal time; then during the first
+    # N = 128 run per mode, which CPU each busy thread is on (ps's psr) once a second
+    { nproc; lscpu; grep -E "^cpu " /proc/stat; } >"$OUT/cpus.txt" 2>&1
     for n in 128 4096; do
       for wait in spin pause sleep spin pause sleep; do
         [[ $n == 4096 && -e "$OUT/wait_${wait}_n$n.log" ]] && continue  # once each at 4096
+        if [[ $n == 128 && ! -e "$OUT/wait_${wait}_n$n.log" ]]; then
+          (for i in $(seq 25); do date +%T; ps -eLo pid,tid,psr,pcpu,stat,comm --sort=-pcpu \
+            | head -14; sleep 1; done) >"$OUT/threads_$wait.txt" 2>&1 &
+        fi
         FUSED_A2A_HOST_WAIT=$wait FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
           --ranks "$NGPU" --tokens $n --mode normal --frontend torch --no-peers \
           --out "$OUT/wait_${wait}_n$n" >"$OUT/wait_${wait}_n$n.log" 2>&1
@@ -492,6 +499,8 @@ case "${PART:-tests}" in
         grep -E "^torch .*(dispatch|combine) " "$OUT/wait_${wait}_n$n.log" | cut -c1-90
       done
     done
+    wait
+    grep -E "^cpu " /proc/stat >>"$OUT/cpus.txt"
     FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause} FA2A_BENCH_PROFILE=dispatch \
       FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
       --ranks "$NGPU" --tokens 128 --mode normal --frontend torch --no-peers \
