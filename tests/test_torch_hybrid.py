@@ -26,7 +26,7 @@ import reference as R
 import torch
 from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
-from torch_utils import DTYPES, assert_same_routes, from_numpy, to_numpy
+from torch_utils import DTYPES, assert_same_routes, counted_applies, from_numpy, to_numpy
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 ENV = {"FUSED_A2A_BUFFER_ROWS": "8", "FUSED_A2A_TIMEOUT_S": "60"}
@@ -431,6 +431,24 @@ def _rank_misc(rank, world):
     out["bad"]["combine_pad_negative"] = _outcome(lambda: c(hid, handle, None, -1))
     out["bad"]["combine_handle"] = _outcome(lambda: c(hid, (1, 2)))
     c(hid, handle)  # the collective sequence stays aligned
+
+    # The helpers skip their autograd Functions when nothing needs a gradient: the same bits
+    x, rm, p = inputs(8)
+    with counted_applies(tfa.HybridEPDispatch, tfa.HybridEPCombine) as applies:
+
+        def both(x_in, p_in):
+            hid, probs, _, tpe, handle = tfa.hybrid_ep_dispatch(x_in, rm, p_in, group, 2)
+            comb = tfa.hybrid_ep_combine(hid, handle)
+            return [_np(t.detach()).tobytes() for t in (hid, probs, tpe, comb)], len(applies)
+
+        with torch.no_grad():
+            no_grad, n_no_grad = both(x, p)
+        plain, n_plain = both(x, p)
+        graded, n_graded = both(x, p.clone().requires_grad_())  # probs alone needs one
+    out["no_grad"] = dict(
+        applies=(n_no_grad, n_plain - n_no_grad, n_graded - n_plain),
+        same=no_grad == graded and plain == graded,
+    )
     tfa.reset_hybrid_ep_buffer()
     return out
 
@@ -458,6 +476,14 @@ BAD_EXPECT = {  # name -> (exception types, regex the message must match)
 @functools.cache
 def _misc(world):
     return run_ranks(_rank_misc, world, timeout=300, env=ENV)
+
+
+def test_helpers_without_grad_skip_the_functions():
+    """hybrid_ep_dispatch / hybrid_ep_combine run their forwards by themselves when nothing
+    needs a gradient, through the Functions when probs requires grad; the same bits."""
+    for r, res in enumerate(_misc(2)):
+        assert res["no_grad"]["applies"] == (0, 0, 2), (r, res["no_grad"]["applies"])
+        assert res["no_grad"]["same"], r
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -32,7 +32,7 @@ import reference as R
 import torch
 from mp import run_once, run_ranks
 from reference import assert_bitwise_equal
-from torch_utils import DTYPES, assert_same_routes, from_numpy, to_numpy
+from torch_utils import DTYPES, assert_same_routes, counted_applies, from_numpy, to_numpy
 
 NORMAL_API = (
     "FusedDispatch",
@@ -502,28 +502,17 @@ def _helpers_without_grad(tfa, group, x, idx, w):
     """fused_dispatch / fused_combine when nothing needs a gradient (no_grad, or inputs that do
     not require grad) and when x requires grad: how often each went through an autograd
     Function's apply, whether the results have the same bits, which outputs require grad."""
-    applies = []
-    for cls in (tfa.FusedDispatch, tfa.FusedCombine):
-        real = cls.apply
+    with counted_applies(tfa.FusedDispatch, tfa.FusedCombine) as applies:
 
-        def counted(*args, _real=real):
-            applies.append(1)
-            return _real(*args)
+        def both(x_in):
+            recv_x, recv_idx, recv_w, tpe, handle = tfa.fused_dispatch(x_in, idx, w, 8, group)
+            combined = tfa.fused_combine(recv_x, group, handle)[0]
+            return (recv_x, recv_idx, recv_w, tpe, combined), len(applies)
 
-        cls.apply = counted
-
-    def both(x_in):
-        recv_x, recv_idx, recv_w, tpe, handle = tfa.fused_dispatch(x_in, idx, w, 8, group)
-        combined = tfa.fused_combine(recv_x, group, handle)[0]
-        return (recv_x, recv_idx, recv_w, tpe, combined), len(applies)
-
-    try:
         with torch.no_grad():
             no_grad, n_no_grad = both(x)
         plain, n_plain = both(x)
         graded, n_graded = both(x.clone().requires_grad_())
-    finally:
-        del tfa.FusedDispatch.apply, tfa.FusedCombine.apply  # Function.apply again
 
     def bits(ts):
         return [to_numpy(t.detach()).tobytes() for t in ts]

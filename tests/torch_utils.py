@@ -1,6 +1,9 @@
-"""numpy <-> torch conversions that keep every bit (bf16 goes through an int16 view)."""
+"""numpy <-> torch conversions that keep every bit (bf16 goes through an int16 view), and a
+counter of autograd Function calls."""
 
 from __future__ import annotations
+
+import contextlib
 
 import ml_dtypes
 import numpy as np
@@ -50,3 +53,23 @@ def assert_same_routes(direct: list, layered: list, cases) -> None:
                     assert_bitwise_equal(got[key], value, f"rank {r} {case.name} {key}")
                 else:
                     assert got[key] == value, (r, case.name, key)
+
+
+@contextlib.contextmanager
+def counted_applies(*functions):
+    """While in the block, counts the calls of each autograd Function's apply: yields a list that
+    gets one entry a call."""
+    calls = []
+    for cls in functions:
+        real = cls.apply
+
+        def counted(*args, _real=real):
+            calls.append(1)
+            return _real(*args)
+
+        cls.apply = counted
+    try:
+        yield calls
+    finally:
+        for cls in functions:
+            del cls.apply  # the inherited Function.apply again

@@ -99,6 +99,19 @@ def _direct(args) -> bool:
     return True
 
 
+def needs_autograd(*tensors) -> bool:
+    """Whether a Megatron helper call goes through its autograd Function: grad mode is on and an
+    input requires grad, or an input is a functorch wrapper (its transforms see the Function).
+    Else the forward runs by itself: the same outputs, without Function.apply's ~6 us a call on
+    the CPU machine (session 22) that an inference or decode step does not need."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and ((grad and t.requires_grad) or wrapped(t)):
+            return True
+    return False
+
+
 def run(op, *args):
     """Call custom op `op` (a CustomOpDef of this package) on positional args.
 

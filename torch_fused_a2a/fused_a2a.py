@@ -273,19 +273,6 @@ def _combine_forward(x, group, handle, async_finish, allocate_on_comm_stream):
     return combined_x, None
 
 
-def _needs_autograd(*tensors) -> bool:
-    """Whether a helper call goes through its autograd Function: grad mode is on and an input
-    requires grad, or an input is a functorch wrapper (its transforms see the Function). Else
-    the forward runs by itself: the same outputs, without Function.apply's ~6 us a call (12-20
-    us on the GPU machines, session 22) that an inference or decode step does not need."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and ((grad and t.requires_grad) or wrapped(t)):
-            return True
-    return False
-
-
 class FusedDispatch(torch.autograd.Function):
     """Dispatch tokens to the ranks that hold their experts (DeepEP normal mode)."""
 
@@ -356,7 +343,7 @@ def fused_dispatch(
     allocate_on_comm_stream=False,
 ):
     """Megatron's helper: FusedDispatch on a contiguous x (its forward alone when nothing needs a
-    gradient: _needs_autograd)."""
+    gradient: _ops.needs_autograd)."""
     args = (
         x.contiguous(),
         token_indices,
@@ -366,13 +353,13 @@ def fused_dispatch(
         async_finish,
         allocate_on_comm_stream,
     )
-    if _needs_autograd(x, token_probs):
+    if _ops.needs_autograd(x, token_probs):
         return FusedDispatch.apply(*args)
     return _dispatch_forward(*args)
 
 
 def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
     """Megatron's helper: FusedCombine (its forward alone when nothing needs a gradient)."""
-    if _needs_autograd(x):
+    if _ops.needs_autograd(x):
         return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
     return _combine_forward(x, group, handle, async_finish, allocate_on_comm_stream)
