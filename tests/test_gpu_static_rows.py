@@ -74,7 +74,8 @@ def _static_outputs(ridx, rw, tpe, stats):
 def _check_static_dispatch(got, want, tag):
     """A static dispatch's indices, weights, tokens per expert and kept / dropped counts (one rank)
     against the reference's."""
-    assert_bitwise_equal(got["ridx"], want["recv_topk_idx"].astype(np.int32), f"{tag} idx")
+    # in topk_idx's dtype (int64 here: the kernels write it, session 22)
+    assert_bitwise_equal(got["ridx"], want["recv_topk_idx"].astype(got["idx"].dtype), f"{tag} idx")
     assert_bitwise_equal(got["rw"], want["recv_topk_weights"], f"{tag} w")
     assert_bitwise_equal(got["tpe"], want["tokens_per_expert"].astype(np.int32), f"{tag} tpe")
     assert list(got["stats"][:2]) == [want["num_kept"], want["num_dropped"]], tag

@@ -36,8 +36,9 @@
 #   PART=s21c (~5 min): the torch normal bench over the N sweep with arenas of 1024, 0, 2048 MB
 #   PART=s22h (~4 min): torch.profiler tables and traces of the torch dispatch / combine's host
 #       path at N = 128 and 4096; host_profile.py
-#   PART=s23w (~8 min): the host's ticket wait (FUSED_A2A_HOST_WAIT spin / pause / sleep): the
-#       speculative-path GPU tests, the torch bench A/B at N = 128 and 4096, traces
+#   PART=s23w (~9 min): the host's ticket wait (FUSED_A2A_HOST_WAIT spin / pause / sleep): the
+#       speculative-path GPU tests (and session 22's int64 receive indices), the torch bench A/B
+#       at N = 128 and 4096; S23W_TRACE=<mode>: every rank's trace too
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -471,16 +472,19 @@ case "${PART:-tests}" in
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s22h.tgz --remove-files $(ls | grep -v '^s22h.tgz$'))
     ;;
-  s23w)  # (~8 min) the host's wait for the dispatch's ticket (FUSED_A2A_HOST_WAIT, session 22).
+  s23w)  # (~9 min) the host's wait for the dispatch's ticket (FUSED_A2A_HOST_WAIT, session 22).
     # Run 120 (2x H200, EP 2, N = 128, traced): rank 1 ran its whole host path ~2x slower than
     # rank 0 (os.environ.get 25 us, torch.empty 20-35, the core's dispatch call 69 against 24)
     # while rank 0 spun ~360 us a call waiting for rank 1's layout: a busy spin taking the core
     # (or hardware-thread sibling) the rank behind needs. Prediction: with pause or sleep the
     # torch dispatch at N = 128 falls from ~460 us toward the ranks' own host path (~250-300 at
     # EP 4), the combine unchanged; at N = 4096 no change beyond noise (the host has slack). The
-    # speculative-path GPU tests with each mode first, then the A/B twice, then traces
-    STEPS=build,test STEP_TIMEOUT_TEST=200 TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py" PYTEST_K="speculative_paths" \
+    # speculative-path GPU tests with each mode first (and the int64 receive indices the kernels
+    # write since session 22: the static big rows and the torch suite, default variants), then
+    # the A/B twice, then (S23W_TRACE=<mode>) every rank's trace
+    STEPS=build,test STEP_TIMEOUT_TEST=240 TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      PYTEST_K="speculative_paths or (static_big_rows and default) or (torch_gpu_matches and default)" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     # where the ranks' threads run: the CPUs, their topology, steal time; then during the first
     # N = 128 run per mode, which CPU each busy thread is on (ps's psr) once a second
@@ -501,11 +505,13 @@ case "${PART:-tests}" in
     done
     wait
     grep -E "^cpu " /proc/stat >>"$OUT/cpus.txt"
-    FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause} FA2A_BENCH_PROFILE=dispatch \
-      FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
-      --ranks "$NGPU" --tokens 128 --mode normal --frontend torch --no-peers \
-      --out "$OUT/prof_n128" >"$OUT/prof_n128.log" 2>&1
-    echo "traced (FUSED_A2A_HOST_WAIT=${S23W_TRACE:-pause}): rc=$?"
+    if [[ -n ${S23W_TRACE:-} ]]; then
+      FUSED_A2A_HOST_WAIT=$S23W_TRACE FA2A_BENCH_PROFILE=dispatch \
+        FA2A_BENCH_PROFILE_DIR=$OUT FUSED_A2A_CUDA_BLOCKS=48 timeout 100 fused-a2a bench \
+        --ranks "$NGPU" --tokens 128 --mode normal --frontend torch --no-peers \
+        --out "$OUT/prof_n128" >"$OUT/prof_n128.log" 2>&1
+      echo "traced (FUSED_A2A_HOST_WAIT=$S23W_TRACE): rc=$?"
+    fi
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s23w.tgz --remove-files $(ls | grep -v '^s23w.tgz$'))
     ;;

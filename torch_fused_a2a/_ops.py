@@ -128,6 +128,12 @@ def run(op, *args):
     return op(*args)
 
 
+def _recv_idx_dtype(topk_idx: torch.Tensor) -> torch.dtype:
+    """recv_topk_idx's dtype: topk_idx's (int64 or int32, as Megatron returns the indices; the
+    kernels write int64 directly, no conversion kernel after the dispatch)."""
+    return torch.int64 if topk_idx.dtype == torch.int64 else torch.int32
+
+
 def _i32(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=device)
 
@@ -155,10 +161,11 @@ def dispatch(
     torch.Tensor,
     torch.Tensor,
 ]:
-    """Returns (recv_x, recv_x_scales, recv_topk_idx [int32], recv_topk_weights, recv_src_counts,
-    recv_src_token, tokens_per_expert, stats = [num_recv, num_dropped, group_max_tokens],
-    tokens_per_expert_host). capacity < 0: exactly the received rows, found by one host wait
-    for the count exchange, which also brings tokens_per_expert_host ([L] int64 on the CPU, as
+    """Returns (recv_x, recv_x_scales, recv_topk_idx [in topk_idx's dtype: int64 or int32],
+    recv_topk_weights, recv_src_counts, recv_src_token, tokens_per_expert, stats = [num_recv,
+    num_dropped, group_max_tokens], tokens_per_expert_host). capacity < 0: exactly the received
+    rows, found by one host wait for the count exchange, which also brings
+    tokens_per_expert_host ([L] int64 on the CPU, as
     Megatron's fused_dispatch returns it; no row is dropped then, so it equals tokens_per_expert);
     the data phase may start before that wait (_dispatch_body); else a static row count, no
     sync, and an empty tokens_per_expert_host."""
@@ -288,13 +295,19 @@ def _dispatch_body(op_args: tuple, capacity: int, num_sms: int, speculate: bool)
     recv_x = _arena.empty(group_id, (capacity, hidden), x.dtype, device, stream)
     scale_cols = hidden // 128 if x_scales is not None else 0
     recv_x_scales = torch.empty((capacity, scale_cols), dtype=torch.float32, device=device)
-    recv_topk_idx = torch.empty((capacity, num_topk), dtype=torch.int32, device=device)
+    recv_topk_idx = torch.empty(
+        (capacity, num_topk), dtype=_recv_idx_dtype(topk_idx), device=device
+    )
     weight_cols = num_topk if topk_weights is not None else 0
     recv_topk_weights = torch.empty((capacity, weight_cols), dtype=torch.float32, device=device)
     recv_src_token = torch.empty(capacity, dtype=torch.int32, device=device)
     args.capacity = capacity
     args.recv_x, args.recv_x_scales = _out(recv_x), _out(recv_x_scales)
-    args.recv_topk_idx, args.recv_topk_weights = _out(recv_topk_idx), _out(recv_topk_weights)
+    if recv_topk_idx.dtype == torch.int64:
+        args.recv_topk_idx64 = _out(recv_topk_idx)
+    else:
+        args.recv_topk_idx = _out(recv_topk_idx)
+    args.recv_topk_weights = _out(recv_topk_weights)
     args.recv_src_token = _ptr(recv_src_token)  # a placeholder when empty: present, not written
     phase = core.dispatch_data if dynamic and not one_kernel else core.dispatch
     phase(group_id, rank, stream, args)
@@ -334,7 +347,7 @@ def _(
     return (
         new((capacity, hidden)),
         new((capacity, scale_cols), dtype=torch.float32),
-        new((capacity, num_topk), dtype=torch.int32),
+        new((capacity, num_topk), dtype=_recv_idx_dtype(topk_idx)),
         new((capacity, weight_cols), dtype=torch.float32),
         new((num_ranks,), dtype=torch.int32),
         new((capacity,), dtype=torch.int32),

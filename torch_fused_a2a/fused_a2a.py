@@ -207,7 +207,7 @@ def _dispatch(x, topk_idx, topk_weights, num_experts, group):
     # tokens_per_expert: int64 on the CPU, from the count exchange (the op's 9th output)
     recv_x, _, recv_idx, recv_w, counts, src_token, _, stats, tokens_per_expert = out
     handle = DispatchHandle(topk_idx, counts, src_token, stats, num_experts, x.shape[0])
-    return recv_x, recv_idx.to(topk_idx.dtype), recv_w, tokens_per_expert, handle
+    return recv_x, recv_idx, recv_w, tokens_per_expert, handle  # recv_idx in topk_idx's dtype
 
 
 def _combine(y, handle: DispatchHandle, group, weights=None, owner_only=False):

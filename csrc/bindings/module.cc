@@ -52,6 +52,7 @@ void bind_args(py::module_& m) {
       .FA2A_POINTER_FIELD(DispatchArgs, recv_x, void)
       .FA2A_POINTER_FIELD(DispatchArgs, recv_x_scales, float)
       .FA2A_POINTER_FIELD(DispatchArgs, recv_topk_idx, int32_t)
+      .FA2A_POINTER_FIELD(DispatchArgs, recv_topk_idx64, int64_t)
       .FA2A_POINTER_FIELD(DispatchArgs, recv_topk_weights, float)
       .FA2A_POINTER_FIELD(DispatchArgs, recv_src_counts, int32_t)
       .FA2A_POINTER_FIELD(DispatchArgs, recv_src_token, int32_t)

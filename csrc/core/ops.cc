@@ -51,6 +51,8 @@ void check_dispatch(Buffer& buffer, const DispatchArgs& a, bool moves_rows) {
   FA2A_CHECK(a.capacity >= 0, "capacity (max_recv_tokens) must be >= 0, got ", a.capacity);
   FA2A_CHECK(a.capacity == 0 || a.recv_x != nullptr, "recv_x output is missing");
   FA2A_CHECK(!a.recv_topk_weights || a.topk_weights, "recv_topk_weights needs topk_weights");
+  FA2A_CHECK(!a.recv_topk_idx || !a.recv_topk_idx64,
+             "recv_topk_idx and recv_topk_idx64 are alternatives: give at most one");
   FA2A_CHECK(!a.x_scales || a.capacity == 0 || a.recv_x_scales, "recv_x_scales output is missing");
   FA2A_CHECK(a.recv_src_counts && a.group_max_tokens && (a.recv_src_token || !moves_rows),
              "the dispatch handle outputs are missing");

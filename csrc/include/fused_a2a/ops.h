@@ -48,10 +48,13 @@ struct DispatchArgs {
   int num_experts = 0;                  // E (multiple of G)
 
   // Outputs of this rank (receive side). Rows >= num_recv are zeros; their indices -1, weights 0.
-  int64_t capacity = 0;                // C
-  void* recv_x = nullptr;              // [C,H] x_dtype
-  float* recv_x_scales = nullptr;      // [C,H/128] when x_scales
-  int32_t* recv_topk_idx = nullptr;    // [C,K] expert - r*L where owned, else -1; null: not wanted
+  int64_t capacity = 0;              // C
+  void* recv_x = nullptr;            // [C,H] x_dtype
+  float* recv_x_scales = nullptr;    // [C,H/128] when x_scales
+  int32_t* recv_topk_idx = nullptr;  // [C,K] expert - r*L where owned, else -1; null: not wanted
+  // The same indices as int64, instead of recv_topk_idx (at most one of the two): torch returns
+  // them in topk_idx's dtype, and this saves a conversion kernel after the dispatch.
+  int64_t* recv_topk_idx64 = nullptr;
   float* recv_topk_weights = nullptr;  // [C,K]; null: not wanted (needs topk_weights)
 
   // Handle (receive side), written by dispatch / dispatch_notify, read by combine and by a cached

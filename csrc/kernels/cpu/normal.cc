@@ -284,6 +284,13 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
           std::memcpy(a.recv_x_scales + position * (scale_row / 4), p, scale_row);
         p += row.scale_bytes;
         if (a.recv_topk_idx) std::memcpy(a.recv_topk_idx + position * K, p, K * sizeof(int32_t));
+        if (a.recv_topk_idx64) {
+          for (int k = 0; k < K; ++k) {
+            int32_t v;
+            std::memcpy(&v, p + k * sizeof(int32_t), sizeof v);
+            a.recv_topk_idx64[position * K + k] = v;
+          }
+        }
         if (a.recv_topk_weights) {
           std::memcpy(a.recv_topk_weights + position * K, p + row.idx_bytes, K * sizeof(float));
         }
@@ -316,6 +323,8 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& a) {
   }
   if (a.recv_topk_idx)
     std::fill(a.recv_topk_idx + kept_total * K, a.recv_topk_idx + a.capacity * K, -1);
+  if (a.recv_topk_idx64)
+    std::fill(a.recv_topk_idx64 + kept_total * K, a.recv_topk_idx64 + a.capacity * K, -1);
   if (a.recv_topk_weights) {
     std::fill(a.recv_topk_weights + kept_total * K, a.recv_topk_weights + a.capacity * K, 0.0f);
   }

@@ -494,6 +494,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.recv_x = static_cast<uint8_t*>(a.recv_x);
   p.recv_scales = a.recv_x_scales;
   p.recv_idx = a.recv_topk_idx;
+  p.recv_idx64 = reinterpret_cast<long long*>(a.recv_topk_idx64);
   p.recv_w = a.recv_topk_weights;
   p.recv_src_counts = a.recv_src_counts;
   p.recv_src_token = a.recv_src_token;

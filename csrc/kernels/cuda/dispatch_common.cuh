@@ -56,6 +56,7 @@ struct DispatchParams {
   uint8_t* recv_x;
   float* recv_scales;
   int* recv_idx;
+  long long* recv_idx64;  // DispatchArgs::recv_topk_idx64: the indices as int64 instead
   float* recv_w;
   int* recv_src_counts;
   int* recv_src_token;
@@ -236,6 +237,7 @@ __device__ __forceinline__ void scatter_meta(const DispatchParams& p, long long 
     if (p.recv_src_token) p.recv_src_token[P] = static_cast<int>(v);
   } else if (w <= K) {
     if (p.recv_idx) p.recv_idx[P * K + (w - 1)] = static_cast<int>(v);
+    if (p.recv_idx64) p.recv_idx64[P * K + (w - 1)] = static_cast<int>(v);
     const int j = static_cast<int>(v);
     if (j >= 0 && j < p.lpr) atomicAdd(&s_hist[j], 1);
   } else if (w <= 2 * K) {
@@ -264,6 +266,7 @@ __device__ inline void zero_row(const DispatchParams& p, long long P, int lane) 
   const int K = p.num_topk;
   for (int k = lane; k < K; k += 32) {
     if (p.recv_idx) p.recv_idx[P * K + k] = -1;
+    if (p.recv_idx64) p.recv_idx64[P * K + k] = -1;
     if (p.recv_w) p.recv_w[P * K + k] = 0.f;
   }
   for (int i = lane; i < p.nsc; i += 32) p.recv_scales[P * p.nsc + i] = 0.f;
