@@ -99,17 +99,26 @@ def _direct(args) -> bool:
     return True
 
 
-def needs_autograd(*tensors) -> bool:
-    """Whether a Megatron helper call goes through its autograd Function: grad mode is on and an
-    input requires grad, or an input is a functorch wrapper (its transforms see the Function).
-    Else the forward runs by itself: the same outputs, without Function.apply's ~6 us a call on
-    the CPU machine (session 22) that an inference or decode step does not need."""
+class _PlainContext:
+    """What an autograd Function's forward gets as its context when it runs without the
+    Function (apply): a namespace for the attributes it keeps, and no-op marks."""
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def apply(function, grad_inputs: tuple, *args):
+    """function.apply(*args) (a Megatron helper's autograd Function) when grad mode is on and a
+    tensor of grad_inputs requires grad, or one is a functorch wrapper (its transforms see the
+    Function); else function.forward alone: the same outputs, none requiring grad, without
+    Function.apply's ~6 us a call on the CPU machine (session 22) that an inference or decode
+    step does not need."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     grad = torch.is_grad_enabled()
-    for t in tensors:
+    for t in grad_inputs:
         if isinstance(t, torch.Tensor) and ((grad and t.requires_grad) or wrapped(t)):
-            return True
-    return False
+            return function.apply(*args)
+    return function.forward(_PlainContext(), *args)
 
 
 def run(op, *args):

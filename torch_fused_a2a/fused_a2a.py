@@ -245,34 +245,6 @@ def _cached_dispatch(x, handle: DispatchHandle, group):
     )
 
 
-def _dispatch_forward(
-    x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
-):
-    """FusedDispatch's forward without its autograd context."""
-    _check_flags(async_finish, allocate_on_comm_stream)
-    _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group)
-    with _comm_stream(x.device, async_finish) as stream:
-        recv_x, recv_idx, recv_probs, tokens_per_expert, handle = _dispatch(
-            x, token_indices, token_probs, num_experts, group
-        )
-        _record((recv_x, recv_idx, recv_probs, *handle[:4]), stream)
-    if token_probs is None:
-        recv_probs = None
-    return recv_x, recv_idx, recv_probs, tokens_per_expert, handle
-
-
-def _combine_forward(x, group, handle, async_finish, allocate_on_comm_stream):
-    """FusedCombine's forward without its autograd context."""
-    _check_flags(async_finish, allocate_on_comm_stream)
-    _check_2d(x, "x")
-    if not isinstance(handle, DispatchHandle):
-        raise TypeError(f"handle must come from fused_dispatch, got {type(handle).__name__}")
-    with _comm_stream(x.device, async_finish) as stream:
-        combined_x, _ = _combine(x, handle, group)
-        _record((combined_x,), stream)
-    return combined_x, None
-
-
 class FusedDispatch(torch.autograd.Function):
     """Dispatch tokens to the ranks that hold their experts (DeepEP normal mode)."""
 
@@ -287,11 +259,17 @@ class FusedDispatch(torch.autograd.Function):
         async_finish=False,
         allocate_on_comm_stream=False,
     ):
-        out = _dispatch_forward(
-            x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream
-        )
-        ctx.group, ctx.handle, ctx.async_finish = group, out[4], async_finish
-        return out
+        _check_flags(async_finish, allocate_on_comm_stream)
+        _check_dispatch_inputs(x, token_indices, token_probs, num_experts, group)
+        with _comm_stream(x.device, async_finish) as stream:
+            recv_x, recv_idx, recv_probs, tokens_per_expert, handle = _dispatch(
+                x, token_indices, token_probs, num_experts, group
+            )
+            _record((recv_x, recv_idx, recv_probs, *handle[:4]), stream)
+        ctx.group, ctx.handle, ctx.async_finish = group, handle, async_finish
+        if token_probs is None:
+            recv_probs = None
+        return recv_x, recv_idx, recv_probs, tokens_per_expert, handle
 
     @staticmethod
     def backward(
@@ -321,9 +299,15 @@ class FusedCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-        out = _combine_forward(x, group, handle, async_finish, allocate_on_comm_stream)
+        _check_flags(async_finish, allocate_on_comm_stream)
+        _check_2d(x, "x")
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must come from fused_dispatch, got {type(handle).__name__}")
+        with _comm_stream(x.device, async_finish) as stream:
+            combined_x, _ = _combine(x, handle, group)
+            _record((combined_x,), stream)
         ctx.group, ctx.handle, ctx.async_finish = group, handle, async_finish
-        return out
+        return combined_x, None
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
@@ -343,8 +327,10 @@ def fused_dispatch(
     allocate_on_comm_stream=False,
 ):
     """Megatron's helper: FusedDispatch on a contiguous x (its forward alone when nothing needs a
-    gradient: _ops.needs_autograd)."""
-    args = (
+    gradient: _ops.apply)."""
+    return _ops.apply(
+        FusedDispatch,
+        (x, token_probs),
         x.contiguous(),
         token_indices,
         token_probs,
@@ -353,13 +339,8 @@ def fused_dispatch(
         async_finish,
         allocate_on_comm_stream,
     )
-    if _ops.needs_autograd(x, token_probs):
-        return FusedDispatch.apply(*args)
-    return _dispatch_forward(*args)
 
 
 def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
     """Megatron's helper: FusedCombine (its forward alone when nothing needs a gradient)."""
-    if _ops.needs_autograd(x):
-        return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
-    return _combine_forward(x, group, handle, async_finish, allocate_on_comm_stream)
+    return _ops.apply(FusedCombine, (x,), x, group, handle, async_finish, allocate_on_comm_stream)

@@ -429,53 +429,6 @@ def _cached_dispatch(x, handle: HybridEPHandle):
     )
 
 
-def _hybrid_dispatch_forward(
-    x,
-    routing_map,
-    probs,
-    group,
-    num_local_experts,
-    num_sms_dispatch_api,
-    num_sms_combine_api,
-    num_permuted_tokens,
-    pad_multiple,
-    scaling_factor,
-):
-    """HybridEPDispatch's forward without its autograd context."""
-    num_permuted_tokens = _as_count(num_permuted_tokens)
-    num_sms_dispatch_api = num_sms_dispatch_api or _DEFAULT_NUM_SMS
-    num_sms_combine_api = num_sms_combine_api or _DEFAULT_NUM_SMS
-    _check_num_sms(num_sms_dispatch_api, "num_sms_dispatch_api")
-    _check_num_sms(num_sms_combine_api, "num_sms_combine_api")
-    _check_dispatch(
-        x,
-        routing_map,
-        probs,
-        group,
-        num_local_experts,
-        pad_multiple,
-        num_permuted_tokens,
-        scaling_factor,
-    )
-    hidden, out_probs, scales, handle, host_counts = _dispatch(
-        x,
-        routing_map,
-        probs,
-        group,
-        num_local_experts,
-        num_sms_dispatch_api,
-        num_sms_combine_api,
-        num_permuted_tokens,
-        pad_multiple,
-        scaling_factor,
-    )
-    if num_permuted_tokens is None:  # on the host since the notify phase: no device sync
-        tokens_per_expert = host_counts.to(torch.int64)
-    else:
-        tokens_per_expert = handle.tokens_per_expert.to(torch.int64)
-    return hidden, out_probs, scales, tokens_per_expert, handle
-
-
 class HybridEPDispatch(torch.autograd.Function):
     """Fused permute + dispatch all-to-all (HybridEP). Returns (dispatched_hidden,
     dispatched_probs, dispatched_scaling_factor or None, tokens_per_expert, handle)."""
@@ -494,7 +447,22 @@ class HybridEPDispatch(torch.autograd.Function):
         pad_multiple=None,
         scaling_factor=None,
     ):
-        hidden, out_probs, scales, tokens_per_expert, handle = _hybrid_dispatch_forward(
+        num_permuted_tokens = _as_count(num_permuted_tokens)
+        num_sms_dispatch_api = num_sms_dispatch_api or _DEFAULT_NUM_SMS
+        num_sms_combine_api = num_sms_combine_api or _DEFAULT_NUM_SMS
+        _check_num_sms(num_sms_dispatch_api, "num_sms_dispatch_api")
+        _check_num_sms(num_sms_combine_api, "num_sms_combine_api")
+        _check_dispatch(
+            x,
+            routing_map,
+            probs,
+            group,
+            num_local_experts,
+            pad_multiple,
+            num_permuted_tokens,
+            scaling_factor,
+        )
+        hidden, out_probs, scales, handle, host_counts = _dispatch(
             x,
             routing_map,
             probs,
@@ -506,7 +474,10 @@ class HybridEPDispatch(torch.autograd.Function):
             pad_multiple,
             scaling_factor,
         )
-        num_sms_combine_api = num_sms_combine_api or _DEFAULT_NUM_SMS
+        if num_permuted_tokens is None:  # on the host since the notify phase: no device sync
+            tokens_per_expert = host_counts.to(torch.int64)
+        else:
+            tokens_per_expert = handle.tokens_per_expert.to(torch.int64)
         ctx.handle, ctx.x_dtype, ctx.has_probs = handle, x.dtype, probs is not None
         ctx.num_sms_combine, ctx.hidden_size = num_sms_combine_api, x.shape[1]
         ctx.mark_non_differentiable(tokens_per_expert)
@@ -546,39 +517,36 @@ class HybridEPDispatch(torch.autograd.Function):
         )
 
 
-def _hybrid_combine_forward(x, handle, num_permuted_tokens, pad_multiple):
-    """HybridEPCombine's forward without its autograd context."""
-    if not isinstance(handle, HybridEPHandle):
-        raise TypeError(f"handle must come from hybrid_ep_dispatch, got {type(handle).__name__}")
-    _check_tensor_2d(x, "x")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    num_permuted_tokens = _as_count(num_permuted_tokens)
-    _check_int(num_permuted_tokens, "num_permuted_tokens", 0, allow_none=True)
-    _check_int(pad_multiple, "pad_multiple", 0, allow_none=True)
-    if x.shape[0] != handle.num_permuted_tokens:
-        raise ValueError(
-            f"x must have the dispatch's {handle.num_permuted_tokens} rows "
-            f"(num_permuted_tokens), got {x.shape[0]}"
-        )
-    if num_permuted_tokens is not None and num_permuted_tokens != handle.num_permuted_tokens:
-        raise ValueError(
-            f"num_permuted_tokens={num_permuted_tokens} differs from the dispatch's "
-            f"{handle.num_permuted_tokens}"
-        )
-    if pad_multiple is not None and int(pad_multiple) != handle.pad_multiple:
-        raise ValueError(
-            f"pad_multiple={pad_multiple} differs from the dispatch's {handle.pad_multiple}"
-        )
-    return _combine(x, handle)[0]
-
-
 class HybridEPCombine(torch.autograd.Function):
     """Fused unpermute + combine all-to-all (HybridEP). Returns combined_hidden [N, H]."""
 
     @staticmethod
     def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None):
-        combined = _hybrid_combine_forward(x, handle, num_permuted_tokens, pad_multiple)
+        if not isinstance(handle, HybridEPHandle):
+            raise TypeError(
+                f"handle must come from hybrid_ep_dispatch, got {type(handle).__name__}"
+            )
+        _check_tensor_2d(x, "x")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        num_permuted_tokens = _as_count(num_permuted_tokens)
+        _check_int(num_permuted_tokens, "num_permuted_tokens", 0, allow_none=True)
+        _check_int(pad_multiple, "pad_multiple", 0, allow_none=True)
+        if x.shape[0] != handle.num_permuted_tokens:
+            raise ValueError(
+                f"x must have the dispatch's {handle.num_permuted_tokens} rows "
+                f"(num_permuted_tokens), got {x.shape[0]}"
+            )
+        if num_permuted_tokens is not None and num_permuted_tokens != handle.num_permuted_tokens:
+            raise ValueError(
+                f"num_permuted_tokens={num_permuted_tokens} differs from the dispatch's "
+                f"{handle.num_permuted_tokens}"
+            )
+        if pad_multiple is not None and int(pad_multiple) != handle.pad_multiple:
+            raise ValueError(
+                f"pad_multiple={pad_multiple} differs from the dispatch's {handle.pad_multiple}"
+            )
+        combined, _ = _combine(x, handle)
         ctx.handle = handle
         return combined
 
@@ -601,10 +569,11 @@ def hybrid_ep_dispatch(
     scaling_factor=None,
 ):
     """Megatron's helper: HybridEPDispatch (its forward alone when nothing needs a gradient:
-    _ops.needs_autograd). ``scaling_factor`` (an extension): the f32 scales [N, H/128] of a
+    _ops.apply). ``scaling_factor`` (an extension): the f32 scales [N, H/128] of a
     float8_e4m3fn ``x``, passed through to ``dispatched_scaling_factor``."""
-    forward = HybridEPDispatch.apply if _ops.needs_autograd(x, probs) else _hybrid_dispatch_forward
-    return forward(
+    return _ops.apply(
+        HybridEPDispatch,
+        (x, probs),
         x,
         routing_map,
         probs,
@@ -620,6 +589,4 @@ def hybrid_ep_dispatch(
 
 def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None):
     """Megatron's helper: HybridEPCombine (its forward alone when nothing needs a gradient)."""
-    if _ops.needs_autograd(x):
-        return HybridEPCombine.apply(x, handle, num_permuted_tokens, pad_multiple)
-    return _hybrid_combine_forward(x, handle, num_permuted_tokens, pad_multiple)
+    return _ops.apply(HybridEPCombine, (x,), x, handle, num_permuted_tokens, pad_multiple)
