@@ -532,6 +532,35 @@ BAD_EXPECT["combine_alloc_on_comm_stream_without_async"] = (
 )
 
 
+def test_apply_routes(monkeypatch):
+    """_ops.apply: the Function when an input needs a gradient or torch.compile traces, its
+    forward alone otherwise (grad mode off, or nothing requiring grad); the same values."""
+    from torch_fused_a2a import _ops
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.mark_non_differentiable()  # the plain context takes the marks too
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    x = torch.arange(3.0)
+    with counted_applies(Double) as applies:
+        outs = [_ops.apply(Double, (x,), x)]  # nothing requires grad
+        with torch.no_grad():
+            xg = x.clone().requires_grad_()
+            outs.append(_ops.apply(Double, (xg,), xg))  # grad mode off
+        outs.append(_ops.apply(Double, (xg,), xg))  # a gradient needed: the Function
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        outs.append(_ops.apply(Double, (x,), x))  # traced: the Function
+    assert len(applies) == 2
+    assert [o.requires_grad for o in outs] == [False, False, True, False]
+    assert all(torch.equal(o.detach(), x * 2) for o in outs)
+
+
 def test_helpers_without_grad_skip_the_functions():
     """Megatron's helpers run their forwards by themselves when nothing needs a gradient (no
     Function.apply: ~6 us a call), through FusedDispatch / FusedCombine when x requires grad;

@@ -110,9 +110,12 @@ class _PlainContext:
 def apply(function, grad_inputs: tuple, *args):
     """function.apply(*args) (a Megatron helper's autograd Function) when grad mode is on and a
     tensor of grad_inputs requires grad, or one is a functorch wrapper (its transforms see the
-    Function); else function.forward alone: the same outputs, none requiring grad, without
-    Function.apply's ~6 us a call on the CPU machine (session 22) that an inference or decode
-    step does not need."""
+    Function), or torch.compile is tracing (it sees what it saw before session 22); else
+    function.forward alone: the same outputs, none requiring grad, without Function.apply's
+    cost (one CPU rank: 6-14 us a call, benchmarks/helper_overhead.py) that an inference or
+    decode step does not need."""
+    if torch.compiler.is_compiling():
+        return function.apply(*args)
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     grad = torch.is_grad_enabled()
     for t in grad_inputs:
