@@ -185,3 +185,38 @@ def test_dynamic_dispatch_in_graph_capture_fails_fast(speculative):
         assert got["seconds"] < 10, (r, got)
         want_rows = sum(int((idx // 8 == r).any(1).sum()) for idx in idxs)
         assert got["rows"] == want_rows, (r, got, want_rows)
+
+
+def _rank_bad_host_wait(rank, world):
+    """A FUSED_A2A_HOST_WAIT the wait would refuse fails the speculative dispatch before it
+    launches anything (every rank, the same value), and the group works afterwards."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    import torch_fused_a2a as tfa
+
+    torch.cuda.set_device(rank)
+    group, e = dist.group.WORLD, 8 * world
+    x, idx = (t.cuda() for t in _host_counts_inputs(rank, world))
+    tfa.fused_dispatch(x, idx, None, e, group)  # exact: the group's N seen, no ticket
+    os.environ["FUSED_A2A_HOST_WAIT"] = "bogus"
+    try:
+        tfa.fused_dispatch(x, idx, None, e, group)  # speculative: the ticket's wait
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        message = f"{type(exc).__name__}: {exc}"
+    del os.environ["FUSED_A2A_HOST_WAIT"]
+    rows = tfa.fused_dispatch(x, idx, None, e, group)[0].shape[0]
+    torch.cuda.synchronize()
+    return dict(message=message, rows=int(rows))
+
+
+def test_bad_host_wait_fails_before_launch():
+    _need(2)
+    res = run_ranks(_rank_bad_host_wait, 2, timeout=300, env=GPU_ENV)
+    for r, got in enumerate(res):
+        assert "FUSED_A2A_HOST_WAIT" in got["message"] and "bogus" in got["message"], (r, got)
+        assert got["message"].startswith("ValueError"), (r, got)
+        assert got["rows"] > 0, (r, got)

@@ -484,7 +484,7 @@ case "${PART:-tests}" in
     # the A/B twice, then (S23W_TRACE=<mode>) every rank's trace
     STEPS=build,test STEP_TIMEOUT_TEST=240 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      PYTEST_K="speculative_paths or (static_big_rows and default) or (torch_gpu_matches and default)" \
+      PYTEST_K="speculative_paths or bad_host_wait or (static_big_rows and default) or (torch_gpu_matches and default)" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     # where the ranks' threads run: the CPUs, their topology, steal time; then during the first
     # N = 128 run per mode, which CPU each busy thread is on (ps's psr) once a second

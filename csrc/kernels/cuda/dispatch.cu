@@ -467,6 +467,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                "dispatch: host_ticket needs host_counts in pinned host memory");
     FA2A_CHECK(a.num_experts <= kMaxExpertsNotify, "num_experts=", a.num_experts,
                " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
+    check_host_wait_env();
   }
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
   DispatchParams p{};

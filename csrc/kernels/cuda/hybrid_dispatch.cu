@@ -624,7 +624,10 @@ int64_t hybrid_dispatch_notify(Buffer& buffer, const HybridDispatchArgs& args, S
   volatile int32_t* meta = scope.st.hybrid_meta_host;
   meta[kHybridMetaNumTokens] = kMetaNotWritten;
   int32_t ticket = 0;  // 0: the kernel writes none (the stream sync below)
-  if (spin) ticket = scope.st.hybrid_ticket = scope.st.hybrid_ticket % 0x7fffffff + 1;
+  if (spin) {
+    check_host_wait_env();  // before the launch: wait_host_ticket would refuse it after
+    ticket = scope.st.hybrid_ticket = scope.st.hybrid_ticket % 0x7fffffff + 1;
+  }
   volatile int32_t* ticket_word = meta + kHybridMetaSize + args.num_local_experts;
   *ticket_word = 0;
   launch_notify(buffer, scope.st, args, s, scope.st.hybrid_meta_host, ticket);

@@ -117,6 +117,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& a, Stream stream) {
              "needs its counts on the host; capture a dispatch with a static capacity instead");
   CudaState& st = cuda_state(buffer);
   check_no_error(st, buffer);
+  if (a.host_ticket != 0) check_host_wait_env();  // dispatch_notify_wait's mode, before launching
   const int lpr = a.num_experts / G;
   // host_counts: written by the kernel when it can (pinned memory, UVA), else into device scratch
   // and copied after the sync below (e.g. memory pinned by cudaHostRegister on a device that

@@ -497,6 +497,8 @@ HostWait host_wait_env() {
 
 }  // namespace
 
+void check_host_wait_env() { (void)host_wait_env(); }
+
 void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
                       const cudaStream_t* stream, const char* op) {
   const HostWait mode = host_wait_env();

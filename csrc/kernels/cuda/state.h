@@ -163,6 +163,9 @@ void sync_and_check(CudaState& st, Buffer& buffer, cudaStream_t stream, const ch
 // the first 20 us (state.cu).
 void wait_host_ticket(CudaState& st, Buffer& buffer, const volatile int32_t* word, int32_t ticket,
                       const cudaStream_t* stream, const char* op);
+// Throws ErrorKind::kValue for a FUSED_A2A_HOST_WAIT that wait_host_ticket would refuse: called
+// before an op that will wait launches anything.
+void check_host_wait_env();
 
 // Scratch for N tokens, E experts (grows; never while the stream is being captured).
 const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, int num_experts,
