@@ -189,26 +189,29 @@ def _profile(ctx: Ctx, calls: dict, tag: str) -> None:
     import torch
 
     trace_dir = os.environ.get("FA2A_BENCH_PROFILE_DIR")
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
+    def profiled(fn, with_stack: bool):  # 10 calls under the profiler
+        with torch.profiler.profile(activities=activities, with_stack=with_stack) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        return prof
+
     for name in names:
         fn = calls[name]
         fn()
         torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
+        prof = profiled(fn, with_stack=False)
         if ctx.rank == 0:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=32)
             print(f"profile of {name} {tag} (rank 0, 10 calls):\n{table}", flush=True)
         if trace_dir:  # 10 more calls with Python's frames (slower: its own pass)
-            with torch.profiler.profile(activities=activities, with_stack=True) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
+            prof = profiled(fn, with_stack=True)
             # every rank's: the slowest rank's host path sets a host-bound op's period
-            path = os.path.join(trace_dir, f"profile_{name}_{tag}_r{ctx.rank}.json")
-            prof.export_chrome_trace(path)
+            prof.export_chrome_trace(
+                os.path.join(trace_dir, f"profile_{name}_{tag}_r{ctx.rank}.json")
+            )
 
 
 def _fp8_rows(ctx: Ctx, shape):
