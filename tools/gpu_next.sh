@@ -481,15 +481,19 @@ case "${PART:-tests}" in
     # EP 4), the combine unchanged; at N = 4096 no change beyond noise (the host has slack). The
     # speculative-path GPU tests with each mode first (and the int64 receive indices the kernels
     # write since session 22: the static big rows and the torch suite, default variants), then
-    # the A/B twice, then (S23W_TRACE=<mode>) every rank's trace
-    STEPS=build,test STEP_TIMEOUT_TEST=240 TEST_TIMEOUT_S=20 \
+    # the A/B twice, then (S23W_TRACE=<mode>) every rank's trace. S23W_ONLY=tests / bench splits
+    # it into two calls on the warm machine (one call can pass the device's 600 s limit)
+    s23w_steps=build,test
+    [[ ${S23W_ONLY:-} == bench ]] && s23w_steps=build
+    STEPS=$s23w_steps STEP_TIMEOUT_TEST=240 TEST_TIMEOUT_S=20 \
       PYTEST_ARGS="-m gpu tests/test_gpu_host_counts.py tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
       PYTEST_K="speculative_paths or bad_host_wait or (static_big_rows and default) or (torch_gpu_matches and default)" \
       bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
     # where the ranks' threads run: the CPUs, their topology, steal time; then during the first
     # N = 128 run per mode, which CPU each busy thread is on (ps's psr) once a second
     { nproc; lscpu; grep -E "^cpu " /proc/stat; } >"$OUT/cpus.txt" 2>&1
-    for n in 128 4096; do
+    [[ ${S23W_ONLY:-} == tests ]] && s23w_sizes="" || s23w_sizes="128 4096"
+    for n in $s23w_sizes; do
       for wait in spin pause sleep spin pause sleep; do
         [[ $n == 4096 && -e "$OUT/wait_${wait}_n$n.log" ]] && continue  # once each at 4096
         if [[ $n == 128 && ! -e "$OUT/wait_${wait}_n$n.log" ]]; then
