@@ -258,3 +258,12 @@ CASES["standard_fp8_rcall"] = _case(fp8=True, RECV_COLS="all")
 # A chunk's flag released once its own writes are complete (FUSED_A2A_CUDA_CHUNK_END=lean)
 CASES["decode_lean"] = _case(n=128, CHUNK_END="lean")
 CASES["standard_lean"] = _case(CHUNK_END="lean")
+# Session 23 (issue 7, 12 SMs): run 124's traces put a 12-SM sender warp's metadata phase at 26%
+# of its loop (351K of 1.37M cycles; 12% at 48 SMs): about three load latencies per 8-row chunk
+# (the list, then two batches of words). Larger chunks (fewer list loads and chunk ends; with
+# direct rows the receivers no longer copy a chunk after its flag, the tail that chose 8 rows in
+# run 22), and the records kernel (the metadata off the senders' loop), at 12 and 48 SMs.
+for _sms in (12, 48):
+    for _cr in (16, 32):
+        CASES[f"standard_sms{_sms}_cr{_cr}"] = _case(sms=_sms, CHUNK_ROWS=str(_cr))
+CASES["standard_sms12_rec"] = _case(sms=12, RECORDS="1")
