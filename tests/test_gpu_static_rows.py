@@ -113,6 +113,9 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "fused_scan": {"FUSED_A2A_CUDA_SCAN": "fused"},
     # the former default above 1024 tokens: the scan's two passes as two kernels
     "two_kernel_scan": {"FUSED_A2A_CUDA_SCAN": "tiles"},
+    # the dispatch's chunks by SM count (session 23): up to 32 rows on 12 SMs, 16 on 16 SMs
+    "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
+    "sms16": {"FUSED_A2A_CUDA_BLOCKS": "16"},
 }
 
 
@@ -132,7 +135,8 @@ def test_static_big_rows(rows, variant):
     and combine kernels by programmatic dependent launch after the route scan; "fused_scan":
     the route scan's second pass in the dispatch and combine kernels at every N
     (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
-    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles)."""
+    passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles); "sms12" / "sms16": 12 / 16 SMs, whose
+    dispatch chunks are up to 32 / 16 rows."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -222,6 +226,8 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "ready": {"FUSED_A2A_CUDA_LAYOUT": "ready"},  # a round-0 ready message from each receiver
     # the senders claim receiver items once their own are sent
     "help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
+    # 32-row chunks (12 SMs, session 23): the largest metadata staging of FP8 records
+    "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
 }
 
 

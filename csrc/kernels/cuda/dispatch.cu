@@ -379,8 +379,9 @@ DispatchGeometry dispatch_geometry(const CudaState& st, const Buffer& buffer,
   constexpr long long kMaxFlagRows = 32;
   DispatchGeometry g;
   g.window = std::max(std::min(R, kMaxFlagRows * (kNumFlags - kMaxRanks)), 1ll);
-  g.max_chunk = std::max(1, std::min(64, chunk_rows_env()));
-  g.warps2 = chunks_per_warp_env() * comm_blocks(st, a.num_sms) * send_warps_env();
+  const int blocks = comm_blocks(st, a.num_sms);
+  g.max_chunk = std::max(1, std::min(64, dispatch_chunk_rows(blocks)));
+  g.warps2 = chunks_per_warp_env() * blocks * send_warps_env();
   return g;
 }
 

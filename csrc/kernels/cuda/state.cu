@@ -349,6 +349,18 @@ int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
   return v > 0 ? v : 8;
 }
 
+// Runs 125-126 (4x H200, standard case, static dispatch at 8 / 16 / 32 / 64 rows): 12 SMs
+// 663 / 572 / 560 / 612 us, 16 SMs 568 / 538 / 541, 24 SMs 528 / 532 / 552, 48 SMs 515 / 520
+// (16). With few sender warps each pushes many chunks, and a chunk's metadata (about three load
+// latencies: its list, two batches of words) is not hidden by its pushes: 26% of a 12-SM sender
+// warp's loop in run 124's traces, 12% at 48 SMs. The combine keeps chunk_rows_env() (12 SMs:
+// 600 us at 8 rows, 624 at 16, 653 at 32).
+int dispatch_chunk_rows(int blocks) {
+  const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
+  if (v > 0) return v;
+  return blocks <= 12 ? 32 : blocks < 24 ? 16 : 8;
+}
+
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,
 // at most chunk_rows_env(). Sessions 4-12: 2 chunks a warp, so that a receiver copies a first
 // chunk while the second is sent; at N = 128 a sender warp then ended ~2 chunks of 2 rows, each

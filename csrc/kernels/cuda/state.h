@@ -202,6 +202,9 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
 int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+// The dispatch's largest chunk on `blocks` SMs: FUSED_A2A_CUDA_CHUNK_ROWS, else 32 / 16 / 8 rows
+// up to 12 / below 24 / from 24 SMs
+int dispatch_chunk_rows(int blocks);
 // FUSED_A2A_CUDA_CHUNKS_PER_WARP: about the chunks a sender warp gets when chunks are below the
 // largest size, default 1 since session 13 (2 before; small N: fewer, larger chunks mean fewer
 // serial write-completion waits per warp)
