@@ -267,3 +267,13 @@ for _sms in (12, 16, 48):
     for _cr in (16, 32, 64):
         CASES[f"standard_sms{_sms}_cr{_cr}"] = _case(sms=_sms, CHUNK_ROWS=str(_cr))
 CASES["standard_sms12_rec"] = _case(sms=12, RECORDS="1")
+# The records' index and weight words as 16-byte vector loads (FUSED_A2A_CUDA_META_VEC=1, session
+# 23): one load latency a chunk for them instead of two to four batches of words.
+for _name, _base in (
+    ("standard_sms12", dict(sms=12)),
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+    ("standard_fp8_sms48", dict(fp8=True, sms=48)),
+    ("decode", dict(n=128)),
+):
+    CASES[_name + "_metavec"] = _case(**_base, META_VEC="1")

@@ -106,6 +106,14 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_RECORDS": "1",
         "FUSED_A2A_CUDA_SCAN": "tiles",
     },
+    # the records' index (int64) and weight words as 16-byte loads where K % 4 == 0 (session 23;
+    # the suite's other K fall back to word loads), own rows by the senders and the receivers
+    # (the fused scan's kernels, which have it, forced at every N)
+    "meta_vec": {
+        "FUSED_A2A_CUDA_META_VEC": "1",
+        "FUSED_A2A_CUDA_SELF": "split",
+        "FUSED_A2A_CUDA_SCAN": "fused",
+    },
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
@@ -270,6 +278,12 @@ JAX_ROWS_PATHS = {
     # the static dispatch direct, the cached dispatch of the combine's backward through the
     # window (FUSED_A2A_CUDA_DIRECT_READY=0; by default its ready message places it direct too)
     "direct_layout": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "0"},
+    # the records' index (int32 here) and weight words as 16-byte loads (session 23)
+    "direct_meta_vec": {
+        "FUSED_A2A_CUDA_DIRECT": "require",
+        "FUSED_A2A_CUDA_META_VEC": "1",
+        "FUSED_A2A_CUDA_SCAN": "fused",
+    },
 }
 
 
@@ -524,6 +538,9 @@ DETERMINISM_CONFIGS = (
     # route scan in two passes against the one-block default of these 300 tokens, and receiver
     # items of whole chunks against the 2-row default (session 10).
     (24, 8, {"FUSED_A2A_CUDA_RECORDS": "1"}),
+    # the records' index and weight words as 16-byte loads (session 23), with the records kernel
+    (12, None, {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}),
+    (24, 8, {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"}),
     (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles"}),
     (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "0", "FUSED_A2A_CUDA_SCAN": "tiles"}),

@@ -116,6 +116,14 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     # the dispatch's chunks by SM count (session 23): up to 32 rows on 12 SMs, 16 on 16 SMs
     "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
     "sms16": {"FUSED_A2A_CUDA_BLOCKS": "16"},
+    # the records' index and weight words as 16-byte vector loads (session 23), also at 12 SMs
+    # (its kernels: the fused scan's, forced here at every N)
+    "meta_vec": {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"},
+    "meta_vec_sms12": {
+        "FUSED_A2A_CUDA_META_VEC": "1",
+        "FUSED_A2A_CUDA_SCAN": "fused",
+        "FUSED_A2A_CUDA_BLOCKS": "12",
+    },
 }
 
 
@@ -136,7 +144,8 @@ def test_static_big_rows(rows, variant):
     the route scan's second pass in the dispatch and combine kernels at every N
     (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
     passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles); "sms12" / "sms16": 12 / 16 SMs, whose
-    dispatch chunks are up to 32 / 16 rows."""
+    dispatch chunks are up to 32 / 16 rows; "meta_vec": the records' index and weight words
+    through 16-byte loads (FUSED_A2A_CUDA_META_VEC=1; K = 8 here, K = 2 falls back)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -228,6 +237,13 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "help": {"FUSED_A2A_CUDA_RECV_ITEMS": "help"},
     # 32-row chunks (12 SMs, session 23): the largest metadata staging of FP8 records
     "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
+    # vector loads of the index and weight words beside the vector scale loads (session 23)
+    "meta_vec": {
+        "FUSED_A2A_CUDA_META_VEC": "1",
+        "FUSED_A2A_CUDA_RECORDS": "0",
+        "FUSED_A2A_CUDA_SCAN": "fused",
+    },
+    "meta_vec_records": {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"},
 }
 
 

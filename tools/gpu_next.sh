@@ -39,6 +39,8 @@
 #   PART=s23w (~9 min): the host's ticket wait (FUSED_A2A_HOST_WAIT spin / pause / sleep): the
 #       speculative-path GPU tests (and session 22's int64 receive indices), the torch bench A/B
 #       at N = 128 and 4096; S23W_TRACE=<mode>: every rank's trace too
+#   PART=s24t (~5 min): GPU tests of the records' vector loads (FUSED_A2A_CUDA_META_VEC=1);
+#   PART=s24b (~4 min): their A/B at 12, 24, 48 SMs, FP8 and decode
 #   PART=s15b (~3 min): LAYOUT=dynamic (no ready round trip after dispatch_notify) by the
 #       dynamic dispatch's kernel times
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). One-off parts
@@ -518,6 +520,30 @@ case "${PART:-tests}" in
     fi
     rm -f "$OUT/build.log" "$OUT"/*/bench.png
     (cd "$OUT" && tar czf s23w.tgz --remove-files $(ls | grep -v '^s23w.tgz$'))
+    ;;
+  s24t)  # (~5 min) the GPU tests of the records' vector loads (FUSED_A2A_CUDA_META_VEC=1, session
+    # 23, compile-checked): static big rows (also at 12 SMs: 32-row chunks, one batch of 64
+    # items), FP8 rows (beside the vector scale loads; with the records kernel), the torch suite
+    # (int64 indices; K % 4 != 0 falls back), the JAX suite and torch against JAX (int32), the
+    # same bits across SM counts and chunk sizes
+    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-420} TEST_TIMEOUT_S=20 \
+      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      PYTEST_K="${S24_K:-meta_vec or same_bits}" \
+      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -12 | cut -c1-300
+    rm -f "$OUT/build.log"
+    ;;
+  s24b)  # (~4 min, after s24t on the warm machine) the A/B of the records' vector loads:
+    # bench_normal at 12, 24 and 48 SMs, FP8 at 48, decode, each without and with. Prediction:
+    # 12 SMs 560 -> 520-540 us (the metadata 26% of a sender warp's loop, about half of it the
+    # word batches), 24 SMs -5 to -10, 48 SMs and decode within noise (link-bound / one chunk a
+    # warp), FP8 -5 to -15 (its senders' metadata is the largest). If 12 SMs gains, make it the
+    # default and run PART=fab at 48 SMs.
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_metavec,standard,standard_metavec,standard_sms48,standard_sms48_metavec,standard_fp8_sms48,standard_fp8_sms48_metavec,decode,decode_metavec,standard_sms12} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 300 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
+    rm -f "$OUT/build.log"
     ;;
   s17h)  # (~5 min) the dynamic HybridEP dispatch's host spinning on the notify's ticket
     # (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin, session 16, compile-checked): its tests (the torch

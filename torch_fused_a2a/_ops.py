@@ -42,18 +42,8 @@ def dtype_code(tensor: torch.Tensor, name: str) -> int:
         raise TypeError(f"{name} has unsupported dtype {tensor.dtype}") from None
 
 
-# The current stream's cudaStream_t in one call (CUDA builds of torch; what torch.compile's
-# generated code uses): torch.cuda.current_stream builds a Stream object first, 13-15 us of a
-# dispatch's host path on the GPU machine (run 119's trace).
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _stream(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    if _raw_stream is not None and device.index is not None:
-        return _raw_stream(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
+# The current stream's cudaStream_t (the arena's lookup, one call on CUDA builds of torch)
+_stream = _arena.stream_handle
 
 
 _placeholders: dict = {}

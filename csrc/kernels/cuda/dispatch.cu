@@ -88,9 +88,10 @@ __device__ inline void write_host_counts(const DispatchParams& p, const Shared& 
 // default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
 // (fused_scan, scan_pass2.cuh; static dispatch with the layout notify).
 // kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
-// (FUSED_A2A_CUDA_LAYOUT=dynamic).
+// (FUSED_A2A_CUDA_LAYOUT=dynamic). kHeadVec: the senders' records through vector loads
+// (FUSED_A2A_CUDA_META_VEC=1, with the fused scan only).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
-          bool kFusedScan = false, bool kLayoutDyn = false>
+          bool kFusedScan = false, bool kLayoutDyn = false, bool kHeadVec = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -264,7 +265,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if (warp < p.send_warps) {
         // FUSED_A2A_CUDA_RECV_ITEMS=help: then the receivers' items still unclaimed (runs 53-55:
         // with more SMs or sender warps the senders finish 40-170 us before the receivers)
-        sender_role<kLeanEnd, kCopyUnroll, kRecvItems>(p, sh, smem, L, ctx, warp, lane, s_hist);
+        sender_role<kLeanEnd, kCopyUnroll, kRecvItems, kHeadVec>(p, sh, smem, L, ctx, warp, lane,
+                                                                 s_hist);
       } else {
         receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
@@ -341,7 +343,8 @@ __global__ void __launch_bounds__(kRecordThreads)
     const int nb = min(32, routed - j0);
     const int token = lane < nb ? __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + lane) : 0;
     uint32_t* out = records + (static_cast<size_t>(d) * N + j0) * M;
-    meta_words(p, token, nb, d, lane, [&](int row, int w, uint32_t v) { out[row * M + w] = v; });
+    meta_words<true>(p, token, nb, d, lane,
+                     [&](int row, int w, uint32_t v) { out[row * M + w] = v; });
   }
 }
 
@@ -360,6 +363,9 @@ RowFormat row_format(const DispatchArgs& a) {
   f.meta_words = (f.meta_real + 3) & ~3;
   return f;
 }
+
+// Null (no weights) or 16-byte aligned: the records' vector loads (head_quads)
+bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
@@ -491,6 +497,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                  reinterpret_cast<std::uintptr_t>(a.x_scales) % alignof(float4) == 0;
   p.topk_idx = a.topk_idx;
   p.topk_w = a.topk_weights;
+  p.head_vec = meta_vec_env() && a.num_topk % 4 == 0 && aligned16(a.topk_idx) &&
+               aligned16(a.topk_weights) && (p.nsc == 0 || p.scales_vec);
   p.capacity = a.capacity;
   p.zero_end = a.zero_padding ? a.capacity : 0;
   p.recv_x = static_cast<uint8_t*>(a.recv_x);
@@ -597,7 +605,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
   const bool fused = pr.fused_scan.tiles > 0;
-  auto kernel = fused && help        ? dispatch_kernel<8, false, kRecvHelp, true>
+  const bool vec = fused && p.head_vec;
+  auto kernel = vec && help          ? dispatch_kernel<8, false, kRecvHelp, true, false, true>
+                : vec                ? dispatch_kernel<8, false, kRecvDealt, true, false, true>
+                : fused && help      ? dispatch_kernel<8, false, kRecvHelp, true>
                 : fused              ? dispatch_kernel<8, false, kRecvDealt, true>
                 : lay_dyn && help    ? dispatch_kernel<8, false, kRecvHelp, false, true>
                 : lay_dyn            ? dispatch_kernel<8, false, kRecvDealt, false, true>

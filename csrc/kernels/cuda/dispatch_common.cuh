@@ -32,6 +32,11 @@ struct DispatchParams {
   size_t row_bytes;
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool scales_vec;  // x_scales rows load as float4 (nsc % 4 == 0, 16-byte aligned pointer)
+  // The records' index and weight words load as 16-byte vectors, 4 choices of a row at a time
+  // (FUSED_A2A_CUDA_META_VEC=1; K % 4 == 0, 16-byte aligned topk_idx / topk_w, scales absent or
+  // scales_vec): head_quads, in the records kernel and the fused-scan kernels' kHeadVec
+  // instantiations (the senders' remote chunks; the own rows' records stay word by word)
+  bool head_vec;
   bool dst_major;
   bool claim_items;         // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
   int own_rows;             // who copies the own rows x -> recv_x: an OwnRows value
@@ -165,12 +170,66 @@ __device__ __forceinline__ void batched_words(int words, int lane, Load&& load, 
   }
 }
 
+// The index and weight words [1, 2K] of nb <= 32 rows for rank d (lane l holds row l's token;
+// p.head_vec): an item is 4 of a row's K choices, loaded as 16-byte vectors (indices: one int4 or
+// two longlong2; weights: one float4), every item of a lane's batch before any is used. A 32-row
+// chunk of top-8 rows is 64 items, one batch: about one load latency, where the word-by-word
+// loads (batched_words) took four batches of 128 words (session 23: the senders' metadata was 26%
+// of a 12-SM sender warp's loop). Words are those of meta_word.
+constexpr int kQuadBatch = 2;
+template <typename Emit>
+__device__ __forceinline__ void head_quads(const DispatchParams& p, int token, int nb, int d,
+                                           int lane, Emit&& emit) {
+  const int K = p.num_topk, qpr = K / 4, items = nb * qpr;
+  for (int i0 = 0; i0 < items; i0 += 32 * kQuadBatch) {
+    long long e[kQuadBatch][4];
+    float4 wt[kQuadBatch];
+#pragma unroll
+    for (int u = 0; u < kQuadBatch; ++u) {
+      const int i = i0 + u * 32 + lane;
+      const int row = min(i / qpr, nb - 1);
+      const int t = __shfl_sync(0xffffffffu, token, row);  // every lane: the shuffle's mask
+      wt[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int c = 0; c < 4; ++c) e[u][c] = -1;
+      if (i >= items) continue;
+      const size_t base = static_cast<size_t>(t) * K + 4 * (i - row * qpr);
+      if (p.idx64) {
+        const auto* src = reinterpret_cast<const longlong2*>(
+            reinterpret_cast<const long long*>(p.topk_idx) + base);
+        const longlong2 a = __ldg(src), b = __ldg(src + 1);
+        e[u][0] = a.x, e[u][1] = a.y, e[u][2] = b.x, e[u][3] = b.y;
+      } else {
+        const int4 a =
+            __ldg(reinterpret_cast<const int4*>(reinterpret_cast<const int*>(p.topk_idx) + base));
+        e[u][0] = a.x, e[u][1] = a.y, e[u][2] = a.z, e[u][3] = a.w;
+      }
+      if (p.topk_w) wt[u] = __ldg(reinterpret_cast<const float4*>(p.topk_w + base));
+    }
+#pragma unroll
+    for (int u = 0; u < kQuadBatch; ++u) {
+      const int i = i0 + u * 32 + lane;
+      if (i >= items) continue;
+      const int row = i / qpr, k0 = 4 * (i - row * qpr);
+      const float w4[4] = {wt[u].x, wt[u].y, wt[u].z, wt[u].w};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const bool mine = owner_of(e[u][c], p.num_experts, p.lpr) == d;
+        const int local = mine ? static_cast<int>(e[u][c] - d * static_cast<long long>(p.lpr)) : -1;
+        emit(row, 1 + k0 + c, static_cast<uint32_t>(local));
+        emit(row, 1 + K + k0 + c, __float_as_uint(mine ? w4[c] : 0.f));
+      }
+    }
+  }
+}
+
 // The metadata words of nb <= 32 rows for rank d (lane l holds row l's token), batched
 // (batched_words); the words past meta_real (padding) are not emitted. emit(row, word index,
 // value). FP8 scales (p.scales_vec): 16-byte loads, the first batch issued before the other
 // words' loads so that both wait about one latency together (run 39: FP8 records as single words
-// cost 316K cycles a sender warp, twice bf16's).
-template <typename Emit>
+// cost 316K cycles a sender warp, twice bf16's). kHeadVec: the index and weight words through
+// head_quads when p.head_vec (own instantiations: the vector path in the default kernels doubled
+// their spills, 424 / 592 -> 792 / 1472 bytes at 48 SMs).
+template <bool kHeadVec = false, typename Emit>
 __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, int nb, int d,
                                            int lane, Emit&& emit) {
   const int head = p.scales_vec ? 1 + 2 * p.num_topk : p.meta_real;  // words a row, word by word
@@ -195,18 +254,23 @@ __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, i
   };
   float4 v[kMetaBatch];
   if (vecs > 0) load_batch(0, v);
-  const int words = nb * head;
-  batched_words(
-      words, lane,
-      [&](int i) {
-        const int row = min(i / head, nb - 1);
-        const int t = __shfl_sync(0xffffffffu, token, row);
-        return i < words ? meta_word(p, t, d, i - row * head) : 0u;
-      },
-      [&](int i, uint32_t v) {
-        const int row = i / head;
-        emit(row, i - row * head, v);
-      });
+  if (kHeadVec && p.head_vec) {  // head == 1 + 2K: the token word, then the index and weights
+    if (lane < nb) emit(lane, 0, static_cast<uint32_t>(token));
+    head_quads(p, token, nb, d, lane, emit);
+  } else {
+    const int words = nb * head;
+    batched_words(
+        words, lane,
+        [&](int i) {
+          const int row = min(i / head, nb - 1);
+          const int t = __shfl_sync(0xffffffffu, token, row);
+          return i < words ? meta_word(p, t, d, i - row * head) : 0u;
+        },
+        [&](int i, uint32_t v) {
+          const int row = i / head;
+          emit(row, i - row * head, v);
+        });
+  }
   for (int i0 = 0; i0 < vecs; i0 += 32 * kMetaBatch) {
     if (i0 > 0) load_batch(i0, v);  // batch 0 was loaded before the other words
 #pragma unroll
@@ -217,14 +281,15 @@ __device__ __forceinline__ void meta_words(const DispatchParams& p, int token, i
 
 // The metadata records of n rows (tokens list[0, n)) for rank d, into out[n * M] (shared
 // memory), with one coalesced load of the list per 32 rows.
+template <bool kHeadVec = false>
 __device__ __forceinline__ void stage_chunk_meta(const DispatchParams& p, const int* list, int n,
                                                  int d, uint32_t* out, int lane) {
   const int M = p.meta_words;
   for (int b = 0; b < n; b += 32) {
     const int nb = min(32, n - b);
     const int token = lane < nb ? __ldg(list + b + lane) : 0;
-    meta_words(p, token, nb, d, lane,
-               [&](int row, int w, uint32_t v) { out[(b + row) * M + w] = v; });
+    meta_words<kHeadVec>(p, token, nb, d, lane,
+                         [&](int row, int w, uint32_t v) { out[(b + row) * M + w] = v; });
   }
 }
 

@@ -54,7 +54,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
 // kLeanEnd: TmaPipe::end_chunk<true> (FUSED_A2A_CUDA_CHUNK_END=lean).
 // kRecvItems == kRecvHelp: once its items are sent, the warp claims receiver items (receiver_role
 // with rwarp -1) and copies their rows window -> recv_x through its own bulk-copy ring.
-template <bool kLeanEnd, int kCopyUnroll = 8, int kRecvItems = kRecvDealt>
+template <bool kLeanEnd, int kCopyUnroll = 8, int kRecvItems = kRecvDealt, bool kHeadVec = false>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
@@ -156,7 +156,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         for (int i = lane; i < n; i += 32)
           stage[i * stride] = static_cast<uint32_t>(__ldg(list + i));
       } else {
-        stage_chunk_meta(p, list, n, d, stage, lane);
+        stage_chunk_meta<kHeadVec>(p, list, n, d, stage, lane);
       }
       if (!p.records) fence_proxy_async_smem();
       __syncwarp();

@@ -403,6 +403,10 @@ int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 2); }
 // one from 566.6 to 577 us (its senders are bound by the link, so the kernel's own time adds) and
 // decode (CUDA graphs) from 63-70 to 74-76 us. Default: FP8 rows above kSelfRecvMaxTokens-like
 // sizes only.
+// Session 23 (compile-checked; the A/B is the next GPU session's): the senders' records load
+// their index and weight words as 16-byte vectors (dispatch_common.cuh, head_quads).
+bool meta_vec_env() { return env_int("FUSED_A2A_CUDA_META_VEC", 0) != 0; }
+
 bool records_env(bool fp8, int64_t num_tokens) {
   const int v = env_int("FUSED_A2A_CUDA_RECORDS", -1);
   if (v >= 0) return v != 0;

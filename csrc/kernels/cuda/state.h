@@ -227,6 +227,7 @@ int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
 // unset: for FP8 rows above 512 tokens.
 bool records_env(bool fp8, int64_t num_tokens);
+bool meta_vec_env();  // FUSED_A2A_CUDA_META_VEC: vector loads of the records' index words
 // The dispatch receivers zero the padding rows during their flag waits (default since run 50);
 // FUSED_A2A_CUDA_ZERO=first: before their first item.
 bool zero_while_waiting_env();
