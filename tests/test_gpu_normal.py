@@ -88,6 +88,10 @@ def _rank_suite(rank, world, cases, group=None):
 # both, chunk by chunk; "dealt": the senders', with items dealt round-robin to the sender warps
 # instead of claimed from a counter, in the dispatch and the combine (FUSED_A2A_CUDA_CLAIM=0,
 # FUSED_A2A_CUDA_COMBINE_CLAIM=0; claiming is the default of both).
+# The records' index and weight words as 16-byte loads (FUSED_A2A_CUDA_META_VEC=1, session 23)
+# in the kernels that have them: the fused scan's, forced here at every N
+META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
+
 OWN_ROWS = {
     "default": {},
     "senders": {"FUSED_A2A_CUDA_SELF": "send"},
@@ -108,12 +112,7 @@ OWN_ROWS = {
     },
     # the records' index (int64) and weight words as 16-byte loads where K % 4 == 0 (session 23;
     # the suite's other K fall back to word loads), own rows by the senders and the receivers
-    # (the fused scan's kernels, which have it, forced at every N)
-    "meta_vec": {
-        "FUSED_A2A_CUDA_META_VEC": "1",
-        "FUSED_A2A_CUDA_SELF": "split",
-        "FUSED_A2A_CUDA_SCAN": "fused",
-    },
+    "meta_vec": {**META_VEC, "FUSED_A2A_CUDA_SELF": "split"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
@@ -279,11 +278,7 @@ JAX_ROWS_PATHS = {
     # window (FUSED_A2A_CUDA_DIRECT_READY=0; by default its ready message places it direct too)
     "direct_layout": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "0"},
     # the records' index (int32 here) and weight words as 16-byte loads (session 23)
-    "direct_meta_vec": {
-        "FUSED_A2A_CUDA_DIRECT": "require",
-        "FUSED_A2A_CUDA_META_VEC": "1",
-        "FUSED_A2A_CUDA_SCAN": "fused",
-    },
+    "direct_meta_vec": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC},
 }
 
 
@@ -539,7 +534,7 @@ DETERMINISM_CONFIGS = (
     # items of whole chunks against the 2-row default (session 10).
     (24, 8, {"FUSED_A2A_CUDA_RECORDS": "1"}),
     # the records' index and weight words as 16-byte loads (session 23), with the records kernel
-    (12, None, {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}),
+    (12, None, META_VEC),
     (24, 8, {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"}),
     (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles"}),

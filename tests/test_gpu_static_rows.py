@@ -14,7 +14,7 @@ import pytest
 import reference as R
 from conftest import gpu_count
 from reference import assert_bitwise_equal
-from test_gpu_normal import _need, _variant_results
+from test_gpu_normal import META_VEC, _need, _variant_results
 
 pytestmark = pytest.mark.gpu
 
@@ -117,13 +117,8 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
     "sms16": {"FUSED_A2A_CUDA_BLOCKS": "16"},
     # the records' index and weight words as 16-byte vector loads (session 23), also at 12 SMs
-    # (its kernels: the fused scan's, forced here at every N)
-    "meta_vec": {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"},
-    "meta_vec_sms12": {
-        "FUSED_A2A_CUDA_META_VEC": "1",
-        "FUSED_A2A_CUDA_SCAN": "fused",
-        "FUSED_A2A_CUDA_BLOCKS": "12",
-    },
+    "meta_vec": META_VEC,
+    "meta_vec_sms12": {**META_VEC, "FUSED_A2A_CUDA_BLOCKS": "12"},
 }
 
 
@@ -238,11 +233,7 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     # 32-row chunks (12 SMs, session 23): the largest metadata staging of FP8 records
     "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
     # vector loads of the index and weight words beside the vector scale loads (session 23)
-    "meta_vec": {
-        "FUSED_A2A_CUDA_META_VEC": "1",
-        "FUSED_A2A_CUDA_RECORDS": "0",
-        "FUSED_A2A_CUDA_SCAN": "fused",
-    },
+    "meta_vec": {**META_VEC, "FUSED_A2A_CUDA_RECORDS": "0"},
     "meta_vec_records": {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"},
 }
 

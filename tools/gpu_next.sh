@@ -99,6 +99,17 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
 }
 
+# Build, then the GPU tests of the files in $1 selected by -k $2 (timeout $3 s, default 420);
+# prints the build and test summaries, failures, and the tests.log tail matching $4's pattern
+# (default: counts, failures, slowest calls).
+gpu_tests() {
+  STEPS=build,test STEP_TIMEOUT_TEST=${3:-420} TEST_TIMEOUT_S=20 \
+    PYTEST_ARGS="-m gpu --durations=8 $1" PYTEST_K="$2" \
+    bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
+  grep -E "${4:-passed|failed|FAILED|s call}" "$OUT/tests.log" | tail -16 | cut -c1-300
+  rm -f "$OUT/build.log"
+}
+
 # The JAX normal-mode bench at N = 4096 on all GPUs under the environment settings after the
 # first argument (the output name under $OUT), without the peers.
 jax_bench() {
@@ -433,12 +444,9 @@ case "${PART:-tests}" in
     # CUDA): the torch suite's default, window (no arena) and arena variants, the stress and
     # graph tests, faults (a rank dies mid-op), concurrency (two groups, torch and JAX in one
     # process), the host counts' speculative paths (resize_ of an arena block)
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-420} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py tests/test_gpu_host_counts.py" \
-      PYTEST_K="${S21_K:-(torch_gpu_matches and (default or window or arena)) or stress or graph or require or rank_dies or two_groups or torch_and_jax or mismatch or speculative}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    grep -E "passed|failed|FAILED|s call|GPU memory before" "$OUT/tests.log" | tail -16 | cut -c1-300
-    rm -f "$OUT/build.log"
+    gpu_tests "tests/test_gpu_normal.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py tests/test_gpu_host_counts.py" \
+      "${S21_K:-(torch_gpu_matches and (default or window or arena)) or stress or graph or require or rank_dies or two_groups or torch_and_jax or mismatch or speculative}" \
+      "${STEP_TIMEOUT_TEST:-420}" "passed|failed|FAILED|s call|GPU memory before"
     ;;
   s21c)  # (~5 min) run 113's whole bench lost with the default arena (1024 MB): torch dispatch
     # 561.3, combine_bwd 621.2 us (host 551) against 527-528 / 523-525 in run 111's A/B (2048 MB,
@@ -526,12 +534,8 @@ case "${PART:-tests}" in
     # items), FP8 rows (beside the vector scale loads; with the records kernel), the torch suite
     # (int64 indices; K % 4 != 0 falls back), the JAX suite and torch against JAX (int32), the
     # same bits across SM counts and chunk sizes
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-420} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=8 tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      PYTEST_K="${S24_K:-meta_vec or same_bits}" \
-      bash tools/gpu_check.sh | grep -E "build:|tests:|FAILED"
-    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -12 | cut -c1-300
-    rm -f "$OUT/build.log"
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      "${S24_K:-meta_vec or same_bits}" "${STEP_TIMEOUT_TEST:-420}"
     ;;
   s24b)  # (~4 min, after s24t on the warm machine) the A/B of the records' vector loads:
     # bench_normal at 12, 24 and 48 SMs, FP8 at 48, decode, each without and with. Prediction:
