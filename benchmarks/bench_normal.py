@@ -260,16 +260,21 @@ TRACE_SLOTS = 11  # csrc/kernels/cuda/state.h kTraceSlots
 
 
 def _trace_one(fn, gid, grank, sms):
-    """Per-warp phase times of one call (csrc/kernels/cuda/state.h): mean and max over the
+    """Per-warp phase times of a call (csrc/kernels/cuda/state.h): mean and max over the
     sender and the receiver warps; durations in SM cycles, start and finish times in ns (a
-    receiver's start is its data phase start)."""
+    receiver's start is its data phase start). FA2A_BENCH_TRACE_CALLS=K (default 1): K calls back
+    to back after the host barrier, every slot divided by K (the kernel adds each call's values),
+    so the ranks' start skew after the barrier weighs 1/K: the steady state of a timed loop."""
     import fused_a2a_core as core
 
+    calls = max(1, int(os.environ.get("FA2A_BENCH_TRACE_CALLS", "1")))
     torch.cuda.synchronize()
     core.cuda_dispatch_trace(gid, grank, True)
     dist.barrier()
-    fn()
-    words = core.cuda_dispatch_trace(gid, grank, True)
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    words = [w / calls for w in core.cuda_dispatch_trace(gid, grank, True)]
     if not words:
         return {"error": "tracing is off in this build (-DFA2A_CUDA_TRACE=1)"}
     send_warps = int(os.environ.get("FUSED_A2A_CUDA_SEND_WARPS", 4))
