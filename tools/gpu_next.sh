@@ -57,7 +57,7 @@ for r in json.load(open(sys.argv[1]))["results"]:
 PY
 }
 
-# Build, then the GPU tests of the files in $1 selected by -k $2 (timeout $3 s, default 420);
+# Build, then the GPU tests of the files in $1 selected by -k $2 (empty: all; timeout $3 s, 420);
 # prints the build and test summaries, failures, and the tests.log tail matching $4's pattern
 # (default: counts, failures, slowest calls).
 gpu_tests() {
@@ -84,16 +84,11 @@ case "${PART:-tests}" in
     # session 15 in two spawns, one per buffer size, instead of one spawn per case of ~14 s; the 18
     # test_static_fp8_rows cases likewise)
     if [[ $PART == tests ]]; then k="not big_rows"; else k="big_rows"; fi
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=10 tests/test_gpu_normal.py tests/test_gpu_static_rows.py" PYTEST_K="$k" \
-      bash tools/gpu_check.sh
-    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -16
+    gpu_tests "tests/test_gpu_normal.py tests/test_gpu_static_rows.py" "$k" "${STEP_TIMEOUT_TEST:-480}"
     ;;
   tests2)  # the other GPU tests: HybridEP, host counts, faults, concurrency
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-480} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
-      bash tools/gpu_check.sh
-    grep -E "passed|failed|FAILED" "$OUT/tests.log" | tail -12
+    gpu_tests "tests/test_gpu_hybrid.py tests/test_gpu_host_counts.py tests/test_gpu_faults.py tests/test_gpu_concurrency.py" \
+      "" "${STEP_TIMEOUT_TEST:-480}"
     ;;
   perf)
     STEPS=build,probe bash tools/gpu_check.sh | tail -14
@@ -109,11 +104,9 @@ case "${PART:-tests}" in
       bash tools/gpu_diag_trace.sh
     ;;
   verify)  # tests of both frontends and modes, then the bench A/B (session 6: run 24)
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-300} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=12 tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py" \
-      PYTEST_K="${VERIFY_K:-jax_gpu_hybrid_suite or torch_gpu_matches or jax_gpu_suite or bitwise or same_bits}" \
-      bash tools/gpu_check.sh
-    grep -E "passed|failed|FAILED|s call" "$OUT/tests.log" | tail -20
+    gpu_tests "tests/test_gpu_normal.py tests/test_gpu_static_rows.py tests/test_gpu_hybrid.py" \
+      "${VERIFY_K:-jax_gpu_hybrid_suite or torch_gpu_matches or jax_gpu_suite or bitwise or same_bits}" \
+      "${STEP_TIMEOUT_TEST:-300}"
     # Who copies the own rows, again, now that chunks are 8 rows (NOTES, "Next steps after
     # session 6", step 1): the senders' pipes carry the own rows too (1/4 of all rows at EP 4,
     # 1/2 at EP 2); receivers, or half each (split); and 32 SMs (more bytes in flight).
@@ -127,9 +120,7 @@ case "${PART:-tests}" in
     grep -vE '^\[' "$OUT/fab.log" | tail -40
     ;;
   hyb)  # HybridEP: the torch GPU tests (incl. the pipelined combine), then the combine A/B
-    STEPS=build,test STEP_TIMEOUT_TEST=${STEP_TIMEOUT_TEST:-200} TEST_TIMEOUT_S=20 \
-      PYTEST_ARGS="-m gpu --durations=6 tests/test_gpu_hybrid.py" PYTEST_K="torch" \
-      bash tools/gpu_check.sh | grep -E "tests:|FAILED"
+    gpu_tests "tests/test_gpu_hybrid.py" "torch" "${STEP_TIMEOUT_TEST:-200}"
     # FUSED_A2A_HYBRID_PIPELINE=1: two half slots, round k + 1 sent while round k is reduced
     # (session 6, unmeasured); run 26 without it: combine 2518 us at EP 4, N = 4096.
     for pipe in 0 1; do

@@ -52,11 +52,10 @@ def get_buffer(group, hidden_bytes: int, device: torch.device | None = None) -> 
         return current
     device = torch.device(device) if device is not None else None
     if device is None:
-        device = _buffer.device if _buffer is not None and _buffer.group is group else None
+        device = current.device if current is not None and current.group is group else None
         device = device or default_device(group)
     platform = PLATFORM_CUDA if device.type == "cuda" else 0
     needed = core.recommended_buffer_bytes(hidden_bytes, dist.get_world_size(group), platform)
-    current = _buffer
     if (
         current is None
         or current.released

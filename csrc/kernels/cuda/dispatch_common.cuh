@@ -132,6 +132,17 @@ __host__ __device__ inline SmemLayout smem_layout(int lpr, int send_warps, bool 
   return l;
 }
 
+// A top-k choice's two record words as sent to rank d: expert e's index local to d, or -1 where
+// d does not own e; its weight wt, or 0 there.
+__device__ __forceinline__ uint32_t local_idx_word(const DispatchParams& p, long long e, int d) {
+  const bool mine = owner_of(e, p.num_experts, p.lpr) == d;
+  return static_cast<uint32_t>(mine ? static_cast<int>(e - d * static_cast<long long>(p.lpr)) : -1);
+}
+__device__ __forceinline__ uint32_t weight_word(const DispatchParams& p, long long e, float wt,
+                                                int d) {
+  return __float_as_uint(owner_of(e, p.num_experts, p.lpr) == d ? wt : 0.f);
+}
+
 // Metadata word w of token t as sent to rank d: [src token][K local idx][K weights][scales].
 __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, int d, int w) {
   const int K = p.num_topk;
@@ -142,10 +153,7 @@ __device__ __forceinline__ uint32_t meta_word(const DispatchParams& p, int t, in
     const long long e = load_idx(p.topk_idx, p.idx64, static_cast<long long>(tk));
     // The weight's load does not wait for the expert's: one load latency per word, not two.
     const float wt = (w > K && p.topk_w) ? __ldg(p.topk_w + tk) : 0.f;
-    const bool mine = owner_of(e, p.num_experts, p.lpr) == d;
-    if (w <= K)
-      return static_cast<uint32_t>(mine ? static_cast<int>(e - d * (long long)p.lpr) : -1);
-    return __float_as_uint(mine ? wt : 0.f);
+    return w <= K ? local_idx_word(p, e, d) : weight_word(p, e, wt, d);
   }
   return __float_as_uint(__ldg(p.x_scales + static_cast<size_t>(t) * p.nsc + (w - 1 - 2 * K)));
 }
@@ -213,10 +221,8 @@ __device__ __forceinline__ void head_quads(const DispatchParams& p, int token, i
       const float w4[4] = {wt[u].x, wt[u].y, wt[u].z, wt[u].w};
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const bool mine = owner_of(e[u][c], p.num_experts, p.lpr) == d;
-        const int local = mine ? static_cast<int>(e[u][c] - d * static_cast<long long>(p.lpr)) : -1;
-        emit(row, 1 + k0 + c, static_cast<uint32_t>(local));
-        emit(row, 1 + K + k0 + c, __float_as_uint(mine ? w4[c] : 0.f));
+        emit(row, 1 + k0 + c, local_idx_word(p, e[u][c], d));
+        emit(row, 1 + K + k0 + c, weight_word(p, e[u][c], w4[c], d));
       }
     }
   }

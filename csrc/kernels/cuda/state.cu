@@ -341,12 +341,12 @@ bool device_writable_host(const void* p) {
   return err == cudaSuccess && attr.type == cudaMemoryTypeHost && attr.devicePointer == p;
 }
 
-int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
+int chunk_rows_env(int unset) {  // the dispatch's and the combine's largest chunk
   const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
   // Run 3 (EP 2) chose 32 over 8 while every sender warp walked every item of a round; with the
   // per-warp item deal (rect_item) run 22 (4x H200, EP 4) measured 8 rows 656 us, 16 686, 32 776:
   // a receiver copies a chunk after its flag, and a shorter last chunk shortens that tail.
-  return v > 0 ? v : 8;
+  return v > 0 ? v : unset;
 }
 
 // Runs 125-126 (4x H200, standard case, static dispatch at 8 / 16 / 32 / 64 rows): 12 SMs
@@ -356,13 +356,11 @@ int chunk_rows_env() {  // the dispatch's and the combine's largest chunk
 // warp's loop in run 124's traces, 12% at 48 SMs. The combine keeps chunk_rows_env() (12 SMs:
 // 600 us at 8 rows, 624 at 16, 653 at 32).
 int dispatch_chunk_rows(int blocks) {
-  const int v = env_int("FUSED_A2A_CUDA_CHUNK_ROWS", 0);
-  if (v > 0) return v;
-  return blocks <= 12 ? 32 : blocks < 24 ? 16 : 8;
+  return chunk_rows_env(blocks <= 12 ? 32 : blocks < 24 ? 16 : 8);
 }
 
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,
-// at most chunk_rows_env(). Sessions 4-12: 2 chunks a warp, so that a receiver copies a first
+// at most dispatch_chunk_rows(). Sessions 4-12: 2 chunks a warp, so that a receiver copies a first
 // chunk while the second is sent; at N = 128 a sender warp then ended ~2 chunks of 2 rows, each
 // end waiting for its writes to complete on the peer (run 39 trace: chunk end 18.8K + final drain
 // 13.9K of 47.6K cycles). One chunk a warp (run 65, 4x H100, CUDA graphs): decode dispatch 78.6
@@ -403,15 +401,15 @@ int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 2); }
 // one from 566.6 to 577 us (its senders are bound by the link, so the kernel's own time adds) and
 // decode (CUDA graphs) from 63-70 to 74-76 us. Default: FP8 rows above kSelfRecvMaxTokens-like
 // sizes only.
-// Session 23 (compile-checked; the A/B is the next GPU session's): the senders' records load
-// their index and weight words as 16-byte vectors (dispatch_common.cuh, head_quads).
-bool meta_vec_env() { return env_int("FUSED_A2A_CUDA_META_VEC", 0) != 0; }
-
 bool records_env(bool fp8, int64_t num_tokens) {
   const int v = env_int("FUSED_A2A_CUDA_RECORDS", -1);
   if (v >= 0) return v != 0;
   return fp8 && num_tokens > 512;
 }
+
+// Session 23 (compile-checked; the A/B is the next GPU session's): the senders' records load
+// their index and weight words as 16-byte vectors (dispatch_common.cuh, head_quads).
+bool meta_vec_env() { return env_int("FUSED_A2A_CUDA_META_VEC", 0) != 0; }
 
 // Run 50 (4x H100, two A/Bs in one call): the worst-capacity static dispatch 581.5 / 583.0 us
 // with the padding zeroed first, 575.5 / 576.4 while waiting; no change without padding.

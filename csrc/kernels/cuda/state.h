@@ -201,7 +201,9 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
 
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
-int chunk_rows_env();  // FUSED_A2A_CUDA_CHUNK_ROWS: largest chunk (rows), default 8
+// FUSED_A2A_CUDA_CHUNK_ROWS: the largest chunk (rows) of the dispatch and the combine; unset:
+// `unset` (the combine's 8)
+int chunk_rows_env(int unset = 8);
 // The dispatch's largest chunk on `blocks` SMs: FUSED_A2A_CUDA_CHUNK_ROWS, else 32 / 16 / 8 rows
 // up to 12 / below 24 / from 24 SMs
 int dispatch_chunk_rows(int blocks);
@@ -227,7 +229,7 @@ int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
 // unset: for FP8 rows above 512 tokens.
 bool records_env(bool fp8, int64_t num_tokens);
-bool meta_vec_env();  // FUSED_A2A_CUDA_META_VEC: vector loads of the records' index words
+bool meta_vec_env();  // FUSED_A2A_CUDA_META_VEC: the records' index and weight words as vectors
 // The dispatch receivers zero the padding rows during their flag waits (default since run 50);
 // FUSED_A2A_CUDA_ZERO=first: before their first item.
 bool zero_while_waiting_env();
