@@ -262,7 +262,7 @@ CASES["standard_lean"] = _case(CHUNK_END="lean")
 # of its loop (351K of 1.37M cycles; 12% at 48 SMs): about three load latencies per 8-row chunk
 # (the list, then two batches of words). Larger chunks (fewer list loads and chunk ends; with
 # direct rows the receivers no longer copy a chunk after its flag, the tail that chose 8 rows in
-# run 22), and the records kernel (the metadata off the senders' loop), at 12 and 48 SMs.
+# run 22), and the records kernel (the metadata off the senders' loop), at 12, 16 and 48 SMs.
 for _sms in (12, 16, 48):
     for _cr in (16, 32, 64):
         CASES[f"standard_sms{_sms}_cr{_cr}"] = _case(sms=_sms, CHUNK_ROWS=str(_cr))

@@ -679,9 +679,8 @@ def test_is_nvshmem_available():
 
 def test_speculative_kernel_choice(monkeypatch):
     """Which kernels the speculative dispatch runs (_ops._speculative_static): the static kernel
-    by default for G <= 8 and non-FP8 rows;
-    two kernels when asked, for FP8 rows, G > 8 or FUSED_A2A_CUDA_LAYOUT=ready; a bad value names
-    the variable and the value."""
+    by default for G <= 8 and non-FP8 rows; two kernels when asked, for FP8 rows, G > 8 or
+    FUSED_A2A_CUDA_LAYOUT=ready; a bad value names the variable and the value."""
     from torch_fused_a2a import _ops
 
     monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE", raising=False)
