@@ -267,8 +267,8 @@ for _sms in (12, 16, 48):
     for _cr in (16, 32, 64):
         CASES[f"standard_sms{_sms}_cr{_cr}"] = _case(sms=_sms, CHUNK_ROWS=str(_cr))
 CASES["standard_sms12_rec"] = _case(sms=12, RECORDS="1")
-# The records' index and weight words as 16-byte vector loads (FUSED_A2A_CUDA_META_VEC=1, session
-# 23): one load latency a chunk for them instead of two to four batches of words.
+# The records' index and weight words word by word (FUSED_A2A_CUDA_META_VEC=0), against the 16-byte
+# vector loads, the default since session 24 (run 129: 12 SMs -22 us, 24 SMs -5, FP8 -7).
 for _name, _base in (
     ("standard_sms12", dict(sms=12)),
     ("standard", {}),
@@ -276,4 +276,4 @@ for _name, _base in (
     ("standard_fp8_sms48", dict(fp8=True, sms=48)),
     ("decode", dict(n=128)),
 ):
-    CASES[_name + "_metavec"] = _case(**_base, META_VEC="1")
+    CASES[_name + "_metawords"] = _case(**_base, META_VEC="0")

@@ -256,7 +256,7 @@ def _kernel_times(fn, calls=10):
 
 TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
 TRACE_RECEIVER = ("flag_wait", "remote_copy", "own_copy", "zero_rows", "round_barrier")
-TRACE_SLOTS = 11  # csrc/kernels/cuda/state.h kTraceSlots
+TRACE_SLOTS = 13  # csrc/kernels/cuda/state.h kTraceSlots
 
 
 def _trace_one(fn, gid, grank, sms):
@@ -295,6 +295,10 @@ def _trace_one(fn, gid, grank, sms):
         out["finish_ns"] = [statistics.mean(r[6] for r in rows), max(r[6] for r in rows)]
         out["chunks"] = [statistics.mean(r[7] for r in rows), max(r[7] for r in rows)]
         out["start_ns"] = [statistics.mean(r[8] for r in rows), max(r[8] for r in rows)]
+        # the block prologue's marks (slots 11, 12): the send lists' grid barrier passed, every
+        # source's layout read
+        for slot, name in ((11, "scan_barrier_ns"), (12, "layouts_in_ns")):
+            out[name] = [statistics.mean(r[slot] for r in rows), max(r[slot] for r in rows)]
         # the role's item loop minus its traced phases (slots 0-4 for both roles, and the
         # senders' claims, slot 10; their drain, slot 5, comes after the loop): time between and
         # around the phases

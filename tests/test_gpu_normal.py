@@ -88,8 +88,9 @@ def _rank_suite(rank, world, cases, group=None):
 # both, chunk by chunk; "dealt": the senders', with items dealt round-robin to the sender warps
 # instead of claimed from a counter, in the dispatch and the combine (FUSED_A2A_CUDA_CLAIM=0,
 # FUSED_A2A_CUDA_COMBINE_CLAIM=0; claiming is the default of both).
-# The records' index and weight words as 16-byte loads (FUSED_A2A_CUDA_META_VEC=1, session 23)
-# in the kernels that have them: the fused scan's, forced here at every N
+# The records' index and weight words as 16-byte loads (session 23, the default since session 24)
+# in the kernels that have them: the fused scan's, forced here at every N (the suites' small N
+# take the one-block scan and word loads by default)
 META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
 
 OWN_ROWS = {
@@ -533,9 +534,10 @@ DETERMINISM_CONFIGS = (
     # route scan in two passes against the one-block default of these 300 tokens, and receiver
     # items of whole chunks against the 2-row default (session 10).
     (24, 8, {"FUSED_A2A_CUDA_RECORDS": "1"}),
-    # the records' index and weight words as 16-byte loads (session 23), with the records kernel
+    # the records' index and weight words as 16-byte loads (session 23), then word by word in the
+    # records kernel (FUSED_A2A_CUDA_META_VEC=0)
     (12, None, META_VEC),
-    (24, 8, {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"}),
+    (24, 8, {"FUSED_A2A_CUDA_META_VEC": "0", "FUSED_A2A_CUDA_RECORDS": "1"}),
     (16, 2, {"FUSED_A2A_CUDA_RECORDS": "1", **OWN_ROWS["senders"]}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "tiles"}),
     (24, 8, {"FUSED_A2A_CUDA_RECV_ROWS": "0", "FUSED_A2A_CUDA_SCAN": "tiles"}),

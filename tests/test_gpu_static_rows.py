@@ -119,6 +119,7 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     # the records' index and weight words as 16-byte vector loads (session 23), also at 12 SMs
     "meta_vec": META_VEC,
     "meta_vec_sms12": {**META_VEC, "FUSED_A2A_CUDA_BLOCKS": "12"},
+    "meta_words": {**META_VEC, "FUSED_A2A_CUDA_META_VEC": "0"},
 }
 
 
@@ -140,7 +141,9 @@ def test_static_big_rows(rows, variant):
     (FUSED_A2A_CUDA_SCAN=fused; by default only above 1024 tokens); "two_kernel_scan": the two
     passes as two kernels (FUSED_A2A_CUDA_SCAN=tiles); "sms12" / "sms16": 12 / 16 SMs, whose
     dispatch chunks are up to 32 / 16 rows; "meta_vec": the records' index and weight words
-    through 16-byte loads (FUSED_A2A_CUDA_META_VEC=1; K = 8 here, K = 2 falls back)."""
+    through 16-byte loads with the fused scan at every N (the default above 1024 tokens since
+    session 24; K = 8 here, K = 2 falls back); "meta_words": word by word, fused
+    (FUSED_A2A_CUDA_META_VEC=0)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -234,7 +237,9 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "sms12": {"FUSED_A2A_CUDA_BLOCKS": "12"},
     # vector loads of the index and weight words beside the vector scale loads (session 23)
     "meta_vec": {**META_VEC, "FUSED_A2A_CUDA_RECORDS": "0"},
-    "meta_vec_records": {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_RECORDS": "1"},
+    # the records kernel's words one by one (FUSED_A2A_CUDA_META_VEC=0; the default before
+    # session 24)
+    "meta_words_records": {"FUSED_A2A_CUDA_META_VEC": "0", "FUSED_A2A_CUDA_RECORDS": "1"},
 }
 
 

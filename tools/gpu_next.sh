@@ -13,10 +13,10 @@
 #       bench at N = 4096 with FUSED_A2A_HYBRID_PIPELINE=0 / 1
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
-#   PART=s24t (~5 min): GPU tests of the records' vector loads (FUSED_A2A_CUDA_META_VEC=1);
-#   PART=s24b (~4 min): their A/B at 12, 24, 48 SMs, FP8 and decode
+#   PART=s24c (~7 min): the dispatch prologue's steady-state trace and kernels; the GPU tests of
+#       the records' vector loads as the default
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s23w: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s24b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -189,26 +189,20 @@ case "${PART:-tests}" in
       "${S21_K:-(torch_gpu_matches and (default or window or arena)) or stress or graph or require or rank_dies or two_groups or torch_and_jax or mismatch or speculative}" \
       "${STEP_TIMEOUT_TEST:-420}" "passed|failed|FAILED|s call|GPU memory before"
     ;;
-  s24t)  # (~5 min) the GPU tests of the records' vector loads (FUSED_A2A_CUDA_META_VEC=1, session
-    # 23, compile-checked): static big rows (also at 12 SMs: 32-row chunks, one batch of 64
-    # items), FP8 rows (beside the vector scale loads; with the records kernel), the torch suite
-    # (int64 indices; K % 4 != 0 falls back), the JAX suite and torch against JAX (int32), the
-    # same bits across SM counts and chunk sizes
+  s24c)  # (~7 min) the dispatch's prologue in the steady state, then the GPU tests of the
+    # records' vector loads as the default (session 24). The diagnostic build's trace of ten
+    # static dispatches back to back at 48 and 24 SMs, with the block prologue's marks (the send
+    # lists' grid barrier, every layout in) and the kernels of the timed loop (torch.profiler);
+    # then the default build: static big rows and FP8 rows (default, word loads), the JAX suite's
+    # default, torch against JAX, the same bits across SM counts and chunk sizes
+    FA2A_BENCH_KERNELS=1 FA2A_BENCH_TRACE_CALLS=10 TRACE_CASES=${TRACE_CASES:-standard_sms48,standard} \
+      bash tools/gpu_diag_trace.sh
+    bench_kernel_times
+    mv "$OUT/bench.json" "$OUT/trace.json"
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S24_K:-meta_vec or same_bits}" "${STEP_TIMEOUT_TEST:-420}"
+      "${S24_K:-(static_big_rows and (default or meta_words)) or (static_fp8_rows and (default or meta_words_records)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
+      "${STEP_TIMEOUT_TEST:-360}"
     ;;
-  s24b)  # (~4 min, after s24t on the warm machine) the A/B of the records' vector loads:
-    # bench_normal at 12, 24 and 48 SMs, FP8 at 48, decode, each without and with. Prediction:
-    # 12 SMs 560 -> 520-540 us (the metadata 26% of a sender warp's loop, about half of it the
-    # word batches), 24 SMs -5 to -10, 48 SMs and decode within noise (link-bound / one chunk a
-    # warp), FP8 -5 to -15 (its senders' metadata is the largest). If 12 SMs gains, make it the
-    # default and run PART=fab at 48 SMs.
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_metavec,standard,standard_metavec,standard_sms48,standard_sms48_metavec,standard_fp8_sms48,standard_fp8_sms48_metavec,decode,decode_metavec,standard_sms12} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 300 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
-    rm -f "$OUT/build.log"
-    ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, s24t or s24b" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk or s24c" >&2
     exit 2 ;;
 esac

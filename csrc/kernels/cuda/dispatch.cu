@@ -89,7 +89,7 @@ __device__ inline void write_host_counts(const DispatchParams& p, const Shared& 
 // (fused_scan, scan_pass2.cuh; static dispatch with the layout notify).
 // kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
 // (FUSED_A2A_CUDA_LAYOUT=dynamic). kHeadVec: the senders' records through vector loads
-// (FUSED_A2A_CUDA_META_VEC=1, with the fused scan only).
+// (by default where K % 4 == 0, with the fused scan only; FUSED_A2A_CUDA_META_VEC=0: off).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
           bool kFusedScan = false, bool kLayoutDyn = false, bool kHeadVec = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   for (int d = tid; d < kMaxRanks; d += blockDim.x) sh.drows[d] = 0;
   if (tid == 0) {
     sh.t0 = globaltimer();
+    sh.t_marks[0] = sh.t_marks[1] = 0;
     sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
     sh.fail = aborted(ctx) ? 1 : 0;
     sh.last = 0;
@@ -163,6 +164,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       if constexpr (kFusedScan) {
         scan_pass2(p.scan2, N, G);
         if (!scan_barrier(ls, ctx)) sh.fail = 1;
+        if (tid == 0) WarpTrace::mark(&sh.t_marks[0], sh.t0);
       }
       read_layouts(false);
     } else if (lay_dyn) {
@@ -197,6 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
       for (int s = tid; s < G; s += blockDim.x) sh.true_cnt[s] = p.recv_src_counts[s];
     }
     __syncthreads();
+    if (tid == 0) WarpTrace::mark(&sh.t_marks[1], sh.t0);
     if constexpr (kFusedScan) {
       if (lay && p.host_ticket && blockIdx.x == 0 && !sh.fail)
         write_host_counts(p, sh, ctrl, parity);

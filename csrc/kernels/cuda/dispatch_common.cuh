@@ -33,9 +33,9 @@ struct DispatchParams {
   int nsc, meta_words, meta_real;  // meta record: words (multiple of 4), words in use
   bool scales_vec;  // x_scales rows load as float4 (nsc % 4 == 0, 16-byte aligned pointer)
   // The records' index and weight words load as 16-byte vectors, 4 choices of a row at a time
-  // (FUSED_A2A_CUDA_META_VEC=1; K % 4 == 0, 16-byte aligned topk_idx / topk_w, scales absent or
-  // scales_vec): head_quads, in the records kernel and the fused-scan kernels' kHeadVec
-  // instantiations (the senders' remote chunks; the own rows' records stay word by word)
+  // (by default, FUSED_A2A_CUDA_META_VEC=0: off; K % 4 == 0, 16-byte aligned topk_idx / topk_w,
+  // scales absent or scales_vec): head_quads, in the records kernel and the fused-scan kernels'
+  // kHeadVec instantiations (the senders' remote chunks; the own rows' records stay word by word)
   bool head_vec;
   bool dst_major;
   bool claim_items;         // senders claim items from a counter (FUSED_A2A_CUDA_CLAIM, default 1)
@@ -433,6 +433,8 @@ struct Shared {
   int kept_total, fail, last;
   unsigned long long seq;
   unsigned long long t0;  // globaltimer at kernel start (trace)
+  // ns after t0 (trace): the send lists' grid barrier passed, every source's layout in
+  unsigned long long t_marks[2];
 };
 
 // Phase times of one warp (lane 0 keeps them; written to the host-mapped trace once, at the end
@@ -449,6 +451,14 @@ struct WarpTrace {
   // The time since t0 (kernel start, globaltimer ns); no timer read in untraced builds.
   __device__ void stamp(int slot, unsigned long long t0) { v[slot] = globaltimer() - t0; }
   __device__ void count(int slot) { v[slot] += 1; }
+  // The kernel's prologue marks (Shared::t_marks, thread 0's) into slots 11 and 12.
+  __device__ static void mark(unsigned long long* at, unsigned long long t0) {
+    *at = globaltimer() - t0;
+  }
+  __device__ void marks(const Shared& sh) {
+    v[11] = sh.t_marks[0];
+    v[12] = sh.t_marks[1];
+  }
   __device__ void flush(const DispatchParams& p, int warp, int lane) {
     if (!p.trace || lane != 0) return;
     unsigned long long* out = p.trace + (static_cast<size_t>(blockIdx.x) * 16 + warp) * kTraceSlots;
@@ -459,6 +469,8 @@ struct WarpTrace {
   __device__ void add(int, long long) {}
   __device__ void stamp(int, unsigned long long) {}
   __device__ void count(int) {}
+  __device__ static void mark(unsigned long long*, unsigned long long) {}
+  __device__ void marks(const Shared&) {}
   __device__ void flush(const DispatchParams&, int, int) {}
 #endif
 };

@@ -59,6 +59,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
   tr.stamp(8, sh.t0);
+  tr.marks(sh);
   const long long t_loop = WarpTrace::now();
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const long long R = p.window;
@@ -258,6 +259,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   uint8_t* ctrl = p.peers[r];
   WarpTrace tr;
   tr.stamp(8, sh.t0);
+  tr.marks(sh);
   const long long t_loop = WarpTrace::now();
   // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed one at
   // a time while a chunk's flag is not up yet and the rest after the loop, so that the zeroing

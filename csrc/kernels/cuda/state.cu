@@ -407,9 +407,11 @@ bool records_env(bool fp8, int64_t num_tokens) {
   return fp8 && num_tokens > 512;
 }
 
-// Session 23 (compile-checked; the A/B is the next GPU session's): the senders' records load
-// their index and weight words as 16-byte vectors (dispatch_common.cuh, head_quads).
-bool meta_vec_env() { return env_int("FUSED_A2A_CUDA_META_VEC", 0) != 0; }
+// The senders' records load their index and weight words as 16-byte vectors (dispatch_common.cuh,
+// head_quads; session 23). Run 129 (4x H200, static dispatch, words -> vectors): 12 SMs 555.7 /
+// 557.6 -> 533.9 us, 24 SMs 527.5 -> 522.4, 48 SMs 516.3 -> 515.1, FP8 at 48 SMs 328.1 ->
+// 321.3; on by default since (FUSED_A2A_CUDA_META_VEC=0: word by word).
+bool meta_vec_env() { return env_int("FUSED_A2A_CUDA_META_VEC", 1) != 0; }
 
 // Run 50 (4x H100, two A/Bs in one call): the worst-capacity static dispatch 581.5 / 583.0 us
 // with the padding zeroed first, 575.5 / 576.4 while waiting; no change without padding.

@@ -93,9 +93,11 @@ struct Scratch {
 // seen after kernel start, 6 finish time after kernel start, 7 chunks. Both: 8 role start (for
 // receivers: the data phase start) after kernel start, 9 the role's item loop in cycles (senders:
 // up to the final drain), so that the time outside the phases above is slot 9 minus their sum.
-// Senders' slot 10: their item claims (next_item; inside slot 9, outside slots 0-4).
+// Senders' slot 10: their item claims (next_item; inside slot 9, outside slots 0-4). Both, 11 and
+// 12: the block's prologue marks after kernel start (the send lists' grid barrier passed, every
+// source's layout read; 0 where the path has no such step).
 constexpr int kTraceWarps = 64 * 16;
-constexpr int kTraceSlots = 11;
+constexpr int kTraceSlots = 13;
 constexpr int kTraceWords = kTraceWarps * kTraceSlots;
 
 struct CudaState {
