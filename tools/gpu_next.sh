@@ -114,7 +114,8 @@ case "${PART:-tests}" in
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_selfrecv,standard_selfsplit,decode} \
       timeout 200 bash tools/gpu_check.sh | tail -64
     ;;
-  fab)
+  fab)  # (the build first: on a warm machine's build it is a no-op of seconds)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     timeout "${STEP_TIMEOUT_FAB:-290}" fused-a2a bench --ranks "$NGPU" --out "$OUT/fab" >"$OUT/fab.log" 2>&1
     echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
     grep -vE '^\[' "$OUT/fab.log" | tail -40
