@@ -367,7 +367,8 @@ RowFormat row_format(const DispatchArgs& a) {
   return f;
 }
 
-// Null (no weights) or 16-byte aligned: the records' vector loads (head_quads)
+// Null (no weights) or 16-byte aligned: the 16-byte vector loads of the records (head_quads) and
+// of the FP8 scales
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
@@ -496,8 +497,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.meta_words = pr.row.meta_words;
   p.x = static_cast<const uint8_t*>(a.x);
   p.x_scales = a.x_scales;
-  p.scales_vec = p.nsc > 0 && p.nsc % 4 == 0 &&
-                 reinterpret_cast<std::uintptr_t>(a.x_scales) % alignof(float4) == 0;
+  p.scales_vec = p.nsc > 0 && p.nsc % 4 == 0 && aligned16(a.x_scales);
   p.topk_idx = a.topk_idx;
   p.topk_w = a.topk_weights;
   p.head_vec = meta_vec_env() && a.num_topk % 4 == 0 && aligned16(a.topk_idx) &&
