@@ -13,10 +13,11 @@
 #       bench at N = 4096 with FUSED_A2A_HYBRID_PIPELINE=0 / 1
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
-#   PART=s24c (~7 min): the dispatch prologue's steady-state trace and kernels; the GPU tests of
-#       the records' vector loads as the default
+#   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
+#   PART=s25t (~6 min): GPU tests of session 24's prologue change (packed scan, handshake block);
+#       PART=s25b (~5 min): its trace and bench at 12, 24, 48 SMs
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s24b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s24c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -190,20 +191,36 @@ case "${PART:-tests}" in
       "${S21_K:-(torch_gpu_matches and (default or window or arena)) or stress or graph or require or rank_dies or two_groups or torch_and_jax or mismatch or speculative}" \
       "${STEP_TIMEOUT_TEST:-420}" "passed|failed|FAILED|s call|GPU memory before"
     ;;
-  s24c)  # (~7 min) the dispatch's prologue in the steady state, then the GPU tests of the
-    # records' vector loads as the default (session 24). The diagnostic build's trace of ten
-    # static dispatches back to back at 48 and 24 SMs, with the block prologue's marks (the send
-    # lists' grid barrier, every layout in) and the kernels of the timed loop (torch.profiler);
-    # then the default build: static big rows and FP8 rows (default, word loads), the JAX suite's
-    # default, torch against JAX, the same bits across SM counts and chunk sizes
+  prologue)  # (~3 min) the dispatch's prologue in the steady state (session 24): the diagnostic
+    # build's trace of ten static dispatches back to back at 48 and 24 SMs, with the block
+    # prologue's marks (the send lists' grid barrier, every layout in) and the timed loop's
+    # kernels (torch.profiler); run 131 at 4a14427: barrier 7.6 / 7.3 us, layouts 10.0 / 21.6,
+    # senders' start 12.0 / 23.9 (48 / 24 SMs)
     FA2A_BENCH_KERNELS=1 FA2A_BENCH_TRACE_CALLS=10 TRACE_CASES=${TRACE_CASES:-standard_sms48,standard} \
       bash tools/gpu_diag_trace.sh
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S24_K:-(static_big_rows and (default or meta_words)) or (static_fp8_rows and (default or meta_words_records)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-360}"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk or s24c" >&2
+  s25t)  # (~6 min) the GPU tests of session 24's prologue change (compile-checked): the route
+    # scan's second pass as one packed scan for four destinations, and the fused-scan kernels'
+    # handshake from a block with no scan tile. Static big rows (default, the fused scan at every
+    # N, word loads; incl. 13,000-token ranks of many tiles), FP8 rows, the torch suite with the
+    # fused scan forced at 4 GPUs, the JAX suite, torch against JAX, the same bits
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      "${S25_K:-(static_big_rows and (default or fused_scan or meta_words)) or (static_fp8_rows and default) or (torch_gpu_matches and meta_vec and g4_) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
+      "${STEP_TIMEOUT_TEST:-420}"
+    ;;
+  s25b)  # (~4 min, after s25t on the warm machine) the prologue change's effect: PART=prologue
+    # (prediction: the grid barrier 7.6 -> 4-5 us at 48 SMs), then bench_normal at 12, 24, 48
+    # SMs (run 129 at f721ceb with vectors, 4x H200: 533.9 / 522.4 / 515.1 us dispatch, 602.3 /
+    # 540.8 / 539.1 combine; prediction -2 to -4 us dispatch and combine at 48 SMs)
+    PART=prologue bash tools/gpu_next.sh
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard,standard_sms48,standard_fp8_sms48} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 200 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s25t or s25b" >&2
     exit 2 ;;
 esac

@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
   const int parity = static_cast<int>(seq & 1ull);
   const unsigned long long e0 = epoch_of(seq, 0);
   if (!sh.fail) {
-    if (blockIdx.x == 0) {
+    if (blockIdx.x == handshake_block<kFusedScan>(p.scan2)) {
       for (int s = tid; s < G; s += blockDim.x) {
         if (s == r) continue;
         MsgSlot* m = msg_slot(p.peers[s], kMsgCombine, parity, r);

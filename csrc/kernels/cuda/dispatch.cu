@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sh.drows[s] = stash ? 0ull : v->direct_rows;  // s's delta (step 2 makes it an address)
       }
     };
+    const unsigned lay_block = handshake_block<kFusedScan>(p.scan2);  // layouts, host counts
     if (lay) {
-      if (blockIdx.x == 0) {
+      if (blockIdx.x == lay_block) {
         if constexpr (kFusedScan) {  // (the default kernels' registers stay as they were)
           if (p.host_ticket) send_expert_pairs(p, parity);
         }
@@ -201,7 +202,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     __syncthreads();
     if (tid == 0) WarpTrace::mark(&sh.t_marks[1], sh.t0);
     if constexpr (kFusedScan) {
-      if (lay && p.host_ticket && blockIdx.x == 0 && !sh.fail)
+      if (lay && p.host_ticket && blockIdx.x == lay_block && !sh.fail)
         write_host_counts(p, sh, ctrl, parity);
     }
     if (tid == 0) {

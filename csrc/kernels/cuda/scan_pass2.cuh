@@ -22,29 +22,30 @@ struct ScanPass2 {
 };
 
 // Exclusive prefix sum of v over the block (any multiple of 32 threads, at most 1024), in thread
-// order; *total = the block's sum. s_warp: 33 ints of shared memory. Ends with a barrier, so
-// s_warp may be reused by the next call.
-__device__ inline int block_exclusive_sum(int v, int* s_warp, int* total) {
+// order; *total = the block's sum. s_warp: 33 T of shared memory. Ends with a barrier, so s_warp
+// may be reused by the next call.
+template <typename T>
+__device__ inline T block_exclusive_sum(T v, T* s_warp, T* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  int incl = v;
+  T incl = v;
   for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    const T y = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += y;
   }
   if (lane == 31) s_warp[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int w = lane < warps ? s_warp[lane] : 0;
-    int run = w;
+    const T w = lane < warps ? s_warp[lane] : T(0);
+    T run = w;
     for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, run, o);
+      const T y = __shfl_up_sync(0xffffffffu, run, o);
       if (lane >= o) run += y;
     }
     if (lane < warps) s_warp[lane] = run - w;  // warps before this one
     if (lane == 31) s_warp[32] = run;
   }
   __syncthreads();
-  const int before = s_warp[warp] + incl - v;
+  const T before = s_warp[warp] + incl - v;
   *total = s_warp[32];
   __syncthreads();
   return before;
@@ -59,8 +60,13 @@ __device__ __forceinline__ int tiles_count(const ScanPass2& a, int d, int tiles)
 
 // The second pass over this block's tiles (b, b + grid, ...), as route_list_kernel writes it:
 // every destination's send list in token order, cum[d][t] (write_cum), cum[d][N] (last tile).
+// Four destinations a block-wide scan: their routed flags packed in 16-bit fields of one 64-bit
+// word (a scan step covers blockDim.x <= 1024 tokens, so no field carries into the next), one
+// scan per step for EP <= 4 instead of one per destination (run 131: the pass and its grid
+// barrier were the first 7.6 us of the 48-SM dispatch, 4 scans of 3 block barriers each).
+constexpr int kScanPack = 4;
 __device__ inline void scan_pass2(const ScanPass2& a, int num_tokens, int num_ranks) {
-  __shared__ int s_warp[33];
+  __shared__ unsigned long long s_warp[33];
   __shared__ int s_base[kMaxRanks];
   const int G = num_ranks, N = num_tokens, tid = threadIdx.x;
   const int tile_tokens = kScanThreads * a.per;
@@ -68,23 +74,45 @@ __device__ inline void scan_pass2(const ScanPass2& a, int num_tokens, int num_ra
     for (int d = tid; d < G; d += blockDim.x) s_base[d] = tiles_count(a, d, tile);
     __syncthreads();
     const int t0 = tile * tile_tokens, t1 = min(N, t0 + tile_tokens);
-    for (int d = 0; d < G; ++d) {
-      int* cum = a.cum + static_cast<size_t>(d) * (N + 1);
-      int* list = a.send_list ? a.send_list + static_cast<size_t>(d) * N : nullptr;
-      int base = s_base[d];
+    for (int d0 = 0; d0 < G; d0 += kScanPack) {
+      int base[kScanPack];
+#pragma unroll
+      for (int i = 0; i < kScanPack; ++i) base[i] = d0 + i < G ? s_base[d0 + i] : 0;
       for (int r0 = t0; r0 < t1; r0 += blockDim.x) {  // block-uniform trip count
         const int t = r0 + tid;
-        const int routed = t < t1 ? static_cast<int>((a.masks[t] >> d) & 1ull) : 0;
-        int total = 0;
-        const int before = block_exclusive_sum(routed, s_warp, &total);
-        if (t < t1 && a.write_cum) cum[t] = base + before;
-        if (routed && list) list[base + before] = t;
-        base += total;
+        const unsigned long long mask = t < t1 ? a.masks[t] >> d0 : 0ull;
+        unsigned long long routed = 0;
+#pragma unroll
+        for (int i = 0; i < kScanPack; ++i) routed |= ((mask >> i) & 1ull) << (16 * i);
+        unsigned long long total = 0;
+        const unsigned long long before = block_exclusive_sum(routed, s_warp, &total);
+#pragma unroll
+        for (int i = 0; i < kScanPack; ++i) {
+          const int d = d0 + i;
+          if (d >= G) break;
+          const int at = base[i] + static_cast<int>((before >> (16 * i)) & 0xffffull);
+          if (t < t1 && a.write_cum) a.cum[static_cast<size_t>(d) * (N + 1) + t] = at;
+          if (((mask >> i) & 1ull) && a.send_list) a.send_list[static_cast<size_t>(d) * N + at] = t;
+          base[i] += static_cast<int>((total >> (16 * i)) & 0xffffull);
+        }
       }
-      if (t1 == N && tid == 0) cum[N] = base;
+      if (t1 == N && tid == 0) {
+#pragma unroll
+        for (int i = 0; i < kScanPack; ++i)
+          if (d0 + i < G) a.cum[static_cast<size_t>(d0 + i) * (N + 1) + N] = base[i];
+      }
     }
     __syncthreads();  // s_base is rewritten for the next tile
   }
+}
+
+// The block that sends a fused-scan kernel's handshake (the dispatch's layouts and host counts,
+// the combine's messages): one with no tile of the second pass where there is one (the last), so
+// that its system fences hold up no tile and with them the pass's grid barrier (run 131: the
+// barrier passed 7.6 us into the 48-SM dispatch, block 0 scanning a tile after its fences).
+template <bool kFusedScan>
+__device__ inline unsigned handshake_block(const ScanPass2& a) {
+  return kFusedScan && a.tiles < static_cast<int>(gridDim.x) ? gridDim.x - 1 : 0u;
 }
 
 // Every block past the second pass before any reads its results: a bounded grid-wide wait on a
