@@ -11,6 +11,8 @@ tests/cuda_host/ include the kernels' headers, are built for the host with nvcc 
   dispatch's default since session 11; FUSED_A2A_CUDA_LAYOUT=ready waits for the receiver's
   message instead) equals the receiver's own and a row-by-row placement, including the recv_x
   row where the direct rows (session 19) write a sender's first row.
+- scan_pack_check.cu: the route scan's second pass with four destinations a scan (16-bit fields
+  of one word; session 24) gives every destination's cum and send list, over tiles and steps.
 
 Also: benchmarks/link_probe.cu (the link-ceiling probe of tools/gpu_check.sh) still compiles
 against the kernel headers (a header change broke it once, unnoticed until a GPU run).
@@ -55,7 +57,14 @@ def _build(source, exe):
 
 
 @pytest.mark.parametrize(
-    "program", ["rect_items_check", "own_rows_check", "recv_slices_check", "layout_notify_check"]
+    "program",
+    [
+        "rect_items_check",
+        "own_rows_check",
+        "recv_slices_check",
+        "layout_notify_check",
+        "scan_pack_check",
+    ],
 )
 def test_cuda_host_program(program, tmp_path):
     exe = tmp_path / program

@@ -65,6 +65,18 @@ __device__ __forceinline__ int tiles_count(const ScanPass2& a, int d, int tiles)
 // scan per step for EP <= 4 instead of one per destination (run 131: the pass and its grid
 // barrier were the first 7.6 us of the 48-SM dispatch, 4 scans of 3 block barriers each).
 constexpr int kScanPack = 4;
+// A token's routed flags for destinations d0 .. d0 + kScanPack - 1 (mask: its destination bits
+// shifted right by d0) as kScanPack 16-bit fields of one word, so one sum adds them all.
+// Host-callable for tests/cuda_host/scan_pack_check.cu.
+__host__ __device__ inline unsigned long long pack_routed(unsigned long long mask) {
+  unsigned long long word = 0;
+  for (int i = 0; i < kScanPack; ++i) word |= ((mask >> i) & 1ull) << (16 * i);
+  return word;
+}
+// Field i of a sum of at most 65535 packed words: destination d0 + i's count.
+__host__ __device__ inline int packed_field(unsigned long long word, int i) {
+  return static_cast<int>((word >> (16 * i)) & 0xffffull);
+}
 __device__ inline void scan_pass2(const ScanPass2& a, int num_tokens, int num_ranks) {
   __shared__ unsigned long long s_warp[33];
   __shared__ int s_base[kMaxRanks];
@@ -81,19 +93,16 @@ __device__ inline void scan_pass2(const ScanPass2& a, int num_tokens, int num_ra
       for (int r0 = t0; r0 < t1; r0 += blockDim.x) {  // block-uniform trip count
         const int t = r0 + tid;
         const unsigned long long mask = t < t1 ? a.masks[t] >> d0 : 0ull;
-        unsigned long long routed = 0;
-#pragma unroll
-        for (int i = 0; i < kScanPack; ++i) routed |= ((mask >> i) & 1ull) << (16 * i);
         unsigned long long total = 0;
-        const unsigned long long before = block_exclusive_sum(routed, s_warp, &total);
+        const unsigned long long before = block_exclusive_sum(pack_routed(mask), s_warp, &total);
 #pragma unroll
         for (int i = 0; i < kScanPack; ++i) {
           const int d = d0 + i;
           if (d >= G) break;
-          const int at = base[i] + static_cast<int>((before >> (16 * i)) & 0xffffull);
+          const int at = base[i] + packed_field(before, i);
           if (t < t1 && a.write_cum) a.cum[static_cast<size_t>(d) * (N + 1) + t] = at;
           if (((mask >> i) & 1ull) && a.send_list) a.send_list[static_cast<size_t>(d) * N + at] = t;
-          base[i] += static_cast<int>((total >> (16 * i)) & 0xffffull);
+          base[i] += packed_field(total, i);
         }
       }
       if (t1 == N && tid == 0) {
