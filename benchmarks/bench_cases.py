@@ -277,3 +277,11 @@ for _name, _base in (
     ("decode", dict(n=128)),
 ):
     CASES[_name + "_metawords"] = _case(**_base, META_VEC="0")
+# The route scan's first pass in the dispatch / combine kernel (FUSED_A2A_CUDA_SCAN_PASS1=fused,
+# session 25), against route_mask_kernel before it (4.4 us at N = 4096 in run 135's profile).
+for _name, _base in (
+    ("standard_sms12", dict(sms=12)),
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+):
+    CASES[_name + "_pass1"] = _case(**_base, SCAN_PASS1="fused")

@@ -92,6 +92,9 @@ def _rank_suite(rank, world, cases, group=None):
 # in the kernels that have them: the fused scan's, forced here at every N (the suites' small N
 # take the one-block scan and word loads by default)
 META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
+# The route scan's first pass in the fused-scan kernels too (session 25): each tile's counts
+# published by a flag the kernel's other blocks wait for, no route_mask_kernel before them
+PASS1 = {"FUSED_A2A_CUDA_SCAN_PASS1": "fused"}
 
 OWN_ROWS = {
     "default": {},
@@ -114,6 +117,9 @@ OWN_ROWS = {
     # the records' index (int64) and weight words as 16-byte loads where K % 4 == 0 (session 23;
     # the suite's other K fall back to word loads), own rows by the senders and the receivers
     "meta_vec": {**META_VEC, "FUSED_A2A_CUDA_SELF": "split"},
+    # the route scan's first pass in the kernels (session 25), forced fused at every N: the
+    # static dispatch, the speculative one with its host counts, the combine
+    "pass1": {**META_VEC, **PASS1},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
@@ -280,6 +286,8 @@ JAX_ROWS_PATHS = {
     "direct_layout": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "0"},
     # the records' index (int32 here) and weight words as 16-byte loads (session 23)
     "direct_meta_vec": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC},
+    # the route scan's first pass in the kernels too (session 25)
+    "direct_pass1": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC, **PASS1},
 }
 
 
@@ -565,6 +573,9 @@ DETERMINISM_CONFIGS = (
     # dynamic one, which keeps its scan kernels; session 13)
     (24, 8, {"FUSED_A2A_CUDA_SCAN": "fused"}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused"}),
+    # and its first pass (session 25)
+    (24, 8, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
+    (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
 )
 
 

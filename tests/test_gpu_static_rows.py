@@ -14,7 +14,7 @@ import pytest
 import reference as R
 from conftest import gpu_count
 from reference import assert_bitwise_equal
-from test_gpu_normal import META_VEC, _need, _variant_results
+from test_gpu_normal import META_VEC, PASS1, _need, _variant_results
 
 pytestmark = pytest.mark.gpu
 
@@ -120,6 +120,11 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "meta_vec": META_VEC,
     "meta_vec_sms12": {**META_VEC, "FUSED_A2A_CUDA_BLOCKS": "12"},
     "meta_words": {**META_VEC, "FUSED_A2A_CUDA_META_VEC": "0"},
+    # the route scan's first pass in the kernels too (session 25): above 1024 tokens, at every N,
+    # and at 12 SMs (the 13,000-token ranks' 26 tiles over 12 blocks)
+    "pass1": PASS1,
+    "pass1_all": {**PASS1, "FUSED_A2A_CUDA_SCAN": "fused"},
+    "pass1_sms12": {**PASS1, "FUSED_A2A_CUDA_BLOCKS": "12"},
 }
 
 
@@ -143,7 +148,8 @@ def test_static_big_rows(rows, variant):
     dispatch chunks are up to 32 / 16 rows; "meta_vec": the records' index and weight words
     through 16-byte loads with the fused scan at every N (the default above 1024 tokens since
     session 24; K = 8 here, K = 2 falls back); "meta_words": word by word, fused
-    (FUSED_A2A_CUDA_META_VEC=0)."""
+    (FUSED_A2A_CUDA_META_VEC=0); "pass1*": the route scan's first pass in the kernels too
+    (FUSED_A2A_CUDA_SCAN_PASS1=fused), with every tile's counts published by a flag."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -240,6 +246,8 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     # the records kernel's words one by one (FUSED_A2A_CUDA_META_VEC=0; the default before
     # session 24)
     "meta_words_records": {"FUSED_A2A_CUDA_META_VEC": "0", "FUSED_A2A_CUDA_RECORDS": "1"},
+    # the route scan's first pass in the kernel (session 25), without records
+    "pass1": {**PASS1, "FUSED_A2A_CUDA_RECORDS": "0", "FUSED_A2A_CUDA_SCAN": "fused"},
 }
 
 

@@ -16,6 +16,7 @@
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
 #   PART=s25t (~6 min): GPU tests of session 24's prologue change (packed scan, handshake block);
 #       PART=s25b (~5 min): its trace and bench at 12, 24, 48 SMs
+#   PART=s25p (~6 min): the route scan's first pass in the kernels (session 25): tests and A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s24c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -221,6 +222,20 @@ case "${PART:-tests}" in
       | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s25t or s25b" >&2
+  s25p)  # (~6 min) the route scan's first pass in the kernels (FUSED_A2A_CUDA_SCAN_PASS1=fused,
+    # compile-checked): its GPU tests (static big rows above 1024 tokens, at every N and at 12
+    # SMs; FP8 rows; the torch suite with host counts; the JAX suite; torch against JAX; the same
+    # bits) with the default fused-scan variants (its kernels moved the tile counts' read), then
+    # its A/B at 12, 24, 48 SMs. Prediction: -2 to -4 us a dispatch and a combine (the route
+    # masks kernel's 4.4 us less ~1-2 us of the pass and its flags in the kernel)
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      "${S25P_K:-(static_big_rows and (default or pass1)) or (static_fp8_rows and pass1) or (torch_gpu_matches and pass1 and g4_) or (jax_gpu_suite and direct_pass1) or same_bits or torch_vs_jax_bitwise and pass1}" \
+      "${STEP_TIMEOUT_TEST:-300}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1,standard_sms12,standard_sms12_pass1} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 240 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s25t, s25b or s25p" >&2
     exit 2 ;;
 esac

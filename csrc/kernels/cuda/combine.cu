@@ -427,9 +427,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
         st_release_sys(&m->epoch, e0);
       }
     }
-    // cum, while the peers' messages travel (all blocks, then a grid-wide barrier)
+    // cum, while the peers' messages travel (all blocks, then a grid-wide barrier); the first
+    // pass too with FUSED_A2A_CUDA_SCAN_PASS1=fused (no pairs per expert here)
     if constexpr (kFusedScan) {
-      scan_pass2(p.scan2, N, G);
+      if (scan_pass1(p.scan2, N, G, e0, ctx, nullptr)) {
+        scan_pass2(p.scan2, N, G);
+      } else {
+        sh.fail = 1;
+      }
       if (!scan_barrier(ls, ctx)) sh.fail = 1;
     }
     for (int rho = tid; rho < G; rho += blockDim.x) {
@@ -496,7 +501,11 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   const bool idx64 = a.idx_dtype == DType::kI64;
   const int num_tokens = static_cast<int>(a.num_tokens);
   ScanPass2 scan2;
-  if (fused) {
+  if (fused && scan_pass1_in_kernel()) {
+    scan2 = fused_scan_pass2(route_mask_tiles(num_tokens, a.num_experts), scratch,
+                             /*list=*/false, /*cum=*/true);
+    add_scan_pass1(scan2, a.topk_idx, idx64, a.num_topk, a.num_experts, scratch, false);
+  } else if (fused) {
     const ScanTiles tiles =
         launch_route_masks(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, s);
     scan2 = fused_scan_pass2(tiles, scratch, /*list=*/false, /*cum=*/true);

@@ -113,18 +113,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
     sh.fail = aborted(ctx) ? 1 : 0;
     sh.last = 0;
   }
-  if constexpr (kFusedScan) {  // tokens per destination from the first pass's tile counts
-    for (int d = tid; d < G; d += blockDim.x) sh.sent[d] = tiles_count(p.scan2, d, p.scan2.tiles);
-  }
   __syncthreads();
+  const unsigned long long seq = sh.seq;
+  const int parity = static_cast<int>(seq & 1ull);
+  const unsigned long long e0 = epoch_of(seq, 0);
+  if constexpr (kFusedScan) {
+    // The route scan's first pass here (FUSED_A2A_CUDA_SCAN_PASS1=fused: its pairs per expert
+    // in the rings' shared memory, which no ring uses yet), then the tokens per destination
+    // from its tile counts
+    if (!scan_pass1(p.scan2, N, G, e0, ctx, reinterpret_cast<int*>(smem + L.pipes))) sh.fail = 1;
+    for (int d = tid; d < G; d += blockDim.x) sh.sent[d] = tiles_count(p.scan2, d, p.scan2.tiles);
+    __syncthreads();
+  }
   // Tokens routed to rank d (cum[d][N] of the route scan).
   auto sent_to = [&](int d) {
     if constexpr (kFusedScan) return sh.sent[d];
     return p.cum[static_cast<size_t>(d) * (N + 1) + N];
   };
-  const unsigned long long seq = sh.seq;
-  const int parity = static_cast<int>(seq & 1ull);
-  const unsigned long long e0 = epoch_of(seq, 0);
   if (!sh.fail) {
     // 1. True counts per source: exchanged here (static) or from the notify / the handle. With
     // the layout notify, every rank's count row and receive parameters go to every rank.
@@ -404,6 +409,7 @@ struct Prepared {
   int lpr;
   RowFormat row;
   ScanTiles fused_scan{0, 0};     // tiles > 0: the data kernel runs the route scan's second pass
+  bool pass1_in_kernel = false;   // and its first (FUSED_A2A_CUDA_SCAN_PASS1=fused)
   bool notified_layouts = false;  // the op just before was the dispatch_notify for these args,
                                   // and it published every rank's layout
 };
@@ -440,7 +446,10 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
   const int* cum_before = pr.st->scratch.cum;
   pr.scratch =
       &ensure_scratch(*pr.st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, stream);
-  if (fuse_scan) {
+  if (fuse_scan && scan_pass1_in_kernel()) {
+    pr.fused_scan = route_mask_tiles(static_cast<int>(a.num_tokens), a.num_experts);
+    pr.pass1_in_kernel = true;
+  } else if (fuse_scan) {
     pr.fused_scan = launch_route_masks(a.topk_idx, idx64, static_cast<int>(a.num_tokens),
                                        a.num_topk, a.num_experts, G, *pr.scratch, stream);
   } else if (!reuse || pr.scratch->cum != cum_before) {
@@ -582,6 +591,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.ablate = ablate_env();
   if (pr.fused_scan.tiles > 0)
     p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
+  if (pr.pass1_in_kernel)  // the pairs per expert only for the host counts (send_expert_pairs)
+    add_scan_pass1(p.scan2, a.topk_idx, p.idx64, a.num_topk, a.num_experts, *pr.scratch,
+                   host_counts);
   if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
     p.host_counts = a.host_counts;
     p.host_ticket = a.host_ticket;
@@ -599,7 +611,12 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   }
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
-  FA2A_CHECK(L.total <= pr.st->smem_optin, "dispatch needs ", L.total,
+  // The first pass in the kernel counts the pairs per expert in the senders' rings' shared
+  // memory, before any ring is set up (dispatch_kernel)
+  const size_t smem_bytes = p.scan2.pass1.tile_ecount
+                                ? std::max(L.total, L.pipes + sizeof(int) * a.num_experts)
+                                : L.total;
+  FA2A_CHECK(smem_bytes <= pr.st->smem_optin, "dispatch needs ", smem_bytes,
              " bytes of shared memory (local experts ", p.lpr, "), the device has ",
              pr.st->smem_optin);
   // The receivers' items (recv_items_env: dealt, claimed, or helped) pick a kernel instantiation;
@@ -623,9 +640,9 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                 : cfg.lean_chunk_end ? dispatch_kernel<8, true>
                                      : dispatch_kernel<8>;
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(L.total)),
+                                       static_cast<int>(smem_bytes)),
                   "dispatch shared memory");
-  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
+  launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), smem_bytes, s,
                 pdl_env("dispatch", cfg.blocks, p.records != nullptr), p);
   check_launch("dispatch");
 }

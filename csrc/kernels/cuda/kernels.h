@@ -24,6 +24,9 @@ struct ScanTiles {
 ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                              int num_experts, int num_ranks, const Scratch& scratch,
                              cudaStream_t stream);
+// The tiles of launch_route_masks, checked as it checks them, for a kernel that runs the first
+// pass itself (scan_pass1_in_kernel).
+ScanTiles route_mask_tiles(int num_tokens, int num_experts);
 // The second pass's arguments for a kernel that runs it after launch_route_masks: the send
 // lists (list) and / or every cum[d][t] (cum); cum[d][N] always.
 inline ScanPass2 fused_scan_pass2(const ScanTiles& st, const Scratch& scratch, bool list,
@@ -37,6 +40,18 @@ inline ScanPass2 fused_scan_pass2(const ScanTiles& st, const Scratch& scratch, b
   a.send_list = list ? scratch.send_list : nullptr;
   a.write_cum = cum;
   return a;
+}
+// The first pass's arguments for a kernel that runs it too; pairs: per expert (tile_ecount).
+inline void add_scan_pass1(ScanPass2& a, const void* topk_idx, bool idx64, int num_topk,
+                           int num_experts, const Scratch& scratch, bool pairs) {
+  a.pass1.topk_idx = topk_idx;
+  a.pass1.idx64 = idx64;
+  a.pass1.num_topk = num_topk;
+  a.pass1.num_experts = num_experts;
+  a.pass1.masks = scratch.masks;
+  a.pass1.tile_count = scratch.tile_count;
+  a.pass1.tile_ecount = pairs ? scratch.tile_ecount : nullptr;
+  a.pass1.tile_flag = scratch.tile_flag;
 }
 
 // The dispatch data kernel's receive geometry for `a` on this buffer: its window (rows a round),

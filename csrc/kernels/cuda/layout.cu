@@ -101,47 +101,17 @@ __global__ void __launch_bounds__(kScanThreads)
 
 // The route scan in two passes over tiles of `per` x kScanThreads tokens (at most kMaxScanTiles
 // tiles), each pass one round of loads per block instead of the single block's 8 dependent rounds.
-// Pass 1, one block a tile: each token's destination mask (bit d: routed to rank d) into
+// Pass 1, one block a tile (route_mask_tile, scan_pass2.cuh): each token's destination mask into
 // scratch.masks, the tile's tokens per destination and pairs per expert into
-// tile_count[tile][d] / tile_ecount[tile][e]. Token t of round u is t0 + u * kScanThreads + tid,
-// so the index loads of a round are coalesced across the block.
+// tile_count[tile][d] / tile_ecount[tile][e].
 __global__ void __launch_bounds__(kScanThreads)
     route_mask_kernel(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
                       int num_experts, int num_ranks, int per, unsigned long long* masks,
                       int* tile_count, int* tile_ecount) {
   extern __shared__ int s_ecount[];  // num_experts
-  __shared__ int s_count[kMaxRanks];
-  griddep_launch_dependents();  // fused_scan: the dispatch / combine kernel runs pass 2
-  const int tid = threadIdx.x, lane = tid & 31;
-  for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
-  for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
-  __syncthreads();
-  const int lpr = num_experts / num_ranks;
-  const int t0 = blockIdx.x * kScanThreads * per;
-  for (int u = 0; u < per; ++u) {
-    const int t = t0 + u * kScanThreads + tid;
-    unsigned long long mask = 0;
-    if (t < num_tokens) {
-      for (int k = 0; k < num_topk; ++k) {
-        const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
-        const int o = owner_of(e, num_experts, lpr);
-        if (o >= 0) {
-          mask |= 1ull << o;
-          atomicAdd(&s_ecount[static_cast<int>(e)], 1);
-        }
-      }
-      masks[t] = mask;
-    }
-    for (int d = 0; d < num_ranks; ++d) {  // warp-aggregated counts per destination
-      const int c = __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1ull));
-      if (lane == 0 && c) atomicAdd(&s_count[d], c);
-    }
-  }
-  __syncthreads();
-  for (int d = tid; d < num_ranks; d += blockDim.x)
-    tile_count[blockIdx.x * kMaxRanks + d] = s_count[d];
-  for (int e = tid; e < num_experts; e += blockDim.x)
-    tile_ecount[static_cast<size_t>(blockIdx.x) * num_experts + e] = s_ecount[e];
+  griddep_launch_dependents();       // fused_scan: the dispatch / combine kernel runs pass 2
+  route_mask_tile(topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, per, blockIdx.x,
+                  masks, tile_count, tile_ecount, s_ecount);
 }
 
 // Pass 2, one block a tile: the tile's offset per destination from the earlier tiles' counts,
@@ -228,15 +198,24 @@ int stream_device(cudaStream_t stream) {
   return device;
 }
 
-ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
-                             int num_experts, int num_ranks, const Scratch& scratch,
-                             cudaStream_t stream) {
+// Session 25: FUSED_A2A_CUDA_SCAN_PASS1=fused runs the first pass in the data kernel too.
+bool scan_pass1_in_kernel() { return env_is("FUSED_A2A_CUDA_SCAN_PASS1", "fused"); }
+
+ScanTiles route_mask_tiles(int num_tokens, int num_experts) {
   const ScanTiles st = scan_tiles(num_tokens);
   FA2A_CHECK(st.tiles <= kMaxScanTiles, "route scan: ", st.tiles, " tiles for ", num_tokens,
              " tokens exceed ", kMaxScanTiles);
+  FA2A_CHECK(sizeof(int) * static_cast<size_t>(num_experts) <= 48 * 1024,
+             "route scan: num_experts=", num_experts, " exceeds the CUDA backend's limit of ",
+             48 * 1024 / sizeof(int));
+  return st;
+}
+
+ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
+                             int num_experts, int num_ranks, const Scratch& scratch,
+                             cudaStream_t stream) {
+  const ScanTiles st = route_mask_tiles(num_tokens, num_experts);
   const size_t ecount_smem = sizeof(int) * static_cast<size_t>(num_experts);
-  FA2A_CHECK(ecount_smem <= 48 * 1024, "route scan: num_experts=", num_experts,
-             " exceeds the CUDA backend's limit of ", 48 * 1024 / sizeof(int));
   route_mask_kernel<<<st.tiles, kScanThreads, ecount_smem, stream>>>(
       topk_idx, idx64, num_tokens, num_topk, num_experts, num_ranks, st.per, scratch.masks,
       scratch.tile_count, scratch.tile_ecount);

@@ -1,15 +1,29 @@
-// The route scan's second pass inside the static dispatch / combine kernel (fused_scan, state.h:
+// The route scan's passes inside the static dispatch / combine kernel (fused_scan, state.h:
 // the default above 1024 tokens since session 14; FUSED_A2A_CUDA_SCAN=fused forces it at every
-// N): route_mask_kernel (layout.cu) ran the first pass, so the kernel
+// N). The second pass always: route_mask_kernel (layout.cu) ran the first, so the kernel
 // launch that ran the second (route_list_kernel, ~4.5 us at N = 4096, runs 51-66) is gone, and
 // the handshake's round trip at the kernel's start overlaps this pass (the counts per
-// destination come from the first pass's tile counts).
+// destination come from the first pass's tile counts). The first pass too with
+// FUSED_A2A_CUDA_SCAN_PASS1=fused (session 25): no route_mask_kernel before the kernel (4.4 us
+// at N = 4096 in run 135's profile), each tile's counts published by a flag.
 #pragma once
 
 #include "common.cuh"
 #include "state.h"
 
 namespace fa2a::cuda {
+
+// What the first pass writes when the kernel runs it (topk_idx set; null: route_mask_kernel ran
+// it before the kernel).
+struct ScanPass1 {
+  const void* topk_idx = nullptr;  // [N][num_topk], int32 or int64 (idx64)
+  bool idx64 = false;
+  int num_topk = 0, num_experts = 0;
+  unsigned long long* masks = nullptr;      // [N]
+  int* tile_count = nullptr;                // [tiles][kMaxRanks]
+  int* tile_ecount = nullptr;               // [tiles][num_experts], or null: not counted
+  unsigned long long* tile_flag = nullptr;  // [kMaxScanTiles]: the op's epoch once tile j is out
+};
 
 // What the second pass reads and writes. tiles > 0 only when the kernel runs it.
 struct ScanPass2 {
@@ -19,7 +33,76 @@ struct ScanPass2 {
   int* cum = nullptr;        // [G][N + 1]: cum[d][N] always, cum[d][t] with write_cum
   int* send_list = nullptr;  // [G][N] or null
   bool write_cum = false;
+  ScanPass1 pass1;  // the first pass, when the kernel runs it too
 };
+
+// Pass 1 of tile `tile` (tokens [tile, tile + 1) x per x kScanThreads) by the whole block: each
+// token's destination mask (bit d: routed to rank d) into masks, the tile's tokens per
+// destination into tile_count[tile][d], and with tile_ecount its (token, slot) pairs per expert
+// into tile_ecount[tile][e] (s_ecount: num_experts ints of shared memory). The tokens of a step
+// are consecutive across the block's threads, so its index loads are coalesced.
+__device__ inline void route_mask_tile(const void* topk_idx, bool idx64, int num_tokens,
+                                       int num_topk, int num_experts, int num_ranks, int per,
+                                       int tile, unsigned long long* masks, int* tile_count,
+                                       int* tile_ecount, int* s_ecount) {
+  __shared__ int s_count[kMaxRanks];
+  const int tid = threadIdx.x, lane = tid & 31;
+  __syncthreads();  // an earlier tile's counts are written out
+  if (tile_ecount)
+    for (int e = tid; e < num_experts; e += blockDim.x) s_ecount[e] = 0;
+  for (int d = tid; d < num_ranks; d += blockDim.x) s_count[d] = 0;
+  __syncthreads();
+  const int lpr = num_experts / num_ranks;
+  const int tile_tokens = kScanThreads * per, t0 = tile * tile_tokens;
+  for (int i0 = 0; i0 < tile_tokens; i0 += blockDim.x) {  // block-uniform trip count
+    const int i = i0 + tid, t = t0 + i;
+    unsigned long long mask = 0;
+    if (i < tile_tokens && t < num_tokens) {
+      for (int k = 0; k < num_topk; ++k) {
+        const long long e = load_idx(topk_idx, idx64, static_cast<long long>(t) * num_topk + k);
+        const int o = owner_of(e, num_experts, lpr);
+        if (o >= 0) {
+          mask |= 1ull << o;
+          if (tile_ecount) atomicAdd(&s_ecount[static_cast<int>(e)], 1);
+        }
+      }
+      masks[t] = mask;
+    }
+    for (int d = 0; d < num_ranks; ++d) {  // warp-aggregated counts per destination
+      const int c = __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1ull));
+      if (lane == 0 && c) atomicAdd(&s_count[d], c);
+    }
+  }
+  __syncthreads();
+  for (int d = tid; d < num_ranks; d += blockDim.x) tile_count[tile * kMaxRanks + d] = s_count[d];
+  if (tile_ecount)
+    for (int e = tid; e < num_experts; e += blockDim.x)
+      tile_ecount[static_cast<size_t>(tile) * num_experts + e] = s_ecount[e];
+}
+
+// The first pass in the kernel (a.pass1.topk_idx set; else nothing to do): this block's tiles
+// (b, b + grid, ...), each published by its flag = e0 (the op's epoch, so a flag of an earlier op
+// is below it), then every tile's flag awaited, so that every tile's counts and masks may be read.
+// The blocks of a communication kernel are co-resident, and every block passes its own tiles
+// before it waits. False on a timeout (reported) or an abort.
+__device__ inline bool scan_pass1(const ScanPass2& a, int num_tokens, int num_ranks,
+                                  unsigned long long e0, const WaitCtx& ctx, int* s_ecount) {
+  const ScanPass1& q = a.pass1;
+  if (!q.topk_idx) return true;
+  for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
+    route_mask_tile(q.topk_idx, q.idx64, num_tokens, q.num_topk, q.num_experts, num_ranks, a.per,
+                    tile, q.masks, q.tile_count, q.tile_ecount, s_ecount);
+    __syncthreads();  // the tile's writes by every thread before the release (cumulative)
+    if (threadIdx.x == 0) st_release_gpu(&q.tile_flag[tile], e0);
+  }
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  for (int j = threadIdx.x; j < a.tiles; j += blockDim.x)
+    if (!wait_flag(&q.tile_flag[j], e0, ctx, kPhaseRound, ctx.rank)) s_ok = 0;
+  __syncthreads();  // the waiting threads' acquires before every thread's reads
+  return s_ok != 0;
+}
 
 // Exclusive prefix sum of v over the block (any multiple of 32 threads, at most 1024), in thread
 // order; *total = the block's sum. s_warp: 33 T of shared memory. Ends with a barrier, so s_warp

@@ -227,9 +227,10 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   const size_t masks_b = align(static_cast<size_t>(n) * 8);
   const size_t tile_count_b = align(static_cast<size_t>(kMaxScanTiles) * kMaxRanks * 4);
   const size_t tile_ecount_b = align(static_cast<size_t>(kMaxScanTiles) * e * 4);
+  const size_t tile_flag_b = align(static_cast<size_t>(kMaxScanTiles) * 8);
   const size_t stage_b = align(static_cast<size_t>(3 + e) * 4);
-  const size_t sizes[] = {cum_b,    list_b,  ecount_b,     hist_b,        ordinal_b,
-                          fanout_b, masks_b, tile_count_b, tile_ecount_b, stage_b};
+  const size_t sizes[] = {cum_b,   list_b,       ecount_b,      hist_b,      ordinal_b, fanout_b,
+                          masks_b, tile_count_b, tile_ecount_b, tile_flag_b, stage_b};
   size_t total = 0;
   for (size_t b : sizes) total += b;
   void* mem = nullptr;
@@ -255,6 +256,7 @@ const Scratch& ensure_scratch(CudaState& st, int num_ranks, int64_t num_tokens, 
   st.scratch.masks = reinterpret_cast<unsigned long long*>(take(masks_b));
   st.scratch.tile_count = reinterpret_cast<int*>(take(tile_count_b));
   st.scratch.tile_ecount = reinterpret_cast<int*>(take(tile_ecount_b));
+  st.scratch.tile_flag = reinterpret_cast<unsigned long long*>(take(tile_flag_b));
   st.scratch.counts_stage = reinterpret_cast<int*>(take(stage_b));
   return st.scratch;
 }

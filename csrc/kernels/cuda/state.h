@@ -68,7 +68,8 @@ class DeviceGuard {
 //   fanout [1]: HybridEP, the largest number of one rank's experts picked by one token
 //   masks [N], tile_count [kMaxScanTiles][kMaxRanks], tile_ecount [kMaxScanTiles][E]: the route
 //   scan's first pass (per token, the ranks it is routed to; per tile, tokens per rank and pairs
-//   per expert), read by its second pass
+//   per expert), read by its second pass; tile_flag [kMaxScanTiles]: the epoch of the op whose
+//   kernel wrote tile j in its first pass (FUSED_A2A_CUDA_SCAN_PASS1=fused)
 constexpr int kMaxScanTiles = 64;
 constexpr int kScanThreads = 512;  // threads of a route-scan block; a tile is per x this tokens
 struct Scratch {
@@ -81,6 +82,7 @@ struct Scratch {
   unsigned long long* masks = nullptr;
   int* tile_count = nullptr;
   int* tile_ecount = nullptr;
+  unsigned long long* tile_flag = nullptr;  // [kMaxScanTiles] pass 1 in the kernel (scan_pass2.cuh)
   int* counts_stage = nullptr;  // [3 + E] the count exchange's host counts, when the host
                                 // memory is not device-writable (copied after the sync)
 };
@@ -244,6 +246,9 @@ bool layout_notify_env();
 // (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
 bool fused_scan(int64_t num_tokens);
+// Whether those kernels run the first pass too (FUSED_A2A_CUDA_SCAN_PASS1=fused; session 25),
+// instead of route_mask_kernel before them.
+bool scan_pass1_in_kernel();
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
 // dispatch_data right after it skips its ready round trip (session 13, opt-in: GPU tests pass,
 // no measured gain yet)
