@@ -92,7 +92,8 @@ __device__ inline bool scan_pass1(const ScanPass2& a, int num_tokens, int num_ra
   for (int tile = blockIdx.x; tile < a.tiles; tile += gridDim.x) {
     route_mask_tile(q.topk_idx, q.idx64, num_tokens, q.num_topk, q.num_experts, num_ranks, a.per,
                     tile, q.masks, q.tile_count, q.tile_ecount, s_ecount);
-    __syncthreads();  // the tile's writes by every thread before the release (cumulative)
+    __threadfence();  // every thread's writes of the tile, as scan_barrier's arrivals
+    __syncthreads();
     if (threadIdx.x == 0) st_release_gpu(&q.tile_flag[tile], e0);
   }
   __shared__ int s_ok;
