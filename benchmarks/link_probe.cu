@@ -33,9 +33,17 @@ int main(int argc, char** argv) try {
   // The last two: the dispatch's pattern with bulk copies, one 14 KB row (H = 7168, bf16) an
   // item, contiguous and gathered (session 20: the direct dispatch pushes ~305 GB/s wire
   // against 331-345 here in 64 KB chunks)
-  const probe::Mode modes[] = {
-      probe::kBulk4,           {true, 2, 6, 16384, 65536}, {true, 1, 12, 16384, 262144},
-      {false, 8, 0, 0, 65536}, {true, 4, 3, 16384, 14336}, {true, 4, 3, 16384, 14336, true}};
+  // Then (session 25) the 4 bulk-copy warps with 4 and 12 plain-store warps beside them in
+  // 64 KB chunks and gathered rows: the dispatch's receiver warps are idle with direct rows
+  const probe::Mode modes[] = {probe::kBulk4,
+                               {true, 2, 6, 16384, 65536},
+                               {true, 1, 12, 16384, 262144},
+                               {false, 8, 0, 0, 65536},
+                               {true, 4, 3, 16384, 14336},
+                               {true, 4, 3, 16384, 14336, true},
+                               {true, 4, 3, 16384, 65536, false, 4},
+                               {true, 4, 3, 16384, 65536, false, 12},
+                               {true, 4, 3, 16384, 14336, true, 12}};
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
     for (const probe::Mode& m : modes) {
@@ -45,10 +53,10 @@ int main(int argc, char** argv) try {
         for (int g = 0; g < ngpu; ++g) list += (g ? ", " : "") + std::to_string(r.gbps[g]);
         std::printf(
             "{\"gpus\": %d, \"sms\": %d, \"mode\": \"%s\", \"start\": \"%s\", \"warps\": %d, "
-            "\"stages\": %d, \"chunk\": %zu, \"gather\": %s, \"bytes_per_peer\": %zu, "
-            "\"egress_GBps_per_gpu\": [%s], \"slowest_GBps\": %.1f%s}\n",
-            ngpu, sms, m.name(), barrier ? "barrier" : "events", m.warps, m.stages, m.chunk,
-            m.gather ? "true" : "false", bytes, list.c_str(), r.slowest,
+            "\"simt_warps\": %d, \"stages\": %d, \"chunk\": %zu, \"gather\": %s, "
+            "\"bytes_per_peer\": %zu, \"egress_GBps_per_gpu\": [%s], \"slowest_GBps\": %.1f%s}\n",
+            ngpu, sms, m.name(), barrier ? "barrier" : "events", m.warps, m.simt_warps, m.stages,
+            m.chunk, m.gather ? "true" : "false", bytes, list.c_str(), r.slowest,
             r.timed_out ? ", \"error\": \"barrier timed out\"" : "");
         std::fflush(stdout);
       }

@@ -88,7 +88,8 @@ for line in open(sys.argv[1]):
         if "slowest_GBps" in d:
             mode = d["mode"] + ("/g" if d.get("gather") else "")
             print(f"  ceiling probe: {mode:8s} {d.get('start', 'events'):7s} "
-                  f"sms={d['sms']:3d} warps={d['warps']} stages={d['stages']:2d}: slowest GPU "
+                  f"sms={d['sms']:3d} warps={d['warps']}+{d.get('simt_warps', 0)} "
+                  f"stages={d['stages']:2d}: slowest GPU "
                   f"{d['slowest_GBps']:.1f} GB/s egress {d.get('error', '')}")
 EOF
   else

@@ -33,10 +33,15 @@ struct Args {
   int npeers;
   size_t bytes;  // per peer
   size_t chunk;
-  int warps;
+  int warps;  // bulk-copy warps a block with tma, else plain-store warps
   int stages;
   uint32_t stage_bytes;
   bool tma;
+  // With tma: plain-store warps beside the bulk-copy ones (session 25: do more bytes in flight
+  // than a block's rings hold raise the ceiling at few SMs?); all warps then claim their items
+  // from *claim (this GPU's, zeroed before each push), so the slower kind takes fewer
+  int simt_warps;
+  unsigned int* claim;
   // The dispatch's source pattern: destination row r of peer p comes from source row
   // (r * npeers + p) mod rows (chunk = one row), a strided gather as of tokens in order
   bool gather;
@@ -70,16 +75,24 @@ __device__ inline bool barrier_start(const Args& a) {
 __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nw = gridDim.x * a.warps, gw = blockIdx.x * a.warps + warp;
+  const int block_warps = a.warps + a.simt_warps;
+  const int nw = gridDim.x * block_warps, gw = blockIdx.x * block_warps + warp;
+  const bool bulk = a.tma && warp < a.warps;
   const size_t per_warp = (tma_pipe_bytes(a.stage_bytes, a.stages) + 255) & ~size_t(127);
   uint8_t* base = smem + per_warp * warp;
   if (a.arrived && !barrier_start(a)) return;
   TmaPipe pipe;
-  if (a.tma && lane == 0) pipe.init(base, a.stage_bytes, a.stages, false, 0);  // S - 2 loads ahead
+  if (bulk && lane == 0) pipe.init(base, a.stage_bytes, a.stages, false, 0);  // S - 2 loads ahead
   __syncwarp();
   const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;
   const size_t items = chunks * a.npeers;
-  for (size_t i = gw; i < items; i += nw) {
+  auto next = [&](size_t i) -> size_t {  // dealt, or claimed (simt_warps)
+    if (!a.claim) return i + nw;
+    unsigned int v = 0;
+    if (lane == 0) v = atomicAdd(a.claim, 1u);
+    return __shfl_sync(0xffffffffu, v, 0);
+  };
+  for (size_t i = a.claim ? next(0) : gw; i < items; i = next(i)) {
     const int p = static_cast<int>(i % a.npeers);
     const size_t off = (i / a.npeers) * a.chunk;
     size_t n = a.chunk < a.bytes - off ? a.chunk : a.bytes - off;
@@ -88,13 +101,13 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
       from = ((i / a.npeers) * a.npeers + p) % chunks * a.chunk;
       n = n < a.bytes - from ? n : a.bytes - from;  // the short last row stays in the source
     }
-    if (a.tma) {
+    if (bulk) {
       if (lane == 0) pipe.push_span(a.dst[p] + off, a.src + from, n);
     } else {
       warp_copy_ro(a.dst[p] + off, a.src + from, n, lane);
     }
   }
-  if (a.tma && lane == 0) pipe.drain();
+  if (bulk && lane == 0) pipe.drain();
   if (a.arrived) {
     __syncthreads();
     if (threadIdx.x == 0) atomicMax(&a.times[1], globaltimer());
@@ -108,7 +121,10 @@ struct Mode {
   uint32_t stage;
   size_t chunk;
   bool gather = false;  // Args::gather
-  const char* name() const { return !tma ? "simt16" : chunk == 65536 ? "bulk" : "rows"; }
+  int simt_warps = 0;   // Args::simt_warps
+  const char* name() const {
+    return !tma ? "simt16" : simt_warps ? "bulk+simt" : chunk == 65536 ? "bulk" : "rows";
+  }
 };
 constexpr Mode kBulk4{true, 4, 3, 16384, 65536};  // 4 warps x 3 stages of 16 KB: the ceiling
 
@@ -116,7 +132,8 @@ constexpr Mode kBulk4{true, 4, 3, 16384, 65536};  // 4 warps x 3 stages of 16 KB
 // `bytes` on each, peer access on, the barrier's counter and the timers. Freed on destruction.
 class Setup {
  public:
-  Setup(int num_gpus, size_t bytes) : G(num_gpus), bytes(bytes), src(G), dst(G), times(G) {
+  Setup(int num_gpus, size_t bytes)
+      : G(num_gpus), bytes(bytes), src(G), dst(G), times(G), claims(G) {
     FA2A_CHECK(G >= 2 && G <= kMaxPeers + 1, "link probe: needs 2 to ", kMaxPeers + 1,
                " GPUs, got ", G);
     FA2A_PROBE_CHECK(cudaGetDevice(&previous_));
@@ -132,6 +149,7 @@ class Setup {
       FA2A_PROBE_CHECK(cudaMemset(src[g], 1, bytes));
       FA2A_PROBE_CHECK(cudaMalloc(&dst[g], bytes * (G - 1)));
       FA2A_PROBE_CHECK(cudaMalloc(&times[g], 3 * sizeof(unsigned long long)));
+      FA2A_PROBE_CHECK(cudaMalloc(&claims[g], sizeof(unsigned int)));
     }
     FA2A_PROBE_CHECK(cudaSetDevice(0));
     FA2A_PROBE_CHECK(cudaMalloc(&arrived, sizeof(unsigned int)));
@@ -143,6 +161,7 @@ class Setup {
       (void)cudaFree(src[g]);
       (void)cudaFree(dst[g]);
       (void)cudaFree(times[g]);
+      (void)cudaFree(claims[g]);
     }
     if (arrived && cudaSetDevice(0) == cudaSuccess) (void)cudaFree(arrived);
     (void)cudaGetLastError();
@@ -155,6 +174,7 @@ class Setup {
   size_t bytes;
   std::vector<uint8_t*> src, dst;
   std::vector<unsigned long long*> times;
+  std::vector<unsigned int*> claims;  // Args::claim of each GPU
   unsigned int* arrived = nullptr;
 
  private:
@@ -183,6 +203,7 @@ inline Result run(Setup& s, const Mode& m, int sms, bool barrier, int reps) {
       FA2A_PROBE_CHECK(cudaSetDevice(g));
       FA2A_PROBE_CHECK(
           cudaMemcpy(s.times[g], times_init, sizeof(times_init), cudaMemcpyHostToDevice));
+      FA2A_PROBE_CHECK(cudaMemset(s.claims[g], 0, sizeof(unsigned int)));
       FA2A_PROBE_CHECK(cudaDeviceSynchronize());
     }
     for (int g = 0; g < G; ++g) {
@@ -202,6 +223,8 @@ inline Result run(Setup& s, const Mode& m, int sms, bool barrier, int reps) {
       a.stage_bytes = m.stage;
       a.tma = m.tma;
       a.gather = m.gather;
+      a.simt_warps = m.tma ? m.simt_warps : 0;
+      a.claim = a.simt_warps ? s.claims[g] : nullptr;
       if (barrier) {
         a.arrived = s.arrived;  // GPU 0's, by peer access
         a.total = static_cast<unsigned int>(sms * G);
@@ -210,7 +233,7 @@ inline Result run(Setup& s, const Mode& m, int sms, bool barrier, int reps) {
       FA2A_PROBE_CHECK(cudaEventCreate(&start[g]));
       FA2A_PROBE_CHECK(cudaEventCreate(&stop[g]));
       FA2A_PROBE_CHECK(cudaEventRecord(start[g]));
-      push_kernel<<<sms, 32 * m.warps, smem>>>(a);
+      push_kernel<<<sms, 32 * (m.warps + a.simt_warps), smem>>>(a);
       FA2A_PROBE_CHECK(cudaGetLastError());
       FA2A_PROBE_CHECK(cudaEventRecord(stop[g]));
     }
