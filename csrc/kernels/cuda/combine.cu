@@ -496,19 +496,14 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   check_aligned(a.out, "out");
   const Scratch& scratch =
       ensure_scratch(st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, s);
-  // fused_scan: only the scan's first pass here, the kernel runs the second
+  // fused_scan: the kernel runs the scan's second pass (launch_fused_scan: maybe its first too)
   const bool fused = fused_scan(a.num_tokens);
   const bool idx64 = a.idx_dtype == DType::kI64;
   const int num_tokens = static_cast<int>(a.num_tokens);
   ScanPass2 scan2;
-  if (fused && scan_pass1_in_kernel()) {
-    scan2 = fused_scan_pass2(route_mask_tiles(num_tokens, a.num_experts), scratch,
-                             /*list=*/false, /*cum=*/true);
-    add_scan_pass1(scan2, a.topk_idx, idx64, a.num_topk, a.num_experts, scratch, false);
-  } else if (fused) {
-    const ScanTiles tiles =
-        launch_route_masks(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, s);
-    scan2 = fused_scan_pass2(tiles, scratch, /*list=*/false, /*cum=*/true);
+  if (fused) {
+    scan2 = launch_fused_scan(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch,
+                              /*list=*/false, /*cum=*/true, /*pairs=*/false, s);
   } else {
     launch_route_scan(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, false,
                       s);

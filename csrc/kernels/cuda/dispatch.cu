@@ -408,17 +408,17 @@ struct Prepared {
   const Scratch* scratch;
   int lpr;
   RowFormat row;
-  ScanTiles fused_scan{0, 0};     // tiles > 0: the data kernel runs the route scan's second pass
-  bool pass1_in_kernel = false;   // and its first (FUSED_A2A_CUDA_SCAN_PASS1=fused)
+  ScanPass2 scan2;                // tiles > 0: the data kernel runs the route scan (fused_scan)
   bool notified_layouts = false;  // the op just before was the dispatch_notify for these args,
                                   // and it published every rank's layout
 };
 
 // after_notify (dispatch_data): the route scan of the dispatch_notify just before is reused when
-// it is still in the scratch (CudaState::notified). fuse_scan: only the route scan's first pass
-// is launched; the data kernel runs the second (fused_scan).
+// it is still in the scratch (CudaState::notified). fuse_scan: the data kernel runs the route
+// scan's second pass (launch_fused_scan: maybe its first too, counting the pairs per expert with
+// pairs).
 Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, bool want_list,
-                 bool after_notify, bool fuse_scan = false) {
+                 bool after_notify, bool fuse_scan = false, bool pairs = false) {
   const int G = buffer.num_ranks();
   FA2A_CHECK(G >= 1 && G <= kMaxRanks, "group size ", G, " is not supported (1..", kMaxRanks, ")");
   FA2A_CHECK(a.num_experts > 0 && a.num_experts % G == 0, "num_experts=", a.num_experts,
@@ -446,12 +446,10 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
   const int* cum_before = pr.st->scratch.cum;
   pr.scratch =
       &ensure_scratch(*pr.st, G, std::max<int64_t>(a.num_tokens, 1), a.num_experts, stream);
-  if (fuse_scan && scan_pass1_in_kernel()) {
-    pr.fused_scan = route_mask_tiles(static_cast<int>(a.num_tokens), a.num_experts);
-    pr.pass1_in_kernel = true;
-  } else if (fuse_scan) {
-    pr.fused_scan = launch_route_masks(a.topk_idx, idx64, static_cast<int>(a.num_tokens),
-                                       a.num_topk, a.num_experts, G, *pr.scratch, stream);
+  if (fuse_scan) {
+    pr.scan2 = launch_fused_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk,
+                                 a.num_experts, G, *pr.scratch, /*list=*/true, /*cum=*/false, pairs,
+                                 stream);
   } else if (!reuse || pr.scratch->cum != cum_before) {
     launch_route_scan(a.topk_idx, idx64, static_cast<int>(a.num_tokens), a.num_topk, a.num_experts,
                       G, *pr.scratch, want_list, stream);
@@ -490,7 +488,8 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                " exceeds the CUDA count exchange's limit of ", kMaxExpertsNotify);
     check_host_wait_env();
   }
-  const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan);
+  // the pairs per expert only for the host counts (send_expert_pairs)
+  const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan, host_counts);
   DispatchParams p{};
   p.rank = buffer.rank();
   p.num_ranks = G;
@@ -589,11 +588,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();
-  if (pr.fused_scan.tiles > 0)
-    p.scan2 = fused_scan_pass2(pr.fused_scan, *pr.scratch, /*list=*/true, /*cum=*/false);
-  if (pr.pass1_in_kernel)  // the pairs per expert only for the host counts (send_expert_pairs)
-    add_scan_pass1(p.scan2, a.topk_idx, p.idx64, a.num_topk, a.num_experts, *pr.scratch,
-                   host_counts);
+  p.scan2 = pr.scan2;
   if (host_counts) {  // the speculative torch dispatch through this kernel (ops.h)
     p.host_counts = a.host_counts;
     p.host_ticket = a.host_ticket;
@@ -625,7 +620,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const int recv_items = recv_items_env(cfg.blocks);
   const bool help = recv_items == kRecvHelp, claim = recv_items == kRecvClaim;
   const bool u16 = recv_unroll_env() == 16;
-  const bool fused = pr.fused_scan.tiles > 0;
+  const bool fused = p.scan2.tiles > 0;
   const bool vec = fused && p.head_vec;
   auto kernel = vec && help          ? dispatch_kernel<8, false, kRecvHelp, true, false, true>
                 : vec                ? dispatch_kernel<8, false, kRecvDealt, true, false, true>

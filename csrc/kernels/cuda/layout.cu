@@ -171,6 +171,13 @@ bool scan_in_one_block(int num_tokens) {
   return num_tokens <= kBlockScanMaxTokens;
 }
 
+// The tiled route scan's tiles (blocks of each pass, at most kMaxScanTiles) of per x
+// kScanThreads tokens.
+struct ScanTiles {
+  int per;  // tokens per thread of a tile
+  int tiles;
+};
+
 ScanTiles scan_tiles(int num_tokens) {
   const int cover = kScanThreads * kMaxScanTiles;  // tokens of kMaxScanTiles one-token tiles
   ScanTiles st;
@@ -198,9 +205,12 @@ int stream_device(cudaStream_t stream) {
   return device;
 }
 
+namespace {
+
 // Session 25: FUSED_A2A_CUDA_SCAN_PASS1=fused runs the first pass in the data kernel too.
 bool scan_pass1_in_kernel() { return env_is("FUSED_A2A_CUDA_SCAN_PASS1", "fused"); }
 
+// The tiles of the first pass, checked for the scratch and for route_mask_kernel's shared memory.
 ScanTiles route_mask_tiles(int num_tokens, int num_experts) {
   const ScanTiles st = scan_tiles(num_tokens);
   FA2A_CHECK(st.tiles <= kMaxScanTiles, "route scan: ", st.tiles, " tiles for ", num_tokens,
@@ -221,6 +231,36 @@ ScanTiles launch_route_masks(const void* topk_idx, bool idx64, int num_tokens, i
       scratch.tile_count, scratch.tile_ecount);
   check_launch("route scan (masks)");
   return st;
+}
+
+}  // namespace
+
+ScanPass2 launch_fused_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,
+                            int num_experts, int num_ranks, const Scratch& scratch, bool list,
+                            bool cum, bool pairs, cudaStream_t stream) {
+  const bool in_kernel = scan_pass1_in_kernel();
+  const ScanTiles st = in_kernel ? route_mask_tiles(num_tokens, num_experts)
+                                 : launch_route_masks(topk_idx, idx64, num_tokens, num_topk,
+                                                      num_experts, num_ranks, scratch, stream);
+  ScanPass2 a;
+  a.tiles = st.tiles;
+  a.per = st.per;
+  a.masks = scratch.masks;
+  a.tile_count = scratch.tile_count;
+  a.cum = scratch.cum;
+  a.send_list = list ? scratch.send_list : nullptr;
+  a.write_cum = cum;
+  if (in_kernel) {
+    a.pass1.topk_idx = topk_idx;
+    a.pass1.idx64 = idx64;
+    a.pass1.num_topk = num_topk;
+    a.pass1.num_experts = num_experts;
+    a.pass1.masks = scratch.masks;
+    a.pass1.tile_count = scratch.tile_count;
+    a.pass1.tile_ecount = pairs ? scratch.tile_ecount : nullptr;
+    a.pass1.tile_flag = scratch.tile_flag;
+  }
+  return a;
 }
 
 void launch_route_scan(const void* topk_idx, bool idx64, int num_tokens, int num_topk,

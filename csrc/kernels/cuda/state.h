@@ -246,9 +246,6 @@ bool layout_notify_env();
 // (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
 bool fused_scan(int64_t num_tokens);
-// Whether those kernels run the first pass too (FUSED_A2A_CUDA_SCAN_PASS1=fused; session 25),
-// instead of route_mask_kernel before them.
-bool scan_pass1_in_kernel();
 // FUSED_A2A_CUDA_LAYOUT=dynamic: dispatch_notify also publishes every rank's layout, so the
 // dispatch_data right after it skips its ready round trip (session 13, opt-in: GPU tests pass,
 // no measured gain yet)
