@@ -14,11 +14,8 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s25t (~6 min): GPU tests of session 24's prologue change (packed scan, handshake block);
-#       PART=s25b (~5 min): its trace and bench at 12, 24, 48 SMs
-#   PART=s25p (~6 min): the route scan's first pass in the kernels (session 25): tests and A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s24c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s25p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -202,40 +199,6 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s25t)  # (~6 min) the GPU tests of session 24's prologue change (compile-checked): the route
-    # scan's second pass as one packed scan for four destinations, and the fused-scan kernels'
-    # handshake from a block with no scan tile. Static big rows (default, the fused scan at every
-    # N, word loads; incl. 13,000-token ranks of many tiles), FP8 rows, the torch suite with the
-    # fused scan forced at 4 GPUs, the JAX suite, torch against JAX, the same bits
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S25_K:-(static_big_rows and (default or fused_scan or meta_words)) or (static_fp8_rows and default) or (torch_gpu_matches and meta_vec and g4_) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-420}"
-    ;;
-  s25b)  # (~4 min, after s25t on the warm machine) the prologue change's effect: PART=prologue
-    # (prediction: the grid barrier 7.6 -> 4-5 us at 48 SMs), then bench_normal at 12, 24, 48
-    # SMs (run 129 at f721ceb with vectors, 4x H200: 533.9 / 522.4 / 515.1 us dispatch, 602.3 /
-    # 540.8 / 539.1 combine; prediction -2 to -4 us dispatch and combine at 48 SMs)
-    PART=prologue bash tools/gpu_next.sh
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard,standard_sms48,standard_fp8_sms48} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 200 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
-    rm -f "$OUT/build.log"
-    ;;
-  s25p)  # (~6 min) the route scan's first pass in the kernels (FUSED_A2A_CUDA_SCAN_PASS1=fused,
-    # compile-checked): its GPU tests (static big rows above 1024 tokens, at every N and at 12
-    # SMs; FP8 rows; the torch suite with host counts; the JAX suite; torch against JAX; the same
-    # bits) with the default fused-scan variants (its kernels moved the tile counts' read), then
-    # its A/B at 12, 24, 48 SMs. Prediction: -2 to -4 us a dispatch and a combine (the route
-    # masks kernel's 4.4 us less ~1-2 us of the pass and its flags in the kernel)
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S25P_K:-(static_big_rows and (default or pass1)) or (static_fp8_rows and pass1) or (torch_gpu_matches and pass1 and g4_) or (jax_gpu_suite and direct_pass1) or same_bits or torch_vs_jax_bitwise and pass1}" \
-      "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1,standard_sms12,standard_sms12_pass1} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 240 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |dynamic_dispatch |combine |nccl" | cut -c1-110
-    rm -f "$OUT/build.log"
-    ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s25t, s25b or s25p" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk or prologue" >&2
     exit 2 ;;
 esac
