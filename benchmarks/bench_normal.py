@@ -203,6 +203,10 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         res["exact"] &= bool(same_rows and torch.equal(rs8, _block_amax(rx2)))
     if os.environ.get("FUSED_A2A_CUDA_TRACE"):
         res["trace"] = _trace_one(static_dispatch, gid, grank, sms)
+        if "combine" in timed:
+            res["trace_combine"] = _trace_one(
+                combine, gid, grank, sms, (TRACE_COMBINE_SENDER, TRACE_COMBINE_REDUCER)
+            )
     if os.environ.get("FA2A_BENCH_KERNELS"):
         res["kernels"] = {
             key: _kernel_times(timed[key])
@@ -256,15 +260,20 @@ def _kernel_times(fn, calls=10):
 
 TRACE_SENDER = ("ready_wait", "chunk_start_wait", "meta", "pushes", "chunk_end", "drain")
 TRACE_RECEIVER = ("flag_wait", "remote_copy", "own_copy", "zero_rows", "round_barrier")
-TRACE_SLOTS = 13  # csrc/kernels/cuda/state.h kTraceSlots
+# The combine's slots (csrc/kernels/cuda/state.h; "-": none): senders' round waits, pushes, chunk
+# ends, drain; reducers' source lookups with their flag waits, reductions, round barriers.
+TRACE_COMBINE_SENDER = ("ready_wait", "-", "-", "pushes", "chunk_end", "drain")
+TRACE_COMBINE_REDUCER = ("flag_wait", "reduce", "-", "-", "round_barrier")
+TRACE_SLOTS = 13  # csrc/kernels/cuda/common.cuh kTraceSlots
 
 
-def _trace_one(fn, gid, grank, sms):
-    """Per-warp phase times of a call (csrc/kernels/cuda/state.h): mean and max over the
-    sender and the receiver warps; durations in SM cycles, start and finish times in ns (a
-    receiver's start is its data phase start). FA2A_BENCH_TRACE_CALLS=K (default 1): K calls back
-    to back after the host barrier, every slot divided by K (the kernel adds each call's values),
-    so the ranks' start skew after the barrier weighs 1/K: the steady state of a timed loop."""
+def _trace_one(fn, gid, grank, sms, names=(TRACE_SENDER, TRACE_RECEIVER)):
+    """Per-warp phase times of a call of the dispatch, or with the combine's slot names of the
+    combine (csrc/kernels/cuda/state.h): mean and max over the sender and the receiver warps;
+    durations in SM cycles, start and finish times in ns (a receiver's start is its data phase
+    start). FA2A_BENCH_TRACE_CALLS=K (default 1): K calls back to back after the host barrier,
+    every slot divided by K (the kernel adds each call's values), so the ranks' start skew after
+    the barrier weighs 1/K: the steady state of a timed loop."""
     import fused_a2a_core as core
 
     calls = max(1, int(os.environ.get("FA2A_BENCH_TRACE_CALLS", "1")))
@@ -290,13 +299,15 @@ def _trace_one(fn, gid, grank, sms):
     def stats(rows, names):
         out = {}
         for i, name in enumerate(names):
+            if name == "-":
+                continue
             vals = [r[i] for r in rows]
             out[name + "_cycles"] = [statistics.mean(vals), max(vals)]
         out["finish_ns"] = [statistics.mean(r[6] for r in rows), max(r[6] for r in rows)]
         out["chunks"] = [statistics.mean(r[7] for r in rows), max(r[7] for r in rows)]
         out["start_ns"] = [statistics.mean(r[8] for r in rows), max(r[8] for r in rows)]
         # the block prologue's marks (slots 11, 12): the send lists' grid barrier passed, every
-        # source's layout read
+        # source's layout read (the combine: the scan's barrier, every peer's message read)
         for slot, name in ((11, "scan_barrier_ns"), (12, "layouts_in_ns")):
             out[name] = [statistics.mean(r[slot] for r in rows), max(r[slot] for r in rows)]
         # the role's item loop minus its traced phases (slots 0-4 for both roles, and the
@@ -307,7 +318,7 @@ def _trace_one(fn, gid, grank, sms):
         out["untraced_cycles"] = [statistics.mean(untraced), max(untraced)]
         return out
 
-    receiver = stats(receivers, TRACE_RECEIVER)
+    receiver = stats(receivers, names[1])
     # Receivers' slot 5: the last chunk flag seen (ns after kernel start). The copy tail is a
     # warp's finish minus that; the kernel's tail is the latest finish minus the latest flag.
     flagged = [r for r in receivers if r[5] > 0]
@@ -319,7 +330,7 @@ def _trace_one(fn, gid, grank, sms):
         ]
         receiver["copy_tail_ns"] = [statistics.mean(tails), max(tails)]
         receiver["kernel_tail_ns"] = max(r[6] for r in receivers) - max(r[5] for r in flagged)
-    sender = stats(senders, TRACE_SENDER)
+    sender = stats(senders, names[0])
     sender["claim_cycles"] = [statistics.mean(r[10] for r in senders), max(r[10] for r in senders)]
     return {"sender": sender, "receiver": receiver}
 
@@ -330,6 +341,8 @@ def _summarize(per_rank):
     out["exact_all_ranks"] = all(r["exact"] for r in per_rank)
     if "trace" in first:
         out["trace_per_rank"] = [r["trace"] for r in per_rank]
+    if "trace_combine" in first:
+        out["trace_combine_per_rank"] = [r["trace_combine"] for r in per_rank]
     if "kernels" in first:
         out["kernels_per_rank"] = [r["kernels"] for r in per_rank]
     recv_b = [r["num_recv"] * r["row_bytes"] for r in per_rank]

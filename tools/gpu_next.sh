@@ -14,6 +14,7 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
+#   PART=s26c (~7 min): the combine's trace (session 25, compile-checked): tests, then traces
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s25p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -199,6 +200,20 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk or prologue" >&2
+  s26c)  # (~7 min) the combine's trace (session 25, compile-checked): its GPU tests in the default
+    # build first (the combine's roles now keep trace slots, compiled out there), then the
+    # diagnostic build's traces of the dispatch and the combine, ten calls back to back, at 24
+    # and 48 SMs with and without the first pass in the kernels (runs 137-138: the combine at 24
+    # SMs 532 -> 520 us with it, at 48 SMs 523 -> 545, not understood). Look at every rank's
+    # senders' start and the reducers' last remote token / finish in the four cases
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      "${S26C_K:-(static_big_rows and default) or (jax_gpu_suite and direct-default) or (torch_gpu_matches and default and g4_) or same_bits}" \
+      "${STEP_TIMEOUT_TEST:-240}"
+    FA2A_BENCH_TRACE_CALLS=10 \
+      TRACE_CASES=${TRACE_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1} \
+      bash tools/gpu_diag_trace.sh
+    mv "$OUT/bench.json" "$OUT/trace.json"
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s26c" >&2
     exit 2 ;;
 esac

@@ -52,6 +52,7 @@ struct CombineParams {
   // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
   // kernel runs the second (every cum[d][t]).
   ScanPass2 scan2;
+  unsigned long long* trace;  // host-mapped phase times or null (state.h, the combine's slots)
 };
 
 struct Shared {
@@ -60,6 +61,9 @@ struct Shared {
   long long nrounds;
   int fail, last;
   unsigned long long seq;
+  unsigned long long t0;  // globaltimer at kernel start (trace)
+  // ns after t0 (trace): the route scan's grid barrier passed, every peer's message in
+  unsigned long long t_marks[2];
 };
 
 struct SmemLayout {
@@ -113,9 +117,18 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
   int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
   bool ok = true;
+  WarpTrace tr;
+  tr.stamp(8, sh.t0);
+  const long long t_loop = WarpTrace::now();
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
-  long long q = next_item(p.claim_items, claim_counter, gw - nsw, nsw, lane);  // this warp's item
-  long long round_base = 0;  // number of round k's first item
+  auto claim = [&](long long after) {  // the next item number (trace slot 10: its cycles)
+    const long long t_claim = WarpTrace::now();
+    const long long next = next_item(p.claim_items, claim_counter, after, nsw, lane);
+    tr.add(10, t_claim);
+    return next;
+  };
+  long long q = claim(gw - nsw);  // this warp's item
+  long long round_base = 0;       // number of round k's first item
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
     // Rows of each destination's tokens in its window k: [jlo, jhi) of that source's segment.
     for (int d = lane; d < G; d += 32) {
@@ -131,7 +144,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     // see next_item).
     const long long rect = static_cast<long long>(maxc) * (G - 1);
     if (!p.claim_items) q = round_base + gw;  // dealt: every round from the warp's own column
-    for (; q - round_base < rect && ok; q = next_item(p.claim_items, claim_counter, q, nsw, lane)) {
+    for (; q - round_base < rect && ok; q = claim(q)) {
       const RectItem it = rect_item(q - round_base, maxc, G - 1, false);
       const int c = static_cast<int>(it.chunk);
       const int d = (r + 1 + it.col) % G;
@@ -139,6 +152,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       const int j0 = jlo[d] + c * cr;
       if (j0 >= jhi[d]) continue;
       if (k > ready_round[d]) {
+        const long long t_wait = WarpTrace::now();
         if (p.tma && lane == 0) pipe.drain();
         MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
         ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
@@ -146,6 +160,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
         if (!ok) break;
         if (lane == 0) ready_round[d] = static_cast<int>(k);
         __syncwarp();
+        tr.add(0, t_wait);
       }
       const int reg = region_of(r, d);
       uint8_t* dbase = p.peers[d] + kControlBytes;
@@ -156,7 +171,9 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
       const size_t slot0 = static_cast<size_t>(c) * cr;
       if (p.tma) {
+        const long long t_push = WarpTrace::now();
         if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
+        tr.add(3, t_push);
       } else {
         warp_copy_ro(ddata + slot0 * rb, p.y + row0 * rb, n * rb, lane);
       }
@@ -168,8 +185,11 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       if (p.tma) {
         if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
         __syncwarp();
+        const long long t_end = WarpTrace::now();
         if (lane == 0) pipe.end_chunk(flag, v);
         __syncwarp();
+        tr.add(4, t_end);
+        tr.count(7);
       } else {
         warp_release_flag(flag, v, lane);
       }
@@ -177,8 +197,14 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     round_base += rect;
     __syncwarp();
   }
+  tr.add(9, t_loop);
+  const long long t_drain = WarpTrace::now();
   if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
+  tr.add(5, t_drain);
+  tr.stamp(6, sh.t0);
+  tr.marks(sh.t_marks);  // thread 0 wrote them before the roles' start
+  tr.flush(p.trace, warp, lane);
 }
 
 template <typename T>
@@ -299,12 +325,16 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
       reinterpret_cast<const uint8_t**>(smem + L.srcs) + static_cast<size_t>(rwarp) * 2 * kMaxRanks;
   const float** wsrc = reinterpret_cast<const float**>(srcs + kMaxRanks);
   bool ok = true;
+  WarpTrace tr;
+  tr.stamp(8, sh.t0);
+  const long long t_loop = WarpTrace::now();
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
     const unsigned long long e = epoch_of(seq, static_cast<int>(k));
     const long long t0 = k * W, t1 = min((k + 1) * W, static_cast<long long>(N));
     int last0 = -1, last1 = -1;  // newest chunk known complete, sources lane and lane + 32
     for (long long t = t0 + gr; t < t1 && ok; t += nrw) {
       // Lane rho (and rho + 32) finds its source row, waiting for its chunk if remote.
+      const long long t_wait = WarpTrace::now();
       int good = 1;
       unsigned valid_bits[2] = {0u, 0u};
       const uint8_t* my_src[2] = {nullptr, nullptr};
@@ -345,6 +375,11 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
         ok = false;
         break;
       }
+      tr.add(0, t_wait);
+      if (FA2A_CUDA_TRACE) {  // slot 5: the latest token with a remote row
+        const int own = static_cast<int>((valid_bits[r >> 5] >> (r & 31)) & 1u);
+        if (__popc(valid_bits[0]) + __popc(valid_bits[1]) > own) tr.stamp(5, sh.t0);
+      }
       // Compact the valid sources in ascending rank order.
       const unsigned below = (1u << lane) - 1u;
       const int nlo = __popc(valid_bits[0]);
@@ -369,13 +404,22 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
           p.out_w[t * K + kk] = v;
         }
       }
+      const long long t_reduce = WarpTrace::now();
       reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
       __syncwarp();
+      tr.add(1, t_reduce);
+      tr.count(7);
     }
     if (ok && k + 1 < sh.nrounds) {
+      const long long t_round = WarpTrace::now();
       ok = warp_next_round(ctx, ctrl, p.peers, G, r, kMsgCombine, seq, k, nrw, lane);
+      tr.add(4, t_round);
     }
   }
+  tr.add(9, t_loop);
+  tr.stamp(6, sh.t0);
+  tr.marks(sh.t_marks);
+  tr.flush(p.trace, p.send_warps + rwarp, lane);
 }
 
 // kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh).
@@ -391,6 +435,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
   const WaitCtx ctx{ls, p.host_error, p.timeout_ns, kOpCombine, r};
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   if (tid == 0) {
+    sh.t0 = globaltimer();
+    sh.t_marks[0] = sh.t_marks[1] = 0;
     sh.seq = *reinterpret_cast<volatile unsigned long long*>(&ls->seq);
     sh.fail = aborted(ctx) ? 1 : 0;
     sh.last = 0;
@@ -436,6 +482,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
         sh.fail = 1;
       }
       if (!scan_barrier(ls, ctx)) sh.fail = 1;
+      if (tid == 0) WarpTrace::mark(&sh.t_marks[0], sh.t0);
     }
     for (int rho = tid; rho < G; rho += blockDim.x) {
       const int routed = p.cum[static_cast<size_t>(rho) * (N + 1) + N];
@@ -453,6 +500,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
       sh.dcr[rho] = max(ld_volatile_int(&m->b), 1);
     }
     __syncthreads();
+    if (tid == 0) WarpTrace::mark(&sh.t_marks[1], sh.t0);  // the roles read it at their end
     if (!sh.fail) {
       if (warp < p.send_warps) {
         sender_role(p, sh, smem, L, ctx, warp, lane);
@@ -553,6 +601,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.loads_ahead = cfg.loads_ahead;
   p.scan2 = scan2;
+  p.trace = st.trace;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   FA2A_CHECK(L.total <= st.smem_optin, "combine needs ", L.total, " bytes of shared memory");
   auto launch = [&](auto kernel) {

@@ -26,6 +26,49 @@ __host__ __device__ __forceinline__ RectItem rect_item(long long idx, long long 
   return RectItem{idx / cols, static_cast<int>(idx % cols)};
 }
 
+// Phase times of one warp of the dispatch or combine kernel (lane 0 keeps them; written to the
+// host-mapped trace once, at the end of the role; slots: state.h). Durations in SM cycles, times
+// since kernel start in ns. Compiled in only with -DFA2A_CUDA_TRACE=1 (CMAKE_ARGS), so that the
+// kernels' registers are untouched otherwise.
+#ifndef FA2A_CUDA_TRACE
+#define FA2A_CUDA_TRACE 0
+#endif
+constexpr int kTraceWarps = 64 * 16;
+constexpr int kTraceSlots = 13;
+constexpr int kTraceWords = kTraceWarps * kTraceSlots;
+struct WarpTrace {
+#if FA2A_CUDA_TRACE
+  unsigned long long v[kTraceSlots] = {};
+  __device__ static long long now() { return clock64(); }
+  __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
+  // The time since t0 (kernel start, globaltimer ns); no timer read in untraced builds.
+  __device__ void stamp(int slot, unsigned long long t0) { v[slot] = globaltimer() - t0; }
+  __device__ void count(int slot) { v[slot] += 1; }
+  // The kernel's prologue marks (thread 0's, in the kernel's shared state) into slots 11 and 12.
+  __device__ static void mark(unsigned long long* at, unsigned long long t0) {
+    *at = globaltimer() - t0;
+  }
+  __device__ void marks(const unsigned long long* t_marks) {
+    v[11] = t_marks[0];
+    v[12] = t_marks[1];
+  }
+  // trace: the host-mapped [kTraceWords] (CudaState::trace) or null; slot block * 16 + warp.
+  __device__ void flush(unsigned long long* trace, int warp, int lane) {
+    if (!trace || lane != 0) return;
+    unsigned long long* out = trace + (static_cast<size_t>(blockIdx.x) * 16 + warp) * kTraceSlots;
+    for (int i = 0; i < kTraceSlots; ++i) out[i] += v[i];
+  }
+#else
+  __device__ static long long now() { return 0; }
+  __device__ void add(int, long long) {}
+  __device__ void stamp(int, unsigned long long) {}
+  __device__ void count(int) {}
+  __device__ static void mark(unsigned long long*, unsigned long long) {}
+  __device__ void marks(const unsigned long long*) {}
+  __device__ void flush(unsigned long long*, int, int) {}
+#endif
+};
+
 constexpr int kMaxThreads = 512;  // threads of a communication block (send + receive warps)
 
 // A sender warp's next item number after q (items are a round's chunks, each round's numbered

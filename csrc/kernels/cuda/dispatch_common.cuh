@@ -437,44 +437,6 @@ struct Shared {
   unsigned long long t_marks[2];
 };
 
-// Phase times of one warp (lane 0 keeps them; written to the host-mapped trace once, at the end
-// of the role). Durations in SM cycles, times since kernel start in ns. Compiled in only with
-// -DFA2A_CUDA_TRACE=1 (CMAKE_ARGS), so that the kernels' registers are untouched otherwise.
-#ifndef FA2A_CUDA_TRACE
-#define FA2A_CUDA_TRACE 0
-#endif
-struct WarpTrace {
-#if FA2A_CUDA_TRACE
-  unsigned long long v[kTraceSlots] = {};
-  __device__ static long long now() { return clock64(); }
-  __device__ void add(int slot, long long since) { v[slot] += clock64() - since; }
-  // The time since t0 (kernel start, globaltimer ns); no timer read in untraced builds.
-  __device__ void stamp(int slot, unsigned long long t0) { v[slot] = globaltimer() - t0; }
-  __device__ void count(int slot) { v[slot] += 1; }
-  // The kernel's prologue marks (Shared::t_marks, thread 0's) into slots 11 and 12.
-  __device__ static void mark(unsigned long long* at, unsigned long long t0) {
-    *at = globaltimer() - t0;
-  }
-  __device__ void marks(const Shared& sh) {
-    v[11] = sh.t_marks[0];
-    v[12] = sh.t_marks[1];
-  }
-  __device__ void flush(const DispatchParams& p, int warp, int lane) {
-    if (!p.trace || lane != 0) return;
-    unsigned long long* out = p.trace + (static_cast<size_t>(blockIdx.x) * 16 + warp) * kTraceSlots;
-    for (int i = 0; i < kTraceSlots; ++i) out[i] += v[i];
-  }
-#else
-  __device__ static long long now() { return 0; }
-  __device__ void add(int, long long) {}
-  __device__ void stamp(int, unsigned long long) {}
-  __device__ void count(int) {}
-  __device__ static void mark(unsigned long long*, unsigned long long) {}
-  __device__ void marks(const Shared&) {}
-  __device__ void flush(const DispatchParams&, int, int) {}
-#endif
-};
-
 // A receiver item: rows [a, a + rs) of the chunk whose rows start at jc (cr rows at most; the
 // stream ends at row end): its first row j0 and its n rows (0: none). Host-callable for
 // tests/cuda_host/recv_slices_check.cu.

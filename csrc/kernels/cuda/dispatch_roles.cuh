@@ -59,7 +59,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
                             const WaitCtx& ctx, int warp, int lane, int* s_hist) {
   WarpTrace tr;
   tr.stamp(8, sh.t0);
-  tr.marks(sh);
+  tr.marks(sh.t_marks);
   const long long t_loop = WarpTrace::now();
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens;
   const long long R = p.window;
@@ -229,7 +229,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   __syncwarp();
   tr.add(5, t_drain);
   tr.stamp(6, sh.t0);
-  tr.flush(p, warp, lane);
+  tr.flush(p.trace, warp, lane);
   if constexpr (kRecvItems == kRecvHelp) {
     receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, -1, lane, s_hist, p.tma ? &pipe : nullptr);
     if (p.tma && lane == 0) pipe.drain();  // the helped rows are written before the kernel ends
@@ -259,7 +259,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   uint8_t* ctrl = p.peers[r];
   WarpTrace tr;
   tr.stamp(8, sh.t0);
-  tr.marks(sh);
+  tr.marks(sh.t_marks);
   const long long t_loop = WarpTrace::now();
   // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed one at
   // a time while a chunk's flag is not up yet and the rest after the loop, so that the zeroing
@@ -376,7 +376,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);
-  if (!helper) tr.flush(p, p.send_warps + rwarp, lane);
+  if (!helper) tr.flush(p.trace, p.send_warps + rwarp, lane);
 }
 
 }  // namespace fa2a::cuda::dispatch_impl

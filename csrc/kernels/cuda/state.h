@@ -98,9 +98,12 @@ struct Scratch {
 // Senders' slot 10: their item claims (next_item; inside slot 9, outside slots 0-4). Both, 11 and
 // 12: the block's prologue marks after kernel start (the send lists' grid barrier passed, every
 // source's layout read; 0 where the path has no such step).
-constexpr int kTraceWarps = 64 * 16;
-constexpr int kTraceSlots = 13;
-constexpr int kTraceWords = kTraceWarps * kTraceSlots;
+// Combine trace (the same words, written by the combine kernel): sender warps 0 ready waits (a
+// later round's), 3 row pushes, 4 chunk ends, 5 final drain, 6 finish, 7 chunks, 8 start, 9 item
+// loop, 10 claims; reducer warps 0 source lookups and their flag waits, 1 reductions, 4 round
+// barriers, 5 time of the latest token with a remote row, 6 finish, 7 tokens, 8 start, 9 loop.
+// Both, 11 and 12: the route scan's grid barrier passed (fused scan), every peer's message in.
+// The constants and WarpTrace: common.cuh.
 
 struct CudaState {
   int device = 0;
