@@ -14,7 +14,8 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s26c (~7 min): the combine's trace (session 25, compile-checked): tests, then traces
+#   PART=s26c (~8 min): the combine's trace (session 25, compile-checked): tests, the link probe
+#       with plain-store warps beside the bulk ones, then traces
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s25p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -209,6 +210,9 @@ case "${PART:-tests}" in
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
       "${S26C_K:-(static_big_rows and default) or (jax_gpu_suite and direct-default) or (torch_gpu_matches and default and g4_) or same_bits}" \
       "${STEP_TIMEOUT_TEST:-240}"
+    # the link probe with plain-store warps beside the 4 bulk-copy warps (session 25): does the
+    # ceiling at 12 / 24 SMs rise with more bytes in flight? (the idle receivers could push)
+    STEPS=probe bash tools/gpu_check.sh | grep -E "probe:|barrier.*(bulk |bulk\+simt|rows/g)"
     FA2A_BENCH_TRACE_CALLS=10 \
       TRACE_CASES=${TRACE_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1} \
       bash tools/gpu_diag_trace.sh
