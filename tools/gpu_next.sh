@@ -212,7 +212,7 @@ case "${PART:-tests}" in
       "${STEP_TIMEOUT_TEST:-240}"
     # the link probe with plain-store warps beside the 4 bulk-copy warps (session 25): does the
     # ceiling at 12 / 24 SMs rise with more bytes in flight? (the idle receivers could push)
-    STEPS=probe bash tools/gpu_check.sh | grep -E "probe:|barrier.*(bulk |bulk\+simt|rows/g)"
+    STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt|rows/g)"
     FA2A_BENCH_TRACE_CALLS=10 \
       TRACE_CASES=${TRACE_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1} \
       bash tools/gpu_diag_trace.sh
