@@ -285,3 +285,15 @@ for _name, _base in (
     ("standard_sms48", dict(sms=48)),
 ):
     CASES[_name + "_pass1"] = _case(**_base, SCAN_PASS1="fused")
+# Receiver warps pushing rows with plain stores beside the senders' bulk copies
+# (FUSED_A2A_CUDA_RECV_PUSH=n, session 25): run 139's probe lifted the 12-SM ceiling from 328 to
+# 353 GB/s with 4 + 4 warps, 24 SMs 338 -> 355.
+for _name, _base in (
+    ("standard_sms12", dict(sms=12)),
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+):
+    for _push in (4, 8):
+        CASES[f"{_name}_push{_push}"] = _case(**_base, RECV_PUSH=str(_push))
+CASES["standard_fp8_sms48_push4"] = _case(fp8=True, sms=48, RECORDS="0", RECV_PUSH="4")
+CASES["standard_fp8_sms48_norec"] = _case(fp8=True, sms=48, RECORDS="0")

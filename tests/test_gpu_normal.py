@@ -95,6 +95,9 @@ META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
 # The route scan's first pass in the fused-scan kernels too (session 25): each tile's counts
 # published by a flag the kernel's other blocks wait for, no route_mask_kernel before them
 PASS1 = {"FUSED_A2A_CUDA_SCAN_PASS1": "fused"}
+# Receiver warps pushing rows with plain stores beside the senders' bulk copies in one-round ops
+# (session 25), then claiming receiver items; many-round ops keep them receiving only
+PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "4"}
 
 OWN_ROWS = {
     "default": {},
@@ -120,6 +123,9 @@ OWN_ROWS = {
     # the route scan's first pass in the kernels (session 25), forced fused at every N: the
     # static dispatch, the speculative one with its host counts, the combine
     "pass1": {**META_VEC, **PASS1},
+    # receiver warps pushing rows too (session 25), own rows by the senders' items and so by the
+    # pushing receivers too
+    "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "send"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message
@@ -288,6 +294,8 @@ JAX_ROWS_PATHS = {
     "direct_meta_vec": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC},
     # the route scan's first pass in the kernels too (session 25)
     "direct_pass1": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC, **PASS1},
+    # receiver warps pushing rows too (session 25); in the one-row buffer every op has many rounds
+    "direct_push": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC, **PUSH},
 }
 
 
@@ -576,6 +584,9 @@ DETERMINISM_CONFIGS = (
     # and its first pass (session 25)
     (24, 8, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
+    # receiver warps pushing rows beside the senders (session 25): 4 and all 12 of a block
+    (24, 8, {**META_VEC, **PUSH}),
+    (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12"}),
 )
 
 

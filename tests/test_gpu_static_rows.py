@@ -14,7 +14,7 @@ import pytest
 import reference as R
 from conftest import gpu_count
 from reference import assert_bitwise_equal
-from test_gpu_normal import META_VEC, PASS1, _need, _variant_results
+from test_gpu_normal import META_VEC, PASS1, PUSH, _need, _variant_results
 
 pytestmark = pytest.mark.gpu
 
@@ -125,6 +125,15 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "pass1": PASS1,
     "pass1_all": {**PASS1, "FUSED_A2A_CUDA_SCAN": "fused"},
     "pass1_sms12": {**PASS1, "FUSED_A2A_CUDA_BLOCKS": "12"},
+    # receiver warps pushing rows beside the senders (session 25): 4 a block, all 12 at 12 SMs
+    # (the 13,000-token ranks' many chunks), and with own rows by the receivers
+    "recv_push": {**META_VEC, **PUSH},
+    "recv_push_all_sms12": {
+        **META_VEC,
+        "FUSED_A2A_CUDA_RECV_PUSH": "12",
+        "FUSED_A2A_CUDA_BLOCKS": "12",
+    },
+    "recv_push_own_recv": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "recv"},
 }
 
 
@@ -149,7 +158,9 @@ def test_static_big_rows(rows, variant):
     through 16-byte loads with the fused scan at every N (the default above 1024 tokens since
     session 24; K = 8 here, K = 2 falls back); "meta_words": word by word, fused
     (FUSED_A2A_CUDA_META_VEC=0); "pass1*": the route scan's first pass in the kernels too
-    (FUSED_A2A_CUDA_SCAN_PASS1=fused), with every tile's counts published by a flag."""
+    (FUSED_A2A_CUDA_SCAN_PASS1=fused), with every tile's counts published by a flag;
+    "recv_push*": receiver warps pushing rows with plain stores beside the senders' bulk copies
+    in one-round ops, then claiming receiver items (FUSED_A2A_CUDA_RECV_PUSH)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -248,6 +259,8 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "meta_words_records": {"FUSED_A2A_CUDA_META_VEC": "0", "FUSED_A2A_CUDA_RECORDS": "1"},
     # the route scan's first pass in the kernel (session 25), without records
     "pass1": {**PASS1, "FUSED_A2A_CUDA_RECORDS": "0", "FUSED_A2A_CUDA_SCAN": "fused"},
+    # receiver warps pushing FP8 rows and their scales' records (session 25), without records
+    "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_RECORDS": "0"},
 }
 
 

@@ -85,9 +85,10 @@ __device__ inline void write_host_counts(const DispatchParams& p, const Shared& 
 // complete (FUSED_A2A_CUDA_CHUNK_END=lean, with the default copy unroll only). kRecvItems: the
 // receivers' items dealt (kRecvDealt), claimed, or claimed by the senders too once their items
 // are sent (FUSED_A2A_CUDA_RECV_ITEMS=claim / help; own instantiations, as the claims cost the
-// default kernel ~100 / 180 bytes of spills). kFusedScan: the route scan's second pass runs here
-// (fused_scan, scan_pass2.cuh; static dispatch with the layout notify).
-// kLayoutDyn: dispatch_data after a dispatch_notify that published every rank's layout
+// default kernel ~100 / 180 bytes of spills), or claimed after some receiver warps pushed rows
+// beside the senders (kRecvPush, FUSED_A2A_CUDA_RECV_PUSH). kFusedScan: the route scan's second
+// pass runs here (fused_scan, scan_pass2.cuh; static dispatch with the layout notify). kLayoutDyn:
+// dispatch_data after a dispatch_notify that published every rank's layout
 // (FUSED_A2A_CUDA_LAYOUT=dynamic). kHeadVec: the senders' records through vector loads
 // (by default where K % 4 == 0, with the fused scan only; FUSED_A2A_CUDA_META_VEC=0: off).
 template <int kCopyUnroll, bool kLeanEnd = false, int kRecvItems = kRecvDealt,
@@ -277,6 +278,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
         sender_role<kLeanEnd, kCopyUnroll, kRecvItems, kHeadVec>(p, sh, smem, L, ctx, warp, lane,
                                                                  s_hist);
       } else {
+        if constexpr (kRecvItems == kRecvPush) {  // rows first, beside the senders (one round)
+          if (warp - p.send_warps < p.push_warps) {
+            sender_role<kLeanEnd, kCopyUnroll, kRecvItems, kHeadVec>(p, sh, smem, L, ctx, warp,
+                                                                     lane, s_hist, false);
+          }
+        }
         receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, warp - p.send_warps, lane, s_hist);
       }
     }
@@ -622,7 +629,12 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const bool u16 = recv_unroll_env() == 16;
   const bool fused = p.scan2.tiles > 0;
   const bool vec = fused && p.head_vec;
-  auto kernel = vec && help          ? dispatch_kernel<8, false, kRecvHelp, true, false, true>
+  // Receiver warps pushing rows too (FUSED_A2A_CUDA_RECV_PUSH): the fused scan's vector kernel
+  // with claimed sender items only; elsewhere the setting does nothing
+  p.push_warps = vec && p.claim_items ? std::min(recv_push_env(), p.recv_warps) : 0;
+  const bool push = p.push_warps > 0;
+  auto kernel = push                 ? dispatch_kernel<8, false, kRecvPush, true, false, true>
+                : vec && help        ? dispatch_kernel<8, false, kRecvHelp, true, false, true>
                 : vec                ? dispatch_kernel<8, false, kRecvDealt, true, false, true>
                 : fused && help      ? dispatch_kernel<8, false, kRecvHelp, true>
                 : fused              ? dispatch_kernel<8, false, kRecvDealt, true>

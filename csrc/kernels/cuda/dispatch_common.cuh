@@ -84,6 +84,9 @@ struct DispatchParams {
   int chunks_per_warp;  // CR ~ rows / (chunks_per_warp x sender warps), at most chunk
   int staging_rows;     // rows of a metadata staging buffer (>= any receiver's CR)
   int send_warps, recv_warps, stages;
+  // kRecvPush: the first push_warps receiver warps of a block push rows with plain stores beside
+  // the senders' bulk copies (claiming the same items), then receive (FUSED_A2A_CUDA_RECV_PUSH)
+  int push_warps;
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)

@@ -54,9 +54,13 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
 // kLeanEnd: TmaPipe::end_chunk<true> (FUSED_A2A_CUDA_CHUNK_END=lean).
 // kRecvItems == kRecvHelp: once its items are sent, the warp claims receiver items (receiver_role
 // with rwarp -1) and copies their rows window -> recv_x through its own bulk-copy ring.
+// bulk == false (kRecvPush): a receiver warp (warp: its index in the block) pushing with plain
+// stores beside the senders, claiming the same items, in a one-round op only (it never waits
+// for a round's ready message, so it holds up no peer's round barrier); no ring, no trace.
 template <bool kLeanEnd, int kCopyUnroll = 8, int kRecvItems = kRecvDealt, bool kHeadVec = false>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
-                            const WaitCtx& ctx, int warp, int lane, int* s_hist) {
+                            const WaitCtx& ctx, int warp, int lane, int* s_hist, bool bulk = true) {
+  const bool tma = p.tma && bulk;  // this warp's rows through its bulk-copy ring
   WarpTrace tr;
   tr.stamp(8, sh.t0);
   tr.marks(sh.t_marks);
@@ -67,12 +71,14 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   const int gw = blockIdx.x * p.send_warps + warp;
   const unsigned long long seq = sh.seq;
   const int parity = static_cast<int>(seq & 1ull);
-  int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  // a later round's ready messages seen (senders only: a pushing receiver has one round)
+  int* ready_round = bulk ? reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks : nullptr;
   uint32_t* staging = reinterpret_cast<uint32_t*>(smem + L.meta + L.meta_per_warp * warp);
   const size_t staging_words = L.meta_per_warp / 8;  // two buffers
-  for (int d = lane; d < G; d += 32) ready_round[d] = 0;
+  if (bulk)
+    for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
-  if (p.tma && lane == 0) {
+  if (tma && lane == 0) {
     pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc,
               p.loads_ahead);
   }
@@ -80,6 +86,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   long long nrounds = 1;
   for (int d = 0; d < G; ++d)
     if (d != r && sh.dkept[d] > 0) nrounds = max(nrounds, (sh.dqoff[d] + sh.dkept[d] + R - 1) / R);
+  if (!bulk && nrounds != 1) return;  // the same in every block: the senders take every item
   const int M = p.meta_words;
   const size_t rb = p.row_bytes;
   const int self_cr = sh.cr_recv;
@@ -93,7 +100,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       if (own.n == 0) return;
       const long long j0 = own.j0, P0 = sh.poff[r] + j0;
       const int n = own.n;
-      if (!p.tma) {
+      if (!tma) {
         copy_own_chunk(p, j0, P0, n, lane, s_hist);
         return;
       }
@@ -119,9 +126,9 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     const Segment sg = segment(sh.dqoff[d], sh.dkept[d], k, R, cr, r);
     const long long j0 = sg.lo + c * cr;
     if (j0 >= sg.hi) return;
-    if (k > ready_round[d]) {
+    if (k > 0 && k > ready_round[d]) {  // (k is 0 for a pushing receiver)
       const long long t_wait = WarpTrace::now();
-      if (p.tma && lane == 0) pipe.drain();  // never hold a flag while waiting
+      if (tma && lane == 0) pipe.drain();  // never hold a flag while waiting
       MsgSlot* m = msg_slot(p.peers[r], kMsgDispatch, parity, d);
       ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d, lane);
       if (!ok) return;
@@ -138,7 +145,7 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
         sh.drows[d] ? reinterpret_cast<uint8_t*>(sh.drows[d]) + j0 * rb : dbase + slot0 * rb;
     unsigned long long* flag = chunk_flag(p.peers[d], sg.base + static_cast<int>(c));
     const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-    if (p.tma) {
+    if (tma) {
       // The chunk's records first, as one bulk group: precomputed (p.records: one piece through
       // the ring; the staging buffer holds only the tokens, read by lane 0 alone, so no bulk read
       // to wait for), or staged here (word 0 of each record is the token). Then lane 0 issues the
@@ -182,11 +189,15 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
       }
       __syncwarp();
       ++chunks_done;
-    } else {
-      for (int i = 0; i < n; ++i) {
-        const int t = __ldg(p.send_list + static_cast<size_t>(d) * N + j0 + i);
-        warp_copy_ro(drows + i * rb, p.x + t * rb, rb, lane);
-        for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
+    } else {  // plain stores (FUSED_A2A_CUDA_COPY=simt, or a pushing receiver)
+      const int* list = p.send_list + static_cast<size_t>(d) * N + j0;
+      for (int b = 0; b < n; b += 32) {
+        const int token = b + lane < n ? __ldg(list + b + lane) : 0;  // one coalesced load
+        for (int i = b; i < min(n, b + 32); ++i) {
+          const int t = __shfl_sync(0xffffffffu, token, i - b);
+          warp_copy_ro(drows + i * rb, p.x + static_cast<size_t>(t) * rb, rb, lane);
+          for (int w = lane; w < M; w += 32) dmeta[i * M + w] = meta_word(p, t, d, w);
+        }
       }
       warp_release_flag(flag, v, lane);
     }
@@ -225,11 +236,11 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   }
   tr.add(9, t_loop);
   const long long t_drain = WarpTrace::now();
-  if (p.tma && lane == 0) pipe.drain();
+  if (tma && lane == 0) pipe.drain();
   __syncwarp();
   tr.add(5, t_drain);
   tr.stamp(6, sh.t0);
-  tr.flush(p.trace, warp, lane);
+  if (bulk) tr.flush(p.trace, warp, lane);  // a pushing receiver's slot is its receiver role's
   if constexpr (kRecvItems == kRecvHelp) {
     receiver_role<kCopyUnroll, kRecvItems>(p, sh, ctx, -1, lane, s_hist, p.tma ? &pipe : nullptr);
     if (p.tma && lane == 0) pipe.drain();  // the helped rows are written before the kernel ends

@@ -269,8 +269,9 @@ bool direct_ready_env();
 // that a peer's own allocations are reachable here through peer access (looked up once)
 bool group_in_process(CudaState& st, const Buffer& buffer);
 bool claim_items_env();  // FUSED_A2A_CUDA_CLAIM (default 1): senders claim items; 0: dealt
-// How the dispatch receivers take their items (dispatch_kernel's kRecvItems).
-constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2;
+// How the dispatch receivers take their items (dispatch_kernel's kRecvItems); kRecvPush:
+// claimed, after some of them pushed rows beside the senders (recv_push_env).
+constexpr int kRecvDealt = 0, kRecvClaim = 1, kRecvHelp = 2, kRecvPush = 3;
 // Programmatic dependent launch (FUSED_A2A_CUDA_PDL): unset, the combine, and the dispatch from
 // 48 blocks (`blocks`: the kernel's grid) unless the FP8 records kernel runs before it
 // (after_records); "combine", the combine only; 1 / "all", both; 0, neither. kind: "dispatch"
@@ -279,6 +280,11 @@ bool pdl_env(const char* kind, int blocks, bool after_records = false);
 // The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=dealt|claim|help): kRecvDealt /
 // kRecvClaim / kRecvHelp above; unset, help from 32 blocks on, else dealt.
 int recv_items_env(int blocks);
+// FUSED_A2A_CUDA_RECV_PUSH=n (session 25; unset / 0: off): n receiver warps of each block of the
+// static dispatch (the fused scan's vector kernel, claimed items) first push rows with plain
+// stores beside the senders' bulk copies, in one-round ops (run 139's probe: 12 SMs 328 -> 353
+// GB/s with 4 + 4 warps), then claim receiver items.
+int recv_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
