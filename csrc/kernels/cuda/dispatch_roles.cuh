@@ -55,8 +55,9 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
 // kRecvItems == kRecvHelp: once its items are sent, the warp claims receiver items (receiver_role
 // with rwarp -1) and copies their rows window -> recv_x through its own bulk-copy ring.
 // bulk == false (kRecvPush): a receiver warp (warp: its index in the block) pushing with plain
-// stores beside the senders, claiming the same items, in a one-round op only (it never waits
-// for a round's ready message, so it holds up no peer's round barrier); no ring, no trace.
+// stores beside the senders, claiming the same items but the round's last ones, in a one-round
+// op only (it never waits for a round's ready message, so it holds up no peer's round barrier);
+// no ring, no trace.
 template <bool kLeanEnd, int kCopyUnroll = 8, int kRecvItems = kRecvDealt, bool kHeadVec = false>
 __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                             const WaitCtx& ctx, int warp, int lane, int* s_hist, bool bulk = true) {
@@ -214,23 +215,39 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
     tr.add(10, t_claim);
     return next;
   };
-  long long q = claim(gw - nsw);  // this warp's first item
-  long long round_base = 0;       // number of round k's first item
-  for (long long k = 0; k < nrounds && ok; ++k) {
+  // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
+  // r itself only when the senders copy own rows), claimed or dealt (next_item): this warp
+  // visits its own items only. Walking every item of the round in every warp cost ~1000 cycles
+  // an item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
+  const int cols = own_col ? G : G - 1;
+  auto rect_rows = [&](long long k) {  // maxc of round k
     long long maxc = (k == 0 && own_col) ? (sh.dkept[r] + self_cr - 1) / self_cr : 0;
     for (int d = 0; d < G; ++d)
       if (d != r)
         maxc =
             max(maxc, chunks_of(segment(sh.dqoff[d], sh.dkept[d], k, R, sh.dcr[d], r), sh.dcr[d]));
-    // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
-    // r itself only when the senders copy own rows), claimed or dealt (next_item): this warp
-    // visits its own items only. Walking every item of the round in every warp cost ~1000 cycles
-    // an item, and the gaps delayed the release of each chunk's flag (session 5, run 17).
-    const int cols = own_col ? G : G - 1;
+    return maxc;
+  };
+  // A pushing receiver leaves the round's last items to the senders' rings: plain stores move a
+  // chunk several times slower than a ring (4 KB in flight against ~28), so its last chunk would
+  // end the op late. It claims no item once at most 2 per sender warp of the grid are left.
+  auto push_done = [&](long long rect) {
+    if (bulk) return false;
+    unsigned int claimed = 0;
+    if (lane == 0) claimed = *reinterpret_cast<volatile unsigned int*>(claim_counter);
+    claimed = __shfl_sync(0xffffffffu, claimed, 0);
+    return static_cast<long long>(claimed) + 2ll * nsw >= rect;
+  };
+  if (push_done(rect_rows(0) * cols)) return;  // (a pushing receiver's op has one round)
+  long long q = claim(gw - nsw);               // this warp's first item
+  long long round_base = 0;                    // number of round k's first item
+  for (long long k = 0; k < nrounds && ok; ++k) {
+    const long long maxc = rect_rows(k);
     const long long rect = maxc * cols;
     for (; q - round_base < rect && ok; q = claim(q)) {
       const RectItem it = rect_item(q - round_base, maxc, cols, p.dst_major);
       item(k, (r + 1 + it.col) % G, it.chunk);
+      if (push_done(rect)) break;  // before its next claim
     }
     round_base += rect;
   }
