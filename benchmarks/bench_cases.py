@@ -295,5 +295,13 @@ for _name, _base in (
 ):
     for _push in (4, 8):
         CASES[f"{_name}_push{_push}"] = _case(**_base, RECV_PUSH=str(_push))
+# The combine's receiver warps pushing rows instead of reducing (FUSED_A2A_CUDA_COMBINE_PUSH=n),
+# with the dispatch's pushing too.
+for _name, _base in (
+    ("standard_sms12", dict(sms=12)),
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+):
+    CASES[f"{_name}_cpush4"] = _case(**_base, RECV_PUSH="4", COMBINE_PUSH="4")
 CASES["standard_fp8_sms48_push4"] = _case(fp8=True, sms=48, RECORDS="0", RECV_PUSH="4")
 CASES["standard_fp8_sms48_norec"] = _case(fp8=True, sms=48, RECORDS="0")

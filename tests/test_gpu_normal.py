@@ -96,8 +96,9 @@ META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
 # published by a flag the kernel's other blocks wait for, no route_mask_kernel before them
 PASS1 = {"FUSED_A2A_CUDA_SCAN_PASS1": "fused"}
 # Receiver warps pushing rows with plain stores beside the senders' bulk copies in one-round ops
-# (session 25), then claiming receiver items; many-round ops keep them receiving only
-PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "4"}
+# (session 25): the dispatch's then claim receiver items, the combine's do not reduce; many-round
+# ops keep them receiving only (the combine's: idle)
+PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "4", "FUSED_A2A_CUDA_COMBINE_PUSH": "4"}
 
 OWN_ROWS = {
     "default": {},
@@ -586,7 +587,7 @@ DETERMINISM_CONFIGS = (
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
     # receiver warps pushing rows beside the senders (session 25): 4 and all 12 of a block
     (24, 8, {**META_VEC, **PUSH}),
-    (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12"}),
+    (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12", "FUSED_A2A_CUDA_COMBINE_PUSH": "11"}),
 )
 
 

@@ -131,6 +131,7 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_push_all_sms12": {
         **META_VEC,
         "FUSED_A2A_CUDA_RECV_PUSH": "12",
+        "FUSED_A2A_CUDA_COMBINE_PUSH": "12",
         "FUSED_A2A_CUDA_BLOCKS": "12",
     },
     "recv_push_own_recv": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "recv"},
@@ -160,7 +161,8 @@ def test_static_big_rows(rows, variant):
     (FUSED_A2A_CUDA_META_VEC=0); "pass1*": the route scan's first pass in the kernels too
     (FUSED_A2A_CUDA_SCAN_PASS1=fused), with every tile's counts published by a flag;
     "recv_push*": receiver warps pushing rows with plain stores beside the senders' bulk copies
-    in one-round ops, then claiming receiver items (FUSED_A2A_CUDA_RECV_PUSH)."""
+    in one-round ops, the dispatch's then claiming receiver items (FUSED_A2A_CUDA_RECV_PUSH), the
+    combine's reducing nothing (FUSED_A2A_CUDA_COMBINE_PUSH)."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}

@@ -475,6 +475,7 @@ int recv_items_env(int blocks) {
 }
 
 int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 0)); }
+int combine_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_COMBINE_PUSH", 0)); }
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }

@@ -285,6 +285,9 @@ int recv_items_env(int blocks);
 // stores beside the senders' bulk copies, in one-round ops (run 139's probe: 12 SMs 328 -> 353
 // GB/s with 4 + 4 warps), then claim receiver items.
 int recv_push_env();
+// FUSED_A2A_CUDA_COMBINE_PUSH=n (session 25; unset / 0: off): as RECV_PUSH, n receiver warps of
+// each block of the fused-scan combine push rows instead of reducing (at least one reduces).
+int combine_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
