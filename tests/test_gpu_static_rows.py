@@ -125,8 +125,8 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "pass1": PASS1,
     "pass1_all": {**PASS1, "FUSED_A2A_CUDA_SCAN": "fused"},
     "pass1_sms12": {**PASS1, "FUSED_A2A_CUDA_BLOCKS": "12"},
-    # receiver warps pushing rows beside the senders (session 25): 4 a block, all 12 at 12 SMs
-    # (the 13,000-token ranks' many chunks), and with own rows by the receivers
+    # receiver warps pushing rows beside the senders (session 25): 4 a block, all but one (12
+    # asked) at 12 SMs (the 13,000-token ranks' many chunks), and with own rows by the receivers
     "recv_push": {**META_VEC, **PUSH},
     "recv_push_all_sms12": {
         **META_VEC,

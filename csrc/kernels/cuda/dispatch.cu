@@ -630,8 +630,10 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   const bool fused = p.scan2.tiles > 0;
   const bool vec = fused && p.head_vec;
   // Receiver warps pushing rows too (FUSED_A2A_CUDA_RECV_PUSH): the fused scan's vector kernel
-  // with claimed sender items only; elsewhere the setting does nothing
-  p.push_warps = vec && p.claim_items ? std::min(recv_push_env(), p.recv_warps) : 0;
+  // with claimed sender items only, at least one warp a block not pushing (it zeroes the padding
+  // rows while the others push); elsewhere the setting does nothing
+  p.push_warps =
+      vec && p.claim_items ? std::min(recv_push_env(), std::max(p.recv_warps - 1, 0)) : 0;
   const bool push = p.push_warps > 0;
   auto kernel = push                 ? dispatch_kernel<8, false, kRecvPush, true, false, true>
                 : vec && help        ? dispatch_kernel<8, false, kRecvHelp, true, false, true>

@@ -289,14 +289,21 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
   tr.stamp(8, sh.t0);
   tr.marks(sh.t_marks);
   const long long t_loop = WarpTrace::now();
-  // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nrw. Zeroed one at
+  // Padding rows [kept_total, capacity): this warp's are kept_total + gr + i * nzw. Zeroed one at
   // a time while a chunk's flag is not up yet and the rest after the loop, so that the zeroing
   // fills the flag waits (a capacity of 4 x N rows, JAX's default, cost the static dispatch
   // 10.5 us in run 46), or here before the first flag (FUSED_A2A_CUDA_ZERO=first).
-  long long zero_next = helper ? p.zero_end : sh.kept_total + gr;
+  // kRecvPush: the pushing warps (rwarp < push_warps) zero none, the others all while they wait
+  // for flags, so that no padding is left for after the pushes (JAX's capacity of G x N rows)
+  const int zero_skip = kRecvItems == kRecvPush ? p.push_warps : 0;
+  const int nzw = gridDim.x * (p.recv_warps - zero_skip);  // warps that zero padding rows
+  long long zero_next =
+      helper || rwarp < zero_skip
+          ? p.zero_end
+          : sh.kept_total + blockIdx.x * (p.recv_warps - zero_skip) + rwarp - zero_skip;
   long long t_phase = WarpTrace::now();
   if (!p.zero_while_waiting)
-    for (; zero_next < p.zero_end; zero_next += nrw) zero_row(p, zero_next, lane);
+    for (; zero_next < p.zero_end; zero_next += nzw) zero_row(p, zero_next, lane);
   tr.add(3, t_phase);
   auto zero_until_up = [&](const unsigned long long* flag, unsigned long long target) {
     while (zero_next < p.zero_end) {
@@ -304,7 +311,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
       if (lane == 0) up = ld_relaxed_sys(flag) >= target ? 1 : 0;
       if (__shfl_sync(0xffffffffu, up, 0)) return;
       zero_row(p, zero_next, lane);
-      zero_next += nrw;
+      zero_next += nzw;
     }
   };
   const long long remote = sh.kept_total - sh.kept[r];
@@ -400,7 +407,7 @@ __device__ void receiver_role(const DispatchParams& p, Shared& sh, const WaitCtx
     }
   }
   t_phase = WarpTrace::now();
-  for (; zero_next < p.zero_end; zero_next += nrw) zero_row(p, zero_next, lane);  // the rest
+  for (; zero_next < p.zero_end; zero_next += nzw) zero_row(p, zero_next, lane);  // the rest
   tr.add(3, t_phase);
   tr.add(9, t_loop);
   tr.stamp(6, sh.t0);
