@@ -223,15 +223,16 @@ case "${PART:-tests}" in
     # compile-checked): its GPU tests (static big rows one round / many rounds, 4 a block, all 12
     # at 12 SMs, own rows by the receivers; FP8 rows; the torch suite; the JAX suite incl. the
     # one-row buffer; torch against JAX; the same bits), then its A/B at 12 / 24 / 48 SMs and
-    # FP8, and the combine's pushing receivers (FUSED_A2A_CUDA_COMBINE_PUSH, *_cpush4). Prediction
+    # FP8, the combine's pushing receivers (FUSED_A2A_CUDA_COMBINE_PUSH, *_cpush4), and EP 2
+    # (issue 7: >= NCCL there; one link's bytes in flight). Prediction
     # (run 139's probe: 4 + 4 warps reach ~355 GB/s at 12-24 SMs): static dispatch at 12 SMs 531
     # -> 490-505 us, 24 SMs 520 -> 490-505, 48 SMs within +-5; the combine alike at 12 / 24 SMs
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
       "${S26P_K:-(static_big_rows and (default or recv_push)) or (static_fp8_rows and recv_push) or (torch_gpu_matches and recv_push and g4_) or (jax_gpu_suite and direct_push) or same_bits or torch_vs_jax_bitwise and push}" \
       "${STEP_TIMEOUT_TEST:-300}"
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_push4,standard_sms12_push8,standard_sms12_cpush4,standard,standard_push4,standard_push8,standard_cpush4,standard_sms48,standard_sms48_push4,standard_sms48_cpush4,standard_fp8_sms48,standard_fp8_sms48_norec,standard_fp8_sms48_push4} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-} timeout 300 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_push4,standard_cpush4} timeout 360 \
+      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
   *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s26c or s26p" >&2
