@@ -46,9 +46,6 @@ struct CombineParams {
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
-  // kPush: the first push_warps receiver warps of a block push rows with plain stores beside the
-  // senders' bulk copies instead of reducing (FUSED_A2A_CUDA_COMBINE_PUSH)
-  int push_warps;
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
@@ -99,15 +96,8 @@ __device__ __forceinline__ int lower_bound(const int* a, int n, long long v) {
   return lo;
 }
 
-// bulk == false (kPush): a receiver warp (warp: its index in the block) pushing with plain stores
-// beside the senders, claiming the same items but the last 2 per sender warp (a plain-store warp
-// moves a chunk several times slower than a ring), in a one-round op only (it never waits for a
-// round's message, so it holds up no peer); its jlo / jhi in its unused reducer slot of L.srcs.
-template <bool kPush = false>
 __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
-                            const WaitCtx& ctx, int warp, int lane, bool bulk = true) {
-  if (!bulk && sh.nrounds != 1) return;
-  const bool tma = p.tma && bulk;  // this warp's rows through its bulk-copy ring
+                            const WaitCtx& ctx, int warp, int lane) {
   const int G = p.num_ranks, r = p.rank;
   const long long W = p.window;
   const int K = p.num_topk;
@@ -116,22 +106,16 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   const int gw = blockIdx.x * p.send_warps + warp;
   const unsigned long long seq = sh.seq;
   const int parity = static_cast<int>(seq & 1ull);
-  int* ready_round = bulk ? reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks : nullptr;
-  if (bulk)
-    for (int d = lane; d < G; d += 32) ready_round[d] = 0;
+  int* ready_round = reinterpret_cast<int*>(smem + L.ready) + warp * kMaxRanks;
+  for (int d = lane; d < G; d += 32) ready_round[d] = 0;
   TmaPipe pipe;
-  if (tma && lane == 0) {
+  if (p.tma && lane == 0) {
     pipe.init(smem + L.pipes + L.per_warp * warp, p.stage_bytes, p.stages, p.flag_fence_sc,
               p.loads_ahead);
   }
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
   int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
-  if (!bulk) {  // 2 x kMaxRanks pointers of its reducer slot hold 2 x kMaxRanks ints
-    jlo = reinterpret_cast<int*>(smem + L.srcs +
-                                 sizeof(void*) * 2 * kMaxRanks * (warp - p.send_warps));
-    jhi = jlo + kMaxRanks;
-  }
   bool ok = true;
   WarpTrace tr;
   tr.stamp(8, sh.t0);
@@ -143,17 +127,8 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     tr.add(10, t_claim);
     return next;
   };
-  auto push_done = [&](long long rect) {  // a pushing receiver: at most 2 per sender warp left
-    if (bulk) return false;
-    unsigned int claimed = 0;
-    if (lane == 0) claimed = *reinterpret_cast<volatile unsigned int*>(claim_counter);
-    claimed = __shfl_sync(0xffffffffu, claimed, 0);
-    return static_cast<long long>(claimed) + 2ll * nsw >= rect;
-  };
-  // this warp's item (kPush: claimed once round 0's rectangle is known, so that a pushing
-  // receiver need not claim one)
-  long long q = kPush ? -1 : claim(gw - nsw);
-  long long round_base = 0;  // number of round k's first item
+  long long q = claim(gw - nsw);  // this warp's item
+  long long round_base = 0;       // number of round k's first item
   for (long long k = 0; k < sh.nrounds && ok; ++k) {
     // Rows of each destination's tokens in its window k: [jlo, jhi) of that source's segment.
     for (int d = lane; d < G; d += 32) {
@@ -169,21 +144,16 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
     // see next_item).
     const long long rect = static_cast<long long>(maxc) * (G - 1);
     if (!p.claim_items) q = round_base + gw;  // dealt: every round from the warp's own column
-    if (kPush && q < 0) {
-      if (push_done(rect)) break;
-      q = claim(gw - nsw);
-    }
-    // (a pushing receiver ends the round where the next claim would leave too few)
-    for (; q - round_base < rect && ok; q = push_done(rect) ? round_base + rect : claim(q)) {
+    for (; q - round_base < rect && ok; q = claim(q)) {
       const RectItem it = rect_item(q - round_base, maxc, G - 1, false);
       const int c = static_cast<int>(it.chunk);
       const int d = (r + 1 + it.col) % G;
       const int cr = sh.dcr[d];
       const int j0 = jlo[d] + c * cr;
       if (j0 >= jhi[d]) continue;
-      if (k > 0 && k > ready_round[d]) {  // (k is 0 for a pushing receiver)
+      if (k > ready_round[d]) {
         const long long t_wait = WarpTrace::now();
-        if (tma && lane == 0) pipe.drain();
+        if (p.tma && lane == 0) pipe.drain();
         MsgSlot* m = msg_slot(p.peers[r], kMsgCombine, parity, d);
         ok = warp_wait_flag(&m->epoch, epoch_of(seq, static_cast<int>(k)), ctx, kPhaseRound, d,
                             lane);
@@ -200,7 +170,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       const int n = min(cr, jhi[d] - j0);
       const size_t row0 = static_cast<size_t>(sh.off[d]) + j0;
       const size_t slot0 = static_cast<size_t>(c) * cr;
-      if (tma) {
+      if (p.tma) {
         const long long t_push = WarpTrace::now();
         if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
         tr.add(3, t_push);
@@ -212,7 +182,7 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       }
       unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
       const unsigned long long v = epoch_of(seq, static_cast<int>(k));
-      if (tma) {
+      if (p.tma) {
         if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
         __syncwarp();
         const long long t_end = WarpTrace::now();
@@ -229,12 +199,12 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   }
   tr.add(9, t_loop);
   const long long t_drain = WarpTrace::now();
-  if (tma && lane == 0) pipe.drain();
+  if (p.tma && lane == 0) pipe.drain();
   __syncwarp();
   tr.add(5, t_drain);
   tr.stamp(6, sh.t0);
   tr.marks(sh.t_marks);  // thread 0 wrote them before the roles' start
-  if (bulk) tr.flush(p.trace, warp, lane);
+  tr.flush(p.trace, warp, lane);
 }
 
 template <typename T>
@@ -338,18 +308,15 @@ __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* s
   }
 }
 
-// kPush: the block's first push_warps receiver warps push instead (sender_role), so the reducers
-// are the others.
-template <typename T, bool kPush = false>
+template <typename T>
 __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                              const WaitCtx& ctx, int rwarp, int lane) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens, K = p.num_topk;
   const long long W = p.window;
   const int CR = sh.cr_own;
   const size_t rb = p.row_bytes;
-  const int pushers = kPush ? p.push_warps : 0;
-  const int nrw = gridDim.x * (p.recv_warps - pushers);
-  const int gr = blockIdx.x * (p.recv_warps - pushers) + rwarp - pushers;
+  const int nrw = gridDim.x * p.recv_warps;
+  const int gr = blockIdx.x * p.recv_warps + rwarp;
   const unsigned long long seq = sh.seq;
   uint8_t* ctrl = p.peers[r];
   uint8_t* data = ctrl + kControlBytes;
@@ -455,9 +422,8 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
   tr.flush(p.trace, p.send_warps + rwarp, lane);
 }
 
-// kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh). kPush: receiver
-// warps pushing rows beside the senders (CombineParams::push_warps).
-template <typename T, bool kFusedScan = false, bool kPush = false>
+// kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh).
+template <typename T, bool kFusedScan = false>
 __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -537,11 +503,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
     if (tid == 0) WarpTrace::mark(&sh.t_marks[1], sh.t0);  // the roles read it at their end
     if (!sh.fail) {
       if (warp < p.send_warps) {
-        sender_role<kPush>(p, sh, smem, L, ctx, warp, lane);
-      } else if (kPush && warp - p.send_warps < p.push_warps) {
-        sender_role<kPush>(p, sh, smem, L, ctx, warp, lane, false);
+        sender_role(p, sh, smem, L, ctx, warp, lane);
       } else {
-        reducer_role<T, kPush>(p, sh, smem, L, ctx, warp - p.send_warps, lane);
+        reducer_role<T>(p, sh, smem, L, ctx, warp - p.send_warps, lane);
       }
     }
   }
@@ -647,26 +611,15 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
     launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
                   pdl_env("combine", cfg.blocks), p);
   };
-  // Receiver warps pushing rows too (FUSED_A2A_CUDA_COMBINE_PUSH, session 25): the fused scan's
-  // kernel with claimed items, at least one reducer a block; elsewhere the setting does nothing
-  p.push_warps =
-      fused && p.claim_items ? std::min(combine_push_env(), std::max(p.recv_warps - 1, 0)) : 0;
-  const bool push = p.push_warps > 0;
   switch (a.y_dtype) {
     case DType::kBF16:
-      push    ? launch(combine_kernel<__nv_bfloat16, true, true>)
-      : fused ? launch(combine_kernel<__nv_bfloat16, true>)
-              : launch(combine_kernel<__nv_bfloat16>);
+      fused ? launch(combine_kernel<__nv_bfloat16, true>) : launch(combine_kernel<__nv_bfloat16>);
       break;
     case DType::kF16:
-      push    ? launch(combine_kernel<__half, true, true>)
-      : fused ? launch(combine_kernel<__half, true>)
-              : launch(combine_kernel<__half>);
+      fused ? launch(combine_kernel<__half, true>) : launch(combine_kernel<__half>);
       break;
     default:
-      push    ? launch(combine_kernel<float, true, true>)
-      : fused ? launch(combine_kernel<float, true>)
-              : launch(combine_kernel<float>);
+      fused ? launch(combine_kernel<float, true>) : launch(combine_kernel<float>);
       break;
   }
   check_launch("combine");
