@@ -43,7 +43,7 @@ int main(int argc, char** argv) try {
                                {true, 4, 3, 16384, 14336, true},
                                {true, 4, 3, 16384, 65536, false, 4},
                                {true, 4, 3, 16384, 65536, false, 12},
-                               {true, 4, 3, 16384, 14336, true, 12}};
+                               probe::kBulkSimt12};
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
     for (const probe::Mode& m : modes) {

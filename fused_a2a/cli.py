@@ -366,10 +366,13 @@ def _collect(cfg, units, timeout, progress) -> tuple[list, list, list, dict]:
 
 def link_ceilings(ranks: int, sms_list: list[int], timeout: float = 120.0) -> list[dict]:
     """Issue 7's link ceiling of this run, per SM count: the slowest GPU's egress GB/s when the
-    ranks' GPUs push to each other at once (bulk copies, every block released together:
-    csrc/kernels/cuda/link_probe.cuh). In one subprocess, so the bench's own process holds no
-    CUDA context and no peer mappings of its own."""
-    method = "bulk copies, 4 warps x 3 stages, barrier start"
+    ranks' GPUs push to each other at once (the faster of bulk copies alone and with plain-store
+    warps beside them, every block released together: csrc/kernels/cuda/link_probe.cuh). In one
+    subprocess, so the bench's own process holds no CUDA context and no peer mappings of its
+    own."""
+    method = (
+        "best of 4 bulk-copy warps x 3 stages alone and with 12 plain-store warps, barrier start"
+    )
     code = (
         "import json, fused_a2a_core as c; "
         f"print(json.dumps([c.link_ceiling_gbps({ranks}, s) for s in {list(sms_list)}]))"

@@ -205,7 +205,9 @@ void register_core(py::module_& m) {
         py::arg("bytes_per_peer") = size_t(256) << 20, py::arg("reps") = 10,
         py::call_guard<py::gil_scoped_release>(),
         "Issue 7's link ceiling: the slowest GPU's egress GB/s when the first num_gpus GPUs of "
-        "this process push to each other at once (bulk copies, all blocks released together).");
+        "this process push to each other at once (the faster of bulk copies alone and with "
+        "plain-store "
+        "warps beside them, all blocks released together).");
   m.def(
       "buffer_poisoned",
       [](int64_t group_id, int rank) -> std::string {

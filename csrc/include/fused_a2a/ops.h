@@ -152,9 +152,10 @@ void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 void read_clock(Platform platform, Stream stream, uint32_t* out);
 
 // Issue 7's link ceiling on the first num_gpus GPUs of this process: each pushes bytes_per_peer
-// to every other at once (bulk async copies, 4 warps x 3 stages of 16 KB a block, `sms` blocks,
-// every block of every GPU released together: csrc/kernels/cuda/link_probe.cuh); the slowest
-// GPU's egress GB/s, median of reps. CUDA only.
+// to every other at once (`sms` blocks, every block of every GPU released together:
+// csrc/kernels/cuda/link_probe.cuh), the faster of two ways: bulk async copies, 4 warps x 3
+// stages of 16 KB a block; the same with 12 plain-store warps beside them, every warp claiming
+// 14 KB rows. The slowest GPU's egress GB/s, median of reps. CUDA only.
 double link_ceiling_gbps(int num_gpus, int sms, size_t bytes_per_peer, int reps);
 
 // What was compiled in: {"cuda": bool, "cuda_arch": "...", "cuda_version": int, ...} as text.

@@ -126,7 +126,10 @@ struct Mode {
     return !tma ? "simt16" : simt_warps ? "bulk+simt" : chunk == 65536 ? "bulk" : "rows";
   }
 };
-constexpr Mode kBulk4{true, 4, 3, 16384, 65536};  // 4 warps x 3 stages of 16 KB: the ceiling
+constexpr Mode kBulk4{true, 4, 3, 16384, 65536};  // 4 warps x 3 stages of 16 KB
+// kBulk4's warps with 12 plain-store warps beside them, every warp claiming gathered 14 KB rows
+// (session 25, run 139: 355-358 GB/s at 12-48 SMs on 4x H200, where kBulk4 reached 328-350)
+constexpr Mode kBulkSimt12{true, 4, 3, 16384, 14336, true, 12};
 
 // The buffers of a probe on GPUs [0, G): a source of `bytes` and a destination of (G - 1) x
 // `bytes` on each, peer access on, the barrier's counter and the timers. Freed on destruction.
