@@ -286,22 +286,17 @@ for _name, _base in (
 ):
     CASES[_name + "_pass1"] = _case(**_base, SCAN_PASS1="fused")
 # Receiver warps pushing rows with plain stores beside the senders' bulk copies
-# (FUSED_A2A_CUDA_RECV_PUSH=n, session 25): run 139's probe lifted the 12-SM ceiling from 328 to
-# 353 GB/s with 4 + 4 warps, 24 SMs 338 -> 355.
+# (FUSED_A2A_CUDA_RECV_PUSH=n, session 25; 4 by default since session 26, runs 140-145: static
+# dispatch 12 SMs 533 -> 525 us, 24 SMs 522 -> 507, 48 SMs 513 -> 502, 8 warps lose): *_nopush
+# without them (the default before), *_push8 with 8.
 for _name, _base in (
     ("standard_sms12", dict(sms=12)),
     ("standard", {}),
     ("standard_sms48", dict(sms=48)),
 ):
-    for _push in (4, 8):
-        CASES[f"{_name}_push{_push}"] = _case(**_base, RECV_PUSH=str(_push))
-# The combine's receiver warps pushing rows instead of reducing (FUSED_A2A_CUDA_COMBINE_PUSH=n),
-# with the dispatch's pushing too.
-for _name, _base in (
-    ("standard_sms12", dict(sms=12)),
-    ("standard", {}),
-    ("standard_sms48", dict(sms=48)),
-):
-    CASES[f"{_name}_cpush4"] = _case(**_base, RECV_PUSH="4", COMBINE_PUSH="4")
-CASES["standard_fp8_sms48_push4"] = _case(fp8=True, sms=48, RECORDS="0", RECV_PUSH="4")
-CASES["standard_fp8_sms48_norec"] = _case(fp8=True, sms=48, RECORDS="0")
+    CASES[f"{_name}_nopush"] = _case(**_base, RECV_PUSH="0")
+    CASES[f"{_name}_push8"] = _case(**_base, RECV_PUSH="8")
+# FP8: the pushing receivers need the fused scan, so no records kernel (FP8 at 48 SMs 322.5 ->
+# 290.2 us); without them the records kernel above 512 tokens, as before session 26
+CASES["standard_fp8_sms48_nopush"] = _case(fp8=True, sms=48, RECV_PUSH="0")
+CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")

@@ -96,9 +96,10 @@ META_VEC = {"FUSED_A2A_CUDA_META_VEC": "1", "FUSED_A2A_CUDA_SCAN": "fused"}
 # published by a flag the kernel's other blocks wait for, no route_mask_kernel before them
 PASS1 = {"FUSED_A2A_CUDA_SCAN_PASS1": "fused"}
 # Receiver warps pushing rows with plain stores beside the senders' bulk copies in one-round ops
-# (session 25): the dispatch's then claim receiver items, the combine's do not reduce; many-round
-# ops keep them receiving only (the combine's: idle)
-PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "4", "FUSED_A2A_CUDA_COMBINE_PUSH": "4"}
+# (session 25), then claiming receiver items; many-round ops keep them receiving only
+# (the default since session 26: 4 a block)
+PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "4"}
+NO_PUSH = {"FUSED_A2A_CUDA_RECV_PUSH": "0"}
 
 OWN_ROWS = {
     "default": {},
@@ -110,9 +111,10 @@ OWN_ROWS = {
         "FUSED_A2A_CUDA_COMBINE_CLAIM": "0",
     },
     # The dispatch's metadata records precomputed by their own kernel (FUSED_A2A_CUDA_RECORDS=1,
-    # session 10; by default for FP8 rows above 512 tokens only), own rows by the senders (records
-    # pushed as bulk pieces), and the route scan in two passes (FUSED_A2A_CUDA_SCAN=tiles; by
-    # default above 1024 tokens only, so these cases would take the one-block scan).
+    # session 10; by default for FP8 rows above 512 tokens without pushing receiver warps only),
+    # own rows by the senders (records pushed as bulk pieces), and the route scan in two passes
+    # (FUSED_A2A_CUDA_SCAN=tiles; by default above 1024 tokens only, so these cases would take
+    # the one-block scan).
     "records": {
         "FUSED_A2A_CUDA_SELF": "send",
         "FUSED_A2A_CUDA_RECORDS": "1",
@@ -587,7 +589,9 @@ DETERMINISM_CONFIGS = (
     (8, 1, {"FUSED_A2A_CUDA_SCAN": "fused", **PASS1}),
     # receiver warps pushing rows beside the senders (session 25): 4 and all 12 of a block
     (24, 8, {**META_VEC, **PUSH}),
-    (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12", "FUSED_A2A_CUDA_COMBINE_PUSH": "11"}),
+    (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12"}),
+    # none of them pushing (the default before session 26)
+    (24, 8, {**META_VEC, **NO_PUSH}),
 )
 
 

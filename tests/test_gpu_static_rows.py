@@ -14,7 +14,7 @@ import pytest
 import reference as R
 from conftest import gpu_count
 from reference import assert_bitwise_equal
-from test_gpu_normal import META_VEC, PASS1, PUSH, _need, _variant_results
+from test_gpu_normal import META_VEC, NO_PUSH, PASS1, PUSH, _need, _variant_results
 
 pytestmark = pytest.mark.gpu
 
@@ -131,10 +131,11 @@ STATIC_VARIANTS = {  # the static paths besides the default (session 10; default
     "recv_push_all_sms12": {
         **META_VEC,
         "FUSED_A2A_CUDA_RECV_PUSH": "12",
-        "FUSED_A2A_CUDA_COMBINE_PUSH": "12",
         "FUSED_A2A_CUDA_BLOCKS": "12",
     },
     "recv_push_own_recv": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "recv"},
+    # no receiver warp pushing (the default before session 26): the receivers only receive
+    "no_push": NO_PUSH,
 }
 
 
@@ -161,8 +162,8 @@ def test_static_big_rows(rows, variant):
     (FUSED_A2A_CUDA_META_VEC=0); "pass1*": the route scan's first pass in the kernels too
     (FUSED_A2A_CUDA_SCAN_PASS1=fused), with every tile's counts published by a flag;
     "recv_push*": receiver warps pushing rows with plain stores beside the senders' bulk copies
-    in one-round ops, the dispatch's then claiming receiver items (FUSED_A2A_CUDA_RECV_PUSH), the
-    combine's reducing nothing (FUSED_A2A_CUDA_COMBINE_PUSH)."""
+    in one-round ops, then claiming receiver items (FUSED_A2A_CUDA_RECV_PUSH; 4 a block by
+    default since session 26, so the default too above 1024 tokens); "no_push": none pushing."""
     g = 4 if gpu_count() >= 4 else 2
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in STATIC_CASES.items()}
@@ -263,6 +264,9 @@ FP8_VARIANTS = {  # the FP8 static dispatch's paths (parameter "own" of test_sta
     "pass1": {**PASS1, "FUSED_A2A_CUDA_RECORDS": "0", "FUSED_A2A_CUDA_SCAN": "fused"},
     # receiver warps pushing FP8 rows and their scales' records (session 25), without records
     "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_RECORDS": "0"},
+    # no receiver warp pushing, so the records kernel above 512 tokens (the default before
+    # session 26)
+    "no_push": NO_PUSH,
 }
 
 
@@ -273,7 +277,8 @@ def test_static_fp8_rows(rows, own):
     ("recv" / "split": who copies them, FUSED_A2A_CUDA_SELF); "loads_ahead2": the senders' rings
     (7 stages of 7 KB FP8 rows) with 2 loads and up to 5 stores in flight
     (FUSED_A2A_CUDA_LOADS_AHEAD); "records": the records precomputed by their own kernel on every
-    rank (FUSED_A2A_CUDA_RECORDS=1; by default on the ranks with over 512 tokens), pushed as bulk
+    rank (FUSED_A2A_CUDA_RECORDS=1; by default on the ranks with over 512 tokens when no receiver
+    warps push, "no_push"), pushed as bulk
     pieces and read by the own rows' scatter, with the two-pass route scan; "no_records": computed
     by the senders on every rank (FUSED_A2A_CUDA_RECORDS=0)."""
     g = 4 if gpu_count() >= 4 else 2

@@ -14,11 +14,9 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s26c (~8 min): the combine's trace (session 25, compile-checked): tests, the link probe
-#       with plain-store warps beside the bulk ones, then traces
-#   PART=s26p (~7 min): receiver warps pushing rows beside the senders (session 25): tests, A/B
+#   PART=s27 (~7 min): the pushing receiver warps as the default (session 26): tests, A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s25p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s26p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -202,39 +200,19 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s26c)  # (~7 min) the combine's trace (session 25, compile-checked): its GPU tests in the default
-    # build first (the combine's roles now keep trace slots, compiled out there), then the
-    # diagnostic build's traces of the dispatch and the combine, ten calls back to back, at 24
-    # and 48 SMs with and without the first pass in the kernels (runs 137-138: the combine at 24
-    # SMs 532 -> 520 us with it, at 48 SMs 523 -> 545, not understood). Look at every rank's
-    # senders' start and the reducers' last remote token / finish in the four cases
+  s27)  # (~7 min) the pushing receiver warps as the default (session 26: 4 a block, and FP8 rows
+    # without the records kernel when they push; compile-checked with the default flipped, tested
+    # with the setting in runs 140-141): the default GPU tests and the no_push ones, then the A/B
+    # default / *_nopush at 12, 24, 48 SMs, FP8 at 24 and 48, and EP 2. Prediction (runs 140,
+    # 144): default = run 140's push4 figures (525 / 507 / 502 us, FP8 at 48 SMs 290)
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S26C_K:-(static_big_rows and default) or (jax_gpu_suite and direct-default) or (torch_gpu_matches and default and g4_) or same_bits}" \
-      "${STEP_TIMEOUT_TEST:-240}"
-    # the link probe with plain-store warps beside the 4 bulk-copy warps (session 25): does the
-    # ceiling at 12 / 24 SMs rise with more bytes in flight? (the idle receivers could push)
-    STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt|rows/g)"
-    FA2A_BENCH_TRACE_CALLS=10 \
-      TRACE_CASES=${TRACE_CASES:-standard,standard_pass1,standard_sms48,standard_sms48_pass1} \
-      bash tools/gpu_diag_trace.sh
-    mv "$OUT/bench.json" "$OUT/trace.json"
-    ;;
-  s26p)  # (~7 min) receiver warps pushing rows beside the senders (FUSED_A2A_CUDA_RECV_PUSH=n,
-    # compile-checked): its GPU tests (static big rows one round / many rounds, 4 a block, all 12
-    # at 12 SMs, own rows by the receivers; FP8 rows; the torch suite; the JAX suite incl. the
-    # one-row buffer; torch against JAX; the same bits), then its A/B at 12 / 24 / 48 SMs and
-    # FP8, the combine's pushing receivers (FUSED_A2A_CUDA_COMBINE_PUSH, *_cpush4), and EP 2
-    # (issue 7: >= NCCL there; one link's bytes in flight). Prediction
-    # (run 139's probe: 4 + 4 warps reach ~355 GB/s at 12-24 SMs): static dispatch at 12 SMs 531
-    # -> 490-505 us, 24 SMs 520 -> 490-505, 48 SMs within +-5; the combine alike at 12 / 24 SMs
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S26P_K:-(static_big_rows and (default or recv_push)) or (static_fp8_rows and recv_push) or (torch_gpu_matches and recv_push and g4_) or (jax_gpu_suite and direct_push) or same_bits or torch_vs_jax_bitwise and push}" \
+      "${S27_K:-(static_big_rows and (default or no_push)) or (static_fp8_rows and (default or no_push or records)) or (torch_gpu_matches and default and g4_) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
       "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_push4,standard_sms12_push8,standard_sms12_cpush4,standard,standard_push4,standard_push8,standard_cpush4,standard_sms48,standard_sms48_push4,standard_sms48_cpush4,standard_fp8_sms48,standard_fp8_sms48_norec,standard_fp8_sms48_push4} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_push4,standard_cpush4} timeout 360 \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard,standard_nopush,standard_sms48,standard_sms48_nopush,standard_fp8,standard_fp8_nopush,standard_fp8_sms48,standard_fp8_sms48_nopush} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_sms48,standard_sms48_nopush} timeout 300 \
       bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s26c or s26p" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s27" >&2
     exit 2 ;;
 esac

@@ -402,11 +402,13 @@ int recv_rows_env() { return env_int("FUSED_A2A_CUDA_RECV_ROWS", 2); }
 // 390 us (the senders' metadata phase fell from ~270K to ~85-155K cycles a warp), but the bf16
 // one from 566.6 to 577 us (its senders are bound by the link, so the kernel's own time adds) and
 // decode (CUDA graphs) from 63-70 to 74-76 us. Default: FP8 rows above kSelfRecvMaxTokens-like
-// sizes only.
+// sizes only. Session 26 (runs 140, 144, 48 SMs): FP8 with records 322.5 / 323.7 us, without
+// 323.3, without and with 4 pushing receiver warps (which need the fused scan, so no records)
+// 290.2 / 289.9: so no records where the receivers push (recv_push_env, default 4).
 bool records_env(bool fp8, int64_t num_tokens) {
   const int v = env_int("FUSED_A2A_CUDA_RECORDS", -1);
   if (v >= 0) return v != 0;
-  return fp8 && num_tokens > 512;
+  return fp8 && num_tokens > 512 && recv_push_env() == 0;
 }
 
 // The senders' records load their index and weight words as 16-byte vectors (dispatch_common.cuh,
@@ -474,8 +476,9 @@ int recv_items_env(int blocks) {
   return blocks >= kHelpMinBlocks ? kRecvHelp : kRecvDealt;
 }
 
-int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 0)); }
-int combine_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_COMBINE_PUSH", 0)); }
+// Session 26 (4x H200, EP 4, standard, runs 140-145): static dispatch with 4 pushing warps 533 ->
+// 525 us at 12 SMs, 522 -> 507 at 24, 513 -> 502 at 48, FP8 at 48 SMs 323 -> 290; 8 lose.
+int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 4)); }
 
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }

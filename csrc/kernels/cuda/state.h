@@ -234,7 +234,7 @@ int recv_unroll_env();    // FUSED_A2A_CUDA_RECV_UNROLL: 8 (default) or 16, see 
 // FUSED_A2A_CUDA_RECV_ROWS: rows of a dispatch receiver item (default 2; 0: the whole chunk)
 int recv_rows_env();
 // FUSED_A2A_CUDA_RECORDS=1 / 0: the dispatch's metadata records precomputed (dispatch.cu) or not;
-// unset: for FP8 rows above 512 tokens.
+// unset: for FP8 rows above 512 tokens when no receiver warps push (FUSED_A2A_CUDA_RECV_PUSH=0).
 bool records_env(bool fp8, int64_t num_tokens);
 bool meta_vec_env();  // FUSED_A2A_CUDA_META_VEC: the records' index and weight words as vectors
 // The dispatch receivers zero the padding rows during their flag waits (default since run 50);
@@ -280,14 +280,11 @@ bool pdl_env(const char* kind, int blocks, bool after_records = false);
 // The dispatch receivers' items (FUSED_A2A_CUDA_RECV_ITEMS=dealt|claim|help): kRecvDealt /
 // kRecvClaim / kRecvHelp above; unset, help from 32 blocks on, else dealt.
 int recv_items_env(int blocks);
-// FUSED_A2A_CUDA_RECV_PUSH=n (session 25; unset / 0: off): n receiver warps of each block of the
-// static dispatch (the fused scan's vector kernel, claimed items) first push rows with plain
-// stores beside the senders' bulk copies, in one-round ops (run 139's probe: 12 SMs 328 -> 353
-// GB/s with 4 + 4 warps), then claim receiver items.
+// FUSED_A2A_CUDA_RECV_PUSH=n (session 25; default 4 since session 26; 0: off): n receiver warps
+// of each block of the static dispatch (the fused scan's vector kernel, claimed items) first push
+// rows with plain stores beside the senders' bulk copies, in one-round ops (run 139's probe: 12
+// SMs 328 -> 353 GB/s with 4 + 4 warps), then claim receiver items.
 int recv_push_env();
-// FUSED_A2A_CUDA_COMBINE_PUSH=n (session 25; unset / 0: off): as RECV_PUSH, n receiver warps of
-// each block of the fused-scan combine push rows instead of reducing (at least one reduces).
-int combine_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
