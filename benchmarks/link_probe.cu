@@ -1,7 +1,7 @@
 // Link-ceiling probe, every mode (csrc/kernels/cuda/link_probe.cuh has the kernel, the two ways
 // to start and the timing): one JSON line per configuration with each GPU's egress GB/s (median
-// of reps) and the slowest GPU's. The bench (`fused-a2a bench`) reports one of these configurations
-// as its ceiling (bulk copies, 4 warps x 3 stages, barrier start).
+// of reps) and the slowest GPU's. The bench (`fused-a2a bench`) reports the faster of two of these
+// configurations as its ceiling (kBulk4 and kBulkSimt12, barrier start).
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a
 //   -I csrc/include -I csrc/kernels/cuda benchmarks/link_probe.cu -o link_probe
 // Usage: link_probe [bytes per peer (256 MB)] [GPUs (all)]
@@ -43,7 +43,13 @@ int main(int argc, char** argv) try {
                                {true, 4, 3, 16384, 14336, true},
                                {true, 4, 3, 16384, 65536, false, 4},
                                {true, 4, 3, 16384, 65536, false, 12},
-                               probe::kBulkSimt12};
+                               probe::kBulkSimt12,
+                               // (session 26) more bulk-copy warps with fewer stages, the same
+                               // 192 KB of rings a block: do more streams lift the rate as the
+                               // plain-store warps did? (the combine's reducers cannot push)
+                               {true, 6, 2, 16384, 65536},
+                               {true, 8, 2, 12288, 65536},
+                               {true, 8, 3, 8192, 65536}};
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
     for (const probe::Mode& m : modes) {
