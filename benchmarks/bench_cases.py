@@ -267,33 +267,29 @@ for _sms in (12, 16, 48):
     for _cr in (16, 32, 64):
         CASES[f"standard_sms{_sms}_cr{_cr}"] = _case(sms=_sms, CHUNK_ROWS=str(_cr))
 CASES["standard_sms12_rec"] = _case(sms=12, RECORDS="1")
-# The records' index and weight words word by word (FUSED_A2A_CUDA_META_VEC=0), against the 16-byte
-# vector loads, the default since session 24 (run 129: 12 SMs -22 us, 24 SMs -5, FP8 -7).
-for _name, _base in (
+# The standard case at 12, 24 and 48 SMs, for the A/B families below
+_STANDARD_BY_SMS = (
     ("standard_sms12", dict(sms=12)),
     ("standard", {}),
     ("standard_sms48", dict(sms=48)),
+)
+# The records' index and weight words word by word (FUSED_A2A_CUDA_META_VEC=0), against the 16-byte
+# vector loads, the default since session 24 (run 129: 12 SMs -22 us, 24 SMs -5, FP8 -7).
+for _name, _base in (
+    *_STANDARD_BY_SMS,
     ("standard_fp8_sms48", dict(fp8=True, sms=48)),
     ("decode", dict(n=128)),
 ):
     CASES[_name + "_metawords"] = _case(**_base, META_VEC="0")
 # The route scan's first pass in the dispatch / combine kernel (FUSED_A2A_CUDA_SCAN_PASS1=fused,
 # session 25), against route_mask_kernel before it (4.4 us at N = 4096 in run 135's profile).
-for _name, _base in (
-    ("standard_sms12", dict(sms=12)),
-    ("standard", {}),
-    ("standard_sms48", dict(sms=48)),
-):
+for _name, _base in _STANDARD_BY_SMS:
     CASES[_name + "_pass1"] = _case(**_base, SCAN_PASS1="fused")
 # Receiver warps pushing rows with plain stores beside the senders' bulk copies
 # (FUSED_A2A_CUDA_RECV_PUSH=n, session 25; 4 by default since session 26, runs 140-145: static
 # dispatch 12 SMs 533 -> 525 us, 24 SMs 522 -> 507, 48 SMs 513 -> 502, 8 warps lose): *_nopush
 # without them (the default before), *_push8 with 8.
-for _name, _base in (
-    ("standard_sms12", dict(sms=12)),
-    ("standard", {}),
-    ("standard_sms48", dict(sms=48)),
-):
+for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_nopush"] = _case(**_base, RECV_PUSH="0")
     CASES[f"{_name}_push8"] = _case(**_base, RECV_PUSH="8")
 # FP8: the pushing receivers need the fused scan, so no records kernel (FP8 at 48 SMs 322.5 ->
