@@ -44,11 +44,12 @@ int main(int argc, char** argv) try {
                                {true, 4, 3, 16384, 65536, false, 4},
                                {true, 4, 3, 16384, 65536, false, 12},
                                probe::kBulkSimt12,
-                               // (session 26) more bulk-copy warps with fewer stages, the same
-                               // 192 KB of rings a block: do more streams lift the rate as the
-                               // plain-store warps did? (the combine's reducers cannot push)
-                               {true, 6, 2, 16384, 65536},
-                               {true, 8, 2, 12288, 65536},
+                               // (session 26) more bulk-copy warps with smaller stages, as
+                               // launch_config gives 6 / 8 sender warps (3 stages each in ~190
+                               // KB): do more streams lift the rate as the plain-store warps did?
+                               // (the combine's reducers cannot push; run 62's 6 / 8 sender
+                               // warps lost at 24 SMs, before the rings and the claimed items)
+                               {true, 6, 3, 10240, 65536},
                                {true, 8, 3, 8192, 65536}};
   for (int sms : sms_list) {
     sms = std::min(sms, sm_count);
