@@ -121,11 +121,8 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   tr.stamp(8, sh.t0);
   const long long t_loop = WarpTrace::now();
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
-  auto claim = [&](long long after) {  // the next item number (trace slot 10: its cycles)
-    const long long t_claim = WarpTrace::now();
-    const long long next = next_item(p.claim_items, claim_counter, after, nsw, lane);
-    tr.add(10, t_claim);
-    return next;
+  auto claim = [&](long long after) {  // the next item number
+    return traced_next_item(tr, p.claim_items, claim_counter, after, nsw, lane);
   };
   long long q = claim(gw - nsw);  // this warp's item
   long long round_base = 0;       // number of round k's first item

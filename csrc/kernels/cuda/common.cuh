@@ -85,6 +85,16 @@ __device__ __forceinline__ long long next_item(bool claim, unsigned int* counter
   return static_cast<long long>(__shfl_sync(0xffffffffu, v, 0));
 }
 
+// next_item for a sender warp of the dispatch or the combine, its cycles in trace slot 10
+__device__ __forceinline__ long long traced_next_item(WarpTrace& tr, bool claim,
+                                                      unsigned int* counter, long long q,
+                                                      int stride, int lane) {
+  const long long t_claim = WarpTrace::now();
+  const long long next = next_item(claim, counter, q, stride, lane);
+  tr.add(10, t_claim);
+  return next;
+}
+
 // Publish a chunk copied by the whole warp with plain stores: every lane's stores become visible
 // system-wide before the flag.
 __device__ __forceinline__ void warp_release_flag(unsigned long long* flag, unsigned long long v,

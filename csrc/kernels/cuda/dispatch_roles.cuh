@@ -209,11 +209,8 @@ __device__ void sender_role(const DispatchParams& p, Shared& sh, uint8_t* smem, 
   // Items claimed by default (run 32: standard static dispatch 668 us dealt, 576 claimed, NCCL 568
   // in the same call); FUSED_A2A_CUDA_CLAIM=0 deals them (next_item).
   unsigned int* claim_counter = &local_state(p.peers[r])->items_claimed;
-  auto claim = [&](long long after) {  // the next item number (trace slot 10: its cycles)
-    const long long t_claim = WarpTrace::now();
-    const long long next = next_item(p.claim_items, claim_counter, after, nsw, lane);
-    tr.add(10, t_claim);
-    return next;
+  auto claim = [&](long long after) {  // the next item number
+    return traced_next_item(tr, p.claim_items, claim_counter, after, nsw, lane);
   };
   // The round's items as a maxc x cols rectangle (destinations r + 1, r + 2, ... as columns;
   // r itself only when the senders copy own rows), claimed or dealt (next_item): this warp
