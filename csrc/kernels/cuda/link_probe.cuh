@@ -86,13 +86,10 @@ __global__ void __launch_bounds__(512, 1) push_kernel(Args a) {
   __syncwarp();
   const size_t chunks = (a.bytes + a.chunk - 1) / a.chunk;
   const size_t items = chunks * a.npeers;
-  auto next = [&](size_t i) -> size_t {  // dealt, or claimed (simt_warps)
-    if (!a.claim) return i + nw;
-    unsigned int v = 0;
-    if (lane == 0) v = atomicAdd(a.claim, 1u);
-    return __shfl_sync(0xffffffffu, v, 0);
-  };
-  for (size_t i = a.claim ? next(0) : gw; i < items; i = next(i)) {
+  const bool claimed = a.claim != nullptr;  // dealt, or claimed (simt_warps): next_item
+  for (long long q = next_item(claimed, a.claim, gw - nw, nw, lane);
+       q < static_cast<long long>(items); q = next_item(claimed, a.claim, q, nw, lane)) {
+    const size_t i = static_cast<size_t>(q);
     const int p = static_cast<int>(i % a.npeers);
     const size_t off = (i / a.npeers) * a.chunk;
     size_t n = a.chunk < a.bytes - off ? a.chunk : a.bytes - off;
