@@ -3,8 +3,8 @@
 # one device call on 2+ GPUs: decode and standard, and with no sender/receiver roles at all
 # (FUSED_A2A_CUDA_ABLATE=8: launch + handshakes + epilogue), and the combine's trace after it
 # (session 25: its senders and reducers, slots in csrc/kernels/cuda/state.h); TRACE_CASES picks
-# other cases of benchmarks/bench_normal.py (e.g. run 12's ablations). Prints rank 0's per-warp phase summary,
-# incl. each role's untraced loop time (benchmarks/NOTES.md, sessions 4-5).
+# other cases of benchmarks/bench_normal.py (e.g. run 12's ablations). Prints rank 0's per-warp
+# phase summary, incl. each role's untraced loop time (benchmarks/NOTES.md, sessions 4-5).
 #   OUT=... bash tools/gpu_diag_trace.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
