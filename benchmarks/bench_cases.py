@@ -296,3 +296,13 @@ for _name, _base in _STANDARD_BY_SMS:
 # 290.2 us); without them the records kernel above 512 tokens, as before session 26
 CASES["standard_fp8_sms48_nopush"] = _case(fp8=True, sms=48, RECV_PUSH="0")
 CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")
+# The combine's weights (the dispatch backward's, timed as combine_weights) stored by the lanes
+# with a system fence before each chunk's flag (FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes, before
+# session 26), against one more piece of the rings (runs 142-143: the dispatch backward at 24
+# SMs 581 us, the combine 532).
+for _name, _base in (
+    ("standard_sms12", dict(sms=12)),
+    ("standard", {}),
+    ("standard_sms48", dict(sms=48)),
+):
+    CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")

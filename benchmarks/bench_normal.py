@@ -137,6 +137,11 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
     def combine():
         ops.combine(y, None, idx, counts, src, stats, e, n, False, gid, grank, sms)
 
+    recv_w = rw.float().contiguous()
+
+    def combine_weights():  # the dispatch backward's: the weights' gradients too, owner only
+        ops.combine(y, recv_w, idx, counts, src, stats, e, n, True, gid, grank, sms)
+
     # NCCL all_to_all_single of the same rows (grouped by destination, splits known).
     owners = torch.where(idx >= 0, idx // (e // world), -1)
     in_rank = torch.stack([(owners == d).any(1) for d in range(world)], 1)
@@ -174,11 +179,12 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         static_dispatch=static_dispatch,
         cached_dispatch=cached_dispatch,
         combine=combine,
+        combine_weights=combine_weights,
         dynamic_dispatch=dynamic_dispatch,
         nccl_a2a=nccl_a2a,
     )
     if fp8:  # the bf16 ops would be timed against FP8 row bytes
-        del timed["cached_dispatch"], timed["combine"]
+        del timed["cached_dispatch"], timed["combine"], timed["combine_weights"]
     for key, fn in timed.items():
         res[f"{key}_us"] = _events_median(fn, iters, warmup)
     if graphs:

@@ -129,6 +129,9 @@ OWN_ROWS = {
     # receiver warps pushing rows too (session 25), own rows by the senders' items and so by the
     # pushing receivers too
     "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "send"},
+    # the combine's weights (the dispatch backward's) stored by the lanes with a fence before
+    # each chunk's flag, as before session 26, instead of through the rings (K % 4 == 0 cases)
+    "weights_lanes": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "lanes"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message

@@ -132,7 +132,8 @@ for r in doc["results"]:
         return (f"{r[k + '_us']:8.1f} us {r[k + '_deepep_GBps']:6.1f} GB/s (wire {r[k + '_wire_GBps']:6.1f})"
                 if k + "_us" in r else "-")
     print(f"  {r['case']:28s} sms={r['sms']:3d} exact={r['exact_all_ranks']}")
-    for k in ("static_dispatch", "cached_dispatch", "dynamic_dispatch", "combine", "nccl_a2a",
+    for k in ("static_dispatch", "cached_dispatch", "dynamic_dispatch", "combine",
+              "combine_weights", "nccl_a2a",
               "static_dispatch_graph", "cached_dispatch_graph", "combine_graph"):
         if k + "_us" in r:
             print(f"      {k:24s} {f(k)}")

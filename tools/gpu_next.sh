@@ -15,6 +15,7 @@
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
 #   PART=s27 (~7 min): the pushing receiver warps as the default (session 26): tests, A/B
+#   PART=s27w (~6 min): the combine's weights through the rings (session 26): tests, A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s26p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -210,9 +211,22 @@ case "${PART:-tests}" in
       "${STEP_TIMEOUT_TEST:-300}"
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard,standard_nopush,standard_sms48,standard_sms48_nopush,standard_fp8,standard_fp8_nopush,standard_fp8_sms48,standard_fp8_sms48_nopush} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_sms48,standard_sms48_nopush} timeout 300 \
-      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
+      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s27" >&2
+  s27w)  # (~6 min) the combine's weights through the senders' rings (session 26, compile-checked;
+    # the dispatch backward): its GPU tests (the torch suite with the backward, both paths; the
+    # JAX suite; torch against JAX), then combine / combine_weights at 12, 24, 48 SMs with the
+    # rings (default) and the lanes (*_wlanes). Prediction: combine_weights at 24 SMs ~580 ->
+    # 535-545 us with the rings (the lanes' path ~ the fab's 581), 48 SMs level
+    gpu_tests "tests/test_gpu_normal.py" \
+      "${S27W_K:-(torch_gpu_matches and (default or weights_lanes) and g4_) or (jax_gpu_suite and direct-default) or torch_vs_jax_bitwise}" \
+      "${STEP_TIMEOUT_TEST:-240}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_wlanes,standard,standard_wlanes,standard_sms48,standard_sms48_wlanes} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_wlanes} timeout 300 \
+      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27 or s27w" >&2
     exit 2 ;;
 esac

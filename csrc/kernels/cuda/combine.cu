@@ -46,6 +46,7 @@ struct CombineParams {
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
+  bool bulk_weights;  // the weights through the rings where aligned (combine_weights_env)
   uint32_t stage_bytes;
   bool flag_fence_sc;
   int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
@@ -116,6 +117,12 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
   __syncwarp();
   int* jlo = reinterpret_cast<int*>(smem + L.ready) + (p.send_warps + warp) * kMaxRanks;
   int* jhi = reinterpret_cast<int*>(smem + L.ready) + (2 * p.send_warps + warp) * kMaxRanks;
+  // A chunk's weights (the dispatch backward's) through the ring as one more piece where they
+  // are 16-byte aligned spans (K % 4 == 0), so no lane stores them and waits for a system fence
+  // before the flag (session 26: the dispatch backward at 24 SMs 581 us against the combine's
+  // 532; 8-row chunks, so one fence round trip every 8 rows of a sender warp)
+  const bool bulk_weights = p.tma && p.kw != 0 && p.bulk_weights && K % 4 == 0 &&
+                            (reinterpret_cast<uintptr_t>(p.weights) & 15u) == 0;
   bool ok = true;
   WarpTrace tr;
   tr.stamp(8, sh.t0);
@@ -169,18 +176,24 @@ __device__ void sender_role(const CombineParams& p, Shared& sh, uint8_t* smem, c
       const size_t slot0 = static_cast<size_t>(c) * cr;
       if (p.tma) {
         const long long t_push = WarpTrace::now();
-        if (lane == 0) pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
+        if (lane == 0) {
+          pipe.push_span(ddata + slot0 * rb, p.y + row0 * rb, n * rb);
+          if (bulk_weights) {
+            pipe.push_span(dw + slot0 * K, p.weights + row0 * K, sizeof(float) * n * K);
+          }
+        }
         tr.add(3, t_push);
       } else {
         warp_copy_ro(ddata + slot0 * rb, p.y + row0 * rb, n * rb, lane);
       }
-      if (p.kw) {
+      if (p.kw && !bulk_weights) {
         for (int i = lane; i < n * K; i += 32) dw[slot0 * K + i] = __ldg(p.weights + row0 * K + i);
       }
       unsigned long long* flag = chunk_flag(p.peers[d], reg * p.flags_per_region + c);
       const unsigned long long v = epoch_of(seq, static_cast<int>(k));
       if (p.tma) {
-        if (p.kw) __threadfence_system();  // the lanes' weight stores, before the flag
+        // the lanes' weight stores, before the flag
+        if (p.kw && !bulk_weights) __threadfence_system();
         __syncwarp();
         const long long t_end = WarpTrace::now();
         if (lane == 0) pipe.end_chunk(flag, v);
@@ -592,6 +605,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.claim_items = combine_claim_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
+  p.bulk_weights = combine_weights_bulk_env();
   p.tma = cfg.tma;
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;

@@ -483,6 +483,8 @@ int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 4))
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 
+bool combine_weights_bulk_env() { return !env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes"); }
+
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 
 int device_sm_count(int device) {

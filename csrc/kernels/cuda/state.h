@@ -286,6 +286,10 @@ int recv_items_env(int blocks);
 // SMs 328 -> 353 GB/s with 4 + 4 warps), then claim receiver items.
 int recv_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
+// FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk (default) | lanes: the combine's weights (the dispatch
+// backward's) as one more piece of the senders' rings where they are 16-byte aligned spans, or
+// stored by the lanes with a system fence before each chunk's flag (before session 26)
+bool combine_weights_bulk_env();
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
