@@ -300,9 +300,12 @@ CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")
 # with a system fence before each chunk's flag (FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes, before
 # session 26), against one more piece of the rings (runs 142-143: the dispatch backward at 24
 # SMs 581 us, the combine 532).
+# EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
+# session 26) against 8 (reduce_row_once, the default on 2 ranks): for BENCH_CASES_EP2.
 for _name, _base in (
     ("standard_sms12", dict(sms=12)),
     ("standard", {}),
     ("standard_sms48", dict(sms=48)),
 ):
     CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
+    CASES[f"{_name}_rbatch"] = _case(**_base, REDUCE="batch")

@@ -132,6 +132,9 @@ OWN_ROWS = {
     # the combine's weights (the dispatch backward's) stored by the lanes with a fence before
     # each chunk's flag, as before session 26, instead of through the rings (K % 4 == 0 cases)
     "weights_lanes": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "lanes"},
+    # on 2 ranks the combine's reducers with 4 vectors a source a step, as on more ranks (before
+    # session 26; by default 8 there: reduce_row_once)
+    "reduce_batch": {"FUSED_A2A_CUDA_REDUCE": "batch"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message

@@ -14,8 +14,8 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s27 (~7 min): the pushing receiver warps as the default (session 26): tests, A/B
-#   PART=s27w (~6 min): the combine's weights through the rings (session 26): tests, A/B
+#   PART=s27t (~9 min) and s27b (~3 min): session 26's changes (the pushing receivers as the
+#       default, the combine's weights through the rings, EP 2's reducers): tests, then A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s26p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -201,32 +201,27 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s27)  # (~7 min) the pushing receiver warps as the default (session 26: 4 a block, and FP8 rows
-    # without the records kernel when they push; compile-checked with the default flipped, tested
-    # with the setting in runs 140-141): the default GPU tests and the no_push ones, then the A/B
-    # default / *_nopush at 12, 24, 48 SMs, FP8 at 24 and 48, and EP 2. Prediction (runs 140,
-    # 144): default = run 140's push4 figures (525 / 507 / 502 us, FP8 at 48 SMs 290)
+  s27t)  # (~9 min) session 26's three compile-checked changes, tests: the pushing receiver warps
+    # as the default (4 a block; FP8 rows without the records kernel when they push; tested with
+    # the setting in runs 140-141) and without them (no_push); the combine's weights through the
+    # senders' rings (the dispatch backward) and by the lanes (weights_lanes); EP 2's reducers
+    # with 8 vectors a source a step and 4 (reduce_batch); the JAX suite, torch against JAX, the
+    # same bits. Each change has its own knob, so a failure names its change
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S27_K:-(static_big_rows and (default or no_push)) or (static_fp8_rows and (default or no_push or records)) or (torch_gpu_matches and default and g4_) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard,standard_nopush,standard_sms48,standard_sms48_nopush,standard_fp8,standard_fp8_nopush,standard_fp8_sms48,standard_fp8_sms48_nopush} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_sms48,standard_sms48_nopush} timeout 300 \
-      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+      "${S27_K:-((static_big_rows or static_fp8_rows) and (default or no_push)) or (torch_gpu_matches and (default or weights_lanes) and g4_) or (torch_gpu_matches and (default or reduce_batch) and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
+      "${STEP_TIMEOUT_TEST:-420}"
+    ;;
+  s27b)  # (~3 min) their A/B, one build after s27t: static dispatch default / *_nopush at 12, 24,
+    # 48 SMs and FP8 at 24 and 48 (prediction: run 140's push4 figures, 525 / 507 / 502 us, FP8
+    # at 48 SMs 290); combine_weights default / *_wlanes (prediction: 24 SMs ~580 -> 535-545,
+    # 48 SMs level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows
+    # with fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24
+    # SMs 278 -> 235-250, 12 SMs 375 -> 290-320)
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard,standard_nopush,standard_wlanes,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_fp8,standard_fp8_nopush,standard_fp8_sms48,standard_fp8_sms48_nopush} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
+      timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  s27w)  # (~6 min) the combine's weights through the senders' rings (session 26, compile-checked;
-    # the dispatch backward): its GPU tests (the torch suite with the backward, both paths; the
-    # JAX suite; torch against JAX), then combine / combine_weights at 12, 24, 48 SMs with the
-    # rings (default) and the lanes (*_wlanes). Prediction: combine_weights at 24 SMs ~580 ->
-    # 535-545 us with the rings (the lanes' path ~ the fab's 581), 48 SMs level
-    gpu_tests "tests/test_gpu_normal.py" \
-      "${S27W_K:-(torch_gpu_matches and (default or weights_lanes) and g4_) or (jax_gpu_suite and direct-default) or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-240}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_wlanes,standard,standard_wlanes,standard_sms48,standard_sms48_wlanes} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_wlanes} timeout 300 \
-      bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
-    rm -f "$OUT/build.log"
-    ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27 or s27w" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27t or s27b" >&2
     exit 2 ;;
 esac

@@ -318,7 +318,55 @@ __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* s
   }
 }
 
+// As reduce_row for ns <= kSrc sources, in one batch: every source's U vectors a lane loaded at
+// once, then summed vector by vector, so no accumulators live across the loads and U can grow as
+// the sources shrink (kSrc x U = 16 vectors a lane in flight at any kSrc). A lane's loop takes
+// 16 / kSrc x 32 vectors a step: EP 2's tokens (one remote source and their own) need half the
+// dependent load latencies of reduce_row's 4 x 32 (session 26: EP 2's combine slows with fewer
+// SMs, 250 / 278 / 375 us at 48 / 24 / 12, while its dispatch holds at 210: the reducers bound
+// it). The same adds in the same order, so the same bits.
 template <typename T>
+struct TypeTag {  // a kernel's element type, through a generic lambda (combine's launch_typed)
+  using type = T;
+};
+
+template <typename T, int kSrc>
+__device__ __forceinline__ void reduce_row_once(uint8_t* out, const uint8_t* const* srcs, int ns,
+                                                size_t row_bytes, int lane) {
+  constexpr int U = 16 / kSrc;
+  constexpr int E = Vec<T>::kN;
+  const int nvec = static_cast<int>(row_bytes / 16);
+  const int4* src[kSrc];
+#pragma unroll
+  for (int b = 0; b < kSrc; ++b) src[b] = reinterpret_cast<const int4*>(srcs[b < ns ? b : 0]);
+#pragma unroll 1
+  for (int v0 = lane; v0 < nvec; v0 += 32 * U) {
+    // (the vectors v0 + 32 u as constant offsets from one address a source)
+    int4 raw[kSrc][U];
+#pragma unroll
+    for (int b = 0; b < kSrc; ++b) {
+      const int4* sp = src[b] + v0;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (b < ns && v0 + u * 32 < nvec) raw[b][u] = __ldcg(sp + u * 32);
+    }
+    int4* op = reinterpret_cast<int4*>(out) + v0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float acc[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = 0.0f;
+#pragma unroll
+      for (int b = 0; b < kSrc; ++b)
+        if (b < ns) Vec<T>::add(acc, raw[b][u]);
+      if (v0 + u * 32 < nvec) op[u * 32] = Vec<T>::pack(acc);
+    }
+  }
+}
+
+// kMaxSrc: 2 where no token has more sources (EP 2): every row through reduce_row_once<T, 2>;
+// 0: reduce_row. (A token-by-token choice between the two, in one kernel, doubled its spills.)
+template <typename T, int kMaxSrc>
 __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, const SmemLayout& L,
                              const WaitCtx& ctx, int rwarp, int lane) {
   const int G = p.num_ranks, r = p.rank, N = p.num_tokens, K = p.num_topk;
@@ -415,7 +463,11 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
         }
       }
       const long long t_reduce = WarpTrace::now();
-      reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
+      if constexpr (kMaxSrc == 2) {
+        reduce_row_once<T, 2>(p.out + t * rb, srcs, ns, rb, lane);
+      } else {
+        reduce_row<T>(p.out + t * rb, srcs, ns, rb, lane);
+      }
       __syncwarp();
       tr.add(1, t_reduce);
       tr.count(7);
@@ -432,8 +484,9 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
   tr.flush(p.trace, p.send_warps + rwarp, lane);
 }
 
-// kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh).
-template <typename T, bool kFusedScan = false>
+// kFusedScan: the route scan's second pass runs here (fused_scan, scan_pass2.cuh). kMaxSrc: as
+// reducer_role's.
+template <typename T, bool kFusedScan = false, int kMaxSrc = 0>
 __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ Shared sh;
@@ -515,7 +568,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
       if (warp < p.send_warps) {
         sender_role(p, sh, smem, L, ctx, warp, lane);
       } else {
-        reducer_role<T>(p, sh, smem, L, ctx, warp - p.send_warps, lane);
+        reducer_role<T, kMaxSrc>(p, sh, smem, L, ctx, warp - p.send_warps, lane);
       }
     }
   }
@@ -622,15 +675,25 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
     launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), L.total, s,
                   pdl_env("combine", cfg.blocks), p);
   };
+  // EP 2: a token has at most 2 sources, so its reducers load 8 vectors a source a step
+  const bool two_sources = G == 2 && reduce_few_env();
+  auto launch_typed = [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    if (two_sources) {
+      fused ? launch(combine_kernel<T, true, 2>) : launch(combine_kernel<T, false, 2>);
+    } else {
+      fused ? launch(combine_kernel<T, true>) : launch(combine_kernel<T>);
+    }
+  };
   switch (a.y_dtype) {
     case DType::kBF16:
-      fused ? launch(combine_kernel<__nv_bfloat16, true>) : launch(combine_kernel<__nv_bfloat16>);
+      launch_typed(TypeTag<__nv_bfloat16>{});
       break;
     case DType::kF16:
-      fused ? launch(combine_kernel<__half, true>) : launch(combine_kernel<__half>);
+      launch_typed(TypeTag<__half>{});
       break;
     default:
-      fused ? launch(combine_kernel<float, true>) : launch(combine_kernel<float>);
+      launch_typed(TypeTag<float>{});
       break;
   }
   check_launch("combine");

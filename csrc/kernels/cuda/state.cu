@@ -484,6 +484,7 @@ int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 4))
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 
 bool combine_weights_bulk_env() { return !env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes"); }
+bool reduce_few_env() { return !env_is("FUSED_A2A_CUDA_REDUCE", "batch"); }
 
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 

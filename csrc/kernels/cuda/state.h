@@ -290,6 +290,10 @@ bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM
 // backward's) as one more piece of the senders' rings where they are 16-byte aligned spans, or
 // stored by the lanes with a system fence before each chunk's flag (before session 26)
 bool combine_weights_bulk_env();
+// FUSED_A2A_CUDA_REDUCE=few (default) | batch: on 2 ranks the combine's rows reduced with 8
+// vectors a source a lane in one step (combine.cu, reduce_row_once), or 4 as on more ranks
+// (before session 26)
+bool reduce_few_env();
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
