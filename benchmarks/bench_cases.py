@@ -296,16 +296,12 @@ for _name, _base in _STANDARD_BY_SMS:
 # 290.2 us); without them the records kernel above 512 tokens, as before session 26
 CASES["standard_fp8_sms48_nopush"] = _case(fp8=True, sms=48, RECV_PUSH="0")
 CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")
-# The combine's weights (the dispatch backward's, timed as combine_weights) stored by the lanes
-# with a system fence before each chunk's flag (FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes, before
-# session 26), against one more piece of the rings (runs 142-143: the dispatch backward at 24
-# SMs 581 us, the combine 532).
-# EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
-# session 26) against 8 (reduce_row_once, the default on 2 ranks): for BENCH_CASES_EP2.
-for _name, _base in (
-    ("standard_sms12", dict(sms=12)),
-    ("standard", {}),
-    ("standard_sms48", dict(sms=48)),
-):
+for _name, _base in _STANDARD_BY_SMS:
+    # The combine's weights (the dispatch backward's, timed as combine_weights) stored by the
+    # lanes with a system fence before each chunk's flag (FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes,
+    # before session 26), against one more piece of the rings (runs 142-143: the dispatch
+    # backward at 24 SMs 581 us, the combine 532).
     CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
+    # EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
+    # session 26) against 8 (reduce_row_once, the default on 2 ranks): for BENCH_CASES_EP2.
     CASES[f"{_name}_rbatch"] = _case(**_base, REDUCE="batch")
