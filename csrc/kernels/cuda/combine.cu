@@ -318,6 +318,11 @@ __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* s
   }
 }
 
+template <typename T>
+struct TypeTag {  // a kernel's element type, through a generic lambda (combine's launch_typed)
+  using type = T;
+};
+
 // As reduce_row for ns <= kSrc sources, in one batch: every source's U vectors a lane loaded at
 // once, then summed vector by vector, so no accumulators live across the loads and U can grow as
 // the sources shrink (kSrc x U = 16 vectors a lane in flight at any kSrc). A lane's loop takes
@@ -325,11 +330,6 @@ __device__ __forceinline__ void reduce_row(uint8_t* out, const uint8_t* const* s
 // dependent load latencies of reduce_row's 4 x 32 (session 26: EP 2's combine slows with fewer
 // SMs, 250 / 278 / 375 us at 48 / 24 / 12, while its dispatch holds at 210: the reducers bound
 // it). The same adds in the same order, so the same bits.
-template <typename T>
-struct TypeTag {  // a kernel's element type, through a generic lambda (combine's launch_typed)
-  using type = T;
-};
-
 template <typename T, int kSrc>
 __device__ __forceinline__ void reduce_row_once(uint8_t* out, const uint8_t* const* srcs, int ns,
                                                 size_t row_bytes, int lane) {
