@@ -310,3 +310,8 @@ for _name, _base in _STANDARD_BY_SMS:
 # flag); run 140's FP8 dispatch moved 80% of the ceiling on the wire against bf16's 89%.
 CASES["standard_fp8_cr16"] = _case(fp8=True, CHUNK_ROWS="16")
 CASES["standard_fp8_sms48_cr16"] = _case(fp8=True, sms=48, CHUNK_ROWS="16")
+# 12 SMs with the pushing receivers: 32-row chunks there (458 KB of bf16 rows an item, which a
+# plain-store warp moves several times slower than a ring: push 8 lost, 547 us against 525 with
+# 4), so 16-row chunks, and 2 pushing warps.
+CASES["standard_sms12_cr16"] = _case(sms=12, CHUNK_ROWS="16")
+CASES["standard_sms12_push2"] = _case(sms=12, RECV_PUSH="2")

@@ -217,9 +217,9 @@ case "${PART:-tests}" in
     # at 48 SMs 290); combine_weights default / *_wlanes (prediction: 24 SMs ~580 -> 535-545,
     # 48 SMs level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows
     # with fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24
-    # SMs 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16: -5 to -15 us?)
+    # SMs 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16: -5 to -15 us?); 12 SMs with 16-row chunks or 2 pushing warps
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt/g)"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard,standard_nopush,standard_wlanes,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard_sms12_cr16,standard_sms12_push2,standard,standard_nopush,standard_wlanes,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
       timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
