@@ -211,13 +211,14 @@ case "${PART:-tests}" in
       "${S27_K:-((static_big_rows or static_fp8_rows) and (default or no_push)) or (torch_gpu_matches and (default or weights_lanes) and g4_) or (torch_gpu_matches and (default or reduce_batch) and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
       "${STEP_TIMEOUT_TEST:-420}"
     ;;
-  s27b)  # (~3 min) the link probe (6 / 8 bulk warps with 2-3 stages, session 26), then session
-    # 26's A/B, one build after s27t: static dispatch default / *_nopush at 12, 24,
-    # 48 SMs and FP8 at 24 and 48 (prediction: run 140's push4 figures, 525 / 507 / 502 us, FP8
-    # at 48 SMs 290); combine_weights default / *_wlanes (prediction: 24 SMs ~580 -> 535-545,
-    # 48 SMs level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows
-    # with fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24
-    # SMs 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16: -5 to -15 us?); 12 SMs with 16-row chunks or 2 pushing warps
+  s27b)  # (~3 min) the link probe (6 / 8 bulk warps with 3 stages, session 26), then session
+    # 26's A/B, one build after s27t: static dispatch default / *_nopush at 12, 24, 48 SMs and
+    # FP8 at 24 and 48 (prediction: run 140's push4 figures, 525 / 507 / 502 us, FP8 at 48 SMs
+    # 290); combine_weights default / *_wlanes (prediction: 24 SMs ~580 -> 535-545, 48 SMs
+    # level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows with
+    # fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24 SMs
+    # 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16); 12 SMs with 16-row
+    # chunks or 2 pushing warps (*_cr16, *_push2)
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt/g)"
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard_sms12_cr16,standard_sms12_push2,standard,standard_nopush,standard_wlanes,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
