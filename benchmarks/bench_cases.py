@@ -315,3 +315,7 @@ CASES["standard_fp8_sms48_cr16"] = _case(fp8=True, sms=48, CHUNK_ROWS="16")
 # 4), so 16-row chunks, and 2 pushing warps.
 CASES["standard_sms12_cr16"] = _case(sms=12, CHUNK_ROWS="16")
 CASES["standard_sms12_push2"] = _case(sms=12, RECV_PUSH="2")
+# The flag waits' first load relaxed, then an acquire once up (FUSED_A2A_CUDA_WAIT=relaxed, before
+# session 26), against an acquire first (one round trip where the flag is already up).
+for _name, _base in _STANDARD_BY_SMS:
+    CASES[f"{_name}_wrelaxed"] = _case(**_base, WAIT="relaxed")

@@ -205,8 +205,9 @@ case "${PART:-tests}" in
     # as the default (4 a block; FP8 rows without the records kernel when they push; tested with
     # the setting in runs 140-141) and without them (no_push); the combine's weights through the
     # senders' rings (the dispatch backward) and by the lanes (weights_lanes); EP 2's reducers
-    # with 8 vectors a source a step and 4 (reduce_batch); the JAX suite, torch against JAX, the
-    # same bits. Each change has its own knob, so a failure names its change
+    # with 8 vectors a source a step and 4 (reduce_batch); the flag waits' acquire first (every
+    # test; FUSED_A2A_CUDA_WAIT=relaxed restores the old first load); the JAX suite, torch against
+    # JAX, the same bits. Each change has its own knob, so a failure names its change
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
       "${S27_K:-((static_big_rows or static_fp8_rows) and (default or no_push)) or (torch_gpu_matches and (default or weights_lanes) and g4_) or (torch_gpu_matches and (default or reduce_batch) and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
       "${STEP_TIMEOUT_TEST:-420}"
@@ -218,10 +219,10 @@ case "${PART:-tests}" in
     # level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows with
     # fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24 SMs
     # 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16); 12 SMs with 16-row
-    # chunks or 2 pushing warps (*_cr16, *_push2)
+    # chunks or 2 pushing warps (*_cr16, *_push2); the flag waits' relaxed first load (*_wrelaxed)
     STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt/g)"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard_sms12_cr16,standard_sms12_push2,standard,standard_nopush,standard_wlanes,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard_sms12_cr16,standard_sms12_push2,standard,standard_nopush,standard_wlanes,standard_wrelaxed,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_sms48_wrelaxed,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_wrelaxed,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
       timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;

@@ -49,7 +49,8 @@ struct CombineParams {
   bool bulk_weights;  // the weights through the rings where aligned (combine_weights_env)
   uint32_t stage_bytes;
   bool flag_fence_sc;
-  int loads_ahead;  // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
+  bool wait_acquire_first;  // LaunchConfig's
+  int loads_ahead;          // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
   // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
   // kernel runs the second (every cum[d][t]).
   ScanPass2 scan2;
@@ -495,7 +496,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint8_t* ctrl = p.peers[r];
   LocalState* ls = local_state(ctrl);
-  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, kOpCombine, r};
+  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, kOpCombine, r, p.wait_acquire_first};
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);
   if (tid == 0) {
     sh.t0 = globaltimer();
@@ -663,6 +664,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.wait_acquire_first = cfg.wait_acquire_first;
   p.loads_ahead = cfg.loads_ahead;
   p.scan2 = scan2;
   p.trace = st.trace;

@@ -168,6 +168,7 @@ struct WaitCtx {
   unsigned long long timeout_ns;
   int op;
   int rank;
+  bool acquire_first = false;  // wait_until's first load (LaunchConfig::wait_acquire_first)
 };
 
 // Programmatic dependent launch (FUSED_A2A_CUDA_PDL=1, launch_kernel): a kernel launched with
@@ -274,10 +275,14 @@ __device__ inline void report_timeout(const WaitCtx& ctx, int phase, int peer) {
 
 // Spin until done(*flag), then acquire it once (the caller's later reads are ordered after the
 // peer's release). The spin itself uses relaxed loads: see ld_relaxed_sys. Returns false on a
-// timeout (reported) or an abort elsewhere.
+// timeout (reported) or an abort elsewhere. ctx.acquire_first: the first load is the acquire, so
+// a flag that is already up costs one round trip instead of two (a combine reducer waits on a new
+// chunk's flag at almost every token: its tokens are 288 apart at 24 SMs), at the price of one
+// more L1 invalidation where it is not up yet.
 template <typename Done>
 __device__ inline bool wait_until(const unsigned long long* flag, Done&& done, const WaitCtx& ctx,
                                   int phase, int peer) {
+  if (ctx.acquire_first && done(ld_acquire_sys(flag))) return true;
   if (!done(ld_relaxed_sys(flag))) {
     const unsigned long long start = globaltimer();
     for (unsigned int it = 1; !done(ld_relaxed_sys(flag)); ++it) {

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   uint8_t* ctrl = p.peers[r];
   LocalState* ls = local_state(ctrl);
-  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, p.op, r};
+  const WaitCtx ctx{ls, p.host_error, p.timeout_ns, p.op, r, p.wait_acquire_first};
   const SmemLayout L = smem_layout(p.lpr, p.send_warps, p.tma, p.stages, p.stage_bytes,
                                    p.staging_rows, p.meta_words);
   int* s_hist = reinterpret_cast<int*>(smem + L.hist);
@@ -592,6 +592,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
+  p.wait_acquire_first = cfg.wait_acquire_first;
   p.loads_ahead = cfg.loads_ahead;
   p.trace = pr.st->trace;
   p.ablate = ablate_env();

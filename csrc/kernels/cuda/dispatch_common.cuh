@@ -89,6 +89,7 @@ struct DispatchParams {
   int push_warps;
   uint32_t stage_bytes;
   bool flag_fence_sc;
+  bool wait_acquire_first;    // LaunchConfig's
   int loads_ahead;            // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
   unsigned long long* trace;  // host-mapped phase times or null (state.h, kTraceSlots)
   // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this

@@ -296,6 +296,7 @@ LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, s
   c.flag_fence_sc = !env_is("FUSED_A2A_CUDA_FLAG_FENCE", "release");
   c.loads_ahead = env_int("FUSED_A2A_CUDA_LOADS_AHEAD", 0);
   c.lean_chunk_end = env_is("FUSED_A2A_CUDA_CHUNK_END", "lean");
+  c.wait_acquire_first = !env_is("FUSED_A2A_CUDA_WAIT", "relaxed");
   const size_t extra = fixed_smem + 128 * 4 + per_send_warp * c.send_warps +
                        per_recv_warp * c.recv_warps + 128 * c.send_warps;
   const size_t reserve = 8192;  // static shared memory of the kernels, and slack

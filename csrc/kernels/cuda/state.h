@@ -197,6 +197,9 @@ struct LaunchConfig {
   // TmaPipe::end_chunk releases a pending chunk once its own writes are complete, not all of the
   // warp's (FUSED_A2A_CUDA_CHUNK_END=lean; session 10, lost in run 50)
   bool lean_chunk_end = false;
+  // The flag waits' first load an acquire (FUSED_A2A_CUDA_WAIT=acquire, the default since session
+  // 26; "relaxed": a relaxed load, then an acquire once the flag is up, as before)
+  bool wait_acquire_first = true;
 };
 // Blocks of a communication kernel: num_sms (0: 24; FUSED_A2A_CUDA_BLOCKS overrides), at most
 // the device's SMs.
