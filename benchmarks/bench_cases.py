@@ -297,11 +297,11 @@ for _name, _base in _STANDARD_BY_SMS:
 CASES["standard_fp8_sms48_nopush"] = _case(fp8=True, sms=48, RECV_PUSH="0")
 CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")
 for _name, _base in _STANDARD_BY_SMS:
-    # The combine's weights (the dispatch backward's, timed as combine_weights) stored by the
-    # lanes with a system fence before each chunk's flag (FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes,
-    # before session 26), against one more piece of the rings (runs 142-143: the dispatch
-    # backward at 24 SMs 581 us, the combine 532).
-    CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
+    # The combine's weights (the dispatch backward's, timed as combine_weights) as one more piece
+    # of the senders' rings (FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk, session 26), against the lanes'
+    # stores with a system fence before each chunk's flag (the default; runs 142-143: the dispatch
+    # backward at 24 SMs 581 us, the combine 532; EP 2 runs 148-149: the rings lost, 252 / 246).
+    CASES[f"{_name}_wbulk"] = _case(**_base, COMBINE_WEIGHTS="bulk")
     # EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
     # session 26) against 8 (reduce_row_once, the default on 2 ranks): for BENCH_CASES_EP2.
     CASES[f"{_name}_rbatch"] = _case(**_base, REDUCE="batch")
@@ -319,3 +319,13 @@ CASES["standard_sms12_push2"] = _case(sms=12, RECV_PUSH="2")
 # session 26), against an acquire first (one round trip where the flag is already up).
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_wrelaxed"] = _case(**_base, WAIT="relaxed")
+# Session 27 (2x H200, EP 2, runs 149-150): FP8 at 24 SMs 195-196 us in 8-row chunks, 175-177 in
+# 16, while at 48 SMs 16 rows lost (139 -> 144): the chunk rows of FP8 rows by SM count.
+for _sms in (16, 24, 32, 48):
+    for _rows in (8, 16, 32):
+        CASES[f"fp8_sms{_sms}_cr{_rows}"] = _case(fp8=True, sms=_sms, CHUNK_ROWS=str(_rows))
+# EP 2's combine has one peer to send to: fewer sender warps, more reducers (the dispatch takes
+# the same split in these cases).
+for _name, _base in _STANDARD_BY_SMS:
+    CASES[f"{_name}_sw2"] = _case(**_base, SEND_WARPS="2", RECV_WARPS="14")
+    CASES[f"{_name}_sw3"] = _case(**_base, SEND_WARPS="3", RECV_WARPS="13")

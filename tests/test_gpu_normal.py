@@ -129,9 +129,9 @@ OWN_ROWS = {
     # receiver warps pushing rows too (session 25), own rows by the senders' items and so by the
     # pushing receivers too
     "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "send"},
-    # the combine's weights (the dispatch backward's) stored by the lanes with a fence before
-    # each chunk's flag, as before session 26, instead of through the rings (K % 4 == 0 cases)
-    "weights_lanes": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "lanes"},
+    # the combine's weights (the dispatch backward's) through the senders' rings (session 26;
+    # K % 4 == 0 cases) instead of stored by the lanes with a fence before each chunk's flag
+    "weights_bulk": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "bulk"},
     # on 2 ranks the combine's reducers with 4 vectors a source a step, as on more ranks (before
     # session 26; by default 8 there: reduce_row_once)
     "reduce_batch": {"FUSED_A2A_CUDA_REDUCE": "batch"},

@@ -14,10 +14,9 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s27t (~9 min) and s27b (~3 min): session 26's changes (the pushing receivers as the
-#       default, the combine's weights through the rings, EP 2's reducers): tests, then A/B
+#   PART=s27e (~6 min, 2 GPUs): EP 2's FP8 chunk rows, the combine's sender warps, traces
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s26p: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s27b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,29 +200,18 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s27t)  # (~9 min) session 26's three compile-checked changes, tests: the pushing receiver warps
-    # as the default (4 a block; FP8 rows without the records kernel when they push; tested with
-    # the setting in runs 140-141) and without them (no_push); the combine's weights through the
-    # senders' rings (the dispatch backward) and by the lanes (weights_lanes); EP 2's reducers
-    # with 8 vectors a source a step and 4 (reduce_batch); the flag waits' acquire first (every
-    # test; FUSED_A2A_CUDA_WAIT=relaxed restores the old first load); the JAX suite, torch against
-    # JAX, the same bits. Each change has its own knob, so a failure names its change
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S27_K:-((static_big_rows or static_fp8_rows) and (default or no_push)) or (torch_gpu_matches and (default or weights_lanes) and g4_) or (torch_gpu_matches and (default or reduce_batch) and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-420}"
-    ;;
-  s27b)  # (~3 min) the link probe (6 / 8 bulk warps with 3 stages, session 26), then session
-    # 26's A/B, one build after s27t: static dispatch default / *_nopush at 12, 24, 48 SMs and
-    # FP8 at 24 and 48 (prediction: run 140's push4 figures, 525 / 507 / 502 us, FP8 at 48 SMs
-    # 290); combine_weights default / *_wlanes (prediction: 24 SMs ~580 -> 535-545, 48 SMs
-    # level); EP 2's combine default / *_rbatch at 12, 24, 48 SMs (prediction: it slows with
-    # fewer SMs, 250 / 278 / 375 us, while its dispatch holds at 210, so reducer-bound: 24 SMs
-    # 278 -> 235-250, 12 SMs 375 -> 290-320); FP8 in 16-row chunks (*_cr16); 12 SMs with 16-row
-    # chunks or 2 pushing warps (*_cr16, *_push2); the flag waits' relaxed first load (*_wrelaxed)
-    STEPS=probe bash tools/gpu_check.sh | grep -E "probe: rc|barrier.*(bulk |bulk\+simt/g)"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopush,standard_sms12_wlanes,standard_sms12_cr16,standard_sms12_push2,standard,standard_nopush,standard_wlanes,standard_wrelaxed,standard_sms48,standard_sms48_nopush,standard_sms48_wlanes,standard_sms48_wrelaxed,standard_fp8,standard_fp8_nopush,standard_fp8_cr16,standard_fp8_sms48,standard_fp8_sms48_nopush,standard_fp8_sms48_cr16} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopush,standard_rbatch,standard_wrelaxed,standard_sms12,standard_sms12_rbatch,standard_sms48,standard_sms48_rbatch} \
-      timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+  s27e)  # (~6 min on 2 GPUs) EP 2 after runs 147-150: FP8 rows' chunk rows by SM count
+    # (fp8_sms{16,24,32,48}_cr{8,16,32}; run 149: 24 SMs 196 us at 8 rows, 176 at 16, 48 SMs
+    # 139 at 8, 144 at 16), the combine with 2 / 3 sender warps (*_sw2, *_sw3: one peer to send
+    # to, more reducers), then the traced build's dispatch and combine at 24 and 48 SMs (where
+    # the combine's ~25 us over the dispatch goes at EP 2)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    fp8=$(for s in 16 24 32 48; do for c in 8 16 32; do printf "fp8_sms%s_cr%s," $s $c; done; done)
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-${fp8}standard,standard_sw2,standard_sw3,standard_sms12,standard_sms12_sw2,standard_sms48,standard_sms48_sw2} \
+      BENCH_CASES_EP2= timeout 300 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
+    mv "$OUT/bench.json" "$OUT/bench_ab.json"
+    TRACE_CASES=${TRACE_CASES:-standard,standard_sms48} bash tools/gpu_diag_trace.sh
     rm -f "$OUT/build.log"
     ;;
   *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27t or s27b" >&2

@@ -484,7 +484,10 @@ int recv_push_env() { return std::max(0, env_int("FUSED_A2A_CUDA_RECV_PUSH", 4))
 // Session 8 (4x H100, EP 4, standard): combine 597 us dealt, 537 claimed, NCCL 561.
 bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 0; }
 
-bool combine_weights_bulk_env() { return !env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes"); }
+// Session 27 (2x H200, EP 2, standard, runs 148-149): the dispatch backward's combine at 24 SMs
+// 252.3-253.3 us through the rings against 245.2-246.1 by the lanes; level at 12 and 48 SMs.
+// Unmeasured at EP 4 (no 4-GPU machine lent then), so the lanes stay the default.
+bool combine_weights_bulk_env() { return env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "bulk"); }
 bool reduce_few_env() { return !env_is("FUSED_A2A_CUDA_REDUCE", "batch"); }
 
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }

@@ -289,9 +289,9 @@ int recv_items_env(int blocks);
 // SMs 328 -> 353 GB/s with 4 + 4 warps), then claim receiver items.
 int recv_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
-// FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk (default) | lanes: the combine's weights (the dispatch
-// backward's) as one more piece of the senders' rings where they are 16-byte aligned spans, or
-// stored by the lanes with a system fence before each chunk's flag (before session 26)
+// FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes (default) | bulk: the combine's weights (the dispatch
+// backward's) stored by the lanes with a system fence before each chunk's flag, or as one more
+// piece of the senders' rings where they are 16-byte aligned spans (session 26; lost at EP 2)
 bool combine_weights_bulk_env();
 // FUSED_A2A_CUDA_REDUCE=few (default) | batch: on 2 ranks the combine's rows reduced with 8
 // vectors a source a lane in one step (combine.cu, reduce_row_once), or 4 as on more ranks
