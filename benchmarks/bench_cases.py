@@ -329,3 +329,7 @@ for _sms in (16, 24, 32, 48):
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_sw2"] = _case(**_base, SEND_WARPS="2", RECV_WARPS="14")
     CASES[f"{_name}_sw3"] = _case(**_base, SEND_WARPS="3", RECV_WARPS="13")
+# The combine's own sender warps (FUSED_A2A_CUDA_COMBINE_SEND_WARPS; on 2 ranks 3 below 48 SMs, 2
+# from 48 since session 27): 4, as the dispatch's and as before.
+for _name, _base in _STANDARD_BY_SMS:
+    CASES[f"{_name}_csw4"] = _case(**_base, COMBINE_SEND_WARPS="4")

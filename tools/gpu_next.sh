@@ -14,7 +14,8 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s27e (~6 min, 2 GPUs): EP 2's FP8 chunk rows, the combine's sender warps, traces
+#   PART=s27e (~6 min, 2 GPUs): EP 2's FP8 chunk rows, the combine's sender warps, traces;
+#       PART=s27f (~6 min): the tests and A/B of the two defaults s27e chose
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
 # parts of earlier sessions (s7 ... s27b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
@@ -201,10 +202,8 @@ case "${PART:-tests}" in
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
   s27e)  # (~6 min on 2 GPUs) EP 2 after runs 147-150: FP8 rows' chunk rows by SM count
-    # (fp8_sms{16,24,32,48}_cr{8,16,32}; run 149: 24 SMs 196 us at 8 rows, 176 at 16, 48 SMs
-    # 139 at 8, 144 at 16), the combine with 2 / 3 sender warps (*_sw2, *_sw3: one peer to send
-    # to, more reducers), then the traced build's dispatch and combine at 24 and 48 SMs (where
-    # the combine's ~25 us over the dispatch goes at EP 2)
+    # (fp8_sms{16,24,32,48}_cr{8,16,32}), the combine with 2 / 3 sender warps (*_sw2, *_sw3),
+    # then the traced build's dispatch and combine at 24 and 48 SMs (run 151)
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
     fp8=$(for s in 16 24 32 48; do for c in 8 16 32; do printf "fp8_sms%s_cr%s," $s $c; done; done)
     STEPS=bench BENCH_CASES=${BENCH_CASES:-${fp8}standard,standard_sw2,standard_sw3,standard_sms12,standard_sms12_sw2,standard_sms48,standard_sms48_sw2} \
@@ -212,6 +211,18 @@ case "${PART:-tests}" in
       | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
     mv "$OUT/bench.json" "$OUT/bench_ab.json"
     TRACE_CASES=${TRACE_CASES:-standard,standard_sms48} bash tools/gpu_diag_trace.sh
+    rm -f "$OUT/build.log"
+    ;;
+  s27f)  # (~6 min on 2 GPUs) runs 151-152's two defaults: FP8 rows' chunks (32 / 16 / 8 rows below
+    # 24 / below 48 / from 48 SMs) and EP 2's combine sender warps (3 below 48 SMs, 2 from 48):
+    # the tests touching them, then their A/B against the old settings (fp8_sms*_cr*, *_csw4;
+    # at 16 SMs the new default is fp8_sms16_cr32)
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
+      "${S27_K:-(static_fp8_rows and default) or (static_big_rows and one-round-default) or (torch_gpu_matches and default and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or (torch_vs_jax_bitwise and direct)}" \
+      "${STEP_TIMEOUT_TEST:-300}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_csw4,standard,standard_csw4,standard_sms48,standard_sms48_csw4,fp8_sms16_cr32,fp8_sms16_cr16,standard_fp8,fp8_sms24_cr8,standard_fp8_sms32,fp8_sms32_cr8,standard_fp8_sms48,fp8_sms48_cr16} \
+      BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh \
+      | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
   *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27t or s27b" >&2

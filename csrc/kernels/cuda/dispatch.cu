@@ -403,7 +403,7 @@ DispatchGeometry dispatch_geometry(const CudaState& st, const Buffer& buffer,
   DispatchGeometry g;
   g.window = std::max(std::min(R, kMaxFlagRows * (kNumFlags - kMaxRanks)), 1ll);
   const int blocks = comm_blocks(st, a.num_sms);
-  g.max_chunk = std::max(1, std::min(64, dispatch_chunk_rows(blocks)));
+  g.max_chunk = std::max(1, std::min(64, dispatch_chunk_rows(blocks, f.nsc > 0)));
   g.warps2 = chunks_per_warp_env() * blocks * send_warps_env();
   return g;
 }

@@ -286,11 +286,12 @@ int send_warps_env() {
 }
 
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
-                           size_t per_send_warp, size_t per_recv_warp) {
+                           size_t per_send_warp, size_t per_recv_warp, int send_warps) {
   LaunchConfig c;
   c.blocks = comm_blocks(st, num_sms);
-  c.send_warps = send_warps_env();
-  c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", 12));
+  c.send_warps = send_warps > 0 ? std::min(kMaxThreads / 32 - 1, send_warps) : send_warps_env();
+  const int recv_default = send_warps > 0 ? kMaxThreads / 32 - c.send_warps : 12;
+  c.recv_warps = std::max(1, env_int("FUSED_A2A_CUDA_RECV_WARPS", recv_default));
   c.recv_warps = std::min(c.recv_warps, kMaxThreads / 32 - c.send_warps);
   c.tma = !env_is("FUSED_A2A_CUDA_COPY", "simt");
   c.flag_fence_sc = !env_is("FUSED_A2A_CUDA_FLAG_FENCE", "release");
@@ -358,8 +359,23 @@ int chunk_rows_env(int unset) {  // the dispatch's and the combine's largest chu
 // latencies: its list, two batches of words) is not hidden by its pushes: 26% of a 12-SM sender
 // warp's loop in run 124's traces, 12% at 48 SMs. The combine keeps chunk_rows_env() (12 SMs:
 // 600 us at 8 rows, 624 at 16, 653 at 32).
-int dispatch_chunk_rows(int blocks) {
+// FP8 rows (7 KB at H = 7168, half of bf16's for the same per-chunk and per-row work), session 27
+// (2x H200, EP 2, runs 151-152, 8 / 16 / 32 rows): 16 SMs 272 / 233 / 205 us, 24 SMs 196 / 176 /
+// 182, 32 SMs 165 / 156-161 / 165, 48 SMs 139-163 / 144-166 / 165: twice the rows below 48 SMs.
+int dispatch_chunk_rows(int blocks, bool fp8) {
+  if (fp8) return chunk_rows_env(blocks < 24 ? 32 : blocks < 48 ? 16 : 8);
   return chunk_rows_env(blocks <= 12 ? 32 : blocks < 24 ? 16 : 8);
+}
+
+// Session 27 (2x H200, EP 2, standard, runs 151-152; SEND_WARPS / RECV_WARPS for both ops): the
+// combine at 12 SMs 318 us with 4 sender warps, 308 with 3, 362 with 2; 24 SMs 239 / 231 / 239;
+// 48 SMs 226 / 218 / 212. One peer to send to, and the reducers bound it: more of them. EP 4's
+// combine sends to 3 peers (unmeasured there: 4 as before).
+int combine_send_warps(int num_ranks, int blocks) {
+  const int v = env_int("FUSED_A2A_CUDA_COMBINE_SEND_WARPS", 0);
+  if (v > 0) return v;
+  if (num_ranks != 2 || std::getenv("FUSED_A2A_CUDA_SEND_WARPS") != nullptr) return 0;
+  return blocks >= 48 ? 2 : 3;
 }
 
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,

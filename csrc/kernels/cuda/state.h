@@ -206,8 +206,14 @@ struct LaunchConfig {
 int comm_blocks(const CudaState& st, int num_sms);
 int send_warps_env();  // FUSED_A2A_CUDA_SEND_WARPS (4), at most kMaxThreads / 32 - 1
 // Shared memory besides the copy stages: fixed bytes, and bytes per sender / receiver warp.
+// send_warps > 0: the caller's sender warps a block (combine_send_warps), and the receiver warps
+// fill the block unless FUSED_A2A_CUDA_RECV_WARPS is set; 0: send_warps_env() and 12 receivers.
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
-                           size_t per_send_warp, size_t per_recv_warp);
+                           size_t per_send_warp, size_t per_recv_warp, int send_warps = 0);
+// The combine's sender warps a block for launch_config: FUSED_A2A_CUDA_COMBINE_SEND_WARPS; unset,
+// on 2 ranks without FUSED_A2A_CUDA_SEND_WARPS, 3 below 48 SMs and 2 from 48; else 0 (the same
+// as the dispatch's).
+int combine_send_warps(int num_ranks, int blocks);
 
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
@@ -215,8 +221,8 @@ bool env_is(const char* name, const char* value);  // the environment variable i
 // `unset` (the combine's 8)
 int chunk_rows_env(int unset = 8);
 // The dispatch's largest chunk on `blocks` SMs: FUSED_A2A_CUDA_CHUNK_ROWS, else 32 / 16 / 8 rows
-// up to 12 / below 24 / from 24 SMs
-int dispatch_chunk_rows(int blocks);
+// up to 12 / below 24 / from 24 SMs; FP8 rows (fp8): 32 below 24, 16 below 48, 8 from 48
+int dispatch_chunk_rows(int blocks, bool fp8);
 // FUSED_A2A_CUDA_CHUNKS_PER_WARP: about the chunks a sender warp gets when chunks are below the
 // largest size, default 1 since session 13 (2 before; small N: fewer, larger chunks mean fewer
 // serial write-completion waits per warp)
