@@ -370,12 +370,14 @@ int dispatch_chunk_rows(int blocks, bool fp8) {
 // Session 27 (2x H200, EP 2, standard, runs 151-152; SEND_WARPS / RECV_WARPS for both ops): the
 // combine at 12 SMs 318 us with 4 sender warps, 308 with 3, 362 with 2; 24 SMs 239 / 231 / 239;
 // 48 SMs 226 / 218 / 212. One peer to send to, and the reducers bound it: more of them. EP 4's
-// combine sends to 3 peers (unmeasured there: 4 as before).
-int combine_send_warps(int num_ranks, int blocks) {
+// combine sends to 3 peers (unmeasured there: 4 as before). With weights (run 153), whose
+// stores the senders' lanes add to each chunk: 12 SMs 344 us with 4, 361 with 3; 24 SMs 246 / 257;
+// 48 SMs 240 with 4, 230 with 2.
+int combine_send_warps(int num_ranks, int blocks, bool weights) {
   const int v = env_int("FUSED_A2A_CUDA_COMBINE_SEND_WARPS", 0);
   if (v > 0) return v;
   if (num_ranks != 2 || std::getenv("FUSED_A2A_CUDA_SEND_WARPS") != nullptr) return 0;
-  return blocks >= 48 ? 2 : 3;
+  return blocks >= 48 ? 2 : weights ? 0 : 3;
 }
 
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,
