@@ -209,10 +209,11 @@ def _run_case(name, cfg, rank, world, iters, warmup, graphs):
         res["exact"] &= bool(same_rows and torch.equal(rs8, _block_amax(rx2)))
     if os.environ.get("FUSED_A2A_CUDA_TRACE"):
         res["trace"] = _trace_one(static_dispatch, gid, grank, sms)
-        if "combine" in timed:
-            res["trace_combine"] = _trace_one(
-                combine, gid, grank, sms, (TRACE_COMBINE_SENDER, TRACE_COMBINE_REDUCER)
-            )
+        for key in ("combine", "combine_weights"):  # the latter: the dispatch backward's
+            if key in timed:
+                res[f"trace_{key}"] = _trace_one(
+                    timed[key], gid, grank, sms, (TRACE_COMBINE_SENDER, TRACE_COMBINE_REDUCER)
+                )
     if os.environ.get("FA2A_BENCH_KERNELS"):
         res["kernels"] = {
             key: _kernel_times(timed[key])
@@ -347,8 +348,9 @@ def _summarize(per_rank):
     out["exact_all_ranks"] = all(r["exact"] for r in per_rank)
     if "trace" in first:
         out["trace_per_rank"] = [r["trace"] for r in per_rank]
-    if "trace_combine" in first:
-        out["trace_combine_per_rank"] = [r["trace_combine"] for r in per_rank]
+    for key in ("trace_combine", "trace_combine_weights"):
+        if key in first:
+            out[f"{key}_per_rank"] = [r[key] for r in per_rank]
     if "kernels" in first:
         out["kernels_per_rank"] = [r["kernels"] for r in per_rank]
     recv_b = [r["num_recv"] * r["row_bytes"] for r in per_rank]

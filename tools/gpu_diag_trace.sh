@@ -17,10 +17,11 @@ python3 - "$OUT/bench.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
     us = {k: r.get(k + "_us") for k in ("static_dispatch", "static_dispatch_graph", "cached_dispatch",
-                                        "combine")}
+                                        "combine", "combine_weights")}
     print(f"  trace {r['case']}: {us}")
     # the dispatch's trace, then the combine's (session 25), rank 0's and every rank's finish
-    for key, op in (("trace_per_rank", "dispatch"), ("trace_combine_per_rank", "combine")):
+    for key, op in (("trace_per_rank", "dispatch"), ("trace_combine_per_rank", "combine"),
+                    ("trace_combine_weights_per_rank", "combine_weights")):
         ranks = r.get(key, [{}])
         t = ranks[0]
         print(f"    {op} rank 0:")
