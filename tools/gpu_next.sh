@@ -225,6 +225,6 @@ case "${PART:-tests}" in
       | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27t or s27b" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27e or s27f" >&2
     exit 2 ;;
 esac
