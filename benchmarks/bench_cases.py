@@ -333,3 +333,9 @@ for _name, _base in _STANDARD_BY_SMS:
 # from 48 since session 27): 4, as the dispatch's and as before.
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_csw4"] = _case(**_base, COMBINE_SEND_WARPS="4")
+    # and 3 (at EP 4, where the default stays 4: its combine unmeasured with fewer)
+    CASES[f"{_name}_csw3"] = _case(**_base, COMBINE_SEND_WARPS="3")
+# The combine's reducers without the L2 prefetch of their next token's rows
+# (FUSED_A2A_CUDA_REDUCE_PREFETCH=0; on by default since session 27, compile-checked there).
+for _name, _base in _STANDARD_BY_SMS:
+    CASES[f"{_name}_nopf"] = _case(**_base, REDUCE_PREFETCH="0")

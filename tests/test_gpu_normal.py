@@ -135,6 +135,8 @@ OWN_ROWS = {
     # on 2 ranks the combine's reducers with 4 vectors a source a step, as on more ranks (before
     # session 26; by default 8 there: reduce_row_once)
     "reduce_batch": {"FUSED_A2A_CUDA_REDUCE": "batch"},
+    # the combine's reducers without their next token's L2 prefetch (session 27's default: with)
+    "no_prefetch": {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "0"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
     # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
     # combine's backward, with no notify before it, keeps the message

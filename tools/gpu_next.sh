@@ -14,10 +14,10 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s27e (~6 min, 2 GPUs): EP 2's FP8 chunk rows, the combine's sender warps, traces;
-#       PART=s27f (~6 min): the tests and A/B of the two defaults s27e chose
+#   PART=s28t (~8 min) and s28b (~4 min): the reducers' L2 prefetch (branch s28) and session 27's
+#       EP 2 defaults at EP 4: tests, then A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s27b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s27f: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,30 +201,26 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s27e)  # (~6 min on 2 GPUs) EP 2 after runs 147-150: FP8 rows' chunk rows by SM count
-    # (fp8_sms{16,24,32,48}_cr{8,16,32}), the combine with 2 / 3 sender warps (*_sw2, *_sw3),
-    # then the traced build's dispatch and combine at 24 and 48 SMs (run 151)
-    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    fp8=$(for s in 16 24 32 48; do for c in 8 16 32; do printf "fp8_sms%s_cr%s," $s $c; done; done)
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-${fp8}standard,standard_sw2,standard_sw3,standard_sms12,standard_sms12_sw2,standard_sms48,standard_sms48_sw2} \
-      BENCH_CASES_EP2= timeout 300 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |combine |nccl" | cut -c1-110
-    mv "$OUT/bench.json" "$OUT/bench_ab.json"
-    TRACE_CASES=${TRACE_CASES:-standard,standard_sms48} bash tools/gpu_diag_trace.sh
-    rm -f "$OUT/build.log"
-    ;;
-  s27f)  # (~6 min on 2 GPUs) runs 151-152's two defaults: FP8 rows' chunks (32 / 16 / 8 rows below
-    # 24 / below 48 / from 48 SMs) and EP 2's combine sender warps (3 below 48 SMs, 2 from 48):
-    # the tests touching them, then their A/B against the old settings (fp8_sms*_cr*, *_csw4;
-    # at 16 SMs the new default is fp8_sms16_cr32)
+  s28t)  # (~8 min at G = 4, build included) the tests of what sessions 26-27 changed and EP 4
+    # never ran: the reducers' L2 prefetch of their next token (branch s28, compile-checked; every
+    # combine), its no_prefetch variant, FP8 rows' 16-row chunks (the FP8 rows tests' default at
+    # 24 SMs), the acquire-first waits; the torch suite at every G, the JAX suite, torch against
+    # JAX, the same bits
     gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S27_K:-(static_fp8_rows and default) or (static_big_rows and one-round-default) or (torch_gpu_matches and default and 2-g2) or (jax_gpu_suite and direct-default) or same_bits or (torch_vs_jax_bitwise and direct)}" \
-      "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_csw4,standard,standard_csw4,standard_sms48,standard_sms48_csw4,fp8_sms16_cr32,fp8_sms16_cr16,standard_fp8,fp8_sms24_cr8,standard_fp8_sms32,fp8_sms32_cr8,standard_fp8_sms48,fp8_sms48_cr16} \
-      BENCH_CASES_EP2= timeout 200 bash tools/gpu_check.sh \
-      | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+      "${S28_K:-((static_big_rows or static_fp8_rows) and default) or (torch_gpu_matches and (default or no_prefetch)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
+      "${STEP_TIMEOUT_TEST:-480}"
+    ;;
+  s28b)  # (~4 min) A/B after s28t on the warm machine: the prefetch (*_nopf) at 12 / 24 / 48 SMs,
+    # prediction: combine at EP 4 24 SMs 532 -> 515-525, EP 2 231 -> 222-228; at EP 4 the
+    # session 27 defaults measured at EP 2 only: FP8 16-row chunks at 24 SMs (fp8_sms24_cr8: the
+    # old 8; prediction 366 -> 300-320 us with push), 8 at 48 (fp8_sms48_cr16), the weights
+    # through the rings (*_wbulk, the backward's 581 us at 24 SMs), the relaxed waits
+    # (*_wrelaxed), the combine with 3 sender warps (*_csw3); EP 2: the prefetch
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopf,standard,standard_nopf,standard_wbulk,standard_wrelaxed,standard_csw3,standard_sms48,standard_sms48_nopf,standard_sms48_csw3,standard_fp8,fp8_sms24_cr8,standard_fp8_sms48,fp8_sms48_cr16,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopf,standard_sms48,standard_sms48_nopf} \
+      timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s27e or s27f" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s28t or s28b" >&2
     exit 2 ;;
 esac

@@ -51,6 +51,7 @@ struct CombineParams {
   bool flag_fence_sc;
   bool wait_acquire_first;  // LaunchConfig's
   int loads_ahead;          // TmaPipe A (FUSED_A2A_CUDA_LOADS_AHEAD; 0: stages - 2)
+  bool reduce_prefetch;     // reducers prefetch their next token's rows to L2 (state.h)
   // fused_scan (kFusedScan kernels): route_mask_kernel ran the route scan's first pass and this
   // kernel runs the second (every cum[d][t]).
   ScanPass2 scan2;
@@ -396,6 +397,7 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
       const long long t_wait = WarpTrace::now();
       int good = 1;
       unsigned valid_bits[2] = {0u, 0u};
+      int next_j[2] = {0, 0}, next_end[2] = {0, 0}, next_base[2] = {0, 0};
       const uint8_t* my_src[2] = {nullptr, nullptr};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -404,6 +406,11 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
         const float* ws = nullptr;
         if (rho < G) {
           const int* c = p.cum + static_cast<size_t>(rho) * (N + 1);
+          if (p.reduce_prefetch && t + nrw < t1) {  // loaded now, used after this token's waits
+            next_j[h] = c[t + nrw];
+            next_end[h] = c[t + nrw + 1];
+            next_base[h] = c[t0];
+          }
           const int j = c[t];
           valid = c[t + 1] > j && j < sh.kept_from[rho];
           if (valid && rho == r) {
@@ -435,6 +442,22 @@ __device__ void reducer_role(const CombineParams& p, Shared& sh, uint8_t* smem, 
         break;
       }
       tr.add(0, t_wait);
+      // The next token's rows to L2 while this one is reduced, so that its reduce's steps after
+      // the first hit L2: a step (16 vectors a lane) took ~2.4-2.6 us in runs 141 and 151, a
+      // token 4 (EP 2) to 7 (EP 4) steps. A remote row not yet in is fetched again by its
+      // writes (L2 is where the peers' writes land), so an early prefetch costs bytes, not bits.
+      if (p.reduce_prefetch && t + nrw < t1) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int rho = lane + 32 * h;
+          if (rho < G && next_end[h] > next_j[h] && next_j[h] < sh.kept_from[rho]) {
+            const size_t row =
+                rho == r ? static_cast<size_t>(sh.off[r]) + next_j[h]
+                         : static_cast<size_t>(region_of(rho, r)) * W + (next_j[h] - next_base[h]);
+            bulk_prefetch_l2((rho == r ? p.y : data) + row * rb, static_cast<uint32_t>(rb));
+          }
+        }
+      }
       if (FA2A_CUDA_TRACE) {  // slot 5: the latest token with a remote row
         const int own = static_cast<int>((valid_bits[r >> 5] >> (r & 31)) & 1u);
         if (__popc(valid_bits[0]) + __popc(valid_bits[1]) > own) tr.stamp(5, sh.t0);
@@ -667,6 +690,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.wait_acquire_first = cfg.wait_acquire_first;
   p.loads_ahead = cfg.loads_ahead;
+  p.reduce_prefetch = reduce_prefetch_env();
   p.scan2 = scan2;
   p.trace = st.trace;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);

@@ -507,6 +507,7 @@ bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 
 // Unmeasured at EP 4 (no 4-GPU machine lent then), so the lanes stay the default.
 bool combine_weights_bulk_env() { return env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "bulk"); }
 bool reduce_few_env() { return !env_is("FUSED_A2A_CUDA_REDUCE", "batch"); }
+bool reduce_prefetch_env() { return env_int("FUSED_A2A_CUDA_REDUCE_PREFETCH", 1) != 0; }
 
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 

@@ -303,6 +303,9 @@ bool combine_weights_bulk_env();
 // vectors a source a lane in one step (combine.cu, reduce_row_once), or 4 as on more ranks
 // (before session 26)
 bool reduce_few_env();
+// FUSED_A2A_CUDA_REDUCE_PREFETCH=1 (default) | 0: the combine's reducers prefetch their next
+// token's rows to L2 (cp.async.bulk.prefetch) before reducing the current one (session 27)
+bool reduce_prefetch_env();
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
