@@ -339,3 +339,10 @@ for _name, _base in _STANDARD_BY_SMS:
 # (FUSED_A2A_CUDA_REDUCE_PREFETCH=0; on by default since session 27, compile-checked there).
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_nopf"] = _case(**_base, REDUCE_PREFETCH="0")
+# FP8 at 24 SMs in 16- / 32-row chunks with more sender warps (run 150, EP 2, 8-row chunks: 8
+# sender warps 190 us against 196 with 4; 6 lost, 204)
+for _rows in (16, 32):
+    for _send in (6, 8):
+        CASES[f"fp8_sms24_cr{_rows}_s{_send}"] = _case(
+            fp8=True, CHUNK_ROWS=str(_rows), SEND_WARPS=str(_send), RECV_WARPS=str(16 - _send)
+        )
