@@ -216,9 +216,9 @@ case "${PART:-tests}" in
     # old 8; prediction 366 -> 300-320 us with push), 8 at 48 (fp8_sms48_cr16), the weights
     # through the rings (*_wbulk, the backward's 581 us at 24 SMs), the relaxed waits
     # (*_wrelaxed), the combine with 3 sender warps (*_csw3), FP8 with 8 sender warps in 16- / 32-row
-    # chunks; EP 2: the prefetch
+    # chunks; EP 2: the prefetch, and 4 combine sender warps with it (*_csw4)
     STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopf,standard,standard_nopf,standard_wbulk,standard_wrelaxed,standard_csw3,standard_sms48,standard_sms48_nopf,standard_sms48_csw3,standard_fp8,fp8_sms24_cr8,fp8_sms24_cr16_s8,fp8_sms24_cr32_s8,standard_fp8_sms48,fp8_sms48_cr16,decode} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopf,standard_sms48,standard_sms48_nopf} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopf,standard_csw4,standard_sms48,standard_sms48_nopf} \
       timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
