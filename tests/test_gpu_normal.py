@@ -607,6 +607,8 @@ DETERMINISM_CONFIGS = (
     (24, 8, {"FUSED_A2A_CUDA_COMBINE_SEND_WARPS": "2"}),
     (16, 2, {"FUSED_A2A_CUDA_COMBINE_SEND_WARPS": "4"}),
     (24, 8, {"FUSED_A2A_CUDA_REDUCE": "batch"}),
+    # the reducers without the L2 prefetch of their next token's rows (on by default, branch s28)
+    (16, 8, {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "0"}),
 )
 
 
