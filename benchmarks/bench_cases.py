@@ -301,7 +301,10 @@ for _name, _base in _STANDARD_BY_SMS:
     # of the senders' rings (FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk, session 26), against the lanes'
     # stores with a system fence before each chunk's flag (the default; runs 142-143: the dispatch
     # backward at 24 SMs 581 us, the combine 532; EP 2 runs 148-149: the rings lost, 252 / 246).
+    # Since session 28 the rings are the default on more than 2 ranks (run 156, EP 4 24 SMs: 536.5
+    # us against 577.3), so *_wlanes forces the lanes.
     CASES[f"{_name}_wbulk"] = _case(**_base, COMBINE_WEIGHTS="bulk")
+    CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
     # EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
     # session 26) against 8 (reduce_row_once, the default on 2 ranks): for BENCH_CASES_EP2.
     CASES[f"{_name}_rbatch"] = _case(**_base, REDUCE="batch")
@@ -335,10 +338,12 @@ for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_csw4"] = _case(**_base, COMBINE_SEND_WARPS="4")
     # and 3 (at EP 4, where the default stays 4: its combine unmeasured with fewer)
     CASES[f"{_name}_csw3"] = _case(**_base, COMBINE_SEND_WARPS="3")
-# The combine's reducers without the L2 prefetch of their next token's rows
-# (FUSED_A2A_CUDA_REDUCE_PREFETCH=0; on by default since session 27, compile-checked there).
+# The combine's reducers without / with the L2 prefetch of their next token's rows
+# (FUSED_A2A_CUDA_REDUCE_PREFETCH; since session 28 on by default on 2 ranks only: run 156, EP 4
+# 12 SMs 634 us with, 579 without).
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_nopf"] = _case(**_base, REDUCE_PREFETCH="0")
+    CASES[f"{_name}_pf"] = _case(**_base, REDUCE_PREFETCH="1")
 # FP8 at 24 SMs in 16- / 32-row chunks with more sender warps (run 150, EP 2, 8-row chunks: 8
 # sender warps 190 us against 196 with 4; 6 lost, 204)
 for _rows in (16, 32):

@@ -14,10 +14,10 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s28t (~8 min) and s28b (~4 min): the reducers' L2 prefetch (branch s28) and session 27's
-#       EP 2 defaults at EP 4: tests, then A/B
+#   PART=s28c (~6 min): session 28's defaults by rank count (the combine's weights, the reducers'
+#       L2 prefetch): tests, then the A/B that confirms them
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s27f: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s28b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,27 +201,19 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s28t)  # (~8 min at G = 4, build included) the tests of what sessions 26-27 changed and EP 4
-    # never ran: the reducers' L2 prefetch of their next token (branch s28, compile-checked; every
-    # combine), its no_prefetch variant, FP8 rows' 16-row chunks (the FP8 rows tests' default at
-    # 24 SMs), the acquire-first waits; the torch suite at every G, the JAX suite, torch against
-    # JAX, the same bits
-    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_normal.py" \
-      "${S28_K:-((static_big_rows or static_fp8_rows) and default) or (torch_gpu_matches and (default or no_prefetch)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
-      "${STEP_TIMEOUT_TEST:-480}"
-    ;;
-  s28b)  # (~4 min) A/B after s28t on the warm machine: the prefetch (*_nopf) at 12 / 24 / 48 SMs,
-    # prediction: combine at EP 4 24 SMs 532 -> 515-525, EP 2 231 -> 222-228; at EP 4 the
-    # session 27 defaults measured at EP 2 only: FP8 16-row chunks at 24 SMs (fp8_sms24_cr8: the
-    # old 8; prediction 366 -> 300-320 us with push), 8 at 48 (fp8_sms48_cr16), the weights
-    # through the rings (*_wbulk, the backward's 581 us at 24 SMs), the relaxed waits
-    # (*_wrelaxed), the combine with 3 sender warps (*_csw3), FP8 with 8 sender warps in 16- / 32-row
-    # chunks; EP 2: the prefetch, and 4 combine sender warps with it (*_csw4)
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_nopf,standard,standard_nopf,standard_wbulk,standard_wrelaxed,standard_csw3,standard_sms48,standard_sms48_nopf,standard_sms48_csw3,standard_fp8,fp8_sms24_cr8,fp8_sms24_cr16_s8,fp8_sms24_cr32_s8,standard_fp8_sms48,fp8_sms48_cr16,decode} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_nopf,standard_csw4,standard_sms48,standard_sms48_nopf} \
-      timeout 300 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+  s28c)  # (~6 min at G = 4, build included) session 28's defaults by rank count (run 156: the
+    # combine's weights through the rings and no L2 prefetch on more than 2 ranks): the torch
+    # suite at every G by default and with each forced, the JAX suite, the same bits; then the A/B
+    # that confirms them (EP 4 and EP 2, 12 / 24 / 48 SMs) and the 48-SM combine's 3 sender warps
+    # at EP 4 (run 156: 516.6 against 523.3 us, one run)
+    gpu_tests "tests/test_gpu_normal.py" \
+      "${S28_K:-(torch_gpu_matches and (default or weights_lanes or weights_bulk or prefetch or no_prefetch)) or (jax_gpu_suite and direct-default) or same_bits}" \
+      "${STEP_TIMEOUT_TEST:-300}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_pf,standard,standard_wlanes,standard_pf,standard_sms48,standard_sms48_csw3,standard_sms48_pf,standard_fp8} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms12,standard_sms12_nopf,standard,standard_nopf,standard_wbulk,standard_sms48} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, s28t or s28b" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s28c" >&2
     exit 2 ;;
 esac

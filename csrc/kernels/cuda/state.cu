@@ -504,10 +504,20 @@ bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 
 
 // Session 27 (2x H200, EP 2, standard, runs 148-149): the dispatch backward's combine at 24 SMs
 // 252.3-253.3 us through the rings against 245.2-246.1 by the lanes; level at 12 and 48 SMs.
-// Unmeasured at EP 4 (no 4-GPU machine lent then), so the lanes stay the default.
-bool combine_weights_bulk_env() { return env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "bulk"); }
+// Session 28 (4x H200, EP 4, run 156): 24 SMs 536.5 us through the rings against 577.3 by the
+// lanes (three peers' chunks each carry their weights' stores and fence), level at 48.
+bool combine_weights_bulk(int num_ranks) {
+  if (env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "bulk")) return true;
+  if (env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes")) return false;
+  return num_ranks > 2;
+}
 bool reduce_few_env() { return !env_is("FUSED_A2A_CUDA_REDUCE", "batch"); }
-bool reduce_prefetch_env() { return env_int("FUSED_A2A_CUDA_REDUCE_PREFETCH", 1) != 0; }
+// Session 28 (run 156): the prefetch at EP 2 24 SMs 231.5 us against 234.1 without, 48 SMs 212.6
+// / 213.9; at EP 4 (3-4 sources a token, whose rows compete for L2 with the prefetched ones) 12
+// SMs 634 against 579, 24 SMs 534.6 / 532.3, 48 SMs 523.3 / 525.3: on 2 ranks only.
+bool reduce_prefetch(int num_ranks) {
+  return env_int("FUSED_A2A_CUDA_REDUCE_PREFETCH", num_ranks == 2 ? 1 : 0) != 0;
+}
 
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 
