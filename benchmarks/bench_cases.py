@@ -301,8 +301,8 @@ for _name, _base in _STANDARD_BY_SMS:
     # of the senders' rings (FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk, session 26), against the lanes'
     # stores with a system fence before each chunk's flag (the default; runs 142-143: the dispatch
     # backward at 24 SMs 581 us, the combine 532; EP 2 runs 148-149: the rings lost, 252 / 246).
-    # Since session 28 the rings are the default on more than 2 ranks (run 156, EP 4 24 SMs: 536.5
-    # us against 577.3), so *_wlanes forces the lanes.
+    # Since session 28 the rings are the default (run 156, EP 4 24 SMs: 536.5 us against 577.3),
+    # so *_wlanes forces the lanes.
     CASES[f"{_name}_wbulk"] = _case(**_base, COMBINE_WEIGHTS="bulk")
     CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
     # EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
@@ -339,8 +339,8 @@ for _name, _base in _STANDARD_BY_SMS:
     # and 3 (at EP 4, where the default stays 4: its combine unmeasured with fewer)
     CASES[f"{_name}_csw3"] = _case(**_base, COMBINE_SEND_WARPS="3")
 # The combine's reducers without / with the L2 prefetch of their next token's rows
-# (FUSED_A2A_CUDA_REDUCE_PREFETCH; since session 28 on by default on 2 ranks only: run 156, EP 4
-# 12 SMs 634 us with, 579 without).
+# (FUSED_A2A_CUDA_REDUCE_PREFETCH; off by default since session 28: runs 156-157, 12 SMs EP 4 634
+# us with, 579 without, EP 2 335 / 312; level at 24 and 48).
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_nopf"] = _case(**_base, REDUCE_PREFETCH="0")
     CASES[f"{_name}_pf"] = _case(**_base, REDUCE_PREFETCH="1")

@@ -131,14 +131,14 @@ OWN_ROWS = {
     "recv_push": {**META_VEC, **PUSH, "FUSED_A2A_CUDA_SELF": "send"},
     # the combine's weights (the dispatch backward's) through the senders' rings (session 26;
     # K % 4 == 0 cases) or stored by the lanes with a fence before each chunk's flag, both forced
-    # (the default since session 28: the lanes on 2 ranks, the rings on more)
+    # (the default since session 28: the rings)
     "weights_bulk": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "bulk"},
     "weights_lanes": {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "lanes"},
     # on 2 ranks the combine's reducers with 4 vectors a source a step, as on more ranks (before
     # session 26; by default 8 there: reduce_row_once)
     "reduce_batch": {"FUSED_A2A_CUDA_REDUCE": "batch"},
     # the combine's reducers without / with their next token's L2 prefetch, both forced (the
-    # default since session 28: with on 2 ranks, without on more)
+    # default since session 28: without)
     "no_prefetch": {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "0"},
     "prefetch": {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "1"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
@@ -612,7 +612,7 @@ DETERMINISM_CONFIGS = (
     (16, 2, {"FUSED_A2A_CUDA_COMBINE_SEND_WARPS": "4"}),
     (24, 8, {"FUSED_A2A_CUDA_REDUCE": "batch"}),
     # the reducers without / with the L2 prefetch of their next token's rows, and the combine's
-    # weights by the lanes / through the rings, forced (the defaults differ on 2 ranks and more)
+    # weights by the lanes / through the rings, forced
     (16, 8, {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "0"}),
     (24, 8, {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "1"}),
     (16, 8, {"FUSED_A2A_CUDA_COMBINE_WEIGHTS": "lanes"}),

@@ -14,10 +14,10 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
-#   PART=s28c (~6 min): session 28's defaults by rank count (the combine's weights, the reducers'
-#       L2 prefetch): tests, then the A/B that confirms them
+#   PART=s28d (~5 min): session 28's defaults (the combine's weights through the rings, no L2
+#       prefetch, EP 4's combine sender warps): tests, then the bench and EP 2's weights A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
-# parts of earlier sessions (s7 ... s28b: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# parts of earlier sessions (s7 ... s28c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,19 +201,19 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
-  s28c)  # (~6 min at G = 4, build included) session 28's defaults by rank count (run 156: the
-    # combine's weights through the rings and no L2 prefetch on more than 2 ranks): the torch
-    # suite at every G by default and with each forced, the JAX suite, the same bits; then the A/B
-    # that confirms them (EP 4 and EP 2, 12 / 24 / 48 SMs) and the 48-SM combine's 3 sender warps
-    # at EP 4 (run 156: 516.6 against 523.3 us, one run)
+  s28d)  # (~5 min at G = 4, build included) session 28's defaults (runs 156-157: the combine's
+    # weights through the rings, no L2 prefetch, 3 combine sender warps at EP 4 from 48 SMs): the
+    # torch suite at every G by default and with the old settings forced, the JAX suite, torch
+    # against JAX, the same bits; then the bench at the defaults (EP 4) and EP 2's weights A/B
+    # (rings against lanes at 12 / 24 / 48 SMs; 3 sender warps with them)
     gpu_tests "tests/test_gpu_normal.py" \
-      "${S28_K:-(torch_gpu_matches and (default or weights_lanes or weights_bulk or prefetch or no_prefetch)) or (jax_gpu_suite and direct-default) or same_bits}" \
+      "${S28_K:-(torch_gpu_matches and (default or weights_lanes or prefetch)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
       "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_pf,standard,standard_wlanes,standard_pf,standard_sms48,standard_sms48_csw3,standard_sms48_pf,standard_fp8} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms12,standard_sms12_nopf,standard,standard_nopf,standard_wbulk,standard_sms48} \
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard,standard_sms48,standard_sms48_csw4,standard_fp8,standard_fp8_sms48,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms12,standard_sms12_wlanes,standard_sms12_csw3,standard,standard_wlanes,standard_csw3,standard_sms48,standard_sms48_wlanes} \
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s28c" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s28d" >&2
     exit 2 ;;
 esac

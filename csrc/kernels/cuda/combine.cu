@@ -683,14 +683,14 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.claim_items = combine_claim_env();
   p.send_warps = cfg.send_warps;
   p.recv_warps = cfg.recv_warps;
-  p.bulk_weights = combine_weights_bulk(G);
+  p.bulk_weights = combine_weights_bulk_env();
   p.tma = cfg.tma;
   p.stages = cfg.stages;
   p.stage_bytes = cfg.stage_bytes;
   p.flag_fence_sc = cfg.flag_fence_sc;
   p.wait_acquire_first = cfg.wait_acquire_first;
   p.loads_ahead = cfg.loads_ahead;
-  p.reduce_prefetch = reduce_prefetch(G);
+  p.reduce_prefetch = reduce_prefetch_env();
   p.scan2 = scan2;
   p.trace = st.trace;
   const SmemLayout L = smem_layout(p.send_warps, p.recv_warps, p.tma, p.stages, p.stage_bytes);

@@ -370,13 +370,15 @@ int dispatch_chunk_rows(int blocks, bool fp8) {
 // Session 27 (2x H200, EP 2, standard, runs 151-152; SEND_WARPS / RECV_WARPS for both ops): the
 // combine at 12 SMs 318 us with 4 sender warps, 308 with 3, 362 with 2; 24 SMs 239 / 231 / 239;
 // 48 SMs 226 / 218 / 212. One peer to send to, and the reducers bound it: more of them. EP 4's
-// combine sends to 3 peers (unmeasured there: 4 as before). With weights (run 153), whose
-// stores the senders' lanes add to each chunk: 12 SMs 344 us with 4, 361 with 3; 24 SMs 246 / 257;
-// 48 SMs 240 with 4, 230 with 2.
+// combine sends to 3 peers (session 28, runs 156-157: 24 SMs 558 us with 3 against 534 with 4;
+// 48 SMs 516.6 / 515.1 with 3 against 523.3 / 524.3, with weights 519 against 528). With weights
+// (run 153), whose stores the senders' lanes add to each chunk: 12 SMs 344 us with 4, 361 with 3;
+// 24 SMs 246 / 257; 48 SMs 240 with 4, 230 with 2.
 int combine_send_warps(int num_ranks, int blocks, bool weights) {
   const int v = env_int("FUSED_A2A_CUDA_COMBINE_SEND_WARPS", 0);
   if (v > 0) return v;
-  if (num_ranks != 2 || std::getenv("FUSED_A2A_CUDA_SEND_WARPS") != nullptr) return 0;
+  if (std::getenv("FUSED_A2A_CUDA_SEND_WARPS") != nullptr) return 0;
+  if (num_ranks != 2) return blocks >= 48 ? 3 : 0;
   return blocks >= 48 ? 2 : weights ? 0 : 3;
 }
 
@@ -504,20 +506,16 @@ bool combine_claim_env() { return env_int("FUSED_A2A_CUDA_COMBINE_CLAIM", 1) != 
 
 // Session 27 (2x H200, EP 2, standard, runs 148-149): the dispatch backward's combine at 24 SMs
 // 252.3-253.3 us through the rings against 245.2-246.1 by the lanes; level at 12 and 48 SMs.
-// Session 28 (4x H200, EP 4, run 156): 24 SMs 536.5 us through the rings against 577.3 by the
-// lanes (three peers' chunks each carry their weights' stores and fence), level at 48.
-bool combine_weights_bulk(int num_ranks) {
-  if (env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "bulk")) return true;
-  if (env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes")) return false;
-  return num_ranks > 2;
-}
+// Session 28 (4x H200, EP 4, runs 156-157): 24 SMs 536.5 / 534.3 us through the rings against
+// 577.3 / 578.3 by the lanes (three peers' chunks each carry their weights' stores and fence),
+// level at 48; EP 2 (run 157, with session 27's sender warps) 239.5 against 244.9: the rings.
+bool combine_weights_bulk_env() { return !env_is("FUSED_A2A_CUDA_COMBINE_WEIGHTS", "lanes"); }
 bool reduce_few_env() { return !env_is("FUSED_A2A_CUDA_REDUCE", "batch"); }
-// Session 28 (run 156): the prefetch at EP 2 24 SMs 231.5 us against 234.1 without, 48 SMs 212.6
-// / 213.9; at EP 4 (3-4 sources a token, whose rows compete for L2 with the prefetched ones) 12
-// SMs 634 against 579, 24 SMs 534.6 / 532.3, 48 SMs 523.3 / 525.3: on 2 ranks only.
-bool reduce_prefetch(int num_ranks) {
-  return env_int("FUSED_A2A_CUDA_REDUCE_PREFETCH", num_ranks == 2 ? 1 : 0) != 0;
-}
+// Session 28 (runs 156-157): the prefetch at 12 SMs lost on every rank count (EP 4 634 / 634
+// against 579 / 578 us without, EP 2 334.8 against 311.9: the few reducers' prefetched rows
+// evict the ones they are reducing), and was level elsewhere (EP 4 24 SMs 534.6 / 532.3,
+// 48 SMs 523.3 / 525.3; EP 2 24 SMs 231.5 / 234.1, then 232.3 / 232.0): off by default.
+bool reduce_prefetch_env() { return env_int("FUSED_A2A_CUDA_REDUCE_PREFETCH", 0) != 0; }
 
 bool order_dst_major() { return env_is("FUSED_A2A_CUDA_ORDER", "dst"); }
 

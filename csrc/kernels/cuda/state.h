@@ -295,19 +295,18 @@ int recv_items_env(int blocks);
 // SMs 328 -> 353 GB/s with 4 + 4 warps), then claim receiver items.
 int recv_push_env();
 bool combine_claim_env();  // FUSED_A2A_CUDA_COMBINE_CLAIM (default 1): as CLAIM, in the combine
-// FUSED_A2A_CUDA_COMBINE_WEIGHTS=lanes | bulk (unset: lanes on 2 ranks, bulk on more): the
-// combine's weights (the dispatch backward's) stored by the lanes with a system fence before each
-// chunk's flag, or as one more piece of the senders' rings where they are 16-byte aligned spans
-// (session 26; lost at EP 2, won at EP 4 in session 28)
-bool combine_weights_bulk(int num_ranks);
+// FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk (default since session 28) | lanes: the combine's weights
+// (the dispatch backward's) as one more piece of the senders' rings where they are 16-byte
+// aligned spans, or stored by the lanes with a system fence before each chunk's flag (before)
+bool combine_weights_bulk_env();
 // FUSED_A2A_CUDA_REDUCE=few (default) | batch: on 2 ranks the combine's rows reduced with 8
 // vectors a source a lane in one step (combine.cu, reduce_row_once), or 4 as on more ranks
 // (before session 26)
 bool reduce_few_env();
-// FUSED_A2A_CUDA_REDUCE_PREFETCH=1 | 0 (unset: 1 on 2 ranks, 0 on more): the combine's reducers
-// prefetch their next token's rows to L2 (cp.async.bulk.prefetch) before reducing the current
-// one (session 27; lost at EP 4 in session 28)
-bool reduce_prefetch(int num_ranks);
+// FUSED_A2A_CUDA_REDUCE_PREFETCH=0 (default) | 1: the combine's reducers prefetch their next
+// token's rows to L2 (cp.async.bulk.prefetch) before reducing the current one (session 28: lost
+// at 12 SMs, level elsewhere)
+bool reduce_prefetch_env();
 void check_launch(const char* what);
 void check_aligned(const void* p, const char* name);
 // p is host memory that kernels may write through the same pointer (pinned, mapped by UVA).
