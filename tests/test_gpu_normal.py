@@ -604,9 +604,9 @@ DETERMINISM_CONFIGS = (
     (8, 1, {**META_VEC, "FUSED_A2A_CUDA_RECV_PUSH": "12"}),
     # none of them pushing (the default before session 26)
     (24, 8, {**META_VEC, **NO_PUSH}),
-    # the combine's sender warps (session 27; on 2 ranks 3 below 48 SMs, 2 from 48, 4 with
-    # weights below 48): 48 SMs (2 with and without weights), then 2 and 4 forced; and EP 2's
-    # reducers with 4 vectors a source a step, as on more ranks
+    # the combine's sender warps (sessions 27-28; on 2 ranks 3 below 48 SMs, 2 from 48; on more
+    # 3 from 48): 48 SMs (with and without weights), then 2 and 4 forced; and EP 2's reducers
+    # with 4 vectors a source a step, as on more ranks
     (48, None, {}),
     (24, 8, {"FUSED_A2A_CUDA_COMBINE_SEND_WARPS": "2"}),
     (16, 2, {"FUSED_A2A_CUDA_COMBINE_SEND_WARPS": "4"}),

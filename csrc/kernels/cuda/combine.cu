@@ -676,7 +676,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   p.window = W;
   LaunchConfig cfg = launch_config(st, a.num_sms, rb, 0, 3 * sizeof(int) * kMaxRanks,
                                    2 * sizeof(void*) * kMaxRanks,
-                                   combine_send_warps(G, comm_blocks(st, a.num_sms), p.kw > 0));
+                                   combine_send_warps(G, comm_blocks(st, a.num_sms)));
   p.flags_per_region = kNumFlags / std::max(G - 1, 1);
   p.chunk = chunk_rows_env();  // the largest chunk (rows)
   p.chunks_per_warp = chunks_per_warp_env();

@@ -369,17 +369,17 @@ int dispatch_chunk_rows(int blocks, bool fp8) {
 
 // Session 27 (2x H200, EP 2, standard, runs 151-152; SEND_WARPS / RECV_WARPS for both ops): the
 // combine at 12 SMs 318 us with 4 sender warps, 308 with 3, 362 with 2; 24 SMs 239 / 231 / 239;
-// 48 SMs 226 / 218 / 212. One peer to send to, and the reducers bound it: more of them. EP 4's
-// combine sends to 3 peers (session 28, runs 156-157: 24 SMs 558 us with 3 against 534 with 4;
-// 48 SMs 516.6 / 515.1 with 3 against 523.3 / 524.3, with weights 519 against 528). With weights
-// (run 153), whose stores the senders' lanes add to each chunk: 12 SMs 344 us with 4, 361 with 3;
-// 24 SMs 246 / 257; 48 SMs 240 with 4, 230 with 2.
-int combine_send_warps(int num_ranks, int blocks, bool weights) {
+// 48 SMs 226 / 218 / 212. One peer to send to, and the reducers bound it: more of them. With the
+// weights through the rings (session 28, run 158) the dispatch backward's combine too: 12 SMs
+// 330 us with 3 against 342 with 4 (the lanes: 344), 24 SMs 240 against 256 (246). EP 4's
+// combine sends to 3 peers (runs 156-157): 24 SMs 558 us with 3 against 534 with 4; 48 SMs
+// 516.6 / 515.1 with 3 against 523.3 / 524.3, with weights 519 against 528.
+int combine_send_warps(int num_ranks, int blocks) {
   const int v = env_int("FUSED_A2A_CUDA_COMBINE_SEND_WARPS", 0);
   if (v > 0) return v;
-  if (std::getenv("FUSED_A2A_CUDA_SEND_WARPS") != nullptr) return 0;
-  if (num_ranks != 2) return blocks >= 48 ? 3 : 0;
-  return blocks >= 48 ? 2 : weights ? 0 : 3;
+  if (env_int("FUSED_A2A_CUDA_SEND_WARPS", 0) > 0) return 0;
+  if (num_ranks == 2) return blocks >= 48 ? 2 : 3;
+  return blocks >= 48 ? 3 : 0;
 }
 
 // Chunk rows are about (rows to a receiver) / (chunks_per_warp x its sender warps), at least 1,

@@ -211,9 +211,9 @@ int send_warps_env();  // FUSED_A2A_CUDA_SEND_WARPS (4), at most kMaxThreads / 3
 LaunchConfig launch_config(const CudaState& st, int num_sms, size_t row_bytes, size_t fixed_smem,
                            size_t per_send_warp, size_t per_recv_warp, int send_warps = 0);
 // The combine's sender warps a block for launch_config: FUSED_A2A_CUDA_COMBINE_SEND_WARPS; unset,
-// on 2 ranks without FUSED_A2A_CUDA_SEND_WARPS, 2 from 48 SMs and, without weights (the
-// dispatch backward's), 3 below; else 0 (the same as the dispatch's).
-int combine_send_warps(int num_ranks, int blocks, bool weights);
+// without FUSED_A2A_CUDA_SEND_WARPS, on 2 ranks 2 from 48 SMs and 3 below, on more 3 from 48
+// SMs; else 0 (the same as the dispatch's).
+int combine_send_warps(int num_ranks, int blocks);
 
 unsigned long long timeout_ns();
 bool env_is(const char* name, const char* value);  // the environment variable is set to value
