@@ -14,6 +14,7 @@
 #   PART=hybk (~3 min): HybridEP kernel times, timeline and bench at the defaults (and HYBK_ENV)
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
+#   PART=fp8host (~3 min): the eager FP8 dispatch's kernel and host times
 #   PART=s28d (~5 min): session 28's defaults (the combine's weights through the rings, no L2
 #       prefetch, EP 4's combine sender warps): tests, then the bench and EP 2's weights A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
@@ -201,6 +202,20 @@ case "${PART:-tests}" in
     bench_kernel_times
     mv "$OUT/bench.json" "$OUT/trace.json"
     ;;
+  fp8host)  # (~3 min) the eager FP8 dispatch's host path (session 28: at EP 2 a 133-us kernel
+    # read 144-214 us eager, run 160; on CPU ranks the FP8 op's Python path costs what bf16's
+    # does): the FP8 bench cases with their kernel times, then host_profile.py at N = 4096 (the
+    # host time a call of the bf16 and FP8 static dispatch, cProfile's top functions)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    FA2A_BENCH_KERNELS=1 STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_fp8,standard_fp8_sms48,standard_sms48} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |nccl" | cut -c1-110
+    bench_kernel_times
+    timeout 200 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 4096 --calls 50 \
+      --top 25 --out "$OUT/host_profile.json" >"$OUT/host_profile.log" 2>&1
+    echo "host_profile: rc=$?"
+    grep -E "^op static|^raw static" "$OUT/host_profile.log"
+    rm -f "$OUT/build.log"
+    ;;
   s28d)  # (~5 min at G = 4, build included) session 28's defaults (runs 156-157: the combine's
     # weights through the rings, no L2 prefetch, 3 combine sender warps at EP 4 from 48 SMs): the
     # torch suite at every G by default and with the old settings forced, the JAX suite, torch
@@ -214,6 +229,6 @@ case "${PART:-tests}" in
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue or s28d" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host or s28d" >&2
     exit 2 ;;
 esac
