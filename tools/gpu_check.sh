@@ -49,6 +49,20 @@ if has build; then
   # The image's g++ (/opt/gcc) links part of libstdc++ statically next to the system's shared
   # one; ostream formatting of numbers then crashed inside our module. Link all of libstdc++
   # statically with its symbols hidden (FA2A_STATIC_LIBSTDCXX=0 turns this off).
+  # A module prebuilt on the CPU machine for exactly this tree (tools/prebuild.sh, carried as
+  # .prebuilt/) is installed instead of compiling, unless the caller sets CMAKE_ARGS (the traced
+  # build) or FA2A_PREBUILT=0; FA2A_PREBUILT_CORE is always passed (empty: compile), since the
+  # CMake cache keeps it between calls.
+  prebuilt=""
+  tag=$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+  candidate=$(ls "$ROOT"/.prebuilt/fused_a2a_core.cpython-"$tag"-*.so 2>/dev/null | head -1)
+  if [[ -n "$candidate" && -z "${CMAKE_ARGS:-}" && "${FA2A_PREBUILT:-1}" == 1 ]]; then
+    if [[ "$(cat "$ROOT/.prebuilt/SOURCE_HASH" 2>/dev/null)" == "$(bash tools/source_hash.sh)" ]]; then
+      prebuilt=$candidate
+    else
+      echo "prebuilt module ignored: its source hash is not this tree's" | tee -a "$OUT/build.log"
+    fi
+  fi
   # CMAKE_CUDA_FLAGS always set: build/ stays on the device between calls and its CMake cache
   # kept the diagnostic build's flags (tools/gpu_diag_trace.sh) for a later plain build, which
   # then rebuilt nothing (session 10: the benches after a trace ran the traced kernels).
@@ -58,10 +72,20 @@ if has build; then
   if [[ "${FA2A_STATIC_LIBSTDCXX:-1}" == 1 ]]; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_MODULE_LINKER_FLAGS=-static-libstdc++\ -static-libgcc\ -Wl,--exclude-libs,ALL"
   fi
-  CMAKE_BUILD_PARALLEL_LEVEL=$NPROC timeout "${STEP_TIMEOUT_BUILD:-420}" \
-    $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$OUT/build.log" 2>&1
+  install_package() {  # $1: the prebuilt module, or empty to compile
+    CMAKE_ARGS="$CMAKE_ARGS -DFA2A_PREBUILT_CORE=$1" CMAKE_BUILD_PARALLEL_LEVEL=$NPROC \
+      timeout "${STEP_TIMEOUT_BUILD:-420}" \
+      $PY -m pip install --no-build-isolation --no-deps -v -e . >>"$OUT/build.log" 2>&1
+  }
+  install_package "$prebuilt"
   rc=$?
-  summary "build: rc=$rc in $(( $(date +%s) - t0 )) s (CMAKE_ARGS=${CMAKE_ARGS:-})"
+  if [[ -n "$prebuilt" ]] && ! { [[ $rc -eq 0 ]] && $PY -c 'import fused_a2a_core as c; assert c.build_info()["cuda"]' >>"$OUT/build.log" 2>&1; }; then
+    echo "prebuilt module failed (rc=$rc or no CUDA import): compiling" | tee -a "$OUT/build.log"
+    prebuilt=""
+    install_package ""
+    rc=$?
+  fi
+  summary "build: rc=$rc in $(( $(date +%s) - t0 )) s (${prebuilt:+prebuilt $(basename "$prebuilt"), }CMAKE_ARGS=${CMAKE_ARGS:-})"
   [[ $rc -ne 0 ]] && { tail -40 "$OUT/build.log"; exit 1; }
   so=$($PY -c 'import fused_a2a_core as c; print(c.__file__)')
   { readelf -d "$so" | grep NEEDED; echo "defined std:: symbols: $(nm -D --defined-only "$so" | grep -c _ZNS)"; } >>"$OUT/build.log" 2>&1

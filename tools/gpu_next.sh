@@ -17,7 +17,9 @@
 #   PART=fp8host (~3 min): the eager FP8 dispatch's kernel and host times
 #   PART=s28d (~5 min): session 28's defaults (the combine's weights through the rings, no L2
 #       prefetch, EP 4's combine sender warps): tests, then the bench and EP 2's weights A/B
-# Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). The one-off
+# Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
+# `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
+# installs that module instead of compiling (~100-120 s of device time a fresh machine). The one-off
 # parts of earlier sessions (s7 ... s28c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
 # git history.
 set -uo pipefail
