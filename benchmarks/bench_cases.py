@@ -298,11 +298,11 @@ CASES["standard_fp8_sms48_nopush"] = _case(fp8=True, sms=48, RECV_PUSH="0")
 CASES["standard_fp8_nopush"] = _case(fp8=True, RECV_PUSH="0")
 for _name, _base in _STANDARD_BY_SMS:
     # The combine's weights (the dispatch backward's, timed as combine_weights) as one more piece
-    # of the senders' rings (FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk, session 26), against the lanes'
-    # stores with a system fence before each chunk's flag (the default; runs 142-143: the dispatch
-    # backward at 24 SMs 581 us, the combine 532; EP 2 runs 148-149: the rings lost, 252 / 246).
-    # Since session 28 the rings are the default (run 156, EP 4 24 SMs: 536.5 us against 577.3),
-    # so *_wlanes forces the lanes.
+    # of the senders' rings (FUSED_A2A_CUDA_COMBINE_WEIGHTS=bulk, session 26; the default since
+    # session 28: run 156, EP 4 24 SMs 536.5 us against 577.3), or the lanes' stores with a system
+    # fence before each chunk's flag (*_wlanes; the default before: runs 142-143, the dispatch
+    # backward at 24 SMs 581 us, the combine 532; EP 2 runs 148-149: the rings lost, 252 / 246,
+    # with 4 sender warps).
     CASES[f"{_name}_wbulk"] = _case(**_base, COMBINE_WEIGHTS="bulk")
     CASES[f"{_name}_wlanes"] = _case(**_base, COMBINE_WEIGHTS="lanes")
     # EP 2's combine reducers with 4 vectors a source a step (FUSED_A2A_CUDA_REDUCE=batch, before
@@ -332,11 +332,11 @@ for _sms in (16, 24, 32, 48):
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_sw2"] = _case(**_base, SEND_WARPS="2", RECV_WARPS="14")
     CASES[f"{_name}_sw3"] = _case(**_base, SEND_WARPS="3", RECV_WARPS="13")
-# The combine's own sender warps (FUSED_A2A_CUDA_COMBINE_SEND_WARPS; on 2 ranks 3 below 48 SMs, 2
-# from 48 since session 27): 4, as the dispatch's and as before.
+# The combine's own sender warps (FUSED_A2A_CUDA_COMBINE_SEND_WARPS; combine_send_warps: on 2
+# ranks 3 below 48 SMs and 2 from 48, on more 3 from 48 and 4 below, since session 28): 4, as
+# the dispatch's and as before, and 3.
 for _name, _base in _STANDARD_BY_SMS:
     CASES[f"{_name}_csw4"] = _case(**_base, COMBINE_SEND_WARPS="4")
-    # and 3 (at EP 4, where the default stays 4: its combine unmeasured with fewer)
     CASES[f"{_name}_csw3"] = _case(**_base, COMBINE_SEND_WARPS="3")
 # The combine's reducers without / with the L2 prefetch of their next token's rows
 # (FUSED_A2A_CUDA_REDUCE_PREFETCH; off by default since session 28: runs 156-157, 12 SMs EP 4 634

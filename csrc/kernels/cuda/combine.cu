@@ -46,7 +46,7 @@ struct CombineParams {
   int flags_per_region;
   int kw;  // weight words per row: K with weights, else 0
   int send_warps, recv_warps, stages;
-  bool bulk_weights;  // the weights through the rings where aligned (combine_weights_env)
+  bool bulk_weights;  // the weights through the rings where aligned (combine_weights_bulk_env)
   uint32_t stage_bytes;
   bool flag_fence_sc;
   bool wait_acquire_first;  // LaunchConfig's
