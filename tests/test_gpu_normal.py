@@ -715,6 +715,7 @@ def _rank_graph(rank, world):
     import torch.distributed as dist
 
     import torch_fused_a2a as tfa
+    from torch_fused_a2a import _arena
 
     torch.cuda.set_device(rank)
     n, h, k, e = 128, 1024, 4, 32
@@ -752,19 +753,26 @@ def _rank_graph(rank, world):
         torch.cuda.synchronize()
         mismatches += int(not torch.equal(g_rx.view(torch.int16), e_rx.view(torch.int16)))
         mismatches += int(not torch.equal(g_out.view(torch.int16), e_out.view(torch.int16)))
-    return mismatches
+    arena = _arena.find(buf.group_id)
+    captured_in_arena = arena is not None and (
+        arena.address <= g_rx.data_ptr() < arena.address + arena.size
+    )
+    return dict(mismatches=mismatches, captured_in_arena=captured_in_arena)
 
 
 @pytest.mark.parametrize("arena_mb", ["0", "256"], ids=["torch-outputs", "arena"])
 def test_cuda_graph_static_path(arena_mb):
-    """Also with torch's output arena: the eager calls take recv_x from it (direct rows), the
-    captured one from torch (the arena stays out of captures)."""
+    """Also with torch's output arena, where the eager and the captured calls both take recv_x
+    from it (the captured one from never-used memory the arena keeps for the graph) and must
+    write their rows straight into it (FUSED_A2A_CUDA_DIRECT=require)."""
     g = min(4, gpu_count())
     _need(2)
-    res = run_ranks(
-        _rank_graph, g, timeout=300, env=dict(GPU_ENV, FUSED_A2A_TORCH_ARENA_MB=arena_mb)
-    )
-    assert res == [0] * g, res
+    env = dict(GPU_ENV, FUSED_A2A_TORCH_ARENA_MB=arena_mb)
+    if arena_mb != "0":
+        env["FUSED_A2A_CUDA_DIRECT"] = "require"
+    res = run_ranks(_rank_graph, g, timeout=300, env=env)
+    assert [r["mismatches"] for r in res] == [0] * g, res
+    assert [r["captured_in_arena"] for r in res] == [arena_mb != "0"] * g, res
 
 
 def _rank_timeout(rank, world):

@@ -194,6 +194,103 @@ def test_core_arena_random_against_a_byte_map():
         core.buffer_release(gid)
 
 
+def test_core_arena_captured_blocks():
+    """Blocks for a CUDA graph's capture (on a CPU buffer, capture ids stand in for captures):
+    from the arena's top, only from memory no uncaptured block has had (so no earlier use can race
+    a replay), never back in the free spans (a graph may still replay into them); a capture's
+    freed block serves that capture's later blocks on the same stream (whole), not another
+    capture's, nor a stream's other than its own, nor once another stream was recorded as its
+    user; uncaptured blocks keep first fit below."""
+    import gc
+
+    import torch
+
+    import fused_a2a_core as core
+    from torch_fused_a2a._arena import CoreArena
+
+    gid = 0x5EED0C
+    size = 16 * ALIGN
+    _one_rank_cpu_buffer(gid, size)
+    try:
+        arena = CoreArena(gid, 0, torch.device("cpu"))
+
+        def offset(t):
+            return None if t is None else t.data_ptr() - arena.address
+
+        def block(units, capture=0, stream=0):
+            return arena.tensor((units * ALIGN,), torch.uint8, stream, capture)
+
+        eager = block(2)
+        assert offset(eager) == 0
+        del eager
+        gc.collect()
+        assert arena.free_bytes() == size
+        top = block(3, capture=1)
+        below_top = block(1, capture=1)
+        assert (offset(top), offset(below_top)) == (13 * ALIGN, 12 * ALIGN)
+        again = block(2)  # first fit: the memory the first block had
+        assert offset(again) == 0
+        top.fill_(7)
+        del top
+        gc.collect()
+        assert arena.free_bytes() == 10 * ALIGN  # the captured blocks stay out of the free spans
+        assert offset(block(1, capture=2)) == 11 * ALIGN  # another capture: not capture 1's block
+        assert offset(block(1, capture=1, stream=5)) == 10 * ALIGN  # another stream: nor that
+        reused = block(2, capture=1)  # the same capture and stream: the freed 3 units, whole
+        assert offset(reused) == 13 * ALIGN and arena.free_bytes() == 8 * ALIGN
+        assert core.arena_record_use(gid, 0, reused.data_ptr(), 9)
+        del reused  # another stream used it: not reused, even by its capture
+        gc.collect()
+        assert offset(block(1, capture=1)) == 9 * ALIGN
+        rest = block(7)  # every free byte, up to the captured ones
+        assert offset(rest) == 2 * ALIGN and block(1) is None
+        assert block(1, capture=3) is None  # nothing free at all
+        del rest
+        gc.collect()
+        assert arena.free_bytes() == 7 * ALIGN
+        # [2, 9) units are free again but were used: no captured block there, however small
+        assert block(1, capture=3) is None
+        small = block(1)  # the uncaptured blocks still take it
+        assert offset(small) == 2 * ALIGN
+    finally:
+        core.arena_drop(gid)
+        core.buffer_release(gid)
+
+
+@pytest.mark.parametrize("alloc", ["core", "python"])
+def test_empty_under_a_capture(monkeypatch, alloc):
+    """_arena.empty while a CUDA graph is captured (stood in for on a CPU buffer): the core's
+    arena places the output in never-used memory at its top, the Python allocator leaves it to
+    torch (outside the arena)."""
+    import torch
+
+    import fused_a2a_core as core
+    from torch_fused_a2a import _arena
+
+    gid = 0x5EED0D
+    size = 16 * ALIGN
+    monkeypatch.setenv("FUSED_A2A_TORCH_ARENA_ALLOC", alloc)
+    _one_rank_cpu_buffer(gid, size)
+    cpu = torch.device("cpu")
+    _arena.register(gid, 0, cpu)
+    try:
+        arena = _arena.find(gid)
+        eager = _arena.empty(gid, (4, 128), torch.bfloat16, cpu)  # 1 KB: 2 units
+        assert eager.data_ptr() == arena.address
+        monkeypatch.setattr(_arena, "capturing", lambda device: True)
+        captured = _arena.empty(gid, (4, 128), torch.bfloat16, cpu)
+        in_arena = arena.address <= captured.data_ptr() < arena.address + size
+        if alloc == "core":
+            assert captured.data_ptr() == arena.address + 14 * ALIGN
+        else:
+            assert not in_arena
+        captured.fill_(1.0)
+        assert float(captured.float().sum()) == 4 * 128
+    finally:
+        _arena.unregister(gid)
+        core.buffer_release(gid)
+
+
 def _rank_arena(rank, world):
     import gc
 

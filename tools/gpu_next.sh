@@ -15,12 +15,13 @@
 #   PART=jaxk (~3 min): the JAX dispatch loop's kernels and gaps against torch's kernel times
 #   PART=prologue (~3 min): the dispatch prologue's steady-state trace and the loop's kernels
 #   PART=fp8host (~3 min): the eager FP8 dispatch's kernel and host times
-#   PART=s28d (~5 min): session 28's defaults (the combine's weights through the rings, no L2
-#       prefetch, EP 4's combine sender warps): tests, then the bench and EP 2's weights A/B
+#   PART=s29 (~6 min): branch s29, a graph capture's recv_x in the output arena (direct rows in
+#       CUDA graphs): tests, then the bench's graph rows
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
 # `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
-# installs that module instead of compiling (~100-120 s of device time a fresh machine). The one-off
-# parts of earlier sessions (s7 ... s28c: A/Bs whose outcomes are in benchmarks/NOTES.md) are in
+# installs that module instead of compiling (~100-120 s of device time a fresh machine). The
+# one-off parts of earlier sessions (s7 ... s28d: A/Bs whose outcomes are in benchmarks/NOTES.md)
+# are in
 # git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -218,19 +219,22 @@ case "${PART:-tests}" in
     grep -E "^op static|^raw static" "$OUT/host_profile.log"
     rm -f "$OUT/build.log"
     ;;
-  s28d)  # (~5 min at G = 4, build included) session 28's defaults (runs 156-157: the combine's
-    # weights through the rings, no L2 prefetch, 3 combine sender warps at EP 4 from 48 SMs): the
-    # torch suite at every G by default and with the old settings forced, the JAX suite, torch
-    # against JAX, the same bits; then the bench at the defaults (EP 4) and EP 2's weights A/B
-    # (rings against lanes at 12 / 24 / 48 SMs; 3 sender warps with them)
-    gpu_tests "tests/test_gpu_normal.py" \
-      "${S28_K:-(torch_gpu_matches and (default or weights_lanes or prefetch)) or (jax_gpu_suite and direct-default) or same_bits or torch_vs_jax_bitwise}" \
+  s29)  # (~6 min at G = 4, build included) branch s29: a CUDA graph's capture takes recv_x
+    # from the output arena's never-used memory (kept for the graph), so the captured static
+    # dispatch writes its rows straight (run 156: 820 / 592 / 545 us captured against 524 / 508 /
+    # 502 eager at 12 / 24 / 48 SMs, EP 4). Tests: the graph test (with the arena it now requires
+    # direct rows), the arena's record_stream test, the torch suite's arena variant,
+    # host counts' capture checks; then the bench's graph rows at 12 / 24 / 48 SMs and decode
+    # (prediction: static_dispatch_graph within 10 us of the eager figure; decode's graph 56.5 ->
+    # 45-52 at EP 4)
+    gpu_tests "tests/test_gpu_normal.py tests/test_gpu_host_counts.py" \
+      "${S29_K:-cuda_graph or record_stream or (torch_gpu_matches and arena) or captur}" \
       "${STEP_TIMEOUT_TEST:-300}"
-    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard,standard_sms48,standard_sms48_csw4,standard_fp8,standard_fp8_sms48,decode} \
-      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard_sms12,standard_sms12_wlanes,standard_sms12_csw3,standard,standard_wlanes,standard_csw3,standard_sms48,standard_sms48_wlanes} \
-      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |combine |combine_weights |nccl" | cut -c1-110
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard,standard_sms48,decode} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,decode} \
+      timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|cached_dispatch|combine" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host or s28d" >&2
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host or s29" >&2
     exit 2 ;;
 esac

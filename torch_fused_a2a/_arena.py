@@ -23,6 +23,11 @@ uses on other streams are the caller's to order, as with torch's allocator. No C
 a free. The core's allocation takes 12-17 us of host time in the rank processes (run 111), the
 Python one 39-70 us, which made ops host-bound in session 20 (docs/DECISIONS.md). A block keeps
 the core buffer (and so the arena's memory) alive, also past the buffer's release.
+
+While a CUDA graph is being captured, the core's arena hands out memory that it keeps for that
+capture (its freed blocks serve its later ones on the same stream, else memory no block has had,
+from the top) and never takes back (the graph replays into it for as long as it lives), so a
+captured static dispatch keeps its direct rows; the Python allocator stays out of captures.
 """
 
 from __future__ import annotations
@@ -218,10 +223,12 @@ class CoreArena:
         self.address, self.size = core.buffer_arena(group_id, rank)
         self.counts = {"arena": 0, "no_room": 0}  # kept by empty()
 
-    def tensor(self, shape: tuple, dtype: torch.dtype, stream: int | None = None):
+    def tensor(self, shape: tuple, dtype: torch.dtype, stream: int | None = None, capture: int = 0):
         """An uninitialised tensor of ``shape`` in the arena for work on ``stream`` (a
         cudaStream_t as an integer; None: the device's current stream), or None when it does not
-        fit."""
+        fit. capture nonzero: for the stream's CUDA graph capture (on a CPU buffer the value is
+        the id of a stand-in capture): a freed block of that capture or memory no block has had,
+        kept out of the arena's reuse after the capture (the graph may still replay into it)."""
         t0 = time.perf_counter() if STEP_US is not None else 0.0
         if stream is None:
             stream = stream_handle(self.device)
@@ -229,7 +236,7 @@ class CoreArena:
         code = _DLPACK_DTYPES.get(dtype)
         block_shape = list(shape) if code else [*shape[:-1], shape[-1] * dtype.itemsize]
         capsule = core.arena_tensor(
-            self.group_id, self.rank, block_shape, *(code or (1, 8)), stream
+            self.group_id, self.rank, block_shape, *(code or (1, 8)), stream, capture
         )
         if capsule is None:
             return None
@@ -356,18 +363,33 @@ def find(group_id: int) -> RowArena | CoreArena | None:
         return _arenas.get(group_id)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the device's current stream is capturing a CUDA graph (a module function, so that
+    CPU tests can stand in for a capture)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def empty(
     group_id: int, shape: tuple, dtype: torch.dtype, device: torch.device, stream: int | None = None
 ) -> torch.Tensor:
     """torch.empty(shape), in the group's output arena when it has one with room; ``stream``: the
     current stream as an integer when the caller has it (saves a lookup)."""
     arena = find(group_id)
-    # Not while the stream is capturing a CUDA graph: the graph's allocations are torch's private
-    # pool, and a block's reuse outside the graph would not be ordered after the graph's replays
     usable = arena is not None and arena.device == device
-    if usable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    # While the stream captures a CUDA graph: the core's arena gives memory it keeps for that
+    # capture (the graph may replay into it as long as it lives), so that a captured static
+    # dispatch writes its rows straight too (run 156, EP 4, 12 SMs: 820 us a captured dispatch,
+    # its rows through the window, against 524 eager); the Python allocator stays out of captures.
+    captured = usable and capturing(device)
+    if captured and not isinstance(arena, CoreArena):
         usable = False
-    out = arena.tensor(shape, dtype, stream) if usable else None
+    out = None
+    if usable:
+        out = (
+            arena.tensor(shape, dtype, stream, capture=1)
+            if captured
+            else arena.tensor(shape, dtype, stream)
+        )
     if usable and math.prod(shape):  # a full arena is silent otherwise (the bench reports these)
         arena.counts["arena" if out is not None else "no_room"] += 1
     return out if out is not None else torch.empty(shape, dtype=dtype, device=device)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "core/backends.h"
 #include "fused_a2a/arena.h"
 #include "fused_a2a/errors.h"
 
@@ -73,7 +74,7 @@ void free_unused_capsule(PyObject* capsule) {
 }
 
 py::object arena_tensor(int64_t group_id, int rank, const std::vector<int64_t>& shape,
-                        int dtype_code, int dtype_bits, uintptr_t stream) {
+                        int dtype_code, int dtype_bits, uintptr_t stream, uint64_t capture) {
   FA2A_CHECK(dtype_bits > 0 && dtype_bits % 8 == 0,
              "arena_tensor dtype_bits must be a positive "
              "multiple of 8, got ",
@@ -85,7 +86,13 @@ py::object arena_tensor(int64_t group_id, int rank, const std::vector<int64_t>& 
   }
   auto arena = output_arena(group_id, rank);
   if (!arena || bytes == 0) return py::none();
-  const int64_t offset = arena->allocate(bytes, Stream{reinterpret_cast<void*>(stream)});
+  const Stream on{reinterpret_cast<void*>(stream)};
+  // On CUDA the capture's id comes from the stream (0 there: not capturing after all); CPU tests
+  // stand in for captures with ids of their own
+  if (capture != 0 && arena->buffer().platform() == Platform::kCUDA) {
+    capture = cuda::capture_id(arena->buffer().device(), on);
+  }
+  const int64_t offset = arena->allocate(bytes, on, capture);
   if (offset < 0) return py::none();
   auto block = std::make_unique<ArenaBlock>();
   block->arena = arena;
@@ -112,11 +119,14 @@ py::object arena_tensor(int64_t group_id, int rank, const std::vector<int64_t>& 
 
 void register_arena(py::module_& m) {
   m.def("arena_tensor", &arena_tensor, py::arg("group_id"), py::arg("rank"), py::arg("shape"),
-        py::arg("dtype_code"), py::arg("dtype_bits"), py::arg("stream"),
+        py::arg("dtype_code"), py::arg("dtype_bits"), py::arg("stream"), py::arg("capture") = 0,
         "A DLPack capsule of an uninitialised C-contiguous tensor (DLPack dtype code and bits) "
         "in the output arena of the buffer (group_id, rank), for work on `stream` (a "
         "cudaStream_t as an integer; 0 on CPU); None when the buffer has no arena, the tensor is "
-        "empty, or no free span fits it.");
+        "empty, or no free span fits it. capture (nonzero): the block is for a CUDA graph's "
+        "capture (the stream's, on CUDA; on CPU this id stands in for one): a freed block of "
+        "that capture or never-used memory at the arena's top, never reused after the capture "
+        "(fused_a2a/arena.h).");
   m.def(
       "arena_free_bytes",
       [](int64_t group_id, int rank) -> size_t {

@@ -21,13 +21,37 @@ OutputArena::OutputArena(std::shared_ptr<Buffer> buffer) : buffer_(std::move(buf
   if (size() > 0) free_.push_back({0, size(), {}});
 }
 
-int64_t OutputArena::allocate(size_t bytes, Stream stream) {
+int64_t OutputArena::allocate(size_t bytes, Stream stream, uint64_t capture) {
   FA2A_CHECK(bytes > 0, "arena block bytes must be positive, got ", bytes);
   const size_t need = (bytes + kAlign - 1) / kAlign * kAlign;
   std::vector<void*> last_uses;
   size_t start = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (capture != 0) {
+      auto parked = std::find_if(parked_.begin(), parked_.end(), [&](const Parked& b) {
+        return b.capture == capture && b.stream == stream.handle && b.bytes >= need;
+      });
+      if (parked != parked_.end()) {  // the whole freed block, in stream order in the graph
+        start = parked->start;
+        taken_[start] = {parked->bytes, {stream.handle}, capture};
+        parked_.erase(parked);
+        return static_cast<int64_t>(start);
+      }
+      // The top of the last free span, if it lies above every block that was not captured
+      if (free_.empty()) return -1;
+      Span& top = free_.back();
+      const size_t lowest = std::max(top.start, high_water_);
+      if (top.end < lowest + need) return -1;
+      start = top.end - need;
+      if (start == top.start) {
+        free_.pop_back();
+      } else {
+        top.end = start;
+      }
+      taken_[start] = {need, {stream.handle}, capture};
+      return static_cast<int64_t>(start);
+    }
     auto span = std::find_if(free_.begin(), free_.end(),
                              [&](const Span& s) { return s.end - s.start >= need; });
     if (span == free_.end()) return -1;
@@ -38,7 +62,8 @@ int64_t OutputArena::allocate(size_t bytes, Stream stream) {
     } else {
       span->start += need;  // the rest keeps the streams: its memory had the same last uses
     }
-    taken_[start] = {need, {stream.handle}};
+    taken_[start] = {need, {stream.handle}, 0};
+    high_water_ = std::max(high_water_, start + need);
   }
   if (buffer_->platform() == Platform::kCUDA) {
     for (void* last : last_uses) {
@@ -55,7 +80,12 @@ void OutputArena::release(int64_t offset) {
                      ", which is not a live block");
   const size_t start = block->first, end = start + block->second.bytes;
   std::vector<void*> streams = std::move(block->second.streams);
+  const uint64_t capture = block->second.capture;
   taken_.erase(block);
+  if (capture != 0) {  // a graph may still replay into it (arena.h)
+    if (streams.size() == 1) parked_.push_back({start, end - start, capture, streams[0]});
+    return;
+  }
   auto next = std::lower_bound(free_.begin(), free_.end(), start,
                                [](const Span& s, size_t at) { return s.start < at; });
   auto span = free_.insert(next, Span{start, end, std::move(streams)});

@@ -27,4 +27,7 @@ void read_clock(Stream stream, uint32_t* out);
 // `waiter` waits for the work queued on `waited` so far (an event recorded there now); both
 // streams of `device` (a null handle: its legacy default stream).
 void stream_wait(int device, Stream waiter, Stream waited);
+// The id of the CUDA graph capture `stream` (of `device`) takes part in, 0 when it is not
+// capturing (the output arena's blocks for captures, fused_a2a/arena.h).
+uint64_t capture_id(int device, Stream stream);
 }  // namespace fa2a::cuda

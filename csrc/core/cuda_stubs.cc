@@ -24,6 +24,7 @@ void dispatch_data(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void combine(Buffer&, const CombineArgs&, Stream) { no_cuda(); }
 void read_clock(Stream, uint32_t*) { no_cuda(); }
 void stream_wait(int, Stream, Stream) { no_cuda(); }
+uint64_t capture_id(int, Stream) { return 0; }  // nothing captures without CUDA
 }  // namespace cuda
 
 std::vector<uint64_t> cuda_dispatch_trace(Buffer&, bool) { return {}; }

@@ -7,6 +7,13 @@
 // record_stream, which does not reach memory outside torch's allocator, is hooked to it). The
 // wait is for the other stream's work queued at the allocation, which includes every use of the
 // freed block there (queued before its free).
+// Blocks for a CUDA graph's capture (capture: the capture's id, nonzero) never return to the free
+// spans: a graph replays into them for as long as it lives, which the arena cannot see (torch
+// keeps its graphs' memory pools likewise). A capture's freed block serves that capture's later
+// blocks on the same stream (stream order within the graph), as torch's graph pools do, unless
+// another stream was recorded as its user; else a captured block comes from memory no block has
+// had (above every uncaptured block's end, from the arena's top), with no stream wait (a wait
+// on work outside a capture is an isolation error, and unused memory has no earlier use).
 #pragma once
 
 #include <cstddef>
@@ -28,8 +35,10 @@ class OutputArena {
   explicit OutputArena(std::shared_ptr<Buffer> buffer);
 
   // Byte offset of a block of at least `bytes` (> 0) for work on `stream` (CUDA: the stream the
-  // block's first use runs on; CPU: null), or -1 when no free span is large enough.
-  int64_t allocate(size_t bytes, Stream stream);
+  // block's first use runs on; CPU: null), or -1 when no free span is large enough; capture:
+  // the id of the graph capture the block is for (above; 0: none), -1 when neither a freed block
+  // of that capture nor the never-used memory at the top is large enough.
+  int64_t allocate(size_t bytes, Stream stream, uint64_t capture = 0);
   // Returns the block at `offset` (an allocate result) to the free spans; any thread.
   void release(int64_t offset);
   // Records `stream` as a user of the live block at `offset` (torch's record_stream); false when
@@ -50,11 +59,19 @@ class OutputArena {
   struct Block {
     size_t bytes;
     std::vector<void*> streams;  // the allocation's stream, then the recorded users
+    uint64_t capture;            // the graph capture it is for (0: none): never back in free_
+  };
+  struct Parked {  // a captured block whose tensor died: for its capture's later blocks
+    size_t start, bytes;
+    uint64_t capture;
+    void* stream;
   };
   std::shared_ptr<Buffer> buffer_;  // the memory lives while the arena (and so a block) does
   std::mutex mutex_;
   std::vector<Span> free_;  // sorted by start, never adjacent
   std::map<size_t, Block> taken_;
+  std::vector<Parked> parked_;
+  size_t high_water_ = 0;  // the largest end of a block that was not captured
 };
 
 // The arena of the buffer (group_id, rank), made at the first call; null when the buffer has
