@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import reference as R
 from conftest import gpu_count
+from mp import run_ranks
 from reference import assert_bitwise_equal
-from test_gpu_normal import META_VEC, NO_PUSH, PASS1, PUSH, _need, _variant_results
+from test_gpu_normal import GPU_ENV, META_VEC, NO_PUSH, PASS1, PUSH, _need, _variant_results
 
 pytestmark = pytest.mark.gpu
 
@@ -188,12 +189,14 @@ def test_static_big_rows(rows, variant):
 
 def _rank_fp8(rank, world, cases, group=None):
     """FP8 rows (e4m3 + 1x128 f32 scales, tests/reference.py's quantisation) through the static
-    dispatch op: rows, scales, indices, weights and counts."""
+    dispatch op: rows, scales, indices, weights and counts. Capacity -1: the dynamic dispatch,
+    twice (the second call speculates on the first's N), the second's outputs and paths."""
     import torch
     import torch.distributed as dist
     from torch_utils import to_numpy
 
     import torch_fused_a2a as tfa
+    from torch_fused_a2a import _ops
 
     group = group or dist.group.WORLD
     torch.cuda.set_device(rank)
@@ -208,18 +211,17 @@ def _rank_fp8(rank, world, cases, group=None):
         idx[rng.random((n, k)) < 0.1] = -1
         w = rng.random((n, k)).astype(np.float32)
         buf = tfa.get_buffer(group, tfa.get_hidden_bytes(x), x.device)
-        rx, rsc, ridx, rw, _, _, tpe, stats, _ = torch.ops.fused_a2a.dispatch(
-            x,
-            scales,
-            torch.from_numpy(idx).cuda(),
-            torch.from_numpy(w).cuda(),
-            e,
-            buf.group_id,
-            buf.rank,
-            buf.num_ranks,
-            cap,
-            0,
-        )
+        args = (x, scales, torch.from_numpy(idx).cuda(), torch.from_numpy(w).cuda(), e)
+        args += (buf.group_id, buf.rank, buf.num_ranks, cap, 0)
+        paths = {}
+        if (
+            cap < 0
+        ):  # dynamic: the first call (exact) sets the group's N seen, the second speculates
+            torch.ops.fused_a2a.dispatch(*args)
+            before = dict(_ops.DYNAMIC_PATHS)
+        rx, rsc, ridx, rw, _, _, tpe, stats, _ = torch.ops.fused_a2a.dispatch(*args)
+        if cap < 0:
+            paths = {k: v - before[k] for k, v in _ops.DYNAMIC_PATHS.items() if v != before[k]}
         out[name] = dict(
             xq=xq.view(np.uint8),
             xs=xs,
@@ -227,6 +229,7 @@ def _rank_fp8(rank, world, cases, group=None):
             w=w,
             rx=to_numpy(rx.view(torch.uint8)),
             rsc=to_numpy(rsc),
+            paths=paths,
             **_static_outputs(ridx, rw, tpe, stats),
         )
     return out
@@ -285,16 +288,58 @@ def test_static_fp8_rows(rows, own):
     _need(g)
     cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_CASES.items()}
     res = _variant_results(_rank_fp8, g, rows, cases, FP8_VARIANTS, own)
+    _check_fp8(res, g, cases, f"rows={rows} own={own}")
+
+
+def _check_fp8(res, g, cases, label):
+    """_rank_fp8's results against the reference (capacity -1: the exact size)."""
     e4m3 = np.dtype(R.E4M3)
     for name, (_, _h, _k, e, cap, _) in cases.items():
         per = [res[r][name] for r in range(g)]
         xs = [(p["xq"].view(e4m3), p["xs"]) for p in per]
-        disp = R.dispatch(xs, [p["idx"] for p in per], [p["w"] for p in per], e, capacity=cap)
+        disp = R.dispatch(
+            xs,
+            [p["idx"] for p in per],
+            [p["w"] for p in per],
+            e,
+            capacity=cap if cap >= 0 else None,
+        )
         for r in range(g):
-            tag = f"{name} rank {r} rows={rows} own={own}"
+            tag = f"{name} rank {r} {label}"
             rx, rsc = disp[r]["recv_x"]
             assert_bitwise_equal(per[r]["rx"], rx.view(np.uint8), f"{tag} recv_x")
             assert_bitwise_equal(per[r]["rsc"], rsc, f"{tag} recv scales")
             _check_static_dispatch(per[r], disp[r], tag)
         if name.endswith("drop"):
             assert sum(d["num_dropped"] for d in disp) > 0
+
+
+FP8_DYNAMIC_CASES = {  # as FP8_CASES, capacity -1 (the dynamic dispatch's exact size)
+    "fp8_h7168_k8_dynamic": ((700, 513, 3, 650), 7168, 8, 64, -1, 13),
+    "fp8_h1024_k4_dynamic_small": ((60, 40, 0, 70), 1024, 4, 32, -1, 14),
+}
+
+
+@pytest.mark.parametrize("speculative", ["static", "two_kernels", "no_push"])
+def test_dynamic_fp8_rows(speculative):
+    """FP8 rows through torch's dynamic dispatch (Megatron's route, capacity -1), its second call
+    speculative: by default through the static kernel, which writes the host counts
+    (_ops._speculative_static: FP8 rows too since session 29, as their static dispatch runs
+    without records); "two_kernels": dispatch_notify + dispatch_data
+    (FUSED_A2A_TORCH_SPECULATIVE=two_kernels); "no_push": no receiver warps pushing, so FP8
+    rows want the records kernel and keep the two kernels."""
+    g = 4 if gpu_count() >= 4 else 2
+    _need(g)
+    env = dict(GPU_ENV)
+    if speculative == "two_kernels":
+        env["FUSED_A2A_TORCH_SPECULATIVE"] = "two_kernels"
+    elif speculative == "no_push":
+        env.update(NO_PUSH)
+    cases = {k: ((v[0][:g],) + v[1:]) for k, v in FP8_DYNAMIC_CASES.items()}
+    res = run_ranks(_rank_fp8, g, cases, timeout=300, env=env)
+    _check_fp8(res, g, cases, f"speculative={speculative}")
+    one_kernel = speculative == "static"
+    for r in range(g):
+        for name in cases:
+            want = {"speculative": 1, "one_kernel": 1} if one_kernel else {"speculative": 1}
+            assert res[r][name]["paths"] == want, (r, name, res[r][name]["paths"])

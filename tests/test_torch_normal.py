@@ -679,15 +679,26 @@ def test_is_nvshmem_available():
 
 def test_speculative_kernel_choice(monkeypatch):
     """Which kernels the speculative dispatch runs (_ops._speculative_static): the static kernel
-    by default for G <= 8 and non-FP8 rows; two kernels when asked, for FP8 rows, G > 8 or
-    FUSED_A2A_CUDA_LAYOUT=ready; a bad value names the variable and the value."""
+    by default for G <= 8; two kernels when asked, for FP8 rows that want the records kernel,
+    G > 8 or FUSED_A2A_CUDA_LAYOUT=ready; a bad value names the variable and the value."""
     from torch_fused_a2a import _ops
 
     monkeypatch.delenv("FUSED_A2A_TORCH_SPECULATIVE", raising=False)
     monkeypatch.delenv("FUSED_A2A_CUDA_LAYOUT", raising=False)
+    monkeypatch.delenv("FUSED_A2A_CUDA_RECV_PUSH", raising=False)
+    monkeypatch.delenv("FUSED_A2A_CUDA_RECORDS", raising=False)
     assert _ops._speculative_static(8, fp8=False)
     assert not _ops._speculative_static(9, fp8=False)
+    assert _ops._speculative_static(4, fp8=True)  # FP8 rows without records (recv push)
+    monkeypatch.setenv("FUSED_A2A_CUDA_RECV_PUSH", "0")
     assert not _ops._speculative_static(4, fp8=True)
+    assert _ops._speculative_static(4, fp8=False)
+    monkeypatch.delenv("FUSED_A2A_CUDA_RECV_PUSH")
+    monkeypatch.setenv("FUSED_A2A_CUDA_RECORDS", "1")
+    assert not _ops._speculative_static(4, fp8=True)
+    monkeypatch.setenv("FUSED_A2A_CUDA_RECORDS", "0")
+    assert _ops._speculative_static(4, fp8=True)
+    monkeypatch.delenv("FUSED_A2A_CUDA_RECORDS")
     monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "ready")
     assert not _ops._speculative_static(4, fp8=False)
     monkeypatch.setenv("FUSED_A2A_CUDA_LAYOUT", "dynamic")

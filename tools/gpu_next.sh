@@ -17,6 +17,8 @@
 #   PART=fp8host (~3 min): the eager FP8 dispatch's kernel and host times
 #   PART=s29 (~6 min): branch s29, a graph capture's recv_x in the output arena (direct rows in
 #       CUDA graphs): tests, then the bench's graph rows
+#   PART=s29b (~6 min): the FP8 dynamic dispatch through the static kernel, the prebuilt
+#       module's HybridEP: tests, then the whole bench at 24 SMs
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
 # `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
 # installs that module instead of compiling (~100-120 s of device time a fresh machine). The
@@ -235,6 +237,21 @@ case "${PART:-tests}" in
       timeout 200 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|cached_dispatch|combine" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host or s29" >&2
+  s29b)  # (~6 min at G = 4) the FP8 dynamic dispatch through the static kernel (torch's
+    # speculative path; run 163: its two kernels' notify took 56.5 us before a 347-us data
+    # kernel, against 304 us for the static dispatch) and the prebuilt module with HybridEP
+    # (session 29's first prebuilt one had the stubs: CMakeLists.txt now leaves them out of CUDA
+    # builds). Tests: the FP8 dynamic rows (static / two_kernels / no_push), the speculative
+    # paths, torch HybridEP at G = 2; then the whole bench at 24 SMs (prediction: torch
+    # dispatch_fp8 360 -> 305-315 us, the rest as runs 164-165)
+    gpu_tests "tests/test_gpu_static_rows.py tests/test_gpu_host_counts.py tests/test_gpu_hybrid.py" \
+      "${S29B_K:-dynamic_fp8 or speculative_paths or (torch_gpu_hybrid and 2-g2_bf16_l2_exact-default-buffer)}" \
+      "${STEP_TIMEOUT_TEST:-200}"
+    FUSED_A2A_CUDA_BLOCKS=24 timeout "${STEP_TIMEOUT_FAB:-300}" fused-a2a bench --ranks "$NGPU" \
+      --out "$OUT/fab" >"$OUT/fab.log" 2>&1
+    echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
+    grep -vE '^\[' "$OUT/fab.log" | grep -E "^(torch|jax) fused_a2a|^link|wire GB/s of it" | cut -c1-200
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, s29 or s29b" >&2
     exit 2 ;;
 esac

@@ -26,5 +26,5 @@ mkdir -p .prebuilt
 rm -f .prebuilt/*.so .prebuilt/SOURCE_HASH
 cp "$BUILD"/fused_a2a_core.cpython-312-*.so .prebuilt/
 bash tools/source_hash.sh >.prebuilt/SOURCE_HASH
-"$VENV/bin/python" -c "import sys; sys.path.insert(0, '.prebuilt'); import fused_a2a_core as c; print('prebuilt:', c.__file__, c.build_info())"
+"$VENV/bin/python" -S -c "import sys; sys.path.insert(0, '.prebuilt'); import fused_a2a_core as c; print('prebuilt:', c.__file__, c.build_info())"
 ls -la .prebuilt

@@ -202,21 +202,28 @@ def _speculative_static(num_ranks: int, fp8: bool) -> bool:
     """Whether the speculative path runs the static dispatch kernel, whose count exchange is
     inside it and which writes the host counts and the ticket itself, instead of
     dispatch_notify's kernel and then the data kernel: one launch and one exchange fewer, -12.6
-    to -16.5 us at EP 4 (24 and 48 SMs) and EP 2 in run 87 (4x H100). The default for G <= 8
-    and bf16 / fp16 / f32 rows; FUSED_A2A_TORCH_SPECULATIVE=two_kernels (set alike on every
-    rank) keeps the two kernels. FP8 rows keep them too (this path runs without the metadata
-    records kernel, which FP8 rows above 512 tokens use: through the static kernel they lost
-    45-112 us in run 117), as does FUSED_A2A_CUDA_LAYOUT=ready (the static kernel's exchange is
-    its layout notify)."""
+    to -16.5 us at EP 4 (24 and 48 SMs) and EP 2 in run 87 (4x H100). The default for G <= 8;
+    FUSED_A2A_TORCH_SPECULATIVE=two_kernels (set alike on every rank) keeps the two kernels, as
+    does FUSED_A2A_CUDA_LAYOUT=ready (the static kernel's exchange is its layout notify). FP8
+    rows keep them where they want the metadata records kernel, which this path runs without
+    (run 117: 45-112 us lost through the static kernel when FP8 rows used records): with
+    FUSED_A2A_CUDA_RECORDS=1, or FUSED_A2A_CUDA_RECV_PUSH=0 (records_env in
+    csrc/kernels/cuda/state.cu). Since session 26 the static FP8 dispatch pushes from its
+    receivers without records; session 29 (run 163, EP 4, 24 SMs) timed the two kernels'
+    notify at 56.5 us before a 347-us data kernel, against 304 us for the static dispatch."""
     mode = os.environ.get("FUSED_A2A_TORCH_SPECULATIVE", "static")
     if mode not in _SPECULATIVE_MODES:
         raise ValueError(
             f"FUSED_A2A_TORCH_SPECULATIVE must be one of {_SPECULATIVE_MODES}, got {mode!r}"
         )
+    fp8_records = fp8 and (
+        os.environ.get("FUSED_A2A_CUDA_RECORDS", "-1").strip() not in ("-1", "0", "")
+        or os.environ.get("FUSED_A2A_CUDA_RECV_PUSH", "4").strip() == "0"
+    )
     return (
         mode == "static"
         and num_ranks <= _STATIC_SPECULATIVE_MAX_RANKS
-        and not fp8
+        and not fp8_records
         and os.environ.get("FUSED_A2A_CUDA_LAYOUT") != "ready"
     )
 
