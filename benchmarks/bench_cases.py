@@ -351,3 +351,8 @@ for _rows in (16, 32):
         CASES[f"fp8_sms24_cr{_rows}_s{_send}"] = _case(
             fp8=True, CHUNK_ROWS=str(_rows), SEND_WARPS=str(_send), RECV_WARPS=str(16 - _send)
         )
+# The cached dispatch (combine's backward) through dispatch_data, as before session 29
+# (FUSED_A2A_CUDA_CACHED=data; default: a static dispatch of the handle's topk_idx and capacity).
+# Session 29 (run 162, EP 4): cached 532.6 us at 24 SMs against the static dispatch's 507.8.
+for _name, _base in _STANDARD_BY_SMS + (("decode", dict(n=128)),):
+    CASES[f"{_name}_cached_data"] = _case(**_base, CACHED="data")

@@ -125,10 +125,13 @@ def cached_dispatch(gid, rank, x, handle):
     counts = handle["counts"].copy()
     scratch = np.empty(capacity + 1, np.int32)
     group_max = handle["stats"][2:3].copy()
+    recount = np.empty(2 + handle["num_experts"] // counts.shape[0], np.int32)
     args.capacity, args.recv_x = capacity, out_ptr(recv_x)
     args.recv_src_counts, args.recv_src_token = counts.ctypes.data, scratch.ctypes.data
     args.group_max_tokens = group_max.ctypes.data
-    core.dispatch_data(gid, rank, 0, args)
+    args.num_recv, args.num_dropped = recount.ctypes.data, recount.ctypes.data + 4
+    args.tokens_per_expert = recount.ctypes.data + 8
+    core.cached_dispatch(gid, rank, 0, args)
     return recv_x
 
 

@@ -142,9 +142,12 @@ OWN_ROWS = {
     "no_prefetch": {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "0"},
     "prefetch": {"FUSED_A2A_CUDA_REDUCE_PREFETCH": "1"},
     # dispatch_notify publishes every rank's layout, so the dispatch_data right after it sends no
-    # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13); the cached dispatch of the
-    # combine's backward, with no notify before it, keeps the message
+    # ready message (FUSED_A2A_CUDA_LAYOUT=dynamic, session 13)
     "layout_dynamic": {"FUSED_A2A_CUDA_LAYOUT": "dynamic"},
+    # the cached dispatch of the combine's backward through dispatch_data and its ready message
+    # (FUSED_A2A_CUDA_CACHED=data; since session 29 a static dispatch by default), with the arena
+    # and the message's direct rows
+    "cached_data": {"FUSED_A2A_CUDA_CACHED": "data", "FUSED_A2A_TORCH_ARENA_MB": "16"},
     # recv_x in the buffer's output arena (FUSED_A2A_TORCH_ARENA_MB, session 19; 2048 MB by
     # default on CUDA since session 21), so the static kernel's senders write the rows straight
     # into it (direct rows); "require" fails a static dispatch whose recv_x is not there, so the
@@ -160,7 +163,7 @@ OWN_ROWS = {
         "FUSED_A2A_TORCH_ARENA_ALLOC": "python",
     },
     # direct rows only by the layout notify: the dispatches with a ready message (the exact
-    # dynamic one, the cached one of the combine's backward) through the window
+    # dynamic one) through the window
     # (FUSED_A2A_CUDA_DIRECT_READY=0; the default sends them direct by the message too)
     "arena_layout": {
         "FUSED_A2A_TORCH_ARENA_MB": "16",
@@ -302,9 +305,17 @@ def _jax_suite(g, rows=None, suite="normal", rows_path="direct"):
 JAX_ROWS_PATHS = {
     "direct": {"FUSED_A2A_CUDA_DIRECT": "require"},
     "window": {"FUSED_A2A_CUDA_DIRECT": "0"},
-    # the static dispatch direct, the cached dispatch of the combine's backward through the
-    # window (FUSED_A2A_CUDA_DIRECT_READY=0; by default its ready message places it direct too)
-    "direct_layout": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_DIRECT_READY": "0"},
+    # the static dispatch direct, the cached dispatch of the combine's backward through
+    # dispatch_data (FUSED_A2A_CUDA_CACHED=data; by default a static dispatch since session 29)
+    # and the window (FUSED_A2A_CUDA_DIRECT_READY=0; by default its ready message places it
+    # direct too)
+    "direct_layout": {
+        "FUSED_A2A_CUDA_DIRECT": "require",
+        "FUSED_A2A_CUDA_DIRECT_READY": "0",
+        "FUSED_A2A_CUDA_CACHED": "data",
+    },
+    # the cached dispatch through dispatch_data, direct by its ready message
+    "direct_cached_data": {"FUSED_A2A_CUDA_DIRECT": "require", "FUSED_A2A_CUDA_CACHED": "data"},
     # the records' index (int32 here) and weight words as 16-byte loads (session 23)
     "direct_meta_vec": {"FUSED_A2A_CUDA_DIRECT": "require", **META_VEC},
     # the route scan's first pass in the kernels too (session 25)

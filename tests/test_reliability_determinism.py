@@ -203,3 +203,34 @@ def test_same_bits_across_processes_and_round_sizes():
         for rows in ("1", "256")
     }
     assert digests["1"] == digests["256"], digests
+
+
+def test_cached_dispatch_needs_its_recount_outputs():
+    """The core's cached_dispatch (combine's backward) takes tokens_per_expert, num_recv and
+    num_dropped (the CUDA op recounts them as a static dispatch): without them it names them,
+    before anything moves, and the group still works."""
+    xs, idxs, ws, *_ = _inputs()
+    with rc.ThreadGroup(G, core.recommended_buffer_bytes(H * 2, G, 0, 256)) as tg:
+
+        def bad(r):
+            d = rc.dispatch(tg.gid, r, G, xs[r], idxs[r], ws[r], E)
+            args = rc._dispatch_args(xs[r], idxs[r], None, E)
+            handle = d["handle"]
+            recv_x = np.empty((handle["src_token"].shape[0], H), R.BF16)
+            counts, group_max = handle["counts"].copy(), handle["stats"][2:3].copy()
+            token_scratch = np.empty(recv_x.shape[0] + 1, np.int32)
+            args.capacity, args.recv_x = recv_x.shape[0], rc.out_ptr(recv_x)
+            args.recv_src_counts, args.group_max_tokens = counts.ctypes.data, group_max.ctypes.data
+            args.recv_src_token = token_scratch.ctypes.data
+            try:
+                core.cached_dispatch(tg.gid, r, 0, args)
+            except ValueError as exc:
+                return str(exc)
+            return "no error"
+
+        for message in tg.run(bad):
+            assert "tokens_per_expert, num_recv, num_dropped" in message, message
+        again = tg.run(lambda r: rc.dispatch(tg.gid, r, G, xs[r], idxs[r], ws[r], E)["recv_x"])
+        want = R.dispatch(xs, idxs, ws, E)
+        for r in range(G):
+            assert_bitwise_equal(again[r], want[r]["recv_x"], f"rank {r} after the error")

@@ -19,6 +19,7 @@
 #       CUDA graphs): tests, then the bench's graph rows
 #   PART=s29b (~6 min): the FP8 dynamic dispatch through the static kernel, the prebuilt
 #       module's HybridEP: tests, then the whole bench at 24 SMs
+#   PART=s29c (~7 min): the cached dispatch as a static dispatch: tests, then its A/B
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
 # `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
 # installs that module instead of compiling (~100-120 s of device time a fresh machine). The
@@ -252,6 +253,20 @@ case "${PART:-tests}" in
     echo "fused-a2a bench --ranks $NGPU: rc=$?" | tee -a "$OUT/summary.txt"
     grep -vE '^\[' "$OUT/fab.log" | grep -E "^(torch|jax) fused_a2a|^link|wire GB/s of it" | cut -c1-200
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, s29 or s29b" >&2
+  s29c)  # (~7 min at G = 4) the cached dispatch (combine's backward) as a static dispatch of the
+    # handle's topk_idx and capacity (FUSED_A2A_CUDA_CACHED; run 162: 532.6 us through
+    # dispatch_data against the static dispatch's 507.8 at 24 SMs). Tests: the torch suite default
+    # / cached_data / arena, the JAX suite (direct, window, direct_cached_data), torch against JAX;
+    # then the A/B (prediction: cached dispatch within 5 us of the static dispatch at 12 / 24 / 48
+    # SMs, EP 4 and EP 2; decode graph cached 50.4 -> ~49)
+    gpu_tests "tests/test_gpu_normal.py" \
+      "${S29C_K:-(torch_gpu_matches and (default] or cached_data or arena])) or (jax_gpu_suite and (direct-default or direct-one or window-default or direct_cached_data or direct_layout)) or (torch_vs_jax and direct]) or same_bits}" \
+      "${STEP_TIMEOUT_TEST:-300}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_cached_data,standard,standard_cached_data,standard_sms48,standard_sms48_cached_data,decode,decode_cached_data} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard,standard_cached_data} \
+      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |cached_dispatch|combine |nccl" | cut -c1-110
+    rm -f "$OUT/build.log"
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, s29, s29b or s29c" >&2
     exit 2 ;;
 esac

@@ -17,6 +17,8 @@ if [[ ! -x $VENV/bin/python ]]; then
   "$VENV/bin/pip" install -q pybind11 "jax==0.11.2" "jaxlib==0.11.2"
 fi
 export PATH=/usr/local/cuda/bin:$PATH
+# the hash of the tree as it is now: an edit during the build must not pass as built
+source_hash=$(bash tools/source_hash.sh)
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFA2A_PREBUILT_CORE= \
   -DPython_EXECUTABLE="$VENV/bin/python" \
   -Dpybind11_DIR="$("$VENV/bin/python" -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
@@ -25,6 +27,10 @@ cmake --build "$BUILD" -j"$(nproc)"
 mkdir -p .prebuilt
 rm -f .prebuilt/*.so .prebuilt/SOURCE_HASH
 cp "$BUILD"/fused_a2a_core.cpython-312-*.so .prebuilt/
-bash tools/source_hash.sh >.prebuilt/SOURCE_HASH
+if [[ $(bash tools/source_hash.sh) != "$source_hash" ]]; then
+  echo "prebuild: the sources changed during the build; run it again" >&2
+  exit 1
+fi
+echo "$source_hash" >.prebuilt/SOURCE_HASH
 "$VENV/bin/python" -S -c "import sys; sys.path.insert(0, '.prebuilt'); import fused_a2a_core as c; print('prebuilt:', c.__file__, c.build_info())"
 ls -la .prebuilt

@@ -393,13 +393,18 @@ def cached_dispatch(
         recv_x = _arena.empty(group_id, shape, x.dtype, x.device, stream)
     else:
         recv_x = torch.empty(shape, dtype=x.dtype, device=x.device)
-    counts = recv_src_counts.clone()  # clipped in place by the core; the handle stays as it is
+    counts = recv_src_counts.clone()  # rewritten by the core; the handle stays as it is
     token_scratch = torch.empty(capacity + 1, dtype=torch.int32, device=x.device)
     group_max = stats[2:3].clone()
+    # num_recv, num_dropped and tokens_per_expert, which the CUDA op recounts (core cached_dispatch)
+    num_local = num_experts // recv_src_counts.shape[0]
+    scratch = torch.empty(2 + num_local, dtype=torch.int32, device=x.device)
     args.capacity, args.recv_x = capacity, _out(recv_x)
     args.recv_src_counts, args.recv_src_token = counts.data_ptr(), token_scratch.data_ptr()
     args.group_max_tokens = group_max.data_ptr()
-    core.dispatch_data(group_id, rank, stream, args)
+    args.num_recv, args.num_dropped = scratch.data_ptr(), scratch.data_ptr() + 4
+    args.tokens_per_expert = scratch.data_ptr() + 8
+    core.cached_dispatch(group_id, rank, stream, args)
     return recv_x
 
 

@@ -242,6 +242,7 @@ void register_core(py::module_& m) {
   bind_dispatch("dispatch", &dispatch);
   bind_dispatch("dispatch_notify", &dispatch_notify);
   bind_dispatch("dispatch_data", &dispatch_data);
+  bind_dispatch("cached_dispatch", &cached_dispatch);
   m.def(
       "dispatch_notify_wait",
       [](int64_t group_id, int rank, uintptr_t host_counts, int num_local, int32_t ticket) {

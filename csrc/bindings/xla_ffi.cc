@@ -181,7 +181,7 @@ ffi::Error cached_dispatch_impl(const Where& w, Buf rank, Buf sub, Buf x, Buf to
     a.tokens_per_expert = i32(tokens_per_expert, "tokens_per_expert");
     a.num_recv = i32(num_recv, "num_recv");
     a.num_dropped = i32(num_dropped, "num_dropped");
-    dispatch_data(*buffer, a, stream_of(w));
+    cached_dispatch(*buffer, a, stream_of(w));
   });
 }
 

@@ -22,6 +22,7 @@ void dispatch_notify(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_local,
                           int32_t ticket);
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
+void dispatch_cached(Buffer& buffer, const DispatchArgs& args, Stream stream);
 void combine(Buffer& buffer, const CombineArgs& args, Stream stream);
 void read_clock(Stream stream, uint32_t* out);
 // `waiter` waits for the work queued on `waited` so far (an event recorded there now); both

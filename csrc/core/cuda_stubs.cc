@@ -21,6 +21,7 @@ void dispatch(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void dispatch_notify(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void dispatch_notify_wait(Buffer&, const int32_t*, int, int32_t) { no_cuda(); }
 void dispatch_data(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
+void dispatch_cached(Buffer&, const DispatchArgs&, Stream) { no_cuda(); }
 void combine(Buffer&, const CombineArgs&, Stream) { no_cuda(); }
 void read_clock(Stream, uint32_t*) { no_cuda(); }
 void stream_wait(int, Stream, Stream) { no_cuda(); }

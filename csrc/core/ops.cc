@@ -143,6 +143,17 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   }
 }
 
+void cached_dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream) {
+  check_dispatch(buffer, args, true);
+  FA2A_CHECK(args.tokens_per_expert && args.num_recv && args.num_dropped,
+             "cached dispatch outputs (tokens_per_expert, num_recv, num_dropped) are missing");
+  if (buffer.platform() == Platform::kCPU) {
+    cpu::dispatch_data(buffer, args);
+  } else {
+    cuda::dispatch_cached(buffer, args, stream);
+  }
+}
+
 void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   check_rows("y", a.y_dtype, a.hidden, false);
   FA2A_CHECK(a.num_rows >= 0 && a.num_tokens >= 0,

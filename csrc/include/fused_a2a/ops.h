@@ -108,6 +108,15 @@ void dispatch_notify_wait(Buffer& buffer, const int32_t* host_counts, int num_lo
 // group_max_tokens filled in (by dispatch_notify or from a handle); clips recv_src_counts to the
 // kept counts in place. A cached dispatch passes the handle's topk_idx and no weights.
 void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream);
+// The cached dispatch (combine's backward): x sent where the handle's dispatch sent its rows, into
+// recv_x [C,H] with the handle's capacity C; the args as dispatch_data's, plus tokens_per_expert,
+// num_recv and num_dropped (scratch the op may overwrite with the values the handle holds). CPU:
+// dispatch_data. CUDA: a static dispatch of the same topk_idx and capacity where the static
+// kernel's count exchange runs (G <= 8, FUSED_A2A_CUDA_LAYOUT not "ready"): it recounts the
+// handle's counts and places the same rows (the order is a function of every rank's topk_idx and
+// C), with the static path's receivers (fused route scan, pushing warps) and direct rows without a
+// ready message; FUSED_A2A_CUDA_CACHED=data keeps dispatch_data.
+void cached_dispatch(Buffer& buffer, const DispatchArgs& args, Stream stream);
 
 // Combine: out[t] = sum over ranks rho ascending of y_rho[row of t on rho], fp32 accumulation from
 // 0.0f, one rounding to y's dtype; a token routed nowhere (or whose rows were all dropped) gets 0.

@@ -445,6 +445,8 @@ bool zero_while_waiting_env() { return !env_is("FUSED_A2A_CUDA_ZERO", "first"); 
 // Run 50 (4x H100, two A/Bs): static dispatch -0.4 / -1.8 us, FP8 -2.2 / -2.9, EP 2 -0.5.
 bool layout_notify_env() { return !env_is("FUSED_A2A_CUDA_LAYOUT", "ready"); }
 
+bool cached_static_env() { return !env_is("FUSED_A2A_CUDA_CACHED", "data"); }
+
 bool layout_dynamic_env() { return env_is("FUSED_A2A_CUDA_LAYOUT", "dynamic"); }
 
 int direct_rows_env() {

@@ -254,6 +254,9 @@ bool zero_while_waiting_env();
 // they wait for each receiver's ready message instead. Every rank must choose alike: a rank
 // waiting for a message no peer sends fails with a timeout error.
 bool layout_notify_env();
+// The cached dispatch as a static dispatch (dispatch_cached): FUSED_A2A_CUDA_CACHED, default
+// "static"; "data": through dispatch_data.
+bool cached_static_env();
 // Whether the static dispatch and the combine kernels run the route scan's second pass themselves
 // (scan_pass2.cuh): by default where the scan takes two passes (N > 1024 tokens, layout.cu);
 // FUSED_A2A_CUDA_SCAN=fused forces it, =tiles / =block force the two kernels / one block.
