@@ -66,6 +66,25 @@ def _profile(fn, calls, device, group, top):
     return text.getvalue()
 
 
+PHASES = ("to the route scan", "parameters", "launch")  # fused_a2a_core.cuda_host_phases
+
+
+def _core_phases(words):
+    """cuda_host_phases' words -> {"dispatch" / "combine": {"calls", phase: us a call}}, the ops
+    with calls only."""
+    out = {}
+    if not words:  # CPU buffers
+        return out
+    for i, op in enumerate(("dispatch", "combine")):
+        calls, *ns = words[4 * i : 4 * i + 4]
+        if calls:
+            out[op] = {
+                "calls": calls,
+                **{ph: round(v / calls / 1e3, 2) for ph, v in zip(PHASES, ns, strict=True)},
+            }
+    return out
+
+
 def _ops(args, rank, world, device, group):
     import torch_fused_a2a as tfa
     from torch_fused_a2a import _ops
@@ -157,7 +176,12 @@ def _worker(rank, world, port, args, queue):
     device = init_rank(rank, world, port, cuda)
     group = dist.group.WORLD
     result = {"device": str(device), "world": world, "tokens": args.tokens, "ops": {}}
+    import fused_a2a_core as core
+    import torch_fused_a2a as tfa
+
+    buf = tfa.get_buffer(group, args.hidden * 2, device)  # _ops' (bf16 rows)
     for name, fn in _ops(args, rank, world, device, group).items():
+        core.cuda_host_phases(buf.group_id, buf.rank, True)  # the op's calls only (CUDA buffers)
         if name in ROUTED:  # both routes, alternating run by run
             runs = {label: [] for label in ROUTES}
             for _ in range(max(1, args.repeat)):
@@ -166,6 +190,10 @@ def _worker(rank, world, port, args, queue):
             rows = {f"{name} {label}": _summary(r) for label, r in runs.items()}
         else:
             rows = {name: _summary(_timed(fn, args.calls, args.repeat, device, group))}
+        # the core's host time a call by phase, over every route and run of the op (GPU only)
+        phases = _core_phases(core.cuda_host_phases(buf.group_id, buf.rank, True))
+        if phases:
+            next(iter(rows.values()))["core_phases"] = phases
         result["ops"].update(rows)
         if rank == 0:
             for row, t in rows.items():
@@ -174,6 +202,9 @@ def _worker(rank, world, port, args, queue):
                     f"  (runs: host {t['host_us_runs']})",
                     flush=True,
                 )
+            for op, ph in phases.items():
+                text = ", ".join(f"{k} {v} us" for k, v in ph.items() if k != "calls")
+                print(f"    core {op} a call ({ph['calls']} calls): {text}", flush=True)
         if args.profiles and not name.startswith("torch."):  # every rank: the ops are collective
             profile = _profile(fn, args.calls, device, group, args.top)
             if rank == 0:  # a routed op's profile goes with its first route's row

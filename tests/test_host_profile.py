@@ -28,6 +28,22 @@ def test_host_profile_times_both_routes(tmp_path):
             row = ops[f"{helper} {route}"]
             assert len(row["host_us_runs"]) == 2 and row["host_us"] > 0, row
     assert len(ops["op combine"]["wall_us_runs"]) == 2
+    # the core's host phases are CUDA buffers' (fused_a2a_core.cuda_host_phases): none on CPU
+    assert not [name for name, row in ops.items() if "core_phases" in row]
+
+
+def test_core_host_phases_are_empty_for_cpu_buffers():
+    """fused_a2a_core.cuda_host_phases reads a CUDA buffer's host time by phase; a CPU buffer has
+    none (empty), and a group id with no buffer is an error naming it."""
+    import pytest
+    import raw_core as rc
+
+    import fused_a2a_core as core
+
+    with rc.ThreadGroup(2, 1 << 16) as tg:
+        assert core.cuda_host_phases(tg.gid, 0) == []
+        with pytest.raises(RuntimeError, match=f"no buffer for group {tg.gid + 1000}"):
+            core.cuda_host_phases(tg.gid + 1000, 0)
 
 
 def test_hybrid_kernels_script_runs_on_cpu(tmp_path):

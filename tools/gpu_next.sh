@@ -20,6 +20,7 @@
 #   PART=s29b (~6 min): the FP8 dynamic dispatch through the static kernel, the prebuilt
 #       module's HybridEP: tests, then the whole bench at 24 SMs
 #   PART=s29c (~7 min): the cached dispatch as a static dispatch: tests, then its A/B
+#   PART=host (~3 min): host_profile.py at N = 128 / 4096 with the core's host phases a call
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
 # `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
 # installs that module instead of compiling (~100-120 s of device time a fresh machine). The
@@ -219,7 +220,7 @@ case "${PART:-tests}" in
     timeout 200 python3 benchmarks/host_profile.py --world "$NGPU" --tokens 4096 --calls 50 \
       --top 25 --out "$OUT/host_profile.json" >"$OUT/host_profile.log" 2>&1
     echo "host_profile: rc=$?"
-    grep -E "^op static|^raw static" "$OUT/host_profile.log"
+    grep -E "^op static|^raw static|^    core" "$OUT/host_profile.log"
     rm -f "$OUT/build.log"
     ;;
   s29)  # (~6 min at G = 4, build included) branch s29: a CUDA graph's capture takes recv_x
@@ -267,6 +268,19 @@ case "${PART:-tests}" in
       timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch |cached_dispatch|combine |nccl" | cut -c1-110
     rm -f "$OUT/build.log"
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, s29, s29b or s29c" >&2
+  host)  # (~3 min) where a call's host time goes: host_profile.py at N = 128 and 4096 (no
+    # cProfile) with the core's phases a call (fused_a2a_core.cuda_host_phases: to the route
+    # scan's launch, the kernel's parameters, the launch; session 29: the raw core static
+    # dispatch took 47 us of host time at N = 4096, the op 78.5, decode's eager static dispatch
+    # 153 us against 49 in a graph)
+    STEPS=build bash tools/gpu_check.sh | grep -E "build:"
+    for n in 128 4096; do
+      timeout 150 python3 benchmarks/host_profile.py --world "$NGPU" --tokens "$n" --calls 100 \
+        --repeat 2 --profiles 0 --out "$OUT/host_n$n.json" >"$OUT/host_n$n.log" 2>&1
+      echo "host_profile N=$n: rc=$?"
+      grep -vE "^\[|Warning|warn" "$OUT/host_n$n.log" | cut -c1-150
+    done
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, host, s29, s29b or s29c" >&2
     exit 2 ;;
 esac

@@ -201,6 +201,17 @@ void register_core(py::module_& m) {
       "Per-warp phase times of the CUDA dispatch kernels since the last reset (a build with "
       "-DFA2A_CUDA_TRACE=1 and FUSED_A2A_CUDA_TRACE=1; layout in csrc/kernels/cuda/state.h), "
       "or [] when tracing is off.");
+  m.def(
+      "cuda_host_phases",
+      [](int64_t group_id, int rank, bool reset) -> std::vector<uint64_t> {
+        auto buffer = buffer_find(group_id, rank);
+        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+        return cuda_host_phases(*buffer, reset);
+      },
+      py::arg("group_id"), py::arg("rank"), py::arg("reset") = true,
+      "Host time of the buffer's CUDA dispatch and combine calls since the last reset: [calls, "
+      "ns to the route scan's launch, ns to the kernel's parameters, ns of the launch] for the "
+      "dispatch (static, data, cached) then the combine; [] without CUDA ops.");
   m.def("link_ceiling_gbps", &link_ceiling_gbps, py::arg("num_gpus"), py::arg("sms") = 24,
         py::arg("bytes_per_peer") = size_t(256) << 20, py::arg("reps") = 10,
         py::call_guard<py::gil_scoped_release>(),

@@ -29,5 +29,6 @@ uint64_t capture_id(int, Stream) { return 0; }  // nothing captures without CUDA
 }  // namespace cuda
 
 std::vector<uint64_t> cuda_dispatch_trace(Buffer&, bool) { return {}; }
+std::vector<uint64_t> cuda_host_phases(Buffer&, bool) { return {}; }
 double link_ceiling_gbps(int, int, size_t, int) { no_cuda(); }
 }  // namespace fa2a

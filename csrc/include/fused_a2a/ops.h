@@ -172,6 +172,11 @@ double link_ceiling_gbps(int num_gpus, int sms, size_t bytes_per_peer, int reps)
 // times in ns of the dispatch kernels since the last reset, kTraceWords words (layout in
 // csrc/kernels/cuda/state.h); empty when tracing is off. reset: zero them after reading.
 std::vector<uint64_t> cuda_dispatch_trace(Buffer& buffer, bool reset);
+// Host time of this buffer's CUDA op calls since the last reset: 8 words, the dispatch's (static,
+// data and cached calls) then the combine's: calls, then ns to the route scan's launch, to the
+// kernel's parameters, of the kernel's launch (csrc/kernels/cuda/state.h, HostPhaseTimer);
+// empty for a buffer with no CUDA op yet, or without CUDA.
+std::vector<uint64_t> cuda_host_phases(Buffer& buffer, bool reset);
 
 bool build_has_cuda();
 const char* build_cuda_arch();

@@ -614,6 +614,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
 }  // namespace
 
 void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
+  uint64_t phase_ns[kHostWords] = {};  // added to the state's sums at the end
+  HostPhaseTimer timer(phase_ns);
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
@@ -643,6 +645,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
     launch_route_scan(a.topk_idx, idx64, num_tokens, a.num_topk, a.num_experts, G, scratch, false,
                       s);
   }
+  timer.mark(1);
   CombineParams p{};
   p.rank = buffer.rank();
   p.num_ranks = G;
@@ -704,6 +707,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
   };
   // EP 2: a token has at most 2 sources, so its reducers load 8 vectors a source a step
   const bool two_sources = G == 2 && reduce_few_env();
+  timer.mark(2);
   auto launch_typed = [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
     if (two_sources) {
@@ -724,6 +728,8 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
       break;
   }
   check_launch("combine");
+  timer.done();
+  for (int w = 0; w < kHostWords; ++w) st.host_phases[kHostCombine][w] += phase_ns[w];
 }
 
 }  // namespace fa2a::cuda

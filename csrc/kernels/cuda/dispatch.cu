@@ -465,6 +465,8 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
 }
 
 void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, bool static_mode) {
+  uint64_t phase_ns[kHostWords] = {};  // added to the state's sums once it is known
+  HostPhaseTimer timer(phase_ns);
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
@@ -497,6 +499,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   }
   // the pairs per expert only for the host counts (send_expert_pairs)
   const Prepared pr = prepare(buffer, a, s, true, op == kOpDispatchData, fuse_scan, host_counts);
+  timer.mark(1);
   DispatchParams p{};
   p.rank = buffer.rank();
   p.num_ranks = G;
@@ -649,12 +652,15 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
                 : u16                ? dispatch_kernel<16>
                 : cfg.lean_chunk_end ? dispatch_kernel<8, true>
                                      : dispatch_kernel<8>;
+  timer.mark(2);
   FA2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem_bytes)),
                   "dispatch shared memory");
   launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), smem_bytes, s,
                 pdl_env("dispatch", cfg.blocks, p.records != nullptr), p);
   check_launch("dispatch");
+  timer.done();
+  for (int w = 0; w < kHostWords; ++w) pr.st->host_phases[kHostDispatch][w] += phase_ns[w];
 }
 
 }  // namespace

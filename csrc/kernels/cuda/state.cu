@@ -194,6 +194,17 @@ std::vector<uint64_t> cuda_dispatch_trace(Buffer& buffer, bool reset) {
   if (reset) std::memset(st->trace, 0, sizeof(unsigned long long) * cuda::kTraceWords);
   return out;
 }
+
+std::vector<uint64_t> cuda_host_phases(Buffer& buffer, bool reset) {
+  auto& slot = buffer.backend_state();
+  if (!slot || buffer.platform() != Platform::kCUDA) return {};
+  auto* st = static_cast<cuda::CudaState*>(slot.get());
+  std::lock_guard<std::mutex> lock(buffer.op_mutex());  // the ops add to the sums under it
+  const uint64_t* words = &st->host_phases[0][0];
+  std::vector<uint64_t> out(words, words + cuda::kHostOps * cuda::kHostWords);
+  if (reset) std::memset(st->host_phases, 0, sizeof(st->host_phases));
+  return out;
+}
 }  // namespace fa2a
 
 namespace fa2a::cuda {

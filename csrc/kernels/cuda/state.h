@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -105,6 +106,35 @@ struct Scratch {
 // Both, 11 and 12: the route scan's grid barrier passed (fused scan), every peer's message in.
 // The constants and WarpTrace: common.cuh.
 
+// Host time of a buffer's CUDA op calls by phase (cuda_host_phases, benchmarks/host_profile.py):
+// words [op][0] calls, [op][1] ns to the end of the route scan's launch (locks, checks, state,
+// scratch), [op][2] ns to the kernel's parameters (environment reads, launch config, the FP8
+// records kernel), [op][3] ns of the kernel's launch; op kHostDispatch (static, data, cached) or
+// kHostCombine. About 80 ns a call (four steady_clock reads).
+constexpr int kHostDispatch = 0, kHostCombine = 1, kHostOps = 2, kHostWords = 4;
+class HostPhaseTimer {
+ public:
+  explicit HostPhaseTimer(uint64_t* words) : words_(words), last_(now()) {}
+  void mark(int phase) {
+    const uint64_t t = now();
+    words_[phase] += t - last_;
+    last_ = t;
+  }
+  void done() {  // the launch's end: the call counts
+    mark(3);
+    ++words_[0];
+  }
+
+ private:
+  static uint64_t now() {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     std::chrono::steady_clock::now().time_since_epoch())
+                                     .count());
+  }
+  uint64_t* words_;
+  uint64_t last_;
+};
+
 struct CudaState {
   int device = 0;
   int num_ranks = 0;
@@ -119,7 +149,8 @@ struct CudaState {
   // the last HybridEP notify's host ticket (FUSED_A2A_HYBRID_NOTIFY_WAIT=spin)
   int32_t hybrid_ticket = 0;
   unsigned long long* trace = nullptr;  // host-mapped [kTraceWords] or null (tracing off)
-  void** peer_table = nullptr;          // device array of the G bases
+  uint64_t host_phases[kHostOps][kHostWords] = {};  // HostPhaseTimer's sums
+  void** peer_table = nullptr;                      // device array of the G bases
   void* scratch_mem = nullptr;
   size_t scratch_bytes = 0;
   int64_t cap_tokens = -1;
