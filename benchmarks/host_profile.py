@@ -8,7 +8,9 @@ One process per rank (GPUs when present, else CPU ranks over gloo). Per op, rank
   host_us  the mean time a call takes to return (no sync inside the timed loop: for an op that
            does not sync, the host's own cost; the dynamic dispatch syncs once per call);
   wall_us  the mean time per call of the same loop including the final sync;
-and cProfile's top functions by own time over the same calls. Every rank runs the same loops (the
+and cProfile's top functions by own time over the same calls; on GPUs, the core's host time a
+call by phase (fused_a2a_core.cuda_host_phases: to the route scan's launch, the kernel's
+parameters, the kernel's launch) for the dispatch and combine calls each op made. Every rank runs the same loops (the
 ops are collective). --repeat R times every op R times and reports the medians (the runs' values
 too). The Megatron helpers (fused_dispatch, fused_combine) are timed on both torch routes in the
 same process, alternating: "[direct]" (the op bodies called directly in eager mode, the default)
