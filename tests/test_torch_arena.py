@@ -194,6 +194,49 @@ def test_core_arena_random_against_a_byte_map():
         core.buffer_release(gid)
 
 
+def test_release_captures_returns_dead_captured_blocks():
+    """_arena.release_captures (the bench's, after each graph it times): every captured block
+    whose tensor is gone returns to the free spans, merged with its neighbours, whether its
+    capture could reuse it or not (another stream used it); live captured blocks stay; the
+    bytes released are returned."""
+    import gc
+
+    import torch
+
+    import fused_a2a_core as core
+    from torch_fused_a2a import _arena
+
+    gid = 0x5EED0D
+    size = 16 * ALIGN
+    _one_rank_cpu_buffer(gid, size)
+    try:
+        _arena.register(gid, 0, torch.device("cpu"))
+        arena = _arena.find(gid)
+
+        def block(units, capture=0, stream=0):
+            return arena.tensor((units * ALIGN,), torch.uint8, stream, capture)
+
+        def offset(t):
+            return t.data_ptr() - arena.address
+
+        dead = block(3, capture=1)
+        shared = block(2, capture=2)
+        live = block(1, capture=3)
+        assert [offset(t) for t in (dead, shared, live)] == [13 * ALIGN, 11 * ALIGN, 10 * ALIGN]
+        assert core.arena_record_use(gid, 0, shared.data_ptr(), 9)
+        del dead, shared
+        gc.collect()
+        assert arena.free_bytes() == 10 * ALIGN
+        assert _arena.release_captures() == 5 * ALIGN
+        assert arena.free_bytes() == 15 * ALIGN and _arena.release_captures() == 0
+        low, high = block(10), block(5)  # both spans, the released one merged whole
+        assert (offset(low), offset(high)) == (0, 11 * ALIGN)
+        assert offset(live) == 10 * ALIGN and block(1) is None
+    finally:
+        _arena.unregister(gid)
+        core.buffer_release(gid)
+
+
 def test_core_arena_captured_blocks():
     """Blocks for a CUDA graph's capture (on a CPU buffer, capture ids stand in for captures):
     from the arena's top, only from memory no uncaptured block has had (so no earlier use can race

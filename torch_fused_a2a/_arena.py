@@ -254,6 +254,9 @@ class CoreArena:
     def record_use(self, address: int, stream: int) -> bool:
         return core.arena_record_use(self.group_id, self.rank, address, stream)
 
+    def release_captures(self) -> int:
+        return core.arena_release_captures(self.group_id, self.rank)
+
 
 def note_stream_use(tensor: torch.Tensor, stream: int) -> bool:
     """Records ``stream`` (a cudaStream_t as an integer) as a user of ``tensor``'s arena block, so
@@ -356,6 +359,18 @@ def unregister(group_id: int) -> None:
     with _lock:
         _arenas.pop(group_id, None)
     core.arena_drop(group_id)
+
+
+def release_captures() -> int:
+    """Every arena's CUDA-graph blocks whose tensors are gone back to its free spans (bytes in
+    all). A captured block otherwise never returns (a graph may replay into it, and the arena
+    cannot see graphs), so a process capturing many graphs over time runs out of arena and its
+    later captures take torch's memory (no direct rows). Only once every graph captured with
+    these arenas is destroyed and its replays are complete (a device sync): the bench calls it
+    after each graph it times."""
+    with _lock:
+        arenas = list(_arenas.values())
+    return sum(a.release_captures() for a in arenas if isinstance(a, CoreArena))
 
 
 def find(group_id: int) -> RowArena | CoreArena | None:

@@ -158,6 +158,15 @@ void register_arena(py::module_& m) {
       },
       py::arg("group_id"), py::arg("rank"),
       "The streams (as integers) of the arena's free spans' last uses, each once (tests).");
+  m.def(
+      "arena_release_captures",
+      [](int64_t group_id, int rank) -> size_t {
+        auto arena = output_arena(group_id, rank);
+        return arena ? arena->release_captures() : 0;
+      },
+      py::arg("group_id"), py::arg("rank"),
+      "Returns the arena's freed CUDA-graph blocks to its free spans (fused_a2a/arena.h); the "
+      "bytes. Only once no graph captured with them will replay again.");
   m.def("arena_drop", &output_arena_drop, py::arg("group_id"),
         "At the buffer's release: no new arena blocks; live ones keep the memory.");
 }

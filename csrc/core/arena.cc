@@ -30,7 +30,7 @@ int64_t OutputArena::allocate(size_t bytes, Stream stream, uint64_t capture) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (capture != 0) {
       auto parked = std::find_if(parked_.begin(), parked_.end(), [&](const Parked& b) {
-        return b.capture == capture && b.stream == stream.handle && b.bytes >= need;
+        return b.reusable && b.capture == capture && b.stream == stream.handle && b.bytes >= need;
       });
       if (parked != parked_.end()) {  // the whole freed block, in stream order in the graph
         start = parked->start;
@@ -83,9 +83,15 @@ void OutputArena::release(int64_t offset) {
   const uint64_t capture = block->second.capture;
   taken_.erase(block);
   if (capture != 0) {  // a graph may still replay into it (arena.h)
-    if (streams.size() == 1) parked_.push_back({start, end - start, capture, streams[0]});
+    const bool own_stream_only = streams.size() == 1;
+    parked_.push_back(
+        {start, end - start, capture, streams.empty() ? nullptr : streams[0], own_stream_only});
     return;
   }
+  add_free_span(start, end, std::move(streams));
+}
+
+void OutputArena::add_free_span(size_t start, size_t end, std::vector<void*> streams) {
   auto next = std::lower_bound(free_.begin(), free_.end(), start,
                                [](const Span& s, size_t at) { return s.start < at; });
   auto span = free_.insert(next, Span{start, end, std::move(streams)});
@@ -104,6 +110,20 @@ void OutputArena::release(int64_t offset) {
       free_.erase(span);
     }
   }
+}
+
+size_t OutputArena::release_captures() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t bytes = 0;
+  for (const Parked& b : parked_) {
+    // the capture's stream as the last use (the caller synced; a wait on it then costs nothing)
+    std::vector<void*> streams;
+    if (b.stream) streams.push_back(b.stream);
+    add_free_span(b.start, b.start + b.bytes, std::move(streams));
+    bytes += b.bytes;
+  }
+  parked_.clear();
+  return bytes;
 }
 
 bool OutputArena::record_use(int64_t offset, Stream stream) {

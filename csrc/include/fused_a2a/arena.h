@@ -14,6 +14,8 @@
 // another stream was recorded as its user; else a captured block comes from memory no block has
 // had (above every uncaptured block's end, from the arena's top), with no stream wait (a wait
 // on work outside a capture is an isolation error, and unused memory has no earlier use).
+// release_captures() returns the freed captured blocks to the free spans once the caller knows
+// that no graph will replay into them again.
 #pragma once
 
 #include <cstddef>
@@ -41,6 +43,11 @@ class OutputArena {
   int64_t allocate(size_t bytes, Stream stream, uint64_t capture = 0);
   // Returns the block at `offset` (an allocate result) to the free spans; any thread.
   void release(int64_t offset);
+  // Every captured block whose tensor is gone back to the free spans; the bytes. Only for a
+  // caller that knows every graph captured with them destroyed and its replays complete (e.g.
+  // benchmarks/bench_normal.py after timing each graph and a device sync): the arena cannot see
+  // graphs. Captured blocks still live stay captured.
+  size_t release_captures();
   // Records `stream` as a user of the live block at `offset` (torch's record_stream); false when
   // no live block starts there.
   bool record_use(int64_t offset, Stream stream);
@@ -65,7 +72,10 @@ class OutputArena {
     size_t start, bytes;
     uint64_t capture;
     void* stream;
+    bool reusable;  // false: another stream used it, so not even its capture takes it again
   };
+  // [start, end) back in the free spans, merged with its neighbours; under mutex_.
+  void add_free_span(size_t start, size_t end, std::vector<void*> streams);
   std::shared_ptr<Buffer> buffer_;  // the memory lives while the arena (and so a block) does
   std::mutex mutex_;
   std::vector<Span> free_;  // sorted by start, never adjacent
