@@ -21,6 +21,8 @@
 #       module's HybridEP: tests, then the whole bench at 24 SMs
 #   PART=s29c (~7 min): the cached dispatch as a static dispatch: tests, then its A/B
 #   PART=host (~3 min): host_profile.py at N = 128 / 4096 with the core's host phases a call
+#   PART=s30a (~8 min): session 29's GPU-untested commits (graph rows after many cases, host
+#       phases) and the FP8 dynamic dispatch's eager spread
 # Each writes under $OUT; pass FA2A_COMMIT=<sha> (the device copy has no usable git). Run
 # `bash tools/prebuild.sh` here first (~6 min, no GPU) and carry ".prebuilt": the build step then
 # installs that module instead of compiling (~100-120 s of device time a fresh machine). The
@@ -281,6 +283,25 @@ case "${PART:-tests}" in
       grep -vE "^\[|Warning|warn" "$OUT/host_n$n.log" | cut -c1-150
     done
     ;;
-  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, host, s29, s29b or s29c" >&2
+  s30a)  # (~8 min at G = 4) the session-29 commits no GPU ran: the arena's release_captures
+    # (bench_normal.py after each graph; run 168: the fifth case's graphs ~550 us against ~502
+    # eager) and the host phases timer; the torch FP8 dynamic dispatch's eager spread (runs 166 /
+    # 169: 325.8 / 412.0 over a 307.5-us kernel). Prediction: every graph row within 5 us of its
+    # eager row at 24 / 48 SMs in every case order; the host phases sum to about the raw call's
+    # host time (47 us at N = 4096, run 163)
+    gpu_tests "tests/test_gpu_normal.py" "${S30A_K:-cuda_graph or record_stream}" \
+      "${STEP_TIMEOUT_TEST:-200}"
+    STEPS=bench BENCH_CASES=${BENCH_CASES:-standard_sms12,standard_sms12_cached_data,standard,standard_cached_data,standard_sms48,decode,standard_fp8} \
+      BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard} \
+      timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|cached_dispatch|combine|dynamic_dispatch" | cut -c1-110
+    rm -f "$OUT/build.log"
+    for n in 128 4096; do
+      timeout 150 python3 benchmarks/host_profile.py --world "$NGPU" --tokens "$n" --calls 100 \
+        --repeat 2 --profiles 0 --out "$OUT/host_n$n.json" >"$OUT/host_n$n.log" 2>&1
+      echo "host_profile N=$n: rc=$?"
+      grep -E "^op |^raw |^fused|^    core" "$OUT/host_n$n.log" | cut -c1-150
+    done
+    ;;
+  *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, host, s29, s29b, s29c or s30a" >&2
     exit 2 ;;
 esac
