@@ -676,7 +676,8 @@ void dispatch_data(Buffer& buffer, const DispatchArgs& args, Stream stream) {
 // Session 29 (bench_normal, 4x H200, EP 4): the cached dispatch through dispatch_data took 532.6
 // us at 24 SMs against the static dispatch's 507.8 (560.1 / 522.7 at 12, 519.8 / 501.6 at 48):
 // that path has no fused scan, so no pushing receiver warps (session 26: 522 -> 507), and its
-// receivers' ready message comes before any row.
+// receivers' ready message comes before any row. As a static dispatch (run 168): 514.4 (528.9 /
+// 507.0 at 12 / 48), EP 2 216.3 against 230.0.
 void dispatch_cached(Buffer& buffer, const DispatchArgs& args, Stream stream) {
   const bool as_static =
       buffer.num_ranks() <= kLayoutMaxRanks && layout_notify_env() && cached_static_env();
