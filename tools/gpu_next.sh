@@ -89,6 +89,17 @@ jax_bench() {
   echo "JAX bench $tag $*: rc=$?"
   grep -E "^jax" "$OUT/$tag.log" | cut -c1-100
 }
+# host_profile.py at N = 128 and 4096 without cProfile: each op's host and wall time a call and,
+# on GPUs, the core's host phases a call (fused_a2a_core.cuda_host_phases).
+host_phases() {
+  local n
+  for n in 128 4096; do
+    timeout 150 python3 benchmarks/host_profile.py --world "$NGPU" --tokens "$n" --calls 100 \
+      --repeat 2 --profiles 0 --out "$OUT/host_n$n.json" >"$OUT/host_n$n.log" 2>&1
+    echo "host_profile N=$n: rc=$?"
+    grep -E "^op |^raw |^fused|^get_buffer|^torch|^    core" "$OUT/host_n$n.log" | cut -c1-150
+  done
+}
 case "${PART:-tests}" in
   tests | tests_rows)  # the normal-mode GPU tests in two calls at G = 4 (one took more than
     # 420 s in run 72): tests = all but test_static_big_rows, tests_rows = it (20 cases; since
@@ -276,12 +287,7 @@ case "${PART:-tests}" in
     # dispatch took 47 us of host time at N = 4096, the op 78.5, decode's eager static dispatch
     # 153 us against 49 in a graph)
     STEPS=build bash tools/gpu_check.sh | grep -E "build:"
-    for n in 128 4096; do
-      timeout 150 python3 benchmarks/host_profile.py --world "$NGPU" --tokens "$n" --calls 100 \
-        --repeat 2 --profiles 0 --out "$OUT/host_n$n.json" >"$OUT/host_n$n.log" 2>&1
-      echo "host_profile N=$n: rc=$?"
-      grep -vE "^\[|Warning|warn" "$OUT/host_n$n.log" | cut -c1-150
-    done
+    host_phases
     ;;
   s30a)  # (~8 min at G = 4) the session-29 commits no GPU ran: the arena's release_captures
     # (bench_normal.py after each graph; run 168: the fifth case's graphs ~550 us against ~502
@@ -295,12 +301,7 @@ case "${PART:-tests}" in
       BENCH_CASES_EP2=${BENCH_CASES_EP2:-standard} \
       timeout 240 bash tools/gpu_check.sh | grep -E "^  [a-z]|static_dispatch|cached_dispatch|combine|dynamic_dispatch" | cut -c1-110
     rm -f "$OUT/build.log"
-    for n in 128 4096; do
-      timeout 150 python3 benchmarks/host_profile.py --world "$NGPU" --tokens "$n" --calls 100 \
-        --repeat 2 --profiles 0 --out "$OUT/host_n$n.json" >"$OUT/host_n$n.log" 2>&1
-      echo "host_profile N=$n: rc=$?"
-      grep -E "^op |^raw |^fused|^    core" "$OUT/host_n$n.log" | cut -c1-150
-    done
+    host_phases
     ;;
   *) echo "PART must be tests, tests_rows, tests2, s21b, verify, fab, perf, sweep, hyb, hybk, jaxk, prologue, fp8host, host, s29, s29b, s29c or s30a" >&2
     exit 2 ;;

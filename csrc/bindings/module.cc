@@ -190,25 +190,25 @@ void register_core(py::module_& m) {
         return buffer ? buffer->data_bytes() : 0;
       },
       py::arg("group_id"), py::arg("rank"));
-  m.def(
-      "cuda_dispatch_trace",
-      [](int64_t group_id, int rank, bool reset) -> std::vector<uint64_t> {
-        auto buffer = buffer_find(group_id, rank);
-        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
-        return cuda_dispatch_trace(*buffer, reset);
-      },
-      py::arg("group_id"), py::arg("rank"), py::arg("reset") = true,
+  // Diagnostics read from a buffer's CUDA state: (group_id, rank, reset) -> words
+  using BufferWordsFn = std::vector<uint64_t> (*)(Buffer&, bool);
+  auto bind_buffer_words = [&](const char* name, BufferWordsFn fn, const char* doc) {
+    m.def(
+        name,
+        [fn](int64_t group_id, int rank, bool reset) -> std::vector<uint64_t> {
+          auto buffer = buffer_find(group_id, rank);
+          FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
+          return fn(*buffer, reset);
+        },
+        py::arg("group_id"), py::arg("rank"), py::arg("reset") = true, doc);
+  };
+  bind_buffer_words(
+      "cuda_dispatch_trace", &cuda_dispatch_trace,
       "Per-warp phase times of the CUDA dispatch kernels since the last reset (a build with "
       "-DFA2A_CUDA_TRACE=1 and FUSED_A2A_CUDA_TRACE=1; layout in csrc/kernels/cuda/state.h), "
       "or [] when tracing is off.");
-  m.def(
-      "cuda_host_phases",
-      [](int64_t group_id, int rank, bool reset) -> std::vector<uint64_t> {
-        auto buffer = buffer_find(group_id, rank);
-        FA2A_CHECK_RUNTIME(buffer, "no buffer for group ", group_id, " rank ", rank);
-        return cuda_host_phases(*buffer, reset);
-      },
-      py::arg("group_id"), py::arg("rank"), py::arg("reset") = true,
+  bind_buffer_words(
+      "cuda_host_phases", &cuda_host_phases,
       "Host time of the buffer's CUDA dispatch and combine calls since the last reset: [calls, "
       "ns to the route scan's launch, ns to the kernel's parameters, ns of the launch] for the "
       "dispatch (static, data, cached) then the combine; [] without CUDA ops.");
