@@ -8,14 +8,15 @@ One process per rank (GPUs when present, else CPU ranks over gloo). Per op, rank
   host_us  the mean time a call takes to return (no sync inside the timed loop: for an op that
            does not sync, the host's own cost; the dynamic dispatch syncs once per call);
   wall_us  the mean time per call of the same loop including the final sync;
-and cProfile's top functions by own time over the same calls; on GPUs, the core's host time a
-call by phase (fused_a2a_core.cuda_host_phases: to the route scan's launch, the kernel's
-parameters, the kernel's launch) for the dispatch and combine calls each op made. Every rank runs the same loops (the
-ops are collective). --repeat R times every op R times and reports the medians (the runs' values
-too). The Megatron helpers (fused_dispatch, fused_combine) are timed on both torch routes in the
-same process, alternating: "[direct]" (the op bodies called directly in eager mode, the default)
-and "[op route]" (FUSED_A2A_TORCH_DIRECT=0: every call through torch.library). Session 9's A/B ran
-the routes in two processes, whose figures moved by 15-25 us for the ops neither route touches.
+and cProfile's top functions by own time over the same calls; on GPUs, the core's host time a call
+by phase (fused_a2a_core.cuda_host_phases: to the route scan's launch, the kernel's parameters, the
+kernel's launch) for the dispatch and combine calls each op made. Every rank runs the same loops
+(the ops are collective). --repeat R times every op R times and reports the medians (the runs'
+values too). The Megatron helpers (fused_dispatch, fused_combine) are timed on both torch routes in
+the same process, alternating: "[direct]" (the op bodies called directly in eager mode, the
+default) and "[op route]" (FUSED_A2A_TORCH_DIRECT=0: every call through torch.library). Session 9's
+A/B ran the routes in two processes, whose figures moved by 15-25 us for the ops neither route
+touches.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def _ops(args, rank, world, device, group):
     fp8 = {} if scales is None else {
         "op static dispatch fp8": lambda: ops.dispatch(
             x8, scales, idx, w, e, gid, grank, world, cap, sms
+        ),
+        # the dynamic one (Megatron's route for FP8 rows; session 29: one kernel since
+        # 3800c28, its eager figure 325.8 / 412.0 us in runs 166 / 169 over a 307.5-us kernel)
+        "op dynamic dispatch fp8": lambda: ops.dispatch(
+            x8, scales, idx, w, e, gid, grank, world, -1, sms
         ),
     }  # fmt: skip
     return {
