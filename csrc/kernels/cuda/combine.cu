@@ -614,8 +614,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) combine_kernel(CombineParams p
 }  // namespace
 
 void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
-  uint64_t phase_ns[kHostWords] = {};  // added to the state's sums at the end
-  HostPhaseTimer timer(phase_ns);
+  HostPhaseTimer timer;
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
@@ -728,8 +727,7 @@ void combine(Buffer& buffer, const CombineArgs& a, Stream stream) {
       break;
   }
   check_launch("combine");
-  timer.done();
-  for (int w = 0; w < kHostWords; ++w) st.host_phases[kHostCombine][w] += phase_ns[w];
+  timer.done(st.host_phases[kHostCombine]);
 }
 
 }  // namespace fa2a::cuda

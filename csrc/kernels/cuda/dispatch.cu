@@ -465,8 +465,7 @@ Prepared prepare(Buffer& buffer, const DispatchArgs& a, cudaStream_t stream, boo
 }
 
 void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, bool static_mode) {
-  uint64_t phase_ns[kHostWords] = {};  // added to the state's sums once it is known
-  HostPhaseTimer timer(phase_ns);
+  HostPhaseTimer timer;
   auto s = static_cast<cudaStream_t>(stream.handle);
   std::lock_guard<std::mutex> lock(buffer.op_mutex());
   DeviceGuard guard(buffer.device());
@@ -659,8 +658,7 @@ void run_dispatch(Buffer& buffer, const DispatchArgs& a, Stream stream, int op, 
   launch_kernel(kernel, cfg.blocks, 32 * (p.send_warps + p.recv_warps), smem_bytes, s,
                 pdl_env("dispatch", cfg.blocks, p.records != nullptr), p);
   check_launch("dispatch");
-  timer.done();
-  for (int w = 0; w < kHostWords; ++w) pr.st->host_phases[kHostDispatch][w] += phase_ns[w];
+  timer.done(pr.st->host_phases[kHostDispatch]);
 }
 
 }  // namespace

@@ -112,17 +112,20 @@ struct Scratch {
 // records kernel), [op][3] ns of the kernel's launch; op kHostDispatch (static, data, cached) or
 // kHostCombine. About 80 ns a call (four steady_clock reads).
 constexpr int kHostDispatch = 0, kHostCombine = 1, kHostOps = 2, kHostWords = 4;
+// The phases are kept in the timer until done() adds them to an op's sums (the state holding
+// them is found after the first phase).
 class HostPhaseTimer {
  public:
-  explicit HostPhaseTimer(uint64_t* words) : words_(words), last_(now()) {}
+  HostPhaseTimer() : last_(now()) {}
   void mark(int phase) {
     const uint64_t t = now();
     words_[phase] += t - last_;
     last_ = t;
   }
-  void done() {  // the launch's end: the call counts
+  void done(uint64_t* sums) {  // the launch's end: the call counts
     mark(3);
     ++words_[0];
+    for (int w = 0; w < kHostWords; ++w) sums[w] += words_[w];
   }
 
  private:
@@ -131,7 +134,7 @@ class HostPhaseTimer {
                                      std::chrono::steady_clock::now().time_since_epoch())
                                      .count());
   }
-  uint64_t* words_;
+  uint64_t words_[kHostWords] = {};
   uint64_t last_;
 };
 
